@@ -1,0 +1,327 @@
+//! The one error type of roomctl, and its mapping to gRPC statuses.
+//!
+//! Every layer (auth, validation, engine, store) reports a domain cause from this closed enum; the
+//! service turns it into a [`Status`] with a `google.rpc.ErrorInfo` (domain `roomcontrol.v1`) and,
+//! for invalid arguments, a `google.rpc.BadRequest`, following DESIGN.md's error table. Internal
+//! causes (a store fault) are logged with their detail and reach clients only as a reason code.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// The `ErrorInfo.domain` of every error roomctl raises.
+pub const DOMAIN: &str = "roomcontrol.v1";
+
+/// The vendor's error code for a participant calling a moderator-only operation.
+pub const UNAUTHORIZED_ACCESS_CODE: &str = "5116";
+
+/// One invalid field of a request: its path (`client_ids[3]`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Path of the field in the request message.
+    pub field: String,
+    /// What is wrong, for a human.
+    pub description: String,
+}
+
+impl Violation {
+    /// A violation of `field`, described by `description`.
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// No token, or one that is malformed, badly signed, expired or not allowed its claims.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// A participant called a moderator-only RPC (the vendor's error 5116).
+    #[error("5116: Unauthorized Access: {0}")]
+    UnauthorizedAccess(String),
+    /// The caller is authenticated but may not do this (another room, another's client...).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The request breaks the contract's field rules.
+    #[error("invalid argument: {}", describe(.0))]
+    InvalidArgument(Vec<Violation>),
+    /// The request is larger than `--max-message-bytes`.
+    #[error("request larger than the {limit}-byte limit")]
+    MessageTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The room has never been joined, or has been forgotten since its last participant left.
+    #[error("room {room_id:?} does not exist")]
+    RoomNotFound {
+        /// The requested room.
+        room_id: String,
+    },
+    /// The client is not (or no longer, at that cursor) in the room.
+    #[error("client {client_id:?} is not in the room")]
+    ClientNotFound {
+        /// The requested client.
+        client_id: String,
+    },
+    /// The cursor lies outside the room's retained history, or belongs to another epoch.
+    #[error(
+        "cursor out of range: the room's log {epoch:?} holds seq {oldest_seq}..={newest_seq}; \
+         resync with ListParticipants"
+    )]
+    CursorOutOfRange {
+        /// Oldest retained seq (`after_seq = oldest_seq - 1` is the oldest valid cursor).
+        oldest_seq: u64,
+        /// Newest seq in the log.
+        newest_seq: u64,
+        /// The room's current epoch.
+        epoch: String,
+    },
+    /// The server is shutting down; resume from `last_seq` on this node or another.
+    #[error("server shutting down; resume after seq {last_seq}")]
+    ShuttingDown {
+        /// Every visible event up to this seq was delivered on the stream.
+        last_seq: u64,
+        /// Epoch of the log the stream followed.
+        epoch: String,
+    },
+    /// The store (Redis) cannot be reached; the detail is logged, not sent.
+    #[error("store unavailable")]
+    StoreUnavailable(String),
+    /// A broken invariant of roomctl itself; the detail is logged, not sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+fn describe(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Error {
+    /// The gRPC code of this error, per DESIGN.md's table.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::UnauthorizedAccess(_) | Error::Forbidden(_) => Code::PermissionDenied,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::MessageTooLarge { .. } => Code::ResourceExhausted,
+            Error::RoomNotFound { .. } | Error::ClientNotFound { .. } => Code::NotFound,
+            Error::CursorOutOfRange { .. } => Code::OutOfRange,
+            Error::ShuttingDown { .. } | Error::StoreUnavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The `ErrorInfo.reason` of this error, per DESIGN.md's table.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::UnauthorizedAccess(_) => "UNAUTHORIZED_ACCESS",
+            Error::Forbidden(_) => "FORBIDDEN",
+            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::MessageTooLarge { .. } => "MESSAGE_TOO_LARGE",
+            Error::RoomNotFound { .. } => "ROOM_NOT_FOUND",
+            Error::ClientNotFound { .. } => "CLIENT_NOT_FOUND",
+            Error::CursorOutOfRange { .. } => "CURSOR_OUT_OF_RANGE",
+            Error::ShuttingDown { .. } => "SHUTTING_DOWN",
+            Error::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        let pairs: Vec<(&str, String)> = match self {
+            Error::UnauthorizedAccess(_) => vec![("code", UNAUTHORIZED_ACCESS_CODE.to_owned())],
+            Error::MessageTooLarge { limit } => vec![("limit_bytes", limit.to_string())],
+            Error::RoomNotFound { room_id } => vec![("room_id", room_id.clone())],
+            Error::ClientNotFound { client_id } => vec![("client_id", client_id.clone())],
+            Error::CursorOutOfRange {
+                oldest_seq,
+                newest_seq,
+                epoch,
+            } => vec![
+                ("oldest_seq", oldest_seq.to_string()),
+                ("newest_seq", newest_seq.to_string()),
+                ("epoch", epoch.clone()),
+            ],
+            Error::ShuttingDown { last_seq, epoch } => {
+                vec![("last_seq", last_seq.to_string()), ("epoch", epoch.clone())]
+            }
+            Error::Unauthenticated(_)
+            | Error::Forbidden(_)
+            | Error::InvalidArgument(_)
+            | Error::StoreUnavailable(_)
+            | Error::Internal(_) => Vec::new(),
+        };
+        pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match &err {
+            Error::StoreUnavailable(detail) => tracing::warn!(%detail, "store unavailable"),
+            Error::Internal(detail) => tracing::error!(%detail, "internal error"),
+            _ => {}
+        }
+        let mut details = ErrorDetails::with_error_info(err.reason(), DOMAIN, err.metadata());
+        if let Error::InvalidArgument(violations) = &err {
+            details.set_bad_request(
+                violations
+                    .iter()
+                    .map(|v| FieldViolation::new(&v.field, &v.description))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Status::with_error_details(err.code(), err.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(status: &Status) -> (String, HashMap<String, String>) {
+        let details = status.get_error_details();
+        let info = details.error_info().expect("every error carries ErrorInfo");
+        assert_eq!(info.domain, DOMAIN);
+        (info.reason.clone(), info.metadata.clone())
+    }
+
+    #[test]
+    fn every_error_maps_to_its_row_of_the_table() {
+        let rows = [
+            (
+                Error::Unauthenticated("x".into()),
+                Code::Unauthenticated,
+                "UNAUTHENTICATED",
+            ),
+            (
+                Error::UnauthorizedAccess("x".into()),
+                Code::PermissionDenied,
+                "UNAUTHORIZED_ACCESS",
+            ),
+            (
+                Error::Forbidden("x".into()),
+                Code::PermissionDenied,
+                "FORBIDDEN",
+            ),
+            (
+                Error::InvalidArgument(vec![]),
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+            ),
+            (
+                Error::MessageTooLarge { limit: 4 },
+                Code::ResourceExhausted,
+                "MESSAGE_TOO_LARGE",
+            ),
+            (
+                Error::RoomNotFound {
+                    room_id: "r".into(),
+                },
+                Code::NotFound,
+                "ROOM_NOT_FOUND",
+            ),
+            (
+                Error::ClientNotFound {
+                    client_id: "c".into(),
+                },
+                Code::NotFound,
+                "CLIENT_NOT_FOUND",
+            ),
+            (
+                Error::CursorOutOfRange {
+                    oldest_seq: 1,
+                    newest_seq: 2,
+                    epoch: "e".into(),
+                },
+                Code::OutOfRange,
+                "CURSOR_OUT_OF_RANGE",
+            ),
+            (
+                Error::ShuttingDown {
+                    last_seq: 3,
+                    epoch: "e".into(),
+                },
+                Code::Unavailable,
+                "SHUTTING_DOWN",
+            ),
+            (
+                Error::StoreUnavailable("down".into()),
+                Code::Unavailable,
+                "STORE_UNAVAILABLE",
+            ),
+            (Error::Internal("bug".into()), Code::Internal, "INTERNAL"),
+        ];
+        for (err, code, reason) in rows {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert_eq!(info(&status).0, reason);
+        }
+    }
+
+    #[test]
+    fn unauthorized_access_carries_the_vendor_code_in_message_and_metadata() {
+        let status = Status::from(Error::UnauthorizedAccess(
+            "participants may not drop".into(),
+        ));
+        assert!(status.message().starts_with("5116: Unauthorized Access"));
+        assert_eq!(info(&status).1["code"], "5116");
+    }
+
+    #[test]
+    fn cursor_and_shutdown_errors_carry_their_positions() {
+        let status = Status::from(Error::CursorOutOfRange {
+            oldest_seq: 7,
+            newest_seq: 11,
+            epoch: "ep".into(),
+        });
+        let meta = info(&status).1;
+        assert_eq!(
+            (meta["oldest_seq"].as_str(), meta["newest_seq"].as_str()),
+            ("7", "11")
+        );
+        assert_eq!(meta["epoch"], "ep");
+        let meta = info(&Status::from(Error::ShuttingDown {
+            last_seq: 9,
+            epoch: "ep".into(),
+        }))
+        .1;
+        assert_eq!(
+            (meta["last_seq"].as_str(), meta["epoch"].as_str()),
+            ("9", "ep")
+        );
+    }
+
+    #[test]
+    fn invalid_arguments_carry_field_violations() {
+        let status = Status::from(Error::InvalidArgument(vec![
+            Violation::new("room_id", "must not be empty"),
+            Violation::new("client_ids[2]", "longer than 128 characters"),
+        ]));
+        let details = status.get_error_details();
+        let fields: Vec<_> = details
+            .bad_request()
+            .expect("BadRequest detail")
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["room_id", "client_ids[2]"]);
+    }
+
+    #[test]
+    fn store_detail_does_not_reach_the_client() {
+        let status = Status::from(Error::StoreUnavailable("redis at 10.0.0.1 refused".into()));
+        assert!(!status.message().contains("10.0.0.1"));
+    }
+}

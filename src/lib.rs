@@ -1,0 +1,30 @@
+//! roomctl: a gRPC control plane for real-time conferencing rooms.
+//!
+//! It knows who is in each room and with which role, lets moderators and trusted services
+//! force-disconnect participants (`DropUser`, the vendor's `dropUser`), and streams every
+//! resulting event, in order and resumable, to subscribers (`Events`).
+//!
+//! The modules, from the wire inwards:
+//!
+//! - [`pb`]: the generated `roomcontrol.v1` types and stubs, and the descriptor set for reflection.
+//! - [`server`]: assembly of the gRPC server: auth, health, reflection, limits, graceful shutdown.
+//! - [`service`]: thin tonic handlers: caller, validation, store call, error mapping.
+//! - [`subscription`]: `Events` streams: a cursor into a room's log that follows it live.
+//! - [`auth`]: HS256 bearer tokens, verified once per call in an interceptor.
+//! - [`validate`]: the contract's field rules, turning requests into domain values.
+//! - [`engine`]: the pure rules of a room: who may do what, which events a command logs.
+//! - [`store`]: the `RoomStore` trait that applies commands atomically and reads logs, with
+//!   its in-memory implementation.
+//! - [`error`]: the one error enum and its mapping to gRPC statuses with `google.rpc` details.
+//! - [`cli`]: the `roomctl` command line (`serve`, `token`).
+
+pub mod auth;
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod pb;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod subscription;
+pub mod validate;

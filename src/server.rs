@@ -1,0 +1,196 @@
+//! Server assembly: the RoomControl service behind authentication, health, reflection, the
+//! request size limit, and graceful shutdown.
+//!
+//! [`Server::run`] takes an already bound listener, so tests bind port 0 and know the address
+//! before anything starts, and a shutdown future, so a signal handler or a test decides when to
+//! stop. On shutdown, health turns NOT_SERVING, no new calls are taken, open `Events` streams end
+//! with `UNAVAILABLE` (`SHUTTING_DOWN`), and the drain is cut after `grace`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Code, Status};
+use tonic_health::ServingStatus;
+
+use crate::auth::Authenticator;
+use crate::error::Error;
+use crate::pb::{self, room_control_server::RoomControlServer};
+use crate::service::RoomControlService;
+use crate::store::memory::{MemoryConfig, MemoryStore};
+use crate::store::RoomStore;
+use crate::subscription::SubscriptionGauge;
+
+/// Default events kept per room.
+pub const DEFAULT_HISTORY: usize = 10_000;
+/// Default largest request accepted, in bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Everything `serve` can be told.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// HS256 secret that tokens are verified with.
+    pub jwt_secret: Vec<u8>,
+    /// Events kept per room (`--history`).
+    pub history: usize,
+    /// How long draining may take on shutdown (`--grace`).
+    pub grace: Duration,
+    /// How long an empty room is kept (`--empty-room-ttl`).
+    pub empty_room_ttl: Duration,
+    /// Largest request accepted (`--max-message-bytes`).
+    pub max_message_bytes: usize,
+}
+
+impl ServerConfig {
+    /// The defaults of DESIGN.md with the given secret.
+    pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            jwt_secret: jwt_secret.into(),
+            history: DEFAULT_HISTORY,
+            grace: Duration::from_secs(10),
+            empty_room_ttl: Duration::from_secs(300),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Reflection could not load a descriptor set (a build defect).
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A configured server, ready to run on a listener.
+pub struct Server {
+    config: ServerConfig,
+    store: Arc<dyn RoomStore>,
+    subscriptions: SubscriptionGauge,
+}
+
+impl Server {
+    /// A server with the in-memory store. Needs a tokio runtime (the store sweeps empty rooms).
+    pub fn new(config: ServerConfig) -> Self {
+        let store = MemoryStore::new(MemoryConfig {
+            history: config.history,
+            empty_room_ttl: config.empty_room_ttl,
+        });
+        Self {
+            config,
+            store: Arc::new(store),
+            subscriptions: SubscriptionGauge::default(),
+        }
+    }
+
+    /// The number of open `Events` subscriptions, live.
+    pub fn subscriptions(&self) -> SubscriptionGauge {
+        self.subscriptions.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains for at most `grace`.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server {
+            config,
+            store,
+            subscriptions,
+        } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<RoomControlServer<RoomControlService>>()
+            .await;
+        health.set_service_status("", ServingStatus::Serving).await;
+
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        let streams_end = CancellationToken::new();
+        let service = RoomControlService::new(store, streams_end.clone(), subscriptions);
+        let room_control = InterceptedService::new(
+            RoomControlServer::new(service).max_decoding_message_size(config.max_message_bytes),
+            Authenticator::new(&config.jwt_secret),
+        );
+
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: health NOT_SERVING, ending streams");
+            health
+                .set_not_serving::<RoomControlServer<RoomControlService>>()
+                .await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            streams_end.cancel();
+            let _ = draining_tx.send(());
+        };
+
+        let limit = config.max_message_bytes;
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            conn.inspect(|stream| {
+                // Events are small and latency-bound: never wait to coalesce them.
+                let _ = stream.set_nodelay(true);
+            })
+        });
+        let serve = tonic::transport::Server::builder()
+            // Finds clients that vanished without closing, so their streams are dropped.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(tower::util::MapResponseLayer::new(move |response| {
+                map_oversize(response, limit)
+            }))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(room_control)
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(serve);
+
+        tokio::select! {
+            result = &mut serve => result?,
+            _ = draining_rx => match tokio::time::timeout(config.grace, &mut serve).await {
+                Ok(result) => result?,
+                Err(_) => tracing::warn!(grace = ?config.grace, "grace period over; closing the remaining connections"),
+            },
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Reflection knows roomctl's own proto, Health (so `grpcurl list` shows it) and the
+/// `google.rpc` details (so grpcurl prints ErrorInfo and BadRequest instead of "not recognized").
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// tonic answers an over-size request with `OUT_OF_RANGE`; the contract says
+/// `RESOURCE_EXHAUSTED` with `MESSAGE_TOO_LARGE`. Such answers are trailers-only responses, so the
+/// status is in the headers and the whole response can be replaced.
+fn map_oversize(response: http::Response<Body>, limit: usize) -> http::Response<Body> {
+    match Status::from_header_map(response.headers()) {
+        Some(status)
+            if status.code() == Code::OutOfRange
+                && status.message().contains("message length too large") =>
+        {
+            Status::from(Error::MessageTooLarge { limit }).into_http()
+        }
+        _ => response,
+    }
+}

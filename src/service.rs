@@ -1,0 +1,147 @@
+//! The tonic handlers of `roomcontrol.v1.RoomControl`: each takes the verified caller, validates
+//! the request into domain values, checks what needs no room state, calls the store and maps the
+//! result. Rules live in the engine; persistence in the store.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::auth::caller;
+use crate::engine::{self, Command, Reply};
+use crate::error::Error;
+use crate::pb::{self, room_control_server::RoomControl};
+use crate::store::RoomStore;
+use crate::subscription::{self, EventStream, SubscriptionGauge};
+use crate::validate;
+
+/// The RoomControl service over a store.
+pub struct RoomControlService {
+    store: Arc<dyn RoomStore>,
+    shutdown: CancellationToken,
+    subscriptions: SubscriptionGauge,
+}
+
+impl RoomControlService {
+    /// A service over `store`; `shutdown` ends open `Events` streams with `UNAVAILABLE`.
+    pub fn new(
+        store: Arc<dyn RoomStore>,
+        shutdown: CancellationToken,
+        subscriptions: SubscriptionGauge,
+    ) -> Self {
+        Self {
+            store,
+            shutdown,
+            subscriptions,
+        }
+    }
+}
+
+fn unexpected(reply: Reply) -> Status {
+    Error::Internal(format!("a command got the wrong kind of reply: {reply:?}")).into()
+}
+
+#[tonic::async_trait]
+impl RoomControl for RoomControlService {
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let room_id = req.room_id.clone();
+        let cmd = validate::join(req)?;
+        caller.check_room(&room_id)?;
+        // Checked before the store too, so a refused join never creates a room.
+        engine::join_grant(&caller, &cmd)?;
+        let client_id = uuid::Uuid::new_v4().simple().to_string();
+        let applied = self
+            .store
+            .execute(&room_id, &caller, Command::Join { client_id, cmd })
+            .await?;
+        match applied.reply {
+            Reply::Joined(joined) => Ok(Response::new(joined)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        validate::leave(&req)?;
+        caller.check_room(&req.room_id)?;
+        let cmd = Command::Leave {
+            client_id: req.client_id,
+        };
+        match self.store.execute(&req.room_id, &caller, cmd).await?.reply {
+            Reply::Left => Ok(Response::new(pb::LeaveResponse {})),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn list_participants(
+        &self,
+        request: Request<pb::ListParticipantsRequest>,
+    ) -> Result<Response<pb::ListParticipantsResponse>, Status> {
+        let caller = caller(&request)?;
+        let room_id = &request.get_ref().room_id;
+        validate::room_id(room_id)?;
+        caller.check_room(room_id)?;
+        let snapshot = self.store.snapshot(room_id).await?;
+        Ok(Response::new(pb::ListParticipantsResponse {
+            participants: snapshot.participants,
+            seq: snapshot.window.newest_seq,
+            epoch: snapshot.window.epoch,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn drop_user(
+        &self,
+        request: Request<pb::DropUserRequest>,
+    ) -> Result<Response<pb::DropUserResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let room_id = req.room_id.clone();
+        let cmd = validate::drop_user(req)?;
+        caller.check_may_drop(&room_id)?;
+        match self
+            .store
+            .execute(&room_id, &caller, Command::Drop(cmd))
+            .await?
+            .reply
+        {
+            Reply::Dropped(response) => {
+                tracing::info!(request_id = %response.request_id, moderator = %caller.identity, "drop");
+                Ok(Response::new(response))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    type EventsStream = EventStream;
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let caller = caller(&request)?;
+        let stream = subscription::subscribe(
+            self.store.clone(),
+            &caller,
+            request.into_inner(),
+            self.shutdown.clone(),
+            &self.subscriptions,
+        )
+        .await
+        .map_err(Status::from)?;
+        Ok(Response::new(stream))
+    }
+}

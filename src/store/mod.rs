@@ -1,0 +1,67 @@
+//! Persistence of rooms behind one object-safe trait, so the service and the subscription logic
+//! never know which backend holds the rooms.
+//!
+//! A store applies a command atomically (the room engine decides; the store persists the new
+//! state and the command's events together, or nothing), answers snapshots, reads a room's log
+//! from a cursor, and wakes subscribers through a [`watch`] of the room's newest `seq`. Memory
+//! serves one process ([`memory::MemoryStore`]); a shared backend serves a fleet.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::engine::{Applied, Caller, ClientStatus, Command, LogWindow};
+use crate::error::Error;
+use crate::pb;
+
+/// A consistent view of a room at one log position.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Participants in join order.
+    pub participants: Vec<pb::Participant>,
+    /// The retained log window the snapshot was taken at (`newest_seq` is its position).
+    pub window: LogWindow,
+}
+
+/// What a subscriber needs to start: where the log stands, where its client stands, and the
+/// wake-up channel, all read at one instant.
+#[derive(Debug)]
+pub struct Opening {
+    /// The log's retained window.
+    pub window: LogWindow,
+    /// The requested client's status (`Unknown` for observers).
+    pub client: ClientStatus,
+    /// Changes whenever the room logs events; closes when the room is forgotten.
+    pub head: watch::Receiver<u64>,
+}
+
+/// How many events one [`RoomStore::read`] returns at most: bounds what a subscriber holds.
+pub const READ_BATCH: usize = 256;
+
+/// The rooms, wherever they live.
+#[async_trait]
+pub trait RoomStore: Send + Sync + 'static {
+    /// Runs `cmd` by `caller` through the engine and commits the state and its events
+    /// atomically. Only a join creates a missing room; other commands get `RoomNotFound`.
+    async fn execute(&self, room_id: &str, caller: &Caller, cmd: Command)
+        -> Result<Applied, Error>;
+
+    /// The room's participants and the log position they were read at.
+    async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error>;
+
+    /// Everything a new subscription of `client_id` (None: observer) needs, read atomically.
+    async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error>;
+
+    /// Up to [`READ_BATCH`] events of log `epoch` with `seq > after`, oldest first; empty when
+    /// there are none yet. `CursorOutOfRange` when `after` fell out of the history or the log is
+    /// no longer `epoch`; `RoomNotFound` when the room is gone.
+    async fn read(
+        &self,
+        room_id: &str,
+        epoch: &str,
+        after: u64,
+    ) -> Result<Vec<Arc<pb::Event>>, Error>;
+}

@@ -1,0 +1,157 @@
+//! `Events` subscriptions: a cursor into a room's log that follows it live.
+//!
+//! A subscription is a plain stream, not a task: tonic polls it as the client's HTTP/2 window
+//! allows and drops it when the client goes away, so nothing outlives its client. It holds a
+//! cursor, at most one read batch of shared events and a `watch` receiver; a subscriber that
+//! stops reading costs that much and no more, and if the history moves past its cursor it ends
+//! with `OUT_OF_RANGE`. It works against any [`RoomStore`].
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::engine::{Audience, Caller};
+use crate::error::Error;
+use crate::pb;
+use crate::store::RoomStore;
+use crate::validate;
+
+/// The response stream of `Events`.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+/// Counts open subscriptions; each one decrements it when dropped, whatever ended it.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriptionGauge(Arc<AtomicUsize>);
+
+impl SubscriptionGauge {
+    /// How many subscriptions are open now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+struct Registration(SubscriptionGauge);
+
+impl Registration {
+    fn new(gauge: &SubscriptionGauge) -> Self {
+        gauge.0.fetch_add(1, Ordering::Relaxed);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Opens a subscription for `caller`: checks who may subscribe how, then the cursor (before the
+/// client, so an old client of a lost log learns it from `OUT_OF_RANGE`), then the client.
+pub async fn subscribe(
+    store: Arc<dyn RoomStore>,
+    caller: &Caller,
+    req: pb::EventsRequest,
+    shutdown: CancellationToken,
+    gauge: &SubscriptionGauge,
+) -> Result<EventStream, Error> {
+    let client_id = validate::events(&req)?;
+    caller.check_may_subscribe(&req.room_id, client_id)?;
+    let opening = store.open(&req.room_id, client_id).await?;
+    let start = opening.window.start(req.after_seq, &req.epoch)?;
+    let audience = Audience::admit(caller, client_id, opening.client, start)?;
+    let follow = Follow {
+        store,
+        room_id: req.room_id,
+        epoch: opening.window.epoch,
+        cursor: start,
+        audience,
+        head: opening.head,
+        shutdown,
+        pending: VecDeque::new(),
+        finished: false,
+        _registration: Registration::new(gauge),
+    };
+    Ok(Box::pin(futures_util::stream::unfold(
+        follow,
+        |mut follow| async move { follow.next().await.map(|item| (item, follow)) },
+    )))
+}
+
+struct Follow {
+    store: Arc<dyn RoomStore>,
+    room_id: String,
+    epoch: String,
+    /// Every visible event up to here has been delivered.
+    cursor: u64,
+    audience: Audience,
+    head: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+    /// The rest of the last read batch (at most one batch).
+    pending: VecDeque<Arc<pb::Event>>,
+    finished: bool,
+    _registration: Registration,
+}
+
+impl Follow {
+    fn finish(&mut self, err: Error) -> Option<Result<pb::Event, Status>> {
+        self.finished = true;
+        Some(Err(err.into()))
+    }
+
+    fn shutting_down(&mut self) -> Option<Result<pb::Event, Status>> {
+        let err = Error::ShuttingDown {
+            last_seq: self.cursor,
+            epoch: self.epoch.clone(),
+        };
+        self.finish(err)
+    }
+
+    async fn next(&mut self) -> Option<Result<pb::Event, Status>> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            // Checked between events too, so a busy stream still ends promptly on shutdown.
+            if self.shutdown.is_cancelled() {
+                return self.shutting_down();
+            }
+            while let Some(event) = self.pending.pop_front() {
+                self.cursor = event.seq;
+                if self.audience.sees(&event) {
+                    self.finished = self.audience.ends_after(&event);
+                    return Some(Ok(pb::Event::clone(&event)));
+                }
+            }
+            // Mark the head seen before reading, so an append racing the read still wakes us.
+            self.head.borrow_and_update();
+            match self
+                .store
+                .read(&self.room_id, &self.epoch, self.cursor)
+                .await
+            {
+                Err(err) => return self.finish(err),
+                Ok(batch) if !batch.is_empty() => {
+                    self.pending.extend(batch);
+                    continue;
+                }
+                Ok(_) => {}
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return self.shutting_down(),
+                changed = self.head.changed() => {
+                    if changed.is_err() {
+                        let room_id = self.room_id.clone();
+                        return self.finish(Error::RoomNotFound { room_id });
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Field rules of the contract: turns raw requests into validated domain values, or into an
+//! `INVALID_ARGUMENT` that lists every offending field at once.
+
+use crate::engine::{DropCmd, JoinCmd};
+use crate::error::{Error, Violation};
+use crate::pb::{self, Role};
+
+/// Longest room id, in characters.
+pub const MAX_ROOM_ID_CHARS: usize = 128;
+/// Longest client id, request id, display name or identity, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+/// Most client ids in one `DropUser`, counted as sent (duplicates included).
+pub const MAX_DROP_IDS: usize = 1000;
+/// Longest drop reason, in bytes (UTF-8).
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// Collects violations so that one answer names every bad field.
+#[derive(Default)]
+struct Check(Vec<Violation>);
+
+impl Check {
+    fn fail(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(Violation::new(field, description));
+    }
+
+    fn room_id(&mut self, room_id: &str) {
+        let chars = room_id.chars().count();
+        if chars == 0 {
+            self.fail("room_id", "must not be empty");
+        } else if chars > MAX_ROOM_ID_CHARS {
+            self.fail(
+                "room_id",
+                format!("longer than {MAX_ROOM_ID_CHARS} characters"),
+            );
+        } else if !room_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+        {
+            self.fail(
+                "room_id",
+                "may only hold the characters A-Z a-z 0-9 . _ : -",
+            );
+        }
+    }
+
+    fn max_chars(&mut self, field: impl Into<String>, value: &str) {
+        if value.chars().count() > MAX_ID_CHARS {
+            self.fail(field, format!("longer than {MAX_ID_CHARS} characters"));
+        }
+    }
+
+    fn id(&mut self, field: impl Into<String>, value: &str) {
+        let field = field.into();
+        if value.is_empty() {
+            self.fail(field, "must not be empty");
+        } else {
+            self.max_chars(field, value);
+        }
+    }
+
+    fn done<T>(self, value: T) -> Result<T, Error> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(Error::InvalidArgument(self.0))
+        }
+    }
+}
+
+/// Checks a room id on its own (used where it is the only field).
+pub fn room_id(room_id: &str) -> Result<(), Error> {
+    let mut check = Check::default();
+    check.room_id(room_id);
+    check.done(())
+}
+
+/// Checks a `Join` and returns its command.
+pub fn join(req: pb::JoinRequest) -> Result<JoinCmd, Error> {
+    let mut check = Check::default();
+    check.room_id(&req.room_id);
+    check.max_chars("name", &req.name);
+    check.max_chars("identity", &req.identity);
+    let role = Role::try_from(req.role).unwrap_or_else(|_| {
+        check.fail("role", format!("unknown role {}", req.role));
+        Role::Unspecified
+    });
+    check.done(JoinCmd {
+        name: req.name,
+        role,
+        identity: req.identity,
+    })
+}
+
+/// Checks a `Leave`.
+pub fn leave(req: &pb::LeaveRequest) -> Result<(), Error> {
+    let mut check = Check::default();
+    check.room_id(&req.room_id);
+    check.id("client_id", &req.client_id);
+    check.done(())
+}
+
+/// Checks a `DropUser` and returns its command; an empty `request_id` becomes a generated one.
+pub fn drop_user(req: pb::DropUserRequest) -> Result<DropCmd, Error> {
+    let mut check = Check::default();
+    check.room_id(&req.room_id);
+    match req.client_ids.len() {
+        0 => check.fail("client_ids", "must name at least one client"),
+        n if n > MAX_DROP_IDS => check.fail(
+            "client_ids",
+            format!("{n} ids; at most {MAX_DROP_IDS} per call"),
+        ),
+        _ => {
+            for (i, id) in req.client_ids.iter().enumerate() {
+                check.id(format!("client_ids[{i}]"), id);
+            }
+        }
+    }
+    if req.reason.len() > MAX_REASON_BYTES {
+        check.fail(
+            "reason",
+            format!("{} bytes; at most {MAX_REASON_BYTES}", req.reason.len()),
+        );
+    }
+    check.max_chars("request_id", &req.request_id);
+    let request_id = if req.request_id.is_empty() {
+        uuid::Uuid::new_v4().simple().to_string()
+    } else {
+        req.request_id
+    };
+    check.done(DropCmd {
+        client_ids: req.client_ids,
+        reason: req.reason,
+        request_id,
+    })
+}
+
+/// Checks an `Events` request; returns the client id it subscribes as (None: observer).
+pub fn events(req: &pb::EventsRequest) -> Result<Option<&str>, Error> {
+    let mut check = Check::default();
+    check.room_id(&req.room_id);
+    check.max_chars("client_id", &req.client_id);
+    check.max_chars("epoch", &req.epoch);
+    check.done((!req.client_id.is_empty()).then_some(req.client_id.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(err: Error) -> Vec<String> {
+        match err {
+            Error::InvalidArgument(v) => v.into_iter().map(|v| v.field).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn drop_req(ids: usize, reason: usize) -> pb::DropUserRequest {
+        pb::DropUserRequest {
+            room_id: "room-1".into(),
+            client_ids: (0..ids).map(|i| format!("c{i}")).collect(),
+            reason: "x".repeat(reason),
+            request_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn room_ids_follow_the_contract() {
+        assert!(room_id("a").is_ok());
+        assert!(room_id("Team_1.standup:2026-11").is_ok());
+        assert!(room_id(&"r".repeat(128)).is_ok());
+        for bad in ["", "has space", "slash/", "é", &"r".repeat(129)] {
+            assert_eq!(fields(room_id(bad).unwrap_err()), ["room_id"], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn drop_limits_are_inclusive() {
+        assert!(drop_user(drop_req(1000, 256)).is_ok());
+        assert_eq!(
+            fields(drop_user(drop_req(1001, 0)).unwrap_err()),
+            ["client_ids"]
+        );
+        assert_eq!(fields(drop_user(drop_req(1, 257)).unwrap_err()), ["reason"]);
+        assert_eq!(
+            fields(drop_user(drop_req(0, 0)).unwrap_err()),
+            ["client_ids"]
+        );
+        // A multi-byte reason counts bytes, not characters.
+        let mut req = drop_req(1, 0);
+        req.reason = "é".repeat(129);
+        assert_eq!(fields(drop_user(req).unwrap_err()), ["reason"]);
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let req = pb::DropUserRequest {
+            room_id: String::new(),
+            client_ids: vec!["ok".into(), String::new(), "c".repeat(129)],
+            reason: String::new(),
+            request_id: "q".repeat(129),
+        };
+        assert_eq!(
+            fields(drop_user(req).unwrap_err()),
+            ["room_id", "client_ids[1]", "client_ids[2]", "request_id"]
+        );
+    }
+
+    #[test]
+    fn an_empty_request_id_is_generated() {
+        let a = drop_user(drop_req(1, 0)).unwrap().request_id;
+        let b = drop_user(drop_req(1, 0)).unwrap().request_id;
+        assert!(!a.is_empty() && a != b);
+    }
+
+    #[test]
+    fn join_checks_name_and_role() {
+        let req = pb::JoinRequest {
+            room_id: "r".into(),
+            name: "n".repeat(129),
+            role: 7,
+            identity: String::new(),
+        };
+        assert_eq!(fields(join(req).unwrap_err()), ["name", "role"]);
+    }
+}
