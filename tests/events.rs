@@ -1,0 +1,375 @@
+//! `Events` as cursors over each room's ordered log: resume, history bounds, epochs, leaving,
+//! late cursors of departed clients, slow consumers and cleanup.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use roomctl::pb::{self, event::Payload, DisconnectReason};
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn list(room: &str) -> pb::ListParticipantsRequest {
+    pb::ListParticipantsRequest {
+        room_id: room.into(),
+    }
+}
+
+/// `Join` then `Events(after_seq = seq)` misses nothing, and a subscription without a cursor
+/// starts at "now": it replays nothing from before it.
+#[tokio::test]
+async fn join_then_subscribe_misses_nothing_and_unset_cursor_means_now() {
+    let server = TestServer::start().await;
+    let mut bob = server.client("bob", "r", "participant").await;
+    let mine = join(&mut bob, "r", "Bob").await;
+    join(&mut bob, "r", "Bob again").await; // seq 2, before the subscription opens
+    let mut from_cursor = subscribe(&mut bob, "r", &mine.client_id, Some(mine.seq))
+        .await
+        .unwrap();
+    let mut from_now = subscribe(&mut bob, "r", &mine.client_id, None)
+        .await
+        .unwrap();
+    join(&mut bob, "r", "Bob thrice").await; // seq 3
+    assert_eq!(next_event(&mut from_cursor).await.seq, 2);
+    assert_eq!(next_event(&mut from_cursor).await.seq, 3);
+    assert_eq!(next_event(&mut from_now).await.seq, 3);
+}
+
+/// A subscriber that disconnects and resumes with its last seq and epoch gets every later event
+/// exactly once, in order, then follows live.
+#[tokio::test]
+async fn resume_has_no_gap_and_no_duplicate() {
+    let server = TestServer::start().await;
+    let mut ops = server.client("ops", "r", "service").await;
+    let mut bob = server.client("bob", "r", "participant").await;
+    let first = join(&mut bob, "r", "b0").await;
+    let mut stream = subscribe(&mut ops, "r", "", Some(0)).await.unwrap();
+    for i in 1..5 {
+        join(&mut bob, "r", &format!("b{i}")).await;
+    }
+    let mut seen: Vec<u64> = Vec::new();
+    for _ in 0..3 {
+        seen.push(next_event(&mut stream).await.seq);
+    }
+    drop(stream);
+    for i in 5..8 {
+        join(&mut bob, "r", &format!("b{i}")).await;
+    }
+    let mut resumed = ops
+        .events(pb::EventsRequest {
+            room_id: "r".into(),
+            client_id: String::new(),
+            after_seq: Some(*seen.last().unwrap()),
+            epoch: first.epoch.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..5 {
+        seen.push(next_event(&mut resumed).await.seq);
+    }
+    join(&mut bob, "r", "live").await;
+    seen.push(next_event(&mut resumed).await.seq);
+    assert_eq!(seen, (1..=9).collect::<Vec<_>>());
+}
+
+/// With `--history 5` the oldest retained event is the newest minus 4; `after_seq = oldest - 1`
+/// is valid, one less is OUT_OF_RANGE with the window in the metadata, and so are a cursor beyond
+/// the newest event and a cursor of another epoch (with or without `after_seq`).
+#[tokio::test]
+async fn history_is_exact_and_cursors_outside_it_are_out_of_range() {
+    let server = TestServer::start_with(|c| c.history = 5).await;
+    let mut ops = server.client("ops", "r", "service").await;
+    let mut epoch = String::new();
+    for i in 0..10 {
+        epoch = join(&mut ops, "r", &format!("u{i}")).await.epoch;
+    }
+    let mut oldest = subscribe(&mut ops, "r", "", Some(5)).await.unwrap();
+    assert_eq!(next_event(&mut oldest).await.seq, 6);
+
+    let expect_out_of_range = |status: tonic::Status| {
+        let meta = assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+        assert_eq!(meta["oldest_seq"], "6");
+        assert_eq!(meta["newest_seq"], "10");
+        assert_eq!(meta["epoch"], epoch);
+    };
+    expect_out_of_range(subscribe(&mut ops, "r", "", Some(4)).await.unwrap_err());
+    expect_out_of_range(subscribe(&mut ops, "r", "", Some(11)).await.unwrap_err());
+    for after_seq in [Some(8), None] {
+        let status = ops
+            .events(pb::EventsRequest {
+                room_id: "r".into(),
+                client_id: String::new(),
+                after_seq,
+                epoch: "not-this-log".into(),
+            })
+            .await
+            .unwrap_err();
+        expect_out_of_range(status);
+    }
+    // The newest position is a valid cursor: nothing to replay, then live.
+    let mut at_head = subscribe(&mut ops, "r", "", Some(10)).await.unwrap();
+    join(&mut ops, "r", "late").await;
+    assert_eq!(next_event(&mut at_head).await.seq, 11);
+}
+
+/// A dropped client that reconnects late with a cursor from before its drop replays up to its
+/// `room_disconnected` (learning why), and the stream ends OK; with a later cursor it is
+/// CLIENT_NOT_FOUND.
+#[tokio::test]
+async fn late_cursor_of_a_dropped_client_replays_up_to_why_it_was_dropped() {
+    let server = TestServer::start().await;
+    let mut bob = server.client("bob", "r", "participant").await;
+    let mine = join(&mut bob, "r", "Bob").await;
+    let mut carol = server.client("carol", "r", "participant").await;
+    join(&mut carol, "r", "Carol").await; // seq 2
+    let mut alice = server.client("alice", "r", "moderator").await;
+    alice
+        .drop_user(drop_request("r", &[&mine.client_id], "flooding"))
+        .await
+        .unwrap(); // 3, 4, 5
+    join(&mut carol, "r", "Carol 2").await; // seq 6
+
+    let mut late = subscribe(&mut bob, "r", &mine.client_id, Some(mine.seq))
+        .await
+        .unwrap();
+    assert_eq!(kind(&next_event(&mut late).await), "user_connected");
+    let told = next_event(&mut late).await;
+    let Some(Payload::RoomDisconnected(rd)) = &told.payload else {
+        panic!("{told:?}")
+    };
+    assert_eq!((told.seq, rd.message.as_str()), (3, "flooding"));
+    assert!(stream_end(&mut late).await.is_ok());
+
+    let status = subscribe(&mut bob, "r", &mine.client_id, Some(3))
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::NotFound, "CLIENT_NOT_FOUND");
+}
+
+/// A leaving client's own streams get its `user_disconnected` (LEFT) and then end OK; others
+/// keep following; a late cursor from before the leave replays up to it.
+#[tokio::test]
+async fn leave_ends_own_streams_after_user_disconnected() {
+    let server = TestServer::start().await;
+    let mut bob = server.client("bob", "r", "participant").await;
+    let phone = join(&mut bob, "r", "phone").await;
+    let laptop = join(&mut bob, "r", "laptop").await;
+    let mut phone_events = subscribe(&mut bob, "r", &phone.client_id, None)
+        .await
+        .unwrap();
+    let mut laptop_events = subscribe(&mut bob, "r", &laptop.client_id, None)
+        .await
+        .unwrap();
+    bob.leave(pb::LeaveRequest {
+        room_id: "r".into(),
+        client_id: phone.client_id.clone(),
+    })
+    .await
+    .unwrap();
+    for stream in [&mut phone_events, &mut laptop_events] {
+        let event = next_event(stream).await;
+        let Some(Payload::UserDisconnected(ud)) = &event.payload else {
+            panic!("{event:?}")
+        };
+        assert_eq!(
+            (ud.client_id.as_str(), ud.reason()),
+            (phone.client_id.as_str(), DisconnectReason::Left)
+        );
+    }
+    assert!(stream_end(&mut phone_events).await.is_ok());
+    join(&mut bob, "r", "tablet").await;
+    assert_eq!(
+        kind(&next_event(&mut laptop_events).await),
+        "user_connected"
+    );
+
+    let mut late = subscribe(&mut bob, "r", &phone.client_id, Some(laptop.seq))
+        .await
+        .unwrap();
+    assert_eq!(kind(&next_event(&mut late).await), "user_disconnected");
+    assert!(stream_end(&mut late).await.is_ok());
+}
+
+/// Dropping one client of an identity leaves its other clients' streams running: they see the
+/// `user_disconnected` but not the other client's `room_disconnected`.
+#[tokio::test]
+async fn other_clients_of_a_dropped_identity_keep_streaming() {
+    let server = TestServer::start().await;
+    let mut bob = server.client("bob", "r", "participant").await;
+    let phone = join(&mut bob, "r", "phone").await.client_id;
+    let laptop = join(&mut bob, "r", "laptop").await.client_id;
+    let mut laptop_events = subscribe(&mut bob, "r", &laptop, None).await.unwrap();
+    let mut alice = server.client("alice", "r", "moderator").await;
+    alice
+        .drop_user(drop_request("r", &[&phone], ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        kind(&next_event(&mut laptop_events).await),
+        "user_disconnected"
+    );
+    join(&mut bob, "r", "tablet").await;
+    assert_eq!(
+        kind(&next_event(&mut laptop_events).await),
+        "user_connected"
+    );
+}
+
+/// A subscriber that stops reading never blocks writers, and when the history moves past its
+/// cursor its stream ends OUT_OF_RANGE after the events it could still get, in order, without gap.
+#[tokio::test]
+async fn a_slow_consumer_falls_out_of_history_without_blocking_anyone() {
+    let server = TestServer::start_with(|c| c.history = 10).await;
+    // A small client window, so the server cannot push the whole backlog into it.
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", token("ops", "r", "service"))
+        .parse()
+        .unwrap();
+    let mut slow_client =
+        pb::room_control_client::RoomControlClient::with_interceptor(channel, Bearer(bearer));
+    let mut ops = server.client("ops", "r", "service").await;
+    join(&mut ops, "r", "first").await;
+    let mut slow = subscribe(&mut slow_client, "r", "", None).await.unwrap();
+
+    // Each ack lists 1000 ids of 100 bytes: ~100 KB per event, ~4 MB in all.
+    let ids: Vec<String> = (0..1000).map(|i| format!("{i:0>100}")).collect();
+    for _ in 0..40 {
+        let mut request = drop_request("r", &[], "");
+        request.client_ids = ids.clone();
+        tokio::time::timeout(PATIENCE, ops.drop_user(request))
+            .await
+            .expect("a writer was blocked by a slow subscriber")
+            .unwrap();
+    }
+
+    let mut seqs = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(PATIENCE, slow.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(event)) => seqs.push(event.seq),
+            Ok(None) => panic!("stream ended OK; expected OUT_OF_RANGE"),
+            Err(status) => break status,
+        }
+    };
+    assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+    assert!(
+        seqs.len() < 40,
+        "the server buffered the whole backlog: {}",
+        seqs.len()
+    );
+    let expected: Vec<u64> = (2..2 + seqs.len() as u64).collect();
+    assert_eq!(
+        seqs, expected,
+        "delivered events are contiguous from the cursor"
+    );
+}
+
+/// A subscription is gone as soon as its client goes away: nothing keeps running for it.
+#[tokio::test]
+async fn a_subscription_ends_when_its_client_goes_away() {
+    let server = TestServer::start().await;
+    let mut ops = server.client("ops", "r", "service").await;
+    join(&mut ops, "r", "u").await;
+    let stream = subscribe(&mut ops, "r", "", None).await.unwrap();
+    let other = subscribe(&mut ops, "r", "", None).await.unwrap();
+    assert_eq!(server.subscriptions.get(), 2);
+    drop(stream);
+    wait_until(|| server.subscriptions.get() == 1).await;
+    drop(other);
+    drop(ops);
+    wait_until(|| server.subscriptions.get() == 0).await;
+}
+
+async fn wait_until(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never became true"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A room stays after its last participant leaves, for `--empty-room-ttl`; then it is forgotten
+/// (observers' streams end ROOM_NOT_FOUND), and a new join creates it with a new epoch, so old
+/// cursors are OUT_OF_RANGE rather than silently pointing into another log.
+#[tokio::test]
+async fn empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoch() {
+    let ttl = Duration::from_millis(300);
+    let server = TestServer::start_with(|c| c.empty_room_ttl = ttl).await;
+    let mut ops = server.client("ops", "r", "service").await;
+    let first = join(&mut ops, "r", "u").await;
+    let mut observer = subscribe(&mut ops, "r", "", None).await.unwrap();
+    ops.leave(pb::LeaveRequest {
+        room_id: "r".into(),
+        client_id: first.client_id.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(kind(&next_event(&mut observer).await), "user_disconnected");
+    let still_there = ops.list_participants(list("r")).await.unwrap().into_inner();
+    assert_eq!((still_there.seq, still_there.participants.len()), (2, 0));
+
+    let status = stream_end(&mut observer).await.unwrap_err();
+    assert_error(&status, Code::NotFound, "ROOM_NOT_FOUND");
+    let status = ops.list_participants(list("r")).await.unwrap_err();
+    assert_error(&status, Code::NotFound, "ROOM_NOT_FOUND");
+
+    let again = join(&mut ops, "r", "u").await;
+    assert_eq!(again.seq, 1);
+    assert_ne!(again.epoch, first.epoch);
+    let status = ops
+        .events(pb::EventsRequest {
+            room_id: "r".into(),
+            client_id: String::new(),
+            after_seq: Some(1),
+            epoch: first.epoch,
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+}
+
+/// ListParticipants is a snapshot in join order with the position it was taken at, so
+/// `Events(after_seq = seq)` continues exactly from it.
+#[tokio::test]
+async fn list_participants_is_a_snapshot_with_its_position() {
+    let server = TestServer::start().await;
+    let mut alice = server.client("alice", "r", "moderator").await;
+    let a = join(&mut alice, "r", "Alice").await;
+    let mut bob = server.client("bob", "r", "participant").await;
+    let b = join(&mut bob, "r", "Bob").await;
+    let snapshot = bob.list_participants(list("r")).await.unwrap().into_inner();
+    let people: Vec<_> = snapshot
+        .participants
+        .iter()
+        .map(|p| (p.client_id.as_str(), p.identity.as_str(), p.role()))
+        .collect();
+    assert_eq!(
+        people,
+        [
+            (a.client_id.as_str(), "alice", pb::Role::Moderator),
+            (b.client_id.as_str(), "bob", pb::Role::Participant)
+        ]
+    );
+    assert_eq!(
+        (snapshot.seq, snapshot.epoch.as_str()),
+        (2, a.epoch.as_str())
+    );
+    let mut stream = subscribe(&mut alice, "r", "", Some(snapshot.seq))
+        .await
+        .unwrap();
+    join(&mut bob, "r", "Bob 2").await;
+    assert_eq!(next_event(&mut stream).await.seq, 3);
+}
