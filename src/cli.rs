@@ -4,6 +4,7 @@
 //! never has to appear in a process listing. `serve --dev` runs with a fixed development secret and
 //! prints ready-made tokens and grpcurl commands.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,7 +159,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 "DEVELOPMENT MODE: tokens are signed with the public secret {DEV_SECRET:?}; \
                  never use --dev in production"
             );
-            println!("{}", dev_banner(addr));
+            // Like the logs, a closed stdout must not stop the server.
+            let _ = writeln!(std::io::stdout(), "{}", dev_banner(addr));
         }
         Server::new(config)
             .run(listener, shutdown_signal())
@@ -173,6 +175,10 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed or full stderr (a log collector that died) must not take the server down:
+        // by default a failed log write panics the task that logged.
+        .log_internal_errors(false)
         .init();
 }
 

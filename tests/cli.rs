@@ -1,0 +1,231 @@
+//! The `roomctl` binary as an operator runs it: secrets, `token`, `serve --dev`, and SIGTERM.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use roomctl::auth::Authenticator;
+use roomctl::engine::{RoomScope, TokenRole};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_roomctl");
+
+fn roomctl(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env_remove("ROOMCTL_JWT_SECRET")
+        .env("ROOMCTL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Reads the child's stderr until the "listening on ADDR" line and returns ADDR.
+async fn listening_addr(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("serve exited without listening");
+    };
+    tokio::time::timeout(PATIENCE, read).await.unwrap()
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Without a secret and without --dev, serve refuses to start and says how to set one.
+#[tokio::test]
+async fn serve_without_a_secret_refuses_and_says_how_to_set_one() {
+    let output = roomctl(&["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ROOMCTL_JWT_SECRET"), "{stderr}");
+    assert!(stderr.contains("--jwt-secret-file"), "{stderr}");
+}
+
+/// `roomctl token` signs with the secret from the environment or a file, and the claims are the
+/// ones asked for; a participant token for every room is refused.
+#[tokio::test]
+async fn token_mints_what_the_server_accepts() {
+    let output = roomctl(&[
+        "token",
+        "--identity",
+        "ann",
+        "--room",
+        "r1",
+        "--role",
+        "moderator",
+    ])
+    .env("ROOMCTL_JWT_SECRET", "s3cret")
+    .output()
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let token = String::from_utf8(output.stdout).unwrap();
+    let caller = Authenticator::new(b"s3cret").verify(token.trim()).unwrap();
+    assert_eq!(caller.identity, "ann");
+    assert_eq!(caller.scope, RoomScope::One("r1".into()));
+    assert_eq!(caller.role, TokenRole::Moderator);
+
+    let file = std::env::temp_dir().join(format!("roomctl-secret-{}", std::process::id()));
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let output = roomctl(&[
+        "token",
+        "--identity",
+        "gw",
+        "--room",
+        "*",
+        "--role",
+        "service",
+        "--ttl",
+        "5m",
+    ])
+    .arg("--jwt-secret-file")
+    .arg(&file)
+    .output()
+    .await
+    .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let token = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        Authenticator::new(b"from-a-file")
+            .verify(token.trim())
+            .unwrap()
+            .scope,
+        RoomScope::All
+    );
+
+    let output = roomctl(&[
+        "token",
+        "--identity",
+        "x",
+        "--room",
+        "*",
+        "--role",
+        "participant",
+    ])
+    .env("ROOMCTL_JWT_SECRET", "s3cret")
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+}
+
+/// `serve --dev` prints working tokens; SIGTERM ends open streams with SHUTTING_DOWN and the
+/// process exits with status 0.
+#[tokio::test]
+async fn dev_server_prints_tokens_and_drains_on_sigterm() {
+    let mut child = roomctl(&["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .spawn()
+        .unwrap();
+    let addr = listening_addr(&mut child).await;
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut moderator_token = None;
+    while let Some(line) = stdout.next_line().await.unwrap() {
+        if let Some(rest) = line.strip_prefix("export MOD=") {
+            moderator_token = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.contains("/DropUser") {
+            assert!(
+                line.contains(&addr),
+                "grpcurl commands name the real address: {line}"
+            );
+            break;
+        }
+    }
+    let moderator_token = moderator_token.expect("--dev prints a moderator token");
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {moderator_token}").parse().unwrap();
+    let mut alice = roomctl::pb::room_control_client::RoomControlClient::with_interceptor(
+        channel,
+        Bearer(bearer),
+    );
+    let joined = join(&mut alice, "demo", "Alice").await;
+    let mut stream = subscribe(&mut alice, "demo", "", Some(0)).await.unwrap();
+    assert_eq!(next_event(&mut stream).await.seq, joined.seq);
+
+    sigterm(&child);
+    let status = stream_end(&mut stream).await.unwrap_err();
+    assert_error(&status, Code::Unavailable, "SHUTTING_DOWN");
+    let exit = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// A production server reads its secret from the environment; tokens signed otherwise fail.
+#[tokio::test]
+async fn serve_uses_the_configured_secret() {
+    let mut child = roomctl(&["serve", "--listen", "127.0.0.1:0", "--history", "3"])
+        .env(
+            "ROOMCTL_JWT_SECRET",
+            String::from_utf8_lossy(SECRET).as_ref(),
+        )
+        .spawn()
+        .unwrap();
+    let addr = listening_addr(&mut child).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let good = format!("Bearer {}", token("ops", "r", "service"))
+        .parse()
+        .unwrap();
+    let mut ops = roomctl::pb::room_control_client::RoomControlClient::with_interceptor(
+        channel.clone(),
+        Bearer(good),
+    );
+    for i in 0..5 {
+        join(&mut ops, "r", &format!("u{i}")).await;
+    }
+    // --history 3 reached the server: seq 1 is no longer a valid cursor.
+    let status = subscribe(&mut ops, "r", "", Some(1)).await.unwrap_err();
+    assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+    let dev = roomctl::auth::mint(
+        roomctl::cli::DEV_SECRET.as_bytes(),
+        &roomctl::auth::Claims::new("ops", "r", "service", std::time::Duration::from_secs(60)),
+    );
+    let mut forged = roomctl::pb::room_control_client::RoomControlClient::with_interceptor(
+        channel,
+        Bearer(format!("Bearer {dev}").parse().unwrap()),
+    );
+    let status = forged
+        .list_participants(roomctl::pb::ListParticipantsRequest {
+            room_id: "r".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+    sigterm(&child);
+    let exit = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

