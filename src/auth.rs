@@ -76,6 +76,17 @@ impl Claims {
 }
 
 /// Signs tokens with the server's secret (`roomctl token`, `--dev`, tests).
+///
+/// ```
+/// use std::time::Duration;
+/// use roomctl::auth::{mint, Authenticator, Claims};
+/// use roomctl::engine::TokenRole;
+///
+/// let token = mint(b"s3cret", &Claims::new("alice", "standup", "moderator", Duration::from_secs(60)));
+/// let caller = Authenticator::new(b"s3cret").verify(&token).unwrap();
+/// assert_eq!((caller.identity.as_str(), caller.role), ("alice", TokenRole::Moderator));
+/// assert!(Authenticator::new(b"another secret").verify(&token).is_err());
+/// ```
 pub fn mint(secret: &[u8], claims: &Claims) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -13,7 +13,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{mint, Claims};
-use crate::server::{Server, ServerConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::server::{
+    Server, ServerConfig, StoreConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES,
+};
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
 pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
@@ -87,6 +89,10 @@ struct ServeArgs {
     /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     max_message_bytes: usize,
+    /// Where rooms live: `memory` (this process only) or `redis://HOST:PORT[/DB]` (shared by
+    /// every node pointed at it; `rediss://` for TLS).
+    #[arg(long, default_value = "memory", value_parser = parse_store)]
+    store: StoreConfig,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -125,6 +131,16 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn parse_store(value: &str) -> Result<StoreConfig, String> {
+    if value == "memory" {
+        Ok(StoreConfig::Memory)
+    } else if value.starts_with("redis://") || value.starts_with("rediss://") {
+        Ok(StoreConfig::Redis(value.to_owned()))
+    } else {
+        Err("expected `memory` or a redis://HOST:PORT[/DB] URL".into())
+    }
+}
+
 fn token(args: TokenArgs) -> Result<(), String> {
     if args.room == "*" && args.role != "service" {
         return Err("room \"*\" is for service tokens only".into());
@@ -144,6 +160,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         grace: args.grace,
         empty_room_ttl: args.empty_room_ttl,
         max_message_bytes: args.max_message_bytes,
+        store: args.store,
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start tokio: {e}"))?;
     runtime.block_on(async move {
@@ -162,7 +179,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             // Like the logs, a closed stdout must not stop the server.
             let _ = writeln!(std::io::stdout(), "{}", dev_banner(addr));
         }
-        Server::new(config)
+        let server = Server::new(config).await.map_err(|e| e.to_string())?;
+        server
             .run(listener, shutdown_signal())
             .await
             .map_err(|e| e.to_string())

@@ -156,13 +156,38 @@ pub enum Reply {
     Dropped(pb::DropUserResponse),
 }
 
-/// A command's outcome: the answer and the events it logged (empty for an idempotent retry).
+/// One change of membership a command made, for stores that persist changes rather than the
+/// whole state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A client joined with the event at `join_seq`.
+    Joined {
+        /// The new participant.
+        participant: pb::Participant,
+        /// Seq of its `user_connected`.
+        join_seq: u64,
+    },
+    /// A client left or was dropped; its streams end with the event at `end_seq`.
+    Departed {
+        /// The departed client.
+        client_id: String,
+        /// The identity that owned it.
+        identity: String,
+        /// Seq of the event that ends its streams.
+        end_seq: u64,
+    },
+}
+
+/// A command's outcome: the answer, the events it logged and the membership changes behind them
+/// (both empty for an idempotent retry).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
     /// The answer for the caller.
     pub reply: Reply,
     /// The new events, numbered from the room's previous `seq + 1`.
     pub events: Vec<pb::Event>,
+    /// The membership changes, in order.
+    pub changes: Vec<Change>,
 }
 
 /// Where a client stands in a room, as far as subscribing as it goes.
@@ -219,6 +244,38 @@ impl RoomState {
             drops: HashMap::new(),
             drops_order: VecDeque::new(),
         }
+    }
+
+    /// A room as a store read it back: `members` with the seq they joined at, and the remembered
+    /// answer of `drop` (identity, request_id) if there is one. A store may restore only the
+    /// members a command names; commands look at no others.
+    pub fn restore(
+        room_id: impl Into<String>,
+        epoch: impl Into<String>,
+        seq: u64,
+        members: impl IntoIterator<Item = (pb::Participant, u64)>,
+        drop: Option<(String, String, pb::DropUserResponse)>,
+        now: SystemTime,
+    ) -> Self {
+        let mut state = Self::new(room_id, epoch);
+        state.seq = seq;
+        for (participant, join_seq) in members {
+            state.members.insert(
+                participant.client_id.clone(),
+                Member {
+                    participant,
+                    join_seq,
+                },
+            );
+        }
+        if let Some((identity, request_id, response)) = drop {
+            let key = (identity, request_id);
+            state
+                .drops_order
+                .push_back((now + IDEMPOTENCY_WINDOW, key.clone()));
+            state.drops.insert(key, response);
+        }
+        state
     }
 
     /// The room's id.
@@ -299,12 +356,17 @@ impl RoomState {
         }
     }
 
-    fn depart(&mut self, client_id: &str, identity: String, end_seq: u64) {
+    fn depart(&mut self, client_id: &str, identity: String, end_seq: u64) -> Change {
         self.members.remove(client_id);
         self.departed
-            .insert(client_id.to_owned(), (identity, end_seq));
+            .insert(client_id.to_owned(), (identity.clone(), end_seq));
         self.departed_order
             .push_back((end_seq, client_id.to_owned()));
+        Change::Departed {
+            client_id: client_id.to_owned(),
+            identity,
+            end_seq,
+        }
     }
 }
 
@@ -385,15 +447,21 @@ fn join(
             join_seq: event.seq,
         },
     );
+    let participant_for_change = participant.clone();
     let reply = Reply::Joined(pb::JoinResponse {
         client_id,
         seq: event.seq,
         epoch: state.epoch.clone(),
         participant: Some(participant),
     });
+    let joined = Change::Joined {
+        participant: participant_for_change,
+        join_seq: event.seq,
+    };
     Ok(Applied {
         reply,
         events: vec![event],
+        changes: vec![joined],
     })
 }
 
@@ -423,10 +491,11 @@ fn leave(
             reason: DisconnectReason::Left as i32,
         }),
     );
-    state.depart(client_id, owner, event.seq);
+    let departed = state.depart(client_id, owner, event.seq);
     Ok(Applied {
         reply: Reply::Left,
         events: vec![event],
+        changes: vec![departed],
     })
 }
 
@@ -443,11 +512,13 @@ fn drop_users(
         return Ok(Applied {
             reply: Reply::Dropped(remembered.clone()),
             events: Vec::new(),
+            changes: Vec::new(),
         });
     }
 
     let mut results: Vec<pb::DropResult> = Vec::with_capacity(cmd.client_ids.len());
     let mut events = Vec::new();
+    let mut changes = Vec::new();
     let mut answered = std::collections::HashSet::with_capacity(cmd.client_ids.len());
     for client_id in cmd.client_ids {
         if !answered.insert(client_id.clone()) {
@@ -464,7 +535,7 @@ fn drop_users(
                         message: cmd.reason.clone(),
                     }),
                 );
-                state.depart(&client_id, owner, told.seq);
+                changes.push(state.depart(&client_id, owner, told.seq));
                 events.push(told);
                 events.push(state.event(
                     now,
@@ -502,6 +573,7 @@ fn drop_users(
     Ok(Applied {
         reply: Reply::Dropped(response),
         events,
+        changes,
     })
 }
 
@@ -755,6 +827,73 @@ mod tests {
                 identity: "bob".into(),
                 end_seq: 3
             }
+        );
+    }
+
+    #[test]
+    fn changes_describe_what_events_did_to_membership() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        let joined = apply(
+            &mut state,
+            &bob,
+            Command::Join {
+                client_id: "a".into(),
+                cmd: JoinCmd {
+                    name: "Bob".into(),
+                    role: Role::Unspecified,
+                    identity: String::new(),
+                },
+            },
+            now(),
+        )
+        .unwrap();
+        let [Change::Joined {
+            participant,
+            join_seq: 1,
+        }] = joined.changes.as_slice()
+        else {
+            panic!("{:?}", joined.changes)
+        };
+        assert_eq!(participant.identity, "bob");
+        let alice = caller("alice", TokenRole::Moderator);
+        let dropped = apply(&mut state, &alice, drop_cmd(&["a", "zz"], "q"), now()).unwrap();
+        assert_eq!(
+            dropped.changes,
+            [Change::Departed {
+                client_id: "a".into(),
+                identity: "bob".into(),
+                end_seq: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn a_restored_partial_state_applies_the_same_rules() {
+        let bob = pb::Participant {
+            client_id: "a".into(),
+            identity: "bob".into(),
+            ..Default::default()
+        };
+        let remembered = pb::DropUserResponse {
+            request_id: "q".into(),
+            results: Vec::new(),
+        };
+        let mut state = RoomState::restore(
+            "r",
+            "ep",
+            41,
+            [(bob, 7)],
+            Some(("alice".into(), "q".into(), remembered.clone())),
+            now(),
+        );
+        let alice = caller("alice", TokenRole::Moderator);
+        let retry = apply(&mut state, &alice, drop_cmd(&["a"], "q"), now()).unwrap();
+        assert_eq!(retry.reply, Reply::Dropped(remembered));
+        let fresh = apply(&mut state, &alice, drop_cmd(&["a"], "q2"), now()).unwrap();
+        assert_eq!(
+            kinds(&fresh.events),
+            [(42, "room_disconnected"), (43, "disconnected"), (44, "ack")]
         );
     }
 

@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
 use crate::store::memory::{MemoryConfig, MemoryStore};
+use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::RoomStore;
 use crate::subscription::SubscriptionGauge;
 
@@ -45,6 +46,17 @@ pub struct ServerConfig {
     pub empty_room_ttl: Duration,
     /// Largest request accepted (`--max-message-bytes`).
     pub max_message_bytes: usize,
+    /// Where rooms live (`--store`).
+    pub store: StoreConfig,
+}
+
+/// Where rooms live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process: one node.
+    Memory,
+    /// In the Redis at this URL, shared by every node.
+    Redis(String),
 }
 
 impl ServerConfig {
@@ -56,6 +68,7 @@ impl ServerConfig {
             grace: Duration::from_secs(10),
             empty_room_ttl: Duration::from_secs(300),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            store: StoreConfig::Memory,
         }
     }
 }
@@ -69,6 +82,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The store could not be reached at startup.
+    #[error("cannot open the store: {0:?}")]
+    Store(Error),
 }
 
 /// A configured server, ready to run on a listener.
@@ -79,17 +95,29 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server with the in-memory store. Needs a tokio runtime (the store sweeps empty rooms).
-    pub fn new(config: ServerConfig) -> Self {
-        let store = MemoryStore::new(MemoryConfig {
-            history: config.history,
-            empty_room_ttl: config.empty_room_ttl,
-        });
-        Self {
+    /// A server over the configured store (connected now, so a bad Redis URL fails here).
+    /// Needs a tokio runtime: stores run background tasks.
+    pub async fn new(config: ServerConfig) -> Result<Self, ServeError> {
+        let store: Arc<dyn RoomStore> = match &config.store {
+            StoreConfig::Memory => Arc::new(MemoryStore::new(MemoryConfig {
+                history: config.history,
+                empty_room_ttl: config.empty_room_ttl,
+            })),
+            StoreConfig::Redis(url) => Arc::new(
+                RedisStore::connect(RedisConfig {
+                    url: url.clone(),
+                    history: config.history,
+                    empty_room_ttl: config.empty_room_ttl,
+                })
+                .await
+                .map_err(ServeError::Store)?,
+            ),
+        };
+        Ok(Self {
             config,
-            store: Arc::new(store),
+            store,
             subscriptions: SubscriptionGauge::default(),
-        }
+        })
     }
 
     /// The number of open `Events` subscriptions, live.
@@ -109,15 +137,16 @@ impl Server {
             subscriptions,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<RoomControlServer<RoomControlService>>()
-            .await;
-        health.set_service_status("", ServingStatus::Serving).await;
+        let streams_end = CancellationToken::new();
+        let follow_store = tokio::spawn(report_store_health(
+            health.clone(),
+            store.health(),
+            streams_end.clone(),
+        ));
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let streams_end = CancellationToken::new();
         let service = RoomControlService::new(store, streams_end.clone(), subscriptions);
         let room_control = InterceptedService::new(
             RoomControlServer::new(service).max_decoding_message_size(config.max_message_bytes),
@@ -128,13 +157,10 @@ impl Server {
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: health NOT_SERVING, ending streams");
-            health
-                .set_not_serving::<RoomControlServer<RoomControlService>>()
-                .await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
             streams_end.cancel();
+            // Once the store's reports stop, NOT_SERVING is the last word.
+            let _ = follow_store.await;
+            set_health(&health, ServingStatus::NotServing).await;
             let _ = draining_tx.send(());
         };
 
@@ -168,6 +194,37 @@ impl Server {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health
+        .set_service_status(
+            <RoomControlServer<RoomControlService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health.set_service_status("", status).await;
+}
+
+/// Mirrors the store's health (Redis reachable or not) on the health service until shutdown.
+async fn report_store_health(
+    health: tonic_health::server::HealthReporter,
+    mut store: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let serving = *store.borrow_and_update();
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&health, status).await;
+        tokio::select! {
+            changed = store.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 

@@ -147,8 +147,11 @@ impl Follow {
                 _ = self.shutdown.cancelled() => return self.shutting_down(),
                 changed = self.head.changed() => {
                     if changed.is_err() {
-                        let room_id = self.room_id.clone();
-                        return self.finish(Error::RoomNotFound { room_id });
+                        // The store closed our wake-ups; it says whether we can go on.
+                        match self.store.rewatch(&self.room_id).await {
+                            Ok(head) => self.head = head,
+                            Err(err) => return self.finish(err),
+                        }
                     }
                 }
             }

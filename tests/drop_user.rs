@@ -1,6 +1,7 @@
 //! The mission end to end over gRPC: a moderator drops participants, each dropped client is told
 //! why and its stream ends, the moderator is acknowledged, a participant gets 5116.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -18,9 +19,10 @@ fn outcomes(response: &pb::DropUserResponse) -> Vec<(&str, DropOutcome)> {
 /// The seed's scenario: the dropped client's stream delivers `room_disconnected` with the reason
 /// and ends OK; the moderator's observer stream sees `user_disconnected` then the ack with the
 /// same results the call returned, and never the dropped client's `room_disconnected`.
-#[tokio::test]
-async fn moderator_drops_participant_who_is_told_why_and_moderator_is_acknowledged() {
-    let server = TestServer::start().await;
+async fn moderator_drops_participant_who_is_told_why_and_moderator_is_acknowledged(
+    backend: Backend,
+) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "standup", "participant").await;
     let mut alice = server.client("alice", "standup", "moderator").await;
     let joined = join(&mut bob, "standup", "Bob").await;
@@ -81,9 +83,8 @@ async fn moderator_drops_participant_who_is_told_why_and_moderator_is_acknowledg
 
 /// The vendor's error: a participant calling DropUser gets PERMISSION_DENIED "5116: Unauthorized
 /// Access" with code 5116 in ErrorInfo, and nobody is dropped.
-#[tokio::test]
-async fn participant_calling_drop_user_gets_5116_and_nothing_happens() {
-    let server = TestServer::start().await;
+async fn participant_calling_drop_user_gets_5116_and_nothing_happens(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r1", "participant").await;
     let carol_joined = join(
         &mut server.client("carol", "r1", "participant").await,
@@ -115,9 +116,8 @@ async fn participant_calling_drop_user_gets_5116_and_nothing_happens() {
 /// One call drops several clients: results are per distinct id in request order (duplicates
 /// answered once at their first position, unknown ids NOT_FOUND), the log holds
 /// room_disconnected then user_disconnected per dropped client and one ack after them all.
-#[tokio::test]
-async fn drop_of_several_ids_answers_each_once_in_order_and_acks_after_all() {
-    let server = TestServer::start().await;
+async fn drop_of_several_ids_answers_each_once_in_order_and_acks_after_all(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut ops = server.client("ops", "*", "service").await;
     let mut bob = server.client("bob", "r", "participant").await;
     let a = join(&mut bob, "r", "phone").await.client_id;
@@ -156,9 +156,8 @@ async fn drop_of_several_ids_answers_each_once_in_order_and_acks_after_all() {
 
 /// A retry with the same request_id by the same identity returns the first answer and logs
 /// nothing new, even though the clients are gone by then.
-#[tokio::test]
-async fn retried_request_id_returns_first_answer_without_new_events() {
-    let server = TestServer::start().await;
+async fn retried_request_id_returns_first_answer_without_new_events(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let a = join(&mut bob, "r", "Bob").await.client_id;
     let mut alice = server.client("alice", "r", "moderator").await;
@@ -195,9 +194,10 @@ async fn retried_request_id_returns_first_answer_without_new_events() {
 
 /// Service tokens may drop too, with the moderator's reason, and service observers see the
 /// dropped client's room_disconnected and the ack of another identity's drop.
-#[tokio::test]
-async fn service_drops_with_moderator_reason_and_service_observers_see_everything() {
-    let server = TestServer::start().await;
+async fn service_drops_with_moderator_reason_and_service_observers_see_everything(
+    backend: Backend,
+) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let a = join(&mut bob, "r", "Bob").await.client_id;
     let mut audit = server.client("audit", "r", "service").await;
@@ -222,9 +222,8 @@ async fn service_drops_with_moderator_reason_and_service_observers_see_everythin
 
 /// Acks go to the subscriptions of the dropping identity only: another moderator's observer
 /// stream skips them.
-#[tokio::test]
-async fn acks_reach_only_the_dropping_identity() {
-    let server = TestServer::start().await;
+async fn acks_reach_only_the_dropping_identity(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let a = join(&mut bob, "r", "Bob").await.client_id;
     let mut alice = server.client("alice", "r", "moderator").await;
@@ -242,9 +241,8 @@ async fn acks_reach_only_the_dropping_identity() {
 
 /// After a drop the client can no longer act as its id: subscribing without a cursor is
 /// CLIENT_NOT_FOUND; leaving is CLIENT_NOT_FOUND; a second drop answers NOT_FOUND.
-#[tokio::test]
-async fn a_dropped_client_id_is_gone() {
-    let server = TestServer::start().await;
+async fn a_dropped_client_id_is_gone(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let a = join(&mut bob, "r", "Bob").await.client_id;
     let mut alice = server.client("alice", "r", "moderator").await;
@@ -268,9 +266,8 @@ async fn a_dropped_client_id_is_gone() {
 }
 
 /// The largest drop the contract allows, 1000 ids with a 256-byte reason, works end to end.
-#[tokio::test]
-async fn a_thousand_ids_at_once() {
-    let server = TestServer::start().await;
+async fn a_thousand_ids_at_once(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut gateway = server.client("gw", "big", "service").await;
     let mut ids = Vec::new();
     for i in 0..1000 {
@@ -302,4 +299,15 @@ async fn a_thousand_ids_at_once() {
         .into_inner();
     assert!(list.participants.is_empty());
     assert_eq!(list.seq, 1000 + 2000 + 1);
+}
+
+acceptance! {
+    moderator_drops_participant_who_is_told_why_and_moderator_is_acknowledged,
+    participant_calling_drop_user_gets_5116_and_nothing_happens,
+    drop_of_several_ids_answers_each_once_in_order_and_acks_after_all,
+    retried_request_id_returns_first_answer_without_new_events,
+    service_drops_with_moderator_reason_and_service_observers_see_everything,
+    acks_reach_only_the_dropping_identity,
+    a_dropped_client_id_is_gone,
+    a_thousand_ids_at_once,
 }

@@ -1,6 +1,7 @@
 //! Every row of DESIGN.md's error table over the wire, with its ErrorInfo, and the field limits at
 //! their edges.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -34,9 +35,8 @@ fn now() -> u64 {
 
 /// No token, a malformed one, a bad signature, another algorithm, an expired token, a missing
 /// claim and `room: "*"` on a non-service token are all UNAUTHENTICATED.
-#[tokio::test]
-async fn bad_tokens_are_unauthenticated() {
-    let server = TestServer::start().await;
+async fn bad_tokens_are_unauthenticated(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let exp = now() + 3600;
     let good = serde_json::json!({"sub": "a", "room": "r", "role": "moderator", "exp": exp});
     let tokens = [
@@ -82,9 +82,8 @@ async fn bad_tokens_are_unauthenticated() {
 
 /// FORBIDDEN: a token for another room; acting as someone else's client; a participant
 /// observing; a non-service token choosing another role.
-#[tokio::test]
-async fn forbidden_actions_are_permission_denied() {
-    let server = TestServer::start().await;
+async fn forbidden_actions_are_permission_denied(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let bobs = join(&mut bob, "r", "Bob").await.client_id;
     let mut eve = server.client("eve", "r", "participant").await;
@@ -149,9 +148,8 @@ async fn forbidden_actions_are_permission_denied() {
 
 /// What each role may do as the contract says: moderators make any client leave and repeat
 /// their role; services choose roles and identities and subscribe as any client.
-#[tokio::test]
-async fn allowed_actions_by_role() {
-    let server = TestServer::start().await;
+async fn allowed_actions_by_role(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let bobs = join(&mut bob, "r", "Bob").await.client_id;
     let mut gateway = server.client("gateway", "*", "service").await;
@@ -196,9 +194,8 @@ async fn allowed_actions_by_role() {
 
 /// INVALID_ARGUMENT with BadRequest field violations for every field rule, and the limits are
 /// inclusive: 1000 ids, a 256-byte reason and 128-character ids pass; one more fails.
-#[tokio::test]
-async fn invalid_arguments_name_their_fields_and_limits_hold_at_their_edges() {
-    let server = TestServer::start().await;
+async fn invalid_arguments_name_their_fields_and_limits_hold_at_their_edges(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut ops = server.client("ops", "*", "service").await;
     join(&mut ops, "r", "x").await;
     let invalid = |status: tonic::Status, fields: &[&str]| {
@@ -277,9 +274,8 @@ async fn invalid_arguments_name_their_fields_and_limits_hold_at_their_edges() {
 
 /// A request over `--max-message-bytes` is RESOURCE_EXHAUSTED with MESSAGE_TOO_LARGE (tonic's own
 /// OUT_OF_RANGE is mapped), and the connection keeps serving.
-#[tokio::test]
-async fn oversized_requests_are_resource_exhausted() {
-    let server = TestServer::start_with(|c| c.max_message_bytes = 64 * 1024).await;
+async fn oversized_requests_are_resource_exhausted(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.max_message_bytes = 64 * 1024).await;
     let mut alice = server.client("alice", "r", "moderator").await;
     join(&mut alice, "r", "Alice").await;
     let mut request = drop_request("r", &[], "");
@@ -292,9 +288,8 @@ async fn oversized_requests_are_resource_exhausted() {
 
 /// NOT_FOUND: a room that does not exist (ROOM_NOT_FOUND) for every RPC but Join; a client not
 /// in the room (CLIENT_NOT_FOUND) for Leave and Events.
-#[tokio::test]
-async fn missing_rooms_and_clients_are_not_found() {
-    let server = TestServer::start().await;
+async fn missing_rooms_and_clients_are_not_found(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut alice = server.client("alice", "r", "moderator").await;
     let room_not_found =
         |status: tonic::Status| assert_error(&status, Code::NotFound, "ROOM_NOT_FOUND");
@@ -339,9 +334,8 @@ async fn missing_rooms_and_clients_are_not_found() {
 
 /// Expired tokens are refused even when they were valid when the connection opened: every
 /// call is verified.
-#[tokio::test]
-async fn every_call_is_verified() {
-    let server = TestServer::start().await;
+async fn every_call_is_verified(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let soon = raw_token(
         serde_json::json!({"sub": "a", "room": "r", "role": "moderator", "exp": now() + 1}),
         Algorithm::HS256,
@@ -352,4 +346,14 @@ async fn every_call_is_verified() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let status = client.list_participants(list("r")).await.unwrap_err();
     assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+}
+
+acceptance! {
+    bad_tokens_are_unauthenticated,
+    forbidden_actions_are_permission_denied,
+    allowed_actions_by_role,
+    invalid_arguments_name_their_fields_and_limits_hold_at_their_edges,
+    oversized_requests_are_resource_exhausted,
+    missing_rooms_and_clients_are_not_found,
+    every_call_is_verified,
 }

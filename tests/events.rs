@@ -1,6 +1,7 @@
 //! `Events` as cursors over each room's ordered log: resume, history bounds, epochs, leaving,
 //! late cursors of departed clients, slow consumers and cleanup.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -18,9 +19,8 @@ fn list(room: &str) -> pb::ListParticipantsRequest {
 
 /// `Join` then `Events(after_seq = seq)` misses nothing, and a subscription without a cursor
 /// starts at "now": it replays nothing from before it.
-#[tokio::test]
-async fn join_then_subscribe_misses_nothing_and_unset_cursor_means_now() {
-    let server = TestServer::start().await;
+async fn join_then_subscribe_misses_nothing_and_unset_cursor_means_now(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let mine = join(&mut bob, "r", "Bob").await;
     join(&mut bob, "r", "Bob again").await; // seq 2, before the subscription opens
@@ -38,9 +38,8 @@ async fn join_then_subscribe_misses_nothing_and_unset_cursor_means_now() {
 
 /// A subscriber that disconnects and resumes with its last seq and epoch gets every later event
 /// exactly once, in order, then follows live.
-#[tokio::test]
-async fn resume_has_no_gap_and_no_duplicate() {
-    let server = TestServer::start().await;
+async fn resume_has_no_gap_and_no_duplicate(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut ops = server.client("ops", "r", "service").await;
     let mut bob = server.client("bob", "r", "participant").await;
     let first = join(&mut bob, "r", "b0").await;
@@ -77,9 +76,8 @@ async fn resume_has_no_gap_and_no_duplicate() {
 /// With `--history 5` the oldest retained event is the newest minus 4; `after_seq = oldest - 1`
 /// is valid, one less is OUT_OF_RANGE with the window in the metadata, and so are a cursor beyond
 /// the newest event and a cursor of another epoch (with or without `after_seq`).
-#[tokio::test]
-async fn history_is_exact_and_cursors_outside_it_are_out_of_range() {
-    let server = TestServer::start_with(|c| c.history = 5).await;
+async fn history_is_exact_and_cursors_outside_it_are_out_of_range(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.history = 5).await;
     let mut ops = server.client("ops", "r", "service").await;
     let mut epoch = String::new();
     for i in 0..10 {
@@ -117,9 +115,8 @@ async fn history_is_exact_and_cursors_outside_it_are_out_of_range() {
 /// A dropped client that reconnects late with a cursor from before its drop replays up to its
 /// `room_disconnected` (learning why), and the stream ends OK; with a later cursor it is
 /// CLIENT_NOT_FOUND.
-#[tokio::test]
-async fn late_cursor_of_a_dropped_client_replays_up_to_why_it_was_dropped() {
-    let server = TestServer::start().await;
+async fn late_cursor_of_a_dropped_client_replays_up_to_why_it_was_dropped(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let mine = join(&mut bob, "r", "Bob").await;
     let mut carol = server.client("carol", "r", "participant").await;
@@ -150,9 +147,8 @@ async fn late_cursor_of_a_dropped_client_replays_up_to_why_it_was_dropped() {
 
 /// A leaving client's own streams get its `user_disconnected` (LEFT) and then end OK; others
 /// keep following; a late cursor from before the leave replays up to it.
-#[tokio::test]
-async fn leave_ends_own_streams_after_user_disconnected() {
-    let server = TestServer::start().await;
+async fn leave_ends_own_streams_after_user_disconnected(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let phone = join(&mut bob, "r", "phone").await;
     let laptop = join(&mut bob, "r", "laptop").await;
@@ -194,9 +190,8 @@ async fn leave_ends_own_streams_after_user_disconnected() {
 
 /// Dropping one client of an identity leaves its other clients' streams running: they see the
 /// `user_disconnected` but not the other client's `room_disconnected`.
-#[tokio::test]
-async fn other_clients_of_a_dropped_identity_keep_streaming() {
-    let server = TestServer::start().await;
+async fn other_clients_of_a_dropped_identity_keep_streaming(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut bob = server.client("bob", "r", "participant").await;
     let phone = join(&mut bob, "r", "phone").await.client_id;
     let laptop = join(&mut bob, "r", "laptop").await.client_id;
@@ -219,9 +214,8 @@ async fn other_clients_of_a_dropped_identity_keep_streaming() {
 
 /// A subscriber that stops reading never blocks writers, and when the history moves past its
 /// cursor its stream ends OUT_OF_RANGE after the events it could still get, in order, without gap.
-#[tokio::test]
-async fn a_slow_consumer_falls_out_of_history_without_blocking_anyone() {
-    let server = TestServer::start_with(|c| c.history = 10).await;
+async fn a_slow_consumer_falls_out_of_history_without_blocking_anyone(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.history = 10).await;
     // A small client window, so the server cannot push the whole backlog into it.
     let channel = Channel::from_shared(format!("http://{}", server.addr))
         .unwrap()
@@ -275,19 +269,18 @@ async fn a_slow_consumer_falls_out_of_history_without_blocking_anyone() {
 }
 
 /// A subscription is gone as soon as its client goes away: nothing keeps running for it.
-#[tokio::test]
-async fn a_subscription_ends_when_its_client_goes_away() {
-    let server = TestServer::start().await;
+async fn a_subscription_ends_when_its_client_goes_away(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut ops = server.client("ops", "r", "service").await;
     join(&mut ops, "r", "u").await;
     let stream = subscribe(&mut ops, "r", "", None).await.unwrap();
     let other = subscribe(&mut ops, "r", "", None).await.unwrap();
-    assert_eq!(server.subscriptions.get(), 2);
+    assert_eq!(server.subscriptions(), 2);
     drop(stream);
-    wait_until(|| server.subscriptions.get() == 1).await;
+    wait_until(|| server.subscriptions() == 1).await;
     drop(other);
     drop(ops);
-    wait_until(|| server.subscriptions.get() == 0).await;
+    wait_until(|| server.subscriptions() == 0).await;
 }
 
 async fn wait_until(condition: impl Fn() -> bool) {
@@ -304,10 +297,11 @@ async fn wait_until(condition: impl Fn() -> bool) {
 /// A room stays after its last participant leaves, for `--empty-room-ttl`; then it is forgotten
 /// (observers' streams end ROOM_NOT_FOUND), and a new join creates it with a new epoch, so old
 /// cursors are OUT_OF_RANGE rather than silently pointing into another log.
-#[tokio::test]
-async fn empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoch() {
+async fn empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoch(
+    backend: Backend,
+) {
     let ttl = Duration::from_millis(300);
-    let server = TestServer::start_with(|c| c.empty_room_ttl = ttl).await;
+    let server = TestServer::start_with(backend, |c| c.empty_room_ttl = ttl).await;
     let mut ops = server.client("ops", "r", "service").await;
     let first = join(&mut ops, "r", "u").await;
     let mut observer = subscribe(&mut ops, "r", "", None).await.unwrap();
@@ -343,9 +337,8 @@ async fn empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoc
 
 /// ListParticipants is a snapshot in join order with the position it was taken at, so
 /// `Events(after_seq = seq)` continues exactly from it.
-#[tokio::test]
-async fn list_participants_is_a_snapshot_with_its_position() {
-    let server = TestServer::start().await;
+async fn list_participants_is_a_snapshot_with_its_position(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut alice = server.client("alice", "r", "moderator").await;
     let a = join(&mut alice, "r", "Alice").await;
     let mut bob = server.client("bob", "r", "participant").await;
@@ -372,4 +365,17 @@ async fn list_participants_is_a_snapshot_with_its_position() {
         .unwrap();
     join(&mut bob, "r", "Bob 2").await;
     assert_eq!(next_event(&mut stream).await.seq, 3);
+}
+
+acceptance! {
+    join_then_subscribe_misses_nothing_and_unset_cursor_means_now,
+    resume_has_no_gap_and_no_duplicate,
+    history_is_exact_and_cursors_outside_it_are_out_of_range,
+    late_cursor_of_a_dropped_client_replays_up_to_why_it_was_dropped,
+    leave_ends_own_streams_after_user_disconnected,
+    other_clients_of_a_dropped_identity_keep_streaming,
+    a_slow_consumer_falls_out_of_history_without_blocking_anyone,
+    a_subscription_ends_when_its_client_goes_away,
+    empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoch,
+    list_participants_is_a_snapshot_with_its_position,
 }

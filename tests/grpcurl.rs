@@ -55,7 +55,7 @@ fn json(output: &Output) -> serde_json::Value {
 #[tokio::test]
 async fn list_and_describe() {
     let Some(grpcurl) = grpcurl() else { return };
-    let server = TestServer::start().await;
+    let server = TestServer::start(Backend::Memory).await;
     let addr = server.addr.to_string();
     let listed = run(&grpcurl, &["-plaintext", &addr, "list"]).await;
     let listed = text(&listed);
@@ -91,7 +91,7 @@ async fn list_and_describe() {
 #[tokio::test]
 async fn walkthrough_join_watch_drop() {
     let Some(grpcurl) = grpcurl() else { return };
-    let server = TestServer::start().await;
+    let server = TestServer::start(Backend::Memory).await;
     let addr = server.addr.to_string();
     let bob = format!(
         "authorization: Bearer {}",

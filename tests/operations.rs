@@ -1,6 +1,7 @@
 //! The operational surface: health, and graceful shutdown ending streams with a resumable
 //! position within the grace period.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
@@ -20,9 +21,8 @@ fn check(service: &str) -> HealthCheckRequest {
 }
 
 /// Health answers SERVING for the server as a whole and for RoomControl, without a token.
-#[tokio::test]
-async fn health_is_serving_without_a_token() {
-    let server = TestServer::start().await;
+async fn health_is_serving_without_a_token(backend: Backend) {
+    let server = TestServer::start(backend).await;
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", SERVICE] {
         let status = health
@@ -38,9 +38,8 @@ async fn health_is_serving_without_a_token() {
 /// On shutdown health turns NOT_SERVING, open Events streams end UNAVAILABLE (SHUTTING_DOWN) with
 /// the last delivered seq and the epoch so the client can resume elsewhere, and the server
 /// finishes cleanly.
-#[tokio::test]
-async fn shutdown_ends_streams_with_their_resume_position() {
-    let mut server = TestServer::start().await;
+async fn shutdown_ends_streams_with_their_resume_position(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
     let mut health = HealthClient::new(server.channel().await);
     let mut watch = health.watch(check(SERVICE)).await.unwrap().into_inner();
     let first = watch.message().await.unwrap().unwrap();
@@ -69,11 +68,16 @@ async fn shutdown_ends_streams_with_their_resume_position() {
 
 /// The drain has a deadline: a client that keeps an endless stream open (here a health watch,
 /// which knows nothing of our shutdown) cannot keep the server alive past `--grace`.
-#[tokio::test]
-async fn draining_is_cut_after_the_grace_period() {
-    let server = TestServer::start_with(|c| c.grace = Duration::from_millis(300)).await;
+async fn draining_is_cut_after_the_grace_period(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.grace = Duration::from_millis(300)).await;
     let mut health = HealthClient::new(server.channel().await);
     let mut watch = health.watch(check(SERVICE)).await.unwrap().into_inner();
     watch.message().await.unwrap().unwrap();
     server.stop().await.unwrap();
+}
+
+acceptance! {
+    health_is_serving_without_a_token,
+    shutdown_ends_streams_with_their_resume_position,
+    draining_is_cut_after_the_grace_period,
 }

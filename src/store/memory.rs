@@ -66,6 +66,8 @@ struct Rooms {
 /// The in-memory [`RoomStore`].
 pub struct MemoryStore {
     rooms: Arc<Rooms>,
+    /// Memory is always there: health stays SERVING.
+    healthy: watch::Sender<bool>,
 }
 
 fn lock(room: &Room) -> MutexGuard<'_, Inner> {
@@ -190,7 +192,10 @@ impl MemoryStore {
             config,
         });
         tokio::spawn(sweep_forever(Arc::downgrade(&rooms)));
-        Self { rooms }
+        Self {
+            rooms,
+            healthy: watch::Sender::new(true),
+        }
     }
 }
 
@@ -280,5 +285,14 @@ impl RoomStore for MemoryStore {
                 .cloned()
                 .collect())
         })?
+    }
+
+    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
+        self.rooms
+            .with_room(room_id, false, |_, head| head.subscribe())
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.healthy.subscribe()
     }
 }

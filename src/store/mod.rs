@@ -4,9 +4,10 @@
 //! A store applies a command atomically (the room engine decides; the store persists the new
 //! state and the command's events together, or nothing), answers snapshots, reads a room's log
 //! from a cursor, and wakes subscribers through a [`watch`] of the room's newest `seq`. Memory
-//! serves one process ([`memory::MemoryStore`]); a shared backend serves a fleet.
+//! serves one process ([`memory::MemoryStore`]); Redis serves a fleet ([`redis::RedisStore`]).
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -64,4 +65,12 @@ pub trait RoomStore: Send + Sync + 'static {
         epoch: &str,
         after: u64,
     ) -> Result<Vec<Arc<pb::Event>>, Error>;
+
+    /// A new wake-up channel for a subscription whose previous one closed (the room was
+    /// forgotten, or the store lost its notifications and reset them): `RoomNotFound` or
+    /// `StoreUnavailable` say why it cannot go on.
+    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error>;
+
+    /// Whether the store can serve now; health reports it.
+    fn health(&self) -> watch::Receiver<bool>;
 }

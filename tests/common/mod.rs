@@ -1,14 +1,18 @@
 //! Shared test harness: the real server on an ephemeral port, real tonic clients with tokens, and
 //! helpers to read events and error details. Each test binary uses a different part of it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
+
+pub mod redis_server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use redis_server::RedisServer;
 use roomctl::auth::{mint, Claims};
 use roomctl::pb::{self, event::Payload, room_control_client::RoomControlClient};
-use roomctl::server::{ServeError, Server, ServerConfig};
+use roomctl::server::{ServeError, Server, ServerConfig, StoreConfig};
 use roomctl::subscription::SubscriptionGauge;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -41,27 +45,46 @@ impl Interceptor for Bearer {
 /// A RoomControl client holding one token.
 pub type Client = RoomControlClient<InterceptedService<Channel, Bearer>>;
 
-/// A server running in this process on 127.0.0.1:0.
-pub struct TestServer {
+/// Which store the servers of a test use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One node, in-memory store.
+    Memory,
+    /// Two nodes sharing a private redis-server; clients alternate between them.
+    RedisTwoNodes,
+}
+
+/// Runs an acceptance test once per backend: `memory::name` and `redis_two_nodes::name`, so one
+/// suite, written once, shows that two nodes on one Redis behave as one node.
+macro_rules! acceptance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() { super::$name($crate::common::Backend::Memory).await })*
+        }
+        mod redis_two_nodes {
+            $(#[tokio::test] async fn $name() {
+                if $crate::common::redis_server::redis_available() {
+                    super::$name($crate::common::Backend::RedisTwoNodes).await
+                }
+            })*
+        }
+    };
+}
+
+/// One roomctl node running in this process on 127.0.0.1:0.
+pub struct Node {
     pub addr: SocketAddr,
     pub subscriptions: SubscriptionGauge,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
 
-impl TestServer {
-    /// A server with the default configuration.
-    pub async fn start() -> Self {
-        Self::start_with(|_| {}).await
-    }
-
-    /// A server whose configuration `tweak` adjusts.
-    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> Self {
-        let mut config = ServerConfig::new(SECRET);
-        tweak(&mut config);
+impl Node {
+    /// Starts a node with `config`.
+    pub async fn start(config: ServerConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = Server::new(config);
+        let server = Server::new(config).await.unwrap();
         let subscriptions = server.subscriptions();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async {
@@ -75,26 +98,6 @@ impl TestServer {
         }
     }
 
-    /// A channel to the server (the listener is bound, so connecting needs no waiting).
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    /// A client with a token for `identity` in `room` as `role`.
-    pub async fn client(&self, identity: &str, room: &str, role: &str) -> Client {
-        self.client_with_token(&token(identity, room, role)).await
-    }
-
-    /// A client that sends `token` verbatim.
-    pub async fn client_with_token(&self, token: &str) -> Client {
-        let value = format!("Bearer {token}").parse().unwrap();
-        RoomControlClient::with_interceptor(self.channel().await, Bearer(value))
-    }
-
     /// Triggers shutdown (as SIGTERM would) without waiting for it.
     pub fn trigger_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -102,7 +105,7 @@ impl TestServer {
         }
     }
 
-    /// Shuts down and waits for the server to finish.
+    /// Shuts down and waits for the node to finish.
     pub async fn stop(mut self) -> Result<(), ServeError> {
         self.trigger_shutdown();
         let task = self.task.take().unwrap();
@@ -111,14 +114,107 @@ impl TestServer {
             .expect("server did not stop")
             .unwrap()
     }
+
+    /// A client of this node with a token for `identity` in `room` as `role`.
+    pub async fn client(&self, identity: &str, room: &str, role: &str) -> Client {
+        client_with_token(self.addr, &token(identity, room, role)).await
+    }
 }
 
-impl Drop for TestServer {
+impl Drop for Node {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
             task.abort();
         }
     }
+}
+
+/// The servers of one test: one node, or two sharing a private Redis.
+pub struct TestServer {
+    /// The first node's address.
+    pub addr: SocketAddr,
+    pub nodes: Vec<Node>,
+    pub redis: Option<RedisServer>,
+    next: AtomicUsize,
+}
+
+impl TestServer {
+    /// Servers with the default configuration.
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// Servers whose configuration `tweak` adjusts.
+    pub async fn start_with(backend: Backend, tweak: impl Fn(&mut ServerConfig)) -> Self {
+        let mut config = ServerConfig::new(SECRET);
+        tweak(&mut config);
+        let (nodes, redis) = match backend {
+            Backend::Memory => (vec![Node::start(config).await], None),
+            Backend::RedisTwoNodes => {
+                let redis = RedisServer::start().await;
+                config.store = StoreConfig::Redis(redis.url());
+                let nodes = vec![Node::start(config.clone()).await, Node::start(config).await];
+                (nodes, Some(redis))
+            }
+        };
+        Self {
+            addr: nodes[0].addr,
+            nodes,
+            redis,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Open subscriptions over all nodes.
+    pub fn subscriptions(&self) -> usize {
+        self.nodes.iter().map(|n| n.subscriptions.get()).sum()
+    }
+
+    /// A channel to the first node (the listener is bound, so connecting needs no waiting).
+    pub async fn channel(&self) -> Channel {
+        channel(self.addr).await
+    }
+
+    /// A client with a token for `identity` in `room` as `role`, on the next node in turn.
+    pub async fn client(&self, identity: &str, room: &str, role: &str) -> Client {
+        self.client_with_token(&token(identity, room, role)).await
+    }
+
+    /// A client that sends `token` verbatim, on the next node in turn.
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        let node = self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len();
+        client_with_token(self.nodes[node].addr, token).await
+    }
+
+    /// Triggers shutdown of every node without waiting for it.
+    pub fn trigger_shutdown(&mut self) {
+        for node in &mut self.nodes {
+            node.trigger_shutdown();
+        }
+    }
+
+    /// Shuts every node down and waits for them.
+    pub async fn stop(self) -> Result<(), ServeError> {
+        for node in self.nodes {
+            node.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A client of `addr` that sends `token`.
+pub async fn client_with_token(addr: SocketAddr, token: &str) -> Client {
+    let value = format!("Bearer {token}").parse().unwrap();
+    RoomControlClient::with_interceptor(channel(addr).await, Bearer(value))
 }
 
 /// A token signed with the test secret, valid for an hour.

@@ -1,0 +1,787 @@
+//! The Redis store: many roomctl nodes sharing one Redis behave as one control plane.
+//!
+//! **Layout.** Every key of a room carries the hash tag `{room_id}`, so a room lives in one
+//! Redis Cluster slot: `meta` (hash: `epoch`, `seq`), `members` (hash: client id to
+//! [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended them)
+//! with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`, trimmed
+//! to exactly `--history` entries) and one `drop:` key per remembered `DropUser` answer, expiring
+//! after 10 minutes. An empty room's keys expire after `--empty-room-ttl`.
+//!
+//! **Atomicity.** A command reads what it needs (one MULTI), runs the room engine in Rust, and
+//! commits with a Lua script that applies the membership changes and appends the events only if
+//! the room's `seq` and `epoch` are still the ones read: a compare-and-set, retried on conflict.
+//! Two nodes racing on a room therefore never lose an update nor reuse a `seq`.
+//!
+//! **Live delivery.** The commit script also publishes the new events on one channel. Each node
+//! runs a single listener: it keeps a small cache of recent events per room that has local
+//! subscribers (a [`Feed`]) and wakes them; subscribers read from that cache, and only a
+//! subscriber behind the cache (replaying an old cursor) reads the stream itself. No connection
+//! or poll loop per subscriber.
+//!
+//! **Faults.** Every Redis operation has a deadline and fails with `STORE_UNAVAILABLE`. The
+//! listener pings Redis; while it cannot, health is NOT_SERVING and every feed is dropped, so
+//! open streams re-check the store and end `UNAVAILABLE`. When Redis answers again the node serves
+//! again. A flushed or restarted Redis loses the room's `epoch` with its log, so old cursors get
+//! `OUT_OF_RANGE`, never events of another log.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use prost::Message;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Value};
+use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::{Opening, RoomStore, Snapshot, READ_BATCH};
+use crate::engine::{
+    self, Applied, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
+    IDEMPOTENCY_WINDOW,
+};
+use crate::error::Error;
+use crate::pb;
+
+/// The channel every commit publishes its events on.
+const CHANNEL: &str = "roomctl:events";
+/// Longest any single Redis operation may take before the call fails `STORE_UNAVAILABLE`.
+const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the listener checks that Redis answers (and sweeps feeds).
+const PING_PERIOD: Duration = Duration::from_millis(500);
+/// Reconnect backoff of the listener.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// Commit attempts before giving up on a room under heavy contention.
+const MAX_ATTEMPTS: usize = 100;
+/// Most recent events cached per room with local subscribers (never more than the history, so
+/// a subscriber the history has left behind is not served from the cache).
+const CACHE_EVENTS: usize = 1024;
+
+/// A member as stored in the `members` hash: the participant and the seq it joined at, which
+/// orders `ListParticipants`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredMember {
+    /// Seq of the member's `user_connected`.
+    #[prost(uint64, tag = "1")]
+    pub join_seq: u64,
+    /// The participant.
+    #[prost(message, optional, tag = "2")]
+    pub participant: Option<pb::Participant>,
+}
+
+/// What a commit publishes: the room and its new events.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Notice {
+    /// The room the events belong to.
+    #[prost(string, tag = "1")]
+    pub room_id: String,
+    /// The events, in seq order.
+    #[prost(message, repeated, tag = "2")]
+    pub events: Vec<pb::Event>,
+}
+
+/// The commit: compare `seq`/`epoch`, append events, apply membership changes, remember a drop,
+/// set or clear the empty-room expiry, publish. Returns 1, or 0 on a conflict.
+const COMMIT: &str = r#"
+local meta, members, departed, owners, log, dropkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local current = redis.call('HMGET', meta, 'epoch', 'seq')
+if expected == '' then
+  if current[1] then return 0 end
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
+elseif current[1] ~= epoch or current[2] ~= expected then
+  return 0
+end
+local i = 9
+local last = nil
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('XADD', log, 'MAXLEN', history, '0-' .. ARGV[i + 1], 'e', ARGV[i + 2])
+  last = ARGV[i + 1]
+  i = i + 2
+end
+i = i + 1
+redis.call('HSET', meta, 'seq', last)
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('HSET', members, ARGV[i + 1], ARGV[i + 2])
+  i = i + 2
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('HDEL', members, ARGV[i + 1])
+  redis.call('ZADD', departed, ARGV[i + 3], ARGV[i + 1])
+  redis.call('HSET', owners, ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
+end
+local oldest = tonumber(last) - history + 1
+if oldest > 1 then
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', departed, '-inf', '(' .. oldest)) do
+    redis.call('HDEL', owners, gone)
+  end
+  redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
+end
+if ARGV[7] ~= '' then
+  redis.call('SET', dropkey, ARGV[7], 'PX', ARGV[8])
+end
+local room = {meta, members, departed, owners, log}
+if redis.call('HLEN', members) == 0 then
+  for _, key in ipairs(room) do
+    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl) end
+  end
+else
+  for _, key in ipairs(room) do redis.call('PERSIST', key) end
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"#;
+
+/// Tuning of the Redis store; every node sharing a Redis must use the same values.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// Events kept per room.
+    pub history: usize,
+    /// How long an empty room is kept.
+    pub empty_room_ttl: Duration,
+}
+
+/// The keys of one room.
+struct Keys {
+    tag: String,
+    meta: String,
+    members: String,
+    departed: String,
+    owners: String,
+    log: String,
+}
+
+impl Keys {
+    fn new(room_id: &str) -> Self {
+        let tag = format!("roomctl:{{{room_id}}}");
+        Self {
+            meta: format!("{tag}:meta"),
+            members: format!("{tag}:members"),
+            departed: format!("{tag}:departed"),
+            owners: format!("{tag}:owners"),
+            log: format!("{tag}:log"),
+            tag,
+        }
+    }
+
+    /// The key remembering `identity`'s drop `request_id` (lengths first: both are free text).
+    fn drop(&self, identity: &str, request_id: &str) -> String {
+        format!(
+            "{}:drop:{}:{identity}:{request_id}",
+            self.tag,
+            identity.len()
+        )
+    }
+}
+
+/// Recent events of a room with local subscribers, and their wake-up channel.
+struct Feed {
+    head: watch::Sender<u64>,
+    cache: Mutex<VecDeque<Arc<pb::Event>>>,
+    capacity: usize,
+}
+
+impl Feed {
+    fn cache(&self) -> MutexGuard<'_, VecDeque<Arc<pb::Event>>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends published events; a gap or another epoch restarts the cache from them, so the
+    /// cache is always one contiguous run of one log.
+    fn append(&self, events: Vec<pb::Event>) {
+        let Some(first) = events.first() else { return };
+        let mut cache = self.cache();
+        match cache.back() {
+            Some(last) if last.epoch == first.epoch && last.seq >= first.seq => return,
+            Some(last) if last.epoch == first.epoch && last.seq + 1 == first.seq => {}
+            _ => cache.clear(),
+        }
+        let newest = events.last().map_or(first.seq, |e| e.seq);
+        cache.extend(events.into_iter().map(Arc::new));
+        while cache.len() > self.capacity {
+            cache.pop_front();
+        }
+        drop(cache);
+        self.head.send_replace(newest);
+    }
+
+    /// Events after `after` from the cache, when it can answer: `Some(empty)` means the
+    /// subscriber is caught up with everything published.
+    fn read(&self, epoch: &str, after: u64) -> Option<Vec<Arc<pb::Event>>> {
+        let cache = self.cache();
+        let (first, last) = (cache.front()?, cache.back()?);
+        if first.epoch != epoch || after + 1 < first.seq || after > last.seq {
+            return None;
+        }
+        let skip = (after + 1 - first.seq) as usize;
+        Some(cache.iter().skip(skip).take(READ_BATCH).cloned().collect())
+    }
+}
+
+struct Shared {
+    conn: ConnectionManager,
+    config: RedisConfig,
+    commit: redis::Script,
+    feeds: Mutex<HashMap<String, Arc<Feed>>>,
+    healthy: watch::Sender<bool>,
+}
+
+/// The Redis [`RoomStore`].
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    _listener: AbortOnDropHandle<()>,
+}
+
+fn unavailable(err: redis::RedisError) -> Error {
+    Error::StoreUnavailable(format!("redis: {err}"))
+}
+
+/// Runs one Redis operation with the store's deadline.
+async fn timed<T>(op: impl Future<Output = RedisResult<T>>) -> Result<T, Error> {
+    match tokio::time::timeout(OP_TIMEOUT, op).await {
+        Ok(result) => result.map_err(unavailable),
+        Err(_) => Err(Error::StoreUnavailable(format!(
+            "redis did not answer within {OP_TIMEOUT:?}"
+        ))),
+    }
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::Internal(format!("unreadable {what} in redis"))
+}
+
+fn bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    bytes(value).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+fn number(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::Double(d) => Some(*d as u64),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+fn array(value: Value) -> Vec<Value> {
+    match value {
+        Value::Array(items) | Value::Set(items) => items,
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `HMGET meta epoch seq` as (epoch, seq), or None when the room does not exist.
+fn meta(value: Value) -> Result<Option<(String, u64)>, Error> {
+    let fields = array(value);
+    match (
+        fields.first().and_then(text),
+        fields.get(1).and_then(number),
+    ) {
+        (Some(epoch), Some(seq)) => Ok(Some((epoch, seq))),
+        (None, None) => Ok(None),
+        _ => Err(corrupt("room meta")),
+    }
+}
+
+fn member(value: &Value) -> Result<Option<(pb::Participant, u64)>, Error> {
+    let Some(raw) = bytes(value) else {
+        return Ok(None);
+    };
+    let stored = StoredMember::decode(raw).map_err(|_| corrupt("member"))?;
+    let participant = stored.participant.ok_or_else(|| corrupt("member"))?;
+    Ok(Some((participant, stored.join_seq)))
+}
+
+/// The entries of an `XRANGE` reply, decoded.
+fn entries(value: Value) -> Result<Vec<Arc<pb::Event>>, Error> {
+    array(value)
+        .into_iter()
+        .map(|entry| {
+            let mut parts = array(entry).into_iter();
+            let fields = array(parts.nth(1).unwrap_or(Value::Nil));
+            let raw = fields
+                .get(1)
+                .and_then(bytes)
+                .ok_or_else(|| corrupt("log entry"))?;
+            pb::Event::decode(raw)
+                .map(Arc::new)
+                .map_err(|_| corrupt("log entry"))
+        })
+        .collect()
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `config.url` and starts this node's listener.
+    pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| Error::StoreUnavailable(format!("bad redis url {:?}: {e}", config.url)))?;
+        // Fail fast instead of queueing calls behind long reconnect attempts: a call that cannot
+        // reach Redis within OP_TIMEOUT answers STORE_UNAVAILABLE.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = timed(client.get_connection_manager_with_config(manager_config)).await?;
+        let shared = Arc::new(Shared {
+            conn,
+            config,
+            commit: redis::Script::new(COMMIT),
+            feeds: Mutex::new(HashMap::new()),
+            healthy: watch::Sender::new(false),
+        });
+        let listener = tokio::spawn(listen(shared.clone(), client));
+        Ok(Self {
+            shared,
+            _listener: AbortOnDropHandle::new(listener),
+        })
+    }
+}
+
+impl Shared {
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn feeds(&self) -> MutexGuard<'_, HashMap<String, Arc<Feed>>> {
+        self.feeds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn feed(&self, room_id: &str) -> Option<Arc<Feed>> {
+        self.feeds().get(room_id).cloned()
+    }
+
+    /// This node's feed of `room_id`, created on first use; subscribing registers interest
+    /// before the caller reads Redis, so no published event can fall between the two.
+    fn subscribe_feed(&self, room_id: &str) -> watch::Receiver<u64> {
+        self.feeds()
+            .entry(room_id.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Feed {
+                    head: watch::Sender::new(0),
+                    cache: Mutex::new(VecDeque::new()),
+                    capacity: self.config.history.min(CACHE_EVENTS),
+                })
+            })
+            .head
+            .subscribe()
+    }
+
+    fn dispatch(&self, payload: &[u8]) {
+        let Ok(notice) = Notice::decode(payload) else {
+            tracing::warn!("ignoring an unreadable notice on {CHANNEL}");
+            return;
+        };
+        if let Some(feed) = self.feed(&notice.room_id) {
+            feed.append(notice.events);
+        }
+    }
+
+    /// Drops every feed: their subscribers wake, find the channel closed and ask the store
+    /// again, which answers with the store's state (serving, or unavailable).
+    fn reset_feeds(&self) {
+        self.feeds().clear();
+    }
+
+    /// Forgets feeds nobody listens to, and feeds of rooms Redis has forgotten (expired empty
+    /// rooms), which ends their observers' streams with `ROOM_NOT_FOUND`.
+    async fn sweep_feeds(&self) -> Result<(), Error> {
+        let rooms: Vec<String> = {
+            let mut feeds = self.feeds();
+            feeds.retain(|_, feed| feed.head.receiver_count() > 0);
+            feeds.keys().cloned().collect()
+        };
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for room_id in &rooms {
+            pipe.cmd("EXISTS").arg(Keys::new(room_id).meta);
+        }
+        let exists: Vec<bool> = timed(pipe.query_async(&mut self.conn())).await?;
+        let mut feeds = self.feeds();
+        for (room_id, exists) in rooms.iter().zip(exists) {
+            if !exists {
+                feeds.remove(room_id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        timed(redis::cmd("PING").query_async::<()>(&mut self.conn())).await
+    }
+}
+
+/// This node's single listener: receives every commit's events, feeds local subscribers, and
+/// watches Redis's health. Reconnects with backoff for as long as the store lives.
+async fn listen(shared: Arc<Shared>, client: redis::Client) {
+    let mut backoff = BACKOFF.0;
+    loop {
+        let connected = async {
+            let mut pubsub = timed(client.get_async_pubsub()).await?;
+            timed(pubsub.subscribe(CHANNEL)).await?;
+            shared.ping().await?;
+            Ok::<_, Error>(pubsub)
+        };
+        match connected.await {
+            Ok(pubsub) => {
+                backoff = BACKOFF.0;
+                // Events committed while we were not listening were never announced: wake every
+                // subscriber to read them from Redis.
+                shared.reset_feeds();
+                shared.healthy.send_replace(true);
+                tracing::info!("redis store serving");
+                let mut messages = pubsub.into_on_message();
+                let mut ping = tokio::time::interval(PING_PERIOD);
+                let fault = loop {
+                    tokio::select! {
+                        message = messages.next() => match message {
+                            Some(message) => shared.dispatch(message.get_payload_bytes()),
+                            None => break "the notification connection closed".to_owned(),
+                        },
+                        _ = ping.tick() => {
+                            let check = async {
+                                shared.ping().await?;
+                                shared.sweep_feeds().await
+                            };
+                            if let Err(err) = check.await {
+                                break err.to_string();
+                            }
+                        }
+                    }
+                };
+                tracing::warn!(%fault, "redis store unavailable; streams end, health NOT_SERVING");
+            }
+            Err(err) => tracing::warn!(%err, ?backoff, "cannot reach redis; retrying"),
+        }
+        shared.healthy.send_replace(false);
+        shared.reset_feeds();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+/// What a command needs read back before the engine runs.
+struct Loaded {
+    meta: Option<(String, u64)>,
+    members: Vec<(pb::Participant, u64)>,
+    drop: Option<(String, String, pb::DropUserResponse)>,
+}
+
+impl RedisStore {
+    async fn load(&self, keys: &Keys, caller: &Caller, cmd: &Command) -> Result<Loaded, Error> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&keys.meta)
+            .arg("epoch")
+            .arg("seq");
+        match cmd {
+            Command::Join { .. } => {}
+            Command::Leave { client_id } => {
+                pipe.cmd("HMGET").arg(&keys.members).arg(client_id);
+            }
+            Command::Drop(drop) => {
+                pipe.cmd("HMGET").arg(&keys.members).arg(&drop.client_ids);
+                pipe.cmd("GET")
+                    .arg(keys.drop(&caller.identity, &drop.request_id));
+            }
+        }
+        let mut replies = timed(pipe.query_async::<Vec<Value>>(&mut self.shared.conn()))
+            .await?
+            .into_iter();
+        let meta = meta(replies.next().unwrap_or(Value::Nil))?;
+        let mut members = Vec::new();
+        if let Some(found) = replies.next() {
+            for value in array(found) {
+                members.extend(member(&value)?);
+            }
+        }
+        let drop = match (cmd, replies.next()) {
+            (Command::Drop(drop), Some(value)) => match bytes(&value) {
+                Some(raw) => Some((
+                    caller.identity.clone(),
+                    drop.request_id.clone(),
+                    pb::DropUserResponse::decode(raw).map_err(|_| corrupt("drop record"))?,
+                )),
+                None => None,
+            },
+            _ => None,
+        };
+        Ok(Loaded {
+            meta,
+            members,
+            drop,
+        })
+    }
+
+    /// Commits `applied` if the room is still at `expected` (None: the room must not exist yet).
+    async fn commit(
+        &self,
+        keys: &Keys,
+        room_id: &str,
+        epoch: &str,
+        expected: Option<u64>,
+        caller: &Caller,
+        applied: &Applied,
+    ) -> Result<bool, Error> {
+        let config = &self.shared.config;
+        let remembered = match &applied.reply {
+            Reply::Dropped(response) => Some((
+                keys.drop(&caller.identity, &response.request_id),
+                response.encode_to_vec(),
+            )),
+            _ => None,
+        };
+        let notice = Notice {
+            room_id: room_id.to_owned(),
+            events: applied.events.clone(),
+        };
+        let mut call = self.shared.commit.prepare_invoke();
+        call.key(&keys.meta)
+            .key(&keys.members)
+            .key(&keys.departed)
+            .key(&keys.owners)
+            .key(&keys.log)
+            .key(remembered.as_ref().map_or(&keys.meta, |(key, _)| key))
+            .arg(expected.map_or(String::new(), |seq| seq.to_string()))
+            .arg(epoch)
+            .arg(config.history)
+            .arg(config.empty_room_ttl.as_millis().max(1) as u64)
+            .arg(CHANNEL)
+            .arg(notice.encode_to_vec())
+            .arg(
+                remembered
+                    .as_ref()
+                    .map_or(&[][..], |(_, value)| value.as_slice()),
+            )
+            .arg(IDEMPOTENCY_WINDOW.as_millis() as u64);
+        call.arg(applied.events.len());
+        for event in &applied.events {
+            call.arg(event.seq).arg(event.encode_to_vec());
+        }
+        let (mut joins, mut departures) = (Vec::new(), Vec::new());
+        for change in &applied.changes {
+            match change {
+                Change::Joined {
+                    participant,
+                    join_seq,
+                } => joins.push((participant, *join_seq)),
+                Change::Departed {
+                    client_id,
+                    identity,
+                    end_seq,
+                } => departures.push((client_id, identity, *end_seq)),
+            }
+        }
+        call.arg(joins.len());
+        for (participant, join_seq) in joins {
+            let stored = StoredMember {
+                join_seq,
+                participant: Some(participant.clone()),
+            };
+            call.arg(&participant.client_id).arg(stored.encode_to_vec());
+        }
+        call.arg(departures.len());
+        for (client_id, identity, end_seq) in departures {
+            call.arg(client_id).arg(identity).arg(end_seq);
+        }
+        let committed: i64 = timed(call.invoke_async(&mut self.shared.conn())).await?;
+        Ok(committed == 1)
+    }
+
+    fn window(&self, epoch: &str, seq: u64) -> LogWindow {
+        LogWindow::of(epoch, seq, self.shared.config.history)
+    }
+}
+
+#[async_trait]
+impl RoomStore for RedisStore {
+    async fn execute(
+        &self,
+        room_id: &str,
+        caller: &Caller,
+        cmd: Command,
+    ) -> Result<Applied, Error> {
+        let keys = Keys::new(room_id);
+        for _ in 0..MAX_ATTEMPTS {
+            let loaded = self.load(&keys, caller, &cmd).await?;
+            let now = SystemTime::now();
+            let (mut state, expected) = match loaded.meta {
+                Some((epoch, seq)) => (
+                    RoomState::restore(room_id, epoch, seq, loaded.members, loaded.drop, now),
+                    Some(seq),
+                ),
+                None if cmd.creates_room() => (
+                    RoomState::new(room_id, uuid::Uuid::new_v4().simple().to_string()),
+                    None,
+                ),
+                None => {
+                    return Err(Error::RoomNotFound {
+                        room_id: room_id.to_owned(),
+                    })
+                }
+            };
+            let applied = engine::apply(&mut state, caller, cmd.clone(), now)?;
+            if applied.events.is_empty() {
+                return Ok(applied);
+            }
+            let epoch = state.epoch().to_owned();
+            if self
+                .commit(&keys, room_id, &epoch, expected, caller, &applied)
+                .await?
+            {
+                return Ok(applied);
+            }
+            // Another node changed the room since we read it: read again and redo.
+            tokio::task::yield_now().await;
+        }
+        Err(Error::StoreUnavailable(format!(
+            "room {room_id:?} changed under {MAX_ATTEMPTS} attempts in a row"
+        )))
+    }
+
+    async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error> {
+        let keys = Keys::new(room_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&keys.meta)
+            .arg("epoch")
+            .arg("seq")
+            .cmd("HVALS")
+            .arg(&keys.members);
+        let (meta_reply, members_reply): (Value, Value) =
+            timed(pipe.query_async(&mut self.shared.conn())).await?;
+        let Some((epoch, seq)) = meta(meta_reply)? else {
+            return Err(Error::RoomNotFound {
+                room_id: room_id.to_owned(),
+            });
+        };
+        let mut members = Vec::new();
+        for value in array(members_reply) {
+            members.extend(member(&value)?);
+        }
+        members.sort_unstable_by_key(|(_, join_seq)| *join_seq);
+        Ok(Snapshot {
+            participants: members.into_iter().map(|(p, _)| p).collect(),
+            window: self.window(&epoch, seq),
+        })
+    }
+
+    async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {
+        let head = self.shared.subscribe_feed(room_id);
+        let keys = Keys::new(room_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&keys.meta)
+            .arg("epoch")
+            .arg("seq");
+        if let Some(client_id) = client_id {
+            pipe.cmd("HGET")
+                .arg(&keys.members)
+                .arg(client_id)
+                .cmd("ZSCORE")
+                .arg(&keys.departed)
+                .arg(client_id)
+                .cmd("HGET")
+                .arg(&keys.owners)
+                .arg(client_id);
+        }
+        let replies: Vec<Value> = timed(pipe.query_async(&mut self.shared.conn())).await?;
+        let mut replies = replies.into_iter();
+        let Some((epoch, seq)) = meta(replies.next().unwrap_or(Value::Nil))? else {
+            return Err(Error::RoomNotFound {
+                room_id: room_id.to_owned(),
+            });
+        };
+        let present = member(&replies.next().unwrap_or(Value::Nil))?;
+        let end_seq = replies.next().as_ref().and_then(number);
+        let owner = replies.next().as_ref().and_then(text);
+        let client = match (present, end_seq, owner) {
+            (Some((participant, _)), _, _) => ClientStatus::Present {
+                identity: participant.identity,
+            },
+            (None, Some(end_seq), Some(identity)) => ClientStatus::Departed { identity, end_seq },
+            _ => ClientStatus::Unknown,
+        };
+        Ok(Opening {
+            window: self.window(&epoch, seq),
+            client,
+            head,
+        })
+    }
+
+    async fn read(
+        &self,
+        room_id: &str,
+        epoch: &str,
+        after: u64,
+    ) -> Result<Vec<Arc<pb::Event>>, Error> {
+        if let Some(cached) = self.shared.feed(room_id).and_then(|f| f.read(epoch, after)) {
+            return Ok(cached);
+        }
+        let keys = Keys::new(room_id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&keys.meta)
+            .arg("epoch")
+            .arg("seq")
+            .cmd("XRANGE")
+            .arg(&keys.log)
+            .arg(format!("0-{}", after + 1))
+            .arg("+")
+            .arg("COUNT")
+            .arg(READ_BATCH);
+        let (meta_reply, range): (Value, Value) =
+            timed(pipe.query_async(&mut self.shared.conn())).await?;
+        let Some((current, seq)) = meta(meta_reply)? else {
+            return Err(Error::RoomNotFound {
+                room_id: room_id.to_owned(),
+            });
+        };
+        let window = self.window(&current, seq);
+        if current != epoch {
+            return Err(window.out_of_range());
+        }
+        window.check_readable(after)?;
+        entries(range)
+    }
+
+    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
+        let head = self.shared.subscribe_feed(room_id);
+        let exists: bool = timed(
+            redis::cmd("EXISTS")
+                .arg(Keys::new(room_id).meta)
+                .query_async(&mut self.shared.conn()),
+        )
+        .await?;
+        if !exists {
+            return Err(Error::RoomNotFound {
+                room_id: room_id.to_owned(),
+            });
+        }
+        Ok(head)
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.shared.healthy.subscribe()
+    }
+}

@@ -1,0 +1,122 @@
+//! A private `redis-server` per test on a free loopback port, so tests can stop, restart and
+//! flush it without touching anyone else's Redis.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::PATIENCE;
+
+/// A running redis-server owned by one test; killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+/// Whether Redis tests can run here. Without `redis-server` they are skipped loudly, unless
+/// `ROOMCTL_REQUIRE_REDIS` is set (CI), which makes its absence a failure.
+pub fn redis_available() -> bool {
+    let found = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var_os("ROOMCTL_REQUIRE_REDIS").is_some() {
+            panic!("redis-server is required (ROOMCTL_REQUIRE_REDIS is set) but was not found");
+        }
+        eprintln!("\n!!! SKIPPED: redis-server not found; install it to run the Redis tests !!!\n");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts redis-server on `port`; None if it exited before it was ready (the port was taken).
+async fn spawn(port: u16) -> Option<Child> {
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("Ready to accept connections") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    // Keep draining its output so a chatty server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    ready.then_some(child)
+}
+
+impl RedisServer {
+    /// A fresh, empty redis-server on a free port.
+    pub async fn start() -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = spawn(port).await {
+                return Self {
+                    port,
+                    child: Some(child),
+                };
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    /// The URL nodes connect with.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server outright (SIGKILL), as a crash or a lost host would.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// Starts it again on the same port, empty (no persistence), as after a crash.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.child = Some(
+            spawn(self.port)
+                .await
+                .expect("redis-server restarts on its port"),
+        );
+    }
+
+    /// A plain connection for the test's own commands (FLUSHALL, inspection).
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
