@@ -1,0 +1,301 @@
+//! The `RoomStore` contract, written once and run against every store: the in-memory one, and
+//! two Redis stores sharing one redis-server (two nodes). Each test gets two handles; with memory
+//! both are the same store.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::redis_server::{redis_available, RedisServer};
+use common::PATIENCE;
+use roomctl::engine::{
+    Caller, ClientStatus, Command, DropCmd, JoinCmd, Reply, RoomScope, TokenRole,
+};
+use roomctl::error::Error;
+use roomctl::pb::{self, Role};
+use roomctl::store::memory::{MemoryConfig, MemoryStore};
+use roomctl::store::redis::{RedisConfig, RedisStore};
+use roomctl::store::RoomStore;
+
+const HISTORY: usize = 5;
+
+/// Two handles on one store, and the Redis behind them if any.
+struct Stores {
+    a: Arc<dyn RoomStore>,
+    b: Arc<dyn RoomStore>,
+    _redis: Option<RedisServer>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Memory,
+    Redis,
+}
+
+async fn stores(kind: Kind) -> Stores {
+    let ttl = Duration::from_secs(300);
+    match kind {
+        Kind::Memory => {
+            let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(MemoryConfig {
+                history: HISTORY,
+                empty_room_ttl: ttl,
+            }));
+            Stores {
+                a: store.clone(),
+                b: store,
+                _redis: None,
+            }
+        }
+        Kind::Redis => {
+            let redis = RedisServer::start().await;
+            let config = RedisConfig {
+                url: redis.url(),
+                history: HISTORY,
+                empty_room_ttl: ttl,
+            };
+            let a = RedisStore::connect(config.clone()).await.unwrap();
+            let b = RedisStore::connect(config).await.unwrap();
+            Stores {
+                a: Arc::new(a),
+                b: Arc::new(b),
+                _redis: Some(redis),
+            }
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() { super::$name(super::stores(super::Kind::Memory).await).await })*
+        }
+        mod redis {
+            $(#[tokio::test] async fn $name() {
+                if super::redis_available() {
+                    super::$name(super::stores(super::Kind::Redis).await).await
+                }
+            })*
+        }
+    };
+}
+
+fn service() -> Caller {
+    Caller {
+        identity: "svc".into(),
+        scope: RoomScope::All,
+        role: TokenRole::Service,
+    }
+}
+
+fn join_cmd(client_id: &str) -> Command {
+    Command::Join {
+        client_id: client_id.into(),
+        cmd: JoinCmd {
+            name: client_id.into(),
+            role: Role::Unspecified,
+            identity: String::new(),
+        },
+    }
+}
+
+async fn join(store: &Arc<dyn RoomStore>, room: &str, client_id: &str) -> pb::JoinResponse {
+    match store
+        .execute(room, &service(), join_cmd(client_id))
+        .await
+        .unwrap()
+        .reply
+    {
+        Reply::Joined(joined) => joined,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn drop_cmd(ids: &[&str], request_id: &str) -> Command {
+    Command::Drop(DropCmd {
+        client_ids: ids.iter().map(|s| s.to_string()).collect(),
+        reason: String::new(),
+        request_id: request_id.into(),
+    })
+}
+
+fn seqs(events: &[Arc<pb::Event>]) -> Vec<u64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+/// Only a join brings a room into existence; every other operation on a missing room is
+/// ROOM_NOT_FOUND.
+async fn only_join_creates_rooms(s: Stores) {
+    let missing =
+        |r: Result<(), Error>| assert!(matches!(r, Err(Error::RoomNotFound { .. })), "{r:?}");
+    missing(
+        s.a.execute(
+            "r",
+            &service(),
+            Command::Leave {
+                client_id: "x".into(),
+            },
+        )
+        .await
+        .map(|_| ()),
+    );
+    missing(
+        s.a.execute("r", &service(), drop_cmd(&["x"], "q"))
+            .await
+            .map(|_| ()),
+    );
+    missing(s.a.snapshot("r").await.map(|_| ()));
+    missing(s.a.open("r", None).await.map(|_| ()));
+    missing(s.a.read("r", "e", 0).await.map(|_| ()));
+    missing(s.a.rewatch("r").await.map(|_| ()));
+    let joined = join(&s.a, "r", "c1").await;
+    assert_eq!(joined.seq, 1);
+    let snapshot = s.b.snapshot("r").await.unwrap();
+    assert_eq!(
+        (snapshot.window.epoch, snapshot.window.newest_seq),
+        (joined.epoch, 1)
+    );
+}
+
+/// The log keeps exactly the last `history` events; reads return what follows a cursor, in
+/// order, and refuse cursors that fell out of the window or belong to another epoch.
+async fn reads_follow_the_retained_window(s: Stores) {
+    let mut epoch = String::new();
+    for i in 0..8 {
+        epoch = join(&s.a, "r", &format!("c{i}")).await.epoch;
+    }
+    let window = s.b.snapshot("r").await.unwrap().window;
+    assert_eq!((window.oldest_seq, window.newest_seq), (4, 8));
+    assert_eq!(
+        seqs(&s.b.read("r", &epoch, 3).await.unwrap()),
+        [4, 5, 6, 7, 8]
+    );
+    assert_eq!(seqs(&s.b.read("r", &epoch, 6).await.unwrap()), [7, 8]);
+    assert!(s.b.read("r", &epoch, 8).await.unwrap().is_empty());
+    for (epoch, after) in [(epoch.as_str(), 2), ("another", 5)] {
+        let err = s.b.read("r", epoch, after).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::CursorOutOfRange {
+                    oldest_seq: 4,
+                    newest_seq: 8,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+}
+
+/// `open` reports where a client stands: present with its identity, departed with the seq that
+/// ended its streams while that is in the history, unknown otherwise.
+async fn open_reports_client_status(s: Stores) {
+    join(&s.a, "r", "stays").await;
+    join(&s.a, "r", "goes").await;
+    s.a.execute("r", &service(), drop_cmd(&["goes"], "q"))
+        .await
+        .unwrap(); // 3, 4, 5
+    let present = s.b.open("r", Some("stays")).await.unwrap();
+    assert_eq!(
+        present.client,
+        ClientStatus::Present {
+            identity: "svc".into()
+        }
+    );
+    let departed = s.b.open("r", Some("goes")).await.unwrap();
+    assert_eq!(
+        departed.client,
+        ClientStatus::Departed {
+            identity: "svc".into(),
+            end_seq: 3
+        }
+    );
+    assert_eq!(
+        s.b.open("r", Some("never")).await.unwrap().client,
+        ClientStatus::Unknown
+    );
+    // Once the departure leaves the history, the client is forgotten.
+    for i in 0..5 {
+        join(&s.a, "r", &format!("later{i}")).await;
+    }
+    assert_eq!(
+        s.b.open("r", Some("goes")).await.unwrap().client,
+        ClientStatus::Unknown
+    );
+}
+
+/// Commands racing on one room from both handles all succeed with unique, contiguous seqs.
+async fn concurrent_commands_get_contiguous_seqs(s: Stores) {
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let store = if worker % 2 == 0 {
+            s.a.clone()
+        } else {
+            s.b.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                seqs.push(join(&store, "r", &format!("w{worker}-{i}")).await.seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=200).collect::<Vec<_>>());
+    assert_eq!(s.a.snapshot("r").await.unwrap().participants.len(), 200);
+}
+
+/// A write through one handle wakes a subscriber opened through the other, which then reads it.
+async fn writes_wake_subscribers_of_every_handle(s: Stores) {
+    let first = join(&s.a, "r", "c0").await;
+    let mut head = s.b.open("r", None).await.unwrap().head;
+    head.borrow_and_update();
+    join(&s.a, "r", "c1").await;
+    tokio::time::timeout(PATIENCE, head.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seqs(&s.b.read("r", &first.epoch, 1).await.unwrap()), [2]);
+}
+
+/// A retried drop through the other handle returns the first answer and writes nothing.
+async fn drops_are_idempotent_across_handles(s: Stores) {
+    join(&s.a, "r", "c0").await;
+    let first =
+        s.a.execute("r", &service(), drop_cmd(&["c0", "zz"], "req-1"))
+            .await
+            .unwrap();
+    assert_eq!(first.events.len(), 3);
+    let retry =
+        s.b.execute("r", &service(), drop_cmd(&["c0", "zz"], "req-1"))
+            .await
+            .unwrap();
+    assert_eq!(retry.reply, first.reply);
+    assert!(retry.events.is_empty());
+    assert_eq!(s.b.snapshot("r").await.unwrap().window.newest_seq, 4);
+}
+
+/// A store reports itself healthy once it can serve.
+async fn health_turns_serving(s: Stores) {
+    let mut health = s.a.health();
+    tokio::time::timeout(PATIENCE, health.wait_for(|serving| *serving))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+conformance! {
+    only_join_creates_rooms,
+    reads_follow_the_retained_window,
+    open_reports_client_status,
+    concurrent_commands_get_contiguous_seqs,
+    writes_wake_subscribers_of_every_handle,
+    drops_are_idempotent_across_handles,
+    health_turns_serving,
+}
