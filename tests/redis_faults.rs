@@ -32,7 +32,7 @@ fn list(room: &str) -> pb::ListParticipantsRequest {
 /// Reads a stream until the event at `last_seq`, returning every seq seen.
 async fn read_through(stream: &mut tonic::Streaming<pb::Event>, last_seq: u64) -> Vec<pb::Event> {
     let mut events = Vec::new();
-    while events.last().map_or(true, |e: &pb::Event| e.seq < last_seq) {
+    while events.last().is_none_or(|e: &pb::Event| e.seq < last_seq) {
         events.push(next_event(stream).await);
     }
     events
