@@ -93,6 +93,10 @@ struct ServeArgs {
     /// every node pointed at it; `rediss://` for TLS).
     #[arg(long, default_value = "memory", value_parser = parse_store)]
     store: StoreConfig,
+    /// For `rediss://`: a PEM file of the CA that signed Redis's certificate (default: the
+    /// system's trust store).
+    #[arg(long)]
+    redis_ca_file: Option<PathBuf>,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -135,7 +139,7 @@ fn parse_store(value: &str) -> Result<StoreConfig, String> {
     if value == "memory" {
         Ok(StoreConfig::Memory)
     } else if value.starts_with("redis://") || value.starts_with("rediss://") {
-        Ok(StoreConfig::Redis(value.to_owned()))
+        Ok(StoreConfig::redis(value))
     } else {
         Err("expected `memory` or a redis://HOST:PORT[/DB] URL".into())
     }
@@ -154,13 +158,23 @@ fn token(args: TokenArgs) -> Result<(), String> {
 fn serve(args: ServeArgs) -> Result<(), String> {
     init_tracing();
     let jwt_secret = args.secret.load()?;
+    let store = match (args.store, args.redis_ca_file) {
+        (StoreConfig::Redis { url, .. }, Some(ca_file)) => StoreConfig::Redis {
+            url,
+            ca_file: Some(ca_file),
+        },
+        (StoreConfig::Memory, Some(_)) => {
+            return Err("--redis-ca-file needs --store rediss://...".into())
+        }
+        (store, None) => store,
+    };
     let config = ServerConfig {
         jwt_secret,
         history: args.history,
         grace: args.grace,
         empty_room_ttl: args.empty_room_ttl,
         max_message_bytes: args.max_message_bytes,
-        store: args.store,
+        store,
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start tokio: {e}"))?;
     runtime.block_on(async move {

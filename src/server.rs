@@ -55,8 +55,24 @@ pub struct ServerConfig {
 pub enum StoreConfig {
     /// In this process: one node.
     Memory,
-    /// In the Redis at this URL, shared by every node.
-    Redis(String),
+    /// In the Redis at `url`, shared by every node.
+    Redis {
+        /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
+        url: String,
+        /// PEM file of the CA that signed Redis's TLS certificate, when it is not in the system
+        /// trust store.
+        ca_file: Option<std::path::PathBuf>,
+    },
+}
+
+impl StoreConfig {
+    /// Redis at `url`, trusting the system's certificate authorities for `rediss://`.
+    pub fn redis(url: impl Into<String>) -> Self {
+        StoreConfig::Redis {
+            url: url.into(),
+            ca_file: None,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -103,9 +119,10 @@ impl Server {
                 history: config.history,
                 empty_room_ttl: config.empty_room_ttl,
             })),
-            StoreConfig::Redis(url) => Arc::new(
+            StoreConfig::Redis { url, ca_file } => Arc::new(
                 RedisStore::connect(RedisConfig {
                     url: url.clone(),
+                    ca_file: ca_file.clone(),
                     history: config.history,
                     empty_room_ttl: config.empty_room_ttl,
                 })

@@ -154,16 +154,7 @@ async fn dev_server_prints_tokens_and_drains_on_sigterm() {
     }
     let moderator_token = moderator_token.expect("--dev prints a moderator token");
 
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer = format!("Bearer {moderator_token}").parse().unwrap();
-    let mut alice = roomctl::pb::room_control_client::RoomControlClient::with_interceptor(
-        channel,
-        Bearer(bearer),
-    );
+    let mut alice = client_with_token(addr.parse().unwrap(), &moderator_token).await;
     let joined = join(&mut alice, "demo", "Alice").await;
     let mut stream = subscribe(&mut alice, "demo", "", Some(0)).await.unwrap();
     assert_eq!(next_event(&mut stream).await.seq, joined.seq);
@@ -189,18 +180,8 @@ async fn serve_uses_the_configured_secret() {
         .spawn()
         .unwrap();
     let addr = listening_addr(&mut child).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let good = format!("Bearer {}", token("ops", "r", "service"))
-        .parse()
-        .unwrap();
-    let mut ops = roomctl::pb::room_control_client::RoomControlClient::with_interceptor(
-        channel.clone(),
-        Bearer(good),
-    );
+    let addr = addr.parse().unwrap();
+    let mut ops = client_with_token(addr, &token("ops", "r", "service")).await;
     for i in 0..5 {
         join(&mut ops, "r", &format!("u{i}")).await;
     }
@@ -211,10 +192,7 @@ async fn serve_uses_the_configured_secret() {
         roomctl::cli::DEV_SECRET.as_bytes(),
         &roomctl::auth::Claims::new("ops", "r", "service", std::time::Duration::from_secs(60)),
     );
-    let mut forged = roomctl::pb::room_control_client::RoomControlClient::with_interceptor(
-        channel,
-        Bearer(format!("Bearer {dev}").parse().unwrap()),
-    );
+    let mut forged = client_with_token(addr, &dev).await;
     let status = forged
         .list_participants(roomctl::pb::ListParticipantsRequest {
             room_id: "r".into(),

@@ -224,11 +224,8 @@ async fn a_slow_consumer_falls_out_of_history_without_blocking_anyone(backend: B
         .connect()
         .await
         .unwrap();
-    let bearer = format!("Bearer {}", token("ops", "r", "service"))
-        .parse()
-        .unwrap();
     let mut slow_client =
-        pb::room_control_client::RoomControlClient::with_interceptor(channel, Bearer(bearer));
+        roomctl::client::with_token(channel, &token("ops", "r", "service")).unwrap();
     let mut ops = server.client("ops", "r", "service").await;
     join(&mut ops, "r", "first").await;
     let mut slow = subscribe(&mut slow_client, "r", "", None).await.unwrap();

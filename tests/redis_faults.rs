@@ -19,7 +19,7 @@ use tonic_health::pb::{
 
 fn redis_config(redis: &RedisServer) -> ServerConfig {
     let mut config = ServerConfig::new(SECRET);
-    config.store = StoreConfig::Redis(redis.url());
+    config.store = StoreConfig::redis(redis.url());
     config
 }
 

@@ -51,6 +51,7 @@ async fn stores(kind: Kind) -> Stores {
             let redis = RedisServer::start().await;
             let config = RedisConfig {
                 url: redis.url(),
+                ca_file: None,
                 history: HISTORY,
                 empty_room_ttl: ttl,
             };

@@ -139,8 +139,10 @@ return 1
 /// Tuning of the Redis store; every node sharing a Redis must use the same values.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://HOST:PORT[/DB]`.
+    /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
     pub url: String,
+    /// PEM file of the CA to trust for `rediss://` instead of the system's trust store.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Events kept per room.
     pub history: usize,
     /// How long an empty room is kept.
@@ -324,11 +326,33 @@ fn entries(value: Value) -> Result<Vec<Arc<pb::Event>>, Error> {
         .collect()
 }
 
+/// A Redis client for `config`, with TLS settings for `rediss://`.
+fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::StoreUnavailable(format!("redis url {:?}: {e}", config.url))
+    };
+    // rustls needs one process-wide crypto provider; ring builds without C toolchains beyond cc.
+    // Installing fails harmlessly when one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match &config.ca_file {
+        None => redis::Client::open(config.url.as_str()).map_err(|e| bad(&e)),
+        Some(path) => {
+            let root_cert = std::fs::read(path).map_err(|e| {
+                Error::StoreUnavailable(format!("cannot read {}: {e}", path.display()))
+            })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(config.url.as_str(), certificates).map_err(|e| bad(&e))
+        }
+    }
+}
+
 impl RedisStore {
     /// Connects to the Redis at `config.url` and starts this node's listener.
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| Error::StoreUnavailable(format!("bad redis url {:?}: {e}", config.url)))?;
+        let client = client(&config)?;
         // Fail fast instead of queueing calls behind long reconnect attempts: a call that cannot
         // reach Redis within OP_TIMEOUT answers STORE_UNAVAILABLE.
         let manager_config = ConnectionManagerConfig::new()
@@ -344,7 +368,10 @@ impl RedisStore {
             feeds: Mutex::new(HashMap::new()),
             healthy: watch::Sender::new(false),
         });
-        let listener = tokio::spawn(listen(shared.clone(), client));
+        // Subscribed before the store is handed out, so it serves (and says so) from the start.
+        let pubsub = subscribe(&client, &shared).await?;
+        shared.healthy.send_replace(true);
+        let listener = tokio::spawn(listen(shared.clone(), client, pubsub));
         Ok(Self {
             shared,
             _listener: AbortOnDropHandle::new(listener),
@@ -427,18 +454,25 @@ impl Shared {
     }
 }
 
+/// The notification connection, subscribed, once Redis answers.
+async fn subscribe(client: &redis::Client, shared: &Shared) -> Result<redis::aio::PubSub, Error> {
+    let mut pubsub = timed(client.get_async_pubsub()).await?;
+    timed(pubsub.subscribe(CHANNEL)).await?;
+    shared.ping().await?;
+    Ok(pubsub)
+}
+
 /// This node's single listener: receives every commit's events, feeds local subscribers, and
 /// watches Redis's health. Reconnects with backoff for as long as the store lives.
-async fn listen(shared: Arc<Shared>, client: redis::Client) {
+async fn listen(shared: Arc<Shared>, client: redis::Client, first: redis::aio::PubSub) {
     let mut backoff = BACKOFF.0;
+    let mut first = Some(first);
     loop {
-        let connected = async {
-            let mut pubsub = timed(client.get_async_pubsub()).await?;
-            timed(pubsub.subscribe(CHANNEL)).await?;
-            shared.ping().await?;
-            Ok::<_, Error>(pubsub)
+        let connected = match first.take() {
+            Some(pubsub) => Ok(pubsub),
+            None => subscribe(&client, &shared).await,
         };
-        match connected.await {
+        match connected {
             Ok(pubsub) => {
                 backoff = BACKOFF.0;
                 // Events committed while we were not listening were never announced: wake every

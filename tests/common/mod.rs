@@ -11,16 +11,13 @@ use std::time::Duration;
 
 use redis_server::RedisServer;
 use roomctl::auth::{mint, Claims};
-use roomctl::pb::{self, event::Payload, room_control_client::RoomControlClient};
+use roomctl::pb::{self, event::Payload};
 use roomctl::server::{ServeError, Server, ServerConfig, StoreConfig};
 use roomctl::subscription::SubscriptionGauge;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status, Streaming};
+use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 
 /// The secret every test server verifies with.
@@ -29,21 +26,7 @@ pub const SECRET: &[u8] = b"integration-test-secret";
 /// How long a test waits for something that should happen at once before calling it a failure.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(pub MetadataValue<Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-/// A RoomControl client holding one token.
-pub type Client = RoomControlClient<InterceptedService<Channel, Bearer>>;
+pub use roomctl::client::Client;
 
 /// Which store the servers of a test use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +135,7 @@ impl TestServer {
             Backend::Memory => (vec![Node::start(config).await], None),
             Backend::RedisTwoNodes => {
                 let redis = RedisServer::start().await;
-                config.store = StoreConfig::Redis(redis.url());
+                config.store = StoreConfig::redis(redis.url());
                 let nodes = vec![Node::start(config.clone()).await, Node::start(config).await];
                 (nodes, Some(redis))
             }
@@ -213,8 +196,7 @@ pub async fn channel(addr: SocketAddr) -> Channel {
 
 /// A client of `addr` that sends `token`.
 pub async fn client_with_token(addr: SocketAddr, token: &str) -> Client {
-    let value = format!("Bearer {token}").parse().unwrap();
-    RoomControlClient::with_interceptor(channel(addr).await, Bearer(value))
+    roomctl::client::with_token(channel(addr).await, token).unwrap()
 }
 
 /// A token signed with the test secret, valid for an hour.

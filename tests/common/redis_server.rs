@@ -6,12 +6,14 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::PATIENCE;
+/// How long redis-server may take to say it is ready.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A running redis-server owned by one test; killed when dropped.
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    tls: Option<[String; 3]>,
 }
 
 /// Whether Redis tests can run here. Without `redis-server` they are skipped loudly, unless
@@ -38,19 +40,30 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts redis-server on `port`; None if it exited before it was ready (the port was taken).
-async fn spawn(port: u16) -> Option<Child> {
-    let mut child = Command::new("redis-server")
-        .args([
+/// Starts redis-server on `port` (TLS only when `tls` names its cert, key and CA files); None if
+/// it exited before it was ready (the port was taken).
+async fn spawn(port: u16, tls: Option<&[String; 3]>) -> Option<Child> {
+    let port = port.to_string();
+    let listen: Vec<&str> = match tls {
+        None => vec!["--port", &port],
+        Some([cert, key, ca]) => vec![
             "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
+            "0",
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+            "--tls-auth-clients",
             "no",
-        ])
+        ],
+    };
+    let mut child = Command::new("redis-server")
+        .args(listen)
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--dir", &std::env::temp_dir().to_string_lossy()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -77,12 +90,22 @@ async fn spawn(port: u16) -> Option<Child> {
 impl RedisServer {
     /// A fresh, empty redis-server on a free port.
     pub async fn start() -> Self {
+        Self::start_on(None).await
+    }
+
+    /// A fresh redis-server that speaks only TLS, with the given cert, key and CA files.
+    pub async fn start_tls(cert: String, key: String, ca: String) -> Self {
+        Self::start_on(Some([cert, key, ca])).await
+    }
+
+    async fn start_on(tls: Option<[String; 3]>) -> Self {
         for _ in 0..5 {
             let port = free_port();
-            if let Some(child) = spawn(port).await {
+            if let Some(child) = spawn(port, tls.as_ref()).await {
                 return Self {
                     port,
                     child: Some(child),
+                    tls,
                 };
             }
         }
@@ -91,7 +114,12 @@ impl RedisServer {
 
     /// The URL nodes connect with.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Kills the server outright (SIGKILL), as a crash or a lost host would.
@@ -104,11 +132,8 @@ impl RedisServer {
     /// Starts it again on the same port, empty (no persistence), as after a crash.
     pub async fn restart(&mut self) {
         self.kill().await;
-        self.child = Some(
-            spawn(self.port)
-                .await
-                .expect("redis-server restarts on its port"),
-        );
+        let child = spawn(self.port, self.tls.as_ref()).await;
+        self.child = Some(child.expect("redis-server restarts on its port"));
     }
 
     /// A plain connection for the test's own commands (FLUSHALL, inspection).

@@ -1,0 +1,425 @@
+//! roomctl's load benchmark: measures DESIGN.md's performance targets as ratios against
+//! baselines taken in the same run, on the built `roomctl` binary (a separate process, so its
+//! memory is its own), with real gRPC clients on loopback.
+//!
+//! `cargo bench --bench roomctl` (add `-- --quick` for a short run). The Redis figures need
+//! `redis-server` on PATH; they are skipped with a message otherwise.
+
+// The tests' helper; the benchmark uses only part of it.
+#[allow(dead_code)]
+#[path = "../tests/common/redis_server.rs"]
+mod redis_server;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis_server::RedisServer;
+use roomctl::auth::{mint, Claims};
+use roomctl::client::{self, Client};
+use roomctl::pb::{self, event::Payload};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+const SECRET: &str = "bench-secret";
+
+/// A `roomctl serve` process.
+struct Node {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Node {
+    async fn start(store: &str) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_roomctl"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+            .env("ROOMCTL_JWT_SECRET", SECRET)
+            .env("ROOMCTL_LOG", "warn,roomctl::cli=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the roomctl binary runs");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("roomctl exited early");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Node { addr, child }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self, identity: &str, room: &str, role: &str) -> Client {
+        let token = mint(
+            SECRET.as_bytes(),
+            &Claims::new(identity, room, role, Duration::from_secs(3600)),
+        );
+        client::with_token(self.channel().await, &token).unwrap()
+    }
+
+    /// Resident memory of the server process, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+/// Latency samples, in microseconds.
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn percentile(&mut self, p: f64) -> u64 {
+        self.0.sort_unstable();
+        let index = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[index]
+    }
+}
+
+/// Runs `call` from `concurrency` tasks spread over `connections` channels for `duration`;
+/// returns calls per second.
+async fn throughput<F, Fut>(
+    node: &Node,
+    connections: usize,
+    concurrency: usize,
+    duration: Duration,
+    call: F,
+) -> f64
+where
+    F: Fn(Channel, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        channels.push(node.channel().await);
+    }
+    let call = Arc::new(call);
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let channel = channels[worker % connections].clone();
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                call(channel.clone(), worker).await;
+                done += 1;
+            }
+            done
+        }));
+    }
+    let started = Instant::now();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+fn token(identity: &str, room: &str, role: &str) -> String {
+    mint(
+        SECRET.as_bytes(),
+        &Claims::new(identity, room, role, Duration::from_secs(3600)),
+    )
+}
+
+/// DropUser throughput (each call logs an ack) under the load the echo baseline gets.
+async fn drop_throughput(node: &Node, duration: Duration) -> f64 {
+    throughput(node, 4, 32, duration, |channel, worker| async move {
+        let mut client = client::with_token(channel, &token("mod", "*", "service")).unwrap();
+        let room = format!("bench-{}", worker % 8);
+        // The room must exist: joining is idempotent enough for a bench (one more member).
+        let request = pb::DropUserRequest {
+            room_id: room.clone(),
+            client_ids: vec!["nobody".into()],
+            reason: String::new(),
+            request_id: String::new(),
+        };
+        if client.drop_user(request).await.is_err() {
+            client
+                .join(pb::JoinRequest {
+                    room_id: room,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    })
+    .await
+}
+
+async fn echo_throughput(node: &Node, duration: Duration) -> f64 {
+    throughput(node, 4, 32, duration, |channel, _| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+    })
+    .await
+}
+
+async fn unary_rtt(node: &Node, samples: usize) -> Samples {
+    let mut health = HealthClient::new(node.channel().await);
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        out.push(start.elapsed().as_micros() as u64);
+    }
+    Samples(out)
+}
+
+/// Time from calling DropUser to the dropped client's stream delivering room_disconnected.
+async fn drop_to_disconnect(node: &Node, samples: usize) -> Samples {
+    let mut moderator = node.client("alice", "lat", "moderator").await;
+    let mut user = node.client("bob", "lat", "participant").await;
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let joined = user
+            .join(pb::JoinRequest {
+                room_id: "lat".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut stream = user
+            .events(pb::EventsRequest {
+                room_id: "lat".into(),
+                client_id: joined.client_id.clone(),
+                after_seq: Some(joined.seq),
+                epoch: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let start = Instant::now();
+        let drop = moderator.drop_user(pb::DropUserRequest {
+            room_id: "lat".into(),
+            client_ids: vec![joined.client_id],
+            reason: "bench".into(),
+            request_id: String::new(),
+        });
+        let (dropped, told) = tokio::join!(drop, stream.message());
+        dropped.unwrap();
+        assert!(matches!(
+            told.unwrap().unwrap().payload,
+            Some(Payload::RoomDisconnected(_))
+        ));
+        out.push(start.elapsed().as_micros() as u64);
+    }
+    Samples(out)
+}
+
+/// Time from a Join on `writer` to its event on a subscriber of `reader`.
+async fn delivery(writer: &Node, reader: &Node, room: &str, samples: usize) -> Samples {
+    let mut write = writer.client("w", room, "service").await;
+    let mut read = reader.client("r", room, "service").await;
+    let first = write
+        .join(pb::JoinRequest {
+            room_id: room.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = read
+        .events(pb::EventsRequest {
+            room_id: room.into(),
+            client_id: String::new(),
+            after_seq: Some(first.seq),
+            epoch: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        let join = write.join(pb::JoinRequest {
+            room_id: room.into(),
+            ..Default::default()
+        });
+        let (joined, event) = tokio::join!(join, stream.message());
+        joined.unwrap();
+        event.unwrap().unwrap();
+        out.push(start.elapsed().as_micros() as u64);
+    }
+    Samples(out)
+}
+
+/// Opens `count` idle observer subscriptions over `connections` connections; returns them and
+/// how long the first event took to reach all of them.
+async fn broadcast(node: &Node, count: usize, connections: usize) -> (Duration, u64) {
+    let mut admin = node.client("ops", "fan", "service").await;
+    let first = admin
+        .join(pb::JoinRequest {
+            room_id: "fan".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rss_before = node.rss_kib();
+    let mut streams = Vec::with_capacity(count);
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        clients.push(node.client("ops", "fan", "service").await);
+    }
+    for i in 0..count {
+        let client = &mut clients[i % connections];
+        let stream = client
+            .events(pb::EventsRequest {
+                room_id: "fan".into(),
+                client_id: String::new(),
+                after_seq: Some(first.seq),
+                epoch: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        streams.push(stream);
+    }
+    // Let the server settle its per-stream state before reading its memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_subscription = (node.rss_kib().saturating_sub(rss_before)) * 1024 / count as u64;
+
+    let start = Instant::now();
+    admin
+        .join(pb::JoinRequest {
+            room_id: "fan".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut readers = Vec::with_capacity(count);
+    for mut stream in streams {
+        readers.push(tokio::spawn(async move {
+            stream.message().await.unwrap().unwrap();
+            Instant::now()
+        }));
+    }
+    let mut last = start;
+    for reader in readers {
+        last = last.max(reader.await.unwrap());
+    }
+    (last - start, per_subscription)
+}
+
+fn ratio(name: &str, value: f64, target: &str) {
+    println!("  {name:<52} {value:>8.2}   (target {target})");
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (duration, samples) = if quick {
+        (Duration::from_secs(1), 200)
+    } else {
+        (Duration::from_secs(5), 2000)
+    };
+    println!(
+        "roomctl benchmark ({} run), {} cores",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let memory = Node::start("memory").await;
+    let echo = echo_throughput(&memory, duration).await;
+    let drops = drop_throughput(&memory, duration).await;
+    println!("\none node, in-memory store");
+    println!("  echo (Health/Check) throughput: {echo:.0} calls/s; DropUser throughput: {drops:.0} calls/s");
+    ratio("DropUser / echo throughput", drops / echo, ">= 0.8");
+
+    let mut rtt = unary_rtt(&memory, samples).await;
+    let mut drop_latency = drop_to_disconnect(&memory, samples / 4).await;
+    let (rtt_p99, drop_p99) = (rtt.percentile(0.99), drop_latency.percentile(0.99));
+    println!(
+        "  unary p50 {} us, p99 {} us; drop-to-room_disconnected p50 {} us, p99 {} us",
+        rtt.percentile(0.5),
+        rtt_p99,
+        drop_latency.percentile(0.5),
+        drop_p99
+    );
+    ratio(
+        "drop-to-room_disconnected p99 / unary p99",
+        drop_p99 as f64 / rtt_p99 as f64,
+        "<= 2",
+    );
+
+    let (fanout, per_subscription) = broadcast(&memory, 10_000, 50).await;
+    println!(
+        "  one event to 10,000 subscribers: all delivered in {:.1} ms (target <= 50 ms)",
+        fanout.as_secs_f64() * 1000.0
+    );
+    println!("  server memory per idle subscription: {per_subscription} bytes (target <= 4096)");
+
+    let mut same_node = delivery(&memory, &memory, "deliver", samples).await;
+    println!(
+        "  join-to-event delivery, same node: p50 {} us, p99 {} us",
+        same_node.percentile(0.5),
+        same_node.percentile(0.99)
+    );
+
+    if !redis_server::redis_available() {
+        println!("\nredis-server not found: Redis figures skipped");
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let a = Node::start(&redis.url()).await;
+    let b = Node::start(&redis.url()).await;
+    let redis_drops = drop_throughput(&a, duration).await;
+    println!("\ntwo nodes sharing one Redis");
+    println!("  DropUser throughput on one Redis node: {redis_drops:.0} calls/s");
+    ratio(
+        "Redis / memory DropUser throughput",
+        redis_drops / drops,
+        ">= 0.5",
+    );
+    let mut local = delivery(&a, &a, "local", samples).await;
+    let mut cross = delivery(&a, &b, "cross", samples).await;
+    println!(
+        "  join-to-event delivery, same Redis node: p50 {} us, p99 {} us",
+        local.percentile(0.5),
+        local.percentile(0.99)
+    );
+    println!(
+        "  join-to-event delivery, across nodes:    p50 {} us, p99 {} us",
+        cross.percentile(0.5),
+        cross.percentile(0.99)
+    );
+    println!(
+        "  added by crossing nodes (p50): {} us; added by Redis vs memory (p50): {} us",
+        cross.percentile(0.5) as i64 - local.percentile(0.5) as i64,
+        local.percentile(0.5) as i64 - same_node.percentile(0.5) as i64
+    );
+}
