@@ -75,6 +75,21 @@ impl Node {
         client::with_token(self.channel().await, &token).unwrap()
     }
 
+    /// CPU time the server process has used so far (user + system).
+    fn cpu(&self) -> Duration {
+        let pid = self.child.id().unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10)
+    }
+
     /// Resident memory of the server process, in KiB.
     fn rss_kib(&self) -> u64 {
         let pid = self.child.id().unwrap();
@@ -98,18 +113,22 @@ impl Samples {
     }
 }
 
-/// Runs `call` from `concurrency` tasks spread over `connections` channels for `duration`;
-/// returns calls per second.
-async fn throughput<F, Fut>(
+/// Runs `call` from `concurrency` tasks spread over `connections` connections for `duration`,
+/// each task with its own state made by `setup`; returns calls per second. Every call carries
+/// the same bearer token, so the baseline and roomctl move the same bytes.
+async fn throughput<S, Setup, Call, Fut>(
     node: &Node,
     connections: usize,
     concurrency: usize,
     duration: Duration,
-    call: F,
+    setup: Setup,
+    call: Call,
 ) -> f64
 where
-    F: Fn(Channel, usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
+    S: Send + 'static,
+    Setup: Fn(Channel, usize) -> S,
+    Call: Fn(S) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = S> + Send,
 {
     let mut channels = Vec::new();
     for _ in 0..connections {
@@ -119,12 +138,12 @@ where
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
     for worker in 0..concurrency {
-        let channel = channels[worker % connections].clone();
+        let mut state = setup(channels[worker % connections].clone(), worker);
         let call = call.clone();
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
             while Instant::now() < deadline {
-                call(channel.clone(), worker).await;
+                state = call(state).await;
                 done += 1;
             }
             done
@@ -145,40 +164,64 @@ fn token(identity: &str, room: &str, role: &str) -> String {
     )
 }
 
-/// DropUser throughput (each call logs an ack) under the load the echo baseline gets.
+/// DropUser throughput (each call logs an ack in one of 8 rooms).
 async fn drop_throughput(node: &Node, duration: Duration) -> f64 {
-    throughput(node, 4, 32, duration, |channel, worker| async move {
-        let mut client = client::with_token(channel, &token("mod", "*", "service")).unwrap();
-        let room = format!("bench-{}", worker % 8);
-        // The room must exist: joining is idempotent enough for a bench (one more member).
+    let token = token("mod", "*", "service");
+    let mut setup_client = client::with_token(node.channel().await, &token).unwrap();
+    for room in 0..8 {
+        let request = pb::JoinRequest {
+            room_id: format!("bench-{room}"),
+            ..Default::default()
+        };
+        setup_client.join(request).await.unwrap();
+    }
+    let setup = move |channel, worker: usize| {
         let request = pb::DropUserRequest {
-            room_id: room.clone(),
+            room_id: format!("bench-{}", worker % 8),
             client_ids: vec!["nobody".into()],
             reason: String::new(),
             request_id: String::new(),
         };
-        if client.drop_user(request).await.is_err() {
-            client
-                .join(pb::JoinRequest {
-                    room_id: room,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-        }
-    })
+        (client::with_token(channel, &token).unwrap(), request)
+    };
+    throughput(
+        node,
+        4,
+        32,
+        duration,
+        setup,
+        |(mut client, request)| async move {
+            client.drop_user(request.clone()).await.unwrap();
+            (client, request)
+        },
+    )
     .await
 }
 
+/// The baseline: tonic's health Check, a unary call with a trivial handler, with the same token.
 async fn echo_throughput(node: &Node, duration: Duration) -> f64 {
-    throughput(node, 4, 32, duration, |channel, _| async move {
-        HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
+    let header: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", token("mod", "*", "service"))
+            .parse()
             .unwrap();
-    })
+    let setup = move |channel, _| (HealthClient::new(channel), header.clone());
+    throughput(
+        node,
+        4,
+        32,
+        duration,
+        setup,
+        |(mut health, header)| async move {
+            let mut request = tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            });
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+            health.check(request).await.unwrap();
+            (health, header)
+        },
+    )
     .await
 }
 
@@ -277,9 +320,10 @@ async fn delivery(writer: &Node, reader: &Node, room: &str, samples: usize) -> S
     Samples(out)
 }
 
-/// Opens `count` idle observer subscriptions over `connections` connections; returns them and
-/// how long the first event took to reach all of them.
-async fn broadcast(node: &Node, count: usize, connections: usize) -> (Duration, u64) {
+/// Opens `count` idle observer subscriptions over `connections` connections; returns how long
+/// an event takes to reach all of them (median of the rounds), the server's memory per idle
+/// subscription in bytes, and the server CPU one broadcast costs, in ms.
+async fn broadcast(node: &Node, count: usize, connections: usize) -> (Duration, u64, f64) {
     let mut admin = node.client("ops", "fan", "service").await;
     let first = admin
         .join(pb::JoinRequest {
@@ -313,26 +357,49 @@ async fn broadcast(node: &Node, count: usize, connections: usize) -> (Duration, 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per_subscription = (node.rss_kib().saturating_sub(rss_before)) * 1024 / count as u64;
 
-    let start = Instant::now();
-    admin
-        .join(pb::JoinRequest {
+    // Every subscriber is already waiting, as in a real room, when the event is written.
+    let mut times = Vec::new();
+    let mut server_cpu = Vec::new();
+    for _ in 0..ROUNDS {
+        let mut readers = Vec::with_capacity(count);
+        for mut stream in streams {
+            readers.push(tokio::spawn(async move {
+                stream.message().await.unwrap().unwrap();
+                (Instant::now(), stream)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cpu = node.cpu();
+        let start = Instant::now();
+        let write = pb::JoinRequest {
             room_id: "fan".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut readers = Vec::with_capacity(count);
-    for mut stream in streams {
-        readers.push(tokio::spawn(async move {
-            stream.message().await.unwrap().unwrap();
-            Instant::now()
-        }));
+        };
+        admin.join(write).await.unwrap();
+        let mut last = start;
+        streams = Vec::with_capacity(count);
+        for reader in readers {
+            let (received, stream) = reader.await.unwrap();
+            last = last.max(received);
+            streams.push(stream);
+        }
+        times.push((last - start).as_secs_f64());
+        server_cpu.push((node.cpu() - cpu).as_secs_f64());
     }
-    let mut last = start;
-    for reader in readers {
-        last = last.max(reader.await.unwrap());
-    }
-    (last - start, per_subscription)
+    let cpu_ms = median(server_cpu) * 1000.0;
+    (
+        Duration::from_secs_f64(median(times)),
+        per_subscription,
+        cpu_ms,
+    )
+}
+
+/// Rounds of each throughput measurement.
+const ROUNDS: usize = 3;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 fn ratio(name: &str, value: f64, target: &str) {
@@ -354,10 +421,24 @@ async fn main() {
     );
 
     let memory = Node::start("memory").await;
-    let echo = echo_throughput(&memory, duration).await;
-    let drops = drop_throughput(&memory, duration).await;
-    println!("\none node, in-memory store");
+    // Alternate baseline and DropUser rounds so drift in the machine's speed hits both alike;
+    // report the medians.
+    let (mut echo, mut drops, mut echo_cpu, mut drop_cpu) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        let cpu = memory.cpu();
+        let rate = echo_throughput(&memory, duration).await;
+        echo_cpu.push((memory.cpu() - cpu).as_secs_f64() * 1e6 / (rate * duration.as_secs_f64()));
+        echo.push(rate);
+        let cpu = memory.cpu();
+        let rate = drop_throughput(&memory, duration).await;
+        drop_cpu.push((memory.cpu() - cpu).as_secs_f64() * 1e6 / (rate * duration.as_secs_f64()));
+        drops.push(rate);
+    }
+    let (echo, drops) = (median(echo), median(drops));
+    let (echo_cpu, drop_cpu) = (median(echo_cpu), median(drop_cpu));
+    println!("\none node, in-memory store ({ROUNDS} alternating rounds, medians)");
     println!("  echo (Health/Check) throughput: {echo:.0} calls/s; DropUser throughput: {drops:.0} calls/s");
+    println!("  server CPU per call: echo {echo_cpu:.1} us, DropUser {drop_cpu:.1} us");
     ratio("DropUser / echo throughput", drops / echo, ">= 0.8");
 
     let mut rtt = unary_rtt(&memory, samples).await;
@@ -376,9 +457,10 @@ async fn main() {
         "<= 2",
     );
 
-    let (fanout, per_subscription) = broadcast(&memory, 10_000, 50).await;
+    let (fanout, per_subscription, fanout_cpu) = broadcast(&memory, 10_000, 10).await;
     println!(
-        "  one event to 10,000 subscribers: all delivered in {:.1} ms (target <= 50 ms)",
+        "  one event to 10,000 subscribers: all delivered in {:.1} ms (target <= 50 ms); \
+         server CPU {fanout_cpu:.0} ms",
         fanout.as_secs_f64() * 1000.0
     );
     println!("  server memory per idle subscription: {per_subscription} bytes (target <= 4096)");

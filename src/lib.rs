@@ -17,11 +17,13 @@
 //!   its in-memory implementation.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses with `google.rpc` details.
 //! - [`cli`]: the `roomctl` command line (`serve`, `token`).
+//! - [`codec`]: tonic's prost codec with small per-call buffers (idle streams stay cheap).
 //! - [`client`]: a RoomControl client that sends a bearer token, for Rust callers.
 
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod engine;
 pub mod error;
 pub mod pb;

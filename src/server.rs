@@ -33,6 +33,9 @@ pub const DEFAULT_HISTORY: usize = 10_000;
 /// Default largest request accepted, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Concurrent calls (mostly `Events` subscriptions) one HTTP/2 connection may hold.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
+
 /// Everything `serve` can be told.
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -189,6 +192,9 @@ impl Server {
             })
         });
         let serve = tonic::transport::Server::builder()
+            // Gateways multiplex many end-users' subscriptions on one connection; an idle
+            // subscription costs a few KiB, so allow far more than hyper's default of 200.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             // Finds clients that vanished without closing, so their streams are dropped.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

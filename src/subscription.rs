@@ -117,16 +117,17 @@ impl Follow {
             if self.finished {
                 return None;
             }
-            // Checked between events too, so a busy stream still ends promptly on shutdown.
-            if self.shutdown.is_cancelled() {
-                return self.shutting_down();
-            }
             while let Some(event) = self.pending.pop_front() {
                 self.cursor = event.seq;
                 if self.audience.sees(&event) {
                     self.finished = self.audience.ends_after(&event);
                     return Some(Ok(pb::Event::clone(&event)));
                 }
+            }
+            // Checked before each read too, not only while waiting, so a stream that never
+            // catches up still ends promptly on shutdown (one lock per batch, not per event).
+            if self.shutdown.is_cancelled() {
+                return self.shutting_down();
             }
             // Mark the head seen before reading, so an append racing the read still wakes us.
             self.head.borrow_and_update();
