@@ -247,14 +247,14 @@ impl RoomState {
     }
 
     /// A room as a store read it back: `members` with the seq they joined at, and the remembered
-    /// answer of `drop` (identity, request_id) if there is one. A store may restore only the
-    /// members a command names; commands look at no others.
+    /// `DropUser` answers by (identity, request_id). A store may restore only the members and
+    /// answers its commands name; commands look at no others.
     pub fn restore(
         room_id: impl Into<String>,
         epoch: impl Into<String>,
         seq: u64,
         members: impl IntoIterator<Item = (pb::Participant, u64)>,
-        drop: Option<(String, String, pb::DropUserResponse)>,
+        drops: impl IntoIterator<Item = (String, String, pb::DropUserResponse)>,
         now: SystemTime,
     ) -> Self {
         let mut state = Self::new(room_id, epoch);
@@ -268,7 +268,7 @@ impl RoomState {
                 },
             );
         }
-        if let Some((identity, request_id, response)) = drop {
+        for (identity, request_id, response) in drops {
             let key = (identity, request_id);
             state
                 .drops_order

@@ -282,6 +282,32 @@ async fn drops_are_idempotent_across_handles(s: Stores) {
     assert_eq!(s.b.snapshot("r").await.unwrap().window.newest_seq, 4);
 }
 
+/// The same drop sent many times at once, through both handles, is applied exactly once and
+/// every caller gets the same answer.
+async fn concurrent_retries_apply_once(s: Stores) {
+    for i in 0..3 {
+        join(&s.a, "r", &format!("c{i}")).await;
+    }
+    let mut tasks = Vec::new();
+    for n in 0..12 {
+        let store = if n % 2 == 0 { s.a.clone() } else { s.b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let cmd = drop_cmd(&["c0", "c2", "nobody"], "same-request");
+            store.execute("r", &service(), cmd).await.unwrap()
+        }));
+    }
+    let mut replies = Vec::new();
+    let mut events = 0;
+    for task in tasks {
+        let applied = task.await.unwrap();
+        events += applied.events.len();
+        replies.push(applied.reply);
+    }
+    assert_eq!(events, 5, "two drops' events and one ack, written once");
+    assert!(replies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(s.b.snapshot("r").await.unwrap().window.newest_seq, 3 + 5);
+}
+
 /// A store reports itself healthy once it can serve.
 async fn health_turns_serving(s: Stores) {
     let mut health = s.a.health();
@@ -298,5 +324,6 @@ conformance! {
     concurrent_commands_get_contiguous_seqs,
     writes_wake_subscribers_of_every_handle,
     drops_are_idempotent_across_handles,
+    concurrent_retries_apply_once,
     health_turns_serving,
 }

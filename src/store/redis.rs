@@ -24,9 +24,10 @@
 //! again. A flushed or restarted Redis loses the room's `epoch` with its log, so old cursors get
 //! `OUT_OF_RANGE`, never events of another log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -34,7 +35,7 @@ use futures_util::StreamExt;
 use prost::Message;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Value};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Opening, RoomStore, Snapshot, READ_BATCH};
@@ -55,6 +56,12 @@ const PING_PERIOD: Duration = Duration::from_millis(500);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 /// Commit attempts before giving up on a room under heavy contention.
 const MAX_ATTEMPTS: usize = 100;
+/// Commands queued per room on this node; callers wait (backpressure) beyond it.
+const QUEUE: usize = 1024;
+/// Most commands one writer applies with one read and one commit.
+const MAX_BATCH: usize = 64;
+/// How long a room's writer outlives its last command.
+const WRITER_IDLE: Duration = Duration::from_secs(5);
 /// Most recent events cached per room with local subscribers (never more than the history, so
 /// a subscriber the history has left behind is not served from the cache).
 const CACHE_EVENTS: usize = 1024;
@@ -71,21 +78,35 @@ pub struct StoredMember {
     pub participant: Option<pb::Participant>,
 }
 
-/// What a commit publishes: the room and its new events.
+/// The events a commit publishes, after `<room_id>\n` (room ids hold no newline), so a node
+/// without subscribers of that room skips the message without decoding it.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Notice {
-    /// The room the events belong to.
-    #[prost(string, tag = "1")]
-    pub room_id: String,
     /// The events, in seq order.
-    #[prost(message, repeated, tag = "2")]
+    #[prost(message, repeated, tag = "1")]
     pub events: Vec<pb::Event>,
 }
 
-/// The commit: compare `seq`/`epoch`, append events, apply membership changes, remember a drop,
-/// set or clear the empty-room expiry, publish. Returns 1, or 0 on a conflict.
+impl Notice {
+    fn publish(room_id: &str, events: &[&pb::Event]) -> Vec<u8> {
+        let notice = Notice {
+            events: events.iter().map(|e| (*e).clone()).collect(),
+        };
+        let mut payload = Vec::with_capacity(room_id.len() + 1 + notice.encoded_len());
+        payload.extend_from_slice(room_id.as_bytes());
+        payload.push(b'\n');
+        notice
+            .encode(&mut payload)
+            .expect("a Vec grows to fit any message");
+        payload
+    }
+}
+
+/// The commit of a batch: compare `seq`/`epoch`, append events, apply membership changes,
+/// remember drops (their keys follow the room's five), set or clear the empty-room expiry,
+/// publish. Returns 1, or 0 on a conflict.
 const COMMIT: &str = r#"
-local meta, members, departed, owners, log, dropkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local meta, members, departed, owners, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 if expected == '' then
@@ -94,7 +115,7 @@ if expected == '' then
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 9
+local i = 8
 local last = nil
 for _ = 1, tonumber(ARGV[i]) do
   redis.call('XADD', log, 'MAXLEN', history, '0-' .. ARGV[i + 1], 'e', ARGV[i + 2])
@@ -114,6 +135,10 @@ for _ = 1, tonumber(ARGV[i]) do
   redis.call('HSET', owners, ARGV[i + 1], ARGV[i + 2])
   i = i + 3
 end
+i = i + 1
+for k = 1, tonumber(ARGV[i]) do
+  redis.call('SET', KEYS[5 + k], ARGV[i + k], 'PX', ARGV[7])
+end
 local oldest = tonumber(last) - history + 1
 if oldest > 1 then
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', departed, '-inf', '(' .. oldest)) do
@@ -121,15 +146,12 @@ if oldest > 1 then
   end
   redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
 end
-if ARGV[7] ~= '' then
-  redis.call('SET', dropkey, ARGV[7], 'PX', ARGV[8])
-end
 local room = {meta, members, departed, owners, log}
 if redis.call('HLEN', members) == 0 then
   for _, key in ipairs(room) do
     if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl) end
   end
-else
+elseif redis.call('PTTL', meta) ~= -1 then
   for _, key in ipairs(room) do redis.call('PERSIST', key) end
 end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
@@ -231,6 +253,10 @@ struct Shared {
     config: RedisConfig,
     commit: redis::Script,
     feeds: Mutex<HashMap<String, Arc<Feed>>>,
+    /// Each busy room's writer on this node, with the id that tells a retiring writer whether
+    /// it was replaced.
+    writers: Mutex<HashMap<String, (u64, mpsc::Sender<Job>)>>,
+    next_writer: AtomicU64,
     healthy: watch::Sender<bool>,
 }
 
@@ -366,6 +392,8 @@ impl RedisStore {
             config,
             commit: redis::Script::new(COMMIT),
             feeds: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
+            next_writer: AtomicU64::new(0),
             healthy: watch::Sender::new(false),
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
@@ -409,12 +437,17 @@ impl Shared {
     }
 
     fn dispatch(&self, payload: &[u8]) {
-        let Ok(notice) = Notice::decode(payload) else {
+        let Some(split) = payload.iter().position(|b| *b == b'\n') else {
             tracing::warn!("ignoring an unreadable notice on {CHANNEL}");
             return;
         };
-        if let Some(feed) = self.feed(&notice.room_id) {
-            feed.append(notice.events);
+        let room_id = String::from_utf8_lossy(&payload[..split]);
+        let Some(feed) = self.feed(&room_id) else {
+            return;
+        };
+        match Notice::decode(&payload[split + 1..]) {
+            Ok(notice) => feed.append(notice.events),
+            Err(_) => tracing::warn!(%room_id, "ignoring an unreadable notice on {CHANNEL}"),
         }
     }
 
@@ -510,107 +543,218 @@ async fn listen(shared: Arc<Shared>, client: redis::Client, first: redis::aio::P
     }
 }
 
-/// What a command needs read back before the engine runs.
+/// One command waiting for its room's writer on this node.
+struct Job {
+    caller: Caller,
+    cmd: Command,
+    reply: oneshot::Sender<Result<Applied, Error>>,
+}
+
+/// What a batch of commands needs read back before the engine runs.
 struct Loaded {
     meta: Option<(String, u64)>,
     members: Vec<(pb::Participant, u64)>,
-    drop: Option<(String, String, pb::DropUserResponse)>,
+    drops: Vec<(String, String, pb::DropUserResponse)>,
 }
 
-impl RedisStore {
-    async fn load(&self, keys: &Keys, caller: &Caller, cmd: &Command) -> Result<Loaded, Error> {
+/// The member ids and remembered drops (identity, request_id) a batch of commands looks at.
+fn wanted(jobs: &[Job]) -> (Vec<&str>, Vec<(&str, &str)>) {
+    let (mut ids, mut drops) = (Vec::new(), Vec::new());
+    let mut seen = HashSet::new();
+    for job in jobs {
+        match &job.cmd {
+            Command::Join { .. } => {}
+            Command::Leave { client_id } => ids.push(client_id.as_str()),
+            Command::Drop(drop) => {
+                ids.extend(drop.client_ids.iter().map(String::as_str));
+                drops.push((job.caller.identity.as_str(), drop.request_id.as_str()));
+            }
+        }
+    }
+    ids.retain(|id| seen.insert(*id));
+    let mut seen = HashSet::new();
+    drops.retain(|key| seen.insert(*key));
+    (ids, drops)
+}
+
+impl Shared {
+    fn writers(&self) -> MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<Job>)>> {
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The queue of `room_id`'s writer on this node, starting one if it has none.
+    fn writer(self: &Arc<Self>, room_id: &str) -> mpsc::Sender<Job> {
+        let mut writers = self.writers();
+        if let Some((_, queue)) = writers.get(room_id).filter(|(_, q)| !q.is_closed()) {
+            return queue.clone();
+        }
+        let id = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        writers.insert(room_id.to_owned(), (id, queue.clone()));
+        tokio::spawn(write_room(
+            Arc::downgrade(self),
+            room_id.to_owned(),
+            id,
+            jobs,
+        ));
+        queue
+    }
+
+    /// Forgets writer `id` of `room_id`, unless another has replaced it already.
+    fn retire(&self, room_id: &str, id: u64) {
+        let mut writers = self.writers();
+        if writers
+            .get(room_id)
+            .is_some_and(|(current, _)| *current == id)
+        {
+            writers.remove(room_id);
+        }
+    }
+
+    async fn load(&self, keys: &Keys, jobs: &[Job]) -> Result<Loaded, Error> {
+        let (ids, drop_keys) = wanted(jobs);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HMGET")
             .arg(&keys.meta)
             .arg("epoch")
             .arg("seq");
-        match cmd {
-            Command::Join { .. } => {}
-            Command::Leave { client_id } => {
-                pipe.cmd("HMGET").arg(&keys.members).arg(client_id);
-            }
-            Command::Drop(drop) => {
-                pipe.cmd("HMGET").arg(&keys.members).arg(&drop.client_ids);
-                pipe.cmd("GET")
-                    .arg(keys.drop(&caller.identity, &drop.request_id));
-            }
+        if !ids.is_empty() {
+            pipe.cmd("HMGET").arg(&keys.members).arg(&ids);
         }
-        let mut replies = timed(pipe.query_async::<Vec<Value>>(&mut self.shared.conn()))
+        if !drop_keys.is_empty() {
+            let names: Vec<String> = drop_keys.iter().map(|(i, r)| keys.drop(i, r)).collect();
+            pipe.cmd("MGET").arg(names);
+        }
+        let mut replies = timed(pipe.query_async::<Vec<Value>>(&mut self.conn()))
             .await?
             .into_iter();
         let meta = meta(replies.next().unwrap_or(Value::Nil))?;
         let mut members = Vec::new();
-        if let Some(found) = replies.next() {
-            for value in array(found) {
+        if !ids.is_empty() {
+            for value in array(replies.next().unwrap_or(Value::Nil)) {
                 members.extend(member(&value)?);
             }
         }
-        let drop = match (cmd, replies.next()) {
-            (Command::Drop(drop), Some(value)) => match bytes(&value) {
-                Some(raw) => Some((
-                    caller.identity.clone(),
-                    drop.request_id.clone(),
-                    pb::DropUserResponse::decode(raw).map_err(|_| corrupt("drop record"))?,
-                )),
-                None => None,
-            },
-            _ => None,
-        };
+        let mut drops = Vec::new();
+        if !drop_keys.is_empty() {
+            let values = array(replies.next().unwrap_or(Value::Nil));
+            for ((identity, request_id), value) in drop_keys.iter().zip(values) {
+                if let Some(raw) = bytes(&value) {
+                    let response =
+                        pb::DropUserResponse::decode(raw).map_err(|_| corrupt("drop record"))?;
+                    drops.push(((*identity).to_owned(), (*request_id).to_owned(), response));
+                }
+            }
+        }
         Ok(Loaded {
             meta,
             members,
-            drop,
+            drops,
         })
     }
 
-    /// Commits `applied` if the room is still at `expected` (None: the room must not exist yet).
+    /// Runs every job of the batch through the engine on one read of the room, then commits all
+    /// their events at once; on a conflict with another node, reads and runs them again.
+    async fn apply_batch(&self, room_id: &str, jobs: Vec<Job>) {
+        let keys = Keys::new(room_id);
+        let outcome = async {
+            for _ in 0..MAX_ATTEMPTS {
+                let loaded = self.load(&keys, &jobs).await?;
+                let now = SystemTime::now();
+                let expected = loaded.meta.as_ref().map(|(_, seq)| *seq);
+                let mut state = loaded.meta.map(|(epoch, seq)| {
+                    RoomState::restore(room_id, epoch, seq, loaded.members, loaded.drops, now)
+                });
+                let results: Vec<Result<Applied, Error>> = jobs
+                    .iter()
+                    .map(|job| run(&mut state, room_id, job, now))
+                    .collect();
+                let Some(state) =
+                    state.filter(|_| results.iter().flatten().any(|a| !a.events.is_empty()))
+                else {
+                    return Ok(results);
+                };
+                if self
+                    .commit(&keys, room_id, state.epoch(), expected, &jobs, &results)
+                    .await?
+                {
+                    return Ok(results);
+                }
+                // Another node changed the room since we read it: read again and redo.
+                tokio::task::yield_now().await;
+            }
+            Err(Error::StoreUnavailable(format!(
+                "room {room_id:?} changed under {MAX_ATTEMPTS} attempts in a row"
+            )))
+        }
+        .await;
+        match outcome {
+            Ok(results) => {
+                for (job, result) in jobs.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(err) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Commits the batch's events and changes if the room is still at `expected` (None: the
+    /// room must not exist yet). False on a conflict.
     async fn commit(
         &self,
         keys: &Keys,
         room_id: &str,
         epoch: &str,
         expected: Option<u64>,
-        caller: &Caller,
-        applied: &Applied,
+        jobs: &[Job],
+        results: &[Result<Applied, Error>],
     ) -> Result<bool, Error> {
-        let config = &self.shared.config;
-        let remembered = match &applied.reply {
-            Reply::Dropped(response) => Some((
-                keys.drop(&caller.identity, &response.request_id),
-                response.encode_to_vec(),
-            )),
-            _ => None,
-        };
-        let notice = Notice {
-            room_id: room_id.to_owned(),
-            events: applied.events.clone(),
-        };
-        let mut call = self.shared.commit.prepare_invoke();
+        let applied: Vec<(&Job, &Applied)> = jobs
+            .iter()
+            .zip(results)
+            .filter_map(|(job, result)| Some((job, result.as_ref().ok()?)))
+            .filter(|(_, applied)| !applied.events.is_empty())
+            .collect();
+        let events: Vec<&pb::Event> = applied.iter().flat_map(|(_, a)| &a.events).collect();
+        let remembered: Vec<(String, Vec<u8>)> = applied
+            .iter()
+            .filter_map(|(job, applied)| match &applied.reply {
+                Reply::Dropped(response) => Some((
+                    keys.drop(&job.caller.identity, &response.request_id),
+                    response.encode_to_vec(),
+                )),
+                _ => None,
+            })
+            .collect();
+        let notice = Notice::publish(room_id, &events);
+        let mut call = self.commit.prepare_invoke();
         call.key(&keys.meta)
             .key(&keys.members)
             .key(&keys.departed)
             .key(&keys.owners)
-            .key(&keys.log)
-            .key(remembered.as_ref().map_or(&keys.meta, |(key, _)| key))
-            .arg(expected.map_or(String::new(), |seq| seq.to_string()))
+            .key(&keys.log);
+        for (key, _) in &remembered {
+            call.key(key);
+        }
+        call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
             .arg(epoch)
-            .arg(config.history)
-            .arg(config.empty_room_ttl.as_millis().max(1) as u64)
+            .arg(self.config.history)
+            .arg(self.config.empty_room_ttl.as_millis().max(1) as u64)
             .arg(CHANNEL)
-            .arg(notice.encode_to_vec())
-            .arg(
-                remembered
-                    .as_ref()
-                    .map_or(&[][..], |(_, value)| value.as_slice()),
-            )
+            .arg(notice)
             .arg(IDEMPOTENCY_WINDOW.as_millis() as u64);
-        call.arg(applied.events.len());
-        for event in &applied.events {
+        call.arg(events.len());
+        for event in &events {
             call.arg(event.seq).arg(event.encode_to_vec());
         }
+        let changes = applied.iter().flat_map(|(_, a)| &a.changes);
         let (mut joins, mut departures) = (Vec::new(), Vec::new());
-        for change in &applied.changes {
+        for change in changes {
             match change {
                 Change::Joined {
                     participant,
@@ -635,10 +779,81 @@ impl RedisStore {
         for (client_id, identity, end_seq) in departures {
             call.arg(client_id).arg(identity).arg(end_seq);
         }
-        let committed: i64 = timed(call.invoke_async(&mut self.shared.conn())).await?;
+        call.arg(remembered.len());
+        for (_, value) in &remembered {
+            call.arg(value);
+        }
+        let committed: i64 = timed(call.invoke_async(&mut self.conn())).await?;
         Ok(committed == 1)
     }
+}
 
+/// Applies one job to the batch's view of the room; a join may create the room.
+fn run(
+    state: &mut Option<RoomState>,
+    room_id: &str,
+    job: &Job,
+    now: SystemTime,
+) -> Result<Applied, Error> {
+    match state {
+        Some(state) => engine::apply(state, &job.caller, job.cmd.clone(), now),
+        None if job.cmd.creates_room() => {
+            let epoch = uuid::Uuid::new_v4().simple().to_string();
+            let mut fresh = RoomState::new(room_id, epoch);
+            let applied = engine::apply(&mut fresh, &job.caller, job.cmd.clone(), now)?;
+            *state = Some(fresh);
+            Ok(applied)
+        }
+        None => Err(Error::RoomNotFound {
+            room_id: room_id.to_owned(),
+        }),
+    }
+}
+
+/// The writer of one room on this node: takes queued commands in batches, so one node never
+/// races itself on a room and a busy room costs one read and one commit per batch, not per
+/// command. It ends after a while without work, finishing what was queued.
+async fn write_room(shared: Weak<Shared>, room_id: String, id: u64, mut jobs: mpsc::Receiver<Job>) {
+    loop {
+        let first = match tokio::time::timeout(WRITER_IDLE, jobs.recv()).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(_idle) => {
+                if let Some(shared) = shared.upgrade() {
+                    shared.retire(&room_id, id);
+                }
+                jobs.close();
+                // Whatever was queued before the close is still done.
+                let mut rest = Vec::new();
+                while let Some(job) = jobs.recv().await {
+                    rest.push(job);
+                    if rest.len() == MAX_BATCH {
+                        apply(&shared, &room_id, std::mem::take(&mut rest)).await;
+                    }
+                }
+                apply(&shared, &room_id, rest).await;
+                return;
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        apply(&shared, &room_id, batch).await;
+    }
+}
+
+async fn apply(shared: &Weak<Shared>, room_id: &str, batch: Vec<Job>) {
+    // With the store gone the jobs are dropped, and their callers learn it from the reply.
+    if let (Some(shared), false) = (shared.upgrade(), batch.is_empty()) {
+        shared.apply_batch(room_id, batch).await;
+    }
+}
+
+impl RedisStore {
     fn window(&self, epoch: &str, seq: u64) -> LogWindow {
         LogWindow::of(epoch, seq, self.shared.config.history)
     }
@@ -652,42 +867,22 @@ impl RoomStore for RedisStore {
         caller: &Caller,
         cmd: Command,
     ) -> Result<Applied, Error> {
-        let keys = Keys::new(room_id);
-        for _ in 0..MAX_ATTEMPTS {
-            let loaded = self.load(&keys, caller, &cmd).await?;
-            let now = SystemTime::now();
-            let (mut state, expected) = match loaded.meta {
-                Some((epoch, seq)) => (
-                    RoomState::restore(room_id, epoch, seq, loaded.members, loaded.drop, now),
-                    Some(seq),
-                ),
-                None if cmd.creates_room() => (
-                    RoomState::new(room_id, uuid::Uuid::new_v4().simple().to_string()),
-                    None,
-                ),
-                None => {
-                    return Err(Error::RoomNotFound {
-                        room_id: room_id.to_owned(),
-                    })
-                }
-            };
-            let applied = engine::apply(&mut state, caller, cmd.clone(), now)?;
-            if applied.events.is_empty() {
-                return Ok(applied);
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job {
+            caller: caller.clone(),
+            cmd,
+            reply,
+        };
+        loop {
+            match self.shared.writer(room_id).send(job).await {
+                Ok(()) => break,
+                // That writer retired just now; the next call starts a new one.
+                Err(mpsc::error::SendError(returned)) => job = returned,
             }
-            let epoch = state.epoch().to_owned();
-            if self
-                .commit(&keys, room_id, &epoch, expected, caller, &applied)
-                .await?
-            {
-                return Ok(applied);
-            }
-            // Another node changed the room since we read it: read again and redo.
-            tokio::task::yield_now().await;
         }
-        Err(Error::StoreUnavailable(format!(
-            "room {room_id:?} changed under {MAX_ATTEMPTS} attempts in a row"
-        )))
+        answer
+            .await
+            .map_err(|_| Error::Internal(format!("the writer of room {room_id:?} stopped")))?
     }
 
     async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error> {

@@ -122,6 +122,11 @@ impl RedisServer {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Kills the server outright (SIGKILL), as a crash or a lost host would.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
