@@ -75,19 +75,9 @@ impl Node {
         client::with_token(self.channel().await, &token).unwrap()
     }
 
-    /// CPU time the server process has used so far (user + system).
+    /// CPU time the server process has used so far.
     fn cpu(&self) -> Duration {
-        let pid = self.child.id().unwrap();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        Duration::from_millis(ticks * 10)
+        cpu_of(self.child.id().unwrap())
     }
 
     /// Resident memory of the server process, in KiB.

@@ -106,6 +106,13 @@ fn describe(violations: &[Violation]) -> String {
 }
 
 impl Error {
+    /// `ROOM_NOT_FOUND` for `room_id`.
+    pub fn room_not_found(room_id: &str) -> Self {
+        Error::RoomNotFound {
+            room_id: room_id.to_owned(),
+        }
+    }
+
     /// The gRPC code of this error, per DESIGN.md's table.
     pub fn code(&self) -> Code {
         match self {

@@ -142,11 +142,7 @@ impl Rooms {
             let room = match self.lookup(room_id) {
                 Some(room) => room,
                 None if create => self.create(room_id),
-                None => {
-                    return Err(Error::RoomNotFound {
-                        room_id: room_id.to_owned(),
-                    })
-                }
+                None => return Err(Error::room_not_found(room_id)),
             };
             let mut inner = lock(&room);
             if inner.gone {

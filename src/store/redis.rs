@@ -194,6 +194,18 @@ impl Keys {
         }
     }
 
+    /// An atomic pipeline (MULTI) whose first reply is the room's `HMGET meta epoch seq`, so
+    /// whatever follows is read at the same log position.
+    fn read_meta(&self) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&self.meta)
+            .arg("epoch")
+            .arg("seq");
+        pipe
+    }
+
     /// The key remembering `identity`'s drop `request_id` (lengths first: both are free text).
     fn drop(&self, identity: &str, request_id: &str) -> String {
         format!(
@@ -613,12 +625,7 @@ impl Shared {
 
     async fn load(&self, keys: &Keys, jobs: &[Job]) -> Result<Loaded, Error> {
         let (ids, drop_keys) = wanted(jobs);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&keys.meta)
-            .arg("epoch")
-            .arg("seq");
+        let mut pipe = keys.read_meta();
         if !ids.is_empty() {
             pipe.cmd("HMGET").arg(&keys.members).arg(&ids);
         }
@@ -804,9 +811,7 @@ fn run(
             *state = Some(fresh);
             Ok(applied)
         }
-        None => Err(Error::RoomNotFound {
-            room_id: room_id.to_owned(),
-        }),
+        None => Err(Error::room_not_found(room_id)),
     }
 }
 
@@ -887,20 +892,12 @@ impl RoomStore for RedisStore {
 
     async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error> {
         let keys = Keys::new(room_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&keys.meta)
-            .arg("epoch")
-            .arg("seq")
-            .cmd("HVALS")
-            .arg(&keys.members);
+        let mut pipe = keys.read_meta();
+        pipe.cmd("HVALS").arg(&keys.members);
         let (meta_reply, members_reply): (Value, Value) =
             timed(pipe.query_async(&mut self.shared.conn())).await?;
         let Some((epoch, seq)) = meta(meta_reply)? else {
-            return Err(Error::RoomNotFound {
-                room_id: room_id.to_owned(),
-            });
+            return Err(Error::room_not_found(room_id));
         };
         let mut members = Vec::new();
         for value in array(members_reply) {
@@ -916,12 +913,7 @@ impl RoomStore for RedisStore {
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {
         let head = self.shared.subscribe_feed(room_id);
         let keys = Keys::new(room_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&keys.meta)
-            .arg("epoch")
-            .arg("seq");
+        let mut pipe = keys.read_meta();
         if let Some(client_id) = client_id {
             pipe.cmd("HGET")
                 .arg(&keys.members)
@@ -936,9 +928,7 @@ impl RoomStore for RedisStore {
         let replies: Vec<Value> = timed(pipe.query_async(&mut self.shared.conn())).await?;
         let mut replies = replies.into_iter();
         let Some((epoch, seq)) = meta(replies.next().unwrap_or(Value::Nil))? else {
-            return Err(Error::RoomNotFound {
-                room_id: room_id.to_owned(),
-            });
+            return Err(Error::room_not_found(room_id));
         };
         let present = member(&replies.next().unwrap_or(Value::Nil))?;
         let end_seq = replies.next().as_ref().and_then(number);
@@ -967,13 +957,8 @@ impl RoomStore for RedisStore {
             return Ok(cached);
         }
         let keys = Keys::new(room_id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&keys.meta)
-            .arg("epoch")
-            .arg("seq")
-            .cmd("XRANGE")
+        let mut pipe = keys.read_meta();
+        pipe.cmd("XRANGE")
             .arg(&keys.log)
             .arg(format!("0-{}", after + 1))
             .arg("+")
@@ -982,9 +967,7 @@ impl RoomStore for RedisStore {
         let (meta_reply, range): (Value, Value) =
             timed(pipe.query_async(&mut self.shared.conn())).await?;
         let Some((current, seq)) = meta(meta_reply)? else {
-            return Err(Error::RoomNotFound {
-                room_id: room_id.to_owned(),
-            });
+            return Err(Error::room_not_found(room_id));
         };
         let window = self.window(&current, seq);
         if current != epoch {
@@ -1003,9 +986,7 @@ impl RoomStore for RedisStore {
         )
         .await?;
         if !exists {
-            return Err(Error::RoomNotFound {
-                room_id: room_id.to_owned(),
-            });
+            return Err(Error::room_not_found(room_id));
         }
         Ok(head)
     }
