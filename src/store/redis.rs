@@ -663,7 +663,8 @@ impl Shared {
 
     /// Runs every job of the batch through the engine on one read of the room, then commits all
     /// their events at once; on a conflict with another node, reads and runs them again.
-    async fn apply_batch(&self, room_id: &str, jobs: Vec<Job>) {
+    /// Returns the error that failed the whole batch (Redis unreachable), if one did.
+    async fn apply_batch(&self, room_id: &str, jobs: Vec<Job>) -> Option<Error> {
         let keys = Keys::new(room_id);
         let outcome = async {
             for _ in 0..MAX_ATTEMPTS {
@@ -701,11 +702,13 @@ impl Shared {
                 for (job, result) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(result);
                 }
+                None
             }
             Err(err) => {
                 for job in jobs {
                     let _ = job.reply.send(Err(err.clone()));
                 }
+                Some(err)
             }
         }
     }
@@ -847,14 +850,21 @@ async fn write_room(shared: Weak<Shared>, room_id: String, id: u64, mut jobs: mp
                 Err(_) => break,
             }
         }
-        apply(&shared, &room_id, batch).await;
+        if let Some(err) = apply(&shared, &room_id, batch).await {
+            // Redis is failing: answer everything already queued now, instead of letting each
+            // batch wait out its own timeout.
+            while let Ok(job) = jobs.try_recv() {
+                let _ = job.reply.send(Err(err.clone()));
+            }
+        }
     }
 }
 
-async fn apply(shared: &Weak<Shared>, room_id: &str, batch: Vec<Job>) {
+async fn apply(shared: &Weak<Shared>, room_id: &str, batch: Vec<Job>) -> Option<Error> {
     // With the store gone the jobs are dropped, and their callers learn it from the reply.
-    if let (Some(shared), false) = (shared.upgrade(), batch.is_empty()) {
-        shared.apply_batch(room_id, batch).await;
+    match (shared.upgrade(), batch.is_empty()) {
+        (Some(shared), false) => shared.apply_batch(room_id, batch).await,
+        _ => None,
     }
 }
 
