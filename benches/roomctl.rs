@@ -202,30 +202,18 @@ async fn drop_throughput(node: &Node, duration: Duration) -> f64 {
     .await
 }
 
-/// The baseline: tonic's health Check, a unary call with a trivial handler, with the same token.
+/// The baseline: tonic's health Check, a unary call with a trivial handler, sent through the
+/// same client stack as DropUser (the bearer-token interceptor, the same token).
 async fn echo_throughput(node: &Node, duration: Duration) -> f64 {
-    let header: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {}", token("mod", "*", "service"))
-            .parse()
-            .unwrap();
-    let setup = move |channel, _| (HealthClient::new(channel), header.clone());
-    throughput(
-        node,
-        4,
-        32,
-        duration,
-        setup,
-        |(mut health, header)| async move {
-            let mut request = tonic::Request::new(HealthCheckRequest {
-                service: String::new(),
-            });
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-            health.check(request).await.unwrap();
-            (health, header)
-        },
-    )
+    let bearer = client::Bearer::new(&token("mod", "*", "service")).unwrap();
+    let setup = move |channel, _| HealthClient::with_interceptor(channel, bearer.clone());
+    throughput(node, 4, 32, duration, setup, |mut health| async move {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        health.check(request).await.unwrap();
+        health
+    })
     .await
 }
 
@@ -428,13 +416,20 @@ async fn main() {
     // Alternate baseline and DropUser rounds so drift in the machine's speed hits both alike;
     // report the medians.
     let (mut echo, mut drops, mut echo_cpu, mut drop_cpu) = (vec![], vec![], vec![], vec![]);
+    let (mut echo_client, mut drop_client) = (vec![], vec![]);
     for _ in 0..ROUNDS {
-        let cpu = memory.cpu();
+        let (cpu, me) = (memory.cpu(), cpu_of(std::process::id()));
         let rate = echo_throughput(&memory, duration).await;
+        echo_client.push(
+            (cpu_of(std::process::id()) - me).as_secs_f64() * 1e6 / (rate * duration.as_secs_f64()),
+        );
         echo_cpu.push((memory.cpu() - cpu).as_secs_f64() * 1e6 / (rate * duration.as_secs_f64()));
         echo.push(rate);
-        let cpu = memory.cpu();
+        let (cpu, me) = (memory.cpu(), cpu_of(std::process::id()));
         let rate = drop_throughput(&memory, duration).await;
+        drop_client.push(
+            (cpu_of(std::process::id()) - me).as_secs_f64() * 1e6 / (rate * duration.as_secs_f64()),
+        );
         drop_cpu.push((memory.cpu() - cpu).as_secs_f64() * 1e6 / (rate * duration.as_secs_f64()));
         drops.push(rate);
     }
@@ -443,6 +438,11 @@ async fn main() {
     println!("\none node, in-memory store ({ROUNDS} alternating rounds, medians)");
     println!("  echo (Health/Check) throughput: {echo:.0} calls/s; DropUser throughput: {drops:.0} calls/s");
     println!("  server CPU per call: echo {echo_cpu:.1} us, DropUser {drop_cpu:.1} us");
+    println!(
+        "  client CPU per call: echo {:.1} us, DropUser {:.1} us",
+        median(echo_client),
+        median(drop_client)
+    );
     ratio("DropUser / echo throughput", drops / echo, ">= 0.8");
 
     let mut rtt = unary_rtt(&memory, samples).await;
