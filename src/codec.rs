@@ -16,7 +16,7 @@ const BUFFER_BYTES: usize = 1024;
 /// Encoded bytes gathered before a streaming response yields them to the transport.
 const YIELD_BYTES: usize = 32 * 1024;
 
-/// A prost codec with [`BUFFER_BYTES`] buffers; named by `build.rs` as the codec of every RPC.
+/// A prost codec with 1 KiB buffers; named by `build.rs` as the codec of every RPC.
 #[derive(Debug, Clone, Copy)]
 pub struct CompactCodec<T, U>(PhantomData<(T, U)>);
 

@@ -7,14 +7,16 @@
 //! to exactly `--history` entries) and one `drop:` key per remembered `DropUser` answer, expiring
 //! after 10 minutes. An empty room's keys expire after `--empty-room-ttl`.
 //!
-//! **Atomicity.** A command reads what it needs (one MULTI), runs the room engine in Rust, and
-//! commits with a Lua script that applies the membership changes and appends the events only if
-//! the room's `seq` and `epoch` are still the ones read: a compare-and-set, retried on conflict.
-//! Two nodes racing on a room therefore never lose an update nor reuse a `seq`.
+//! **Atomicity.** Commands for a room queue to that room's writer on the node, which takes them in
+//! batches: it reads what the batch needs (one MULTI), runs the room engine in Rust over the
+//! batch, and commits with a Lua script that applies the membership changes and appends the
+//! events only if the room's `seq` and `epoch` are still the ones read: a compare-and-set, retried
+//! on conflict. Two nodes racing on a room therefore never lose an update nor reuse a `seq`, and
+//! one node never races itself.
 //!
 //! **Live delivery.** The commit script also publishes the new events on one channel. Each node
 //! runs a single listener: it keeps a small cache of recent events per room that has local
-//! subscribers (a [`Feed`]) and wakes them; subscribers read from that cache, and only a
+//! subscribers (a `Feed`) and wakes them; subscribers read from that cache, and only a
 //! subscriber behind the cache (replaying an old cursor) reads the stream itself. No connection
 //! or poll loop per subscriber.
 //!
