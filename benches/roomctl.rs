@@ -2,7 +2,8 @@
 //! baselines taken in the same run, on the built `roomctl` binary (a separate process, so its
 //! memory is its own), with real gRPC clients on loopback.
 //!
-//! `cargo bench --bench roomctl` (add `-- --quick` for a short run). The Redis figures need
+//! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --broadcast-only` to
+//! profile the fan-out alone). The Redis figures need
 //! `redis-server` on PATH; they are skipped with a message otherwise.
 
 // The tests' helper; the benchmark uses only part of it.
@@ -413,6 +414,15 @@ async fn main() {
     );
 
     let memory = Node::start("memory").await;
+    if std::env::args().any(|a| a == "--broadcast-only") {
+        // For profiling the fan-out alone: `perf record -p <roomctl pid>` while this runs.
+        let (fanout, _, cpu) = broadcast(&memory, 10_000, 10).await;
+        println!(
+            "  broadcast: {:.1} ms, server CPU {cpu:.0} ms",
+            fanout.as_secs_f64() * 1e3
+        );
+        return;
+    }
     // Alternate baseline and DropUser rounds so drift in the machine's speed hits both alike;
     // report the medians.
     let (mut echo, mut drops, mut echo_cpu, mut drop_cpu) = (vec![], vec![], vec![], vec![]);
