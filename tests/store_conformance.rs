@@ -13,7 +13,7 @@ use roomctl::engine::{
     Caller, ClientStatus, Command, DropCmd, JoinCmd, Reply, RoomScope, TokenRole,
 };
 use roomctl::error::Error;
-use roomctl::pb::{self, Role};
+use roomctl::pb::{self, DropOutcome, Role};
 use roomctl::store::memory::{MemoryConfig, MemoryStore};
 use roomctl::store::redis::{RedisConfig, RedisStore};
 use roomctl::store::RoomStore;
@@ -308,6 +308,59 @@ async fn concurrent_retries_apply_once(s: Stores) {
     assert_eq!(s.b.snapshot("r").await.unwrap().window.newest_seq, 3 + 5);
 }
 
+/// What one handle learnt of a room is never trusted beyond what it saw: members and answers
+/// that were already there when it last looked, and changes made through the other handle
+/// since, are all taken into account.
+async fn handles_never_act_on_stale_knowledge(s: Stores) {
+    join(&s.b, "r", "c1").await; // 1
+    s.b.execute("r", &service(), drop_cmd(&["nobody"], "q1"))
+        .await
+        .unwrap(); // 2
+    join(&s.a, "r", "c0").await; // 3: a looks at the room, but not at c1 or q1
+    let dropped =
+        s.a.execute("r", &service(), drop_cmd(&["c1"], "q2"))
+            .await
+            .unwrap(); // 4, 5, 6
+    let Reply::Dropped(response) = dropped.reply else {
+        panic!()
+    };
+    assert_eq!(
+        response.results[0].outcome(),
+        DropOutcome::Dropped,
+        "a member a had not seen"
+    );
+    let retry =
+        s.a.execute("r", &service(), drop_cmd(&["nobody"], "q1"))
+            .await
+            .unwrap();
+    assert!(
+        retry.events.is_empty(),
+        "an answer a had not seen is remembered"
+    );
+
+    s.b.execute("r", &service(), drop_cmd(&["c0"], "q3"))
+        .await
+        .unwrap(); // 7, 8, 9
+    let leave =
+        s.a.execute(
+            "r",
+            &service(),
+            Command::Leave {
+                client_id: "c0".into(),
+            },
+        )
+        .await;
+    assert!(
+        matches!(leave, Err(Error::ClientNotFound { .. })),
+        "dropped through b: {leave:?}"
+    );
+    assert_eq!(
+        s.a.snapshot("r").await.unwrap().window.newest_seq,
+        9,
+        "nothing written on a stale view"
+    );
+}
+
 /// A store reports itself healthy once it can serve.
 async fn health_turns_serving(s: Stores) {
     let mut health = s.a.health();
@@ -325,5 +378,6 @@ conformance! {
     writes_wake_subscribers_of_every_handle,
     drops_are_idempotent_across_handles,
     concurrent_retries_apply_once,
+    handles_never_act_on_stale_knowledge,
     health_turns_serving,
 }

@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -104,20 +104,34 @@ impl Notice {
     }
 }
 
-/// The commit of a batch: compare `seq`/`epoch`, append events, apply membership changes,
-/// remember drops (their keys follow the room's five), set or clear the empty-room expiry,
-/// publish. Returns 1, or 0 on a conflict.
+/// The commit of a batch. Returns 0, changing nothing, unless the room is still at the `seq` and
+/// `epoch` the batch ran on, and every member id and drop answer the batch assumed absent is
+/// absent (their keys follow the room's five). Then it appends the events, applies membership
+/// changes, remembers the new drop answers, sets or clears the empty-room expiry, publishes,
+/// and returns 1.
 const COMMIT: &str = r#"
 local meta, members, departed, owners, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 if expected == '' then
   if current[1] then return 0 end
-  redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 8
+local i, k = 8, 5
+for _ = 1, tonumber(ARGV[i]) do
+  i = i + 1
+  if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  k = k + 1
+  if redis.call('EXISTS', KEYS[k]) == 1 then return 0 end
+end
+if expected == '' then
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
+end
+i = i + 1
 local last = nil
 for _ = 1, tonumber(ARGV[i]) do
   redis.call('XADD', log, 'MAXLEN', history, '0-' .. ARGV[i + 1], 'e', ARGV[i + 2])
@@ -138,8 +152,9 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 3
 end
 i = i + 1
-for k = 1, tonumber(ARGV[i]) do
-  redis.call('SET', KEYS[5 + k], ARGV[i + k], 'PX', ARGV[7])
+for n = 1, tonumber(ARGV[i]) do
+  k = k + 1
+  redis.call('SET', KEYS[k], ARGV[i + n], 'PX', ARGV[7])
 end
 local oldest = tonumber(last) - history + 1
 if oldest > 1 then
@@ -557,6 +572,30 @@ async fn listen(shared: Arc<Shared>, client: redis::Client, first: redis::aio::P
     }
 }
 
+/// How long a writer trusts what it knows of its room before reading it again. Remembered drop
+/// answers it holds may outlive their Redis expiry by at most this much.
+const KNOWN_FOR: Duration = Duration::from_secs(1);
+/// Most member ids a writer keeps track of before it reads its room again instead.
+const KNOWN_IDS: usize = 50_000;
+
+/// What a room's writer knows of its room at the `seq` of its last read or commit: the room's
+/// state restricted to what it has seen, and which member ids and drop answers (by key) it knows
+/// to be present or absent there. A batch runs on it without reading Redis; anything else the
+/// batch looks at is assumed absent, and the commit script checks those assumptions along with
+/// the `seq`, so a stale guess is a conflict, never a wrong answer.
+struct Known {
+    state: RoomState,
+    ids: HashSet<String>,
+    drops: HashSet<String>,
+    read_at: Instant,
+}
+
+impl Known {
+    fn usable(&self) -> bool {
+        self.read_at.elapsed() < KNOWN_FOR && self.ids.len() <= KNOWN_IDS
+    }
+}
+
 /// One command waiting for its room's writer on this node.
 struct Job {
     caller: Caller,
@@ -571,23 +610,26 @@ struct Loaded {
     drops: Vec<(String, String, pb::DropUserResponse)>,
 }
 
-/// The member ids and remembered drops (identity, request_id) a batch of commands looks at.
-fn wanted(jobs: &[Job]) -> (Vec<&str>, Vec<(&str, &str)>) {
+/// The member ids and remembered drop answers (Redis key, identity, request_id) a batch of
+/// commands looks at, each once.
+fn wanted<'a>(keys: &Keys, jobs: &'a [Job]) -> (Vec<&'a str>, Vec<(String, &'a str, &'a str)>) {
     let (mut ids, mut drops) = (Vec::new(), Vec::new());
-    let mut seen = HashSet::new();
     for job in jobs {
         match &job.cmd {
             Command::Join { .. } => {}
             Command::Leave { client_id } => ids.push(client_id.as_str()),
             Command::Drop(drop) => {
                 ids.extend(drop.client_ids.iter().map(String::as_str));
-                drops.push((job.caller.identity.as_str(), drop.request_id.as_str()));
+                let identity = job.caller.identity.as_str();
+                let key = keys.drop(identity, &drop.request_id);
+                drops.push((key, identity, drop.request_id.as_str()));
             }
         }
     }
+    let mut seen = HashSet::new();
     ids.retain(|id| seen.insert(*id));
     let mut seen = HashSet::new();
-    drops.retain(|key| seen.insert(*key));
+    drops.retain(|(key, ..)| seen.insert(key.clone()));
     (ids, drops)
 }
 
@@ -625,14 +667,18 @@ impl Shared {
         }
     }
 
-    async fn load(&self, keys: &Keys, jobs: &[Job]) -> Result<Loaded, Error> {
-        let (ids, drop_keys) = wanted(jobs);
+    async fn load(
+        &self,
+        keys: &Keys,
+        ids: &[&str],
+        drop_keys: &[(String, &str, &str)],
+    ) -> Result<Loaded, Error> {
         let mut pipe = keys.read_meta();
         if !ids.is_empty() {
-            pipe.cmd("HMGET").arg(&keys.members).arg(&ids);
+            pipe.cmd("HMGET").arg(&keys.members).arg(ids);
         }
         if !drop_keys.is_empty() {
-            let names: Vec<String> = drop_keys.iter().map(|(i, r)| keys.drop(i, r)).collect();
+            let names: Vec<&str> = drop_keys.iter().map(|(key, ..)| key.as_str()).collect();
             pipe.cmd("MGET").arg(names);
         }
         let mut replies = timed(pipe.query_async::<Vec<Value>>(&mut self.conn()))
@@ -648,7 +694,7 @@ impl Shared {
         let mut drops = Vec::new();
         if !drop_keys.is_empty() {
             let values = array(replies.next().unwrap_or(Value::Nil));
-            for ((identity, request_id), value) in drop_keys.iter().zip(values) {
+            for ((_, identity, request_id), value) in drop_keys.iter().zip(values) {
                 if let Some(raw) = bytes(&value) {
                     let response =
                         pb::DropUserResponse::decode(raw).map_err(|_| corrupt("drop record"))?;
@@ -663,35 +709,94 @@ impl Shared {
         })
     }
 
-    /// Runs every job of the batch through the engine on one read of the room, then commits all
-    /// their events at once; on a conflict with another node, reads and runs them again.
-    /// Returns the error that failed the whole batch (Redis unreachable), if one did.
-    async fn apply_batch(&self, room_id: &str, jobs: Vec<Job>) -> Option<Error> {
+    /// Runs every job of the batch through the engine, on what the writer knows of the room or
+    /// else on a fresh read, then commits all their events at once; on a conflict (another node
+    /// wrote, or an assumption was wrong) reads the room and runs them again. Returns the error
+    /// that failed the whole batch (Redis unreachable), if one did.
+    async fn apply_batch(
+        &self,
+        room_id: &str,
+        jobs: Vec<Job>,
+        known: &mut Option<Known>,
+    ) -> Option<Error> {
         let keys = Keys::new(room_id);
+        let (ids, drop_keys) = wanted(&keys, &jobs);
         let outcome = async {
             for _ in 0..MAX_ATTEMPTS {
-                let loaded = self.load(&keys, &jobs).await?;
                 let now = SystemTime::now();
-                let expected = loaded.meta.as_ref().map(|(_, seq)| *seq);
-                let mut state = loaded.meta.map(|(epoch, seq)| {
-                    RoomState::restore(room_id, epoch, seq, loaded.members, loaded.drops, now)
-                });
+                let (mut state, mut seen_ids, mut seen_drops, read_at) =
+                    match known.take().filter(Known::usable) {
+                        Some(k) => (Some(k.state), k.ids, k.drops, k.read_at),
+                        None => {
+                            let loaded = self.load(&keys, &ids, &drop_keys).await?;
+                            let state = loaded.meta.map(|(epoch, seq)| {
+                                let (members, drops) = (loaded.members, loaded.drops);
+                                RoomState::restore(room_id, epoch, seq, members, drops, now)
+                            });
+                            let ids = ids.iter().map(|id| id.to_string()).collect();
+                            let drops = drop_keys.iter().map(|(key, ..)| key.clone()).collect();
+                            (state, ids, drops, Instant::now())
+                        }
+                    };
+                let assumed_ids: Vec<&str> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !seen_ids.contains(*id))
+                    .collect();
+                let assumed_drops: Vec<&str> = drop_keys
+                    .iter()
+                    .map(|(key, ..)| key.as_str())
+                    .filter(|key| !seen_drops.contains(*key))
+                    .collect();
+                let expected = state.as_ref().map(RoomState::seq);
                 let results: Vec<Result<Applied, Error>> = jobs
                     .iter()
                     .map(|job| run(&mut state, room_id, job, now))
                     .collect();
-                let Some(state) =
-                    state.filter(|_| results.iter().flatten().any(|a| !a.events.is_empty()))
-                else {
+                let writes = results.iter().flatten().any(|a| !a.events.is_empty());
+                let Some(mut state) = state else {
                     return Ok(results);
                 };
-                if self
-                    .commit(&keys, room_id, state.epoch(), expected, &jobs, &results)
-                    .await?
-                {
+                if !writes {
+                    if !(assumed_ids.is_empty() && assumed_drops.is_empty()) {
+                        // Answers resting on guesses no commit will check: read and redo.
+                        continue;
+                    }
+                    *known = Some(Known {
+                        state,
+                        ids: seen_ids,
+                        drops: seen_drops,
+                        read_at,
+                    });
                     return Ok(results);
                 }
-                // Another node changed the room since we read it: read again and redo.
+                let assumed = (assumed_ids.as_slice(), assumed_drops.as_slice());
+                if self
+                    .commit(&keys, room_id, &state, expected, &jobs, &results, assumed)
+                    .await?
+                {
+                    // Everything the batch looked at or joined is known now (the drop answers it
+                    // remembered are among the keys it looked at).
+                    seen_ids.extend(ids.iter().map(|id| id.to_string()));
+                    for applied in results.iter().flatten() {
+                        for change in &applied.changes {
+                            if let Change::Joined { participant, .. } = change {
+                                seen_ids.insert(participant.client_id.clone());
+                            }
+                        }
+                    }
+                    seen_drops.extend(drop_keys.iter().map(|(key, ..)| key.clone()));
+                    let oldest = state.seq().saturating_sub(self.config.history as u64) + 1;
+                    state.forget_departed_before(oldest);
+                    *known = Some(Known {
+                        state,
+                        ids: seen_ids,
+                        drops: seen_drops,
+                        read_at,
+                    });
+                    return Ok(results);
+                }
+                // Another node changed the room, or a guess was wrong: read again and redo.
                 tokio::task::yield_now().await;
             }
             Err(Error::StoreUnavailable(format!(
@@ -717,14 +822,16 @@ impl Shared {
 
     /// Commits the batch's events and changes if the room is still at `expected` (None: the
     /// room must not exist yet). False on a conflict.
+    #[allow(clippy::too_many_arguments)]
     async fn commit(
         &self,
         keys: &Keys,
         room_id: &str,
-        epoch: &str,
+        state: &RoomState,
         expected: Option<u64>,
         jobs: &[Job],
         results: &[Result<Applied, Error>],
+        (assumed_ids, assumed_drops): (&[&str], &[&str]),
     ) -> Result<bool, Error> {
         let applied: Vec<(&Job, &Applied)> = jobs
             .iter()
@@ -750,16 +857,24 @@ impl Shared {
             .key(&keys.departed)
             .key(&keys.owners)
             .key(&keys.log);
+        for key in assumed_drops {
+            call.key(*key);
+        }
         for (key, _) in &remembered {
             call.key(key);
         }
         call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
-            .arg(epoch)
+            .arg(state.epoch())
             .arg(self.config.history)
             .arg(self.config.empty_room_ttl.as_millis().max(1) as u64)
             .arg(CHANNEL)
             .arg(notice)
             .arg(IDEMPOTENCY_WINDOW.as_millis() as u64);
+        call.arg(assumed_ids.len());
+        for id in assumed_ids {
+            call.arg(*id);
+        }
+        call.arg(assumed_drops.len());
         call.arg(events.len());
         for event in &events {
             call.arg(event.seq).arg(event.encode_to_vec());
@@ -824,6 +939,7 @@ fn run(
 /// races itself on a room and a busy room costs one read and one commit per batch, not per
 /// command. It ends after a while without work, finishing what was queued.
 async fn write_room(shared: Weak<Shared>, room_id: String, id: u64, mut jobs: mpsc::Receiver<Job>) {
+    let mut known = None;
     loop {
         let first = match tokio::time::timeout(WRITER_IDLE, jobs.recv()).await {
             Ok(Some(job)) => job,
@@ -838,10 +954,10 @@ async fn write_room(shared: Weak<Shared>, room_id: String, id: u64, mut jobs: mp
                 while let Some(job) = jobs.recv().await {
                     rest.push(job);
                     if rest.len() == MAX_BATCH {
-                        apply(&shared, &room_id, std::mem::take(&mut rest)).await;
+                        apply(&shared, &room_id, std::mem::take(&mut rest), &mut known).await;
                     }
                 }
-                apply(&shared, &room_id, rest).await;
+                apply(&shared, &room_id, rest, &mut known).await;
                 return;
             }
         };
@@ -852,7 +968,7 @@ async fn write_room(shared: Weak<Shared>, room_id: String, id: u64, mut jobs: mp
                 Err(_) => break,
             }
         }
-        if let Some(err) = apply(&shared, &room_id, batch).await {
+        if let Some(err) = apply(&shared, &room_id, batch, &mut known).await {
             // Redis is failing: answer everything already queued now, instead of letting each
             // batch wait out its own timeout.
             while let Ok(job) = jobs.try_recv() {
@@ -862,10 +978,15 @@ async fn write_room(shared: Weak<Shared>, room_id: String, id: u64, mut jobs: mp
     }
 }
 
-async fn apply(shared: &Weak<Shared>, room_id: &str, batch: Vec<Job>) -> Option<Error> {
+async fn apply(
+    shared: &Weak<Shared>,
+    room_id: &str,
+    batch: Vec<Job>,
+    known: &mut Option<Known>,
+) -> Option<Error> {
     // With the store gone the jobs are dropped, and their callers learn it from the reply.
     match (shared.upgrade(), batch.is_empty()) {
-        (Some(shared), false) => shared.apply_batch(room_id, batch).await,
+        (Some(shared), false) => shared.apply_batch(room_id, batch, known).await,
         _ => None,
     }
 }
