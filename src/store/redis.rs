@@ -12,7 +12,9 @@
 //! batch, and commits with a Lua script that applies the membership changes and appends the
 //! events only if the room's `seq` and `epoch` are still the ones read: a compare-and-set, retried
 //! on conflict. Two nodes racing on a room therefore never lose an update nor reuse a `seq`, and
-//! one node never races itself.
+//! one node never races itself. A writer keeps what it last read or wrote (`Known`) for a second
+//! and runs the next batch on it without a read: what it has not seen is assumed absent, and the
+//! commit script checks those assumptions too, so a busy room costs one round trip per batch.
 //!
 //! **Live delivery.** The commit script also publishes the new events on one channel. Each node
 //! runs a single listener: it keeps a small cache of recent events per room that has local
