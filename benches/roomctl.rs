@@ -234,30 +234,38 @@ async fn unary_rtt(node: &Node, samples: usize) -> Samples {
     Samples(out)
 }
 
+/// A join request for `room` with no name and the token's own role.
+fn join_request(room: &str) -> pb::JoinRequest {
+    pb::JoinRequest {
+        room_id: room.into(),
+        ..Default::default()
+    }
+}
+
+/// Subscribes to `room` as `client_id` ("" observes) after `after_seq`.
+async fn subscribe(
+    client: &mut Client,
+    room: &str,
+    client_id: &str,
+    after_seq: u64,
+) -> tonic::Streaming<pb::Event> {
+    let request = pb::EventsRequest {
+        room_id: room.into(),
+        client_id: client_id.into(),
+        after_seq: Some(after_seq),
+        epoch: String::new(),
+    };
+    client.events(request).await.unwrap().into_inner()
+}
+
 /// Time from calling DropUser to the dropped client's stream delivering room_disconnected.
 async fn drop_to_disconnect(node: &Node, samples: usize) -> Samples {
     let mut moderator = node.client("alice", "lat", "moderator").await;
     let mut user = node.client("bob", "lat", "participant").await;
     let mut out = Vec::with_capacity(samples);
     for _ in 0..samples {
-        let joined = user
-            .join(pb::JoinRequest {
-                room_id: "lat".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut stream = user
-            .events(pb::EventsRequest {
-                room_id: "lat".into(),
-                client_id: joined.client_id.clone(),
-                after_seq: Some(joined.seq),
-                epoch: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let joined = user.join(join_request("lat")).await.unwrap().into_inner();
+        let mut stream = subscribe(&mut user, "lat", &joined.client_id, joined.seq).await;
         let start = Instant::now();
         let drop = moderator.drop_user(pb::DropUserRequest {
             room_id: "lat".into(),
@@ -280,31 +288,12 @@ async fn drop_to_disconnect(node: &Node, samples: usize) -> Samples {
 async fn delivery(writer: &Node, reader: &Node, room: &str, samples: usize) -> Samples {
     let mut write = writer.client("w", room, "service").await;
     let mut read = reader.client("r", room, "service").await;
-    let first = write
-        .join(pb::JoinRequest {
-            room_id: room.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stream = read
-        .events(pb::EventsRequest {
-            room_id: room.into(),
-            client_id: String::new(),
-            after_seq: Some(first.seq),
-            epoch: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let first = write.join(join_request(room)).await.unwrap().into_inner();
+    let mut stream = subscribe(&mut read, room, "", first.seq).await;
     let mut out = Vec::with_capacity(samples);
     for _ in 0..samples {
         let start = Instant::now();
-        let join = write.join(pb::JoinRequest {
-            room_id: room.into(),
-            ..Default::default()
-        });
+        let join = write.join(join_request(room));
         let (joined, event) = tokio::join!(join, stream.message());
         joined.unwrap();
         event.unwrap().unwrap();
@@ -318,14 +307,7 @@ async fn delivery(writer: &Node, reader: &Node, room: &str, samples: usize) -> S
 /// subscription in bytes, and the server CPU one broadcast costs, in ms.
 async fn broadcast(node: &Node, count: usize, connections: usize) -> (Duration, u64, f64) {
     let mut admin = node.client("ops", "fan", "service").await;
-    let first = admin
-        .join(pb::JoinRequest {
-            room_id: "fan".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let first = admin.join(join_request("fan")).await.unwrap().into_inner();
     let rss_before = node.rss_kib();
     let mut streams = Vec::with_capacity(count);
     let mut clients = Vec::new();
@@ -334,17 +316,7 @@ async fn broadcast(node: &Node, count: usize, connections: usize) -> (Duration, 
     }
     for i in 0..count {
         let client = &mut clients[i % connections];
-        let stream = client
-            .events(pb::EventsRequest {
-                room_id: "fan".into(),
-                client_id: String::new(),
-                after_seq: Some(first.seq),
-                epoch: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        streams.push(stream);
+        streams.push(subscribe(client, "fan", "", first.seq).await);
     }
     // Let the server settle its per-stream state before reading its memory.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -16,6 +16,19 @@ fn outcomes(response: &pb::DropUserResponse) -> Vec<(&str, DropOutcome)> {
         .collect()
 }
 
+/// The room's current log position, as ListParticipants reports it.
+async fn room_seq(client: &mut Client, room: &str) -> u64 {
+    let request = pb::ListParticipantsRequest {
+        room_id: room.into(),
+    };
+    client
+        .list_participants(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .seq
+}
+
 /// The seed's scenario: the dropped client's stream delivers `room_disconnected` with the reason
 /// and ends OK; the moderator's observer stream sees `user_disconnected` then the ack with the
 /// same results the call returned, and never the dropped client's `room_disconnected`.
@@ -164,26 +177,12 @@ async fn retried_request_id_returns_first_answer_without_new_events(backend: Bac
     let mut request = drop_request("r", &[&a], "spam");
     request.request_id = "drop-42".into();
     let first = alice.drop_user(request.clone()).await.unwrap().into_inner();
-    let seq_after_first = alice
-        .list_participants(pb::ListParticipantsRequest {
-            room_id: "r".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .seq;
+    let seq_after_first = room_seq(&mut alice, "r").await;
     let retry = alice.drop_user(request.clone()).await.unwrap().into_inner();
     assert_eq!(retry, first);
     assert_eq!(retry.request_id, "drop-42");
     assert_eq!(outcomes(&retry), [(a.as_str(), DropOutcome::Dropped)]);
-    let seq_after_retry = alice
-        .list_participants(pb::ListParticipantsRequest {
-            room_id: "r".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .seq;
+    let seq_after_retry = room_seq(&mut alice, "r").await;
     assert_eq!(seq_after_retry, seq_after_first);
 
     // Another moderator using the same key makes another request.
