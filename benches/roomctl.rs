@@ -4,12 +4,15 @@
 //!
 //! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --broadcast-only` to
 //! profile the fan-out alone). The Redis figures need
-//! `redis-server` on PATH; they are skipped with a message otherwise.
+//! `redis-server` on PATH; without it the run stops there, or skips them when
+//! `ROOMCTL_SKIP_REDIS=1` is set.
 
 // The tests' helper; the benchmark uses only part of it.
 #[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
+#[path = "../tests/common/tools.rs"]
+mod tools;
 
 use std::net::SocketAddr;
 use std::process::Stdio;

@@ -610,23 +610,30 @@ impl LogWindow {
 
     /// Resolves a subscription's cursor to the seq it starts after. A non-empty `epoch` must be
     /// this log's; `after_seq` must lie in `oldest_seq - 1 ..= newest_seq`; unset means "now".
+    /// `after_seq` comes from the wire, so any `u64` is answered, never overflowed.
     pub fn start(&self, after_seq: Option<u64>, epoch: &str) -> Result<u64, Error> {
         if !epoch.is_empty() && epoch != self.epoch {
             return Err(self.out_of_range());
         }
         match after_seq {
             None => Ok(self.newest_seq),
-            Some(after) if after + 1 >= self.oldest_seq && after <= self.newest_seq => Ok(after),
+            Some(after) if self.holds_cursor(after) && after <= self.newest_seq => Ok(after),
             Some(_) => Err(self.out_of_range()),
         }
     }
 
     /// Checks that reading after `cursor` is still possible (the subscriber did not fall out).
     pub fn check_readable(&self, cursor: u64) -> Result<(), Error> {
-        if cursor + 1 < self.oldest_seq {
+        if !self.holds_cursor(cursor) {
             return Err(self.out_of_range());
         }
         Ok(())
+    }
+
+    /// Whether the event right after `cursor` is still in the history (`oldest_seq` is at least
+    /// 1, so `oldest_seq - 1` cannot underflow).
+    fn holds_cursor(&self, cursor: u64) -> bool {
+        cursor >= self.oldest_seq - 1
     }
 }
 
@@ -1036,6 +1043,7 @@ mod tests {
         assert!(w.start(Some(14), "").is_err());
         assert_eq!(w.start(Some(20), "ep"), Ok(20));
         assert!(w.start(Some(21), "").is_err());
+        assert!(w.start(Some(u64::MAX), "").is_err());
         assert_eq!(w.start(None, ""), Ok(20));
         assert!(w.start(None, "other").is_err());
         assert!(w.start(Some(18), "other").is_err());

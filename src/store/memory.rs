@@ -272,7 +272,7 @@ impl RoomStore for MemoryStore {
                 return Err(window.out_of_range());
             }
             window.check_readable(after)?;
-            let skip = (after + 1).saturating_sub(window.oldest_seq) as usize;
+            let skip = after.saturating_add(1).saturating_sub(window.oldest_seq) as usize;
             Ok(inner
                 .log
                 .iter()

@@ -254,7 +254,7 @@ impl Feed {
         let mut cache = self.cache();
         match cache.back() {
             Some(last) if last.epoch == first.epoch && last.seq >= first.seq => return,
-            Some(last) if last.epoch == first.epoch && last.seq + 1 == first.seq => {}
+            Some(last) if last.epoch == first.epoch && last.seq.checked_add(1) == Some(first.seq) => {}
             _ => cache.clear(),
         }
         let newest = events.last().map_or(first.seq, |e| e.seq);
@@ -271,10 +271,12 @@ impl Feed {
     fn read(&self, epoch: &str, after: u64) -> Option<Vec<Arc<pb::Event>>> {
         let cache = self.cache();
         let (first, last) = (cache.front()?, cache.back()?);
-        if first.epoch != epoch || after + 1 < first.seq || after > last.seq {
+        // The oldest cursor the cache serves (saturating: notices come from outside the process).
+        let oldest_cursor = first.seq.saturating_sub(1);
+        if first.epoch != epoch || after < oldest_cursor || after > last.seq {
             return None;
         }
-        let skip = (after + 1 - first.seq) as usize;
+        let skip = (after - oldest_cursor) as usize;
         Some(cache.iter().skip(skip).take(READ_BATCH).cloned().collect())
     }
 }
@@ -1095,7 +1097,7 @@ impl RoomStore for RedisStore {
         let mut pipe = keys.read_meta();
         pipe.cmd("XRANGE")
             .arg(&keys.log)
-            .arg(format!("0-{}", after + 1))
+            .arg(format!("0-{}", after.saturating_add(1)))
             .arg("+")
             .arg("COUNT")
             .arg(READ_BATCH);

@@ -2,7 +2,9 @@
 //! helpers to read events and error details. Each test binary uses a different part of it.
 #![allow(dead_code, unused_macros)]
 
+pub mod grpcurl;
 pub mod redis_server;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

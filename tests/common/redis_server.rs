@@ -16,18 +16,20 @@ pub struct RedisServer {
     tls: Option<[String; 3]>,
 }
 
-/// Whether Redis tests can run here. Without `redis-server` they are skipped loudly, unless
-/// `ROOMCTL_REQUIRE_REDIS` is set (CI), which makes its absence a failure.
+/// Whether Redis tests can run here: true when `redis-server` is on PATH. When it is not, the
+/// test fails with how to install it, unless `ROOMCTL_SKIP_REDIS` asks to skip it (see
+/// [`super::tools::missing`]).
 pub fn redis_available() -> bool {
     let found = std::process::Command::new("redis-server")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
-        if std::env::var_os("ROOMCTL_REQUIRE_REDIS").is_some() {
-            panic!("redis-server is required (ROOMCTL_REQUIRE_REDIS is set) but was not found");
-        }
-        eprintln!("\n!!! SKIPPED: redis-server not found; install it to run the Redis tests !!!\n");
+        super::tools::missing(
+            "REDIS",
+            "redis-server",
+            "install it (Debian: apt-get install redis-server)",
+        );
     }
     found
 }

@@ -1,0 +1,19 @@
+//! What a test does when an outside tool it needs (`redis-server`, grpcurl) is missing.
+//!
+//! A missing tool fails the test, with the way to get it: a test that passes without running
+//! proves nothing, and a skip hidden in captured output is easy to miss. Skipping is an explicit
+//! choice, `ROOMCTL_SKIP_<TOOL>=1`, which CI overrides with `ROOMCTL_REQUIRE_<TOOL>=1`.
+
+/// Called when `tool` (named `REDIS` or `GRPCURL` in the variables) is missing: panics with
+/// `how_to_get_it`, or returns quietly after a loud line when the caller asked to skip.
+pub fn missing(tool: &str, what: &str, how_to_get_it: &str) {
+    let skip = format!("ROOMCTL_SKIP_{tool}");
+    let require = format!("ROOMCTL_REQUIRE_{tool}");
+    if std::env::var_os(&require).is_some() {
+        panic!("{what} is required ({require} is set) but was not found; {how_to_get_it}");
+    }
+    if std::env::var_os(&skip).is_none() {
+        panic!("{what} was not found; {how_to_get_it}, or set {skip}=1 to skip the tests needing it");
+    }
+    eprintln!("\n!!! SKIPPED ({skip} is set): {what} not found !!!\n");
+}
