@@ -28,7 +28,7 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
-const SECRET: &str = "bench-secret";
+const SECRET: &str = "bench-secret-long-enough-for-hs256-keys";
 
 /// A `roomctl serve` process.
 struct Node {

@@ -2,8 +2,14 @@
 //!
 //! [`Authenticator`] runs as a tonic interceptor in front of the RoomControl service: it verifies
 //! the token once per call (HMAC, no I/O, so the synchronous interceptor is the right place) and
-//! puts the verified [`Caller`] in the request's extensions, where handlers read it. Health and
-//! reflection stay open, as load balancers and grpcurl expect.
+//! puts the verified [`Caller`] and the token's expiry in the request's extensions, where handlers
+//! read them. Health and reflection stay open, as load balancers and grpcurl expect.
+//!
+//! The rules are strict and exact: HS256 only; `exp` is in the past from its very second on (no
+//! leeway, no rounding); an `nbf` in the future is refused; `iss` and `aud` are checked when the
+//! server is configured with them; identities and rooms follow the contract's limits; tokens
+//! over [`MAX_TOKEN_BYTES`] are refused unread. Refusals say what is wrong in plain words and
+//! never quote the JWT parser.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,8 +20,29 @@ use tonic::{service::Interceptor, Request, Status};
 
 use crate::engine::{Caller, RoomScope, TokenRole};
 use crate::error::Error;
+use crate::validate;
 
-/// The claims of a roomctl token; all four are required.
+/// Shortest secret `serve` accepts: HS256 needs 256 bits of key.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Longest token verified. Real tokens are a few hundred bytes; anything much larger is a
+/// mistake or an attack, refused before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Checks that `secret` is long enough to sign with, saying how to make one if it is not.
+pub fn check_secret(secret: &[u8]) -> Result<(), String> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "the JWT secret is {} bytes; HS256 needs at least {MIN_SECRET_BYTES} (256 bits). \
+             Make one with: head -c 32 /dev/urandom | base64",
+            secret.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The claims a token is minted with. `sub`, `room`, `role` and `exp` are required; `nbf`,
+/// `iss` and `aud` are optional (`iss` and `aud` are required by a server configured with them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The caller's identity.
@@ -24,8 +51,17 @@ pub struct Claims {
     pub room: String,
     /// `participant`, `moderator` or `service`.
     pub role: String,
-    /// Expiry, in seconds since the Unix epoch.
+    /// Expiry, in seconds since the Unix epoch: the token is refused from that second on.
     pub exp: u64,
+    /// Not valid before this time, in seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// The issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// The audience (the roomctl deployment the token is for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 impl Claims {
@@ -38,24 +74,45 @@ impl Claims {
             sub: identity.to_owned(),
             room: room.to_owned(),
             role: role.to_owned(),
-            exp: (now + ttl).as_secs(),
+            exp: now.saturating_add(ttl).as_secs(),
+            nbf: None,
+            iss: None,
+            aud: None,
         }
     }
+}
 
+/// The claims verification reads (`aud` may be a string or a list, so it is left to
+/// jsonwebtoken's own check).
+#[derive(Deserialize)]
+struct Presented {
+    sub: String,
+    room: String,
+    role: String,
+    exp: u64,
+}
+
+impl Presented {
     /// Turns verified claims into a caller, rejecting combinations the contract forbids.
     fn into_caller(self) -> Result<Caller, Error> {
         let role = match self.role.as_str() {
             "participant" => TokenRole::Participant,
             "moderator" => TokenRole::Moderator,
             "service" => TokenRole::Service,
-            other => {
-                return Err(Error::Unauthenticated(format!(
-                    "unknown role {other:?} in token; expected participant, moderator or service"
-                )))
+            _ => {
+                return Err(Error::Unauthenticated(
+                    "the token's role must be participant, moderator or service".into(),
+                ))
             }
         };
         if self.sub.is_empty() {
             return Err(Error::Unauthenticated("the token's sub is empty".into()));
+        }
+        if self.sub.chars().count() > validate::MAX_ID_CHARS {
+            return Err(Error::Unauthenticated(format!(
+                "the token's sub is longer than {} characters",
+                validate::MAX_ID_CHARS
+            )));
         }
         let scope = match self.room.as_str() {
             "*" if role == TokenRole::Service => RoomScope::All,
@@ -64,8 +121,12 @@ impl Claims {
                     "room \"*\" is for service tokens only".into(),
                 ))
             }
-            "" => return Err(Error::Unauthenticated("the token's room is empty".into())),
-            room => RoomScope::One(room.to_owned()),
+            room if validate::is_room_id(room) => RoomScope::One(room.to_owned()),
+            _ => {
+                return Err(Error::Unauthenticated(
+                    "the token's room is not a room id (1..128 characters of A-Za-z0-9._:-)".into(),
+                ))
+            }
         };
         Ok(Caller {
             identity: self.sub,
@@ -82,10 +143,11 @@ impl Claims {
 /// use roomctl::auth::{mint, Authenticator, Claims};
 /// use roomctl::engine::TokenRole;
 ///
-/// let token = mint(b"s3cret", &Claims::new("alice", "standup", "moderator", Duration::from_secs(60)));
-/// let caller = Authenticator::new(b"s3cret").verify(&token).unwrap();
+/// let secret = b"0123456789abcdef0123456789abcdef";
+/// let token = mint(secret, &Claims::new("alice", "standup", "moderator", Duration::from_secs(60)));
+/// let caller = Authenticator::new(secret).verify(&token).unwrap().caller;
 /// assert_eq!((caller.identity.as_str(), caller.role), ("alice", TokenRole::Moderator));
-/// assert!(Authenticator::new(b"another secret").verify(&token).is_err());
+/// assert!(Authenticator::new(b"another secret, also 32 bytes long").verify(&token).is_err());
 /// ```
 pub fn mint(secret: &[u8], claims: &Claims) -> String {
     jsonwebtoken::encode(
@@ -94,6 +156,31 @@ pub fn mint(secret: &[u8], claims: &Claims) -> String {
         &EncodingKey::from_secret(secret),
     )
     .expect("HS256 signing of plain claims cannot fail")
+}
+
+/// What a server requires of tokens beyond the signature (`serve --jwt-issuer/--jwt-audience`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenRules {
+    /// When set, tokens must carry exactly this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud` (alone or in a list).
+    pub audience: Option<String>,
+}
+
+/// A verified token: who calls, and until when the token holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The caller the claims name.
+    pub caller: Caller,
+    /// The token's `exp`, in seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+impl Verified {
+    /// The instant the token stops being valid.
+    pub fn expires_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.exp)
+    }
 }
 
 /// How many verified tokens are remembered. Callers reuse a token for many calls (a gateway, a
@@ -109,24 +196,70 @@ pub struct Authenticator {
 struct Verifier {
     key: DecodingKey,
     validation: Validation,
-    /// Tokens already verified, with their `exp`: keyed by the whole token, so a hit is the
-    /// same signed bytes, and the expiry is checked again on every hit.
-    verified: quick_cache::sync::Cache<String, (Caller, u64)>,
+    /// Tokens already verified: keyed by the whole token, so a hit is the same signed bytes,
+    /// and the expiry is checked again on every hit.
+    verified: quick_cache::sync::Cache<String, Verified>,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
+/// Whether a token with `exp` has expired: exactly from the second `exp` on, as RFC 7519 says
+/// ("the current time MUST be before the expiration time").
+fn expired(exp: u64) -> bool {
+    let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .unwrap_or_default();
+    now >= Duration::from_secs(exp)
+}
+
+/// Says in plain words why jsonwebtoken refused a token (its own messages name parser internals).
+fn refusal(token: &str, kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::InvalidSignature => {
+            "the token's signature does not match (another secret, or the token was altered)".into()
+        }
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            "the token must be signed with HS256".into()
+        }
+        ErrorKind::ImmatureSignature => {
+            "the token is not valid yet (its nbf is in the future)".into()
+        }
+        ErrorKind::ExpiredSignature => "the token has expired".into(),
+        ErrorKind::InvalidAudience => "the token's aud does not name this server".into(),
+        ErrorKind::InvalidIssuer => "the token's iss is not the issuer this server trusts".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("the token lacks the {claim:?} claim"),
+        ErrorKind::InvalidClaimFormat(claim) => format!("the token's {claim:?} claim is malformed"),
+        _ if jsonwebtoken::decode_header(token).is_err() => {
+            "malformed token: expected a JWT whose header is {\"alg\":\"HS256\"}".into()
+        }
+        _ => "malformed token: expected claims sub, room and role (strings) and exp (a number)"
+            .into(),
+    }
 }
 
 impl Authenticator {
-    /// An authenticator for tokens signed with `secret`.
+    /// An authenticator for tokens signed with `secret`, with no `iss` or `aud` required.
     pub fn new(secret: &[u8]) -> Self {
+        Self::with_rules(secret, &TokenRules::default())
+    }
+
+    /// An authenticator for tokens signed with `secret` that also meet `rules`.
+    pub fn with_rules(secret: &[u8], rules: &TokenRules) -> Self {
         // The algorithm is pinned: a token naming any other (none, HS384, RS256...) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        // `exp` is checked here, exactly; jsonwebtoken's own check rounds to whole seconds.
+        validation.validate_exp = false;
+        validation.validate_nbf = true;
         validation.leeway = 0;
+        validation.validate_aud = rules.audience.is_some();
+        if let Some(audience) = &rules.audience {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        if let Some(issuer) = &rules.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         Self {
             inner: Arc::new(Verifier {
                 key: DecodingKey::from_secret(secret),
@@ -136,37 +269,38 @@ impl Authenticator {
         }
     }
 
-    /// Verifies a raw token and returns the caller it names.
-    pub fn verify(&self, token: &str) -> Result<Caller, Error> {
-        let verifier = &*self.inner;
-        // jsonwebtoken accepts a token while `exp >= now` (no leeway); so does the cache.
-        if let Some((caller, exp)) = verifier.verified.get(token) {
-            if exp >= now_secs() {
-                return Ok(caller);
-            }
+    /// Verifies a raw token and returns the caller it names, with its expiry.
+    pub fn verify(&self, token: &str) -> Result<Verified, Error> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(Error::Unauthenticated(format!(
+                "the token is {} bytes; tokens over {MAX_TOKEN_BYTES} bytes are refused",
+                token.len()
+            )));
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation)
-            .map_err(|err| {
-                Error::Unauthenticated(match err.kind() {
-                    ErrorKind::ExpiredSignature => "the token has expired".to_owned(),
-                    ErrorKind::InvalidSignature => "the token's signature is invalid".to_owned(),
-                    ErrorKind::InvalidAlgorithm => "the token must be signed with HS256".to_owned(),
-                    ErrorKind::MissingRequiredClaim(claim) => {
-                        format!("the token lacks the {claim:?} claim")
-                    }
-                    _ => format!("malformed token: {err}"),
-                })
-            })?;
-        let exp = data.claims.exp;
-        let caller = data.claims.into_caller()?;
-        verifier
-            .verified
-            .insert(token.to_owned(), (caller.clone(), exp));
-        Ok(caller)
+        let verifier = &*self.inner;
+        let verified = match verifier.verified.get(token) {
+            Some(verified) => verified,
+            None => {
+                let data =
+                    jsonwebtoken::decode::<Presented>(token, &verifier.key, &verifier.validation)
+                        .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
+                let exp = data.claims.exp;
+                let verified = Verified {
+                    caller: data.claims.into_caller()?,
+                    exp,
+                };
+                verifier.verified.insert(token.to_owned(), verified.clone());
+                verified
+            }
+        };
+        if expired(verified.exp) {
+            return Err(Error::Unauthenticated("the token has expired".into()));
+        }
+        Ok(verified)
     }
 
     /// Reads `authorization: Bearer <token>` from request metadata and verifies it.
-    pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Error> {
+    pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Verified, Error> {
         let header = metadata
             .get("authorization")
             .ok_or_else(|| Error::Unauthenticated("missing authorization: Bearer <token>".into()))?
@@ -182,10 +316,16 @@ impl Authenticator {
     }
 }
 
+/// When the token of a call stops being valid; `Events` streams end then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenExpiry(pub SystemTime);
+
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = self.authenticate(request.metadata())?;
-        request.extensions_mut().insert(caller);
+        let verified = self.authenticate(request.metadata())?;
+        let expiry = TokenExpiry(verified.expires_at());
+        request.extensions_mut().insert(verified.caller);
+        request.extensions_mut().insert(expiry);
         Ok(request)
     }
 }
@@ -203,23 +343,33 @@ pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
 mod tests {
     use super::*;
 
-    const SECRET: &[u8] = b"test-secret";
+    const SECRET: &[u8] = b"unit-test-secret-of-32-bytes-at-least";
 
-    fn token(role: &str, room: &str, ttl_secs: i64) -> String {
-        let now = SystemTime::now()
+    fn now() -> u64 {
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
-            .as_secs() as i64;
-        let claims = Claims {
-            sub: "ann".into(),
-            room: room.into(),
-            role: role.into(),
-            exp: (now + ttl_secs) as u64,
-        };
-        mint(SECRET, &claims)
+            .as_secs()
     }
 
-    fn unauthenticated(result: Result<Caller, Error>) -> String {
+    fn signed(claims: serde_json::Value, algorithm: Algorithm) -> String {
+        jsonwebtoken::encode(
+            &Header::new(algorithm),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn token(role: &str, room: &str, ttl_secs: i64) -> String {
+        let exp = now() as i64 + ttl_secs;
+        signed(
+            serde_json::json!({"sub": "ann", "room": room, "role": role, "exp": exp}),
+            Algorithm::HS256,
+        )
+    }
+
+    fn unauthenticated(result: Result<Verified, Error>) -> String {
         match result {
             Err(Error::Unauthenticated(msg)) => msg,
             other => panic!("expected UNAUTHENTICATED, got {other:?}"),
@@ -229,11 +379,13 @@ mod tests {
     #[test]
     fn a_good_token_names_its_caller() {
         let auth = Authenticator::new(SECRET);
-        let caller = auth.verify(&token("moderator", "r1", 60)).unwrap();
+        let verified = auth.verify(&token("moderator", "r1", 60)).unwrap();
+        let caller = verified.caller;
         assert_eq!(caller.identity, "ann");
         assert_eq!(caller.scope, RoomScope::One("r1".into()));
         assert_eq!(caller.role, TokenRole::Moderator);
-        let service = auth.verify(&token("service", "*", 60)).unwrap();
+        assert!(verified.exp >= now() + 59);
+        let service = auth.verify(&token("service", "*", 60)).unwrap().caller;
         assert_eq!(service.scope, RoomScope::All);
     }
 
@@ -243,9 +395,18 @@ mod tests {
         assert!(unauthenticated(auth.verify(&token("moderator", "r", -10))).contains("expired"));
         assert!(unauthenticated(auth.verify(&token("participant", "*", 60))).contains("service"));
         assert!(unauthenticated(auth.verify(&token("admin", "r", 60))).contains("role"));
-        let other = Authenticator::new(b"another secret");
+        assert!(unauthenticated(auth.verify(&token("moderator", "a/b", 60))).contains("room"));
+        let other = Authenticator::new(b"another secret that is long enough!");
         assert!(unauthenticated(other.verify(&token("moderator", "r", 60))).contains("signature"));
-        unauthenticated(auth.verify("not.a.token"));
+        assert!(unauthenticated(auth.verify("not.a.token")).contains("malformed"));
+    }
+
+    #[test]
+    fn expiry_is_exact_to_the_second() {
+        let auth = Authenticator::new(SECRET);
+        // exp = the current second: RFC 7519 says now must be before exp, so it is refused.
+        assert!(unauthenticated(auth.verify(&token("moderator", "r", 0))).contains("expired"));
+        assert!(auth.verify(&token("moderator", "r", 2)).is_ok());
     }
 
     #[test]
@@ -257,12 +418,36 @@ mod tests {
         );
         assert!(auth.verify(&token).is_ok());
         assert!(auth.verify(&token).is_ok(), "remembered");
-        std::thread::sleep(Duration::from_millis(2100));
+        std::thread::sleep(Duration::from_millis(1100));
         assert!(unauthenticated(auth.verify(&token)).contains("expired"));
     }
 
     #[test]
-    fn other_algorithms_are_refused() {
+    fn not_before_is_enforced() {
+        let auth = Authenticator::new(SECRET);
+        let claims = |nbf: u64| serde_json::json!({"sub": "a", "room": "r", "role": "moderator", "exp": now() + 60, "nbf": nbf});
+        let early = signed(claims(now() + 30), Algorithm::HS256);
+        assert!(unauthenticated(auth.verify(&early)).contains("not valid yet"));
+        assert!(auth
+            .verify(&signed(claims(now()), Algorithm::HS256))
+            .is_ok());
+    }
+
+    #[test]
+    fn identities_follow_the_contract_limits() {
+        let auth = Authenticator::new(SECRET);
+        let with_sub = |sub: &str| {
+            signed(
+                serde_json::json!({"sub": sub, "room": "r", "role": "moderator", "exp": now() + 60}),
+                Algorithm::HS256,
+            )
+        };
+        assert!(auth.verify(&with_sub(&"s".repeat(128))).is_ok());
+        assert!(unauthenticated(auth.verify(&with_sub(&"s".repeat(129)))).contains("128"));
+    }
+
+    #[test]
+    fn other_algorithms_are_refused_in_plain_words() {
         let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
         let hs384 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS384),
@@ -270,27 +455,86 @@ mod tests {
             &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
-        let msg = unauthenticated(Authenticator::new(SECRET).verify(&hs384));
-        assert!(msg.contains("HS256"), "{msg}");
+        let auth = Authenticator::new(SECRET);
+        assert!(unauthenticated(auth.verify(&hs384)).contains("HS256"));
+        // `alg: none` is not even an algorithm jsonwebtoken knows; say what is expected instead
+        // of quoting its parser.
+        let body = hs384.split('.').nth(1).unwrap();
+        let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{body}.");
+        let msg = unauthenticated(auth.verify(&none));
+        assert!(msg.contains("HS256") && !msg.contains("variant"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_claims_are_described_not_quoted() {
+        let auth = Authenticator::new(SECRET);
+        let token = signed(
+            serde_json::json!({"sub": 7, "room": "r", "role": "moderator", "exp": now() + 60}),
+            Algorithm::HS256,
+        );
+        let msg = unauthenticated(auth.verify(&token));
+        assert!(
+            msg.contains("sub, room and role") && !msg.contains("invalid type"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn every_claim_is_required() {
         let auth = Authenticator::new(SECRET);
-        let exp = Claims::new("a", "r", "moderator", Duration::from_secs(60)).exp;
+        let exp = now() + 60;
         for claims in [
             serde_json::json!({"room": "r", "role": "moderator", "exp": exp}),
             serde_json::json!({"sub": "a", "role": "moderator", "exp": exp}),
             serde_json::json!({"sub": "a", "room": "r", "exp": exp}),
             serde_json::json!({"sub": "a", "room": "r", "role": "moderator"}),
         ] {
-            let token = jsonwebtoken::encode(
-                &Header::new(Algorithm::HS256),
-                &claims,
-                &EncodingKey::from_secret(SECRET),
-            )
-            .unwrap();
-            unauthenticated(auth.verify(&token));
+            unauthenticated(auth.verify(&signed(claims, Algorithm::HS256)));
         }
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let rules = TokenRules {
+            issuer: Some("idp".into()),
+            audience: Some("roomctl-prod".into()),
+        };
+        let strict = Authenticator::with_rules(SECRET, &rules);
+        let exp = now() + 60;
+        let token = |extra: serde_json::Value| {
+            let mut claims =
+                serde_json::json!({"sub": "a", "room": "r", "role": "moderator", "exp": exp});
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            signed(claims, Algorithm::HS256)
+        };
+        let right = token(serde_json::json!({"iss": "idp", "aud": "roomctl-prod"}));
+        assert!(strict.verify(&right).is_ok());
+        let listed = token(serde_json::json!({"iss": "idp", "aud": ["other", "roomctl-prod"]}));
+        assert!(strict.verify(&listed).is_ok());
+        let wrong_aud = token(serde_json::json!({"iss": "idp", "aud": "roomctl-dev"}));
+        assert!(unauthenticated(strict.verify(&wrong_aud)).contains("aud"));
+        let wrong_iss = token(serde_json::json!({"iss": "someone", "aud": "roomctl-prod"}));
+        assert!(unauthenticated(strict.verify(&wrong_iss)).contains("iss"));
+        let bare = token(serde_json::json!({}));
+        assert!(unauthenticated(strict.verify(&bare)).contains("lacks"));
+        // A server without rules ignores them.
+        assert!(Authenticator::new(SECRET).verify(&wrong_aud).is_ok());
+    }
+
+    #[test]
+    fn oversized_tokens_are_refused_unread() {
+        let auth = Authenticator::new(SECRET);
+        let msg = unauthenticated(auth.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)));
+        assert!(msg.contains("bytes"), "{msg}");
+    }
+
+    #[test]
+    fn short_secrets_are_refused_with_how_to_make_one() {
+        assert!(check_secret(&[7; MIN_SECRET_BYTES]).is_ok());
+        let msg = check_secret(b"s3cret").unwrap_err();
+        assert!(msg.contains("/dev/urandom"), "{msg}");
     }
 }

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::{mint, Claims};
+use crate::auth::{self, mint, Claims, TokenRules};
 use crate::server::{
     Server, ServerConfig, StoreConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES,
 };
+use crate::validate;
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
 pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
@@ -68,6 +69,7 @@ impl SecretArgs {
         if secret.is_empty() {
             return Err(format!("the JWT secret is empty: {SECRET_HELP}"));
         }
+        auth::check_secret(secret.as_bytes())?;
         Ok(secret.into_bytes())
     }
 }
@@ -97,6 +99,12 @@ struct ServeArgs {
     /// system's trust store).
     #[arg(long)]
     redis_ca_file: Option<PathBuf>,
+    /// Require tokens to carry this `iss` claim.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Require tokens to carry this `aud` claim (alone or in a list).
+    #[arg(long)]
+    jwt_audience: Option<String>,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -115,6 +123,12 @@ struct TokenArgs {
     /// How long the token is valid.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// The token's `iss` (for servers started with --jwt-issuer).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// The token's `aud` (for servers started with --jwt-audience).
+    #[arg(long)]
+    audience: Option<String>,
     #[command(flatten)]
     secret: SecretArgs,
 }
@@ -149,8 +163,21 @@ fn token(args: TokenArgs) -> Result<(), String> {
     if args.room == "*" && args.role != "service" {
         return Err("room \"*\" is for service tokens only".into());
     }
+    if args.room != "*" && !validate::is_room_id(&args.room) {
+        return Err("--room must be 1..128 characters of A-Za-z0-9._:- (or * for services)".into());
+    }
+    if args.identity.is_empty() || args.identity.chars().count() > validate::MAX_ID_CHARS {
+        return Err(format!(
+            "--identity must be 1..{} characters",
+            validate::MAX_ID_CHARS
+        ));
+    }
     let secret = args.secret.load()?;
-    let claims = Claims::new(&args.identity, &args.room, &args.role, args.ttl);
+    let claims = Claims {
+        iss: args.issuer,
+        aud: args.audience,
+        ..Claims::new(&args.identity, &args.room, &args.role, args.ttl)
+    };
     println!("{}", mint(&secret, &claims));
     Ok(())
 }
@@ -170,6 +197,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let config = ServerConfig {
         jwt_secret,
+        token_rules: TokenRules {
+            issuer: args.jwt_issuer,
+            audience: args.jwt_audience,
+        },
         history: args.history,
         grace: args.grace,
         empty_room_ttl: args.empty_room_ttl,

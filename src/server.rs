@@ -19,7 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 
-use crate::auth::Authenticator;
+use crate::auth::{self, Authenticator, TokenRules};
 use crate::error::Error;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
@@ -36,11 +36,19 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Concurrent calls (mostly `Events` subscriptions) one HTTP/2 connection may hold.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
 
+/// Largest HTTP/2 header block accepted. Far above any real call (a token is refused past
+/// [`auth::MAX_TOKEN_BYTES`]), so an over-size token reaches the interceptor and gets a clear
+/// `UNAUTHENTICATED` instead of hyper's bare HTTP 431 or, past h2's continuation limit (about
+/// 1.25x this size), a GOAWAY that would also end the caller's other calls on the connection.
+pub const MAX_HEADER_LIST_BYTES: u32 = 128 * 1024;
+
 /// Everything `serve` can be told.
 #[derive(Clone)]
 pub struct ServerConfig {
-    /// HS256 secret that tokens are verified with.
+    /// HS256 secret that tokens are verified with (at least [`auth::MIN_SECRET_BYTES`]).
     pub jwt_secret: Vec<u8>,
+    /// What tokens must carry beyond the signature (`--jwt-issuer`, `--jwt-audience`).
+    pub token_rules: TokenRules,
     /// Events kept per room (`--history`).
     pub history: usize,
     /// How long draining may take on shutdown (`--grace`).
@@ -83,6 +91,7 @@ impl ServerConfig {
     pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
         Self {
             jwt_secret: jwt_secret.into(),
+            token_rules: TokenRules::default(),
             history: DEFAULT_HISTORY,
             grace: Duration::from_secs(10),
             empty_room_ttl: Duration::from_secs(300),
@@ -104,6 +113,9 @@ pub enum ServeError {
     /// The store could not be reached at startup.
     #[error("cannot open the store: {0:?}")]
     Store(Error),
+    /// The configuration cannot be served as given.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A configured server, ready to run on a listener.
@@ -117,6 +129,7 @@ impl Server {
     /// A server over the configured store (connected now, so a bad Redis URL fails here).
     /// Needs a tokio runtime: stores run background tasks.
     pub async fn new(config: ServerConfig) -> Result<Self, ServeError> {
+        auth::check_secret(&config.jwt_secret).map_err(ServeError::Config)?;
         let store: Arc<dyn RoomStore> = match &config.store {
             StoreConfig::Memory => Arc::new(MemoryStore::new(MemoryConfig {
                 history: config.history,
@@ -170,7 +183,7 @@ impl Server {
         let service = RoomControlService::new(store, streams_end.clone(), subscriptions);
         let room_control = InterceptedService::new(
             RoomControlServer::new(service).max_decoding_message_size(config.max_message_bytes),
-            Authenticator::new(&config.jwt_secret),
+            Authenticator::with_rules(&config.jwt_secret, &config.token_rules),
         );
 
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -195,6 +208,7 @@ impl Server {
             // Gateways multiplex many end-users' subscriptions on one connection; an idle
             // subscription costs a few KiB, so allow far more than hyper's default of 200.
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             // Finds clients that vanished without closing, so their streams are dropped.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

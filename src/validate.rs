@@ -14,6 +14,15 @@ pub const MAX_DROP_IDS: usize = 1000;
 /// Longest drop reason, in bytes (UTF-8).
 pub const MAX_REASON_BYTES: usize = 256;
 
+fn room_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+}
+
+/// Whether `room_id` follows the contract's rules (1..128 characters of `A-Za-z0-9._:-`).
+pub fn is_room_id(room_id: &str) -> bool {
+    (1..=MAX_ROOM_ID_CHARS).contains(&room_id.len()) && room_id.chars().all(room_id_char)
+}
+
 /// Collects violations so that one answer names every bad field.
 #[derive(Default)]
 struct Check(Vec<Violation>);
@@ -32,10 +41,7 @@ impl Check {
                 "room_id",
                 format!("longer than {MAX_ROOM_ID_CHARS} characters"),
             );
-        } else if !room_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
-        {
+        } else if !room_id.chars().all(room_id_char) {
             self.fail(
                 "room_id",
                 "may only hold the characters A-Z a-z 0-9 . _ : -",

@@ -12,6 +12,9 @@ use tokio::process::{Child, Command};
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_roomctl");
+/// Secrets given through the environment and through a file (32 bytes or more, as HS256 needs).
+const ENV_SECRET: &str = "a-secret-from-the-environment-0123456789";
+const FILE_SECRET: &str = "a-secret-from-a-file-0123456789abcdef";
 
 fn roomctl(args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
@@ -75,19 +78,22 @@ async fn token_mints_what_the_server_accepts() {
         "--role",
         "moderator",
     ])
-    .env("ROOMCTL_JWT_SECRET", "s3cret")
+    .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
     .output()
     .await
     .unwrap();
     assert!(output.status.success(), "{output:?}");
     let token = String::from_utf8(output.stdout).unwrap();
-    let caller = Authenticator::new(b"s3cret").verify(token.trim()).unwrap();
+    let caller = Authenticator::new(ENV_SECRET.as_bytes())
+        .verify(token.trim())
+        .unwrap()
+        .caller;
     assert_eq!(caller.identity, "ann");
     assert_eq!(caller.scope, RoomScope::One("r1".into()));
     assert_eq!(caller.role, TokenRole::Moderator);
 
     let file = std::env::temp_dir().join(format!("roomctl-secret-{}", std::process::id()));
-    std::fs::write(&file, "from-a-file\n").unwrap();
+    std::fs::write(&file, format!("{FILE_SECRET}\n")).unwrap();
     let output = roomctl(&[
         "token",
         "--identity",
@@ -107,9 +113,10 @@ async fn token_mints_what_the_server_accepts() {
     std::fs::remove_file(&file).unwrap();
     let token = String::from_utf8(output.stdout).unwrap();
     assert_eq!(
-        Authenticator::new(b"from-a-file")
+        Authenticator::new(FILE_SECRET.as_bytes())
             .verify(token.trim())
             .unwrap()
+            .caller
             .scope,
         RoomScope::All
     );
@@ -123,11 +130,42 @@ async fn token_mints_what_the_server_accepts() {
         "--role",
         "participant",
     ])
-    .env("ROOMCTL_JWT_SECRET", "s3cret")
+    .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
     .output()
     .await
     .unwrap();
     assert!(!output.status.success());
+}
+
+/// HS256 needs a 256-bit key: a shorter secret is refused by `serve` and `token` alike, with
+/// the way to make a good one.
+#[tokio::test]
+async fn short_secrets_are_refused_with_how_to_make_one() {
+    for args in [
+        &["serve", "--listen", "127.0.0.1:0"][..],
+        &[
+            "token",
+            "--identity",
+            "a",
+            "--room",
+            "r",
+            "--role",
+            "moderator",
+        ][..],
+    ] {
+        let output = roomctl(args)
+            .env("ROOMCTL_JWT_SECRET", "s3cret")
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("at least 32"), "{stderr}");
+        assert!(
+            stderr.contains("head -c 32 /dev/urandom | base64"),
+            "{stderr}"
+        );
+    }
 }
 
 /// `serve --dev` prints working tokens; SIGTERM ends open streams with SHUTTING_DOWN and the

@@ -95,7 +95,11 @@ async fn history_is_exact_and_cursors_outside_it_are_out_of_range(backend: Backe
     expect_out_of_range(subscribe(&mut ops, "r", "", Some(4)).await.unwrap_err());
     expect_out_of_range(subscribe(&mut ops, "r", "", Some(11)).await.unwrap_err());
     // The largest cursor the wire can carry is beyond the newest event too (no overflow).
-    expect_out_of_range(subscribe(&mut ops, "r", "", Some(u64::MAX)).await.unwrap_err());
+    expect_out_of_range(
+        subscribe(&mut ops, "r", "", Some(u64::MAX))
+            .await
+            .unwrap_err(),
+    );
     for after_seq in [Some(8), None] {
         let status = ops
             .events(pb::EventsRequest {
@@ -296,8 +300,8 @@ async fn wait_until(condition: impl Fn() -> bool) {
 /// A room stays after its last participant leaves, for `--empty-room-ttl`: with a long TTL the
 /// emptied room still answers, with its position.
 async fn an_empty_room_stays_for_its_ttl(backend: Backend) {
-    let server = TestServer::start_with(backend, |c| c.empty_room_ttl = Duration::from_secs(3600))
-        .await;
+    let server =
+        TestServer::start_with(backend, |c| c.empty_room_ttl = Duration::from_secs(3600)).await;
     let mut ops = server.client("ops", "r", "service").await;
     let first = join(&mut ops, "r", "u").await;
     ops.leave(pb::LeaveRequest {

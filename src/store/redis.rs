@@ -254,7 +254,8 @@ impl Feed {
         let mut cache = self.cache();
         match cache.back() {
             Some(last) if last.epoch == first.epoch && last.seq >= first.seq => return,
-            Some(last) if last.epoch == first.epoch && last.seq.checked_add(1) == Some(first.seq) => {}
+            Some(last)
+                if last.epoch == first.epoch && last.seq.checked_add(1) == Some(first.seq) => {}
             _ => cache.clear(),
         }
         let newest = events.last().map_or(first.seq, |e| e.seq);

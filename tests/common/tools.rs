@@ -13,7 +13,9 @@ pub fn missing(tool: &str, what: &str, how_to_get_it: &str) {
         panic!("{what} is required ({require} is set) but was not found; {how_to_get_it}");
     }
     if std::env::var_os(&skip).is_none() {
-        panic!("{what} was not found; {how_to_get_it}, or set {skip}=1 to skip the tests needing it");
+        panic!(
+            "{what} was not found; {how_to_get_it}, or set {skip}=1 to skip the tests needing it"
+        );
     }
     eprintln!("\n!!! SKIPPED ({skip} is set): {what} not found !!!\n");
 }
