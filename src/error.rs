@@ -113,6 +113,15 @@ impl Error {
         }
     }
 
+    /// What an operator needs to know: the logged detail of store and internal faults (which
+    /// clients never see), the message otherwise.
+    pub fn detail(&self) -> String {
+        match self {
+            Error::StoreUnavailable(detail) | Error::Internal(detail) => detail.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// The gRPC code of this error, per DESIGN.md's table.
     pub fn code(&self) -> Code {
         match self {

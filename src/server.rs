@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
 use crate::store::memory::{MemoryConfig, MemoryStore};
-use crate::store::redis::{RedisConfig, RedisStore};
+use crate::store::redis::{RedisConfig, RedisStore, RedisUrl};
 use crate::store::RoomStore;
 use crate::subscription::SubscriptionGauge;
 
@@ -69,7 +69,7 @@ pub enum StoreConfig {
     /// In the Redis at `url`, shared by every node.
     Redis {
         /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
-        url: String,
+        url: RedisUrl,
         /// PEM file of the CA that signed Redis's TLS certificate, when it is not in the system
         /// trust store.
         ca_file: Option<std::path::PathBuf>,
@@ -80,7 +80,7 @@ impl StoreConfig {
     /// Redis at `url`, trusting the system's certificate authorities for `rediss://`.
     pub fn redis(url: impl Into<String>) -> Self {
         StoreConfig::Redis {
-            url: url.into(),
+            url: RedisUrl::new(url),
             ca_file: None,
         }
     }
@@ -111,7 +111,7 @@ pub enum ServeError {
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
     /// The store could not be reached at startup.
-    #[error("cannot open the store: {0:?}")]
+    #[error("cannot open the store: {}", .0.detail())]
     Store(Error),
     /// The configuration cannot be served as given.
     #[error("{0}")]

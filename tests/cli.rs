@@ -245,3 +245,27 @@ async fn serve_uses_the_configured_secret() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+/// A Redis password never reaches the operator's terminal or logs: serve against an unreachable
+/// or unreadable Redis URL that carries one says what failed, with the password as `***`.
+#[tokio::test]
+async fn redis_passwords_are_redacted_from_errors() {
+    for url in [
+        "redis://:hunter2-secret@127.0.0.1:1",
+        "redis://:hunter2-secret@127.0.0.1:notaport",
+    ] {
+        let output = roomctl(&["serve", "--listen", "127.0.0.1:0", "--store", url])
+            .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(said.contains("cannot open the store"), "{said}");
+        assert!(!said.contains("hunter2"), "{said}");
+    }
+}

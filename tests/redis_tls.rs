@@ -8,6 +8,7 @@ use common::*;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use roomctl::pb::event::Payload;
 use roomctl::server::{Server, ServerConfig, StoreConfig};
+use roomctl::store::redis::RedisUrl;
 
 /// Writes a CA and a certificate for 127.0.0.1 signed by it; returns (cert, key, ca) paths.
 fn certificates(dir: &std::path::Path) -> [String; 3] {
@@ -44,7 +45,7 @@ async fn nodes_talk_to_redis_over_verified_tls() {
     let redis = RedisServer::start_tls(cert, key, ca.clone()).await;
     let mut config = ServerConfig::new(SECRET);
     config.store = StoreConfig::Redis {
-        url: redis.url(),
+        url: RedisUrl::new(redis.url()),
         ca_file: Some(ca.into()),
     };
     let a = Node::start(config.clone()).await;

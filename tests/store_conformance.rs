@@ -50,7 +50,7 @@ async fn stores(kind: Kind) -> Stores {
         Kind::Redis => {
             let redis = RedisServer::start().await;
             let config = RedisConfig {
-                url: redis.url(),
+                url: roomctl::store::redis::RedisUrl::new(redis.url()),
                 ca_file: None,
                 history: HISTORY,
                 empty_room_ttl: ttl,

@@ -177,11 +177,49 @@ redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 "#;
 
+/// A Redis URL whose password never reaches an error or a log: `Display` and `Debug` show it
+/// as `***` (an unreadable URL is not shown at all, since its password cannot be found).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Wraps `url`, which may carry a password (`redis://:PASSWORD@host`).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    // Fails only for URLs that cannot have a password, which this one has.
+                    let _ = url.set_password(Some("***"));
+                }
+                f.write_str(url.as_str())
+            }
+            Err(_) => f.write_str("<unreadable redis URL>"),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
+}
+
 /// Tuning of the Redis store; every node sharing a Redis must use the same values.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
-    pub url: String,
+    pub url: RedisUrl,
     /// PEM file of the CA to trust for `rediss://` instead of the system's trust store.
     pub ca_file: Option<std::path::PathBuf>,
     /// Events kept per room.
@@ -389,13 +427,13 @@ fn entries(value: Value) -> Result<Vec<Arc<pb::Event>>, Error> {
 /// A Redis client for `config`, with TLS settings for `rediss://`.
 fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
     let bad = |e: &dyn std::fmt::Display| {
-        Error::StoreUnavailable(format!("redis url {:?}: {e}", config.url))
+        Error::StoreUnavailable(format!("redis url {}: {e}", config.url))
     };
     // rustls needs one process-wide crypto provider; ring builds without C toolchains beyond cc.
     // Installing fails harmlessly when one is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     match &config.ca_file {
-        None => redis::Client::open(config.url.as_str()).map_err(|e| bad(&e)),
+        None => redis::Client::open(config.url.expose()).map_err(|e| bad(&e)),
         Some(path) => {
             let root_cert = std::fs::read(path).map_err(|e| {
                 Error::StoreUnavailable(format!("cannot read {}: {e}", path.display()))
@@ -404,7 +442,7 @@ fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
                 client_tls: None,
                 root_cert: Some(root_cert),
             };
-            redis::Client::build_with_tls(config.url.as_str(), certificates).map_err(|e| bad(&e))
+            redis::Client::build_with_tls(config.url.expose(), certificates).map_err(|e| bad(&e))
         }
     }
 }
@@ -420,7 +458,10 @@ impl RedisStore {
             .set_response_timeout(Some(OP_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = timed(client.get_connection_manager_with_config(manager_config)).await?;
+        let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
+        let conn = timed(client.get_connection_manager_with_config(manager_config))
+            .await
+            .map_err(at)?;
         let shared = Arc::new(Shared {
             conn,
             config,
@@ -561,14 +602,16 @@ async fn listen(shared: Arc<Shared>, client: redis::Client, first: redis::aio::P
                                 shared.sweep_feeds().await
                             };
                             if let Err(err) = check.await {
-                                break err.to_string();
+                                break err.detail();
                             }
                         }
                     }
                 };
                 tracing::warn!(%fault, "redis store unavailable; streams end, health NOT_SERVING");
             }
-            Err(err) => tracing::warn!(%err, ?backoff, "cannot reach redis; retrying"),
+            Err(err) => {
+                tracing::warn!(err = %err.detail(), ?backoff, "cannot reach redis; retrying")
+            }
         }
         shared.healthy.send_replace(false);
         shared.reset_feeds();
@@ -1131,5 +1174,26 @@ impl RoomStore for RedisStore {
 
     fn health(&self) -> watch::Receiver<bool> {
         self.shared.healthy.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_never_show_their_password() {
+        let shown = |url: &str| RedisUrl::new(url).to_string();
+        assert_eq!(
+            shown("redis://:hunter2@10.0.0.1:6379/2"),
+            "redis://:***@10.0.0.1:6379/2"
+        );
+        assert_eq!(
+            shown("rediss://app:hunter2@redis.internal"),
+            "rediss://app:***@redis.internal"
+        );
+        assert_eq!(shown("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
+        assert!(!shown("redis://:hunter2@host:notaport").contains("hunter2"));
+        assert!(!format!("{:?}", RedisUrl::new("redis://:hunter2@h")).contains("hunter2"));
     }
 }
