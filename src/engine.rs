@@ -11,12 +11,30 @@ use std::time::{Duration, SystemTime};
 use crate::error::Error;
 use crate::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
 
-/// How long a `DropUser` answer is remembered for retries with the same `request_id`.
+/// How long an answer is remembered for retries with the same `request_id`.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
 
-/// How many `DropUser` answers one room remembers at most. Bounds memory against a caller that
-/// invents a new `request_id` per call; past it the oldest answers are forgotten early.
-pub const MAX_REMEMBERED_DROPS: usize = 1024;
+/// How many answers one room remembers at most (all kinds together). Bounds memory against a
+/// caller that invents a new `request_id` per call; past it the oldest answers are forgotten
+/// early. Answers belong to the room's epoch: a room that is forgotten forgets them too.
+pub const MAX_REMEMBERED_ANSWERS: usize = 1024;
+
+/// The key a remembered answer is filed under: request ids are scoped to the kind of command
+/// (`join`, `drop`) and the caller's identity. Lengths come first, as both are free text.
+pub fn answer_key(kind: &str, identity: &str, request_id: &str) -> String {
+    format!("{kind}:{}:{identity}:{request_id}", identity.len())
+}
+
+/// An answer a room remembers, as a store persists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remembered {
+    /// See [`answer_key`].
+    pub key: String,
+    /// When the answer is forgotten.
+    pub expires_at: SystemTime,
+    /// The answer retries get.
+    pub reply: Reply,
+}
 
 /// The role a token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +123,8 @@ pub struct JoinCmd {
     pub role: Role,
     /// Requested identity (empty: the caller's own).
     pub identity: String,
+    /// Idempotency key; None: the join is not remembered, and a retry joins again.
+    pub request_id: Option<String>,
 }
 
 /// A validated `DropUser`.
@@ -143,6 +163,25 @@ impl Command {
     pub fn creates_room(&self) -> bool {
         matches!(self, Command::Join { .. })
     }
+
+    /// The command's idempotency key, if it has one.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Command::Join { cmd, .. } => cmd.request_id.as_deref(),
+            Command::Drop(cmd) => Some(&cmd.request_id),
+            Command::Leave { .. } => None,
+        }
+    }
+
+    /// The key `caller`'s answer to this command is remembered under, if it is remembered.
+    pub fn answer_key(&self, caller: &Caller) -> Option<String> {
+        let kind = match self {
+            Command::Join { .. } => "join",
+            Command::Drop(_) => "drop",
+            Command::Leave { .. } => return None,
+        };
+        Some(answer_key(kind, &caller.identity, self.request_id()?))
+    }
 }
 
 /// What a command answers its caller.
@@ -178,8 +217,8 @@ pub enum Change {
     },
 }
 
-/// A command's outcome: the answer, the events it logged and the membership changes behind them
-/// (both empty for an idempotent retry).
+/// A command's outcome: the answer, the events it logged, the membership changes behind them
+/// and the answer to remember (all empty for an idempotent retry).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Applied {
     /// The answer for the caller.
@@ -188,6 +227,20 @@ pub struct Applied {
     pub events: Vec<pb::Event>,
     /// The membership changes, in order.
     pub changes: Vec<Change>,
+    /// The answer the room now remembers for retries, if the command has a request id.
+    pub remembered: Option<Remembered>,
+}
+
+impl Applied {
+    /// The answer to a retry: the remembered reply, nothing logged.
+    fn retry(reply: Reply) -> Self {
+        Self {
+            reply,
+            events: Vec::new(),
+            changes: Vec::new(),
+            remembered: None,
+        }
+    }
 }
 
 /// Where a client stands in a room, as far as subscribing as it goes.
@@ -226,9 +279,10 @@ pub struct RoomState {
     /// Departed clients in departure order, so forgetting those older than the history is a
     /// walk from the front instead of a scan.
     departed_order: VecDeque<(u64, String)>,
-    /// Answers of recent drops by (identity, request_id), for idempotent retries.
-    drops: HashMap<(String, String), pb::DropUserResponse>,
-    drops_order: VecDeque<(SystemTime, (String, String))>,
+    /// Recent answers by [`answer_key`], with their expiry, for idempotent retries.
+    answers: HashMap<String, (SystemTime, Reply)>,
+    /// The same keys in expiry order, so expiring and capping walk from the front.
+    answers_order: VecDeque<(SystemTime, String)>,
 }
 
 impl RoomState {
@@ -241,21 +295,20 @@ impl RoomState {
             members: HashMap::new(),
             departed: HashMap::new(),
             departed_order: VecDeque::new(),
-            drops: HashMap::new(),
-            drops_order: VecDeque::new(),
+            answers: HashMap::new(),
+            answers_order: VecDeque::new(),
         }
     }
 
-    /// A room as a store read it back: `members` with the seq they joined at, and the remembered
-    /// `DropUser` answers by (identity, request_id). A store may restore only the members and
-    /// answers its commands name; commands look at no others.
+    /// A room as a store read it back: `members` with the seq they joined at, and remembered
+    /// answers. A store may restore only the members and answers its commands name; commands
+    /// look at no others.
     pub fn restore(
         room_id: impl Into<String>,
         epoch: impl Into<String>,
         seq: u64,
         members: impl IntoIterator<Item = (pb::Participant, u64)>,
-        drops: impl IntoIterator<Item = (String, String, pb::DropUserResponse)>,
-        now: SystemTime,
+        answers: impl IntoIterator<Item = Remembered>,
     ) -> Self {
         let mut state = Self::new(room_id, epoch);
         state.seq = seq;
@@ -268,12 +321,15 @@ impl RoomState {
                 },
             );
         }
-        for (identity, request_id, response) in drops {
-            let key = (identity, request_id);
+        let mut answers: Vec<Remembered> = answers.into_iter().collect();
+        answers.sort_by_key(|a| a.expires_at);
+        for answer in answers {
             state
-                .drops_order
-                .push_back((now + IDEMPOTENCY_WINDOW, key.clone()));
-            state.drops.insert(key, response);
+                .answers_order
+                .push_back((answer.expires_at, answer.key.clone()));
+            state
+                .answers
+                .insert(answer.key, (answer.expires_at, answer.reply));
         }
         state
     }
@@ -334,14 +390,34 @@ impl RoomState {
         }
     }
 
-    fn forget_expired_drops(&mut self, now: SystemTime) {
-        while let Some((expires_at, _)) = self.drops_order.front() {
-            if *expires_at > now && self.drops_order.len() <= MAX_REMEMBERED_DROPS {
+    fn forget_expired_answers(&mut self, now: SystemTime) {
+        while let Some((expires_at, _)) = self.answers_order.front() {
+            if *expires_at > now && self.answers_order.len() <= MAX_REMEMBERED_ANSWERS {
                 break;
             }
-            if let Some((_, key)) = self.drops_order.pop_front() {
-                self.drops.remove(&key);
+            if let Some((_, key)) = self.answers_order.pop_front() {
+                self.answers.remove(&key);
             }
+        }
+    }
+
+    /// The answer remembered under `key`, if it has not expired.
+    fn recall(&mut self, key: &str, now: SystemTime) -> Option<Reply> {
+        self.forget_expired_answers(now);
+        self.answers.get(key).map(|(_, reply)| reply.clone())
+    }
+
+    /// Remembers `reply` under `key` for [`IDEMPOTENCY_WINDOW`].
+    fn remember(&mut self, key: String, reply: &Reply, now: SystemTime) -> Remembered {
+        let expires_at = now + IDEMPOTENCY_WINDOW;
+        self.answers_order.push_back((expires_at, key.clone()));
+        self.answers
+            .insert(key.clone(), (expires_at, reply.clone()));
+        self.forget_expired_answers(now);
+        Remembered {
+            key,
+            expires_at,
+            reply: reply.clone(),
         }
     }
 
@@ -371,18 +447,30 @@ impl RoomState {
 }
 
 /// Applies `cmd` by `caller` to `state` at time `now`: checks the room-level rules, changes the
-/// state and returns the answer with the events to log. On error the state is unchanged.
+/// state and returns the answer with the events to log. A command with a request id that was
+/// answered before gets that answer again, and changes nothing. On error the state is unchanged.
 pub fn apply(
     state: &mut RoomState,
     caller: &Caller,
     cmd: Command,
     now: SystemTime,
 ) -> Result<Applied, Error> {
-    match cmd {
+    // Who may drop is checked before any remembered answer is looked up: a retry never lets a
+    // caller past the rule that would refuse it.
+    if let Command::Drop(_) = &cmd {
+        caller.check_may_drop(&state.room_id)?;
+    }
+    let key = cmd.answer_key(caller);
+    if let Some(reply) = key.as_deref().and_then(|key| state.recall(key, now)) {
+        return Ok(Applied::retry(reply));
+    }
+    let mut applied = match cmd {
         Command::Join { client_id, cmd } => join(state, caller, client_id, cmd, now),
         Command::Leave { client_id } => leave(state, caller, &client_id, now),
         Command::Drop(cmd) => drop_users(state, caller, cmd, now),
-    }
+    }?;
+    applied.remembered = key.map(|key| state.remember(key, &applied.reply, now));
+    Ok(applied)
 }
 
 /// Decides the role and identity a join gets: services choose both, others may only repeat their
@@ -462,6 +550,7 @@ fn join(
         reply,
         events: vec![event],
         changes: vec![joined],
+        remembered: None,
     })
 }
 
@@ -496,6 +585,7 @@ fn leave(
         reply: Reply::Left,
         events: vec![event],
         changes: vec![departed],
+        remembered: None,
     })
 }
 
@@ -505,17 +595,6 @@ fn drop_users(
     cmd: DropCmd,
     now: SystemTime,
 ) -> Result<Applied, Error> {
-    caller.check_may_drop(&state.room_id)?;
-    state.forget_expired_drops(now);
-    let key = (caller.identity.clone(), cmd.request_id.clone());
-    if let Some(remembered) = state.drops.get(&key) {
-        return Ok(Applied {
-            reply: Reply::Dropped(remembered.clone()),
-            events: Vec::new(),
-            changes: Vec::new(),
-        });
-    }
-
     let mut results: Vec<pb::DropResult> = Vec::with_capacity(cmd.client_ids.len());
     let mut events = Vec::new();
     let mut changes = Vec::new();
@@ -565,15 +644,11 @@ fn drop_users(
             results: response.results.clone(),
         }),
     ));
-    state
-        .drops_order
-        .push_back((now + IDEMPOTENCY_WINDOW, key.clone()));
-    state.drops.insert(key, response.clone());
-    state.forget_expired_drops(now);
     Ok(Applied {
         reply: Reply::Dropped(response),
         events,
         changes,
+        remembered: None,
     })
 }
 
@@ -733,6 +808,7 @@ mod tests {
                 name: who.identity.clone(),
                 role: Role::Unspecified,
                 identity: String::new(),
+                request_id: None,
             },
         };
         match apply(state, who, cmd, now()).unwrap().reply {
@@ -850,6 +926,7 @@ mod tests {
                     name: "Bob".into(),
                     role: Role::Unspecified,
                     identity: String::new(),
+                    request_id: None,
                 },
             },
             now(),
@@ -882,26 +959,85 @@ mod tests {
             identity: "bob".into(),
             ..Default::default()
         };
-        let remembered = pb::DropUserResponse {
+        let remembered = Reply::Dropped(pb::DropUserResponse {
             request_id: "q".into(),
             results: Vec::new(),
-        };
+        });
         let mut state = RoomState::restore(
             "r",
             "ep",
             41,
             [(bob, 7)],
-            Some(("alice".into(), "q".into(), remembered.clone())),
-            now(),
+            Some(Remembered {
+                key: answer_key("drop", "alice", "q"),
+                expires_at: now() + Duration::from_secs(5),
+                reply: remembered.clone(),
+            }),
         );
         let alice = caller("alice", TokenRole::Moderator);
         let retry = apply(&mut state, &alice, drop_cmd(&["a"], "q"), now()).unwrap();
-        assert_eq!(retry.reply, Reply::Dropped(remembered));
-        let fresh = apply(&mut state, &alice, drop_cmd(&["a"], "q2"), now()).unwrap();
+        assert_eq!(retry.reply, remembered);
+        // The restored expiry holds, not a fresh window.
+        let late = now() + Duration::from_secs(6);
+        let fresh = apply(&mut state, &alice, drop_cmd(&["a"], "q"), late).unwrap();
         assert_eq!(
             kinds(&fresh.events),
             [(42, "room_disconnected"), (43, "disconnected"), (44, "ack")]
         );
+        assert_eq!(
+            fresh.remembered.map(|r| (r.key, r.expires_at)),
+            Some((answer_key("drop", "alice", "q"), late + IDEMPOTENCY_WINDOW))
+        );
+    }
+
+    #[test]
+    fn a_retried_join_returns_the_first_answer_even_after_the_client_left() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        let join = |client_id: &str, request_id: Option<&str>| Command::Join {
+            client_id: client_id.into(),
+            cmd: JoinCmd {
+                name: "Bob".into(),
+                role: Role::Unspecified,
+                identity: String::new(),
+                request_id: request_id.map(str::to_owned),
+            },
+        };
+        let first = apply(&mut state, &bob, join("c1", Some("j1")), now()).unwrap();
+        assert!(first.remembered.is_some());
+        apply(
+            &mut state,
+            &bob,
+            Command::Leave {
+                client_id: "c1".into(),
+            },
+            now(),
+        )
+        .unwrap();
+        let retry = apply(&mut state, &bob, join("c2", Some("j1")), now()).unwrap();
+        assert_eq!(retry.reply, first.reply);
+        assert!(retry.events.is_empty() && retry.remembered.is_none());
+        assert!(state.is_empty(), "nobody joined again");
+        // The same key from another identity, or for another kind of command, is another request.
+        let eve = caller("eve", TokenRole::Participant);
+        assert_eq!(
+            apply(&mut state, &eve, join("c3", Some("j1")), now())
+                .unwrap()
+                .events
+                .len(),
+            1
+        );
+        let alice = caller("alice", TokenRole::Moderator);
+        assert_eq!(
+            apply(&mut state, &alice, drop_cmd(&["c3"], "j1"), now())
+                .unwrap()
+                .events
+                .len(),
+            3
+        );
+        // Without a key, nothing is remembered and a repeat joins again.
+        let unkeyed = apply(&mut state, &bob, join("c4", None), now()).unwrap();
+        assert!(unkeyed.remembered.is_none());
     }
 
     #[test]
@@ -936,10 +1072,10 @@ mod tests {
     }
 
     #[test]
-    fn remembered_drops_are_bounded() {
+    fn remembered_answers_are_bounded() {
         let mut state = RoomState::new("r", "ep");
         let alice = caller("alice", TokenRole::Moderator);
-        for i in 0..MAX_REMEMBERED_DROPS + 10 {
+        for i in 0..MAX_REMEMBERED_ANSWERS + 10 {
             apply(
                 &mut state,
                 &alice,
@@ -948,8 +1084,8 @@ mod tests {
             )
             .unwrap();
         }
-        assert_eq!(state.drops.len(), MAX_REMEMBERED_DROPS);
-        assert_eq!(state.drops_order.len(), MAX_REMEMBERED_DROPS);
+        assert_eq!(state.answers.len(), MAX_REMEMBERED_ANSWERS);
+        assert_eq!(state.answers_order.len(), MAX_REMEMBERED_ANSWERS);
     }
 
     #[test]
@@ -1001,6 +1137,7 @@ mod tests {
             name: String::new(),
             role,
             identity: identity.into(),
+            request_id: None,
         };
         let bob = caller("bob", TokenRole::Participant);
         let svc = caller("gw", TokenRole::Service);

@@ -89,9 +89,20 @@ pub enum Error {
         /// Epoch of the log the stream followed.
         epoch: String,
     },
-    /// The store (Redis) cannot be reached; the detail is logged, not sent.
+    /// The store (Redis) cannot be reached; the detail is logged, not sent. Nothing was
+    /// applied, so the call is safe to retry.
     #[error("store unavailable")]
     StoreUnavailable(String),
+    /// The command was sent to the store but its answer never came: it may or may not have
+    /// been applied. A retry with the same `request_id` returns the first answer if it was.
+    #[error(
+        "the store did not confirm the change in time: it may or may not have been applied; \
+         retry with the same request_id to find out"
+    )]
+    OutcomeUnknown {
+        /// The command's idempotency key, when it has one.
+        request_id: Option<String>,
+    },
     /// A broken invariant of roomctl itself; the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -132,6 +143,8 @@ impl Error {
             Error::RoomNotFound { .. } | Error::ClientNotFound { .. } => Code::NotFound,
             Error::CursorOutOfRange { .. } => Code::OutOfRange,
             Error::ShuttingDown { .. } | Error::StoreUnavailable(_) => Code::Unavailable,
+            // gRPC's code for "the deadline passed; the change may have happened".
+            Error::OutcomeUnknown { .. } => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
         }
     }
@@ -149,6 +162,7 @@ impl Error {
             Error::CursorOutOfRange { .. } => "CURSOR_OUT_OF_RANGE",
             Error::ShuttingDown { .. } => "SHUTTING_DOWN",
             Error::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            Error::OutcomeUnknown { .. } => "OUTCOME_UNKNOWN",
             Error::Internal(_) => "INTERNAL",
         }
     }
@@ -171,6 +185,10 @@ impl Error {
             Error::ShuttingDown { last_seq, epoch } => {
                 vec![("last_seq", last_seq.to_string()), ("epoch", epoch.clone())]
             }
+            Error::OutcomeUnknown { request_id } => request_id
+                .iter()
+                .map(|id| ("request_id", id.clone()))
+                .collect(),
             Error::Unauthenticated(_)
             | Error::Forbidden(_)
             | Error::InvalidArgument(_)
@@ -185,6 +203,9 @@ impl From<Error> for Status {
     fn from(err: Error) -> Status {
         match &err {
             Error::StoreUnavailable(detail) => tracing::warn!(%detail, "store unavailable"),
+            Error::OutcomeUnknown { .. } => {
+                tracing::warn!("store did not confirm a commit in time")
+            }
             Error::Internal(detail) => tracing::error!(%detail, "internal error"),
             _ => {}
         }
@@ -275,6 +296,13 @@ mod tests {
                 Error::StoreUnavailable("down".into()),
                 Code::Unavailable,
                 "STORE_UNAVAILABLE",
+            ),
+            (
+                Error::OutcomeUnknown {
+                    request_id: Some("q".into()),
+                },
+                Code::DeadlineExceeded,
+                "OUTCOME_UNKNOWN",
             ),
             (Error::Internal("bug".into()), Code::Internal, "INTERNAL"),
         ];

@@ -86,6 +86,7 @@ pub fn join(req: pb::JoinRequest) -> Result<JoinCmd, Error> {
     check.room_id(&req.room_id);
     check.max_chars("name", &req.name);
     check.max_chars("identity", &req.identity);
+    check.max_chars("request_id", &req.request_id);
     let role = Role::try_from(req.role).unwrap_or_else(|_| {
         check.fail("role", format!("unknown role {}", req.role));
         Role::Unspecified
@@ -94,6 +95,7 @@ pub fn join(req: pb::JoinRequest) -> Result<JoinCmd, Error> {
         name: req.name,
         role,
         identity: req.identity,
+        request_id: (!req.request_id.is_empty()).then_some(req.request_id),
     })
 }
 
@@ -225,7 +227,11 @@ mod tests {
             name: "n".repeat(129),
             role: 7,
             identity: String::new(),
+            request_id: "r".repeat(129),
         };
-        assert_eq!(fields(join(req).unwrap_err()), ["name", "role"]);
+        assert_eq!(
+            fields(join(req).unwrap_err()),
+            ["name", "request_id", "role"]
+        );
     }
 }

@@ -159,6 +159,7 @@ async fn allowed_actions_by_role(backend: Backend) {
             name: "Ann".into(),
             role: pb::Role::Moderator as i32,
             identity: "ann".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -354,6 +354,48 @@ async fn empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoc
     assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
 }
 
+/// A join retried with the same request id (same identity, same room) answers the first
+/// JoinResponse and logs nothing, even after that client has left; without a request id, or
+/// from another identity, it is a new join.
+async fn a_retried_join_returns_the_first_answer(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut gateway = server.client("gw", "*", "service").await;
+    let request = |request_id: &str| pb::JoinRequest {
+        room_id: "r".into(),
+        name: "Ann".into(),
+        identity: "ann".into(),
+        request_id: request_id.into(),
+        ..Default::default()
+    };
+    let first = gateway.join(request("j-1")).await.unwrap().into_inner();
+    let mut retry = server.client("gw", "*", "service").await;
+    let again = retry.join(request("j-1")).await.unwrap().into_inner();
+    assert_eq!(again, first);
+    gateway
+        .leave(pb::LeaveRequest {
+            room_id: "r".into(),
+            client_id: first.client_id.clone(),
+        })
+        .await
+        .unwrap();
+    let after_leave = retry.join(request("j-1")).await.unwrap().into_inner();
+    assert_eq!(after_leave, first);
+    let snapshot = retry
+        .list_participants(list("r"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((snapshot.seq, snapshot.participants.len()), (2, 0));
+
+    let fresh = retry.join(request("")).await.unwrap().into_inner();
+    assert_ne!(fresh.client_id, first.client_id);
+    let mut other = server.client("gw-2", "*", "service").await;
+    let theirs = other.join(request("j-1")).await.unwrap().into_inner();
+    assert_ne!(theirs.client_id, first.client_id);
+    let status = other.join(request(&"q".repeat(129))).await.unwrap_err();
+    assert_eq!(violations(&status), ["request_id"]);
+}
+
 /// ListParticipants is a snapshot in join order with the position it was taken at, so
 /// `Events(after_seq = seq)` continues exactly from it.
 async fn list_participants_is_a_snapshot_with_its_position(backend: Backend) {
@@ -398,4 +440,5 @@ acceptance! {
     an_empty_room_stays_for_its_ttl,
     empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoch,
     list_participants_is_a_snapshot_with_its_position,
+    a_retried_join_returns_the_first_answer,
 }

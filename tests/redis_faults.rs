@@ -29,6 +29,24 @@ fn list(room: &str) -> pb::ListParticipantsRequest {
     }
 }
 
+/// How many participants `room` has now.
+async fn participants(client: &mut Client, room: &str) -> usize {
+    let snapshot = client.list_participants(list(room)).await.unwrap();
+    snapshot.into_inner().participants.len()
+}
+
+/// Waits until `room` has at least `count` participants.
+async fn wait_for_participants(client: &mut Client, room: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while participants(client, room).await < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached {count} participants"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Reads a stream until the event at `last_seq`, returning every seq seen.
 async fn read_through(stream: &mut tonic::Streaming<pb::Event>, last_seq: u64) -> Vec<pb::Event> {
     let mut events = Vec::new();
@@ -287,6 +305,104 @@ async fn redis_outage_and_recovery() {
         .await
         .unwrap_err();
     assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+}
+
+/// Redis freezes for 3 s in the middle of a stream of joins, each with its own request id (the
+/// participant's name is that id, so the room shows which joins happened): no join is applied
+/// without its caller being able to know. An OK join is in the room once; an UNAVAILABLE one is
+/// not; a DEADLINE_EXCEEDED (`OUTCOME_UNKNOWN`) one may be, and its retry with the same request
+/// id answers what happened, so in the end every request id is in the room exactly once.
+#[tokio::test]
+async fn joins_during_a_redis_stall_are_never_silently_applied() {
+    if !redis_available() {
+        return;
+    }
+    let server = TestServer::start(Backend::RedisTwoNodes).await;
+    let redis = server.redis.as_ref().unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for worker in 0..6 {
+        let mut client = server.client("gw", "*", "service").await;
+        let stopped = stopped.clone();
+        workers.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for n in 0.. {
+                if *stopped.borrow() {
+                    break;
+                }
+                let request_id = format!("w{worker}-{n}");
+                let request = pb::JoinRequest {
+                    room_id: "stall".into(),
+                    name: request_id.clone(),
+                    request_id: request_id.clone(),
+                    ..Default::default()
+                };
+                let outcome = client.join(request).await.map(|r| r.into_inner());
+                outcomes.push((request_id, outcome));
+            }
+            (client, outcomes)
+        }));
+    }
+    let mut ops = server.client("ops", "*", "service").await;
+    wait_for_participants(&mut ops, "stall", 200).await;
+    redis.pause();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    redis.resume();
+    let after = participants(&mut ops, "stall").await;
+    wait_for_participants(&mut ops, "stall", after + 200).await;
+    stop.send(true).unwrap();
+
+    let (mut failed, mut unknown) = (0, 0);
+    let mut settled = Vec::new();
+    for worker in workers {
+        let (mut client, outcomes) = worker.await.unwrap();
+        for (request_id, outcome) in outcomes {
+            match outcome {
+                Ok(_) => settled.push((request_id, true)),
+                Err(status) if status.code() == Code::Unavailable => {
+                    assert_error(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+                    failed += 1;
+                    settled.push((request_id, false));
+                }
+                Err(status) => {
+                    let meta = assert_error(&status, Code::DeadlineExceeded, "OUTCOME_UNKNOWN");
+                    assert_eq!(meta["request_id"], request_id);
+                    unknown += 1;
+                    let retry = pb::JoinRequest {
+                        room_id: "stall".into(),
+                        name: request_id.clone(),
+                        request_id: request_id.clone(),
+                        ..Default::default()
+                    };
+                    client.join(retry).await.unwrap();
+                    settled.push((request_id, true));
+                }
+            }
+        }
+    }
+    assert!(failed + unknown > 0, "the stall made some joins fail");
+    let snapshot = ops
+        .list_participants(list("stall"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut in_room = std::collections::HashMap::new();
+    for participant in &snapshot.participants {
+        *in_room.entry(participant.name.clone()).or_insert(0) += 1;
+    }
+    for (request_id, joined) in &settled {
+        let expected = usize::from(*joined);
+        assert_eq!(
+            in_room.get(request_id).copied().unwrap_or(0),
+            expected,
+            "{request_id}: answered {}",
+            if *joined { "joined" } else { "UNAVAILABLE" }
+        );
+    }
+    assert_eq!(
+        snapshot.participants.len(),
+        settled.iter().filter(|(_, j)| *j).count()
+    );
 }
 
 /// A flushed Redis loses the log and its epoch: a live stream and old cursors get OUT_OF_RANGE

@@ -33,8 +33,12 @@ enum Kind {
     Redis,
 }
 
+/// How long the conformance stores keep an empty room: short, so a test can watch a room be
+/// forgotten (it waits for that state, never for a time).
+const EMPTY_ROOM_TTL: Duration = Duration::from_millis(300);
+
 async fn stores(kind: Kind) -> Stores {
-    let ttl = Duration::from_secs(300);
+    let ttl = EMPTY_ROOM_TTL;
     match kind {
         Kind::Memory => {
             let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(MemoryConfig {
@@ -96,6 +100,7 @@ fn join_cmd(client_id: &str) -> Command {
             name: client_id.into(),
             role: Role::Unspecified,
             identity: String::new(),
+            request_id: None,
         },
     }
 }
@@ -361,6 +366,57 @@ async fn handles_never_act_on_stale_knowledge(s: Stores) {
     );
 }
 
+/// Remembered answers belong to the room's epoch: once an empty room is forgotten and joined
+/// anew, a request id used in the old room is a new request (the client is dropped), on every
+/// store alike.
+async fn answers_are_forgotten_with_their_room(s: Stores) {
+    join(&s.a, "r", "c0").await;
+    let first =
+        s.a.execute("r", &service(), drop_cmd(&["c0"], "req-1"))
+            .await
+            .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while s.b.snapshot("r").await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the empty room was never forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = join(&s.b, "r", "c0").await;
+    assert_ne!(again.epoch, first.events[0].epoch);
+    let second =
+        s.b.execute("r", &service(), drop_cmd(&["c0"], "req-1"))
+            .await
+            .unwrap();
+    let Reply::Dropped(response) = second.reply else {
+        panic!("{:?}", second.reply)
+    };
+    assert_eq!(response.results[0].outcome(), DropOutcome::Dropped);
+    assert_eq!(second.events.len(), 3);
+}
+
+/// A room remembers at most 1,024 answers, on every store: past that the oldest are forgotten
+/// (a retry of the very first request is a new request), the newest still answer retries.
+async fn remembered_answers_are_bounded(s: Stores) {
+    join(&s.a, "r", "keep").await;
+    for i in 0..1030 {
+        s.a.execute("r", &service(), drop_cmd(&["nobody"], &format!("q{i}")))
+            .await
+            .unwrap();
+    }
+    let oldest =
+        s.b.execute("r", &service(), drop_cmd(&["nobody"], "q0"))
+            .await
+            .unwrap();
+    assert_eq!(oldest.events.len(), 1, "forgotten, so applied again");
+    let newest =
+        s.b.execute("r", &service(), drop_cmd(&["nobody"], "q1029"))
+            .await
+            .unwrap();
+    assert!(newest.events.is_empty(), "still remembered");
+}
+
 /// A store reports itself healthy once it can serve.
 async fn health_turns_serving(s: Stores) {
     let mut health = s.a.health();
@@ -379,5 +435,7 @@ conformance! {
     drops_are_idempotent_across_handles,
     concurrent_retries_apply_once,
     handles_never_act_on_stale_knowledge,
+    answers_are_forgotten_with_their_room,
+    remembered_answers_are_bounded,
     health_turns_serving,
 }

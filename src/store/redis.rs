@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -44,8 +44,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Opening, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{
-    self, Applied, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
-    IDEMPOTENCY_WINDOW,
+    self, Applied, Caller, Change, ClientStatus, Command, LogWindow, Remembered, Reply, RoomState,
+    MAX_REMEMBERED_ANSWERS,
 };
 use crate::error::Error;
 use crate::pb;
@@ -82,6 +82,61 @@ pub struct StoredMember {
     pub participant: Option<pb::Participant>,
 }
 
+/// A remembered answer as stored in the `answers` hash, under its [`engine::answer_key`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredAnswer {
+    /// When the answer is forgotten, in milliseconds since the Unix epoch (also its score in
+    /// the `answered` sorted set).
+    #[prost(uint64, tag = "1")]
+    pub expires_at_ms: u64,
+    /// The answer.
+    #[prost(oneof = "StoredReply", tags = "2, 3")]
+    pub reply: Option<StoredReply>,
+}
+
+/// The kinds of answer a room remembers.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum StoredReply {
+    /// A `Join`'s answer.
+    #[prost(message, tag = "2")]
+    Joined(pb::JoinResponse),
+    /// A `DropUser`'s answer.
+    #[prost(message, tag = "3")]
+    Dropped(pb::DropUserResponse),
+}
+
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl StoredAnswer {
+    /// The stored form of `answer`; None for replies that are never remembered.
+    fn of(answer: &Remembered) -> Option<Self> {
+        let reply = match &answer.reply {
+            Reply::Joined(joined) => StoredReply::Joined(joined.clone()),
+            Reply::Dropped(dropped) => StoredReply::Dropped(dropped.clone()),
+            Reply::Left => return None,
+        };
+        Some(Self {
+            expires_at_ms: millis(answer.expires_at),
+            reply: Some(reply),
+        })
+    }
+
+    fn into_remembered(self, key: String) -> Result<Remembered, Error> {
+        let reply = match self.reply.ok_or_else(|| corrupt("answer"))? {
+            StoredReply::Joined(joined) => Reply::Joined(joined),
+            StoredReply::Dropped(dropped) => Reply::Dropped(dropped),
+        };
+        Ok(Remembered {
+            key,
+            expires_at: UNIX_EPOCH + Duration::from_millis(self.expires_at_ms),
+            reply,
+        })
+    }
+}
+
 /// The events a commit publishes, after `<room_id>\n` (room ids hold no newline), so a node
 /// without subscribers of that room skips the message without decoding it.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -107,30 +162,34 @@ impl Notice {
 }
 
 /// The commit of a batch. Returns 0, changing nothing, unless the room is still at the `seq` and
-/// `epoch` the batch ran on, and every member id and drop answer the batch assumed absent is
-/// absent (their keys follow the room's five). Then it appends the events, applies membership
-/// changes, remembers the new drop answers, sets or clears the empty-room expiry, publishes,
-/// and returns 1.
+/// `epoch` the batch ran on, and every member id and answer key the batch assumed absent is
+/// absent. Then it appends the events, applies membership changes, remembers the new answers
+/// (forgetting expired ones and the oldest past the cap), sets or clears the empty-room expiry,
+/// publishes, and returns 1. A room created anew first deletes whatever a forgotten room of the
+/// same id left behind: answers, like the log, belong to their epoch.
 const COMMIT: &str = r#"
-local meta, members, departed, owners, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local meta, members, departed, owners, log, answers, answered =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local now, max_answers = ARGV[7], tonumber(ARGV[8])
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 if expected == '' then
   if current[1] then return 0 end
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i, k = 8, 5
+local i = 9
 for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
 end
 i = i + 1
 for _ = 1, tonumber(ARGV[i]) do
-  k = k + 1
-  if redis.call('EXISTS', KEYS[k]) == 1 then return 0 end
+  i = i + 1
+  if redis.call('HEXISTS', answers, ARGV[i]) == 1 then return 0 end
 end
 if expected == '' then
+  redis.call('DEL', members, departed, owners, log, answers, answered)
   redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
 end
 i = i + 1
@@ -154,9 +213,22 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 3
 end
 i = i + 1
-for n = 1, tonumber(ARGV[i]) do
-  k = k + 1
-  redis.call('SET', KEYS[k], ARGV[i + n], 'PX', ARGV[7])
+local added = tonumber(ARGV[i])
+for _ = 1, added do
+  redis.call('HSET', answers, ARGV[i + 1], ARGV[i + 2])
+  redis.call('ZADD', answered, ARGV[i + 3], ARGV[i + 1])
+  i = i + 3
+end
+if added > 0 then
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', answered, '-inf', now)) do
+    redis.call('HDEL', answers, key)
+  end
+  redis.call('ZREMRANGEBYSCORE', answered, '-inf', now)
+  local excess = redis.call('ZCARD', answered) - max_answers
+  if excess > 0 then
+    local oldest = redis.call('ZPOPMIN', answered, excess)
+    for n = 1, #oldest, 2 do redis.call('HDEL', answers, oldest[n]) end
+  end
 end
 local oldest = tonumber(last) - history + 1
 if oldest > 1 then
@@ -165,7 +237,7 @@ if oldest > 1 then
   end
   redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
 end
-local room = {meta, members, departed, owners, log}
+local room = {meta, members, departed, owners, log, answers, answered}
 if redis.call('HLEN', members) == 0 then
   for _, key in ipairs(room) do
     if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl) end
@@ -230,12 +302,13 @@ pub struct RedisConfig {
 
 /// The keys of one room.
 struct Keys {
-    tag: String,
     meta: String,
     members: String,
     departed: String,
     owners: String,
     log: String,
+    answers: String,
+    answered: String,
 }
 
 impl Keys {
@@ -247,7 +320,8 @@ impl Keys {
             departed: format!("{tag}:departed"),
             owners: format!("{tag}:owners"),
             log: format!("{tag}:log"),
-            tag,
+            answers: format!("{tag}:answers"),
+            answered: format!("{tag}:answered"),
         }
     }
 
@@ -261,15 +335,6 @@ impl Keys {
             .arg("epoch")
             .arg("seq");
         pipe
-    }
-
-    /// The key remembering `identity`'s drop `request_id` (lengths first: both are free text).
-    fn drop(&self, identity: &str, request_id: &str) -> String {
-        format!(
-            "{}:drop:{}:{identity}:{request_id}",
-            self.tag,
-            identity.len()
-        )
     }
 }
 
@@ -634,7 +699,7 @@ const KNOWN_IDS: usize = 50_000;
 struct Known {
     state: RoomState,
     ids: HashSet<String>,
-    drops: HashSet<String>,
+    answers: HashSet<String>,
     read_at: Instant,
 }
 
@@ -655,30 +720,28 @@ struct Job {
 struct Loaded {
     meta: Option<(String, u64)>,
     members: Vec<(pb::Participant, u64)>,
-    drops: Vec<(String, String, pb::DropUserResponse)>,
+    answers: Vec<Remembered>,
 }
 
-/// The member ids and remembered drop answers (Redis key, identity, request_id) a batch of
-/// commands looks at, each once.
-fn wanted<'a>(keys: &Keys, jobs: &'a [Job]) -> (Vec<&'a str>, Vec<(String, &'a str, &'a str)>) {
-    let (mut ids, mut drops) = (Vec::new(), Vec::new());
+/// The member ids and remembered answers (by key) a batch of commands looks at, each once.
+fn wanted(jobs: &[Job]) -> (Vec<&str>, Vec<String>) {
+    let mut ids = Vec::new();
     for job in jobs {
         match &job.cmd {
             Command::Join { .. } => {}
             Command::Leave { client_id } => ids.push(client_id.as_str()),
-            Command::Drop(drop) => {
-                ids.extend(drop.client_ids.iter().map(String::as_str));
-                let identity = job.caller.identity.as_str();
-                let key = keys.drop(identity, &drop.request_id);
-                drops.push((key, identity, drop.request_id.as_str()));
-            }
+            Command::Drop(drop) => ids.extend(drop.client_ids.iter().map(String::as_str)),
         }
     }
     let mut seen = HashSet::new();
     ids.retain(|id| seen.insert(*id));
+    let mut answers: Vec<String> = jobs
+        .iter()
+        .filter_map(|job| job.cmd.answer_key(&job.caller))
+        .collect();
     let mut seen = HashSet::new();
-    drops.retain(|(key, ..)| seen.insert(key.clone()));
-    (ids, drops)
+    answers.retain(|key| seen.insert(key.clone()));
+    (ids, answers)
 }
 
 impl Shared {
@@ -715,19 +778,13 @@ impl Shared {
         }
     }
 
-    async fn load(
-        &self,
-        keys: &Keys,
-        ids: &[&str],
-        drop_keys: &[(String, &str, &str)],
-    ) -> Result<Loaded, Error> {
+    async fn load(&self, keys: &Keys, ids: &[&str], answers: &[String]) -> Result<Loaded, Error> {
         let mut pipe = keys.read_meta();
         if !ids.is_empty() {
             pipe.cmd("HMGET").arg(&keys.members).arg(ids);
         }
-        if !drop_keys.is_empty() {
-            let names: Vec<&str> = drop_keys.iter().map(|(key, ..)| key.as_str()).collect();
-            pipe.cmd("MGET").arg(names);
+        if !answers.is_empty() {
+            pipe.cmd("HMGET").arg(&keys.answers).arg(answers);
         }
         let mut replies = timed(pipe.query_async::<Vec<Value>>(&mut self.conn()))
             .await?
@@ -739,21 +796,20 @@ impl Shared {
                 members.extend(member(&value)?);
             }
         }
-        let mut drops = Vec::new();
-        if !drop_keys.is_empty() {
+        let mut remembered = Vec::new();
+        if !answers.is_empty() {
             let values = array(replies.next().unwrap_or(Value::Nil));
-            for ((_, identity, request_id), value) in drop_keys.iter().zip(values) {
+            for (key, value) in answers.iter().zip(values) {
                 if let Some(raw) = bytes(&value) {
-                    let response =
-                        pb::DropUserResponse::decode(raw).map_err(|_| corrupt("drop record"))?;
-                    drops.push(((*identity).to_owned(), (*request_id).to_owned(), response));
+                    let stored = StoredAnswer::decode(raw).map_err(|_| corrupt("answer"))?;
+                    remembered.push(stored.into_remembered(key.clone())?);
                 }
             }
         }
         Ok(Loaded {
             meta,
             members,
-            drops,
+            answers: remembered,
         })
     }
 
@@ -768,22 +824,22 @@ impl Shared {
         known: &mut Option<Known>,
     ) -> Option<Error> {
         let keys = Keys::new(room_id);
-        let (ids, drop_keys) = wanted(&keys, &jobs);
+        let (ids, answer_keys) = wanted(&jobs);
         let outcome = async {
             for _ in 0..MAX_ATTEMPTS {
                 let now = SystemTime::now();
-                let (mut state, mut seen_ids, mut seen_drops, read_at) =
+                let (mut state, mut seen_ids, mut seen_answers, read_at) =
                     match known.take().filter(Known::usable) {
-                        Some(k) => (Some(k.state), k.ids, k.drops, k.read_at),
+                        Some(k) => (Some(k.state), k.ids, k.answers, k.read_at),
                         None => {
-                            let loaded = self.load(&keys, &ids, &drop_keys).await?;
+                            let loaded = self.load(&keys, &ids, &answer_keys).await?;
                             let state = loaded.meta.map(|(epoch, seq)| {
-                                let (members, drops) = (loaded.members, loaded.drops);
-                                RoomState::restore(room_id, epoch, seq, members, drops, now)
+                                let (members, answers) = (loaded.members, loaded.answers);
+                                RoomState::restore(room_id, epoch, seq, members, answers)
                             });
                             let ids = ids.iter().map(|id| id.to_string()).collect();
-                            let drops = drop_keys.iter().map(|(key, ..)| key.clone()).collect();
-                            (state, ids, drops, Instant::now())
+                            let answers = answer_keys.iter().cloned().collect();
+                            (state, ids, answers, Instant::now())
                         }
                     };
                 let assumed_ids: Vec<&str> = ids
@@ -791,10 +847,10 @@ impl Shared {
                     .copied()
                     .filter(|id| !seen_ids.contains(*id))
                     .collect();
-                let assumed_drops: Vec<&str> = drop_keys
+                let assumed_answers: Vec<&str> = answer_keys
                     .iter()
-                    .map(|(key, ..)| key.as_str())
-                    .filter(|key| !seen_drops.contains(*key))
+                    .map(String::as_str)
+                    .filter(|key| !seen_answers.contains(*key))
                     .collect();
                 let expected = state.as_ref().map(RoomState::seq);
                 let results: Vec<Result<Applied, Error>> = jobs
@@ -806,24 +862,24 @@ impl Shared {
                     return Ok(results);
                 };
                 if !writes {
-                    if !(assumed_ids.is_empty() && assumed_drops.is_empty()) {
+                    if !(assumed_ids.is_empty() && assumed_answers.is_empty()) {
                         // Answers resting on guesses no commit will check: read and redo.
                         continue;
                     }
                     *known = Some(Known {
                         state,
                         ids: seen_ids,
-                        drops: seen_drops,
+                        answers: seen_answers,
                         read_at,
                     });
                     return Ok(results);
                 }
-                let assumed = (assumed_ids.as_slice(), assumed_drops.as_slice());
+                let assumed = (assumed_ids.as_slice(), assumed_answers.as_slice());
                 if self
-                    .commit(&keys, room_id, &state, expected, &jobs, &results, assumed)
+                    .commit(&keys, room_id, &state, expected, &results, assumed, now)
                     .await?
                 {
-                    // Everything the batch looked at or joined is known now (the drop answers it
+                    // Everything the batch looked at or joined is known now (the answers it
                     // remembered are among the keys it looked at).
                     seen_ids.extend(ids.iter().map(|id| id.to_string()));
                     for applied in results.iter().flatten() {
@@ -833,13 +889,13 @@ impl Shared {
                             }
                         }
                     }
-                    seen_drops.extend(drop_keys.iter().map(|(key, ..)| key.clone()));
+                    seen_answers.extend(answer_keys.iter().cloned());
                     let oldest = state.seq().saturating_sub(self.config.history as u64) + 1;
                     state.forget_departed_before(oldest);
                     *known = Some(Known {
                         state,
                         ids: seen_ids,
-                        drops: seen_drops,
+                        answers: seen_answers,
                         read_at,
                     });
                     return Ok(results);
@@ -861,7 +917,14 @@ impl Shared {
             }
             Err(err) => {
                 for job in jobs {
-                    let _ = job.reply.send(Err(err.clone()));
+                    let err = match &err {
+                        // Each caller learns the request id its retry can use to find out.
+                        Error::OutcomeUnknown { .. } => Error::OutcomeUnknown {
+                            request_id: job.cmd.request_id().map(str::to_owned),
+                        },
+                        other => other.clone(),
+                    };
+                    let _ = job.reply.send(Err(err));
                 }
                 Some(err)
             }
@@ -869,7 +932,8 @@ impl Shared {
     }
 
     /// Commits the batch's events and changes if the room is still at `expected` (None: the
-    /// room must not exist yet). False on a conflict.
+    /// room must not exist yet). False on a conflict. A commit sent whose answer never came is
+    /// `OutcomeUnknown`: it may have been applied, and its callers must be told so.
     #[allow(clippy::too_many_arguments)]
     async fn commit(
         &self,
@@ -877,25 +941,26 @@ impl Shared {
         room_id: &str,
         state: &RoomState,
         expected: Option<u64>,
-        jobs: &[Job],
         results: &[Result<Applied, Error>],
-        (assumed_ids, assumed_drops): (&[&str], &[&str]),
+        (assumed_ids, assumed_answers): (&[&str], &[&str]),
+        now: SystemTime,
     ) -> Result<bool, Error> {
-        let applied: Vec<(&Job, &Applied)> = jobs
+        let applied: Vec<&Applied> = results
             .iter()
-            .zip(results)
-            .filter_map(|(job, result)| Some((job, result.as_ref().ok()?)))
-            .filter(|(_, applied)| !applied.events.is_empty())
+            .flatten()
+            .filter(|applied| !applied.events.is_empty())
             .collect();
-        let events: Vec<&pb::Event> = applied.iter().flat_map(|(_, a)| &a.events).collect();
-        let remembered: Vec<(String, Vec<u8>)> = applied
+        let events: Vec<&pb::Event> = applied.iter().flat_map(|a| &a.events).collect();
+        let remembered: Vec<(&str, Vec<u8>, u64)> = applied
             .iter()
-            .filter_map(|(job, applied)| match &applied.reply {
-                Reply::Dropped(response) => Some((
-                    keys.drop(&job.caller.identity, &response.request_id),
-                    response.encode_to_vec(),
-                )),
-                _ => None,
+            .filter_map(|a| a.remembered.as_ref())
+            .filter_map(|answer| {
+                let stored = StoredAnswer::of(answer)?;
+                Some((
+                    answer.key.as_str(),
+                    stored.encode_to_vec(),
+                    stored.expires_at_ms,
+                ))
             })
             .collect();
         let notice = Notice::publish(room_id, &events);
@@ -904,32 +969,31 @@ impl Shared {
             .key(&keys.members)
             .key(&keys.departed)
             .key(&keys.owners)
-            .key(&keys.log);
-        for key in assumed_drops {
-            call.key(*key);
-        }
-        for (key, _) in &remembered {
-            call.key(key);
-        }
+            .key(&keys.log)
+            .key(&keys.answers)
+            .key(&keys.answered);
         call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
             .arg(state.epoch())
             .arg(self.config.history)
             .arg(self.config.empty_room_ttl.as_millis().max(1) as u64)
             .arg(CHANNEL)
             .arg(notice)
-            .arg(IDEMPOTENCY_WINDOW.as_millis() as u64);
+            .arg(millis(now))
+            .arg(MAX_REMEMBERED_ANSWERS);
         call.arg(assumed_ids.len());
         for id in assumed_ids {
             call.arg(*id);
         }
-        call.arg(assumed_drops.len());
+        call.arg(assumed_answers.len());
+        for key in assumed_answers {
+            call.arg(*key);
+        }
         call.arg(events.len());
         for event in &events {
             call.arg(event.seq).arg(event.encode_to_vec());
         }
-        let changes = applied.iter().flat_map(|(_, a)| &a.changes);
         let (mut joins, mut departures) = (Vec::new(), Vec::new());
-        for change in changes {
+        for change in applied.iter().flat_map(|a| &a.changes) {
             match change {
                 Change::Joined {
                     participant,
@@ -955,10 +1019,18 @@ impl Shared {
             call.arg(client_id).arg(identity).arg(end_seq);
         }
         call.arg(remembered.len());
-        for (_, value) in &remembered {
-            call.arg(value);
+        for (key, value, expires_at_ms) in &remembered {
+            call.arg(*key).arg(value).arg(*expires_at_ms);
         }
-        let committed: i64 = timed(call.invoke_async(&mut self.conn())).await?;
+        let committed: i64 =
+            match tokio::time::timeout(OP_TIMEOUT, call.invoke_async(&mut self.conn())).await {
+                Ok(Ok(committed)) => committed,
+                // Refused before anything was sent, or refused by Redis: nothing was applied.
+                Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
+                    return Err(unavailable(err))
+                }
+                Ok(Err(_)) | Err(_) => return Err(Error::OutcomeUnknown { request_id: None }),
+            };
         Ok(committed == 1)
     }
 }
@@ -1018,7 +1090,8 @@ async fn write_room(shared: Weak<Shared>, room_id: String, id: u64, mut jobs: mp
         }
         if let Some(err) = apply(&shared, &room_id, batch, &mut known).await {
             // Redis is failing: answer everything already queued now, instead of letting each
-            // batch wait out its own timeout.
+            // batch wait out its own timeout. None of it was sent, so it is safe to retry.
+            let err = Error::StoreUnavailable(format!("redis is failing: {}", err.detail()));
             while let Ok(job) = jobs.try_recv() {
                 let _ = job.reply.send(Err(err.clone()));
             }
