@@ -50,6 +50,10 @@ pub enum Error {
     /// The request breaks the contract's field rules.
     #[error("invalid argument: {}", describe(.0))]
     InvalidArgument(Vec<Violation>),
+    /// The request body is not valid protobuf for its message (bad UTF-8, truncated, wrong wire
+    /// type); the text says where prost found it wrong.
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
     /// The request is larger than `--max-message-bytes`.
     #[error("request larger than the {limit}-byte limit")]
     MessageTooLarge {
@@ -138,7 +142,7 @@ impl Error {
         match self {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::UnauthorizedAccess(_) | Error::Forbidden(_) => Code::PermissionDenied,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
             Error::MessageTooLarge { .. } => Code::ResourceExhausted,
             Error::RoomNotFound { .. } | Error::ClientNotFound { .. } => Code::NotFound,
             Error::CursorOutOfRange { .. } => Code::OutOfRange,
@@ -156,6 +160,7 @@ impl Error {
             Error::UnauthorizedAccess(_) => "UNAUTHORIZED_ACCESS",
             Error::Forbidden(_) => "FORBIDDEN",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::MalformedRequest(_) => "MALFORMED_REQUEST",
             Error::MessageTooLarge { .. } => "MESSAGE_TOO_LARGE",
             Error::RoomNotFound { .. } => "ROOM_NOT_FOUND",
             Error::ClientNotFound { .. } => "CLIENT_NOT_FOUND",
@@ -192,6 +197,7 @@ impl Error {
             Error::Unauthenticated(_)
             | Error::Forbidden(_)
             | Error::InvalidArgument(_)
+            | Error::MalformedRequest(_)
             | Error::StoreUnavailable(_)
             | Error::Internal(_) => Vec::new(),
         };
@@ -255,6 +261,11 @@ mod tests {
                 Error::InvalidArgument(vec![]),
                 Code::InvalidArgument,
                 "INVALID_ARGUMENT",
+            ),
+            (
+                Error::MalformedRequest("x".into()),
+                Code::InvalidArgument,
+                "MALFORMED_REQUEST",
             ),
             (
                 Error::MessageTooLarge { limit: 4 },

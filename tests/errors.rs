@@ -349,6 +349,35 @@ async fn every_call_is_verified(backend: Backend) {
     assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
 }
 
+/// A body that is not valid protobuf (invalid UTF-8 in a string, a truncated field, a wrong wire
+/// type) is the caller's fault: INVALID_ARGUMENT / MALFORMED_REQUEST on unary calls and on
+/// `Events` alike, not INTERNAL; with a bad token it is UNAUTHENTICATED first.
+async fn malformed_bodies_are_invalid_arguments(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ops = token("ops", "*", "service");
+    let bodies: [Vec<u8>; 3] = [
+        vec![0x0a, 0x02, 0xff, 0xfe], // room_id: two bytes that are not UTF-8
+        vec![0x0a, 0x05, b'r'],       // room_id: says 5 bytes, carries 1
+        vec![0x08, 0x01],             // field 1 as a varint; room_id is a string
+    ];
+    for method in [
+        "/roomcontrol.v1.RoomControl/Join",
+        "/roomcontrol.v1.RoomControl/DropUser",
+        "/roomcontrol.v1.RoomControl/Events",
+    ] {
+        for body in &bodies {
+            let status = raw::call(server.channel().await, method, &ops, body.clone())
+                .await
+                .unwrap_err();
+            assert_error(&status, Code::InvalidArgument, "MALFORMED_REQUEST");
+            let status = raw::call(server.channel().await, method, "forged", body.clone())
+                .await
+                .unwrap_err();
+            assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+        }
+    }
+}
+
 acceptance! {
     bad_tokens_are_unauthenticated,
     forbidden_actions_are_permission_denied,
@@ -357,4 +386,5 @@ acceptance! {
     oversized_requests_are_resource_exhausted,
     missing_rooms_and_clients_are_not_found,
     every_call_is_verified,
+    malformed_bodies_are_invalid_arguments,
 }

@@ -297,3 +297,72 @@ pub fn drop_request(room: &str, ids: &[&str], reason: &str) -> pb::DropUserReque
         request_id: String::new(),
     }
 }
+
+/// Raw bytes as gRPC messages, for bodies no generated client would send (malformed protobuf).
+pub mod raw {
+    use prost::bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::{Request, Status};
+
+    /// A codec that sends and receives message bodies verbatim.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            RawCodec
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            RawCodec
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+        }
+    }
+
+    /// Calls `method` (`/package.Service/Method`) with `body` as the request message and
+    /// `token` as the bearer token, and returns the first response message.
+    pub async fn call(
+        channel: tonic::transport::Channel,
+        method: &'static str,
+        token: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, Status> {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut request = Request::new(body);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+        let mut stream = grpc
+            .server_streaming(request, path, RawCodec)
+            .await?
+            .into_inner();
+        Ok(stream.message().await?.unwrap_or_default())
+    }
+}
