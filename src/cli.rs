@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{self, mint, Claims, TokenRules};
+use crate::limits::Limits;
 use crate::server::{
     Server, ServerConfig, StoreConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES,
 };
@@ -106,7 +107,69 @@ struct ServeArgs {
     #[arg(long)]
     jwt_audience: Option<String>,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     secret: SecretArgs,
+}
+
+/// The overload limits of `serve` (see `limits::Limits`; defaults are its defaults).
+#[derive(Debug, Args)]
+struct LimitArgs {
+    /// How long a new connection may take to send the HTTP/2 preface before it is closed.
+    #[arg(long, default_value_t = Limits::default().handshake_timeout.into())]
+    handshake_timeout: humantime::Duration,
+    /// The longest a unary call (or opening a stream) may take; a shorter client
+    /// `grpc-timeout` wins. Past it: DEADLINE_EXCEEDED.
+    #[arg(long, default_value_t = Limits::default().request_timeout.into())]
+    request_timeout: humantime::Duration,
+    /// RoomControl calls in progress at once; more fail at once with UNAVAILABLE (OVERLOADED).
+    #[arg(long, default_value_t = Limits::default().max_concurrent_calls, value_parser = at_least_one)]
+    max_concurrent_calls: usize,
+    /// Events streams open at once on this node; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Limits::default().max_streams, value_parser = at_least_one)]
+    max_streams: usize,
+    /// Events streams open at once on one connection; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = Limits::default().max_streams_per_connection, value_parser = at_least_one)]
+    max_streams_per_connection: usize,
+    /// Participants in one room; more joins get RESOURCE_EXHAUSTED (ROOM_FULL).
+    #[arg(long, default_value_t = Limits::default().max_room_members, value_parser = at_least_one)]
+    max_room_members: usize,
+    /// Moderator commands (DropUser) per second per identity, sustained, on this node.
+    #[arg(long, default_value_t = Limits::default().moderator_rate, value_parser = clap::value_parser!(u32).range(1..))]
+    moderator_rate: u32,
+    /// Moderator commands one identity may send at once before the rate applies.
+    #[arg(long, default_value_t = Limits::default().moderator_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    moderator_burst: u32,
+    /// How often an idle connection is pinged (HTTP/2 keepalive).
+    #[arg(long, default_value_t = Limits::default().keepalive_interval.into())]
+    http2_keepalive_interval: humantime::Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, default_value_t = Limits::default().keepalive_timeout.into())]
+    http2_keepalive_timeout: humantime::Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            handshake_timeout: self.handshake_timeout.into(),
+            request_timeout: self.request_timeout.into(),
+            max_concurrent_calls: self.max_concurrent_calls,
+            max_streams: self.max_streams,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_room_members: self.max_room_members,
+            moderator_rate: self.moderator_rate,
+            moderator_burst: self.moderator_burst,
+            keepalive_interval: self.http2_keepalive_interval.into(),
+            keepalive_timeout: self.http2_keepalive_timeout.into(),
+        }
+    }
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +269,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         empty_room_ttl: args.empty_room_ttl,
         max_message_bytes: args.max_message_bytes,
         store,
+        limits: args.limits.limits(),
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start tokio: {e}"))?;
     runtime.block_on(async move {

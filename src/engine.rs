@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use crate::error::Error;
+use crate::limits::Limit;
 use crate::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
 
 /// How long an answer is remembered for retries with the same `request_id`.
@@ -18,6 +19,10 @@ pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
 /// caller that invents a new `request_id` per call; past it the oldest answers are forgotten
 /// early. Answers belong to the room's epoch: a room that is forgotten forgets them too.
 pub const MAX_REMEMBERED_ANSWERS: usize = 1024;
+
+/// How many participants a room holds unless told otherwise (`--max-room-members`): enough for
+/// any meeting, and a `ListParticipants` answer of that many stays far under the 4 MiB limit.
+pub const DEFAULT_MAX_MEMBERS: usize = 10_000;
 
 /// The key a remembered answer is filed under: request ids are scoped to the kind of command
 /// (`join`, `drop`) and the caller's identity. Lengths come first, as both are free text.
@@ -274,6 +279,11 @@ pub struct RoomState {
     room_id: String,
     epoch: String,
     seq: u64,
+    /// How many participants the room has; a store that restores only some `members` still
+    /// knows the count.
+    population: usize,
+    /// The most participants it may have.
+    max_members: usize,
     members: HashMap<String, Member>,
     departed: HashMap<String, (String, u64)>,
     /// Departed clients in departure order, so forgetting those older than the history is a
@@ -292,6 +302,8 @@ impl RoomState {
             room_id: room_id.into(),
             epoch: epoch.into(),
             seq: 0,
+            population: 0,
+            max_members: DEFAULT_MAX_MEMBERS,
             members: HashMap::new(),
             departed: HashMap::new(),
             departed_order: VecDeque::new(),
@@ -300,18 +312,26 @@ impl RoomState {
         }
     }
 
-    /// A room as a store read it back: `members` with the seq they joined at, and remembered
-    /// answers. A store may restore only the members and answers its commands name; commands
-    /// look at no others.
+    /// The same room, holding at most `max_members` participants.
+    pub fn with_max_members(mut self, max_members: usize) -> Self {
+        self.max_members = max_members;
+        self
+    }
+
+    /// A room as a store read it back: its `population`, `members` with the seq they joined at,
+    /// and remembered answers. A store may restore only the members and answers its commands
+    /// name; commands look at no others.
     pub fn restore(
         room_id: impl Into<String>,
         epoch: impl Into<String>,
         seq: u64,
+        population: usize,
         members: impl IntoIterator<Item = (pb::Participant, u64)>,
         answers: impl IntoIterator<Item = Remembered>,
     ) -> Self {
         let mut state = Self::new(room_id, epoch);
         state.seq = seq;
+        state.population = population;
         for (participant, join_seq) in members {
             state.members.insert(
                 participant.client_id.clone(),
@@ -351,7 +371,7 @@ impl RoomState {
 
     /// Whether nobody is in the room.
     pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.population == 0
     }
 
     /// Participants in join order.
@@ -434,6 +454,7 @@ impl RoomState {
 
     fn depart(&mut self, client_id: &str, identity: String, end_seq: u64) -> Change {
         self.members.remove(client_id);
+        self.population = self.population.saturating_sub(1);
         self.departed
             .insert(client_id.to_owned(), (identity.clone(), end_seq));
         self.departed_order
@@ -515,6 +536,12 @@ fn join(
     now: SystemTime,
 ) -> Result<Applied, Error> {
     let (role, identity) = join_grant(caller, &cmd)?;
+    if state.population >= state.max_members {
+        return Err(Error::LimitReached {
+            limit: Limit::RoomMembers,
+            max: state.max_members,
+        });
+    }
     let participant = pb::Participant {
         client_id: client_id.clone(),
         identity,
@@ -535,6 +562,7 @@ fn join(
             join_seq: event.seq,
         },
     );
+    state.population += 1;
     let participant_for_change = participant.clone();
     let reply = Reply::Joined(pb::JoinResponse {
         client_id,
@@ -967,6 +995,7 @@ mod tests {
             "r",
             "ep",
             41,
+            1,
             [(bob, 7)],
             Some(Remembered {
                 key: answer_key("drop", "alice", "q"),
@@ -1038,6 +1067,63 @@ mod tests {
         // Without a key, nothing is remembered and a repeat joins again.
         let unkeyed = apply(&mut state, &bob, join("c4", None), now()).unwrap();
         assert!(unkeyed.remembered.is_none());
+    }
+
+    #[test]
+    fn a_full_room_refuses_joins_until_someone_leaves() {
+        let mut state = RoomState::new("r", "ep").with_max_members(2);
+        let bob = caller("bob", TokenRole::Participant);
+        join_as(&mut state, &bob, "a");
+        join_as(&mut state, &bob, "b");
+        let full = apply(
+            &mut state,
+            &bob,
+            Command::Join {
+                client_id: "c".into(),
+                cmd: JoinCmd {
+                    name: String::new(),
+                    role: Role::Unspecified,
+                    identity: String::new(),
+                    request_id: None,
+                },
+            },
+            now(),
+        );
+        assert!(matches!(
+            full,
+            Err(Error::LimitReached {
+                limit: Limit::RoomMembers,
+                max: 2
+            })
+        ));
+        assert_eq!(state.seq(), 2, "nothing logged");
+        apply(
+            &mut state,
+            &bob,
+            Command::Leave {
+                client_id: "a".into(),
+            },
+            now(),
+        )
+        .unwrap();
+        join_as(&mut state, &bob, "c");
+        // A restored room counts the members it did not restore.
+        let mut partial = RoomState::restore("r", "ep", 9, 2, [], []).with_max_members(2);
+        assert!(apply(
+            &mut partial,
+            &bob,
+            Command::Join {
+                client_id: "d".into(),
+                cmd: JoinCmd {
+                    name: String::new(),
+                    role: Role::Unspecified,
+                    identity: String::new(),
+                    request_id: None,
+                },
+            },
+            now()
+        )
+        .is_err());
     }
 
     #[test]

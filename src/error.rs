@@ -7,8 +7,12 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::limits::Limit;
 
 /// The `ErrorInfo.domain` of every error roomctl raises.
 pub const DOMAIN: &str = "roomcontrol.v1";
@@ -60,6 +64,34 @@ pub enum Error {
         /// The configured limit.
         limit: usize,
     },
+    /// A node, connection or room is at one of its limits.
+    #[error("{} reached: at most {max}", .limit.name())]
+    LimitReached {
+        /// Which limit.
+        limit: Limit,
+        /// Its value.
+        max: usize,
+    },
+    /// The caller sent moderator commands faster than `--moderator-rate` allows.
+    #[error("too many moderator commands: at most {rate} per second; retry in {retry_after:?}")]
+    RateLimited {
+        /// When the next command would be accepted.
+        retry_after: Duration,
+        /// The sustained rate allowed.
+        rate: u32,
+    },
+    /// The node has `--max-concurrent-calls` calls in progress; try again, here or elsewhere.
+    #[error("server overloaded: {max} calls in progress; retry with backoff or on another node")]
+    Overloaded {
+        /// The limit.
+        max: usize,
+    },
+    /// The call outlived its deadline (`--request-timeout` or the client's `grpc-timeout`).
+    #[error("deadline of {timeout:?} exceeded")]
+    DeadlineExceeded {
+        /// The deadline that applied.
+        timeout: Duration,
+    },
     /// The room has never been joined, or has been forgotten since its last participant left.
     #[error("room {room_id:?} does not exist")]
     RoomNotFound {
@@ -83,6 +115,16 @@ pub enum Error {
         /// Newest seq in the log.
         newest_seq: u64,
         /// The room's current epoch.
+        epoch: String,
+    },
+    /// The stream's token expired; resume from `last_seq` with a fresh token.
+    #[error(
+        "unauthenticated: the token expired; resubscribe with a new token after seq {last_seq}"
+    )]
+    TokenExpired {
+        /// Every visible event up to this seq was delivered on the stream.
+        last_seq: u64,
+        /// Epoch of the log the stream followed.
         epoch: String,
     },
     /// The server is shutting down; resume from `last_seq` on this node or another.
@@ -140,10 +182,14 @@ impl Error {
     /// The gRPC code of this error, per DESIGN.md's table.
     pub fn code(&self) -> Code {
         match self {
-            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Unauthenticated(_) | Error::TokenExpired { .. } => Code::Unauthenticated,
             Error::UnauthorizedAccess(_) | Error::Forbidden(_) => Code::PermissionDenied,
             Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
-            Error::MessageTooLarge { .. } => Code::ResourceExhausted,
+            Error::MessageTooLarge { .. }
+            | Error::LimitReached { .. }
+            | Error::RateLimited { .. } => Code::ResourceExhausted,
+            Error::Overloaded { .. } => Code::Unavailable,
+            Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Error::RoomNotFound { .. } | Error::ClientNotFound { .. } => Code::NotFound,
             Error::CursorOutOfRange { .. } => Code::OutOfRange,
             Error::ShuttingDown { .. } | Error::StoreUnavailable(_) => Code::Unavailable,
@@ -156,12 +202,20 @@ impl Error {
     /// The `ErrorInfo.reason` of this error, per DESIGN.md's table.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::Unauthenticated(_) | Error::TokenExpired { .. } => "UNAUTHENTICATED",
             Error::UnauthorizedAccess(_) => "UNAUTHORIZED_ACCESS",
             Error::Forbidden(_) => "FORBIDDEN",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::MalformedRequest(_) => "MALFORMED_REQUEST",
             Error::MessageTooLarge { .. } => "MESSAGE_TOO_LARGE",
+            Error::LimitReached {
+                limit: Limit::RoomMembers,
+                ..
+            } => "ROOM_FULL",
+            Error::LimitReached { .. } => "TOO_MANY_STREAMS",
+            Error::RateLimited { .. } => "RATE_LIMITED",
+            Error::Overloaded { .. } => "OVERLOADED",
+            Error::DeadlineExceeded { .. } => "DEADLINE_EXCEEDED",
             Error::RoomNotFound { .. } => "ROOM_NOT_FOUND",
             Error::ClientNotFound { .. } => "CLIENT_NOT_FOUND",
             Error::CursorOutOfRange { .. } => "CURSOR_OUT_OF_RANGE",
@@ -176,6 +230,21 @@ impl Error {
         let pairs: Vec<(&str, String)> = match self {
             Error::UnauthorizedAccess(_) => vec![("code", UNAUTHORIZED_ACCESS_CODE.to_owned())],
             Error::MessageTooLarge { limit } => vec![("limit_bytes", limit.to_string())],
+            Error::LimitReached { limit, max } => {
+                vec![("limit", limit.name().to_owned()), ("max", max.to_string())]
+            }
+            Error::RateLimited { retry_after, rate } => vec![
+                ("limit", "moderator_rate".to_owned()),
+                ("max", rate.to_string()),
+                ("retry_after_ms", retry_after.as_millis().max(1).to_string()),
+            ],
+            Error::Overloaded { max } => vec![
+                ("limit", "max_concurrent_calls".to_owned()),
+                ("max", max.to_string()),
+            ],
+            Error::DeadlineExceeded { timeout } => {
+                vec![("timeout_ms", timeout.as_millis().to_string())]
+            }
             Error::RoomNotFound { room_id } => vec![("room_id", room_id.clone())],
             Error::ClientNotFound { client_id } => vec![("client_id", client_id.clone())],
             Error::CursorOutOfRange {
@@ -187,7 +256,7 @@ impl Error {
                 ("newest_seq", newest_seq.to_string()),
                 ("epoch", epoch.clone()),
             ],
-            Error::ShuttingDown { last_seq, epoch } => {
+            Error::ShuttingDown { last_seq, epoch } | Error::TokenExpired { last_seq, epoch } => {
                 vec![("last_seq", last_seq.to_string()), ("epoch", epoch.clone())]
             }
             Error::OutcomeUnknown { request_id } => request_id
@@ -216,6 +285,9 @@ impl From<Error> for Status {
             _ => {}
         }
         let mut details = ErrorDetails::with_error_info(err.reason(), DOMAIN, err.metadata());
+        if let Error::RateLimited { retry_after, .. } = &err {
+            details.set_retry_info(Some(*retry_after));
+        }
         if let Error::InvalidArgument(violations) = &err {
             details.set_bad_request(
                 violations
@@ -314,6 +386,42 @@ mod tests {
                 },
                 Code::DeadlineExceeded,
                 "OUTCOME_UNKNOWN",
+            ),
+            (
+                Error::LimitReached {
+                    limit: Limit::RoomMembers,
+                    max: 2,
+                },
+                Code::ResourceExhausted,
+                "ROOM_FULL",
+            ),
+            (
+                Error::LimitReached {
+                    limit: Limit::StreamsPerConnection,
+                    max: 2,
+                },
+                Code::ResourceExhausted,
+                "TOO_MANY_STREAMS",
+            ),
+            (
+                Error::RateLimited {
+                    retry_after: Duration::from_millis(20),
+                    rate: 5,
+                },
+                Code::ResourceExhausted,
+                "RATE_LIMITED",
+            ),
+            (
+                Error::Overloaded { max: 9 },
+                Code::Unavailable,
+                "OVERLOADED",
+            ),
+            (
+                Error::DeadlineExceeded {
+                    timeout: Duration::from_secs(1),
+                },
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
             ),
             (Error::Internal("bug".into()), Code::Internal, "INTERNAL"),
         ];

@@ -16,6 +16,10 @@
 //! - [`store`]: the `RoomStore` trait that applies commands atomically and reads logs, with
 //!   its in-memory implementation.
 //! - [`error`]: the one error enum and its mapping to gRPC statuses with `google.rpc` details.
+//! - [`limits`]: overload protection: every limit of a node, load shedding, deadlines, stream
+//!   caps and the moderator rate limit.
+//! - [`listener`]: accepting connections: backoff when out of file descriptors, a deadline for
+//!   the HTTP/2 preface, per-connection info.
 //! - [`cli`]: the `roomctl` command line (`serve`, `token`).
 //! - [`codec`]: tonic's prost codec with small per-call buffers (idle streams stay cheap).
 //! - [`client`]: a RoomControl client that sends a bearer token, for Rust callers.
@@ -26,6 +30,8 @@ pub mod client;
 pub mod codec;
 pub mod engine;
 pub mod error;
+pub mod limits;
+pub mod listener;
 pub mod pb;
 pub mod server;
 pub mod service;

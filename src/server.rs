@@ -10,31 +10,29 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::body::Body;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 
 use crate::auth::{self, Authenticator, TokenRules};
 use crate::error::Error;
+use crate::limits::{GuardLayer, Limits, StreamBudget};
+use crate::listener;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
 use crate::store::memory::{MemoryConfig, MemoryStore};
 use crate::store::redis::{RedisConfig, RedisStore, RedisUrl};
 use crate::store::RoomStore;
-use crate::subscription::SubscriptionGauge;
 
 /// Default events kept per room.
 pub const DEFAULT_HISTORY: usize = 10_000;
 /// Default largest request accepted, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Concurrent calls (mostly `Events` subscriptions) one HTTP/2 connection may hold.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
+/// HTTP/2 streams one connection may hold beyond its `Events` streams, so unary calls still
+/// get through on a connection at `--max-streams-per-connection`.
+const UNARY_HEADROOM: usize = 1024;
 
 /// Largest HTTP/2 header block accepted. Far above any real call (a token is refused past
 /// [`auth::MAX_TOKEN_BYTES`]), so an over-size token reaches the interceptor and gets a clear
@@ -59,6 +57,8 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Where rooms live (`--store`).
     pub store: StoreConfig,
+    /// Overload protection (`--max-*`, timeouts, rates).
+    pub limits: Limits,
 }
 
 /// Where rooms live.
@@ -97,6 +97,7 @@ impl ServerConfig {
             empty_room_ttl: Duration::from_secs(300),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             store: StoreConfig::Memory,
+            limits: Limits::default(),
         }
     }
 }
@@ -122,7 +123,7 @@ pub enum ServeError {
 pub struct Server {
     config: ServerConfig,
     store: Arc<dyn RoomStore>,
-    subscriptions: SubscriptionGauge,
+    streams: StreamBudget,
 }
 
 impl Server {
@@ -134,6 +135,7 @@ impl Server {
             StoreConfig::Memory => Arc::new(MemoryStore::new(MemoryConfig {
                 history: config.history,
                 empty_room_ttl: config.empty_room_ttl,
+                max_room_members: config.limits.max_room_members,
             })),
             StoreConfig::Redis { url, ca_file } => Arc::new(
                 RedisStore::connect(RedisConfig {
@@ -141,21 +143,26 @@ impl Server {
                     ca_file: ca_file.clone(),
                     history: config.history,
                     empty_room_ttl: config.empty_room_ttl,
+                    max_room_members: config.limits.max_room_members,
                 })
                 .await
                 .map_err(ServeError::Store)?,
             ),
         };
+        let streams = StreamBudget::new(
+            config.limits.max_streams,
+            config.limits.max_streams_per_connection,
+        );
         Ok(Self {
             config,
             store,
-            subscriptions: SubscriptionGauge::default(),
+            streams,
         })
     }
 
-    /// The number of open `Events` subscriptions, live.
-    pub fn subscriptions(&self) -> SubscriptionGauge {
-        self.subscriptions.clone()
+    /// The node's `Events` streams: how many are open, live.
+    pub fn streams(&self) -> StreamBudget {
+        self.streams.clone()
     }
 
     /// Serves on `listener` until `shutdown` completes, then drains for at most `grace`.
@@ -167,7 +174,7 @@ impl Server {
         let Server {
             config,
             store,
-            subscriptions,
+            streams,
         } = self;
         let (health, health_service) = tonic_health::server::health_reporter();
         let streams_end = CancellationToken::new();
@@ -180,7 +187,8 @@ impl Server {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let service = RoomControlService::new(store, streams_end.clone(), subscriptions);
+        let limits = &config.limits;
+        let service = RoomControlService::new(store, streams_end.clone(), streams, limits);
         let room_control = InterceptedService::new(
             RoomControlServer::new(service).max_decoding_message_size(config.max_message_bytes),
             Authenticator::with_rules(&config.jwt_secret, &config.token_rules),
@@ -197,24 +205,17 @@ impl Server {
             let _ = draining_tx.send(());
         };
 
-        let limit = config.max_message_bytes;
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.inspect(|stream| {
-                // Events are small and latency-bound: never wait to coalesce them.
-                let _ = stream.set_nodelay(true);
-            })
-        });
+        let incoming = listener::incoming(listener, limits.handshake_timeout);
+        let streams_per_connection = limits.max_streams_per_connection + UNARY_HEADROOM;
         let serve = tonic::transport::Server::builder()
             // Gateways multiplex many end-users' subscriptions on one connection; an idle
             // subscription costs a few KiB, so allow far more than hyper's default of 200.
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .max_concurrent_streams(u32::try_from(streams_per_connection).ok())
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             // Finds clients that vanished without closing, so their streams are dropped.
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(tower::util::MapResponseLayer::new(move |response| {
-                map_oversize(response, limit)
-            }))
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .layer(GuardLayer::new(limits, config.max_message_bytes))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -272,19 +273,4 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-}
-
-/// tonic answers an over-size request with `OUT_OF_RANGE`; the contract says
-/// `RESOURCE_EXHAUSTED` with `MESSAGE_TOO_LARGE`. Such answers are trailers-only responses, so the
-/// status is in the headers and the whole response can be replaced.
-fn map_oversize(response: http::Response<Body>, limit: usize) -> http::Response<Body> {
-    match Status::from_header_map(response.headers()) {
-        Some(status)
-            if status.code() == Code::OutOfRange
-                && status.message().contains("message length too large") =>
-        {
-            Status::from(Error::MessageTooLarge { limit }).into_http()
-        }
-        _ => response,
-    }
 }

@@ -7,32 +7,38 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::auth::caller;
+use crate::auth::{caller, TokenExpiry};
 use crate::engine::{self, Command, Reply};
 use crate::error::Error;
+use crate::limits::{Limits, RateLimiter, StreamBudget};
+use crate::listener::ConnInfo;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;
-use crate::subscription::{self, EventStream, SubscriptionGauge};
+use crate::subscription::{self, EventStream, Tenancy};
 use crate::validate;
 
 /// The RoomControl service over a store.
 pub struct RoomControlService {
     store: Arc<dyn RoomStore>,
     shutdown: CancellationToken,
-    subscriptions: SubscriptionGauge,
+    streams: StreamBudget,
+    moderators: RateLimiter,
 }
 
 impl RoomControlService {
-    /// A service over `store`; `shutdown` ends open `Events` streams with `UNAVAILABLE`.
+    /// A service over `store`; `shutdown` ends open `Events` streams with `UNAVAILABLE`;
+    /// `streams` counts them against the node's budget.
     pub fn new(
         store: Arc<dyn RoomStore>,
         shutdown: CancellationToken,
-        subscriptions: SubscriptionGauge,
+        streams: StreamBudget,
+        limits: &Limits,
     ) -> Self {
         Self {
             store,
             shutdown,
-            subscriptions,
+            streams,
+            moderators: RateLimiter::new(limits.moderator_rate, limits.moderator_burst),
         }
     }
 }
@@ -111,6 +117,7 @@ impl RoomControl for RoomControlService {
         let room_id = req.room_id.clone();
         let cmd = validate::drop_user(req)?;
         caller.check_may_drop(&room_id)?;
+        self.moderators.check(&caller.identity)?;
         match self
             .store
             .execute(&room_id, &caller, Command::Drop(cmd))
@@ -133,15 +140,16 @@ impl RoomControl for RoomControlService {
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let caller = caller(&request)?;
-        let stream = subscription::subscribe(
-            self.store.clone(),
-            &caller,
-            request.into_inner(),
-            self.shutdown.clone(),
-            &self.subscriptions,
-        )
-        .await
-        .map_err(Status::from)?;
+        let connection = request.extensions().get::<ConnInfo>();
+        let tenancy = Tenancy {
+            slot: self.streams.take(connection.map(|c| &c.streams))?,
+            shutdown: self.shutdown.clone(),
+            expires_at: request.extensions().get::<TokenExpiry>().map(|e| e.0),
+        };
+        let stream =
+            subscription::subscribe(self.store.clone(), &caller, request.into_inner(), tenancy)
+                .await
+                .map_err(Status::from)?;
         Ok(Response::new(stream))
     }
 }

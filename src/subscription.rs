@@ -8,8 +8,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use futures_util::Stream;
 use tokio::sync::watch;
@@ -18,6 +18,7 @@ use tonic::Status;
 
 use crate::engine::{Audience, Caller};
 use crate::error::Error;
+use crate::limits::StreamSlot;
 use crate::pb;
 use crate::store::RoomStore;
 use crate::validate;
@@ -25,30 +26,16 @@ use crate::validate;
 /// The response stream of `Events`.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
-/// Counts open subscriptions; each one decrements it when dropped, whatever ended it.
-#[derive(Debug, Clone, Default)]
-pub struct SubscriptionGauge(Arc<AtomicUsize>);
-
-impl SubscriptionGauge {
-    /// How many subscriptions are open now.
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-struct Registration(SubscriptionGauge);
-
-impl Registration {
-    fn new(gauge: &SubscriptionGauge) -> Self {
-        gauge.0.fetch_add(1, Ordering::Relaxed);
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::Relaxed);
-    }
+/// What a subscription holds beside its cursor: its place in the node's stream budget (given
+/// back when it is dropped, whatever ended it), the server's shutdown signal, and when its
+/// caller's token expires (the stream ends `UNAUTHENTICATED` then, resumable with a new token).
+pub struct Tenancy {
+    /// The stream's slot.
+    pub slot: StreamSlot,
+    /// Ends the stream with `UNAVAILABLE` / `SHUTTING_DOWN`.
+    pub shutdown: CancellationToken,
+    /// When the caller's token stops being valid.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// Opens a subscription for `caller`: checks who may subscribe how, then the cursor (before the
@@ -57,14 +44,17 @@ pub async fn subscribe(
     store: Arc<dyn RoomStore>,
     caller: &Caller,
     req: pb::EventsRequest,
-    shutdown: CancellationToken,
-    gauge: &SubscriptionGauge,
+    tenancy: Tenancy,
 ) -> Result<EventStream, Error> {
     let client_id = validate::events(&req)?;
     caller.check_may_subscribe(&req.room_id, client_id)?;
     let opening = store.open(&req.room_id, client_id).await?;
     let start = opening.window.start(req.after_seq, &req.epoch)?;
     let audience = Audience::admit(caller, client_id, opening.client, start)?;
+    let expires_at = tenancy.expires_at.map(|at| {
+        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::Instant::now() + left
+    });
     let follow = Follow {
         store,
         room_id: req.room_id,
@@ -72,10 +62,11 @@ pub async fn subscribe(
         cursor: start,
         audience,
         head: opening.head,
-        shutdown,
+        shutdown: tenancy.shutdown,
+        expires_at,
         pending: VecDeque::new(),
         finished: false,
-        _registration: Registration::new(gauge),
+        _slot: tenancy.slot,
     };
     Ok(Box::pin(futures_util::stream::unfold(
         follow,
@@ -92,10 +83,11 @@ struct Follow {
     audience: Audience,
     head: watch::Receiver<u64>,
     shutdown: CancellationToken,
+    expires_at: Option<tokio::time::Instant>,
     /// The rest of the last read batch (at most one batch).
     pending: VecDeque<Arc<pb::Event>>,
     finished: bool,
-    _registration: Registration,
+    _slot: StreamSlot,
 }
 
 impl Follow {
@@ -112,6 +104,22 @@ impl Follow {
         self.finish(err)
     }
 
+    fn token_expired(&mut self) -> Option<Result<pb::Event, Status>> {
+        let err = Error::TokenExpired {
+            last_seq: self.cursor,
+            epoch: self.epoch.clone(),
+        };
+        self.finish(err)
+    }
+
+    /// Completes when the caller's token expires; never without one.
+    async fn expiry(deadline: Option<tokio::time::Instant>) {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    }
+
     async fn next(&mut self) -> Option<Result<pb::Event, Status>> {
         loop {
             if self.finished {
@@ -125,9 +133,15 @@ impl Follow {
                 }
             }
             // Checked before each read too, not only while waiting, so a stream that never
-            // catches up still ends promptly on shutdown (one lock per batch, not per event).
+            // catches up still ends promptly on shutdown or expiry (per batch, not per event).
             if self.shutdown.is_cancelled() {
                 return self.shutting_down();
+            }
+            if self
+                .expires_at
+                .is_some_and(|at| at <= tokio::time::Instant::now())
+            {
+                return self.token_expired();
             }
             // Mark the head seen before reading, so an append racing the read still wakes us.
             self.head.borrow_and_update();
@@ -146,6 +160,7 @@ impl Follow {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return self.shutting_down(),
+                _ = Self::expiry(self.expires_at) => return self.token_expired(),
                 changed = self.head.changed() => {
                     if changed.is_err() {
                         // The store closed our wake-ups; it says whether we can go on.

@@ -19,6 +19,8 @@ use roomctl::store::redis::{RedisConfig, RedisStore};
 use roomctl::store::RoomStore;
 
 const HISTORY: usize = 5;
+/// Participants per room in the conformance stores.
+const MAX_MEMBERS: usize = 250;
 
 /// Two handles on one store, and the Redis behind them if any.
 struct Stores {
@@ -44,6 +46,7 @@ async fn stores(kind: Kind) -> Stores {
             let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(MemoryConfig {
                 history: HISTORY,
                 empty_room_ttl: ttl,
+                max_room_members: MAX_MEMBERS,
             }));
             Stores {
                 a: store.clone(),
@@ -58,6 +61,7 @@ async fn stores(kind: Kind) -> Stores {
                 ca_file: None,
                 history: HISTORY,
                 empty_room_ttl: ttl,
+                max_room_members: MAX_MEMBERS,
             };
             let a = RedisStore::connect(config.clone()).await.unwrap();
             let b = RedisStore::connect(config).await.unwrap();
@@ -417,6 +421,42 @@ async fn remembered_answers_are_bounded(s: Stores) {
     assert!(newest.events.is_empty(), "still remembered");
 }
 
+/// A room holds at most its limit of participants, counted across handles: one more join is
+/// ROOM_FULL on either, and once someone leaves through one handle the other admits a join.
+async fn full_rooms_refuse_joins_on_every_handle(s: Stores) {
+    for i in 0..MAX_MEMBERS {
+        let store = if i % 2 == 0 { &s.a } else { &s.b };
+        join(store, "r", &format!("c{i}")).await;
+    }
+    for store in [&s.a, &s.b] {
+        let full = store.execute("r", &service(), join_cmd("one-more")).await;
+        assert!(
+            matches!(
+                full,
+                Err(Error::LimitReached {
+                    max: MAX_MEMBERS,
+                    ..
+                })
+            ),
+            "{full:?}"
+        );
+    }
+    s.b.execute(
+        "r",
+        &service(),
+        Command::Leave {
+            client_id: "c0".into(),
+        },
+    )
+    .await
+    .unwrap();
+    join(&s.a, "r", "one-more").await;
+    assert_eq!(
+        s.b.snapshot("r").await.unwrap().participants.len(),
+        MAX_MEMBERS
+    );
+}
+
 /// A store reports itself healthy once it can serve.
 async fn health_turns_serving(s: Stores) {
     let mut health = s.a.health();
@@ -437,5 +477,6 @@ conformance! {
     handles_never_act_on_stale_knowledge,
     answers_are_forgotten_with_their_room,
     remembered_answers_are_bounded,
+    full_rooms_refuse_joins_on_every_handle,
     health_turns_serving,
 }

@@ -30,6 +30,8 @@ pub struct MemoryConfig {
     pub history: usize,
     /// How long an empty room is kept before it is forgotten.
     pub empty_room_ttl: Duration,
+    /// Most participants per room.
+    pub max_room_members: usize,
 }
 
 struct Room {
@@ -102,7 +104,8 @@ impl Rooms {
                 let epoch = uuid::Uuid::new_v4().simple().to_string();
                 Arc::new(Room {
                     inner: Mutex::new(Inner {
-                        state: RoomState::new(room_id, epoch),
+                        state: RoomState::new(room_id, epoch)
+                            .with_max_members(self.config.max_room_members),
                         log: VecDeque::new(),
                         empty_since: Some(Instant::now()),
                         gone: false,

@@ -298,6 +298,8 @@ pub struct RedisConfig {
     pub history: usize,
     /// How long an empty room is kept.
     pub empty_room_ttl: Duration,
+    /// Most participants per room.
+    pub max_room_members: usize,
 }
 
 /// The keys of one room.
@@ -719,6 +721,7 @@ struct Job {
 /// What a batch of commands needs read back before the engine runs.
 struct Loaded {
     meta: Option<(String, u64)>,
+    population: usize,
     members: Vec<(pb::Participant, u64)>,
     answers: Vec<Remembered>,
 }
@@ -780,6 +783,7 @@ impl Shared {
 
     async fn load(&self, keys: &Keys, ids: &[&str], answers: &[String]) -> Result<Loaded, Error> {
         let mut pipe = keys.read_meta();
+        pipe.cmd("HLEN").arg(&keys.members);
         if !ids.is_empty() {
             pipe.cmd("HMGET").arg(&keys.members).arg(ids);
         }
@@ -790,6 +794,7 @@ impl Shared {
             .await?
             .into_iter();
         let meta = meta(replies.next().unwrap_or(Value::Nil))?;
+        let population = replies.next().as_ref().and_then(number).unwrap_or(0) as usize;
         let mut members = Vec::new();
         if !ids.is_empty() {
             for value in array(replies.next().unwrap_or(Value::Nil)) {
@@ -808,6 +813,7 @@ impl Shared {
         }
         Ok(Loaded {
             meta,
+            population,
             members,
             answers: remembered,
         })
@@ -828,20 +834,23 @@ impl Shared {
         let outcome = async {
             for _ in 0..MAX_ATTEMPTS {
                 let now = SystemTime::now();
-                let (mut state, mut seen_ids, mut seen_answers, read_at) =
-                    match known.take().filter(Known::usable) {
-                        Some(k) => (Some(k.state), k.ids, k.answers, k.read_at),
-                        None => {
-                            let loaded = self.load(&keys, &ids, &answer_keys).await?;
-                            let state = loaded.meta.map(|(epoch, seq)| {
-                                let (members, answers) = (loaded.members, loaded.answers);
-                                RoomState::restore(room_id, epoch, seq, members, answers)
-                            });
-                            let ids = ids.iter().map(|id| id.to_string()).collect();
-                            let answers = answer_keys.iter().cloned().collect();
-                            (state, ids, answers, Instant::now())
-                        }
-                    };
+                let known_view = known.take().filter(Known::usable);
+                let fresh = known_view.is_none();
+                let (mut state, mut seen_ids, mut seen_answers, read_at) = match known_view {
+                    Some(k) => (Some(k.state), k.ids, k.answers, k.read_at),
+                    None => {
+                        let loaded = self.load(&keys, &ids, &answer_keys).await?;
+                        let state = loaded.meta.map(|(epoch, seq)| {
+                            let (members, answers) = (loaded.members, loaded.answers);
+                            let population = loaded.population;
+                            RoomState::restore(room_id, epoch, seq, population, members, answers)
+                                .with_max_members(self.config.max_room_members)
+                        });
+                        let ids = ids.iter().map(|id| id.to_string()).collect();
+                        let answers = answer_keys.iter().cloned().collect();
+                        (state, ids, answers, Instant::now())
+                    }
+                };
                 let assumed_ids: Vec<&str> = ids
                     .iter()
                     .copied()
@@ -855,15 +864,18 @@ impl Shared {
                 let expected = state.as_ref().map(RoomState::seq);
                 let results: Vec<Result<Applied, Error>> = jobs
                     .iter()
-                    .map(|job| run(&mut state, room_id, job, now))
+                    .map(|job| run(&mut state, room_id, job, &self.config, now))
                     .collect();
                 let writes = results.iter().flatten().any(|a| !a.events.is_empty());
                 let Some(mut state) = state else {
                     return Ok(results);
                 };
                 if !writes {
-                    if !(assumed_ids.is_empty() && assumed_answers.is_empty()) {
-                        // Answers resting on guesses no commit will check: read and redo.
+                    let guessed = !(assumed_ids.is_empty() && assumed_answers.is_empty());
+                    // A refusal on a remembered view (a full room another node has since
+                    // emptied) is as unchecked as a guess: no commit will vouch for either.
+                    let refused_on_memory = !fresh && results.iter().any(Result::is_err);
+                    if guessed || refused_on_memory {
                         continue;
                     }
                     *known = Some(Known {
@@ -1040,13 +1052,15 @@ fn run(
     state: &mut Option<RoomState>,
     room_id: &str,
     job: &Job,
+    config: &RedisConfig,
     now: SystemTime,
 ) -> Result<Applied, Error> {
     match state {
         Some(state) => engine::apply(state, &job.caller, job.cmd.clone(), now),
         None if job.cmd.creates_room() => {
             let epoch = uuid::Uuid::new_v4().simple().to_string();
-            let mut fresh = RoomState::new(room_id, epoch);
+            let mut fresh =
+                RoomState::new(room_id, epoch).with_max_members(config.max_room_members);
             let applied = engine::apply(&mut fresh, &job.caller, job.cmd.clone(), now)?;
             *state = Some(fresh);
             Ok(applied)

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use redis_server::RedisServer;
 use roomctl::auth::{mint, Claims};
+use roomctl::limits::StreamBudget;
 use roomctl::pb::{self, event::Payload};
 use roomctl::server::{ServeError, Server, ServerConfig, StoreConfig};
-use roomctl::subscription::SubscriptionGauge;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -59,7 +59,7 @@ macro_rules! acceptance {
 /// One roomctl node running in this process on 127.0.0.1:0.
 pub struct Node {
     pub addr: SocketAddr,
-    pub subscriptions: SubscriptionGauge,
+    pub streams: StreamBudget,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -70,14 +70,14 @@ impl Node {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Server::new(config).await.unwrap();
-        let subscriptions = server.subscriptions();
+        let streams = server.streams();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
         Self {
             addr,
-            subscriptions,
+            streams,
             stop: Some(stop),
             task: Some(task),
         }
@@ -152,7 +152,7 @@ impl TestServer {
 
     /// Open subscriptions over all nodes.
     pub fn subscriptions(&self) -> usize {
-        self.nodes.iter().map(|n| n.subscriptions.get()).sum()
+        self.nodes.iter().map(|n| n.streams.open()).sum()
     }
 
     /// A channel to the first node (the listener is bound, so connecting needs no waiting).
@@ -364,5 +364,63 @@ pub mod raw {
             .await?
             .into_inner();
         Ok(stream.message().await?.unwrap_or_default())
+    }
+}
+
+/// A bare HTTP/2 client (the `h2` crate): for what a tonic client does not let a test do, such
+/// as sending `grpc-timeout` without also timing the call out itself, or misbehaving.
+pub mod bare {
+    use bytes::Bytes;
+    use prost::Message;
+    use tonic::Status;
+
+    /// An HTTP/2 connection to `addr`, driven in the background.
+    pub async fn connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<Bytes> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        send.ready().await.unwrap()
+    }
+
+    /// A gRPC request for `path` carrying `message` and `headers`, as tonic would frame it.
+    pub fn request(
+        path: &str,
+        headers: &[(&str, &str)],
+        message: &impl Message,
+    ) -> (http::Request<()>, Bytes) {
+        let mut builder = http::Request::post(format!("http://roomctl{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let body = message.encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&body);
+        (builder.body(()).unwrap(), framed.into())
+    }
+
+    /// Sends a unary call and returns the status the server ended it with (OK included).
+    pub async fn call(
+        send: &mut h2::client::SendRequest<Bytes>,
+        request: (http::Request<()>, Bytes),
+    ) -> Status {
+        let (head, body) = request;
+        let (response, mut stream) = send.send_request(head, false).unwrap();
+        stream.send_data(body, true).unwrap();
+        let response = response.await.unwrap();
+        if let Some(status) = Status::from_header_map(response.headers()) {
+            return status;
+        }
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.unwrap().expect("gRPC trailers");
+        Status::from_header_map(&trailers).expect("a grpc-status trailer")
     }
 }

@@ -1,0 +1,446 @@
+//! Overload protection: every limit a node sets, with its default, and the parts that enforce
+//! the ones that are not the store's or the transport's.
+//!
+//! - [`Guard`], a tower layer in front of RoomControl: sheds calls past
+//!   `--max-concurrent-calls` at once with `UNAVAILABLE` (`OVERLOADED`) instead of queueing
+//!   them, and gives every call a deadline, the shorter of `--request-timeout` and the client's
+//!   `grpc-timeout`, answered `DEADLINE_EXCEEDED`. It also maps tonic's over-size answer to the
+//!   contract's.
+//! - [`StreamSlot`]: an open `Events` stream counted against `--max-streams` (node) and
+//!   `--max-streams-per-connection`, released when the stream is dropped.
+//! - [`RateLimiter`]: moderator commands per identity (`--moderator-rate`, `--moderator-burst`).
+//!
+//! Members per room are the engine's rule; header and message sizes, keepalive and the HTTP/2
+//! reset and ping defences are set on the transport in [`crate::server`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+use crate::error::Error;
+
+/// Every limit of a node, configurable on `serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// How long a new connection may take to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// The longest a unary call (or the opening of a stream) may take.
+    pub request_timeout: Duration,
+    /// RoomControl calls in progress at once on the node; more are shed.
+    pub max_concurrent_calls: usize,
+    /// `Events` streams open at once on the node.
+    pub max_streams: usize,
+    /// `Events` streams open at once on one connection.
+    pub max_streams_per_connection: usize,
+    /// Participants in one room.
+    pub max_room_members: usize,
+    /// Moderator commands per second per identity, sustained.
+    pub moderator_rate: u32,
+    /// Moderator commands one identity may send in a burst.
+    pub moderator_burst: u32,
+    /// How often an idle connection is pinged.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_calls: 2048,
+            max_streams: 100_000,
+            max_streams_per_connection: 10_000,
+            max_room_members: 10_000,
+            moderator_rate: 100,
+            moderator_burst: 200,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A limit on what a node, a connection or a room holds, named as its flag is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-streams`.
+    Streams,
+    /// `--max-streams-per-connection`.
+    StreamsPerConnection,
+    /// `--max-room-members`.
+    RoomMembers,
+}
+
+impl Limit {
+    /// The limit's name in ErrorInfo metadata: its flag without dashes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Streams => "max_streams",
+            Limit::StreamsPerConnection => "max_streams_per_connection",
+            Limit::RoomMembers => "max_room_members",
+        }
+    }
+}
+
+/// The `Events` streams a node may hold, and how many it holds now.
+#[derive(Debug, Clone)]
+pub struct StreamBudget {
+    open: Arc<AtomicUsize>,
+    max: usize,
+    max_per_connection: usize,
+}
+
+impl StreamBudget {
+    /// A budget of `max` streams on the node and `max_per_connection` on one connection.
+    pub fn new(max: usize, max_per_connection: usize) -> Self {
+        Self {
+            open: Arc::default(),
+            max,
+            max_per_connection,
+        }
+    }
+
+    /// How many streams are open on the node now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// A slot for one more stream on `connection` (None: not counted per connection).
+    pub fn take(&self, connection: Option<&Arc<AtomicUsize>>) -> Result<StreamSlot, Error> {
+        StreamSlot::take(&self.open, self.max, connection, self.max_per_connection)
+    }
+}
+
+/// One open `Events` stream, counted on the node and on its connection until dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    node: Arc<AtomicUsize>,
+    connection: Option<Arc<AtomicUsize>>,
+}
+
+/// Takes one unit of `counter` if it is below `max`.
+fn take(counter: &AtomicUsize, max: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+impl StreamSlot {
+    /// A slot if both the node (`node`, at most `max_node`) and the connection (`connection`,
+    /// at most `max_connection`) have room; the limit that is full otherwise.
+    fn take(
+        node: &Arc<AtomicUsize>,
+        max_node: usize,
+        connection: Option<&Arc<AtomicUsize>>,
+        max_connection: usize,
+    ) -> Result<Self, Error> {
+        if let Some(connection) = connection {
+            if !take(connection, max_connection) {
+                return Err(Error::LimitReached {
+                    limit: Limit::StreamsPerConnection,
+                    max: max_connection,
+                });
+            }
+        }
+        if !take(node, max_node) {
+            if let Some(connection) = connection {
+                connection.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Err(Error::LimitReached {
+                limit: Limit::Streams,
+                max: max_node,
+            });
+        }
+        Ok(Self {
+            node: node.clone(),
+            connection: connection.cloned(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.node.fetch_sub(1, Ordering::AcqRel);
+        if let Some(connection) = &self.connection {
+            connection.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Identities whose rate state is kept; a cold identity evicted past this starts afresh.
+const RATED_IDENTITIES: usize = 100_000;
+
+/// A per-identity rate limit (GCRA: one "theoretical arrival time" per identity), bounded in
+/// memory by a cache of identities. Written here because governor's keyed limiter keeps every
+/// key until told to sweep; this one never holds more than [`RATED_IDENTITIES`].
+pub struct RateLimiter {
+    /// Time between two commands at the sustained rate, in nanoseconds.
+    interval: u64,
+    /// How far ahead of now an identity's arrival time may run (the burst).
+    tolerance: u64,
+    rate: u32,
+    start: Instant,
+    arrivals: quick_cache::sync::Cache<String, Arc<AtomicU64>>,
+}
+
+impl RateLimiter {
+    /// `rate` commands per second sustained, `burst` at once (both at least 1).
+    pub fn new(rate: u32, burst: u32) -> Self {
+        let interval = 1_000_000_000 / u64::from(rate.max(1));
+        Self {
+            interval,
+            tolerance: interval * u64::from(burst.max(1) - 1),
+            rate: rate.max(1),
+            start: Instant::now(),
+            arrivals: quick_cache::sync::Cache::new(RATED_IDENTITIES),
+        }
+    }
+
+    /// Counts one command by `identity`, or says how long it must wait.
+    pub fn check(&self, identity: &str) -> Result<(), Error> {
+        let now = self.start.elapsed().as_nanos() as u64;
+        let arrival = match self.arrivals.get(identity) {
+            Some(arrival) => arrival,
+            None => {
+                let fresh = Arc::new(AtomicU64::new(0));
+                self.arrivals.insert(identity.to_owned(), fresh.clone());
+                fresh
+            }
+        };
+        let mut current = arrival.load(Ordering::Acquire);
+        loop {
+            let theoretical = current.max(now);
+            if theoretical - now > self.tolerance {
+                return Err(Error::RateLimited {
+                    retry_after: Duration::from_nanos(theoretical - now - self.tolerance),
+                    rate: self.rate,
+                });
+            }
+            match arrival.compare_exchange_weak(
+                current,
+                theoretical + self.interval,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+/// Reads a `grpc-timeout` header (`<up to 8 digits><H|M|S|m|u|n>`); None when absent or
+/// unreadable (then only the server's own timeout applies).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The calls the guard sheds and times: RoomControl's. Health and reflection stay answerable
+/// under load, so load balancers see the truth and operators can still look.
+const GUARDED: &str = "/roomcontrol.v1.RoomControl/";
+
+/// Builds [`Guard`]s around the server's routes.
+#[derive(Clone)]
+pub struct GuardLayer {
+    calls: Arc<Semaphore>,
+    max_calls: usize,
+    request_timeout: Duration,
+    max_message_bytes: usize,
+}
+
+impl GuardLayer {
+    /// A guard for `limits`; `max_message_bytes` is what over-size answers name.
+    pub fn new(limits: &Limits, max_message_bytes: usize) -> Self {
+        Self {
+            calls: Arc::new(Semaphore::new(limits.max_concurrent_calls)),
+            max_calls: limits.max_concurrent_calls,
+            request_timeout: limits.request_timeout,
+            max_message_bytes,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Guard<S> {
+        Guard {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Load shedding, deadlines and the over-size mapping, in front of the routes.
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    layer: GuardLayer,
+}
+
+type Answer<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
+impl<S> tower::Service<http::Request<Body>> for Guard<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Answer<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        // The clone that was polled ready serves this call (tower's rule for cloned services).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let limit = self.layer.max_message_bytes;
+        if !request.uri().path().starts_with(GUARDED) {
+            let answer = inner.call(request);
+            return Box::pin(async move { answer.await.map(|r| map_oversize(r, limit)) });
+        }
+        let Ok(permit) = self.layer.calls.clone().try_acquire_owned() else {
+            let max = self.layer.max_calls;
+            return Box::pin(
+                async move { Ok(Status::from(Error::Overloaded { max }).into_http()) },
+            );
+        };
+        let timeout = grpc_timeout(request.headers()).map_or(self.layer.request_timeout, |t| {
+            t.min(self.layer.request_timeout)
+        });
+        let answer = inner.call(request);
+        Box::pin(async move {
+            let _permit = permit;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(answer) => answer.map(|r| map_oversize(r, limit)),
+                Err(_) => Ok(Status::from(Error::DeadlineExceeded { timeout }).into_http()),
+            }
+        })
+    }
+}
+
+/// tonic answers an over-size request with `OUT_OF_RANGE`; the contract says
+/// `RESOURCE_EXHAUSTED` with `MESSAGE_TOO_LARGE`. Such answers are trailers-only responses, so the
+/// status is in the headers and the whole response can be replaced.
+fn map_oversize(response: http::Response<Body>, limit: usize) -> http::Response<Body> {
+    match Status::from_header_map(response.headers()) {
+        Some(status)
+            if status.code() == Code::OutOfRange
+                && status.message().contains("message length too large") =>
+        {
+            Status::from(Error::MessageTooLarge { limit }).into_http()
+        }
+        _ => response,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(timeout: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("grpc-timeout", timeout.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_spec_writes_them() {
+        assert_eq!(
+            grpc_timeout(&headers("250m")),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(grpc_timeout(&headers("3S")), Some(Duration::from_secs(3)));
+        assert_eq!(
+            grpc_timeout(&headers("1H")),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            grpc_timeout(&headers("123456789S")),
+            None,
+            "more than 8 digits"
+        );
+        assert_eq!(grpc_timeout(&headers("5x")), None);
+        assert_eq!(grpc_timeout(&headers("m")), None);
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn stream_slots_count_both_limits_and_give_back_on_drop() {
+        let node = Arc::new(AtomicUsize::new(0));
+        let conn = Arc::new(AtomicUsize::new(0));
+        let a = StreamSlot::take(&node, 3, Some(&conn), 2).unwrap();
+        let b = StreamSlot::take(&node, 3, Some(&conn), 2).unwrap();
+        assert!(matches!(
+            StreamSlot::take(&node, 3, Some(&conn), 2),
+            Err(Error::LimitReached {
+                limit: Limit::StreamsPerConnection,
+                max: 2
+            })
+        ));
+        let other = Arc::new(AtomicUsize::new(0));
+        let c = StreamSlot::take(&node, 3, Some(&other), 2).unwrap();
+        assert!(matches!(
+            StreamSlot::take(&node, 3, Some(&other), 2),
+            Err(Error::LimitReached {
+                limit: Limit::Streams,
+                max: 3
+            })
+        ));
+        assert_eq!(
+            other.load(Ordering::Acquire),
+            1,
+            "the refused slot gave its unit back"
+        );
+        drop((a, b, c));
+        assert_eq!(node.load(Ordering::Acquire), 0);
+        assert_eq!(conn.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn rates_allow_the_burst_then_the_sustained_rate() {
+        let limiter = RateLimiter::new(10, 3);
+        for _ in 0..3 {
+            limiter.check("alice").unwrap();
+        }
+        let Err(Error::RateLimited { retry_after, rate }) = limiter.check("alice") else {
+            panic!("the fourth command in a burst of 3 is refused")
+        };
+        assert_eq!(rate, 10);
+        assert!(retry_after <= Duration::from_millis(100), "{retry_after:?}");
+        limiter.check("bob").unwrap();
+        std::thread::sleep(retry_after);
+        limiter.check("alice").unwrap();
+    }
+}
