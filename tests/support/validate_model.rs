@@ -1,0 +1,104 @@
+//! Request validation against the contract's field rules: the first byte picks a request type,
+//! the rest is decoded as its protobuf body (as the server's codec would) and validated. What
+//! passes must meet every rule; what fails must say why, field by field. Shared by the property
+//! tests and the `validate` fuzz target through [`check`].
+
+use prost::Message;
+use roomctl::error::Error;
+use roomctl::pb;
+use roomctl::validate::{self, is_room_id, MAX_DROP_IDS, MAX_ID_CHARS, MAX_REASON_BYTES};
+
+fn short(value: &str) -> bool {
+    value.chars().count() <= MAX_ID_CHARS
+}
+
+fn id(value: &str) -> bool {
+    !value.is_empty() && short(value)
+}
+
+/// A refusal must name at least one field.
+fn refused(err: Error) {
+    match err {
+        Error::InvalidArgument(violations) => assert!(!violations.is_empty()),
+        other => panic!("validation answered {other:?}"),
+    }
+}
+
+/// Decodes `bytes[1..]` as the request `bytes[0]` names and checks its validation.
+pub fn check(bytes: &[u8]) {
+    let Some((kind, body)) = bytes.split_first() else {
+        return;
+    };
+    match kind % 4 {
+        0 => {
+            let Ok(req) = pb::JoinRequest::decode(body) else {
+                return;
+            };
+            let ok = is_room_id(&req.room_id)
+                && short(&req.name)
+                && short(&req.identity)
+                && short(&req.request_id)
+                && pb::Role::try_from(req.role).is_ok();
+            match validate::join(req.clone()) {
+                Ok(cmd) => {
+                    assert!(ok, "{req:?} passed");
+                    assert_eq!(cmd.request_id.is_some(), !req.request_id.is_empty());
+                }
+                Err(err) => {
+                    assert!(!ok, "{req:?} refused");
+                    refused(err);
+                }
+            }
+        }
+        1 => {
+            let Ok(req) = pb::DropUserRequest::decode(body) else {
+                return;
+            };
+            let ok = is_room_id(&req.room_id)
+                && (1..=MAX_DROP_IDS).contains(&req.client_ids.len())
+                && req.client_ids.iter().all(|c| id(c))
+                && req.reason.len() <= MAX_REASON_BYTES
+                && short(&req.request_id);
+            match validate::drop_user(req.clone()) {
+                Ok(cmd) => {
+                    assert!(ok, "{req:?} passed");
+                    assert!(id(&cmd.request_id), "a request id is always set");
+                    assert_eq!(cmd.client_ids, req.client_ids);
+                }
+                Err(err) => {
+                    assert!(!ok, "{req:?} refused");
+                    refused(err);
+                }
+            }
+        }
+        2 => {
+            let Ok(req) = pb::LeaveRequest::decode(body) else {
+                return;
+            };
+            let ok = is_room_id(&req.room_id) && id(&req.client_id);
+            match validate::leave(&req) {
+                Ok(()) => assert!(ok, "{req:?} passed"),
+                Err(err) => {
+                    assert!(!ok, "{req:?} refused");
+                    refused(err);
+                }
+            }
+        }
+        _ => {
+            let Ok(req) = pb::EventsRequest::decode(body) else {
+                return;
+            };
+            let ok = is_room_id(&req.room_id) && short(&req.client_id) && short(&req.epoch);
+            match validate::events(&req) {
+                Ok(client) => {
+                    assert!(ok, "{req:?} passed");
+                    assert_eq!(client.is_none(), req.client_id.is_empty());
+                }
+                Err(err) => {
+                    assert!(!ok, "{req:?} refused");
+                    refused(err);
+                }
+            }
+        }
+    }
+}
