@@ -183,9 +183,21 @@ impl Verified {
     }
 }
 
-/// How many verified tokens are remembered. Callers reuse a token for many calls (a gateway, a
-/// dashboard), so a hit skips base64, two JSON parses and the HMAC; a miss costs one verification.
-const VERIFIED_TOKENS: usize = 16_384;
+/// How many bytes of verified tokens are remembered (about 16,000 tokens of typical size).
+/// Callers reuse a token for many calls (a gateway, a dashboard), so a hit skips base64, two
+/// JSON parses and the HMAC; a miss costs one verification. Weighed in bytes, not tokens, so
+/// large tokens cannot make it hold more memory than this.
+const VERIFIED_TOKEN_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Weighs a remembered token by what it holds: the token itself and its caller.
+#[derive(Clone)]
+struct TokenBytes;
+
+impl quick_cache::Weighter<String, Verified> for TokenBytes {
+    fn weight(&self, token: &String, verified: &Verified) -> u64 {
+        (token.len() + verified.caller.identity.len() + 128) as u64
+    }
+}
 
 /// Verifies bearer tokens; cheap to clone (the key and the cache are shared).
 #[derive(Clone)]
@@ -198,7 +210,7 @@ struct Verifier {
     validation: Validation,
     /// Tokens already verified: keyed by the whole token, so a hit is the same signed bytes,
     /// and the expiry is checked again on every hit.
-    verified: quick_cache::sync::Cache<String, Verified>,
+    verified: quick_cache::sync::Cache<String, Verified, TokenBytes>,
 }
 
 /// Whether a token with `exp` has expired: exactly from the second `exp` on, as RFC 7519 says
@@ -264,7 +276,11 @@ impl Authenticator {
             inner: Arc::new(Verifier {
                 key: DecodingKey::from_secret(secret),
                 validation,
-                verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
+                verified: quick_cache::sync::Cache::with_weighter(
+                    16_384,
+                    VERIFIED_TOKEN_BYTES,
+                    TokenBytes,
+                ),
             }),
         }
     }

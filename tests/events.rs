@@ -315,6 +315,32 @@ async fn an_empty_room_stays_for_its_ttl(backend: Backend) {
     assert_eq!(still_there.epoch, first.epoch);
 }
 
+/// With `--empty-room-ttl 0` a room goes as soon as it is empty: joins still create it (and it
+/// is not reaped under the join that creates it), and once its last client leaves it is
+/// forgotten (waited for as a state, not a time).
+async fn a_zero_ttl_forgets_a_room_as_soon_as_it_is_empty(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.empty_room_ttl = Duration::ZERO).await;
+    let mut ops = server.client("ops", "r", "service").await;
+    let first = join(&mut ops, "r", "u").await;
+    assert_eq!(first.seq, 1);
+    ops.leave(pb::LeaveRequest {
+        room_id: "r".into(),
+        client_id: first.client_id,
+    })
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while ops.list_participants(list("r")).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the empty room stayed"
+        );
+        tokio::task::yield_now().await;
+    }
+    let again = join(&mut ops, "r", "u").await;
+    assert_ne!(again.epoch, first.epoch);
+}
+
 /// After its TTL an empty room is forgotten (observers' streams end ROOM_NOT_FOUND, which the
 /// test waits for instead of a time), and a new join creates it with a new epoch, so old cursors
 /// are OUT_OF_RANGE rather than silently pointing into another log.
@@ -438,6 +464,7 @@ acceptance! {
     a_slow_consumer_falls_out_of_history_without_blocking_anyone,
     a_subscription_ends_when_its_client_goes_away,
     an_empty_room_stays_for_its_ttl,
+    a_zero_ttl_forgets_a_room_as_soon_as_it_is_empty,
     empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoch,
     list_participants_is_a_snapshot_with_its_position,
     a_retried_join_returns_the_first_answer,

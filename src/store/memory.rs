@@ -142,16 +142,18 @@ impl Rooms {
         f: impl FnOnce(&mut Inner, &watch::Sender<u64>) -> R,
     ) -> Result<R, Error> {
         loop {
-            let room = match self.lookup(room_id) {
-                Some(room) => room,
-                None if create => self.create(room_id),
+            let (room, created) = match self.lookup(room_id) {
+                Some(room) => (room, false),
+                None if create => (self.create(room_id), true),
                 None => return Err(Error::room_not_found(room_id)),
             };
             let mut inner = lock(&room);
             if inner.gone {
                 continue;
             }
-            if inner.expired(self.config.empty_room_ttl, Instant::now()) {
+            // A room created for this command is empty until the command fills it: reaping it
+            // now would loop forever with `--empty-room-ttl 0`.
+            if !created && inner.expired(self.config.empty_room_ttl, Instant::now()) {
                 drop(inner);
                 self.reap(room_id);
                 continue;
