@@ -40,6 +40,13 @@ impl Node {
     async fn start(store: &str) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomctl"))
             .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+            // One moderator identity drops as fast as it can: lift the per-identity rate.
+            .args([
+                "--moderator-rate",
+                "4000000000",
+                "--moderator-burst",
+                "4000000000",
+            ])
             .env("ROOMCTL_JWT_SECRET", SECRET)
             .env("ROOMCTL_LOG", "warn,roomctl::cli=info")
             .stdin(Stdio::null())

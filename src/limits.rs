@@ -196,7 +196,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// `rate` commands per second sustained, `burst` at once (both at least 1).
     pub fn new(rate: u32, burst: u32) -> Self {
-        let interval = 1_000_000_000 / u64::from(rate.max(1));
+        let interval = (1_000_000_000 / u64::from(rate.max(1))).max(1);
         Self {
             interval,
             tolerance: interval * u64::from(burst.max(1) - 1),
@@ -208,7 +208,6 @@ impl RateLimiter {
 
     /// Counts one command by `identity`, or says how long it must wait.
     pub fn check(&self, identity: &str) -> Result<(), Error> {
-        let now = self.start.elapsed().as_nanos() as u64;
         let arrival = match self.arrivals.get(identity) {
             Some(arrival) => arrival,
             None => {
@@ -219,6 +218,9 @@ impl RateLimiter {
         };
         let mut current = arrival.load(Ordering::Acquire);
         loop {
+            // Read after the arrival time, so it is never earlier than the call that set it
+            // (the clock is monotonic across threads): concurrent calls within the burst pass.
+            let now = self.start.elapsed().as_nanos() as u64;
             let theoretical = current.max(now);
             if theoretical - now > self.tolerance {
                 return Err(Error::RateLimited {
@@ -426,6 +428,29 @@ mod tests {
         drop((a, b, c));
         assert_eq!(node.load(Ordering::Acquire), 0);
         assert_eq!(conn.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn concurrent_calls_within_the_burst_all_pass() {
+        let limiter = RateLimiter::new(1, 800);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..100 {
+                        limiter.check("alice").unwrap();
+                    }
+                });
+            }
+        });
+        assert!(
+            limiter.check("alice").is_err(),
+            "the 801st is over the burst"
+        );
+        // A rate the nanosecond clock cannot express still lets calls through.
+        let unlimited = RateLimiter::new(u32::MAX, u32::MAX);
+        for _ in 0..1000 {
+            unlimited.check("bob").unwrap();
+        }
     }
 
     #[test]
