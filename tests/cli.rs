@@ -5,7 +5,9 @@ mod common;
 use std::process::Stdio;
 
 use common::*;
-use roomctl::auth::Authenticator;
+use std::time::Duration;
+
+use roomctl::auth::{mint, Authenticator, Claims};
 use roomctl::engine::{RoomScope, TokenRole};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -267,5 +269,80 @@ async fn redis_passwords_are_redacted_from_errors() {
         );
         assert!(said.contains("cannot open the store"), "{said}");
         assert!(!said.contains("hunter2"), "{said}");
+    }
+}
+
+/// No token (valid, expired or forged) and no secret ever reaches the logs, even at the most
+/// verbose level: a run at `trace` with each kind of token is searched for them.
+#[tokio::test]
+async fn logs_never_hold_tokens_or_secrets() {
+    let mut child = roomctl(&["serve", "--listen", "127.0.0.1:0"])
+        .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
+        .env("ROOMCTL_LOG", "trace")
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut logged = String::new();
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            logged.push_str(&line);
+            logged.push('\n');
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("serve exited without listening");
+    })
+    .await
+    .unwrap();
+    let collect = tokio::spawn(async move {
+        let mut rest = String::new();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            rest.push_str(&line);
+            rest.push('\n');
+        }
+        rest
+    });
+    let secret = ENV_SECRET.as_bytes();
+    let valid = mint(secret, &Claims::new("ops", "r", "service", Duration::from_secs(60)));
+    let expired = mint(
+        secret,
+        &Claims {
+            exp: 1,
+            ..Claims::new("ops", "r", "service", Duration::ZERO)
+        },
+    );
+    let forged = mint(
+        b"not the server's secret, but long enough",
+        &Claims::new("ops", "r", "service", Duration::from_secs(60)),
+    );
+    let addr = addr.parse().unwrap();
+    for token in [&valid, &expired, &forged] {
+        let mut client = client_with_token(addr, token).await;
+        let _ = client
+            .join(roomctl::pb::JoinRequest {
+                room_id: "r".into(),
+                ..Default::default()
+            })
+            .await;
+        let _ = client.drop_user(drop_request("r", &["x"], "")).await;
+    }
+    sigterm(&child);
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    logged.push_str(&collect.await.unwrap());
+    assert!(logged.contains("drop"), "the run was logged: {logged}");
+    for (what, text) in [
+        ("the valid token", valid.as_str()),
+        ("the expired token", expired.as_str()),
+        ("the forged token", forged.as_str()),
+        ("the secret", ENV_SECRET),
+    ] {
+        // A signature or a payload alone would be as bad as the whole token.
+        for part in text.split('.').filter(|p| p.len() > 16) {
+            assert!(!logged.contains(part), "{what} is in the logs");
+        }
     }
 }
