@@ -8,6 +8,8 @@
 //! `ROOMCTL_SKIP_REDIS=1` is set.
 
 // The tests' helper; the benchmark uses only part of it.
+#[path = "../tests/common/proc.rs"]
+mod proc;
 #[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
@@ -19,6 +21,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use proc::cpu_of;
 use redis_server::RedisServer;
 use roomctl::auth::{mint, Claims};
 use roomctl::client::{self, Client};
@@ -93,28 +96,8 @@ impl Node {
 
     /// Resident memory of the server process, in KiB.
     fn rss_kib(&self) -> u64 {
-        let pid = self.child.id().unwrap();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        proc::rss_of(self.child.id().unwrap()) / 1024
     }
-}
-
-/// CPU time (user + system) process `pid` has used so far.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
 }
 
 /// Latency samples, in microseconds.

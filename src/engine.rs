@@ -829,17 +829,29 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
     }
 
-    fn join_as(state: &mut RoomState, who: &Caller, client_id: &str) -> pb::JoinResponse {
-        let cmd = Command::Join {
+    fn join_cmd(client_id: &str, request_id: Option<&str>) -> Command {
+        Command::Join {
             client_id: client_id.into(),
             cmd: JoinCmd {
-                name: who.identity.clone(),
+                name: String::new(),
                 role: Role::Unspecified,
                 identity: String::new(),
-                request_id: None,
+                request_id: request_id.map(str::to_owned),
             },
-        };
-        match apply(state, who, cmd, now()).unwrap().reply {
+        }
+    }
+
+    fn leave_cmd(client_id: &str) -> Command {
+        Command::Leave {
+            client_id: client_id.into(),
+        }
+    }
+
+    fn join_as(state: &mut RoomState, who: &Caller, client_id: &str) -> pb::JoinResponse {
+        match apply(state, who, join_cmd(client_id, None), now())
+            .unwrap()
+            .reply
+        {
             Reply::Joined(joined) => joined,
             other => panic!("{other:?}"),
         }
@@ -1023,34 +1035,17 @@ mod tests {
     fn a_retried_join_returns_the_first_answer_even_after_the_client_left() {
         let mut state = RoomState::new("r", "ep");
         let bob = caller("bob", TokenRole::Participant);
-        let join = |client_id: &str, request_id: Option<&str>| Command::Join {
-            client_id: client_id.into(),
-            cmd: JoinCmd {
-                name: "Bob".into(),
-                role: Role::Unspecified,
-                identity: String::new(),
-                request_id: request_id.map(str::to_owned),
-            },
-        };
-        let first = apply(&mut state, &bob, join("c1", Some("j1")), now()).unwrap();
+        let first = apply(&mut state, &bob, join_cmd("c1", Some("j1")), now()).unwrap();
         assert!(first.remembered.is_some());
-        apply(
-            &mut state,
-            &bob,
-            Command::Leave {
-                client_id: "c1".into(),
-            },
-            now(),
-        )
-        .unwrap();
-        let retry = apply(&mut state, &bob, join("c2", Some("j1")), now()).unwrap();
+        apply(&mut state, &bob, leave_cmd("c1"), now()).unwrap();
+        let retry = apply(&mut state, &bob, join_cmd("c2", Some("j1")), now()).unwrap();
         assert_eq!(retry.reply, first.reply);
         assert!(retry.events.is_empty() && retry.remembered.is_none());
         assert!(state.is_empty(), "nobody joined again");
         // The same key from another identity, or for another kind of command, is another request.
         let eve = caller("eve", TokenRole::Participant);
         assert_eq!(
-            apply(&mut state, &eve, join("c3", Some("j1")), now())
+            apply(&mut state, &eve, join_cmd("c3", Some("j1")), now())
                 .unwrap()
                 .events
                 .len(),
@@ -1065,7 +1060,7 @@ mod tests {
             3
         );
         // Without a key, nothing is remembered and a repeat joins again.
-        let unkeyed = apply(&mut state, &bob, join("c4", None), now()).unwrap();
+        let unkeyed = apply(&mut state, &bob, join_cmd("c4", None), now()).unwrap();
         assert!(unkeyed.remembered.is_none());
     }
 
@@ -1075,20 +1070,7 @@ mod tests {
         let bob = caller("bob", TokenRole::Participant);
         join_as(&mut state, &bob, "a");
         join_as(&mut state, &bob, "b");
-        let full = apply(
-            &mut state,
-            &bob,
-            Command::Join {
-                client_id: "c".into(),
-                cmd: JoinCmd {
-                    name: String::new(),
-                    role: Role::Unspecified,
-                    identity: String::new(),
-                    request_id: None,
-                },
-            },
-            now(),
-        );
+        let full = apply(&mut state, &bob, join_cmd("c", None), now());
         assert!(matches!(
             full,
             Err(Error::LimitReached {
@@ -1097,33 +1079,11 @@ mod tests {
             })
         ));
         assert_eq!(state.seq(), 2, "nothing logged");
-        apply(
-            &mut state,
-            &bob,
-            Command::Leave {
-                client_id: "a".into(),
-            },
-            now(),
-        )
-        .unwrap();
+        apply(&mut state, &bob, leave_cmd("a"), now()).unwrap();
         join_as(&mut state, &bob, "c");
         // A restored room counts the members it did not restore.
         let mut partial = RoomState::restore("r", "ep", 9, 2, [], []).with_max_members(2);
-        assert!(apply(
-            &mut partial,
-            &bob,
-            Command::Join {
-                client_id: "d".into(),
-                cmd: JoinCmd {
-                    name: String::new(),
-                    role: Role::Unspecified,
-                    identity: String::new(),
-                    request_id: None,
-                },
-            },
-            now()
-        )
-        .is_err());
+        assert!(apply(&mut partial, &bob, join_cmd("d", None), now()).is_err());
     }
 
     #[test]
@@ -1182,30 +1142,27 @@ mod tests {
         join_as(&mut state, &bob, "a");
         join_as(&mut state, &bob, "b");
         join_as(&mut state, &bob, "c");
-        let leave = |id: &str| Command::Leave {
-            client_id: id.into(),
-        };
         assert!(matches!(
-            apply(&mut state, &eve, leave("a"), now()),
+            apply(&mut state, &eve, leave_cmd("a"), now()),
             Err(Error::Forbidden(_))
         ));
-        assert!(apply(&mut state, &bob, leave("a"), now()).is_ok());
+        assert!(apply(&mut state, &bob, leave_cmd("a"), now()).is_ok());
         assert!(apply(
             &mut state,
             &caller("m", TokenRole::Moderator),
-            leave("b"),
+            leave_cmd("b"),
             now()
         )
         .is_ok());
         assert!(apply(
             &mut state,
             &caller("s", TokenRole::Service),
-            leave("c"),
+            leave_cmd("c"),
             now()
         )
         .is_ok());
         assert!(matches!(
-            apply(&mut state, &bob, leave("a"), now()),
+            apply(&mut state, &bob, leave_cmd("a"), now()),
             Err(Error::ClientNotFound { .. })
         ));
         assert_eq!(
@@ -1281,15 +1238,7 @@ mod tests {
         let mut state = RoomState::new("r", "ep");
         let bob = caller("bob", TokenRole::Participant);
         join_as(&mut state, &bob, "a");
-        apply(
-            &mut state,
-            &bob,
-            Command::Leave {
-                client_id: "a".into(),
-            },
-            now(),
-        )
-        .unwrap();
+        apply(&mut state, &bob, leave_cmd("a"), now()).unwrap();
         state.forget_departed_before(2);
         assert!(matches!(
             state.client_status("a"),

@@ -304,7 +304,10 @@ async fn logs_never_hold_tokens_or_secrets() {
         rest
     });
     let secret = ENV_SECRET.as_bytes();
-    let valid = mint(secret, &Claims::new("ops", "r", "service", Duration::from_secs(60)));
+    let valid = mint(
+        secret,
+        &Claims::new("ops", "r", "service", Duration::from_secs(60)),
+    );
     let expired = mint(
         secret,
         &Claims {

@@ -79,10 +79,7 @@ const HEAP_SLACK: usize = 128 * 1024;
 const RSS_SLACK: u64 = 24 * 1024 * 1024;
 
 fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
+    common::proc::rss_of(std::process::id())
 }
 
 fn list(room: &str) -> pb::ListParticipantsRequest {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use common::proc::cpu_of;
 use common::*;
 use roomctl::pb;
 use tokio::io::{
@@ -45,19 +46,6 @@ async fn others_are_served(client: &mut Client, calls: usize) {
     tokio::time::timeout(PATIENCE, work)
         .await
         .expect("a well-behaved client is served while another misbehaves");
-}
-
-/// CPU time (user + system) a process has used, from /proc.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 1000 / 100)
 }
 
 /// `roomctl serve` limited to 64 file descriptors, flooded with idle connections: it logs that

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_macros)]
 
 pub mod grpcurl;
+pub mod proc;
 pub mod redis_server;
 pub mod tools;
 

@@ -16,11 +16,20 @@ fn id(value: &str) -> bool {
     !value.is_empty() && short(value)
 }
 
-/// A refusal must name at least one field.
-fn refused(err: Error) {
-    match err {
-        Error::InvalidArgument(violations) => assert!(!violations.is_empty()),
-        other => panic!("validation answered {other:?}"),
+/// Checks validation's verdict on `req` against `ok`, what the contract allows: a refusal must
+/// name at least one field. Returns what passed.
+fn judge<T>(ok: bool, req: &impl std::fmt::Debug, verdict: Result<T, Error>) -> Option<T> {
+    match verdict {
+        Ok(value) => {
+            assert!(ok, "{req:?} passed");
+            Some(value)
+        }
+        Err(Error::InvalidArgument(violations)) => {
+            assert!(!ok, "{req:?} refused");
+            assert!(!violations.is_empty());
+            None
+        }
+        Err(other) => panic!("validation answered {other:?}"),
     }
 }
 
@@ -39,15 +48,8 @@ pub fn check(bytes: &[u8]) {
                 && short(&req.identity)
                 && short(&req.request_id)
                 && pb::Role::try_from(req.role).is_ok();
-            match validate::join(req.clone()) {
-                Ok(cmd) => {
-                    assert!(ok, "{req:?} passed");
-                    assert_eq!(cmd.request_id.is_some(), !req.request_id.is_empty());
-                }
-                Err(err) => {
-                    assert!(!ok, "{req:?} refused");
-                    refused(err);
-                }
+            if let Some(cmd) = judge(ok, &req, validate::join(req.clone())) {
+                assert_eq!(cmd.request_id.is_some(), !req.request_id.is_empty());
             }
         }
         1 => {
@@ -59,16 +61,9 @@ pub fn check(bytes: &[u8]) {
                 && req.client_ids.iter().all(|c| id(c))
                 && req.reason.len() <= MAX_REASON_BYTES
                 && short(&req.request_id);
-            match validate::drop_user(req.clone()) {
-                Ok(cmd) => {
-                    assert!(ok, "{req:?} passed");
-                    assert!(id(&cmd.request_id), "a request id is always set");
-                    assert_eq!(cmd.client_ids, req.client_ids);
-                }
-                Err(err) => {
-                    assert!(!ok, "{req:?} refused");
-                    refused(err);
-                }
+            if let Some(cmd) = judge(ok, &req, validate::drop_user(req.clone())) {
+                assert!(id(&cmd.request_id), "a request id is always set");
+                assert_eq!(cmd.client_ids, req.client_ids);
             }
         }
         2 => {
@@ -76,28 +71,15 @@ pub fn check(bytes: &[u8]) {
                 return;
             };
             let ok = is_room_id(&req.room_id) && id(&req.client_id);
-            match validate::leave(&req) {
-                Ok(()) => assert!(ok, "{req:?} passed"),
-                Err(err) => {
-                    assert!(!ok, "{req:?} refused");
-                    refused(err);
-                }
-            }
+            judge(ok, &req, validate::leave(&req));
         }
         _ => {
             let Ok(req) = pb::EventsRequest::decode(body) else {
                 return;
             };
             let ok = is_room_id(&req.room_id) && short(&req.client_id) && short(&req.epoch);
-            match validate::events(&req) {
-                Ok(client) => {
-                    assert!(ok, "{req:?} passed");
-                    assert_eq!(client.is_none(), req.client_id.is_empty());
-                }
-                Err(err) => {
-                    assert!(!ok, "{req:?} refused");
-                    refused(err);
-                }
+            if let Some(client) = judge(ok, &req, validate::events(&req)) {
+                assert_eq!(client.is_none(), req.client_id.is_empty());
             }
         }
     }
