@@ -11,7 +11,7 @@
 //! over [`MAX_TOKEN_BYTES`] are refused unread. Refusals say what is wrong in plain words and
 //! never quote the JWT parser.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -39,6 +39,117 @@ pub fn check_secret(secret: &[u8]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Longest key id, in characters.
+pub const MAX_KID_CHARS: usize = 64;
+
+/// The HS256 secrets a server verifies with: one bare secret, or several named by key id
+/// (`kid`), the first being the default. Several keys at once are how a secret is rotated: add
+/// the new key, reload, switch the issuers to it, remove the old key, reload.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySet {
+    /// `(kid, secret)`; a bare secret is the only entry and has no kid.
+    keys: Vec<(Option<String>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "KeySet {{ kids: {:?}, secrets: <redacted> }}",
+            self.kids()
+        )
+    }
+}
+
+fn is_kid(kid: &str) -> bool {
+    (1..=MAX_KID_CHARS).contains(&kid.len())
+        && kid
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// A `kid=secret` line: the kid is everything before the first `=`.
+fn keyed_line(line: &str) -> Option<(String, Vec<u8>)> {
+    let (kid, secret) = line.split_once('=')?;
+    (is_kid(kid) && secret.len() >= MIN_SECRET_BYTES)
+        .then(|| (kid.to_owned(), secret.as_bytes().to_vec()))
+}
+
+impl KeySet {
+    /// One bare secret, used for tokens without a `kid`.
+    pub fn single(secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            keys: vec![(None, secret.into())],
+        }
+    }
+
+    /// Reads the `--jwt-secret-file` format: `kid=secret` lines (blank lines ignored), or a
+    /// single line that is not of that form, which is one bare secret (base64 padding `=`
+    /// included). Every secret must be at least [`MIN_SECRET_BYTES`].
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let keys = match lines.as_slice() {
+            [] => return Err("the JWT secret is empty".into()),
+            [line] => match keyed_line(line) {
+                Some((kid, secret)) => vec![(Some(kid), secret)],
+                None => vec![(None, line.as_bytes().to_vec())],
+            },
+            lines => {
+                let mut keys: Vec<(Option<String>, Vec<u8>)> = Vec::new();
+                for (n, line) in lines.iter().enumerate() {
+                    let (kid, secret) = keyed_line(line).ok_or_else(|| {
+                        format!(
+                            "line {}: expected kid=secret, the kid 1..{MAX_KID_CHARS} characters \
+                             of A-Za-z0-9._- and the secret at least {MIN_SECRET_BYTES} bytes",
+                            n + 1
+                        )
+                    })?;
+                    if keys.iter().any(|(k, _)| k.as_deref() == Some(kid.as_str())) {
+                        return Err(format!("line {}: the kid {kid:?} appears twice", n + 1));
+                    }
+                    keys.push((Some(kid), secret));
+                }
+                keys
+            }
+        };
+        let set = Self { keys };
+        set.check()?;
+        Ok(set)
+    }
+
+    /// Checks every secret's length.
+    pub fn check(&self) -> Result<(), String> {
+        self.keys
+            .iter()
+            .try_for_each(|(_, secret)| check_secret(secret))
+    }
+
+    /// The key ids, in order (empty for a bare secret).
+    pub fn kids(&self) -> Vec<&str> {
+        self.keys
+            .iter()
+            .filter_map(|(kid, _)| kid.as_deref())
+            .collect()
+    }
+
+    /// The secret `kid` names (None: the default, first one, for tokens without a kid).
+    fn secret(&self, kid: Option<&str>) -> Result<&[u8], String> {
+        match kid {
+            None => Ok(&self.keys[0].1),
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|(k, _)| k.as_deref() == Some(kid))
+                .map(|(_, secret)| secret.as_slice())
+                .ok_or_else(|| format!("no key with kid {kid:?}; the keys are {:?}", self.kids())),
+        }
+    }
 }
 
 /// The claims a token is minted with. `sub`, `room`, `role` and `exp` are required; `nbf`,
@@ -150,12 +261,20 @@ impl Presented {
 /// assert!(Authenticator::new(b"another secret, also 32 bytes long").verify(&token).is_err());
 /// ```
 pub fn mint(secret: &[u8], claims: &Claims) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .expect("HS256 signing of plain claims cannot fail")
+    sign(secret, None, claims)
+}
+
+/// Signs `claims` with the key `kid` names in `keys`, putting the kid in the header (None: the
+/// default key, and no kid).
+pub fn mint_with(keys: &KeySet, kid: Option<&str>, claims: &Claims) -> Result<String, String> {
+    Ok(sign(keys.secret(kid)?, kid, claims))
+}
+
+fn sign(secret: &[u8], kid: Option<&str>, claims: &Claims) -> String {
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(secret))
+        .expect("HS256 signing of plain claims cannot fail")
 }
 
 /// What a server requires of tokens beyond the signature (`serve --jwt-issuer/--jwt-audience`).
@@ -205,8 +324,49 @@ pub struct Authenticator {
     inner: Arc<Verifier>,
 }
 
+/// The decoding keys of a [`KeySet`].
+struct Keys {
+    /// For tokens without a `kid`.
+    default: DecodingKey,
+    /// By `kid`; empty for a bare secret, which no `kid` may name.
+    by_kid: Vec<(String, DecodingKey)>,
+}
+
+impl Keys {
+    fn of(set: &KeySet) -> Self {
+        Self {
+            default: DecodingKey::from_secret(&set.keys[0].1),
+            by_kid: set
+                .keys
+                .iter()
+                .filter_map(|(kid, secret)| Some((kid.clone()?, DecodingKey::from_secret(secret))))
+                .collect(),
+        }
+    }
+
+    /// The key a token's header names, or why there is none.
+    fn for_kid(&self, kid: Option<&str>) -> Result<&DecodingKey, Error> {
+        let Some(kid) = kid else {
+            return Ok(&self.default);
+        };
+        if self.by_kid.is_empty() {
+            return Err(Error::Unauthenticated(
+                "the token names a kid, but this server has a single secret without one".into(),
+            ));
+        }
+        self.by_kid
+            .iter()
+            .find(|(k, _)| k == kid)
+            .map(|(_, key)| key)
+            .ok_or_else(|| {
+                Error::Unauthenticated("the token's kid names no key of this server".into())
+            })
+    }
+}
+
 struct Verifier {
-    key: DecodingKey,
+    /// Replaced as a whole on reload (SIGHUP), so a verification uses one consistent set.
+    keys: RwLock<Arc<Keys>>,
     validation: Validation,
     /// Tokens already verified: keyed by the whole token, so a hit is the same signed bytes,
     /// and the expiry is checked again on every hit.
@@ -250,11 +410,11 @@ fn refusal(token: &str, kind: &ErrorKind) -> String {
 impl Authenticator {
     /// An authenticator for tokens signed with `secret`, with no `iss` or `aud` required.
     pub fn new(secret: &[u8]) -> Self {
-        Self::with_rules(secret, &TokenRules::default())
+        Self::with_rules(&KeySet::single(secret), &TokenRules::default())
     }
 
-    /// An authenticator for tokens signed with `secret` that also meet `rules`.
-    pub fn with_rules(secret: &[u8], rules: &TokenRules) -> Self {
+    /// An authenticator for tokens signed with `keys` that also meet `rules`.
+    pub fn with_rules(keys: &KeySet, rules: &TokenRules) -> Self {
         // The algorithm is pinned: a token naming any other (none, HS384, RS256...) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         let mut required = vec!["exp", "sub"];
@@ -274,7 +434,7 @@ impl Authenticator {
         validation.set_required_spec_claims(&required);
         Self {
             inner: Arc::new(Verifier {
-                key: DecodingKey::from_secret(secret),
+                keys: RwLock::new(Arc::new(Keys::of(keys))),
                 validation,
                 verified: quick_cache::sync::Cache::with_weighter(
                     16_384,
@@ -297,9 +457,17 @@ impl Authenticator {
         let verified = match verifier.verified.get(token) {
             Some(verified) => verified,
             None => {
-                let data =
-                    jsonwebtoken::decode::<Presented>(token, &verifier.key, &verifier.validation)
-                        .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
+                let keys = verifier
+                    .keys
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let kid = jsonwebtoken::decode_header(token)
+                    .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?
+                    .kid;
+                let key = keys.for_kid(kid.as_deref())?;
+                let data = jsonwebtoken::decode::<Presented>(token, key, &verifier.validation)
+                    .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
                 let exp = data.claims.exp;
                 let verified = Verified {
                     caller: data.claims.into_caller()?,
@@ -313,6 +481,13 @@ impl Authenticator {
             return Err(Error::Unauthenticated("the token has expired".into()));
         }
         Ok(verified)
+    }
+
+    /// Verifies from now on with `keys` (a rotation). Tokens remembered as verified are
+    /// verified again, so the tokens of a removed key stop working at once.
+    pub fn reload(&self, keys: &KeySet) {
+        *self.inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Keys::of(keys));
+        self.inner.verified.clear();
     }
 
     /// Reads `authorization: Bearer <token>` from request metadata and verifies it.
@@ -515,7 +690,7 @@ mod tests {
             issuer: Some("idp".into()),
             audience: Some("roomctl-prod".into()),
         };
-        let strict = Authenticator::with_rules(SECRET, &rules);
+        let strict = Authenticator::with_rules(&KeySet::single(SECRET), &rules);
         let exp = now() + 60;
         let token = |extra: serde_json::Value| {
             let mut claims =
@@ -538,6 +713,71 @@ mod tests {
         assert!(unauthenticated(strict.verify(&bare)).contains("lacks"));
         // A server without rules ignores them.
         assert!(Authenticator::new(SECRET).verify(&wrong_aud).is_ok());
+    }
+
+    const OLD: &str = "old-key-0123456789abcdef0123456789abcdef";
+    const NEW: &str = "new-key-0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn secret_files_hold_one_bare_secret_or_kid_lines() {
+        let bare = KeySet::parse(&format!("  {OLD}\n")).unwrap();
+        assert!(bare.kids().is_empty());
+        // Base64 padding is part of a bare secret, not a kid separator.
+        let padded = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA==";
+        assert!(KeySet::parse(padded).unwrap().kids().is_empty());
+        let keyed = KeySet::parse(&format!("2026-11={NEW}\n\n2026-10={OLD}\n")).unwrap();
+        assert_eq!(keyed.kids(), ["2026-11", "2026-10"]);
+        assert!(KeySet::parse(&format!("a={NEW}\nnot a key line"))
+            .unwrap_err()
+            .contains("line 2"));
+        assert!(KeySet::parse(&format!("a={NEW}\na={OLD}"))
+            .unwrap_err()
+            .contains("twice"));
+        assert!(
+            KeySet::parse(&format!("{}={NEW}", "k".repeat(65))).is_ok_and(|k| k.kids().is_empty()),
+            "a line whose kid is too long is one bare secret"
+        );
+        assert!(KeySet::parse("k=short")
+            .unwrap_err()
+            .contains("at least 32"));
+        assert!(KeySet::parse(" \n").is_err());
+    }
+
+    #[test]
+    fn keys_are_chosen_by_kid_and_tokens_without_one_use_the_first() {
+        let keys = KeySet::parse(&format!("new={NEW}\nold={OLD}")).unwrap();
+        let auth = Authenticator::with_rules(&keys, &TokenRules::default());
+        let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
+        for kid in ["new", "old"] {
+            let token = mint_with(&keys, Some(kid), &claims).unwrap();
+            assert!(auth.verify(&token).is_ok(), "{kid}");
+        }
+        assert!(
+            auth.verify(&mint(NEW.as_bytes(), &claims)).is_ok(),
+            "no kid: the first key"
+        );
+        let old_without_kid = mint(OLD.as_bytes(), &claims);
+        assert!(unauthenticated(auth.verify(&old_without_kid)).contains("signature"));
+        let unknown = sign(NEW.as_bytes(), Some("other"), &claims);
+        assert!(unauthenticated(auth.verify(&unknown)).contains("kid"));
+        assert!(mint_with(&keys, Some("other"), &claims).is_err());
+        // A single bare secret knows no kid at all.
+        let bare = Authenticator::new(NEW.as_bytes());
+        let named = sign(NEW.as_bytes(), Some("new"), &claims);
+        assert!(unauthenticated(bare.verify(&named)).contains("kid"));
+    }
+
+    #[test]
+    fn a_reload_drops_removed_keys_even_for_remembered_tokens() {
+        let both = KeySet::parse(&format!("new={NEW}\nold={OLD}")).unwrap();
+        let auth = Authenticator::with_rules(&both, &TokenRules::default());
+        let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
+        let old = mint_with(&both, Some("old"), &claims).unwrap();
+        assert!(auth.verify(&old).is_ok(), "verified, and remembered");
+        auth.reload(&KeySet::parse(&format!("new={NEW}")).unwrap());
+        assert!(unauthenticated(auth.verify(&old)).contains("kid"));
+        let new = mint_with(&both, Some("new"), &claims).unwrap();
+        assert!(auth.verify(&new).is_ok());
     }
 
     #[test]

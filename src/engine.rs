@@ -374,6 +374,11 @@ impl RoomState {
         self.population == 0
     }
 
+    /// How many participants the room has.
+    pub fn population(&self) -> usize {
+        self.population
+    }
+
     /// Participants in join order.
     pub fn participants(&self) -> Vec<pb::Participant> {
         let mut members: Vec<&Member> = self.members.values().collect();

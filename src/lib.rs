@@ -20,7 +20,8 @@
 //!   caps and the moderator rate limit.
 //! - [`listener`]: accepting connections: backoff when out of file descriptors, a deadline for
 //!   the HTTP/2 preface, per-connection info.
-//! - [`cli`]: the `roomctl` command line (`serve`, `token`).
+//! - [`telemetry`]: Prometheus metrics and the one-line-per-RPC access log.
+//! - [`cli`]: the `roomctl` command line (`serve`, `token`, `config check`).
 //! - [`codec`]: tonic's prost codec with small per-call buffers (idle streams stay cheap).
 //! - [`client`]: a RoomControl client that sends a bearer token, for Rust callers.
 
@@ -37,4 +38,5 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod subscription;
+pub mod telemetry;
 pub mod validate;

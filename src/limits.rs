@@ -5,7 +5,7 @@
 //!   `--max-concurrent-calls` at once with `UNAVAILABLE` (`OVERLOADED`) instead of queueing
 //!   them, and gives every call a deadline, the shorter of `--request-timeout` and the client's
 //!   `grpc-timeout`, answered `DEADLINE_EXCEEDED`. It also maps tonic's over-size answer to the
-//!   contract's.
+//!   contract's, and observes every call for the metrics and the access log.
 //! - [`StreamSlot`]: an open `Events` stream counted against `--max-streams` (node) and
 //!   `--max-streams-per-connection`, released when the stream is dropped.
 //! - [`RateLimiter`]: moderator commands per identity (`--moderator-rate`, `--moderator-burst`).
@@ -25,6 +25,7 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 
 use crate::error::Error;
+use crate::telemetry::{self, CallNote, OpenStream, StreamKind, Telemetry};
 
 /// Every limit of a node, configurable on `serve`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,15 +97,18 @@ pub struct StreamBudget {
     open: Arc<AtomicUsize>,
     max: usize,
     max_per_connection: usize,
+    telemetry: Telemetry,
 }
 
 impl StreamBudget {
-    /// A budget of `max` streams on the node and `max_per_connection` on one connection.
-    pub fn new(max: usize, max_per_connection: usize) -> Self {
+    /// A budget of `max` streams on the node and `max_per_connection` on one connection, whose
+    /// open streams `telemetry` counts by kind.
+    pub fn new(max: usize, max_per_connection: usize, telemetry: Telemetry) -> Self {
         Self {
             open: Arc::default(),
             max,
             max_per_connection,
+            telemetry,
         }
     }
 
@@ -113,9 +117,16 @@ impl StreamBudget {
         self.open.load(Ordering::Acquire)
     }
 
-    /// A slot for one more stream on `connection` (None: not counted per connection).
-    pub fn take(&self, connection: Option<&Arc<AtomicUsize>>) -> Result<StreamSlot, Error> {
-        StreamSlot::take(&self.open, self.max, connection, self.max_per_connection)
+    /// A slot for one more stream of `kind` on `connection` (None: not counted per
+    /// connection).
+    pub fn take(
+        &self,
+        kind: StreamKind,
+        connection: Option<&Arc<AtomicUsize>>,
+    ) -> Result<StreamSlot, Error> {
+        let mut slot = StreamSlot::take(&self.open, self.max, connection, self.max_per_connection)?;
+        slot.metric = self.telemetry.stream_opened(kind);
+        Ok(slot)
     }
 }
 
@@ -124,6 +135,7 @@ impl StreamBudget {
 pub struct StreamSlot {
     node: Arc<AtomicUsize>,
     connection: Option<Arc<AtomicUsize>>,
+    metric: OpenStream,
 }
 
 /// Takes one unit of `counter` if it is below `max`.
@@ -164,6 +176,7 @@ impl StreamSlot {
         Ok(Self {
             node: node.clone(),
             connection: connection.cloned(),
+            metric: OpenStream::default(),
         })
     }
 }
@@ -261,10 +274,6 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
-/// The calls the guard sheds and times: RoomControl's. Health and reflection stay answerable
-/// under load, so load balancers see the truth and operators can still look.
-const GUARDED: &str = "/roomcontrol.v1.RoomControl/";
-
 /// Builds [`Guard`]s around the server's routes.
 #[derive(Clone)]
 pub struct GuardLayer {
@@ -272,16 +281,19 @@ pub struct GuardLayer {
     max_calls: usize,
     request_timeout: Duration,
     max_message_bytes: usize,
+    telemetry: Telemetry,
 }
 
 impl GuardLayer {
-    /// A guard for `limits`; `max_message_bytes` is what over-size answers name.
-    pub fn new(limits: &Limits, max_message_bytes: usize) -> Self {
+    /// A guard for `limits`; `max_message_bytes` is what over-size answers name; `telemetry`
+    /// records every call.
+    pub fn new(limits: &Limits, max_message_bytes: usize, telemetry: Telemetry) -> Self {
         Self {
             calls: Arc::new(Semaphore::new(limits.max_concurrent_calls)),
             max_calls: limits.max_concurrent_calls,
             request_timeout: limits.request_timeout,
             max_message_bytes,
+            telemetry,
         }
     }
 }
@@ -323,20 +335,27 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         // The clone that was polled ready serves this call (tower's rule for cloned services).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let limit = self.layer.max_message_bytes;
-        if !request.uri().path().starts_with(GUARDED) {
+        // Only RoomControl is shed, timed and observed. Health and reflection stay answerable
+        // under load, so load balancers see the truth and operators can still look.
+        let Some(method) = telemetry::method_of(request.uri().path()) else {
             let answer = inner.call(request);
             return Box::pin(async move { answer.await.map(|r| map_oversize(r, limit)) });
-        }
+        };
+        let started = Instant::now();
+        let note = CallNote::default();
+        request.extensions_mut().insert(note.clone());
+        let telemetry = self.layer.telemetry.clone();
         let Ok(permit) = self.layer.calls.clone().try_acquire_owned() else {
-            let max = self.layer.max_calls;
-            return Box::pin(
-                async move { Ok(Status::from(Error::Overloaded { max }).into_http()) },
-            );
+            let shed = Status::from(Error::Overloaded {
+                max: self.layer.max_calls,
+            });
+            let answer = telemetry::observe(shed.into_http(), method, note, started, &telemetry);
+            return Box::pin(async move { Ok(answer) });
         };
         let timeout = grpc_timeout(request.headers()).map_or(self.layer.request_timeout, |t| {
             t.min(self.layer.request_timeout)
@@ -344,10 +363,13 @@ where
         let answer = inner.call(request);
         Box::pin(async move {
             let _permit = permit;
-            match tokio::time::timeout(timeout, answer).await {
-                Ok(answer) => answer.map(|r| map_oversize(r, limit)),
-                Err(_) => Ok(Status::from(Error::DeadlineExceeded { timeout }).into_http()),
-            }
+            let response = match tokio::time::timeout(timeout, answer).await {
+                Ok(answer) => map_oversize(answer?, limit),
+                Err(_) => Status::from(Error::DeadlineExceeded { timeout }).into_http(),
+            };
+            Ok(telemetry::observe(
+                response, method, note, started, &telemetry,
+            ))
         })
     }
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
-use crate::auth::{self, Authenticator, TokenRules};
+use crate::auth::{Authenticator, KeySet, TokenRules};
 use crate::error::Error;
 use crate::limits::{GuardLayer, Limits, StreamBudget};
 use crate::listener;
@@ -24,6 +24,7 @@ use crate::service::RoomControlService;
 use crate::store::memory::{MemoryConfig, MemoryStore};
 use crate::store::redis::{RedisConfig, RedisStore, RedisUrl};
 use crate::store::RoomStore;
+use crate::telemetry::Telemetry;
 
 /// Default events kept per room.
 pub const DEFAULT_HISTORY: usize = 10_000;
@@ -43,8 +44,9 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 128 * 1024;
 /// Everything `serve` can be told.
 #[derive(Clone)]
 pub struct ServerConfig {
-    /// HS256 secret that tokens are verified with (at least [`auth::MIN_SECRET_BYTES`]).
-    pub jwt_secret: Vec<u8>,
+    /// The HS256 secrets tokens are verified with (each at least
+    /// [`crate::auth::MIN_SECRET_BYTES`]).
+    pub jwt_keys: KeySet,
     /// What tokens must carry beyond the signature (`--jwt-issuer`, `--jwt-audience`).
     pub token_rules: TokenRules,
     /// Events kept per room (`--history`).
@@ -59,6 +61,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// Overload protection (`--max-*`, timeouts, rates).
     pub limits: Limits,
+    /// Where to serve Prometheus metrics (`--metrics-listen`); None: metrics are off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where rooms live.
@@ -90,7 +94,7 @@ impl ServerConfig {
     /// The defaults of DESIGN.md with the given secret.
     pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
         Self {
-            jwt_secret: jwt_secret.into(),
+            jwt_keys: KeySet::single(jwt_secret),
             token_rules: TokenRules::default(),
             history: DEFAULT_HISTORY,
             grace: Duration::from_secs(10),
@@ -98,6 +102,7 @@ impl ServerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             store: StoreConfig::Memory,
             limits: Limits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -117,6 +122,9 @@ pub enum ServeError {
     /// The configuration cannot be served as given.
     #[error("{0}")]
     Config(String),
+    /// The metrics listener could not be bound.
+    #[error("cannot listen for metrics on {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// A configured server, ready to run on a listener.
@@ -124,27 +132,60 @@ pub struct Server {
     config: ServerConfig,
     store: Arc<dyn RoomStore>,
     streams: StreamBudget,
+    authenticator: Authenticator,
+    telemetry: Telemetry,
+    metrics: Option<TcpListener>,
+}
+
+/// Changes a running server takes without dropping a connection (on SIGHUP).
+#[derive(Clone)]
+pub struct Reloader {
+    authenticator: Authenticator,
+}
+
+impl Reloader {
+    /// Verifies tokens with `keys` from now on; tokens of keys no longer there stop working.
+    pub fn keys(&self, keys: &KeySet) -> Result<(), String> {
+        keys.check()?;
+        self.authenticator.reload(keys);
+        Ok(())
+    }
 }
 
 impl Server {
     /// A server over the configured store (connected now, so a bad Redis URL fails here).
     /// Needs a tokio runtime: stores run background tasks.
     pub async fn new(config: ServerConfig) -> Result<Self, ServeError> {
-        auth::check_secret(&config.jwt_secret).map_err(ServeError::Config)?;
+        config.jwt_keys.check().map_err(ServeError::Config)?;
+        let (telemetry, metrics) = match config.metrics_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| ServeError::Metrics(addr, e))?;
+                (Telemetry::on(), Some(listener))
+            }
+            None => (Telemetry::off(), None),
+        };
         let store: Arc<dyn RoomStore> = match &config.store {
-            StoreConfig::Memory => Arc::new(MemoryStore::new(MemoryConfig {
-                history: config.history,
-                empty_room_ttl: config.empty_room_ttl,
-                max_room_members: config.limits.max_room_members,
-            })),
-            StoreConfig::Redis { url, ca_file } => Arc::new(
-                RedisStore::connect(RedisConfig {
-                    url: url.clone(),
-                    ca_file: ca_file.clone(),
+            StoreConfig::Memory => Arc::new(MemoryStore::with_telemetry(
+                MemoryConfig {
                     history: config.history,
                     empty_room_ttl: config.empty_room_ttl,
                     max_room_members: config.limits.max_room_members,
-                })
+                },
+                telemetry.clone(),
+            )),
+            StoreConfig::Redis { url, ca_file } => Arc::new(
+                RedisStore::connect_with(
+                    RedisConfig {
+                        url: url.clone(),
+                        ca_file: ca_file.clone(),
+                        history: config.history,
+                        empty_room_ttl: config.empty_room_ttl,
+                        max_room_members: config.limits.max_room_members,
+                    },
+                    telemetry.clone(),
+                )
                 .await
                 .map_err(ServeError::Store)?,
             ),
@@ -152,12 +193,34 @@ impl Server {
         let streams = StreamBudget::new(
             config.limits.max_streams,
             config.limits.max_streams_per_connection,
+            telemetry.clone(),
         );
+        let authenticator = Authenticator::with_rules(&config.jwt_keys, &config.token_rules);
         Ok(Self {
             config,
             store,
             streams,
+            authenticator,
+            telemetry,
+            metrics,
         })
+    }
+
+    /// What a running server can re-read without a restart.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            authenticator: self.authenticator.clone(),
+        }
+    }
+
+    /// The metrics of this server (off without `metrics_listen`).
+    pub fn telemetry(&self) -> Telemetry {
+        self.telemetry.clone()
+    }
+
+    /// Where metrics are served, once bound (the port of `metrics_listen` may be 0).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The node's `Events` streams: how many are open, live.
@@ -175,7 +238,20 @@ impl Server {
             config,
             store,
             streams,
+            authenticator,
+            telemetry,
+            metrics,
         } = self;
+        let metrics_end = CancellationToken::new();
+        if let Some(listener) = metrics {
+            tokio::spawn(crate::telemetry::serve(
+                listener,
+                telemetry.clone(),
+                metrics_end.clone(),
+            ));
+        }
+        // Metrics are served until the server returns, drained or not.
+        let _metrics_end = metrics_end.drop_guard();
         let (health, health_service) = tonic_health::server::health_reporter();
         let streams_end = CancellationToken::new();
         let follow_store = tokio::spawn(report_store_health(
@@ -188,10 +264,16 @@ impl Server {
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let limits = &config.limits;
-        let service = RoomControlService::new(store, streams_end.clone(), streams, limits);
+        let service = RoomControlService::new(
+            store,
+            streams_end.clone(),
+            streams,
+            limits,
+            telemetry.clone(),
+        );
         let room_control = InterceptedService::new(
             RoomControlServer::new(service).max_decoding_message_size(config.max_message_bytes),
-            Authenticator::with_rules(&config.jwt_secret, &config.token_rules),
+            authenticator,
         );
 
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -215,7 +297,11 @@ impl Server {
             // Finds clients that vanished without closing, so their streams are dropped.
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .layer(GuardLayer::new(limits, config.max_message_bytes))
+            .layer(GuardLayer::new(
+                limits,
+                config.max_message_bytes,
+                telemetry.clone(),
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -15,6 +15,7 @@ use crate::listener::ConnInfo;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;
 use crate::subscription::{self, EventStream, Tenancy};
+use crate::telemetry::{CallNote, StreamKind, Telemetry};
 use crate::validate;
 
 /// The RoomControl service over a store.
@@ -23,23 +24,33 @@ pub struct RoomControlService {
     shutdown: CancellationToken,
     streams: StreamBudget,
     moderators: RateLimiter,
+    telemetry: Telemetry,
 }
 
 impl RoomControlService {
     /// A service over `store`; `shutdown` ends open `Events` streams with `UNAVAILABLE`;
-    /// `streams` counts them against the node's budget.
+    /// `streams` counts them against the node's budget; `telemetry` counts what they deliver.
     pub fn new(
         store: Arc<dyn RoomStore>,
         shutdown: CancellationToken,
         streams: StreamBudget,
         limits: &Limits,
+        telemetry: Telemetry,
     ) -> Self {
         Self {
             store,
             shutdown,
             streams,
             moderators: RateLimiter::new(limits.moderator_rate, limits.moderator_burst),
+            telemetry,
         }
+    }
+}
+
+/// Notes the call's room and caller for its access log line.
+fn note<T>(request: &Request<T>, room_id: &str, caller: &engine::Caller) {
+    if let Some(note) = request.extensions().get::<CallNote>() {
+        note.record(room_id, &caller.identity);
     }
 }
 
@@ -55,6 +66,7 @@ impl RoomControl for RoomControlService {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         let room_id = req.room_id.clone();
         let cmd = validate::join(req)?;
@@ -78,6 +90,7 @@ impl RoomControl for RoomControlService {
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         validate::leave(&req)?;
         caller.check_room(&req.room_id)?;
@@ -97,6 +110,7 @@ impl RoomControl for RoomControlService {
     ) -> Result<Response<pb::ListParticipantsResponse>, Status> {
         let caller = caller(&request)?;
         let room_id = &request.get_ref().room_id;
+        note(&request, room_id, &caller);
         validate::room_id(room_id)?;
         caller.check_room(room_id)?;
         let snapshot = self.store.snapshot(room_id).await?;
@@ -113,6 +127,7 @@ impl RoomControl for RoomControlService {
         request: Request<pb::DropUserRequest>,
     ) -> Result<Response<pb::DropUserResponse>, Status> {
         let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         let room_id = req.room_id.clone();
         let cmd = validate::drop_user(req)?;
@@ -140,11 +155,18 @@ impl RoomControl for RoomControlService {
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
         let connection = request.extensions().get::<ConnInfo>();
+        let kind = if request.get_ref().client_id.is_empty() {
+            StreamKind::Observer
+        } else {
+            StreamKind::Client
+        };
         let tenancy = Tenancy {
-            slot: self.streams.take(connection.map(|c| &c.streams))?,
+            slot: self.streams.take(kind, connection.map(|c| &c.streams))?,
             shutdown: self.shutdown.clone(),
             expires_at: request.extensions().get::<TokenExpiry>().map(|e| e.0),
+            telemetry: self.telemetry.clone(),
         };
         let stream =
             subscription::subscribe(self.store.clone(), &caller, request.into_inner(), tenancy)

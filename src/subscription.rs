@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::limits::StreamSlot;
 use crate::pb;
 use crate::store::RoomStore;
+use crate::telemetry::Telemetry;
 use crate::validate;
 
 /// The response stream of `Events`.
@@ -36,6 +37,8 @@ pub struct Tenancy {
     pub shutdown: CancellationToken,
     /// When the caller's token stops being valid.
     pub expires_at: Option<SystemTime>,
+    /// Counts the events delivered and the streams that fall behind.
+    pub telemetry: Telemetry,
 }
 
 /// Opens a subscription for `caller`: checks who may subscribe how, then the cursor (before the
@@ -66,6 +69,7 @@ pub async fn subscribe(
         expires_at,
         pending: VecDeque::new(),
         finished: false,
+        telemetry: tenancy.telemetry,
         _slot: tenancy.slot,
     };
     Ok(Box::pin(futures_util::stream::unfold(
@@ -87,12 +91,16 @@ struct Follow {
     /// The rest of the last read batch (at most one batch).
     pending: VecDeque<Arc<pb::Event>>,
     finished: bool,
+    telemetry: Telemetry,
     _slot: StreamSlot,
 }
 
 impl Follow {
     fn finish(&mut self, err: Error) -> Option<Result<pb::Event, Status>> {
         self.finished = true;
+        if let Error::CursorOutOfRange { .. } = err {
+            self.telemetry.stream_lagged();
+        }
         Some(Err(err.into()))
     }
 
@@ -129,6 +137,7 @@ impl Follow {
                 self.cursor = event.seq;
                 if self.audience.sees(&event) {
                     self.finished = self.audience.ends_after(&event);
+                    self.telemetry.event_delivered();
                     return Some(Ok(pb::Event::clone(&event)));
                 }
             }

@@ -20,6 +20,7 @@ use super::{Opening, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{self, Applied, Caller, ClientStatus, Command, LogWindow, RoomState};
 use crate::error::Error;
 use crate::pb;
+use crate::telemetry::Telemetry;
 
 const SHARDS: usize = 64;
 
@@ -63,6 +64,7 @@ struct Rooms {
     shards: Vec<Shard>,
     hasher: RandomState,
     config: MemoryConfig,
+    telemetry: Telemetry,
 }
 
 /// The in-memory [`RoomStore`].
@@ -178,6 +180,18 @@ impl Rooms {
         }
     }
 
+    /// How many rooms there are, and participants in them.
+    fn census(&self) -> (usize, usize) {
+        let (mut rooms, mut participants) = (0, 0);
+        for shard in &self.shards {
+            for room in shard.read().unwrap_or_else(|p| p.into_inner()).values() {
+                rooms += 1;
+                participants += lock(room).state.population();
+            }
+        }
+        (rooms, participants)
+    }
+
     fn window(&self, inner: &Inner) -> LogWindow {
         LogWindow::of(inner.state.epoch(), inner.state.seq(), self.config.history)
     }
@@ -187,10 +201,23 @@ impl MemoryStore {
     /// A store with no rooms. Spawns the sweeper of empty rooms on the current tokio runtime;
     /// it ends when the store is dropped.
     pub fn new(config: MemoryConfig) -> Self {
+        Self::with_telemetry(config, Telemetry::off())
+    }
+
+    /// A store with no rooms whose events and census `telemetry` records.
+    pub fn with_telemetry(config: MemoryConfig, telemetry: Telemetry) -> Self {
         let rooms = Arc::new(Rooms {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
             config,
+            telemetry: telemetry.clone(),
+        });
+        let census = Arc::downgrade(&rooms);
+        telemetry.on_scrape(move |telemetry| {
+            if let Some(rooms) = census.upgrade() {
+                let (rooms, participants) = rooms.census();
+                telemetry.census(rooms, participants);
+            }
         });
         tokio::spawn(sweep_forever(Arc::downgrade(&rooms)));
         Self {
@@ -246,6 +273,7 @@ impl RoomStore for MemoryStore {
                     (false, _) => None,
                 };
                 head.send_replace(inner.state.seq());
+                self.rooms.telemetry.events_appended(applied.events.len());
                 Ok(applied)
             })?
     }

@@ -49,6 +49,7 @@ use crate::engine::{
 };
 use crate::error::Error;
 use crate::pb;
+use crate::telemetry::Telemetry;
 
 /// The channel every commit publishes its events on.
 const CHANNEL: &str = "roomctl:events";
@@ -397,6 +398,7 @@ struct Shared {
     writers: Mutex<HashMap<String, (u64, mpsc::Sender<Job>)>>,
     next_writer: AtomicU64,
     healthy: watch::Sender<bool>,
+    telemetry: Telemetry,
 }
 
 /// The Redis [`RoomStore`].
@@ -517,6 +519,11 @@ fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
 impl RedisStore {
     /// Connects to the Redis at `config.url` and starts this node's listener.
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
+        Self::connect_with(config, Telemetry::off()).await
+    }
+
+    /// Connects, with `telemetry` recording store operations, commits and the census.
+    pub async fn connect_with(config: RedisConfig, telemetry: Telemetry) -> Result<Self, Error> {
         let client = client(&config)?;
         // Fail fast instead of queueing calls behind long reconnect attempts: a call that cannot
         // reach Redis within OP_TIMEOUT answers STORE_UNAVAILABLE.
@@ -537,6 +544,7 @@ impl RedisStore {
             writers: Mutex::new(HashMap::new()),
             next_writer: AtomicU64::new(0),
             healthy: watch::Sender::new(false),
+            telemetry,
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
         let pubsub = subscribe(&client, &shared).await?;
@@ -552,6 +560,19 @@ impl RedisStore {
 impl Shared {
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// Runs Redis operation `op` with the store's deadline, and records it.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        run: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let result = timed(run).await;
+        self.telemetry
+            .store_op(op, result.is_ok(), started.elapsed());
+        result
     }
 
     fn feeds(&self) -> MutexGuard<'_, HashMap<String, Arc<Feed>>> {
@@ -601,6 +622,7 @@ impl Shared {
 
     /// Forgets feeds nobody listens to, and feeds of rooms Redis has forgotten (expired empty
     /// rooms), which ends their observers' streams with `ROOM_NOT_FOUND`.
+    /// Also takes the census of the rooms this node has subscribers in.
     async fn sweep_feeds(&self) -> Result<(), Error> {
         let rooms: Vec<String> = {
             let mut feeds = self.feeds();
@@ -608,24 +630,39 @@ impl Shared {
             feeds.keys().cloned().collect()
         };
         if rooms.is_empty() {
+            self.telemetry.census(0, 0);
             return Ok(());
         }
         let mut pipe = redis::pipe();
         for room_id in &rooms {
-            pipe.cmd("EXISTS").arg(Keys::new(room_id).meta);
+            let keys = Keys::new(room_id);
+            pipe.cmd("EXISTS").arg(&keys.meta);
+            pipe.cmd("HLEN").arg(&keys.members);
         }
-        let exists: Vec<bool> = timed(pipe.query_async(&mut self.conn())).await?;
+        let replies: Vec<u64> = self
+            .timed("sweep", pipe.query_async(&mut self.conn()))
+            .await?;
+        let (mut live, mut participants) = (0, 0);
         let mut feeds = self.feeds();
-        for (room_id, exists) in rooms.iter().zip(exists) {
-            if !exists {
+        for (room_id, reply) in rooms.iter().zip(replies.chunks(2)) {
+            if reply[0] == 0 {
                 feeds.remove(room_id);
+            } else {
+                live += 1;
+                participants += reply[1] as usize;
             }
         }
+        drop(feeds);
+        self.telemetry.census(live, participants);
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), Error> {
-        timed(redis::cmd("PING").query_async::<()>(&mut self.conn())).await
+        self.timed(
+            "ping",
+            redis::cmd("PING").query_async::<()>(&mut self.conn()),
+        )
+        .await
     }
 }
 
@@ -645,7 +682,10 @@ async fn listen(shared: Arc<Shared>, client: redis::Client, first: redis::aio::P
     loop {
         let connected = match first.take() {
             Some(pubsub) => Ok(pubsub),
-            None => subscribe(&client, &shared).await,
+            None => {
+                shared.telemetry.listener_reconnected();
+                subscribe(&client, &shared).await
+            }
         };
         match connected {
             Ok(pubsub) => {
@@ -790,7 +830,8 @@ impl Shared {
         if !answers.is_empty() {
             pipe.cmd("HMGET").arg(&keys.answers).arg(answers);
         }
-        let mut replies = timed(pipe.query_async::<Vec<Value>>(&mut self.conn()))
+        let mut replies = self
+            .timed("load", pipe.query_async::<Vec<Value>>(&mut self.conn()))
             .await?
             .into_iter();
         let meta = meta(replies.next().unwrap_or(Value::Nil))?;
@@ -831,6 +872,7 @@ impl Shared {
     ) -> Option<Error> {
         let keys = Keys::new(room_id);
         let (ids, answer_keys) = wanted(&jobs);
+        self.telemetry.batch(jobs.len());
         let outcome = async {
             for _ in 0..MAX_ATTEMPTS {
                 let now = SystemTime::now();
@@ -1034,16 +1076,26 @@ impl Shared {
         for (key, value, expires_at_ms) in &remembered {
             call.arg(*key).arg(value).arg(*expires_at_ms);
         }
-        let committed: i64 =
-            match tokio::time::timeout(OP_TIMEOUT, call.invoke_async(&mut self.conn())).await {
-                Ok(Ok(committed)) => committed,
-                // Refused before anything was sent, or refused by Redis: nothing was applied.
-                Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
-                    return Err(unavailable(err))
-                }
-                Ok(Err(_)) | Err(_) => return Err(Error::OutcomeUnknown { request_id: None }),
-            };
-        Ok(committed == 1)
+        let started = Instant::now();
+        let mut conn = self.conn();
+        let answer = tokio::time::timeout(OP_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await;
+        let ok = matches!(answer, Ok(Ok(_)));
+        self.telemetry.store_op("commit", ok, started.elapsed());
+        match answer {
+            Ok(Ok(1)) => {
+                self.telemetry.events_appended(events.len());
+                Ok(true)
+            }
+            Ok(Ok(_)) => {
+                self.telemetry.commit_conflict();
+                Ok(false)
+            }
+            // Refused before anything was sent, or refused by Redis: nothing was applied.
+            Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
+                Err(unavailable(err))
+            }
+            Ok(Err(_)) | Err(_) => Err(Error::OutcomeUnknown { request_id: None }),
+        }
     }
 }
 
@@ -1162,8 +1214,10 @@ impl RoomStore for RedisStore {
         let keys = Keys::new(room_id);
         let mut pipe = keys.read_meta();
         pipe.cmd("HVALS").arg(&keys.members);
-        let (meta_reply, members_reply): (Value, Value) =
-            timed(pipe.query_async(&mut self.shared.conn())).await?;
+        let (meta_reply, members_reply): (Value, Value) = self
+            .shared
+            .timed("snapshot", pipe.query_async(&mut self.shared.conn()))
+            .await?;
         let Some((epoch, seq)) = meta(meta_reply)? else {
             return Err(Error::room_not_found(room_id));
         };
@@ -1193,7 +1247,10 @@ impl RoomStore for RedisStore {
                 .arg(&keys.owners)
                 .arg(client_id);
         }
-        let replies: Vec<Value> = timed(pipe.query_async(&mut self.shared.conn())).await?;
+        let replies: Vec<Value> = self
+            .shared
+            .timed("open", pipe.query_async(&mut self.shared.conn()))
+            .await?;
         let mut replies = replies.into_iter();
         let Some((epoch, seq)) = meta(replies.next().unwrap_or(Value::Nil))? else {
             return Err(Error::room_not_found(room_id));
@@ -1232,8 +1289,10 @@ impl RoomStore for RedisStore {
             .arg("+")
             .arg("COUNT")
             .arg(READ_BATCH);
-        let (meta_reply, range): (Value, Value) =
-            timed(pipe.query_async(&mut self.shared.conn())).await?;
+        let (meta_reply, range): (Value, Value) = self
+            .shared
+            .timed("read", pipe.query_async(&mut self.shared.conn()))
+            .await?;
         let Some((current, seq)) = meta(meta_reply)? else {
             return Err(Error::room_not_found(room_id));
         };
@@ -1247,12 +1306,15 @@ impl RoomStore for RedisStore {
 
     async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
         let head = self.shared.subscribe_feed(room_id);
-        let exists: bool = timed(
-            redis::cmd("EXISTS")
-                .arg(Keys::new(room_id).meta)
-                .query_async(&mut self.shared.conn()),
-        )
-        .await?;
+        let exists: bool = self
+            .shared
+            .timed(
+                "rewatch",
+                redis::cmd("EXISTS")
+                    .arg(Keys::new(room_id).meta)
+                    .query_async(&mut self.shared.conn()),
+            )
+            .await?;
         if !exists {
             return Err(Error::room_not_found(room_id));
         }

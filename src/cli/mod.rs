@@ -1,0 +1,215 @@
+//! The `roomctl` command line: `serve` runs the server, `token` mints tokens, `config check`
+//! validates a configuration file.
+//!
+//! Secrets come from `ROOMCTL_JWT_SECRET` or a file, so they never have to appear in a process
+//! listing. Exit codes say what failed, so scripts can tell a usage error from a refusal:
+//! see [`Failure`].
+
+mod config_file;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::auth::{mint_with, Claims, KeySet};
+use crate::validate;
+
+pub use serve::DEV_SECRET;
+
+/// roomctl: a gRPC control plane for real-time conferencing rooms.
+#[derive(Debug, Parser)]
+#[command(name = "roomctl", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    // A later flag overrides an earlier one: how a config file's settings give way to flags.
+    #[command(args_override_self = true)]
+    Serve(Box<serve::ServeArgs>),
+    /// Print a signed token for a caller.
+    Token(TokenArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check a configuration file for `serve --config` without serving: every key known, every
+    /// value valid. Prints the settings it makes.
+    Check {
+        /// The TOML file.
+        path: PathBuf,
+    },
+}
+
+/// Why a command failed; each kind has its own exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// The command line or a configuration file is wrong (exit code 2, as for clap's errors).
+    Usage(String),
+    /// The server refused the caller: UNAUTHENTICATED or PERMISSION_DENIED (exit code 3).
+    Refused(String),
+    /// The server answered another error (exit code 4).
+    Server(String),
+    /// The server could not be reached (exit code 5).
+    Unreachable(String),
+    /// Anything else: the server could not start, a file could not be read (exit code 1).
+    Other(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Other(_) => 1,
+            Failure::Usage(_) => 2,
+            Failure::Refused(_) => 3,
+            Failure::Server(_) => 4,
+            Failure::Unreachable(_) => 5,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::Usage(m)
+            | Failure::Refused(m)
+            | Failure::Server(m)
+            | Failure::Unreachable(m)
+            | Failure::Other(m) => m,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Other(message)
+    }
+}
+
+const SECRET_HELP: &str = "set ROOMCTL_JWT_SECRET=<secret> or pass --jwt-secret-file <path> \
+     (or run `roomctl serve --dev` to try roomctl with a development secret)";
+
+/// Where the JWT secrets come from.
+#[derive(Debug, Args)]
+struct SecretArgs {
+    /// The HS256 secret tokens are signed with (prefer the variable or a file: a command line
+    /// is visible to every user of the machine).
+    #[arg(long, env = "ROOMCTL_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// A file holding the secret, or `kid=secret` lines for several keys at once (key rotation);
+    /// re-read on SIGHUP.
+    #[arg(long, env = "ROOMCTL_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
+    jwt_secret_file: Option<PathBuf>,
+    /// Use the fixed, public development secret instead.
+    #[arg(long)]
+    dev: bool,
+}
+
+impl SecretArgs {
+    fn load(&self) -> Result<KeySet, Failure> {
+        if self.dev {
+            return Ok(KeySet::single(DEV_SECRET));
+        }
+        let text = match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(secret), _) => secret.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
+                Failure::Other(format!(
+                    "cannot read --jwt-secret-file {}: {e}",
+                    path.display()
+                ))
+            })?,
+            (None, None) => return Err(Failure::Usage(format!("no JWT secret: {SECRET_HELP}"))),
+        };
+        if text.trim().is_empty() {
+            return Err(Failure::Usage(format!(
+                "the JWT secret is empty: {SECRET_HELP}"
+            )));
+        }
+        KeySet::parse(&text).map_err(Failure::Usage)
+    }
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The token's `sub`: who the caller is.
+    #[arg(long)]
+    identity: String,
+    /// The room the token is for (`*`: every room, service tokens only).
+    #[arg(long)]
+    room: String,
+    /// participant, moderator or service.
+    #[arg(long, value_parser = ["participant", "moderator", "service"])]
+    role: String,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// The token's `iss` (for servers started with --jwt-issuer).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// The token's `aud` (for servers started with --jwt-audience).
+    #[arg(long)]
+    audience: Option<String>,
+    /// Sign with the key of this kid from a `kid=secret` secret file (and name it in the
+    /// token's header). Without it: the first key, and no kid.
+    #[arg(long)]
+    kid: Option<String>,
+    #[command(flatten)]
+    secret: SecretArgs,
+}
+
+/// Runs the command line; the exit code says whether it worked, and if not, what failed.
+pub fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = Cli::command().get_matches_from(&argv);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    let result = match cli.command {
+        Command::Serve(args) => serve::serve(*args, &argv),
+        Command::Token(args) => token(args),
+        Command::Config(ConfigCommand::Check { path }) => config_file::check(&path),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("roomctl: {}", failure.message());
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+fn token(args: TokenArgs) -> Result<(), Failure> {
+    if args.room == "*" && args.role != "service" {
+        return Err(Failure::Usage(
+            "room \"*\" is for service tokens only".into(),
+        ));
+    }
+    if args.room != "*" && !validate::is_room_id(&args.room) {
+        return Err(Failure::Usage(
+            "--room must be 1..128 characters of A-Za-z0-9._:- (or * for services)".into(),
+        ));
+    }
+    if args.identity.is_empty() || args.identity.chars().count() > validate::MAX_ID_CHARS {
+        return Err(Failure::Usage(format!(
+            "--identity must be 1..{} characters",
+            validate::MAX_ID_CHARS
+        )));
+    }
+    let keys = args.secret.load()?;
+    let claims = Claims {
+        iss: args.issuer,
+        aud: args.audience,
+        ..Claims::new(&args.identity, &args.room, &args.role, args.ttl)
+    };
+    let token = mint_with(&keys, args.kid.as_deref(), &claims).map_err(Failure::Usage)?;
+    println!("{token}");
+    Ok(())
+}

@@ -1,0 +1,337 @@
+//! `roomctl serve`: every setting of a node, from flags, `ROOMCTL_*` variables or a TOML file
+//! (in that order of precedence, over the defaults), then the server itself, its logs, and the
+//! signals it answers: SIGTERM/SIGINT drain it, SIGHUP re-reads the JWT secret file.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+
+use super::{config_file, Failure, SecretArgs};
+use crate::auth::{mint, Claims, TokenRules};
+use crate::limits::Limits;
+use crate::server::{
+    Reloader, Server, ServerConfig, StoreConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES,
+};
+
+/// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
+pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
+
+/// Log lines waiting for the writer thread; past it lines are dropped (and counted), never
+/// waited for.
+const LOG_BACKLOG: usize = 64 * 1024;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line (tracing-subscriber's format), for log collectors.
+    Json,
+}
+
+/// Every setting of `serve`. Each is a flag, a `ROOMCTL_*` variable and a key of the `--config`
+/// file (named like the flag, with `_` for `-`); the first of those that is set wins.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A TOML file of settings (keys named like the flags: `listen`, `history`,
+    /// `empty_room_ttl`, ...); flags and variables win over it.
+    #[arg(long, env = "ROOMCTL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "ROOMCTL_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Events kept per room; older cursors get OUT_OF_RANGE.
+    #[arg(long, env = "ROOMCTL_HISTORY", default_value_t = DEFAULT_HISTORY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    history: usize,
+    /// Longest drain on SIGTERM/SIGINT before the remaining connections are closed.
+    #[arg(long, env = "ROOMCTL_GRACE", default_value = "10s")]
+    grace: humantime::Duration,
+    /// How long a room is kept after its last participant leaves.
+    #[arg(long, env = "ROOMCTL_EMPTY_ROOM_TTL", default_value = "5m")]
+    empty_room_ttl: humantime::Duration,
+    /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ROOMCTL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = at_least_one)]
+    max_message_bytes: usize,
+    /// Where rooms live: `memory` (this process only) or `redis://HOST:PORT[/DB]` (shared by
+    /// every node pointed at it; `rediss://` for TLS).
+    #[arg(long, env = "ROOMCTL_STORE", default_value = "memory", value_parser = parse_store)]
+    store: StoreConfig,
+    /// For `rediss://`: a PEM file of the CA that signed Redis's certificate (default: the
+    /// system's trust store).
+    #[arg(long, env = "ROOMCTL_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
+    /// Require tokens to carry this `iss` claim.
+    #[arg(long, env = "ROOMCTL_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Require tokens to carry this `aud` claim (alone or in a list).
+    #[arg(long, env = "ROOMCTL_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off without it).
+    #[arg(long, env = "ROOMCTL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// How log lines are written (`ROOMCTL_LOG` sets which are).
+    #[arg(long, env = "ROOMCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// How long a new connection may take to send the HTTP/2 preface before it is closed.
+    #[arg(long, env = "ROOMCTL_HANDSHAKE_TIMEOUT", default_value_t = Limits::default().handshake_timeout.into())]
+    handshake_timeout: humantime::Duration,
+    /// The longest a unary call (or opening a stream) may take; a shorter client
+    /// `grpc-timeout` wins. Past it: DEADLINE_EXCEEDED.
+    #[arg(long, env = "ROOMCTL_REQUEST_TIMEOUT", default_value_t = Limits::default().request_timeout.into())]
+    request_timeout: humantime::Duration,
+    /// RoomControl calls in progress at once; more fail at once with UNAVAILABLE (OVERLOADED).
+    #[arg(long, env = "ROOMCTL_MAX_CONCURRENT_CALLS", default_value_t = Limits::default().max_concurrent_calls, value_parser = at_least_one)]
+    max_concurrent_calls: usize,
+    /// Events streams open at once on this node; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ROOMCTL_MAX_STREAMS", default_value_t = Limits::default().max_streams, value_parser = at_least_one)]
+    max_streams: usize,
+    /// Events streams open at once on one connection; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ROOMCTL_MAX_STREAMS_PER_CONNECTION", default_value_t = Limits::default().max_streams_per_connection, value_parser = at_least_one)]
+    max_streams_per_connection: usize,
+    /// Participants in one room; more joins get RESOURCE_EXHAUSTED (ROOM_FULL).
+    #[arg(long, env = "ROOMCTL_MAX_ROOM_MEMBERS", default_value_t = Limits::default().max_room_members, value_parser = at_least_one)]
+    max_room_members: usize,
+    /// Moderator commands (DropUser) per second per identity, sustained, on this node.
+    #[arg(long, env = "ROOMCTL_MODERATOR_RATE", default_value_t = Limits::default().moderator_rate, value_parser = clap::value_parser!(u32).range(1..))]
+    moderator_rate: u32,
+    /// Moderator commands one identity may send at once before the rate applies.
+    #[arg(long, env = "ROOMCTL_MODERATOR_BURST", default_value_t = Limits::default().moderator_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    moderator_burst: u32,
+    /// How often an idle connection is pinged (HTTP/2 keepalive).
+    #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_INTERVAL", default_value_t = Limits::default().keepalive_interval.into())]
+    http2_keepalive_interval: humantime::Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = Limits::default().keepalive_timeout.into())]
+    http2_keepalive_timeout: humantime::Duration,
+    #[command(flatten)]
+    secret: SecretArgs,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            handshake_timeout: self.handshake_timeout.into(),
+            request_timeout: self.request_timeout.into(),
+            max_concurrent_calls: self.max_concurrent_calls,
+            max_streams: self.max_streams,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_room_members: self.max_room_members,
+            moderator_rate: self.moderator_rate,
+            moderator_burst: self.moderator_burst,
+            keepalive_interval: self.http2_keepalive_interval.into(),
+            keepalive_timeout: self.http2_keepalive_timeout.into(),
+        }
+    }
+
+    /// The server configuration these settings make, with its secrets loaded.
+    fn server_config(&self) -> Result<ServerConfig, Failure> {
+        let store = match (&self.store, &self.redis_ca_file) {
+            (StoreConfig::Redis { url, .. }, Some(ca_file)) => StoreConfig::Redis {
+                url: url.clone(),
+                ca_file: Some(ca_file.clone()),
+            },
+            (StoreConfig::Memory, Some(_)) => {
+                return Err(Failure::Usage(
+                    "--redis-ca-file needs --store rediss://...".into(),
+                ))
+            }
+            (store, None) => store.clone(),
+        };
+        Ok(ServerConfig {
+            jwt_keys: self.secret.load()?,
+            token_rules: TokenRules {
+                issuer: self.jwt_issuer.clone(),
+                audience: self.jwt_audience.clone(),
+            },
+            history: self.history,
+            grace: self.grace.into(),
+            empty_room_ttl: self.empty_room_ttl.into(),
+            max_message_bytes: self.max_message_bytes,
+            store,
+            limits: self.limits(),
+            metrics_listen: self.metrics_listen,
+        })
+    }
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of at least 1".into()),
+    }
+}
+
+fn parse_store(value: &str) -> Result<StoreConfig, String> {
+    if value == "memory" {
+        Ok(StoreConfig::Memory)
+    } else if value.starts_with("redis://") || value.starts_with("rediss://") {
+        Ok(StoreConfig::redis(value))
+    } else {
+        Err("expected `memory` or a redis://HOST:PORT[/DB] URL".into())
+    }
+}
+
+/// Runs `serve`; `argv` is the whole command line, which a `--config` file's settings are
+/// merged into.
+pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure> {
+    let args = match &args.config {
+        Some(path) => config_file::with_file(path, argv)?,
+        None => args,
+    };
+    let (_log_writer, dropped_lines) = init_tracing(args.log_format);
+    let config = args.server_config()?;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::Other(format!("cannot start tokio: {e}")))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        tracing::info!(%addr, history = config.history, "roomctl listening on {addr}");
+        if args.secret.dev {
+            tracing::warn!(
+                "DEVELOPMENT MODE: tokens are signed with the public secret {DEV_SECRET:?}; \
+                 never use --dev in production"
+            );
+            // Like the logs, a closed stdout must not stop the server.
+            let _ = writeln!(std::io::stdout(), "{}", dev_banner(addr));
+        }
+        let server = Server::new(config).await.map_err(|e| e.to_string())?;
+        server
+            .telemetry()
+            .on_scrape(move |t| t.log_lines_dropped(dropped_lines.dropped_lines() as u64));
+        if let Some(metrics) = server.metrics_addr() {
+            tracing::info!(%metrics, "metrics at http://{metrics}/metrics");
+        }
+        let reloads = tokio::spawn(reload_on_sighup(args.secret, server.reloader()));
+        let served = server.run(listener, shutdown_signal()).await;
+        reloads.abort();
+        served.map_err(|e| Failure::Other(e.to_string()))
+    })
+}
+
+/// Logs to stderr through a writer thread, so no request's thread ever waits for a write; the
+/// returned guard flushes what is queued when `serve` returns, and the counter says how many
+/// lines were dropped because the writer was behind.
+fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOMCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BACKLOG)
+        .thread_name("roomctl-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        // A closed or full stderr (a log collector that died) must not take the server down.
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    (guard, dropped)
+}
+
+/// Re-reads the JWT secret file on every SIGHUP (a key rotation). A file that no longer reads
+/// is logged and the keys in use are kept.
+async fn reload_on_sighup(secret: SecretArgs, reloader: Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot watch SIGHUP; a restart is needed to reload the secrets");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            if secret.jwt_secret_file.is_none() {
+                tracing::info!("SIGHUP: nothing to reload (the secret is not from a file)");
+                continue;
+            }
+            let reloaded = secret
+                .load()
+                .map_err(|f| f.message().to_owned())
+                .and_then(|keys| reloader.keys(&keys).map(|()| keys));
+            match reloaded {
+                Ok(keys) => tracing::info!(kids = ?keys.kids(), "SIGHUP: JWT keys reloaded"),
+                Err(err) => tracing::error!(%err, "SIGHUP: keeping the keys in use"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (secret, reloader);
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {},
+                    _ = terminate.recv() => {},
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot watch SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+/// Ready-made tokens and grpcurl commands for trying the server by hand.
+fn dev_banner(addr: SocketAddr) -> String {
+    let day = Duration::from_secs(24 * 3600);
+    let dev = DEV_SECRET.as_bytes();
+    let moderator = mint(dev, &Claims::new("alice", "demo", "moderator", day));
+    let participant = mint(dev, &Claims::new("bob", "demo", "participant", day));
+    let service = mint(dev, &Claims::new("ops", "*", "service", day));
+    let call = |var: &str, body: &str, rpc: &str| {
+        format!(
+            "grpcurl -plaintext -H \"authorization: Bearer ${var}\" -d '{body}' {addr} \
+             roomcontrol.v1.RoomControl/{rpc}"
+        )
+    };
+    format!(
+        "\n==== roomctl --dev: tokens for room \"demo\" (valid 24h, signed with the DEV secret) ====\n\
+         export MOD={moderator}      # alice, moderator\n\
+         export BOB={participant}      # bob, participant\n\
+         export OPS={service}      # ops, service for every room\n\
+         \n\
+         # 1. bob joins; note the client_id it answers\n\
+         {join}\n\
+         # 2. bob watches the room as that client (terminal 2)\n\
+         {watch_bob}\n\
+         # 3. alice watches the room as a moderator (terminal 3)\n\
+         {watch_mod}\n\
+         # 4. bob may not drop anyone: 5116 Unauthorized Access\n\
+         {bob_drops}\n\
+         # 5. alice drops bob; terminal 2 gets roomDisconnected, terminal 3 the ack\n\
+         {mod_drops}\n\
+         ==========================================================================================\n",
+        join = call("BOB", r#"{"room_id":"demo","name":"Bob"}"#, "Join"),
+        watch_bob = call("BOB", r#"{"room_id":"demo","client_id":"CLIENT_ID"}"#, "Events"),
+        watch_mod = call("MOD", r#"{"room_id":"demo"}"#, "Events"),
+        bob_drops = call("BOB", r#"{"room_id":"demo","client_ids":["CLIENT_ID"]}"#, "DropUser"),
+        mod_drops = call(
+            "MOD",
+            r#"{"room_id":"demo","client_ids":["CLIENT_ID"],"reason":"please rejoin later"}"#,
+            "DropUser"
+        ),
+    )
+}
