@@ -349,3 +349,168 @@ async fn logs_never_hold_tokens_or_secrets() {
         }
     }
 }
+
+fn sighup(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A token minted by `roomctl token` with these arguments.
+async fn minted(args: &[&str]) -> String {
+    let output = roomctl(&["token"]).args(args).output().await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// Key rotation: with `kid=secret` lines two keys are valid at once, chosen by the token's kid,
+/// and an unknown kid is refused. After the old key is removed from the file and the server
+/// gets SIGHUP, the old key's tokens are refused and the new key's still work: no restart, no
+/// live token of the new key refused.
+#[tokio::test]
+async fn keys_rotate_by_kid_on_sighup() {
+    let dir = std::env::temp_dir().join(format!("roomctl-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys");
+    let (old, new) = (format!("old={ENV_SECRET}"), format!("new={FILE_SECRET}"));
+    std::fs::write(&file, format!("{new}\n{old}\n")).unwrap();
+    let path = file.to_str().unwrap();
+    let mut child = roomctl(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret-file",
+        path,
+    ])
+    .spawn()
+    .unwrap();
+    let addr = listening_addr(&mut child).await.parse().unwrap();
+    let claims = ["--identity", "ops", "--room", "r", "--role", "service"];
+    let with = |kid: &'static str| {
+        let mut args = claims.to_vec();
+        args.extend(["--jwt-secret-file", path, "--kid", kid]);
+        args
+    };
+    let (old_token, new_token) = (minted(&with("old")).await, minted(&with("new")).await);
+    let list = || roomctl::pb::ListParticipantsRequest {
+        room_id: "r".into(),
+    };
+    let mut by_old = client_with_token(addr, &old_token).await;
+    let mut by_new = client_with_token(addr, &new_token).await;
+    join(&mut by_new, "r", "x").await;
+    by_old.list_participants(list()).await.unwrap();
+    let stranger = roomctl::auth::KeySet::parse(&format!("other={ENV_SECRET}")).unwrap();
+    let claims = Claims::new("ops", "r", "service", Duration::from_secs(60));
+    let unknown = roomctl::auth::mint_with(&stranger, Some("other"), &claims).unwrap();
+    let status = client_with_token(addr, &unknown)
+        .await
+        .list_participants(list())
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+
+    std::fs::write(&file, format!("{new}\n")).unwrap();
+    sighup(&child);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while by_old.list_participants(list()).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the removed key still works"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    by_new.list_participants(list()).await.unwrap();
+    sigterm(&child);
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The room's retained window as a node started with `extra` arguments and `env` reports it:
+/// after 10 joins, the oldest retained seq says what `--history` the node runs with.
+async fn oldest_kept(extra: &[&str], env: &[(&str, &str)]) -> String {
+    let mut command = roomctl(&["serve", "--listen", "127.0.0.1:0"]);
+    command.args(extra).env("ROOMCTL_JWT_SECRET", ENV_SECRET);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let addr = listening_addr(&mut child).await.parse().unwrap();
+    let token = mint(
+        ENV_SECRET.as_bytes(),
+        &Claims::new("ops", "r", "service", Duration::from_secs(60)),
+    );
+    let mut ops = client_with_token(addr, &token).await;
+    for i in 0..10 {
+        join(&mut ops, "r", &format!("u{i}")).await;
+    }
+    // A cursor beyond the newest event is refused with the window in the metadata.
+    let status = subscribe(&mut ops, "r", "", Some(u64::MAX))
+        .await
+        .unwrap_err();
+    let meta = assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+    sigterm(&child);
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    meta["oldest_seq"].clone()
+}
+
+/// Settings come from flags, over `ROOMCTL_*` variables, over the `--config` file, over the
+/// defaults; an unknown key in the file is refused by name (exit code 2), and `config check`
+/// validates a file without serving.
+#[tokio::test]
+async fn settings_come_from_flags_then_variables_then_the_file() {
+    let dir = std::env::temp_dir().join(format!("roomctl-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("roomctl.toml");
+    std::fs::write(&file, "history = 3\nempty_room_ttl = \"1h\"\n").unwrap();
+    let config = file.to_str().unwrap();
+    assert_eq!(
+        oldest_kept(&[], &[]).await,
+        "1",
+        "the default keeps them all"
+    );
+    assert_eq!(
+        oldest_kept(&["--config", config], &[]).await,
+        "8",
+        "the file: 3"
+    );
+    let env = [("ROOMCTL_HISTORY", "4")];
+    assert_eq!(
+        oldest_kept(&["--config", config], &env).await,
+        "7",
+        "the variable: 4"
+    );
+    let flags = ["--config", config, "--history", "5"];
+    assert_eq!(oldest_kept(&flags, &env).await, "6", "the flag: 5");
+
+    let output = roomctl(&["config", "check", config])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "histroy = 3\n").unwrap();
+    let bad = bad.to_str().unwrap();
+    for args in [
+        &["config", "check", bad][..],
+        &["serve", "--listen", "127.0.0.1:0", "--config", bad][..],
+    ] {
+        let output = roomctl(args)
+            .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("unknown key `histroy`"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

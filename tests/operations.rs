@@ -1,5 +1,5 @@
-//! The operational surface: health, and graceful shutdown ending streams with a resumable
-//! position within the grace period.
+//! The operational surface: health, graceful shutdown ending streams with a resumable
+//! position within the grace period, and the metrics an operator graphs.
 
 #[macro_use]
 mod common;
@@ -76,7 +76,86 @@ async fn draining_is_cut_after_the_grace_period(backend: Backend) {
     server.stop().await.unwrap();
 }
 
+/// After a join, an observer, a refused drop and a drop, every node's /metrics shows them: RPCs
+/// by method and code with their latency, open streams by kind, events appended and delivered,
+/// the room census, build info; on Redis, store operations. Summed over the nodes.
+async fn metrics_count_what_happened(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let mut ops = server.client("ops", "r", "service").await;
+    let bob = join(&mut ops, "r", "Bob").await;
+    let mut observer = subscribe(&mut ops, "r", "", Some(bob.seq)).await.unwrap();
+    let mut carol = server.client("carol", "r", "participant").await;
+    let status = carol
+        .drop_user(drop_request("r", &[&bob.client_id], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    ops.drop_user(drop_request("r", &[&bob.client_id, "nobody"], ""))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        next_event(&mut observer).await;
+    }
+    let mut scrapes = Vec::new();
+    for node in &server.nodes {
+        scrapes.push(scrape(node.metrics.expect("metrics are on")).await);
+    }
+    let total = |series: &str| scrapes.iter().map(|text| metric(text, series)).sum::<f64>();
+    for (series, expected) in [
+        (r#"roomctl_rpcs_total{method="Join",code="OK"}"#, 1.0),
+        (r#"roomctl_rpcs_total{method="DropUser",code="OK"}"#, 1.0),
+        (
+            r#"roomctl_rpcs_total{method="DropUser",code="PERMISSION_DENIED"}"#,
+            1.0,
+        ),
+        (
+            r#"roomctl_rpc_duration_seconds_count{method="DropUser"}"#,
+            2.0,
+        ),
+        (r#"roomctl_events_streams_open{kind="observer"}"#, 1.0),
+        ("roomctl_events_appended_total", 4.0),
+        ("roomctl_events_delivered_total", 3.0),
+    ] {
+        assert_eq!(
+            total(series),
+            expected,
+            "{series} in\n{}",
+            scrapes.join("\n")
+        );
+    }
+    assert!(scrapes
+        .iter()
+        .all(|t| t.contains("roomctl_build_info{version=")));
+    if backend == Backend::RedisTwoNodes {
+        let commits = total(r#"roomctl_store_operations_total{op="commit",outcome="ok"}"#);
+        assert!(commits >= 2.0, "{commits} commits");
+    } else {
+        assert_eq!(total("roomctl_rooms"), 1.0);
+    }
+    drop(observer);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut open = 0.0;
+        for node in &server.nodes {
+            let text = scrape(node.metrics.unwrap()).await;
+            open += metric(&text, r#"roomctl_events_streams_open{kind="observer"}"#);
+        }
+        if open == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed stream is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 acceptance! {
+    metrics_count_what_happened,
     health_is_serving_without_a_token,
     shutdown_ends_streams_with_their_resume_position,
     draining_is_cut_after_the_grace_period,

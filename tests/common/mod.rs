@@ -60,6 +60,8 @@ macro_rules! acceptance {
 /// One roomctl node running in this process on 127.0.0.1:0.
 pub struct Node {
     pub addr: SocketAddr,
+    /// Where its metrics are served, when the configuration turned them on.
+    pub metrics: Option<SocketAddr>,
     pub streams: StreamBudget,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
@@ -72,12 +74,14 @@ impl Node {
         let addr = listener.local_addr().unwrap();
         let server = Server::new(config).await.unwrap();
         let streams = server.streams();
+        let metrics = server.metrics_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            metrics,
             streams,
             stop: Some(stop),
             task: Some(task),
@@ -424,4 +428,27 @@ pub mod bare {
         let trailers = body.trailers().await.unwrap().expect("gRPC trailers");
         Status::from_header_map(&trailers).expect("a grpc-status trailer")
     }
+}
+
+/// The metrics text a node serves at `GET /metrics` (a plain HTTP/1.1 request, as Prometheus
+/// makes).
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: roomctl\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_owned()
+}
+
+/// The value of `series` (name and labels, exactly as exposed) in a scrape; 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
 }
