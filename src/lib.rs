@@ -19,7 +19,8 @@
 //! - [`limits`]: overload protection: every limit of a node, load shedding, deadlines, stream
 //!   caps and the moderator rate limit.
 //! - [`listener`]: accepting connections: backoff when out of file descriptors, a deadline for
-//!   the HTTP/2 preface, per-connection info.
+//!   the TLS handshake and the HTTP/2 preface, per-connection info.
+//! - [`tls`]: TLS and mTLS on the listener, reloadable on SIGHUP.
 //! - [`telemetry`]: Prometheus metrics and the one-line-per-RPC access log.
 //! - [`cli`]: the `roomctl` command line (`serve`, `token`, `config check`).
 //! - [`codec`]: tonic's prost codec with small per-call buffers (idle streams stay cheap).
@@ -39,4 +40,5 @@ pub mod service;
 pub mod store;
 pub mod subscription;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;

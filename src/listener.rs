@@ -4,9 +4,10 @@
 //!   its limit, and the listening socket stays readable, so a plain loop spins on one core.
 //!   Here a resource error backs off (10 ms doubling to 1 s), is logged once per episode, and
 //!   connections already open go on being served.
-//! - **Connections that never speak.** A connection must send the HTTP/2 client preface within
-//!   the handshake timeout or it is closed, so idle sockets cannot pile up until the limit.
-//!   Waiting for it happens beside the accept loop, never in its way.
+//! - **Connections that never speak.** A connection must complete its TLS handshake (with
+//!   `--tls-cert`) and send the HTTP/2 client preface within the handshake timeout or it is
+//!   closed, so idle sockets cannot pile up until the limit. Waiting for them happens beside the
+//!   accept loop, never in its way.
 //!
 //! Each accepted connection carries a [`ConnInfo`] that tonic puts in every request's
 //! extensions: the per-connection stream count lives there.
@@ -19,11 +20,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
+
+use crate::tls::TlsAcceptor;
 
 /// The bytes every HTTP/2 client sends first (RFC 9113, section 3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -41,9 +45,18 @@ pub struct ConnInfo {
     pub streams: Arc<AtomicUsize>,
 }
 
-/// An accepted TCP connection that has sent the HTTP/2 preface.
+/// The transport of a connection: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An accepted connection that has sent the HTTP/2 preface. The preface was read to check it,
+/// so it is handed to hyper again first.
 pub struct Conn {
-    stream: TcpStream,
+    io: Io,
+    preface: Vec<u8>,
+    replayed: usize,
     info: ConnInfo,
 }
 
@@ -61,7 +74,18 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.replayed < this.preface.len() {
+            let rest = &this.preface[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
@@ -71,7 +95,10 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -79,37 +106,51 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.io {
+            Io::Plain(tcp) => tcp.is_write_vectored(),
+            Io::Tls(tls) => tls.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        match &mut self.io {
+            Io::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
-/// The connections of `listener` that send the HTTP/2 preface within `handshake_timeout`, as
-/// tonic's incoming stream. Dropping the stream (on shutdown) stops accepting and closes the
-/// listening socket.
+/// The connections of `listener` that complete their handshake (TLS with `tls`, then the
+/// HTTP/2 preface) within `handshake_timeout`, as tonic's incoming stream. Dropping the stream
+/// (on shutdown) stops accepting and closes the listening socket.
 pub fn incoming(
     listener: TcpListener,
     handshake_timeout: Duration,
+    tls: Option<TlsAcceptor>,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (admitted, incoming) = mpsc::channel(ADMITTED);
-    tokio::spawn(accept_loop(listener, handshake_timeout, admitted));
+    tokio::spawn(accept_loop(listener, handshake_timeout, tls, admitted));
     ReceiverStream::new(incoming)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     handshake_timeout: Duration,
+    tls: Option<TlsAcceptor>,
     admitted: mpsc::Sender<io::Result<Conn>>,
 ) {
     let mut backoff = ACCEPT_BACKOFF.0;
@@ -126,7 +167,13 @@ async fn accept_loop(
                     starved = false;
                 }
                 backoff = ACCEPT_BACKOFF.0;
-                tokio::spawn(admit(stream, remote, handshake_timeout, admitted.clone()));
+                let handshake = handshake(stream, tls.as_ref().map(TlsAcceptor::current));
+                tokio::spawn(admit(
+                    handshake,
+                    remote,
+                    handshake_timeout,
+                    admitted.clone(),
+                ));
             }
             Err(err) if lacks_resources(&err) => {
                 if !starved {
@@ -158,26 +205,24 @@ fn lacks_resources(err: &io::Error) -> bool {
     )
 }
 
-/// Hands `stream` to tonic once it has sent the HTTP/2 preface, or closes it at the deadline.
+/// Hands the connection `handshake` yields to tonic, or closes it at the deadline.
 async fn admit(
-    stream: TcpStream,
+    handshake: impl std::future::Future<Output = io::Result<(Io, Vec<u8>)>>,
     remote: SocketAddr,
     handshake_timeout: Duration,
     admitted: mpsc::Sender<io::Result<Conn>>,
 ) {
-    match tokio::time::timeout(handshake_timeout, preface(&stream)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            return tracing::debug!(%remote, %err, "connection closed before its preface")
-        }
+    let (io, preface) = match tokio::time::timeout(handshake_timeout, handshake).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(err)) => return tracing::debug!(%remote, %err, "handshake failed; closing"),
         Err(_) => {
-            return tracing::debug!(%remote, ?handshake_timeout, "no HTTP/2 preface in time; closing")
+            return tracing::debug!(%remote, ?handshake_timeout, "no handshake in time; closing")
         }
-    }
-    // Events are small and latency-bound: never wait to coalesce them.
-    let _ = stream.set_nodelay(true);
+    };
     let conn = Conn {
-        stream,
+        io,
+        preface,
+        replayed: 0,
         info: ConnInfo {
             remote: Some(remote),
             streams: Arc::default(),
@@ -187,21 +232,38 @@ async fn admit(
     let _ = admitted.send(Ok(conn)).await;
 }
 
-/// Waits until the peer has sent the HTTP/2 preface, or anything that is not one (hyper then
-/// refuses it with a proper error). Peeking leaves the bytes for hyper to read.
-async fn preface(stream: &TcpStream) -> io::Result<()> {
+/// TLS (when `tls`), then the HTTP/2 preface: the transport, and the bytes read to check the
+/// preface.
+async fn handshake(
+    tcp: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> io::Result<(Io, Vec<u8>)> {
+    // Events are small and latency-bound: never wait to coalesce them.
+    let _ = tcp.set_nodelay(true);
+    let mut io = match tls {
+        Some(acceptor) => Io::Tls(Box::new(acceptor.accept(tcp).await?)),
+        None => Io::Plain(tcp),
+    };
+    let preface = match &mut io {
+        Io::Plain(tcp) => preface(tcp).await?,
+        Io::Tls(tls) => preface(tls.as_mut()).await?,
+    };
+    Ok((io, preface))
+}
+
+/// Reads until the peer has sent the HTTP/2 preface, or anything that is not one (hyper then
+/// refuses it with a proper error); returns what was read.
+async fn preface(io: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
+    let mut read = Vec::with_capacity(PREFACE.len());
     let mut buf = [0u8; PREFACE.len()];
-    loop {
-        let n = stream.peek(&mut buf).await?;
+    while read.len() < PREFACE.len() && read[..] == PREFACE[..read.len()] {
+        let n = io.read(&mut buf[..PREFACE.len() - read.len()]).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        if n == PREFACE.len() || buf[..n] != PREFACE[..n] {
-            return Ok(());
-        }
-        // Part of the preface: the rest is on its way (peek returns at once while data waits).
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        read.extend_from_slice(&buf[..n]);
     }
+    Ok(read)
 }
 
 #[cfg(test)]

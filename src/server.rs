@@ -25,6 +25,7 @@ use crate::store::memory::{MemoryConfig, MemoryStore};
 use crate::store::redis::{RedisConfig, RedisStore, RedisUrl};
 use crate::store::RoomStore;
 use crate::telemetry::Telemetry;
+use crate::tls::{TlsAcceptor, TlsFiles};
 
 /// Default events kept per room.
 pub const DEFAULT_HISTORY: usize = 10_000;
@@ -63,6 +64,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Where to serve Prometheus metrics (`--metrics-listen`); None: metrics are off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// TLS (and with a client CA, mTLS) on the gRPC listener; None: plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Where rooms live.
@@ -103,6 +106,7 @@ impl ServerConfig {
             store: StoreConfig::Memory,
             limits: Limits::default(),
             metrics_listen: None,
+            tls: None,
         }
     }
 }
@@ -135,12 +139,14 @@ pub struct Server {
     authenticator: Authenticator,
     telemetry: Telemetry,
     metrics: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
 }
 
 /// Changes a running server takes without dropping a connection (on SIGHUP).
 #[derive(Clone)]
 pub struct Reloader {
     authenticator: Authenticator,
+    tls: Option<(TlsFiles, TlsAcceptor)>,
 }
 
 impl Reloader {
@@ -149,6 +155,16 @@ impl Reloader {
         keys.check()?;
         self.authenticator.reload(keys);
         Ok(())
+    }
+
+    /// Re-reads the TLS files for the connections to come; open ones keep theirs. False when
+    /// the server has no TLS.
+    pub fn tls(&self) -> Result<bool, String> {
+        let Some((files, acceptor)) = &self.tls else {
+            return Ok(false);
+        };
+        acceptor.reload(files.load()?);
+        Ok(true)
     }
 }
 
@@ -196,6 +212,10 @@ impl Server {
             telemetry.clone(),
         );
         let authenticator = Authenticator::with_rules(&config.jwt_keys, &config.token_rules);
+        let tls = match &config.tls {
+            Some(files) => Some(TlsAcceptor::new(files.load().map_err(ServeError::Config)?)),
+            None => None,
+        };
         Ok(Self {
             config,
             store,
@@ -203,6 +223,7 @@ impl Server {
             authenticator,
             telemetry,
             metrics,
+            tls,
         })
     }
 
@@ -210,6 +231,7 @@ impl Server {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             authenticator: self.authenticator.clone(),
+            tls: self.config.tls.clone().zip(self.tls.clone()),
         }
     }
 
@@ -241,6 +263,7 @@ impl Server {
             authenticator,
             telemetry,
             metrics,
+            tls,
         } = self;
         let metrics_end = CancellationToken::new();
         if let Some(listener) = metrics {
@@ -287,7 +310,7 @@ impl Server {
             let _ = draining_tx.send(());
         };
 
-        let incoming = listener::incoming(listener, limits.handshake_timeout);
+        let incoming = listener::incoming(listener, limits.handshake_timeout, tls);
         let streams_per_connection = limits.max_streams_per_connection + UNARY_HEADROOM;
         let serve = tonic::transport::Server::builder()
             // Gateways multiplex many end-users' subscriptions on one connection; an idle

@@ -16,6 +16,7 @@ use crate::limits::Limits;
 use crate::server::{
     Reloader, Server, ServerConfig, StoreConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES,
 };
+use crate::tls::TlsFiles;
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
 pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
@@ -70,6 +71,15 @@ pub struct ServeArgs {
     /// Require tokens to carry this `aud` claim (alone or in a list).
     #[arg(long, env = "ROOMCTL_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
+    /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key); re-read on SIGHUP.
+    #[arg(long, env = "ROOMCTL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "ROOMCTL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mutual TLS); needs --tls-cert.
+    #[arg(long, env = "ROOMCTL_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off without it).
     #[arg(long, env = "ROOMCTL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -154,6 +164,15 @@ impl ServeArgs {
             store,
             limits: self.limits(),
             metrics_listen: self.metrics_listen,
+            tls: self
+                .tls_cert
+                .clone()
+                .zip(self.tls_key.clone())
+                .map(|(cert, key)| TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca.clone(),
+                }),
         })
     }
 }
@@ -242,28 +261,31 @@ fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
     (guard, dropped)
 }
 
-/// Re-reads the JWT secret file on every SIGHUP (a key rotation). A file that no longer reads
-/// is logged and the keys in use are kept.
+/// Re-reads the JWT secret file and the TLS files on every SIGHUP (a key or certificate
+/// rotation). What no longer reads is logged, and what is in use is kept.
 async fn reload_on_sighup(secret: SecretArgs, reloader: Reloader) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot watch SIGHUP; a restart is needed to reload the secrets");
+            tracing::warn!("cannot watch SIGHUP; a restart is needed to reload secrets");
             return;
         };
         while hangups.recv().await.is_some() {
-            if secret.jwt_secret_file.is_none() {
-                tracing::info!("SIGHUP: nothing to reload (the secret is not from a file)");
-                continue;
+            if secret.jwt_secret_file.is_some() {
+                let reloaded = secret
+                    .load()
+                    .map_err(|f| f.message().to_owned())
+                    .and_then(|keys| reloader.keys(&keys).map(|()| keys));
+                match reloaded {
+                    Ok(keys) => tracing::info!(kids = ?keys.kids(), "SIGHUP: JWT keys reloaded"),
+                    Err(err) => tracing::error!(%err, "SIGHUP: keeping the JWT keys in use"),
+                }
             }
-            let reloaded = secret
-                .load()
-                .map_err(|f| f.message().to_owned())
-                .and_then(|keys| reloader.keys(&keys).map(|()| keys));
-            match reloaded {
-                Ok(keys) => tracing::info!(kids = ?keys.kids(), "SIGHUP: JWT keys reloaded"),
-                Err(err) => tracing::error!(%err, "SIGHUP: keeping the keys in use"),
+            match reloader.tls() {
+                Ok(true) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                Ok(false) => {}
+                Err(err) => tracing::error!(%err, "SIGHUP: keeping the TLS certificates in use"),
             }
         }
     }

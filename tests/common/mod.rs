@@ -2,6 +2,7 @@
 //! helpers to read events and error details. Each test binary uses a different part of it.
 #![allow(dead_code, unused_macros)]
 
+pub mod certs;
 pub mod grpcurl;
 pub mod proc;
 pub mod redis_server;
@@ -16,7 +17,7 @@ use redis_server::RedisServer;
 use roomctl::auth::{mint, Claims};
 use roomctl::limits::StreamBudget;
 use roomctl::pb::{self, event::Payload};
-use roomctl::server::{ServeError, Server, ServerConfig, StoreConfig};
+use roomctl::server::{Reloader, ServeError, Server, ServerConfig, StoreConfig};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -62,6 +63,8 @@ pub struct Node {
     pub addr: SocketAddr,
     /// Where its metrics are served, when the configuration turned them on.
     pub metrics: Option<SocketAddr>,
+    /// What SIGHUP would reload.
+    pub reloader: Reloader,
     pub streams: StreamBudget,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
@@ -75,6 +78,7 @@ impl Node {
         let server = Server::new(config).await.unwrap();
         let streams = server.streams();
         let metrics = server.metrics_addr();
+        let reloader = server.reloader();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
@@ -82,6 +86,7 @@ impl Node {
         Self {
             addr,
             metrics,
+            reloader,
             streams,
             stop: Some(stop),
             task: Some(task),
