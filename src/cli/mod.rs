@@ -1,10 +1,12 @@
 //! The `roomctl` command line: `serve` runs the server, `token` mints tokens, `config check`
-//! validates a configuration file.
+//! validates a configuration file, and `join`, `leave`, `participants`, `drop` and `watch`
+//! call a running server.
 //!
 //! Secrets come from `ROOMCTL_JWT_SECRET` or a file, so they never have to appear in a process
 //! listing. Exit codes say what failed, so scripts can tell a usage error from a refusal:
 //! see [`Failure`].
 
+mod client;
 mod config_file;
 mod serve;
 
@@ -38,6 +40,16 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Join a room as a new client.
+    Join(client::JoinArgs),
+    /// Make a client leave its room.
+    Leave(client::LeaveArgs),
+    /// List who is in a room.
+    Participants(client::ParticipantsArgs),
+    /// Drop clients from a room (moderators and services).
+    Drop(client::DropArgs),
+    /// Follow a room's events, resuming through reconnections.
+    Watch(client::WatchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +188,11 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(*args, &argv),
         Command::Token(args) => token(args),
         Command::Config(ConfigCommand::Check { path }) => config_file::check(&path),
+        Command::Join(args) => client::join(args),
+        Command::Leave(args) => client::leave(args),
+        Command::Participants(args) => client::participants(args),
+        Command::Drop(args) => client::drop_users(args),
+        Command::Watch(args) => client::watch(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

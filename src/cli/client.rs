@@ -1,0 +1,564 @@
+//! The client commands: `join`, `leave`, `participants`, `drop` and `watch` call a running
+//! server, for operators and scripts.
+//!
+//! Each takes `--server` (`http://` or `https://`, with `--ca`, `--cert`, `--key` for TLS and
+//! mTLS), `--token` (or `ROOMCTL_TOKEN`) and `--json`, which prints each answer or event as one
+//! proto3 JSON object per line (through the proto's own descriptors, so names and types are
+//! exactly grpcurl's). Errors print the gRPC code, the message and the ErrorInfo, and exit with
+//! the code of their kind ([`Failure`]).
+//!
+//! `watch` follows a room through anything short of a refusal: on a broken connection, a node
+//! shutting down or a reset mid-stream it reconnects with capped, jittered backoff and resumes
+//! from the last seq and epoch, so nothing is missed or repeated; when its cursor falls out of
+//! the history (or the log was lost) it says so, resyncs from a `ListParticipants` snapshot and
+//! goes on from there.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use super::Failure;
+use crate::client::{self, Client};
+use crate::error::DOMAIN;
+use crate::pb::{self, event::Payload};
+
+/// How to reach a server and what to print.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// The server: `http://HOST:PORT`, or `https://HOST:PORT` for TLS.
+    #[arg(long, env = "ROOMCTL_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// The bearer token to call with (see `roomctl token`).
+    #[arg(long, env = "ROOMCTL_TOKEN", hide_env_values = true)]
+    token: String,
+    /// For https: the PEM CA to trust (default: the usual public CAs).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// For mTLS: a PEM client certificate (with --key).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// For mTLS: the PEM key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Print each answer or event as one proto3 JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read(path: &PathBuf) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))
+}
+
+impl Connection {
+    /// A client of the server (inside a runtime); connecting is lazy, so an unreachable server
+    /// shows on the first call.
+    fn client(&self) -> Result<Client, Failure> {
+        let bad = |e: &dyn std::fmt::Display| Failure::Usage(format!("--server: {e}"));
+        let mut endpoint = Endpoint::from_shared(self.server.clone()).map_err(|e| bad(&e))?;
+        if self.server.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| bad(&e))?;
+        } else if self.ca.is_some() || self.cert.is_some() {
+            return Err(Failure::Usage(
+                "--ca and --cert need an https:// --server".into(),
+            ));
+        }
+        let channel: Channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        client::with_token(channel, &self.token).map_err(|s| Failure::Usage(s.message().into()))
+    }
+
+    /// Prints `message`: its proto3 JSON with `--json`, else `text`.
+    fn print<M: Message + Default>(&self, message: &M, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{}", json(message));
+        } else {
+            println!("{}", text());
+        }
+    }
+}
+
+/// The descriptors of roomcontrol.v1, for proto3 JSON.
+fn descriptors() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET)
+            .expect("the built-in descriptor set decodes")
+    })
+}
+
+/// `message` as one line of proto3 JSON (camelCase names, 64-bit integers as strings).
+fn json<M: Message + Default>(message: &M) -> String {
+    let name = std::any::type_name::<M>()
+        .rsplit("::")
+        .next()
+        .unwrap_or_default();
+    let descriptor = descriptors()
+        .get_message_by_name(&format!("roomcontrol.v1.{name}"))
+        .expect("every printed message is a roomcontrol.v1 message");
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .expect("a message decodes as itself");
+    let mut out = serde_json::Serializer::new(Vec::new());
+    dynamic
+        .serialize_with_options(&mut out, &SerializeOptions::new())
+        .expect("JSON of a message");
+    String::from_utf8(out.into_inner()).expect("JSON is UTF-8")
+}
+
+/// A failed call as the operator sees it: code, message, and the ErrorInfo with its metadata.
+fn failure(status: &Status) -> Failure {
+    let mut text = format!(
+        "{}: {}",
+        crate::telemetry::code_name(status.code()),
+        status.message()
+    );
+    let details = status.get_error_details();
+    if let Some(info) = details.error_info() {
+        text.push_str(&format!("\n  reason: {} ({})", info.reason, info.domain));
+        let mut metadata: Vec<_> = info.metadata.iter().collect();
+        metadata.sort();
+        for (key, value) in metadata {
+            text.push_str(&format!("\n  {key}: {value}"));
+        }
+    }
+    if let Some(bad) = details.bad_request() {
+        for violation in &bad.field_violations {
+            text.push_str(&format!(
+                "\n  {}: {}",
+                violation.field, violation.description
+            ));
+        }
+    }
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => Failure::Refused(text),
+        _ if !from_roomctl(status) => Failure::Unreachable(text),
+        _ => Failure::Server(text),
+    }
+}
+
+/// Whether roomctl itself answered (every error it raises carries its ErrorInfo); otherwise
+/// the transport did (a refused connection, a reset, a proxy).
+fn from_roomctl(status: &Status) -> bool {
+    status
+        .get_error_details()
+        .error_info()
+        .is_some_and(|info| info.domain == DOMAIN)
+}
+
+/// Runs `call` with a client of `connection`, and maps a failed call to its [`Failure`].
+fn call<T, F>(connection: &Connection, call: impl FnOnce(Client) -> F) -> Result<T, Failure>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    on_runtime(async {
+        let client = connection.client()?;
+        call(client)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| failure(&s))
+    })
+}
+
+fn on_runtime<T>(
+    work: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(format!("cannot start tokio: {e}")))?
+        .block_on(work)
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Moderator) => "moderator",
+        Ok(pb::Role::Participant) => "participant",
+        _ => "-",
+    }
+}
+
+fn time(stamp: Option<&prost_types::Timestamp>) -> String {
+    stamp
+        .and_then(|t| SystemTime::try_from(*t).ok())
+        .map_or_else(
+            || "-".into(),
+            |t| humantime::format_rfc3339_seconds(t).to_string(),
+        )
+}
+
+/// `roomctl join ROOM`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The room.
+    room: String,
+    /// Display name.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Join on behalf of this identity (service tokens only).
+    #[arg(long, default_value = "")]
+    identity: String,
+    /// participant or moderator (service tokens only).
+    #[arg(long, value_parser = ["participant", "moderator"])]
+    role: Option<String>,
+    /// Idempotency key: a retry with the same one returns the first answer.
+    #[arg(long, default_value = "")]
+    request_id: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Joins a room and prints the new client.
+pub fn join(args: JoinArgs) -> Result<(), Failure> {
+    let role = match args.role.as_deref() {
+        Some("moderator") => pb::Role::Moderator,
+        Some(_) => pb::Role::Participant,
+        None => pb::Role::Unspecified,
+    };
+    let request = pb::JoinRequest {
+        room_id: args.room,
+        name: args.name,
+        role: role as i32,
+        identity: args.identity,
+        request_id: args.request_id,
+    };
+    let joined = call(
+        &args.connection,
+        |mut c| async move { c.join(request).await },
+    )?;
+    args.connection.print(&joined, || {
+        format!(
+            "{}\tseq {}\tepoch {}",
+            joined.client_id, joined.seq, joined.epoch
+        )
+    });
+    Ok(())
+}
+
+/// `roomctl leave ROOM CLIENT_ID`.
+#[derive(Debug, Args)]
+pub struct LeaveArgs {
+    /// The room.
+    room: String,
+    /// The client that leaves.
+    client_id: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Makes a client leave.
+pub fn leave(args: LeaveArgs) -> Result<(), Failure> {
+    let request = pb::LeaveRequest {
+        room_id: args.room,
+        client_id: args.client_id.clone(),
+    };
+    let left = call(
+        &args.connection,
+        |mut c| async move { c.leave(request).await },
+    )?;
+    args.connection
+        .print(&left, || format!("{} left", args.client_id));
+    Ok(())
+}
+
+/// `roomctl participants ROOM`.
+#[derive(Debug, Args)]
+pub struct ParticipantsArgs {
+    /// The room.
+    room: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Prints who is in a room, as a table (or the snapshot as JSON).
+pub fn participants(args: ParticipantsArgs) -> Result<(), Failure> {
+    let request = pb::ListParticipantsRequest { room_id: args.room };
+    let snapshot = call(&args.connection, |mut c| async move {
+        c.list_participants(request).await
+    })?;
+    args.connection.print(&snapshot, || {
+        let mut table = format!(
+            "{:<32}  {:<20}  {:<20}  {:<11}  JOINED",
+            "CLIENT ID", "IDENTITY", "NAME", "ROLE"
+        );
+        for p in &snapshot.participants {
+            table.push_str(&format!(
+                "\n{:<32}  {:<20}  {:<20}  {:<11}  {}",
+                p.client_id,
+                p.identity,
+                p.name,
+                role_name(p.role),
+                time(p.joined_at.as_ref())
+            ));
+        }
+        table.push_str(&format!(
+            "\n({} participants at seq {}, epoch {})",
+            snapshot.participants.len(),
+            snapshot.seq,
+            snapshot.epoch
+        ));
+        table
+    });
+    Ok(())
+}
+
+/// `roomctl drop ROOM CLIENT_ID...`.
+#[derive(Debug, Args)]
+pub struct DropArgs {
+    /// The room.
+    room: String,
+    /// The clients to drop.
+    #[arg(required = true)]
+    client_ids: Vec<String>,
+    /// Why: told to each dropped client.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Idempotency key: a retry with the same one returns the first answer.
+    #[arg(long, default_value = "")]
+    request_id: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Drops clients and prints one line per id with its outcome.
+pub fn drop_users(args: DropArgs) -> Result<(), Failure> {
+    let request = pb::DropUserRequest {
+        room_id: args.room,
+        client_ids: args.client_ids,
+        reason: args.reason,
+        request_id: args.request_id,
+    };
+    let dropped = call(&args.connection, |mut c| async move {
+        c.drop_user(request).await
+    })?;
+    args.connection.print(&dropped, || {
+        let lines: Vec<String> = dropped
+            .results
+            .iter()
+            .map(|r| {
+                let outcome = match r.outcome() {
+                    pb::DropOutcome::Dropped => "dropped",
+                    _ => "not found",
+                };
+                format!("{}\t{outcome}", r.client_id)
+            })
+            .collect();
+        format!("{}\n(request {})", lines.join("\n"), dropped.request_id)
+    });
+    Ok(())
+}
+
+/// `roomctl watch ROOM`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The room.
+    room: String,
+    /// Follow as this client (its stream ends when it leaves or is dropped); without it,
+    /// observe the room (moderators and services).
+    #[arg(long = "client", default_value = "")]
+    client_id: String,
+    /// Start after this seq (with --epoch to check the log); without it, from a snapshot of now.
+    #[arg(long = "after", requires = "epoch")]
+    after: Option<u64>,
+    /// The epoch --after belongs to.
+    #[arg(long)]
+    epoch: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// First and longest wait between reconnections.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// `wait` with up to half of it added or taken at random, so many watchers of a node that
+/// went away do not all come back at the same instant.
+fn jittered(wait: Duration) -> Duration {
+    let random = uuid::Uuid::new_v4().as_u64_pair().0 % 1000;
+    wait.mul_f64(0.5 + random as f64 / 1000.0)
+}
+
+/// Follows a room's events until its stream ends OK, resuming through broken connections.
+pub fn watch(args: WatchArgs) -> Result<(), Failure> {
+    on_runtime(async move {
+        let mut client = args.connection.client()?;
+        let (mut cursor, mut epoch) = match args.after {
+            Some(after) => (after, args.epoch.unwrap_or_default()),
+            None => snapshot(&mut client, &args.room, &args.connection).await?,
+        };
+        let mut backoff = BACKOFF.0;
+        loop {
+            let request = pb::EventsRequest {
+                room_id: args.room.clone(),
+                client_id: args.client_id.clone(),
+                after_seq: Some(cursor),
+                epoch: epoch.clone(),
+            };
+            let ended = match client.events(request).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(event)) => {
+                                backoff = BACKOFF.0;
+                                cursor = event.seq;
+                                epoch.clone_from(&event.epoch);
+                                args.connection.print(&event, || line(&event));
+                            }
+                            Ok(None) => return Ok(()),
+                            Err(status) => break status,
+                        }
+                    }
+                }
+                Err(status) => status,
+            };
+            if ended.code() == Code::OutOfRange && from_roomctl(&ended) {
+                eprintln!(
+                    "roomctl watch: seq {cursor} of epoch {epoch:?} is no longer in the room's \
+                     history ({}); resyncing from a snapshot",
+                    ended.message()
+                );
+                (cursor, epoch) = snapshot(&mut client, &args.room, &args.connection).await?;
+                continue;
+            }
+            if ended.code() != Code::Unavailable && from_roomctl(&ended) {
+                return Err(failure(&ended));
+            }
+            let wait = jittered(backoff);
+            eprintln!(
+                "roomctl watch: {}: {}; reconnecting in {wait:.1?}, resuming after seq {cursor}",
+                crate::telemetry::code_name(ended.code()),
+                ended.message()
+            );
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(BACKOFF.1);
+        }
+    })
+}
+
+/// Takes a snapshot of the room (printed with `--json`, summed up on stderr otherwise) and
+/// returns the position it was taken at, to follow from.
+async fn snapshot(
+    client: &mut Client,
+    room: &str,
+    connection: &Connection,
+) -> Result<(u64, String), Failure> {
+    let request = pb::ListParticipantsRequest {
+        room_id: room.to_owned(),
+    };
+    let snapshot = client
+        .list_participants(request)
+        .await
+        .map_err(|s| failure(&s))?
+        .into_inner();
+    if connection.json {
+        println!("{}", json(&snapshot));
+    } else {
+        eprintln!(
+            "roomctl watch: {} participants at seq {} (epoch {})",
+            snapshot.participants.len(),
+            snapshot.seq,
+            snapshot.epoch
+        );
+    }
+    Ok((snapshot.seq, snapshot.epoch))
+}
+
+/// One readable line for an event: time, seq, kind, who, and why.
+fn line(event: &pb::Event) -> String {
+    let what = match &event.payload {
+        Some(Payload::UserConnected(c)) => {
+            let p = c.participant.clone().unwrap_or_default();
+            format!(
+                "user_connected     {} {} ({}) {}",
+                p.client_id,
+                p.identity,
+                p.name,
+                role_name(p.role)
+            )
+        }
+        Some(Payload::UserDisconnected(d)) => {
+            format!(
+                "user_disconnected  {} {}",
+                d.client_id,
+                d.reason().as_str_name()
+            )
+        }
+        Some(Payload::RoomDisconnected(d)) => format!(
+            "room_disconnected  {} {} {:?}",
+            d.client_id,
+            d.reason().as_str_name(),
+            d.message
+        ),
+        Some(Payload::AckDropUser(ack)) => {
+            let results: Vec<String> = ack
+                .results
+                .iter()
+                .map(|r| format!("{}={}", r.client_id, r.outcome().as_str_name()))
+                .collect();
+            format!(
+                "ack_drop_user      request {} by {}: {}",
+                ack.request_id,
+                ack.moderator,
+                results.join(" ")
+            )
+        }
+        None => "(unknown event)".into(),
+    };
+    format!("{}  #{:<6} {what}", time(event.time.as_ref()), event.seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_uses_proto3_names_and_string_integers() {
+        let event = pb::Event {
+            seq: 12,
+            epoch: "ep".into(),
+            room_id: "r".into(),
+            time: None,
+            payload: Some(Payload::UserDisconnected(pb::UserDisconnected {
+                client_id: "c1".into(),
+                reason: pb::DisconnectReason::Left as i32,
+            })),
+        };
+        let value: serde_json::Value = serde_json::from_str(&json(&event)).unwrap();
+        assert_eq!(value["seq"], "12");
+        assert_eq!(value["roomId"], "r");
+        assert_eq!(
+            value["userDisconnected"]["reason"],
+            "DISCONNECT_REASON_LEFT"
+        );
+    }
+
+    #[test]
+    fn transport_errors_are_told_from_roomctl_refusals() {
+        let reset = Status::unknown("h2 protocol error: stream reset");
+        assert!(matches!(failure(&reset), Failure::Unreachable(_)));
+        let refused: Status = crate::error::Error::UnauthorizedAccess("no".into()).into();
+        let Failure::Refused(text) = failure(&refused) else {
+            panic!("5116 is a refusal")
+        };
+        assert!(
+            text.contains("5116") && text.contains("UNAUTHORIZED_ACCESS"),
+            "{text}"
+        );
+        let gone: Status = crate::error::Error::room_not_found("r").into();
+        assert!(matches!(failure(&gone), Failure::Server(_)));
+    }
+}

@@ -1,0 +1,218 @@
+//! The client commands of the `roomctl` binary against real servers: join, participants and
+//! drop as an operator types them (text and `--json`), errors with their exit codes, and
+//! `watch` following a room across a node killed and restarted on the Redis store, printing
+//! every event exactly once.
+
+mod common;
+
+use std::process::{Output, Stdio};
+
+use common::redis_server::{redis_available, RedisServer};
+use common::*;
+use roomctl::server::{ServerConfig, StoreConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_roomctl");
+
+/// `roomctl ARGS` against `server` with `token`.
+fn roomctl(server: &str, token: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .env("ROOMCTL_SERVER", server)
+        .env("ROOMCTL_TOKEN", token)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(server: &str, token: &str, args: &[&str]) -> Output {
+    let output = roomctl(server, token, args).output();
+    tokio::time::timeout(PATIENCE, output)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// join, participants and drop print what an operator expects, in text and as JSON; a
+/// participant's drop exits 3 with the 5116 ErrorInfo, a missing room exits 4, and an
+/// unreachable server exits 5.
+#[tokio::test]
+async fn join_participants_and_drop_from_the_command_line() {
+    let server = TestServer::start(Backend::Memory).await;
+    let url = format!("http://{}", server.addr);
+    let ops = token("ops", "*", "service");
+    let joined = run(&url, &ops, &["join", "demo", "--name", "Ann", "--json"]).await;
+    assert!(joined.status.success(), "{}", stderr(&joined));
+    let joined: serde_json::Value = serde_json::from_str(&stdout(&joined)).unwrap();
+    let ann = joined["clientId"].as_str().unwrap().to_owned();
+    assert_eq!(joined["seq"], "1");
+
+    let listed = run(&url, &ops, &["participants", "demo"]).await;
+    let table = stdout(&listed);
+    assert!(table.starts_with("CLIENT ID"), "{table}");
+    assert!(table.contains(&ann) && table.contains("Ann"), "{table}");
+
+    let dropped = run(
+        &url,
+        &ops,
+        &["drop", "demo", &ann, "nobody", "--reason", "bye"],
+    )
+    .await;
+    assert!(dropped.status.success(), "{}", stderr(&dropped));
+    let lines = stdout(&dropped);
+    assert!(lines.contains(&format!("{ann}\tdropped")), "{lines}");
+    assert!(lines.contains("nobody\tnot found"), "{lines}");
+
+    let bob = token("bob", "demo", "participant");
+    let refused = run(&url, &bob, &["drop", "demo", "x"]).await;
+    assert_eq!(refused.status.code(), Some(3), "{}", stderr(&refused));
+    let said = stderr(&refused);
+    assert!(
+        said.contains("PERMISSION_DENIED: 5116: Unauthorized Access"),
+        "{said}"
+    );
+    assert!(
+        said.contains("UNAUTHORIZED_ACCESS") && said.contains("code: 5116"),
+        "{said}"
+    );
+    let missing = run(&url, &ops, &["participants", "nowhere"]).await;
+    assert_eq!(missing.status.code(), Some(4), "{}", stderr(&missing));
+    assert!(stderr(&missing).contains("ROOM_NOT_FOUND"));
+    let unreachable = run("http://127.0.0.1:1", &ops, &["participants", "demo"]).await;
+    assert_eq!(
+        unreachable.status.code(),
+        Some(5),
+        "{}",
+        stderr(&unreachable)
+    );
+}
+
+/// A `roomctl serve` node on the Redis at `redis`, listening on `listen`.
+async fn node(redis: &RedisServer, listen: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", listen, "--store", &redis.url()])
+        .env(
+            "ROOMCTL_JWT_SECRET",
+            String::from_utf8_lossy(SECRET).as_ref(),
+        )
+        .env("ROOMCTL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("serve exited without listening");
+    })
+    .await
+    .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+/// The next JSON object the watch prints.
+async fn next_line(
+    printed: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) -> serde_json::Value {
+    let line = tokio::time::timeout(PATIENCE, printed.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("watch printed a line");
+    serde_json::from_str(&line).unwrap()
+}
+
+/// `watch --json` as a client follows its room through node A being killed (SIGKILL) and
+/// another node starting on A's address, while events keep being logged through node B: every
+/// event is printed exactly once, in order, and when the client is dropped the watch prints
+/// its `roomDisconnected` and exits 0.
+#[tokio::test]
+async fn watch_resumes_across_a_node_restart_on_redis() {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let (mut a, addr) = node(&redis, "127.0.0.1:0").await;
+    let mut config = ServerConfig::new(SECRET);
+    config.store = StoreConfig::redis(redis.url());
+    let b = Node::start(config).await;
+    let mut ops = b.client("ops", "*", "service").await;
+    let me = join(&mut ops, "r", "watcher").await;
+
+    let mut watch = roomctl(
+        &format!("http://{addr}"),
+        &token("ops", "*", "service"),
+        &["watch", "r", "--client", &me.client_id, "--json"],
+    )
+    .spawn()
+    .unwrap();
+    let mut printed = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut seqs = Vec::new();
+    let snapshot = next_line(&mut printed).await;
+    assert_eq!(snapshot["seq"], me.seq.to_string(), "the start snapshot");
+
+    for i in 0..2 {
+        join(&mut ops, "r", &format!("before-{i}")).await;
+        let event = next_line(&mut printed).await;
+        seqs.push(event["seq"].as_str().unwrap().parse::<u64>().unwrap());
+    }
+    a.kill().await.unwrap();
+    for i in 0..2 {
+        join(&mut ops, "r", &format!("while-down-{i}")).await;
+    }
+    let (_a_again, _) = node(&redis, &addr).await;
+    join(&mut ops, "r", "after").await;
+    ops.drop_user(drop_request("r", &[&me.client_id], "done"))
+        .await
+        .unwrap();
+    let last = loop {
+        let event = next_line(&mut printed).await;
+        seqs.push(event["seq"].as_str().unwrap().parse::<u64>().unwrap());
+        if event.get("roomDisconnected").is_some() {
+            break event;
+        }
+    };
+    assert_eq!(last["roomDisconnected"]["message"], "done");
+    let expected: Vec<u64> = (me.seq + 1..=me.seq + seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "every event once, in order");
+    let status = tokio::time::timeout(PATIENCE, watch.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "watch exits 0 when its stream ends OK: {status:?}"
+    );
+    let mut said = String::new();
+    watch
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .await
+        .unwrap();
+    assert!(
+        said.contains("reconnecting"),
+        "a progress line while reconnecting: {said}"
+    );
+}
