@@ -41,8 +41,14 @@ struct Node {
 
 impl Node {
     async fn start(store: &str) -> Node {
+        Self::start_with(store, &[]).await
+    }
+
+    /// A node on `store` with `extra` serve arguments.
+    async fn start_with(store: &str, extra: &[&str]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomctl"))
             .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+            .args(extra)
             // One moderator identity drops as fast as it can: lift the per-identity rate.
             .args([
                 "--moderator-rate",
@@ -419,6 +425,18 @@ async fn main() {
         median(drop_client)
     );
     ratio("DropUser / echo throughput", drops / echo, ">= 0.8");
+
+    // Metrics on (a second node serving /metrics) beside off, alternating as above.
+    let metered = Node::start_with("memory", &["--metrics-listen", "127.0.0.1:0"]).await;
+    let (mut off, mut on) = (vec![], vec![]);
+    for _ in 0..ROUNDS {
+        off.push(drop_throughput(&memory, duration).await);
+        on.push(drop_throughput(&metered, duration).await);
+    }
+    let (off, on) = (median(off), median(on));
+    println!("  DropUser throughput, metrics off: {off:.0} calls/s; metrics on: {on:.0} calls/s");
+    ratio("DropUser metrics on / off", on / off, "~1");
+    drop(metered);
 
     let mut rtt = unary_rtt(&memory, samples).await;
     let mut drop_latency = drop_to_disconnect(&memory, samples / 4).await;

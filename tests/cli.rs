@@ -272,11 +272,9 @@ async fn redis_passwords_are_redacted_from_errors() {
     }
 }
 
-/// No token (valid, expired or forged) and no secret ever reaches the logs, even at the most
-/// verbose level: a run at `trace` with each kind of token is searched for them.
-#[tokio::test]
-async fn logs_never_hold_tokens_or_secrets() {
-    let mut child = roomctl(&["serve", "--listen", "127.0.0.1:0"])
+/// The log a node writes in `format` at `trace` while it is called with each of `tokens`.
+async fn logged_run(format: &str, tokens: &[&str]) -> String {
+    let mut child = roomctl(&["serve", "--listen", "127.0.0.1:0", "--log-format", format])
         .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
         .env("ROOMCTL_LOG", "trace")
         .spawn()
@@ -288,7 +286,11 @@ async fn logs_never_hold_tokens_or_secrets() {
             logged.push_str(&line);
             logged.push('\n');
             if let Some(rest) = line.split("listening on ").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_owned();
+                return rest
+                    .split(|c: char| c.is_whitespace() || c == '"')
+                    .next()
+                    .unwrap()
+                    .to_owned();
             }
         }
         panic!("serve exited without listening");
@@ -303,6 +305,30 @@ async fn logs_never_hold_tokens_or_secrets() {
         }
         rest
     });
+    let addr = addr.parse().unwrap();
+    for token in tokens {
+        let mut client = client_with_token(addr, token).await;
+        let _ = client
+            .join(roomctl::pb::JoinRequest {
+                room_id: "r".into(),
+                ..Default::default()
+            })
+            .await;
+        let _ = client.drop_user(drop_request("r", &["x"], "")).await;
+    }
+    sigterm(&child);
+    tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    logged.push_str(&collect.await.unwrap());
+    logged
+}
+
+/// No token (valid, expired or forged) and no secret ever reaches the logs, in text or JSON,
+/// even at the most verbose level: a run with each kind of token is searched for them.
+#[tokio::test]
+async fn logs_never_hold_tokens_or_secrets() {
     let secret = ENV_SECRET.as_bytes();
     let valid = mint(
         secret,
@@ -319,33 +345,22 @@ async fn logs_never_hold_tokens_or_secrets() {
         b"not the server's secret, but long enough",
         &Claims::new("ops", "r", "service", Duration::from_secs(60)),
     );
-    let addr = addr.parse().unwrap();
-    for token in [&valid, &expired, &forged] {
-        let mut client = client_with_token(addr, token).await;
-        let _ = client
-            .join(roomctl::pb::JoinRequest {
-                room_id: "r".into(),
-                ..Default::default()
-            })
-            .await;
-        let _ = client.drop_user(drop_request("r", &["x"], "")).await;
-    }
-    sigterm(&child);
-    tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    logged.push_str(&collect.await.unwrap());
-    assert!(logged.contains("drop"), "the run was logged: {logged}");
-    for (what, text) in [
-        ("the valid token", valid.as_str()),
-        ("the expired token", expired.as_str()),
-        ("the forged token", forged.as_str()),
-        ("the secret", ENV_SECRET),
-    ] {
-        // A signature or a payload alone would be as bad as the whole token.
-        for part in text.split('.').filter(|p| p.len() > 16) {
-            assert!(!logged.contains(part), "{what} is in the logs");
+    for format in ["text", "json"] {
+        let logged = logged_run(format, &[&valid, &expired, &forged]).await;
+        assert!(
+            logged.contains("roomctl::access"),
+            "the calls were logged: {logged}"
+        );
+        for (what, text) in [
+            ("the valid token", valid.as_str()),
+            ("the expired token", expired.as_str()),
+            ("the forged token", forged.as_str()),
+            ("the secret", ENV_SECRET),
+        ] {
+            // A signature or a payload alone would be as bad as the whole token.
+            for part in text.split('.').filter(|p| p.len() > 16) {
+                assert!(!logged.contains(part), "{what} is in the {format} logs");
+            }
         }
     }
 }
