@@ -73,6 +73,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// roomctl itself, for what no one calls: removing clients whose presence ran out.
+    pub fn system() -> Self {
+        Self {
+            identity: "roomctl".into(),
+            scope: RoomScope::All,
+            role: TokenRole::Service,
+        }
+    }
+
     /// Whether this caller is a trusted service.
     pub fn is_service(&self) -> bool {
         self.role == TokenRole::Service
@@ -161,6 +170,12 @@ pub enum Command {
     },
     /// Force-disconnect clients.
     Drop(DropCmd),
+    /// Remove clients whose presence ran out (no open stream for the presence timeout). Only
+    /// stores issue it, having seen the leases expire; clients no longer present are skipped.
+    TimeOut {
+        /// The clients whose leases expired.
+        client_ids: Vec<String>,
+    },
 }
 
 impl Command {
@@ -174,7 +189,7 @@ impl Command {
         match self {
             Command::Join { cmd, .. } => cmd.request_id.as_deref(),
             Command::Drop(cmd) => Some(&cmd.request_id),
-            Command::Leave { .. } => None,
+            Command::Leave { .. } | Command::TimeOut { .. } => None,
         }
     }
 
@@ -183,7 +198,7 @@ impl Command {
         let kind = match self {
             Command::Join { .. } => "join",
             Command::Drop(_) => "drop",
-            Command::Leave { .. } => return None,
+            Command::Leave { .. } | Command::TimeOut { .. } => return None,
         };
         Some(answer_key(kind, &caller.identity, self.request_id()?))
     }
@@ -198,6 +213,8 @@ pub enum Reply {
     Left,
     /// The answer to `DropUser` (possibly a remembered one).
     Dropped(pb::DropUserResponse),
+    /// The clients a `TimeOut` removed (those still present).
+    TimedOut(Vec<String>),
 }
 
 /// One change of membership a command made, for stores that persist changes rather than the
@@ -494,6 +511,7 @@ pub fn apply(
         Command::Join { client_id, cmd } => join(state, caller, client_id, cmd, now),
         Command::Leave { client_id } => leave(state, caller, &client_id, now),
         Command::Drop(cmd) => drop_users(state, caller, cmd, now),
+        Command::TimeOut { client_ids } => Ok(time_out(state, client_ids, now)),
     }?;
     applied.remembered = key.map(|key| state.remember(key, &applied.reply, now));
     Ok(applied)
@@ -553,6 +571,8 @@ fn join(
         name: cmd.name,
         role: role as i32,
         joined_at: Some(now.into()),
+        // Nobody streams as a client that does not exist yet; stores fill it in snapshots.
+        connected: false,
     };
     let event = state.event(
         now,
@@ -620,6 +640,32 @@ fn leave(
         changes: vec![departed],
         remembered: None,
     })
+}
+
+fn time_out(state: &mut RoomState, client_ids: Vec<String>, now: SystemTime) -> Applied {
+    let (mut events, mut changes, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+    for client_id in client_ids {
+        let Some(member) = state.members.get(&client_id) else {
+            continue;
+        };
+        let owner = member.participant.identity.clone();
+        let event = state.event(
+            now,
+            Payload::UserDisconnected(pb::UserDisconnected {
+                client_id: client_id.clone(),
+                reason: DisconnectReason::TimedOut as i32,
+            }),
+        );
+        changes.push(state.depart(&client_id, owner, event.seq));
+        events.push(event);
+        removed.push(client_id);
+    }
+    Applied {
+        reply: Reply::TimedOut(removed),
+        events,
+        changes,
+        remembered: None,
+    }
 }
 
 fn drop_users(

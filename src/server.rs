@@ -29,6 +29,8 @@ use crate::tls::{TlsAcceptor, TlsFiles};
 
 /// Default events kept per room.
 pub const DEFAULT_HISTORY: usize = 10_000;
+/// Default `--presence-timeout`.
+pub const DEFAULT_PRESENCE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default largest request accepted, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -56,6 +58,9 @@ pub struct ServerConfig {
     pub grace: Duration,
     /// How long an empty room is kept (`--empty-room-ttl`).
     pub empty_room_ttl: Duration,
+    /// How long a client may be without an open `Events` stream before it is removed
+    /// (`--presence-timeout`); None: presence is off.
+    pub presence_timeout: Option<Duration>,
     /// Largest request accepted (`--max-message-bytes`).
     pub max_message_bytes: usize,
     /// Where rooms live (`--store`).
@@ -102,6 +107,7 @@ impl ServerConfig {
             history: DEFAULT_HISTORY,
             grace: Duration::from_secs(10),
             empty_room_ttl: Duration::from_secs(300),
+            presence_timeout: Some(DEFAULT_PRESENCE_TIMEOUT),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             store: StoreConfig::Memory,
             limits: Limits::default(),
@@ -188,6 +194,7 @@ impl Server {
                     history: config.history,
                     empty_room_ttl: config.empty_room_ttl,
                     max_room_members: config.limits.max_room_members,
+                    presence_timeout: config.presence_timeout,
                 },
                 telemetry.clone(),
             )),

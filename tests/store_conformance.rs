@@ -47,6 +47,7 @@ async fn stores(kind: Kind) -> Stores {
                 history: HISTORY,
                 empty_room_ttl: ttl,
                 max_room_members: MAX_MEMBERS,
+                presence_timeout: None,
             }));
             Stores {
                 a: store.clone(),

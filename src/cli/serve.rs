@@ -15,6 +15,7 @@ use crate::auth::{mint, Claims, TokenRules};
 use crate::limits::Limits;
 use crate::server::{
     Reloader, Server, ServerConfig, StoreConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_PRESENCE_TIMEOUT,
 };
 use crate::tls::TlsFiles;
 
@@ -54,6 +55,10 @@ pub struct ServeArgs {
     /// How long a room is kept after its last participant leaves.
     #[arg(long, env = "ROOMCTL_EMPTY_ROOM_TTL", default_value = "5m")]
     empty_room_ttl: humantime::Duration,
+    /// How long a client may go without an open Events stream (on any node) before it is
+    /// removed with DISCONNECT_REASON_TIMED_OUT; 0 turns presence off.
+    #[arg(long, env = "ROOMCTL_PRESENCE_TIMEOUT", default_value_t = DEFAULT_PRESENCE_TIMEOUT.into())]
+    presence_timeout: humantime::Duration,
     /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "ROOMCTL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = at_least_one)]
     max_message_bytes: usize,
@@ -160,6 +165,8 @@ impl ServeArgs {
             history: self.history,
             grace: self.grace.into(),
             empty_room_ttl: self.empty_room_ttl.into(),
+            presence_timeout: Some(Duration::from(self.presence_timeout))
+                .filter(|timeout| !timeout.is_zero()),
             max_message_bytes: self.max_message_bytes,
             store,
             limits: self.limits(),

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Opening, RoomStore, Snapshot, READ_BATCH};
-use crate::engine::{self, Applied, Caller, ClientStatus, Command, LogWindow, RoomState};
+use super::{Lease, Opening, RoomStore, Snapshot, READ_BATCH};
+use crate::engine::{
+    self, Applied, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
+};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;
@@ -33,6 +35,9 @@ pub struct MemoryConfig {
     pub empty_room_ttl: Duration,
     /// Most participants per room.
     pub max_room_members: usize,
+    /// How long a client may be without an open stream before it is removed; None: presence
+    /// is off and clients stay until they leave or are dropped.
+    pub presence_timeout: Option<Duration>,
 }
 
 struct Room {
@@ -47,6 +52,33 @@ struct Inner {
     empty_since: Option<Instant>,
     /// Set when the room is forgotten, so a caller that looked it up just before sees it.
     gone: bool,
+    /// Each present client's open streams and, when it has none, until when it may stay.
+    presence: HashMap<String, Presence>,
+}
+
+/// A client's liveness: its open streams, and the end of its grace when it has none.
+struct Presence {
+    streams: u32,
+    until: Instant,
+}
+
+/// Ends one stream's share in its client's presence.
+struct Release {
+    room: Arc<Room>,
+    client_id: String,
+    timeout: Duration,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.room);
+        if let Some(presence) = inner.presence.get_mut(&self.client_id) {
+            presence.streams = presence.streams.saturating_sub(1);
+            if presence.streams == 0 {
+                presence.until = Instant::now() + self.timeout;
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -111,6 +143,7 @@ impl Rooms {
                         log: VecDeque::new(),
                         empty_since: Some(Instant::now()),
                         gone: false,
+                        presence: HashMap::new(),
                     }),
                     head: watch::Sender::new(0),
                 })
@@ -141,7 +174,7 @@ impl Rooms {
         &self,
         room_id: &str,
         create: bool,
-        f: impl FnOnce(&mut Inner, &watch::Sender<u64>) -> R,
+        f: impl FnOnce(&mut Inner, &Arc<Room>) -> R,
     ) -> Result<R, Error> {
         loop {
             let (room, created) = match self.lookup(room_id) {
@@ -160,24 +193,98 @@ impl Rooms {
                 self.reap(room_id);
                 continue;
             }
-            return Ok(f(&mut inner, &room.head));
+            return Ok(f(&mut inner, &room));
         }
     }
 
+    /// Removes the clients whose presence ran out, then forgets rooms empty past their TTL.
     fn sweep(&self) {
         let now = Instant::now();
         for shard in &self.shards {
-            let expired: Vec<String> = shard
+            let rooms: Vec<(String, Arc<Room>)> = shard
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .filter(|(_, room)| lock(room).expired(self.config.empty_room_ttl, now))
-                .map(|(id, _)| id.clone())
+                .map(|(id, room)| (id.clone(), room.clone()))
                 .collect();
-            for room_id in expired {
-                self.reap(&room_id);
+            for (room_id, room) in rooms {
+                let mut inner = lock(&room);
+                if self.config.presence_timeout.is_some() {
+                    self.time_out(&mut inner, &room.head, now);
+                }
+                let expired = inner.expired(self.config.empty_room_ttl, now);
+                drop(inner);
+                if expired {
+                    self.reap(&room_id);
+                }
             }
         }
+    }
+
+    /// Removes (with `user_disconnected{TIMED_OUT}`) the clients of a room that have had no
+    /// open stream since their grace ended.
+    fn time_out(&self, inner: &mut Inner, head: &watch::Sender<u64>, now: Instant) {
+        let expired: Vec<String> = inner
+            .presence
+            .iter()
+            .filter(|(_, p)| p.streams == 0 && p.until <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let cmd = Command::TimeOut {
+            client_ids: expired,
+        };
+        match engine::apply(&mut inner.state, &Caller::system(), cmd, SystemTime::now()) {
+            Ok(applied) => {
+                if let Reply::TimedOut(removed) = &applied.reply {
+                    tracing::info!(room_id = %inner.state.room_id(), clients = ?removed, "presence timed out");
+                }
+                self.record(inner, head, &applied);
+            }
+            Err(err) => tracing::error!(%err, "timing out clients failed"),
+        }
+    }
+
+    /// Keeps what a command changed: its events in the log (trimmed to the history), the
+    /// presence of clients that joined or went, the room's emptiness; then wakes subscribers.
+    fn record(&self, inner: &mut Inner, head: &watch::Sender<u64>, applied: &Applied) {
+        if applied.events.is_empty() {
+            return;
+        }
+        for event in &applied.events {
+            inner.log.push_back(Arc::new(event.clone()));
+        }
+        while inner.log.len() > self.config.history {
+            inner.log.pop_front();
+        }
+        let oldest = inner.log.front().map_or(inner.state.seq() + 1, |e| e.seq);
+        inner.state.forget_departed_before(oldest);
+        if let Some(timeout) = self.config.presence_timeout {
+            for change in &applied.changes {
+                match change {
+                    Change::Joined { participant, .. } => {
+                        // A new client has the timeout to open its first stream.
+                        let until = Instant::now() + timeout;
+                        let presence = Presence { streams: 0, until };
+                        inner
+                            .presence
+                            .insert(participant.client_id.clone(), presence);
+                    }
+                    Change::Departed { client_id, .. } => {
+                        inner.presence.remove(client_id);
+                    }
+                }
+            }
+        }
+        inner.empty_since = match (inner.state.is_empty(), inner.empty_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(Instant::now()),
+            (false, _) => None,
+        };
+        head.send_replace(inner.state.seq());
+        self.telemetry.events_appended(applied.events.len());
     }
 
     /// How many rooms there are, and participants in them.
@@ -227,10 +334,20 @@ impl MemoryStore {
     }
 }
 
+/// How often rooms are swept: often enough that an empty room is forgotten within a quarter of
+/// its TTL, and a client whose presence ran out is removed within a tenth of the timeout (at
+/// most a second late).
+fn sweep_period(config: &MemoryConfig) -> Duration {
+    let rooms = (config.empty_room_ttl / 4).min(Duration::from_secs(30));
+    let presence = config
+        .presence_timeout
+        .map_or(Duration::MAX, |t| (t / 10).min(Duration::from_secs(1)));
+    rooms.min(presence).max(Duration::from_millis(10))
+}
+
 async fn sweep_forever(rooms: Weak<Rooms>) {
     let period = match rooms.upgrade() {
-        Some(rooms) => (rooms.config.empty_room_ttl / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(30)),
+        Some(rooms) => sweep_period(&rooms.config),
         None => return,
     };
     let mut tick = tokio::time::interval(period);
@@ -252,44 +369,53 @@ impl RoomStore for MemoryStore {
         caller: &Caller,
         cmd: Command,
     ) -> Result<Applied, Error> {
-        let history = self.rooms.config.history;
         self.rooms
-            .with_room(room_id, cmd.creates_room(), |inner, head| {
+            .with_room(room_id, cmd.creates_room(), |inner, room| {
                 let applied = engine::apply(&mut inner.state, caller, cmd, SystemTime::now())?;
-                if applied.events.is_empty() {
-                    return Ok(applied);
-                }
-                for event in &applied.events {
-                    inner.log.push_back(Arc::new(event.clone()));
-                }
-                while inner.log.len() > history {
-                    inner.log.pop_front();
-                }
-                let oldest = inner.log.front().map_or(inner.state.seq() + 1, |e| e.seq);
-                inner.state.forget_departed_before(oldest);
-                inner.empty_since = match (inner.state.is_empty(), inner.empty_since) {
-                    (true, Some(since)) => Some(since),
-                    (true, None) => Some(Instant::now()),
-                    (false, _) => None,
-                };
-                head.send_replace(inner.state.seq());
-                self.rooms.telemetry.events_appended(applied.events.len());
+                self.rooms.record(inner, &room.head, &applied);
                 Ok(applied)
             })?
     }
 
     async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error> {
-        self.rooms.with_room(room_id, false, |inner, _| Snapshot {
-            participants: inner.state.participants(),
-            window: self.rooms.window(inner),
+        self.rooms.with_room(room_id, false, |inner, _| {
+            let mut participants = inner.state.participants();
+            for participant in &mut participants {
+                participant.connected = inner
+                    .presence
+                    .get(&participant.client_id)
+                    .is_some_and(|p| p.streams > 0);
+            }
+            Snapshot {
+                participants,
+                window: self.rooms.window(inner),
+            }
         })
     }
 
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {
-        self.rooms.with_room(room_id, false, |inner, head| Opening {
-            window: self.rooms.window(inner),
-            client: client_id.map_or(ClientStatus::Unknown, |id| inner.state.client_status(id)),
-            head: head.subscribe(),
+        let timeout = self.rooms.config.presence_timeout;
+        self.rooms.with_room(room_id, false, |inner, room| {
+            let client =
+                client_id.map_or(ClientStatus::Unknown, |id| inner.state.client_status(id));
+            let presence = client_id.and_then(|id| Some((id, inner.presence.get_mut(id)?)));
+            let lease = match (presence, timeout) {
+                (Some((client_id, presence)), Some(timeout)) => {
+                    presence.streams += 1;
+                    Lease::new(Release {
+                        room: room.clone(),
+                        client_id: client_id.to_owned(),
+                        timeout,
+                    })
+                }
+                _ => Lease::none(),
+            };
+            Opening {
+                window: self.rooms.window(inner),
+                client,
+                head: room.head.subscribe(),
+                lease,
+            }
         })
     }
 
@@ -318,7 +444,7 @@ impl RoomStore for MemoryStore {
 
     async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
         self.rooms
-            .with_room(room_id, false, |_, head| head.subscribe())
+            .with_room(room_id, false, |_, room| room.head.subscribe())
     }
 
     fn health(&self) -> watch::Receiver<bool> {

@@ -37,6 +37,39 @@ pub struct Opening {
     pub client: ClientStatus,
     /// Changes whenever the room logs events; closes when the room is forgotten.
     pub head: watch::Receiver<u64>,
+    /// Keeps a present client live while the stream is open (with presence on).
+    pub lease: Lease,
+}
+
+/// Counts one open stream as a client towards that client's presence; dropping it tells the
+/// store the stream ended (its grace period starts when it was the client's last stream).
+pub struct Lease(Option<Box<dyn Send + Sync>>);
+
+impl Lease {
+    /// No lease: an observer's stream, a client not present, or presence off.
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    /// A lease that runs `release` when the stream ends.
+    pub fn new(release: impl Send + Sync + 'static) -> Self {
+        Self(Some(Box::new(release)))
+    }
+
+    /// Whether the stream keeps a client live.
+    pub fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_held() {
+            "Lease(held)"
+        } else {
+            "Lease(none)"
+        })
+    }
 }
 
 /// How many events one [`RoomStore::read`] returns at most: bounds what a subscriber holds.

@@ -1,0 +1,255 @@
+//! Live delivery: the one notification channel, each node's single listener, and the per-room
+//! feeds of recent events that wake local subscribers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use prost::Message;
+use tokio::sync::watch;
+
+use super::connection::timed;
+use super::keys::Keys;
+use super::Shared;
+use crate::error::Error;
+use crate::pb;
+use crate::store::READ_BATCH;
+
+/// The channel every commit publishes its events on.
+pub(super) const CHANNEL: &str = "roomctl:events";
+/// How often the listener checks that Redis answers (and sweeps feeds).
+pub(super) const PING_PERIOD: Duration = Duration::from_millis(500);
+/// Reconnect backoff of the listener.
+pub(super) const BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(50), Duration::from_secs(2));
+/// Most recent events cached per room with local subscribers (never more than the history, so
+/// a subscriber the history has left behind is not served from the cache).
+pub(super) const CACHE_EVENTS: usize = 1024;
+
+/// The events a commit publishes, after `<room_id>\n` (room ids hold no newline), so a node
+/// without subscribers of that room skips the message without decoding it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Notice {
+    /// The events, in seq order.
+    #[prost(message, repeated, tag = "1")]
+    pub events: Vec<pb::Event>,
+}
+
+impl Notice {
+    pub(super) fn publish(room_id: &str, events: &[&pb::Event]) -> Vec<u8> {
+        let notice = Notice {
+            events: events.iter().map(|e| (*e).clone()).collect(),
+        };
+        let mut payload = Vec::with_capacity(room_id.len() + 1 + notice.encoded_len());
+        payload.extend_from_slice(room_id.as_bytes());
+        payload.push(b'\n');
+        notice
+            .encode(&mut payload)
+            .expect("a Vec grows to fit any message");
+        payload
+    }
+}
+
+/// Recent events of a room with local subscribers, and their wake-up channel.
+pub(super) struct Feed {
+    pub(super) head: watch::Sender<u64>,
+    pub(super) cache: Mutex<VecDeque<Arc<pb::Event>>>,
+    pub(super) capacity: usize,
+}
+
+impl Feed {
+    pub(super) fn cache(&self) -> MutexGuard<'_, VecDeque<Arc<pb::Event>>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends published events; a gap or another epoch restarts the cache from them, so the
+    /// cache is always one contiguous run of one log.
+    pub(super) fn append(&self, events: Vec<pb::Event>) {
+        let Some(first) = events.first() else { return };
+        let mut cache = self.cache();
+        match cache.back() {
+            Some(last) if last.epoch == first.epoch && last.seq >= first.seq => return,
+            Some(last)
+                if last.epoch == first.epoch && last.seq.checked_add(1) == Some(first.seq) => {}
+            _ => cache.clear(),
+        }
+        let newest = events.last().map_or(first.seq, |e| e.seq);
+        cache.extend(events.into_iter().map(Arc::new));
+        while cache.len() > self.capacity {
+            cache.pop_front();
+        }
+        drop(cache);
+        self.head.send_replace(newest);
+    }
+
+    /// Events after `after` from the cache, when it can answer: `Some(empty)` means the
+    /// subscriber is caught up with everything published.
+    pub(super) fn read(&self, epoch: &str, after: u64) -> Option<Vec<Arc<pb::Event>>> {
+        let cache = self.cache();
+        let (first, last) = (cache.front()?, cache.back()?);
+        // The oldest cursor the cache serves (saturating: notices come from outside the process).
+        let oldest_cursor = first.seq.saturating_sub(1);
+        if first.epoch != epoch || after < oldest_cursor || after > last.seq {
+            return None;
+        }
+        let skip = (after - oldest_cursor) as usize;
+        Some(cache.iter().skip(skip).take(READ_BATCH).cloned().collect())
+    }
+}
+
+impl Shared {
+    pub(super) fn feeds(&self) -> MutexGuard<'_, HashMap<String, Arc<Feed>>> {
+        self.feeds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn feed(&self, room_id: &str) -> Option<Arc<Feed>> {
+        self.feeds().get(room_id).cloned()
+    }
+
+    /// This node's feed of `room_id`, created on first use; subscribing registers interest
+    /// before the caller reads Redis, so no published event can fall between the two.
+    pub(super) fn subscribe_feed(&self, room_id: &str) -> watch::Receiver<u64> {
+        self.feeds()
+            .entry(room_id.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Feed {
+                    head: watch::Sender::new(0),
+                    cache: Mutex::new(VecDeque::new()),
+                    capacity: self.config.history.min(CACHE_EVENTS),
+                })
+            })
+            .head
+            .subscribe()
+    }
+
+    pub(super) fn dispatch(&self, payload: &[u8]) {
+        let Some(split) = payload.iter().position(|b| *b == b'\n') else {
+            tracing::warn!("ignoring an unreadable notice on {CHANNEL}");
+            return;
+        };
+        let room_id = String::from_utf8_lossy(&payload[..split]);
+        let Some(feed) = self.feed(&room_id) else {
+            return;
+        };
+        match Notice::decode(&payload[split + 1..]) {
+            Ok(notice) => feed.append(notice.events),
+            Err(_) => tracing::warn!(%room_id, "ignoring an unreadable notice on {CHANNEL}"),
+        }
+    }
+
+    /// Drops every feed: their subscribers wake, find the channel closed and ask the store
+    /// again, which answers with the store's state (serving, or unavailable).
+    pub(super) fn reset_feeds(&self) {
+        self.feeds().clear();
+    }
+
+    /// Forgets feeds nobody listens to, and feeds of rooms Redis has forgotten (expired empty
+    /// rooms), which ends their observers' streams with `ROOM_NOT_FOUND`.
+    /// Also takes the census of the rooms this node has subscribers in.
+    pub(super) async fn sweep_feeds(&self) -> Result<(), Error> {
+        let rooms: Vec<String> = {
+            let mut feeds = self.feeds();
+            feeds.retain(|_, feed| feed.head.receiver_count() > 0);
+            feeds.keys().cloned().collect()
+        };
+        if rooms.is_empty() {
+            self.telemetry.census(0, 0);
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for room_id in &rooms {
+            let keys = Keys::new(room_id);
+            pipe.cmd("EXISTS").arg(&keys.meta);
+            pipe.cmd("HLEN").arg(&keys.members);
+        }
+        let replies: Vec<u64> = self
+            .timed("sweep", pipe.query_async(&mut self.conn()))
+            .await?;
+        let (mut live, mut participants) = (0, 0);
+        let mut feeds = self.feeds();
+        for (room_id, reply) in rooms.iter().zip(replies.chunks(2)) {
+            if reply[0] == 0 {
+                feeds.remove(room_id);
+            } else {
+                live += 1;
+                participants += reply[1] as usize;
+            }
+        }
+        drop(feeds);
+        self.telemetry.census(live, participants);
+        Ok(())
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), Error> {
+        self.timed(
+            "ping",
+            redis::cmd("PING").query_async::<()>(&mut self.conn()),
+        )
+        .await
+    }
+}
+
+/// The notification connection, subscribed, once Redis answers.
+pub(super) async fn subscribe(
+    client: &redis::Client,
+    shared: &Shared,
+) -> Result<redis::aio::PubSub, Error> {
+    let mut pubsub = timed(client.get_async_pubsub()).await?;
+    timed(pubsub.subscribe(CHANNEL)).await?;
+    shared.ping().await?;
+    Ok(pubsub)
+}
+
+/// This node's single listener: receives every commit's events, feeds local subscribers, and
+/// watches Redis's health. Reconnects with backoff for as long as the store lives.
+pub(super) async fn listen(shared: Arc<Shared>, client: redis::Client, first: redis::aio::PubSub) {
+    let mut backoff = BACKOFF.0;
+    let mut first = Some(first);
+    loop {
+        let connected = match first.take() {
+            Some(pubsub) => Ok(pubsub),
+            None => {
+                shared.telemetry.listener_reconnected();
+                subscribe(&client, &shared).await
+            }
+        };
+        match connected {
+            Ok(pubsub) => {
+                backoff = BACKOFF.0;
+                // Events committed while we were not listening were never announced: wake every
+                // subscriber to read them from Redis.
+                shared.reset_feeds();
+                shared.healthy.send_replace(true);
+                tracing::info!("redis store serving");
+                let mut messages = pubsub.into_on_message();
+                let mut ping = tokio::time::interval(PING_PERIOD);
+                let fault = loop {
+                    tokio::select! {
+                        message = messages.next() => match message {
+                            Some(message) => shared.dispatch(message.get_payload_bytes()),
+                            None => break "the notification connection closed".to_owned(),
+                        },
+                        _ = ping.tick() => {
+                            let check = async {
+                                shared.ping().await?;
+                                shared.sweep_feeds().await
+                            };
+                            if let Err(err) = check.await {
+                                break err.detail();
+                            }
+                        }
+                    }
+                };
+                tracing::warn!(%fault, "redis store unavailable; streams end, health NOT_SERVING");
+            }
+            Err(err) => {
+                tracing::warn!(err = %err.detail(), ?backoff, "cannot reach redis; retrying")
+            }
+        }
+        shared.healthy.send_replace(false);
+        shared.reset_feeds();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}

@@ -1,0 +1,304 @@
+//! The Redis store: many roomctl nodes sharing one Redis behave as one control plane.
+//!
+//! **Layout** ([`keys`]). Every key of a room carries the hash tag `{room_id}`, so a room lives
+//! in one Redis Cluster slot: `meta` (hash: `epoch`, `seq`), `members` (hash: client id to
+//! [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended them)
+//! with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`, trimmed
+//! to exactly `--history` entries), and the remembered answers: `answers` (hash: answer key to
+//! [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, at most 1,024). An
+//! empty room's keys expire together after `--empty-room-ttl`; a room created anew deletes what
+//! an old one of the same id left.
+//!
+//! **Atomicity** ([`writer`]). Commands for a room queue to that room's writer on the node, which takes them in
+//! batches: it reads what the batch needs (one MULTI), runs the room engine in Rust over the
+//! batch, and commits with a Lua script that applies the membership changes and appends the
+//! events only if the room's `seq` and `epoch` are still the ones read: a compare-and-set, retried
+//! on conflict. Two nodes racing on a room therefore never lose an update nor reuse a `seq`, and
+//! one node never races itself. A writer keeps what it last read or wrote (`Known`) for a second
+//! and runs the next batch on it without a read: what it has not seen is assumed absent, and the
+//! commit script checks those assumptions too, so a busy room costs one round trip per batch.
+//!
+//! **Live delivery** ([`listener`]). The commit script also publishes the new events on one channel. Each node
+//! runs a single listener: it keeps a small cache of recent events per room that has local
+//! subscribers (a `Feed`) and wakes them; subscribers read from that cache, and only a
+//! subscriber behind the cache (replaying an old cursor) reads the stream itself. No connection
+//! or poll loop per subscriber.
+//!
+//! **Faults** ([`connection`]). Every Redis operation has a deadline and fails with `STORE_UNAVAILABLE`. The
+//! listener pings Redis; while it cannot, health is NOT_SERVING and every feed is dropped, so
+//! open streams re-check the store and end `UNAVAILABLE`. When Redis answers again the node serves
+//! again. A flushed or restarted Redis loses the room's `epoch` with its log, so old cursors get
+//! `OUT_OF_RANGE`, never events of another log.
+
+mod connection;
+mod keys;
+mod listener;
+mod writer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::AbortOnDropHandle;
+
+use super::{Lease, Opening, RoomStore, Snapshot, READ_BATCH};
+use crate::engine::{Applied, Caller, ClientStatus, Command, LogWindow};
+use crate::error::Error;
+use crate::pb;
+use crate::telemetry::Telemetry;
+pub use connection::RedisUrl;
+use connection::{client, timed, OP_TIMEOUT};
+use keys::{array, entries, member, meta, number, text, Keys, COMMIT};
+pub use keys::{StoredAnswer, StoredMember, StoredReply};
+pub use listener::Notice;
+use listener::{listen, subscribe, Feed};
+use writer::Job;
+
+/// Tuning of the Redis store; every node sharing a Redis must use the same values.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
+    pub url: RedisUrl,
+    /// PEM file of the CA to trust for `rediss://` instead of the system's trust store.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Events kept per room.
+    pub history: usize,
+    /// How long an empty room is kept.
+    pub empty_room_ttl: Duration,
+    /// Most participants per room.
+    pub max_room_members: usize,
+}
+
+struct Shared {
+    pub(super) conn: ConnectionManager,
+    pub(super) config: RedisConfig,
+    pub(super) commit: redis::Script,
+    pub(super) feeds: Mutex<HashMap<String, Arc<Feed>>>,
+    /// Each busy room's writer on this node, with the id that tells a retiring writer whether
+    /// it was replaced.
+    pub(super) writers: Mutex<HashMap<String, (u64, mpsc::Sender<Job>)>>,
+    pub(super) next_writer: AtomicU64,
+    pub(super) healthy: watch::Sender<bool>,
+    pub(super) telemetry: Telemetry,
+}
+
+/// The Redis [`RoomStore`].
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    _listener: AbortOnDropHandle<()>,
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `config.url` and starts this node's listener.
+    pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
+        Self::connect_with(config, Telemetry::off()).await
+    }
+
+    /// Connects, with `telemetry` recording store operations, commits and the census.
+    pub async fn connect_with(config: RedisConfig, telemetry: Telemetry) -> Result<Self, Error> {
+        let client = client(&config)?;
+        // Fail fast instead of queueing calls behind long reconnect attempts: a call that cannot
+        // reach Redis within OP_TIMEOUT answers STORE_UNAVAILABLE.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
+        let conn = timed(client.get_connection_manager_with_config(manager_config))
+            .await
+            .map_err(at)?;
+        let shared = Arc::new(Shared {
+            conn,
+            config,
+            commit: redis::Script::new(COMMIT),
+            feeds: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
+            next_writer: AtomicU64::new(0),
+            healthy: watch::Sender::new(false),
+            telemetry,
+        });
+        // Subscribed before the store is handed out, so it serves (and says so) from the start.
+        let pubsub = subscribe(&client, &shared).await?;
+        shared.healthy.send_replace(true);
+        let listener = tokio::spawn(listen(shared.clone(), client, pubsub));
+        Ok(Self {
+            shared,
+            _listener: AbortOnDropHandle::new(listener),
+        })
+    }
+}
+
+impl Shared {
+    pub(super) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Runs Redis operation `op` with the store's deadline, and records it.
+    pub(super) async fn timed<T>(
+        &self,
+        op: &'static str,
+        run: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let result = timed(run).await;
+        self.telemetry
+            .store_op(op, result.is_ok(), started.elapsed());
+        result
+    }
+}
+
+impl RedisStore {
+    fn window(&self, epoch: &str, seq: u64) -> LogWindow {
+        LogWindow::of(epoch, seq, self.shared.config.history)
+    }
+}
+
+#[async_trait]
+impl RoomStore for RedisStore {
+    async fn execute(
+        &self,
+        room_id: &str,
+        caller: &Caller,
+        cmd: Command,
+    ) -> Result<Applied, Error> {
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job {
+            caller: caller.clone(),
+            cmd,
+            reply,
+        };
+        loop {
+            match self.shared.writer(room_id).send(job).await {
+                Ok(()) => break,
+                // That writer retired just now; the next call starts a new one.
+                Err(mpsc::error::SendError(returned)) => job = returned,
+            }
+        }
+        answer
+            .await
+            .map_err(|_| Error::Internal(format!("the writer of room {room_id:?} stopped")))?
+    }
+
+    async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error> {
+        let keys = Keys::new(room_id);
+        let mut pipe = keys.read_meta();
+        pipe.cmd("HVALS").arg(&keys.members);
+        let (meta_reply, members_reply): (Value, Value) = self
+            .shared
+            .timed("snapshot", pipe.query_async(&mut self.shared.conn()))
+            .await?;
+        let Some((epoch, seq)) = meta(meta_reply)? else {
+            return Err(Error::room_not_found(room_id));
+        };
+        let mut members = Vec::new();
+        for value in array(members_reply) {
+            members.extend(member(&value)?);
+        }
+        members.sort_unstable_by_key(|(_, join_seq)| *join_seq);
+        Ok(Snapshot {
+            participants: members.into_iter().map(|(p, _)| p).collect(),
+            window: self.window(&epoch, seq),
+        })
+    }
+
+    async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {
+        let head = self.shared.subscribe_feed(room_id);
+        let keys = Keys::new(room_id);
+        let mut pipe = keys.read_meta();
+        if let Some(client_id) = client_id {
+            pipe.cmd("HGET")
+                .arg(&keys.members)
+                .arg(client_id)
+                .cmd("ZSCORE")
+                .arg(&keys.departed)
+                .arg(client_id)
+                .cmd("HGET")
+                .arg(&keys.owners)
+                .arg(client_id);
+        }
+        let replies: Vec<Value> = self
+            .shared
+            .timed("open", pipe.query_async(&mut self.shared.conn()))
+            .await?;
+        let mut replies = replies.into_iter();
+        let Some((epoch, seq)) = meta(replies.next().unwrap_or(Value::Nil))? else {
+            return Err(Error::room_not_found(room_id));
+        };
+        let present = member(&replies.next().unwrap_or(Value::Nil))?;
+        let end_seq = replies.next().as_ref().and_then(number);
+        let owner = replies.next().as_ref().and_then(text);
+        let client = match (present, end_seq, owner) {
+            (Some((participant, _)), _, _) => ClientStatus::Present {
+                identity: participant.identity,
+            },
+            (None, Some(end_seq), Some(identity)) => ClientStatus::Departed { identity, end_seq },
+            _ => ClientStatus::Unknown,
+        };
+        Ok(Opening {
+            window: self.window(&epoch, seq),
+            client,
+            head,
+            lease: Lease::none(),
+        })
+    }
+
+    async fn read(
+        &self,
+        room_id: &str,
+        epoch: &str,
+        after: u64,
+    ) -> Result<Vec<Arc<pb::Event>>, Error> {
+        if let Some(cached) = self.shared.feed(room_id).and_then(|f| f.read(epoch, after)) {
+            return Ok(cached);
+        }
+        let keys = Keys::new(room_id);
+        let mut pipe = keys.read_meta();
+        pipe.cmd("XRANGE")
+            .arg(&keys.log)
+            .arg(format!("0-{}", after.saturating_add(1)))
+            .arg("+")
+            .arg("COUNT")
+            .arg(READ_BATCH);
+        let (meta_reply, range): (Value, Value) = self
+            .shared
+            .timed("read", pipe.query_async(&mut self.shared.conn()))
+            .await?;
+        let Some((current, seq)) = meta(meta_reply)? else {
+            return Err(Error::room_not_found(room_id));
+        };
+        let window = self.window(&current, seq);
+        if current != epoch {
+            return Err(window.out_of_range());
+        }
+        window.check_readable(after)?;
+        entries(range)
+    }
+
+    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
+        let head = self.shared.subscribe_feed(room_id);
+        let exists: bool = self
+            .shared
+            .timed(
+                "rewatch",
+                redis::cmd("EXISTS")
+                    .arg(Keys::new(room_id).meta)
+                    .query_async(&mut self.shared.conn()),
+            )
+            .await?;
+        if !exists {
+            return Err(Error::room_not_found(room_id));
+        }
+        Ok(head)
+    }
+
+    fn health(&self) -> watch::Receiver<bool> {
+        self.shared.healthy.subscribe()
+    }
+}

@@ -1,0 +1,493 @@
+//! Writing: one writer per busy room on a node, taking queued commands in batches, running the
+//! engine on what it knows or reads, and committing with the compare-and-set script.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use prost::Message;
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::connection::{unavailable, OP_TIMEOUT};
+use super::keys::{
+    array, bytes, corrupt, member, meta, millis, number, Keys, StoredAnswer, StoredMember,
+};
+use super::listener::{Notice, CHANNEL};
+use super::{RedisConfig, Shared};
+use crate::engine::{
+    self, Applied, Caller, Change, Command, Remembered, RoomState, MAX_REMEMBERED_ANSWERS,
+};
+use crate::error::Error;
+use crate::pb;
+
+/// Commit attempts before giving up on a room under heavy contention.
+pub(super) const MAX_ATTEMPTS: usize = 100;
+/// Commands queued per room on this node; callers wait (backpressure) beyond it.
+pub(super) const QUEUE: usize = 1024;
+/// Most commands one writer applies with one read and one commit.
+pub(super) const MAX_BATCH: usize = 64;
+/// How long a room's writer outlives its last command.
+pub(super) const WRITER_IDLE: Duration = Duration::from_secs(5);
+/// How long a writer trusts what it knows of its room before reading it again. Remembered drop
+/// answers it holds may outlive their Redis expiry by at most this much.
+pub(super) const KNOWN_FOR: Duration = Duration::from_secs(1);
+/// Most member ids a writer keeps track of before it reads its room again instead.
+pub(super) const KNOWN_IDS: usize = 50_000;
+
+/// What a room's writer knows of its room at the `seq` of its last read or commit: the room's
+/// state restricted to what it has seen, and which member ids and drop answers (by key) it knows
+/// to be present or absent there. A batch runs on it without reading Redis; anything else the
+/// batch looks at is assumed absent, and the commit script checks those assumptions along with
+/// the `seq`, so a stale guess is a conflict, never a wrong answer.
+pub(super) struct Known {
+    pub(super) state: RoomState,
+    pub(super) ids: HashSet<String>,
+    pub(super) answers: HashSet<String>,
+    pub(super) read_at: Instant,
+}
+
+impl Known {
+    pub(super) fn usable(&self) -> bool {
+        self.read_at.elapsed() < KNOWN_FOR && self.ids.len() <= KNOWN_IDS
+    }
+}
+
+/// One command waiting for its room's writer on this node.
+pub(super) struct Job {
+    pub(super) caller: Caller,
+    pub(super) cmd: Command,
+    pub(super) reply: oneshot::Sender<Result<Applied, Error>>,
+}
+
+/// What a batch of commands needs read back before the engine runs.
+pub(super) struct Loaded {
+    pub(super) meta: Option<(String, u64)>,
+    pub(super) population: usize,
+    pub(super) members: Vec<(pb::Participant, u64)>,
+    pub(super) answers: Vec<Remembered>,
+}
+
+/// The member ids and remembered answers (by key) a batch of commands looks at, each once.
+pub(super) fn wanted(jobs: &[Job]) -> (Vec<&str>, Vec<String>) {
+    let mut ids = Vec::new();
+    for job in jobs {
+        match &job.cmd {
+            Command::Join { .. } => {}
+            Command::Leave { client_id } => ids.push(client_id.as_str()),
+            Command::Drop(drop) => ids.extend(drop.client_ids.iter().map(String::as_str)),
+            Command::TimeOut { client_ids } => ids.extend(client_ids.iter().map(String::as_str)),
+        }
+    }
+    let mut seen = HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    let mut answers: Vec<String> = jobs
+        .iter()
+        .filter_map(|job| job.cmd.answer_key(&job.caller))
+        .collect();
+    let mut seen = HashSet::new();
+    answers.retain(|key| seen.insert(key.clone()));
+    (ids, answers)
+}
+
+impl Shared {
+    pub(super) fn writers(&self) -> MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<Job>)>> {
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The queue of `room_id`'s writer on this node, starting one if it has none.
+    pub(super) fn writer(self: &Arc<Self>, room_id: &str) -> mpsc::Sender<Job> {
+        let mut writers = self.writers();
+        if let Some((_, queue)) = writers.get(room_id).filter(|(_, q)| !q.is_closed()) {
+            return queue.clone();
+        }
+        let id = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        writers.insert(room_id.to_owned(), (id, queue.clone()));
+        tokio::spawn(write_room(
+            Arc::downgrade(self),
+            room_id.to_owned(),
+            id,
+            jobs,
+        ));
+        queue
+    }
+
+    /// Forgets writer `id` of `room_id`, unless another has replaced it already.
+    pub(super) fn retire(&self, room_id: &str, id: u64) {
+        let mut writers = self.writers();
+        if writers
+            .get(room_id)
+            .is_some_and(|(current, _)| *current == id)
+        {
+            writers.remove(room_id);
+        }
+    }
+
+    pub(super) async fn load(
+        &self,
+        keys: &Keys,
+        ids: &[&str],
+        answers: &[String],
+    ) -> Result<Loaded, Error> {
+        let mut pipe = keys.read_meta();
+        pipe.cmd("HLEN").arg(&keys.members);
+        if !ids.is_empty() {
+            pipe.cmd("HMGET").arg(&keys.members).arg(ids);
+        }
+        if !answers.is_empty() {
+            pipe.cmd("HMGET").arg(&keys.answers).arg(answers);
+        }
+        let mut replies = self
+            .timed("load", pipe.query_async::<Vec<Value>>(&mut self.conn()))
+            .await?
+            .into_iter();
+        let meta = meta(replies.next().unwrap_or(Value::Nil))?;
+        let population = replies.next().as_ref().and_then(number).unwrap_or(0) as usize;
+        let mut members = Vec::new();
+        if !ids.is_empty() {
+            for value in array(replies.next().unwrap_or(Value::Nil)) {
+                members.extend(member(&value)?);
+            }
+        }
+        let mut remembered = Vec::new();
+        if !answers.is_empty() {
+            let values = array(replies.next().unwrap_or(Value::Nil));
+            for (key, value) in answers.iter().zip(values) {
+                if let Some(raw) = bytes(&value) {
+                    let stored = StoredAnswer::decode(raw).map_err(|_| corrupt("answer"))?;
+                    remembered.push(stored.into_remembered(key.clone())?);
+                }
+            }
+        }
+        Ok(Loaded {
+            meta,
+            population,
+            members,
+            answers: remembered,
+        })
+    }
+
+    /// Runs every job of the batch through the engine, on what the writer knows of the room or
+    /// else on a fresh read, then commits all their events at once; on a conflict (another node
+    /// wrote, or an assumption was wrong) reads the room and runs them again. Returns the error
+    /// that failed the whole batch (Redis unreachable), if one did.
+    pub(super) async fn apply_batch(
+        &self,
+        room_id: &str,
+        jobs: Vec<Job>,
+        known: &mut Option<Known>,
+    ) -> Option<Error> {
+        let keys = Keys::new(room_id);
+        let (ids, answer_keys) = wanted(&jobs);
+        self.telemetry.batch(jobs.len());
+        let outcome = async {
+            for _ in 0..MAX_ATTEMPTS {
+                let now = SystemTime::now();
+                let known_view = known.take().filter(Known::usable);
+                let fresh = known_view.is_none();
+                let (mut state, mut seen_ids, mut seen_answers, read_at) = match known_view {
+                    Some(k) => (Some(k.state), k.ids, k.answers, k.read_at),
+                    None => {
+                        let loaded = self.load(&keys, &ids, &answer_keys).await?;
+                        let state = loaded.meta.map(|(epoch, seq)| {
+                            let (members, answers) = (loaded.members, loaded.answers);
+                            let population = loaded.population;
+                            RoomState::restore(room_id, epoch, seq, population, members, answers)
+                                .with_max_members(self.config.max_room_members)
+                        });
+                        let ids = ids.iter().map(|id| id.to_string()).collect();
+                        let answers = answer_keys.iter().cloned().collect();
+                        (state, ids, answers, Instant::now())
+                    }
+                };
+                let assumed_ids: Vec<&str> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !seen_ids.contains(*id))
+                    .collect();
+                let assumed_answers: Vec<&str> = answer_keys
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|key| !seen_answers.contains(*key))
+                    .collect();
+                let expected = state.as_ref().map(RoomState::seq);
+                let results: Vec<Result<Applied, Error>> = jobs
+                    .iter()
+                    .map(|job| run(&mut state, room_id, job, &self.config, now))
+                    .collect();
+                let writes = results.iter().flatten().any(|a| !a.events.is_empty());
+                let Some(mut state) = state else {
+                    return Ok(results);
+                };
+                if !writes {
+                    let guessed = !(assumed_ids.is_empty() && assumed_answers.is_empty());
+                    // A refusal on a remembered view (a full room another node has since
+                    // emptied) is as unchecked as a guess: no commit will vouch for either.
+                    let refused_on_memory = !fresh && results.iter().any(Result::is_err);
+                    if guessed || refused_on_memory {
+                        continue;
+                    }
+                    *known = Some(Known {
+                        state,
+                        ids: seen_ids,
+                        answers: seen_answers,
+                        read_at,
+                    });
+                    return Ok(results);
+                }
+                let assumed = (assumed_ids.as_slice(), assumed_answers.as_slice());
+                if self
+                    .commit(&keys, room_id, &state, expected, &results, assumed, now)
+                    .await?
+                {
+                    // Everything the batch looked at or joined is known now (the answers it
+                    // remembered are among the keys it looked at).
+                    seen_ids.extend(ids.iter().map(|id| id.to_string()));
+                    for applied in results.iter().flatten() {
+                        for change in &applied.changes {
+                            if let Change::Joined { participant, .. } = change {
+                                seen_ids.insert(participant.client_id.clone());
+                            }
+                        }
+                    }
+                    seen_answers.extend(answer_keys.iter().cloned());
+                    let oldest = state.seq().saturating_sub(self.config.history as u64) + 1;
+                    state.forget_departed_before(oldest);
+                    *known = Some(Known {
+                        state,
+                        ids: seen_ids,
+                        answers: seen_answers,
+                        read_at,
+                    });
+                    return Ok(results);
+                }
+                // Another node changed the room, or a guess was wrong: read again and redo.
+                tokio::task::yield_now().await;
+            }
+            Err(Error::StoreUnavailable(format!(
+                "room {room_id:?} changed under {MAX_ATTEMPTS} attempts in a row"
+            )))
+        }
+        .await;
+        match outcome {
+            Ok(results) => {
+                for (job, result) in jobs.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+                None
+            }
+            Err(err) => {
+                for job in jobs {
+                    let err = match &err {
+                        // Each caller learns the request id its retry can use to find out.
+                        Error::OutcomeUnknown { .. } => Error::OutcomeUnknown {
+                            request_id: job.cmd.request_id().map(str::to_owned),
+                        },
+                        other => other.clone(),
+                    };
+                    let _ = job.reply.send(Err(err));
+                }
+                Some(err)
+            }
+        }
+    }
+
+    /// Commits the batch's events and changes if the room is still at `expected` (None: the
+    /// room must not exist yet). False on a conflict. A commit sent whose answer never came is
+    /// `OutcomeUnknown`: it may have been applied, and its callers must be told so.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn commit(
+        &self,
+        keys: &Keys,
+        room_id: &str,
+        state: &RoomState,
+        expected: Option<u64>,
+        results: &[Result<Applied, Error>],
+        (assumed_ids, assumed_answers): (&[&str], &[&str]),
+        now: SystemTime,
+    ) -> Result<bool, Error> {
+        let applied: Vec<&Applied> = results
+            .iter()
+            .flatten()
+            .filter(|applied| !applied.events.is_empty())
+            .collect();
+        let events: Vec<&pb::Event> = applied.iter().flat_map(|a| &a.events).collect();
+        let remembered: Vec<(&str, Vec<u8>, u64)> = applied
+            .iter()
+            .filter_map(|a| a.remembered.as_ref())
+            .filter_map(|answer| {
+                let stored = StoredAnswer::of(answer)?;
+                Some((
+                    answer.key.as_str(),
+                    stored.encode_to_vec(),
+                    stored.expires_at_ms,
+                ))
+            })
+            .collect();
+        let notice = Notice::publish(room_id, &events);
+        let mut call = self.commit.prepare_invoke();
+        call.key(&keys.meta)
+            .key(&keys.members)
+            .key(&keys.departed)
+            .key(&keys.owners)
+            .key(&keys.log)
+            .key(&keys.answers)
+            .key(&keys.answered);
+        call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
+            .arg(state.epoch())
+            .arg(self.config.history)
+            .arg(self.config.empty_room_ttl.as_millis().max(1) as u64)
+            .arg(CHANNEL)
+            .arg(notice)
+            .arg(millis(now))
+            .arg(MAX_REMEMBERED_ANSWERS);
+        call.arg(assumed_ids.len());
+        for id in assumed_ids {
+            call.arg(*id);
+        }
+        call.arg(assumed_answers.len());
+        for key in assumed_answers {
+            call.arg(*key);
+        }
+        call.arg(events.len());
+        for event in &events {
+            call.arg(event.seq).arg(event.encode_to_vec());
+        }
+        let (mut joins, mut departures) = (Vec::new(), Vec::new());
+        for change in applied.iter().flat_map(|a| &a.changes) {
+            match change {
+                Change::Joined {
+                    participant,
+                    join_seq,
+                } => joins.push((participant, *join_seq)),
+                Change::Departed {
+                    client_id,
+                    identity,
+                    end_seq,
+                } => departures.push((client_id, identity, *end_seq)),
+            }
+        }
+        call.arg(joins.len());
+        for (participant, join_seq) in joins {
+            let stored = StoredMember {
+                join_seq,
+                participant: Some(participant.clone()),
+            };
+            call.arg(&participant.client_id).arg(stored.encode_to_vec());
+        }
+        call.arg(departures.len());
+        for (client_id, identity, end_seq) in departures {
+            call.arg(client_id).arg(identity).arg(end_seq);
+        }
+        call.arg(remembered.len());
+        for (key, value, expires_at_ms) in &remembered {
+            call.arg(*key).arg(value).arg(*expires_at_ms);
+        }
+        let started = Instant::now();
+        let mut conn = self.conn();
+        let answer = tokio::time::timeout(OP_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await;
+        let ok = matches!(answer, Ok(Ok(_)));
+        self.telemetry.store_op("commit", ok, started.elapsed());
+        match answer {
+            Ok(Ok(1)) => {
+                self.telemetry.events_appended(events.len());
+                Ok(true)
+            }
+            Ok(Ok(_)) => {
+                self.telemetry.commit_conflict();
+                Ok(false)
+            }
+            // Refused before anything was sent, or refused by Redis: nothing was applied.
+            Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
+                Err(unavailable(err))
+            }
+            Ok(Err(_)) | Err(_) => Err(Error::OutcomeUnknown { request_id: None }),
+        }
+    }
+}
+
+/// Applies one job to the batch's view of the room; a join may create the room.
+pub(super) fn run(
+    state: &mut Option<RoomState>,
+    room_id: &str,
+    job: &Job,
+    config: &RedisConfig,
+    now: SystemTime,
+) -> Result<Applied, Error> {
+    match state {
+        Some(state) => engine::apply(state, &job.caller, job.cmd.clone(), now),
+        None if job.cmd.creates_room() => {
+            let epoch = uuid::Uuid::new_v4().simple().to_string();
+            let mut fresh =
+                RoomState::new(room_id, epoch).with_max_members(config.max_room_members);
+            let applied = engine::apply(&mut fresh, &job.caller, job.cmd.clone(), now)?;
+            *state = Some(fresh);
+            Ok(applied)
+        }
+        None => Err(Error::room_not_found(room_id)),
+    }
+}
+
+/// The writer of one room on this node: takes queued commands in batches, so one node never
+/// races itself on a room and a busy room costs one read and one commit per batch, not per
+/// command. It ends after a while without work, finishing what was queued.
+pub(super) async fn write_room(
+    shared: Weak<Shared>,
+    room_id: String,
+    id: u64,
+    mut jobs: mpsc::Receiver<Job>,
+) {
+    let mut known = None;
+    loop {
+        let first = match tokio::time::timeout(WRITER_IDLE, jobs.recv()).await {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(_idle) => {
+                if let Some(shared) = shared.upgrade() {
+                    shared.retire(&room_id, id);
+                }
+                jobs.close();
+                // Whatever was queued before the close is still done.
+                let mut rest = Vec::new();
+                while let Some(job) = jobs.recv().await {
+                    rest.push(job);
+                    if rest.len() == MAX_BATCH {
+                        apply(&shared, &room_id, std::mem::take(&mut rest), &mut known).await;
+                    }
+                }
+                apply(&shared, &room_id, rest, &mut known).await;
+                return;
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Some(err) = apply(&shared, &room_id, batch, &mut known).await {
+            // Redis is failing: answer everything already queued now, instead of letting each
+            // batch wait out its own timeout. None of it was sent, so it is safe to retry.
+            let err = Error::StoreUnavailable(format!("redis is failing: {}", err.detail()));
+            while let Ok(job) = jobs.try_recv() {
+                let _ = job.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+pub(super) async fn apply(
+    shared: &Weak<Shared>,
+    room_id: &str,
+    batch: Vec<Job>,
+    known: &mut Option<Known>,
+) -> Option<Error> {
+    // With the store gone the jobs are dropped, and their callers learn it from the reply.
+    match (shared.upgrade(), batch.is_empty()) {
+        (Some(shared), false) => shared.apply_batch(room_id, batch, known).await,
+        _ => None,
+    }
+}
