@@ -195,7 +195,7 @@ const RATED_IDENTITIES: usize = 100_000;
 
 /// A per-identity rate limit (GCRA: one "theoretical arrival time" per identity), bounded in
 /// memory by a cache of identities. Written here because governor's keyed limiter keeps every
-/// key until told to sweep; this one never holds more than [`RATED_IDENTITIES`].
+/// key until told to sweep; this one never holds more than `RATED_IDENTITIES`.
 pub struct RateLimiter {
     /// Time between two commands at the sustained rate, in nanoseconds.
     interval: u64,

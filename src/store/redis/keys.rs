@@ -23,7 +23,7 @@ pub struct StoredMember {
     pub participant: Option<pb::Participant>,
 }
 
-/// A remembered answer as stored in the `answers` hash, under its [`engine::answer_key`].
+/// A remembered answer as stored in the `answers` hash, under its [`crate::engine::answer_key`].
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct StoredAnswer {
     /// When the answer is forgotten, in milliseconds since the Unix epoch (also its score in

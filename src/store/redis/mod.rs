@@ -1,6 +1,6 @@
 //! The Redis store: many roomctl nodes sharing one Redis behave as one control plane.
 //!
-//! **Layout** ([`keys`]). Every key of a room carries the hash tag `{room_id}`, so a room lives
+//! **Layout** (`keys`). Every key of a room carries the hash tag `{room_id}`, so a room lives
 //! in one Redis Cluster slot: `meta` (hash: `epoch`, `seq`), `members` (hash: client id to
 //! [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended them)
 //! with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`, trimmed
@@ -9,7 +9,7 @@
 //! empty room's keys expire together after `--empty-room-ttl`; a room created anew deletes what
 //! an old one of the same id left.
 //!
-//! **Atomicity** ([`writer`]). Commands for a room queue to that room's writer on the node, which takes them in
+//! **Atomicity** (`writer`). Commands for a room queue to that room's writer on the node, which takes them in
 //! batches: it reads what the batch needs (one MULTI), runs the room engine in Rust over the
 //! batch, and commits with a Lua script that applies the membership changes and appends the
 //! events only if the room's `seq` and `epoch` are still the ones read: a compare-and-set, retried
@@ -18,13 +18,13 @@
 //! and runs the next batch on it without a read: what it has not seen is assumed absent, and the
 //! commit script checks those assumptions too, so a busy room costs one round trip per batch.
 //!
-//! **Live delivery** ([`listener`]). The commit script also publishes the new events on one channel. Each node
+//! **Live delivery** (`listener`). The commit script also publishes the new events on one channel. Each node
 //! runs a single listener: it keeps a small cache of recent events per room that has local
 //! subscribers (a `Feed`) and wakes them; subscribers read from that cache, and only a
 //! subscriber behind the cache (replaying an old cursor) reads the stream itself. No connection
 //! or poll loop per subscriber.
 //!
-//! **Faults** ([`connection`]). Every Redis operation has a deadline and fails with `STORE_UNAVAILABLE`. The
+//! **Faults** (`connection`). Every Redis operation has a deadline and fails with `STORE_UNAVAILABLE`. The
 //! listener pings Redis; while it cannot, health is NOT_SERVING and every feed is dropped, so
 //! open streams re-check the store and end `UNAVAILABLE`. When Redis answers again the node serves
 //! again. A flushed or restarted Redis loses the room's `epoch` with its log, so old cursors get
