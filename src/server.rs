@@ -206,6 +206,7 @@ impl Server {
                         history: config.history,
                         empty_room_ttl: config.empty_room_ttl,
                         max_room_members: config.limits.max_room_members,
+                        presence_timeout: config.presence_timeout,
                     },
                     telemetry.clone(),
                 )

@@ -4,7 +4,8 @@
 //! allows and drops it when the client goes away, so nothing outlives its client. It holds a
 //! cursor, at most one read batch of shared events and a `watch` receiver; a subscriber that
 //! stops reading costs that much and no more, and if the history moves past its cursor it ends
-//! with `OUT_OF_RANGE`. It works against any [`RoomStore`].
+//! with `OUT_OF_RANGE`. It holds the client's presence lease, so a client is connected exactly as
+//! long as one of its streams is. It works against any [`RoomStore`].
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -20,7 +21,7 @@ use crate::engine::{Audience, Caller};
 use crate::error::Error;
 use crate::limits::StreamSlot;
 use crate::pb;
-use crate::store::RoomStore;
+use crate::store::{Lease, RoomStore};
 use crate::telemetry::Telemetry;
 use crate::validate;
 
@@ -71,6 +72,7 @@ pub async fn subscribe(
         finished: false,
         telemetry: tenancy.telemetry,
         _slot: tenancy.slot,
+        _lease: opening.lease,
     };
     Ok(Box::pin(futures_util::stream::unfold(
         follow,
@@ -93,6 +95,8 @@ struct Follow {
     finished: bool,
     telemetry: Telemetry,
     _slot: StreamSlot,
+    /// Keeps the client present while the stream lives (see the store's presence).
+    _lease: Lease,
 }
 
 impl Follow {

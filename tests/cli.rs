@@ -32,17 +32,9 @@ fn roomctl(args: &[&str]) -> Command {
 }
 
 /// Reads the child's stderr until the "listening on ADDR" line and returns ADDR.
-async fn listening_addr(child: &mut Child) -> String {
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let read = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("serve exited without listening");
-    };
-    tokio::time::timeout(PATIENCE, read).await.unwrap()
+async fn listening_addr(child: &mut Child) -> std::net::SocketAddr {
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    node_process::listening_addr(&mut log).await
 }
 
 fn sigterm(child: &Child) {
@@ -186,7 +178,7 @@ async fn dev_server_prints_tokens_and_drains_on_sigterm() {
         }
         if line.contains("/DropUser") {
             assert!(
-                line.contains(&addr),
+                line.contains(&addr.to_string()),
                 "grpcurl commands name the real address: {line}"
             );
             break;
@@ -194,7 +186,7 @@ async fn dev_server_prints_tokens_and_drains_on_sigterm() {
     }
     let moderator_token = moderator_token.expect("--dev prints a moderator token");
 
-    let mut alice = client_with_token(addr.parse().unwrap(), &moderator_token).await;
+    let mut alice = client_with_token(addr, &moderator_token).await;
     let joined = join(&mut alice, "demo", "Alice").await;
     let mut stream = subscribe(&mut alice, "demo", "", Some(0)).await.unwrap();
     assert_eq!(next_event(&mut stream).await.seq, joined.seq);
@@ -220,7 +212,6 @@ async fn serve_uses_the_configured_secret() {
         .spawn()
         .unwrap();
     let addr = listening_addr(&mut child).await;
-    let addr = addr.parse().unwrap();
     let mut ops = client_with_token(addr, &token("ops", "r", "service")).await;
     for i in 0..5 {
         join(&mut ops, "r", &format!("u{i}")).await;
@@ -402,7 +393,7 @@ async fn keys_rotate_by_kid_on_sighup() {
     ])
     .spawn()
     .unwrap();
-    let addr = listening_addr(&mut child).await.parse().unwrap();
+    let addr = listening_addr(&mut child).await;
     let claims = ["--identity", "ops", "--room", "r", "--role", "service"];
     let with = |kid: &'static str| {
         let mut args = claims.to_vec();
@@ -455,7 +446,7 @@ async fn oldest_kept(extra: &[&str], env: &[(&str, &str)]) -> String {
         command.env(name, value);
     }
     let mut child = command.spawn().unwrap();
-    let addr = listening_addr(&mut child).await.parse().unwrap();
+    let addr = listening_addr(&mut child).await;
     let token = mint(
         ENV_SECRET.as_bytes(),
         &Claims::new("ops", "r", "service", Duration::from_secs(60)),

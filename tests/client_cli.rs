@@ -101,33 +101,14 @@ async fn join_participants_and_drop_from_the_command_line() {
 }
 
 /// A `roomctl serve` node on the Redis at `redis`, listening on `listen`.
-async fn node(redis: &RedisServer, listen: &str) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", listen, "--store", &redis.url()])
-        .env(
-            "ROOMCTL_JWT_SECRET",
-            String::from_utf8_lossy(SECRET).as_ref(),
-        )
-        .env("ROOMCTL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                return rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-        panic!("serve exited without listening");
-    })
+async fn node(redis: &RedisServer, listen: &str) -> (Child, std::net::SocketAddr) {
+    node_process::start_quiet(node_process::serve(&[
+        "--listen",
+        listen,
+        "--store",
+        &redis.url(),
+    ]))
     .await
-    .unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
 }
 
 /// The next JSON object the watch prints.
@@ -180,7 +161,7 @@ async fn watch_resumes_across_a_node_restart_on_redis() {
     for i in 0..2 {
         join(&mut ops, "r", &format!("while-down-{i}")).await;
     }
-    let (_a_again, _) = node(&redis, &addr).await;
+    let (_a_again, _) = node(&redis, &addr.to_string()).await;
     join(&mut ops, "r", "after").await;
     ops.drop_user(drop_request("r", &[&me.client_id], "done"))
         .await

@@ -5,13 +5,11 @@
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
-use std::process::Stdio;
 
 use common::redis_server::{redis_available, RedisServer};
 use common::*;
 use roomctl::pb::{self, event::Payload, DropOutcome};
 use roomctl::server::{ServerConfig, StoreConfig};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
@@ -35,10 +33,16 @@ async fn participants(client: &mut Client, room: &str) -> usize {
     snapshot.into_inner().participants.len()
 }
 
-/// Waits until `room` has at least `count` participants.
+/// Waits until `room` has at least `count` participants (it may not exist yet: the joins that
+/// create it can still be on their way).
 async fn wait_for_participants(client: &mut Client, room: &str, count: usize) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while participants(client, room).await < count {
+    loop {
+        match client.list_participants(list(room)).await {
+            Ok(snapshot) if snapshot.get_ref().participants.len() >= count => return,
+            Ok(_) => {}
+            Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "never reached {count} participants"
@@ -143,30 +147,9 @@ async fn a_killed_node_loses_nothing() {
         return;
     }
     let redis = RedisServer::start().await;
-    let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_roomctl"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", &redis.url()])
-        .env(
-            "ROOMCTL_JWT_SECRET",
-            String::from_utf8_lossy(SECRET).as_ref(),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(doomed.stderr.take().unwrap()).lines();
-    let doomed_addr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                return rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        }
-        panic!("node exited before listening")
-    })
-    .await
-    .unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = redis.url();
+    let serve = node_process::serve(&["--listen", "127.0.0.1:0", "--store", &url]);
+    let (mut doomed, doomed_addr) = node_process::start_quiet(serve).await;
     let survivor = Node::start(redis_config(&redis)).await;
 
     let mut writer = survivor.client("gw", "r", "service").await;
@@ -445,7 +428,8 @@ async fn a_flushed_redis_is_detected_by_the_epoch() {
     assert_eq!(meta["epoch"], after.epoch);
 }
 
-/// Every key of a room carries the room's hash tag, so a room lives in one Redis Cluster slot.
+/// Every key of a room carries the room's hash tag, so a room lives in one Redis Cluster slot;
+/// the only other key is the fleet's index of rooms whose presence to check.
 #[tokio::test]
 async fn every_key_of_a_room_shares_its_hash_tag() {
     if !redis_available() {
@@ -470,9 +454,9 @@ async fn every_key_of_a_room_shares_its_hash_tag() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(keys.len() >= 5, "{keys:?}");
-    assert!(
-        keys.iter().all(|k| k.starts_with("roomctl:{team.x}:")),
-        "{keys:?}"
-    );
+    let (room, fleet): (Vec<&String>, Vec<&String>) = keys
+        .iter()
+        .partition(|k| k.starts_with("roomctl:{team.x}:"));
+    assert!(room.len() >= 5, "{keys:?}");
+    assert_eq!(fleet, ["roomctl:presence"], "{keys:?}");
 }

@@ -63,6 +63,7 @@ async fn stores(kind: Kind) -> Stores {
                 history: HISTORY,
                 empty_room_ttl: ttl,
                 max_room_members: MAX_MEMBERS,
+                presence_timeout: None,
             };
             let a = RedisStore::connect(config.clone()).await.unwrap();
             let b = RedisStore::connect(config).await.unwrap();
@@ -458,6 +459,42 @@ async fn full_rooms_refuse_joins_on_every_handle(s: Stores) {
     );
 }
 
+/// The same time-out, issued by both handles at once (as two nodes that both noticed a lapsed
+/// lease would), removes each client once: one `user_disconnected` per client in all, and the
+/// handles that lost the race report nobody removed.
+async fn concurrent_time_outs_remove_once(s: Stores) {
+    for i in 0..3 {
+        join(&s.a, "r", &format!("c{i}")).await;
+    }
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let store = if n % 2 == 0 { s.a.clone() } else { s.b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let cmd = Command::TimeOut {
+                client_ids: vec!["c0".into(), "c2".into(), "nobody".into()],
+            };
+            store.execute("r", &Caller::system(), cmd).await.unwrap()
+        }));
+    }
+    let mut removed = Vec::new();
+    let mut events = 0;
+    for task in tasks {
+        let applied = task.await.unwrap();
+        events += applied.events.len();
+        match applied.reply {
+            Reply::TimedOut(ids) => removed.extend(ids),
+            other => panic!("{other:?}"),
+        }
+    }
+    removed.sort();
+    assert_eq!(removed, ["c0", "c2"]);
+    assert_eq!(events, 2);
+    let snapshot = s.b.snapshot("r").await.unwrap();
+    assert_eq!(snapshot.window.newest_seq, 3 + 2);
+    let left: Vec<_> = snapshot.participants.iter().map(|p| &p.client_id).collect();
+    assert_eq!(left, ["c1"]);
+}
+
 /// A store reports itself healthy once it can serve.
 async fn health_turns_serving(s: Stores) {
     let mut health = s.a.health();
@@ -479,5 +516,6 @@ conformance! {
     answers_are_forgotten_with_their_room,
     remembered_answers_are_bounded,
     full_rooms_refuse_joins_on_every_handle,
+    concurrent_time_outs_remove_once,
     health_turns_serving,
 }

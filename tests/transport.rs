@@ -6,7 +6,6 @@ mod common;
 
 use std::io;
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,9 +14,7 @@ use std::time::Duration;
 use common::proc::cpu_of;
 use common::*;
 use roomctl::pb;
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -53,24 +50,8 @@ async fn others_are_served(client: &mut Client, calls: usize) {
 /// the connection it already had, and accepts again once the idle connections are gone.
 #[tokio::test]
 async fn running_out_of_file_descriptors_is_survived() {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_roomctl"));
-    command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--handshake-timeout",
-            "1h",
-        ])
-        .env(
-            "ROOMCTL_JWT_SECRET",
-            String::from_utf8_lossy(SECRET).as_ref(),
-        )
-        .env("ROOMCTL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut command =
+        node_process::serve(&["--listen", "127.0.0.1:0", "--handshake-timeout", "1h"]);
     // SAFETY: setrlimit is async-signal-safe and touches nothing but the child's limits.
     unsafe {
         command.pre_exec(|| {
@@ -84,20 +65,8 @@ async fn running_out_of_file_descriptors_is_survived() {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
+    let (mut child, addr, mut lines) = node_process::start(command).await;
     let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let line = lines.next_line().await.unwrap().expect("serve started");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        }
-    })
-    .await
-    .unwrap();
-    let addr = addr.parse().unwrap();
     let mut ops = client_with_token(addr, &token("ops", "r", "service")).await;
     join(&mut ops, "r", "x").await;
 

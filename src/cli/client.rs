@@ -292,16 +292,17 @@ pub fn participants(args: ParticipantsArgs) -> Result<(), Failure> {
     })?;
     args.connection.print(&snapshot, || {
         let mut table = format!(
-            "{:<32}  {:<20}  {:<20}  {:<11}  JOINED",
-            "CLIENT ID", "IDENTITY", "NAME", "ROLE"
+            "{:<32}  {:<20}  {:<20}  {:<11}  {:<9}  JOINED",
+            "CLIENT ID", "IDENTITY", "NAME", "ROLE", "CONNECTED"
         );
         for p in &snapshot.participants {
             table.push_str(&format!(
-                "\n{:<32}  {:<20}  {:<20}  {:<11}  {}",
+                "\n{:<32}  {:<20}  {:<20}  {:<11}  {:<9}  {}",
                 p.client_id,
                 p.identity,
                 p.name,
                 role_name(p.role),
+                if p.connected { "yes" } else { "no" },
                 time(p.joined_at.as_ref())
             ));
         }

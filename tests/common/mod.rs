@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod grpcurl;
+pub mod node_process;
 pub mod proc;
 pub mod redis_server;
 pub mod tools;

@@ -6,8 +6,10 @@
 //! The invariants: every command either fails and changes nothing, or logs events numbered
 //! from the room's `seq + 1` with no gap; the membership replayed from the log is the room's
 //! membership; a drop logs each dropped client's `room_disconnected` right before its
-//! `user_disconnected` and then one ack with the same results; participants never drop; a
-//! retried request id returns the first answer and logs nothing while it is remembered.
+//! `user_disconnected` and then one ack with the same results; a time-out logs one
+//! `user_disconnected{TIMED_OUT}` per client still present, once each, and nothing for others;
+//! participants never drop; a retried request id returns the first answer and logs nothing
+//! while it is remembered.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
@@ -72,7 +74,7 @@ pub fn check(bytes: &[u8]) {
             n if n < joined => format!("c{n}"),
             _ => "ghost".to_owned(),
         };
-        let (kind, cmd) = match op % 4 {
+        let (kind, cmd) = match op % 5 {
             0 => {
                 let (Some(role), Some(identity), Some(key)) =
                     (input.next(), input.next(), input.next())
@@ -117,6 +119,15 @@ pub fn check(bytes: &[u8]) {
                 });
                 ("drop", cmd)
             }
+            3 => {
+                let Some(count) = input.next() else { return };
+                let mut client_ids = Vec::new();
+                for _ in 0..=count % 4 {
+                    let Some(target) = input.next() else { return };
+                    client_ids.push(client(target, joined));
+                }
+                ("time-out", Command::TimeOut { client_ids })
+            }
             _ => {
                 now += Duration::from_secs(u64::from(who) * 10);
                 continue;
@@ -127,6 +138,12 @@ pub fn check(bytes: &[u8]) {
             .map(|id| (kind, caller.identity.clone(), id.to_owned()));
         let before_seq = state.seq();
         let before: BTreeSet<String> = members(&state);
+        // Only the store times clients out, as roomctl itself.
+        let system = Caller::system();
+        let caller = match cmd {
+            Command::TimeOut { .. } => &system,
+            _ => caller,
+        };
         let outcome = apply(&mut state, caller, cmd.clone(), now);
         let Ok(applied) = outcome else {
             if matches!(cmd, Command::Drop(_)) && caller.role == TokenRole::Participant {
@@ -176,6 +193,9 @@ pub fn check(bytes: &[u8]) {
                 check_drop(&applied.events, response, &before, &caller.identity)
             }
             (Command::Leave { .. }, Reply::Left) => {}
+            (Command::TimeOut { client_ids }, Reply::TimedOut(removed)) => {
+                check_time_out(&applied.events, client_ids, removed, &before)
+            }
             (cmd, reply) => panic!("{cmd:?} answered {reply:?}"),
         }
         if let Some(key) = key {
@@ -211,6 +231,31 @@ fn replay(log: &[pb::Event]) -> BTreeSet<String> {
         }
     }
     members
+}
+
+/// A time-out's events: one `user_disconnected{TIMED_OUT}` for each client present before, in
+/// request order, once; the reply names exactly those.
+fn check_time_out(
+    events: &[pb::Event],
+    client_ids: &[String],
+    removed: &[String],
+    before: &BTreeSet<String>,
+) {
+    let mut expected: Vec<&String> = Vec::new();
+    for id in client_ids {
+        if before.contains(id) && !expected.contains(&id) {
+            expected.push(id);
+        }
+    }
+    assert_eq!(removed.iter().collect::<Vec<_>>(), expected);
+    assert_eq!(events.len(), expected.len());
+    for (event, client_id) in events.iter().zip(expected) {
+        let Some(Payload::UserDisconnected(gone)) = &event.payload else {
+            panic!("{event:?}")
+        };
+        assert_eq!(&gone.client_id, client_id);
+        assert_eq!(gone.reason(), DisconnectReason::TimedOut);
+    }
 }
 
 /// A drop's events: for each dropped client (those present before, in request order, once),

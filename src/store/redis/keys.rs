@@ -87,6 +87,7 @@ pub(super) struct Keys {
     pub(super) log: String,
     pub(super) answers: String,
     pub(super) answered: String,
+    pub(super) leases: String,
 }
 
 impl Keys {
@@ -100,6 +101,7 @@ impl Keys {
             log: format!("{tag}:log"),
             answers: format!("{tag}:answers"),
             answered: format!("{tag}:answered"),
+            leases: format!("{tag}:leases"),
         }
     }
 
@@ -117,23 +119,25 @@ impl Keys {
 }
 
 /// The commit of a batch. Returns 0, changing nothing, unless the room is still at the `seq` and
-/// `epoch` the batch ran on, and every member id and answer key the batch assumed absent is
-/// absent. Then it appends the events, applies membership changes, remembers the new answers
+/// `epoch` the batch ran on, every member id and answer key the batch assumed absent is absent,
+/// and every client it times out still has a lapsed lease (none came back meanwhile). Then it
+/// appends the events, applies membership changes (with presence on, a joined client gets a
+/// lease in its grace period, a departed one loses its lease), remembers the new answers
 /// (forgetting expired ones and the oldest past the cap), sets or clears the empty-room expiry,
 /// publishes, and returns 1. A room created anew first deletes whatever a forgotten room of the
 /// same id left behind: answers, like the log, belong to their epoch.
 pub(super) const COMMIT: &str = r#"
-local meta, members, departed, owners, log, answers, answered =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local meta, members, departed, owners, log, answers, answered, leases =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local now, max_answers = ARGV[7], tonumber(ARGV[8])
+local now, max_answers, presence = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 if expected == '' then
   if current[1] then return 0 end
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 9
+local i = 10
 for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
@@ -143,8 +147,14 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   if redis.call('HEXISTS', answers, ARGV[i]) == 1 then return 0 end
 end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  i = i + 1
+  local lease = redis.call('ZSCORE', leases, ARGV[i])
+  if lease and tonumber(lease) > tonumber(now) then return 0 end
+end
 if expected == '' then
-  redis.call('DEL', members, departed, owners, log, answers, answered)
+  redis.call('DEL', members, departed, owners, log, answers, answered, leases)
   redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
 end
 i = i + 1
@@ -158,11 +168,16 @@ i = i + 1
 redis.call('HSET', meta, 'seq', last)
 for _ = 1, tonumber(ARGV[i]) do
   redis.call('HSET', members, ARGV[i + 1], ARGV[i + 2])
+  if presence > 0 then
+    -- In its grace period (the .5) until it opens a stream.
+    redis.call('ZADD', leases, tonumber(now) + presence + 0.5, ARGV[i + 1])
+  end
   i = i + 2
 end
 i = i + 1
 for _ = 1, tonumber(ARGV[i]) do
   redis.call('HDEL', members, ARGV[i + 1])
+  redis.call('ZREM', leases, ARGV[i + 1])
   redis.call('ZADD', departed, ARGV[i + 3], ARGV[i + 1])
   redis.call('HSET', owners, ARGV[i + 1], ARGV[i + 2])
   i = i + 3
@@ -192,7 +207,7 @@ if oldest > 1 then
   end
   redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
 end
-local room = {meta, members, departed, owners, log, answers, answered}
+local room = {meta, members, departed, owners, log, answers, answered, leases}
 if redis.call('HLEN', members) == 0 then
   for _, key in ipairs(room) do
     if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl) end
@@ -224,6 +239,15 @@ pub(super) fn number(value: &Value) -> Option<u64> {
     match value {
         Value::Int(n) => u64::try_from(*n).ok(),
         Value::Double(d) => Some(*d as u64),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// A sorted-set score (a lease's expiry, in milliseconds, `.5` marking a grace period).
+pub(super) fn score_of(value: &Value) -> Option<f64> {
+    match value {
+        Value::Double(d) => Some(*d),
+        Value::Int(n) => Some(*n as f64),
         other => text(other)?.parse().ok(),
     }
 }

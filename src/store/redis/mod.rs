@@ -33,13 +33,14 @@
 mod connection;
 mod keys;
 mod listener;
+mod presence;
 mod writer;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -73,6 +74,9 @@ pub struct RedisConfig {
     pub empty_room_ttl: Duration,
     /// Most participants per room.
     pub max_room_members: usize,
+    /// How long a client may be without an open stream on any node before it is removed;
+    /// None: presence is off.
+    pub presence_timeout: Option<Duration>,
 }
 
 struct Shared {
@@ -86,12 +90,15 @@ struct Shared {
     pub(super) next_writer: AtomicU64,
     pub(super) healthy: watch::Sender<bool>,
     pub(super) telemetry: Telemetry,
+    /// This node's share of presence: its open client streams and their closes.
+    pub(super) presence: Mutex<presence::Local>,
 }
 
 /// The Redis [`RoomStore`].
 pub struct RedisStore {
     shared: Arc<Shared>,
     _listener: AbortOnDropHandle<()>,
+    _presence: Option<AbortOnDropHandle<()>>,
 }
 
 impl RedisStore {
@@ -123,19 +130,51 @@ impl RedisStore {
             next_writer: AtomicU64::new(0),
             healthy: watch::Sender::new(false),
             telemetry,
+            presence: Mutex::default(),
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
         let pubsub = subscribe(&client, &shared).await?;
         shared.healthy.send_replace(true);
         let listener = tokio::spawn(listen(shared.clone(), client, pubsub));
+        let presence = shared
+            .config
+            .presence_timeout
+            .map(|timeout| tokio::spawn(presence::keep_presence(Arc::downgrade(&shared), timeout)))
+            .map(AbortOnDropHandle::new);
         Ok(Self {
             shared,
             _listener: AbortOnDropHandle::new(listener),
+            _presence: presence,
         })
     }
 }
 
 impl Shared {
+    /// Runs `cmd` by `caller` through the room's writer on this node and waits for its answer.
+    pub(super) async fn submit(
+        self: &Arc<Self>,
+        room_id: &str,
+        caller: &Caller,
+        cmd: Command,
+    ) -> Result<Applied, Error> {
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job {
+            caller: caller.clone(),
+            cmd,
+            reply,
+        };
+        loop {
+            match self.writer(room_id).send(job).await {
+                Ok(()) => break,
+                // That writer retired just now; the next call starts a new one.
+                Err(mpsc::error::SendError(returned)) => job = returned,
+            }
+        }
+        answer
+            .await
+            .map_err(|_| Error::Internal(format!("the writer of room {room_id:?} stopped")))?
+    }
+
     pub(super) fn conn(&self) -> ConnectionManager {
         self.conn.clone()
     }
@@ -168,29 +207,20 @@ impl RoomStore for RedisStore {
         caller: &Caller,
         cmd: Command,
     ) -> Result<Applied, Error> {
-        let (reply, answer) = oneshot::channel();
-        let mut job = Job {
-            caller: caller.clone(),
-            cmd,
-            reply,
-        };
-        loop {
-            match self.shared.writer(room_id).send(job).await {
-                Ok(()) => break,
-                // That writer retired just now; the next call starts a new one.
-                Err(mpsc::error::SendError(returned)) => job = returned,
-            }
-        }
-        answer
-            .await
-            .map_err(|_| Error::Internal(format!("the writer of room {room_id:?} stopped")))?
+        self.shared.submit(room_id, caller, cmd).await
     }
 
     async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error> {
         let keys = Keys::new(room_id);
         let mut pipe = keys.read_meta();
-        pipe.cmd("HVALS").arg(&keys.members);
-        let (meta_reply, members_reply): (Value, Value) = self
+        pipe.cmd("HVALS")
+            .arg(&keys.members)
+            .cmd("ZRANGE")
+            .arg(&keys.leases)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let (meta_reply, members_reply, leases): (Value, Value, Value) = self
             .shared
             .timed("snapshot", pipe.query_async(&mut self.shared.conn()))
             .await?;
@@ -202,8 +232,15 @@ impl RoomStore for RedisStore {
             members.extend(member(&value)?);
         }
         members.sort_unstable_by_key(|(_, join_seq)| *join_seq);
+        let connected = self.shared.connected(leases, SystemTime::now());
         Ok(Snapshot {
-            participants: members.into_iter().map(|(p, _)| p).collect(),
+            participants: members
+                .into_iter()
+                .map(|(mut p, _)| {
+                    p.connected = connected.contains(&p.client_id);
+                    p
+                })
+                .collect(),
             window: self.window(&epoch, seq),
         })
     }
@@ -222,6 +259,8 @@ impl RoomStore for RedisStore {
                 .cmd("HGET")
                 .arg(&keys.owners)
                 .arg(client_id);
+            // A client that comes back renews its lease at once, before a round could miss it.
+            self.shared.renew(&mut pipe, &keys, client_id);
         }
         let replies: Vec<Value> = self
             .shared
@@ -241,11 +280,17 @@ impl RoomStore for RedisStore {
             (None, Some(end_seq), Some(identity)) => ClientStatus::Departed { identity, end_seq },
             _ => ClientStatus::Unknown,
         };
+        let lease = match (&client, client_id, self.shared.config.presence_timeout) {
+            (ClientStatus::Present { .. }, Some(client_id), Some(_)) => {
+                Lease::new(self.shared.hold(room_id, client_id))
+            }
+            _ => Lease::none(),
+        };
         Ok(Opening {
             window: self.window(&epoch, seq),
             client,
             head,
-            lease: Lease::none(),
+            lease,
         })
     }
 

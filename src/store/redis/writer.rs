@@ -12,12 +12,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::connection::{unavailable, OP_TIMEOUT};
 use super::keys::{
-    array, bytes, corrupt, member, meta, millis, number, Keys, StoredAnswer, StoredMember,
+    array, bytes, corrupt, member, meta, millis, number, score_of, Keys, StoredAnswer, StoredMember,
 };
 use super::listener::{Notice, CHANNEL};
 use super::{RedisConfig, Shared};
 use crate::engine::{
-    self, Applied, Caller, Change, Command, Remembered, RoomState, MAX_REMEMBERED_ANSWERS,
+    self, Applied, Caller, Change, Command, Remembered, Reply, RoomState, MAX_REMEMBERED_ANSWERS,
 };
 use crate::error::Error;
 use crate::pb;
@@ -63,6 +63,9 @@ pub(super) struct Job {
 
 /// What a batch of commands needs read back before the engine runs.
 pub(super) struct Loaded {
+    /// Of the clients the batch times out, those whose lease has lapsed or is gone (as the
+    /// commit script decides too; a client that came back has a lease in the future).
+    pub(super) lapsed: HashSet<String>,
     pub(super) meta: Option<(String, u64)>,
     pub(super) population: usize,
     pub(super) members: Vec<(pb::Participant, u64)>,
@@ -128,8 +131,8 @@ impl Shared {
     pub(super) async fn load(
         &self,
         keys: &Keys,
-        ids: &[&str],
-        answers: &[String],
+        (ids, answers, timing_out): (&[&str], &[String], &[&str]),
+        now: SystemTime,
     ) -> Result<Loaded, Error> {
         let mut pipe = keys.read_meta();
         pipe.cmd("HLEN").arg(&keys.members);
@@ -138,6 +141,9 @@ impl Shared {
         }
         if !answers.is_empty() {
             pipe.cmd("HMGET").arg(&keys.answers).arg(answers);
+        }
+        if !timing_out.is_empty() {
+            pipe.cmd("ZMSCORE").arg(&keys.leases).arg(timing_out);
         }
         let mut replies = self
             .timed("load", pipe.query_async::<Vec<Value>>(&mut self.conn()))
@@ -161,7 +167,18 @@ impl Shared {
                 }
             }
         }
+        let mut lapsed = HashSet::new();
+        if !timing_out.is_empty() {
+            let scores = array(replies.next().unwrap_or(Value::Nil));
+            let now = millis(now) as f64;
+            for (id, score) in timing_out.iter().zip(scores) {
+                if score_of(&score).is_none_or(|lease| lease <= now) {
+                    lapsed.insert((*id).to_owned());
+                }
+            }
+        }
         Ok(Loaded {
+            lapsed,
             meta,
             population,
             members,
@@ -181,16 +198,33 @@ impl Shared {
     ) -> Option<Error> {
         let keys = Keys::new(room_id);
         let (ids, answer_keys) = wanted(&jobs);
+        let timing_out: Vec<&str> = jobs
+            .iter()
+            .filter_map(|job| match &job.cmd {
+                Command::TimeOut { client_ids } => Some(client_ids),
+                _ => None,
+            })
+            .flatten()
+            .map(String::as_str)
+            .collect();
         self.telemetry.batch(jobs.len());
         let outcome = async {
             for _ in 0..MAX_ATTEMPTS {
                 let now = SystemTime::now();
-                let known_view = known.take().filter(Known::usable);
+                // Leases change without the seq: a time-out always reads them afresh.
+                let known_view = known.take().filter(|k| k.usable() && timing_out.is_empty());
                 let fresh = known_view.is_none();
+                let mut lapsed = HashSet::new();
                 let (mut state, mut seen_ids, mut seen_answers, read_at) = match known_view {
                     Some(k) => (Some(k.state), k.ids, k.answers, k.read_at),
                     None => {
-                        let loaded = self.load(&keys, &ids, &answer_keys).await?;
+                        let wants = (
+                            ids.as_slice(),
+                            answer_keys.as_slice(),
+                            timing_out.as_slice(),
+                        );
+                        let loaded = self.load(&keys, wants, now).await?;
+                        lapsed = loaded.lapsed;
                         let state = loaded.meta.map(|(epoch, seq)| {
                             let (members, answers) = (loaded.members, loaded.answers);
                             let population = loaded.population;
@@ -213,9 +247,23 @@ impl Shared {
                     .filter(|key| !seen_answers.contains(*key))
                     .collect();
                 let expected = state.as_ref().map(RoomState::seq);
+                let was_empty = state.as_ref().is_none_or(RoomState::is_empty);
                 let results: Vec<Result<Applied, Error>> = jobs
                     .iter()
-                    .map(|job| run(&mut state, room_id, job, &self.config, now))
+                    .map(|job| {
+                        // Only the clients whose leases have lapsed by now are timed out.
+                        let cmd = match &job.cmd {
+                            Command::TimeOut { client_ids } => Command::TimeOut {
+                                client_ids: client_ids
+                                    .iter()
+                                    .filter(|id| lapsed.contains(*id))
+                                    .cloned()
+                                    .collect(),
+                            },
+                            cmd => cmd.clone(),
+                        };
+                        run(&mut state, room_id, &job.caller, cmd, &self.config, now)
+                    })
                     .collect();
                 let writes = results.iter().flatten().any(|a| !a.events.is_empty());
                 let Some(mut state) = state else {
@@ -236,6 +284,14 @@ impl Shared {
                         read_at,
                     });
                     return Ok(results);
+                }
+                let joined = results
+                    .iter()
+                    .flatten()
+                    .any(|a| a.changes.iter().any(|c| matches!(c, Change::Joined { .. })));
+                if joined && was_empty {
+                    // The room's first lease: its time-out must be checked from now on.
+                    self.watch_presence(room_id, now).await?;
                 }
                 let assumed = (assumed_ids.as_slice(), assumed_answers.as_slice());
                 if self
@@ -334,7 +390,8 @@ impl Shared {
             .key(&keys.owners)
             .key(&keys.log)
             .key(&keys.answers)
-            .key(&keys.answered);
+            .key(&keys.answered)
+            .key(&keys.leases);
         call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
             .arg(state.epoch())
             .arg(self.config.history)
@@ -342,7 +399,12 @@ impl Shared {
             .arg(CHANNEL)
             .arg(notice)
             .arg(millis(now))
-            .arg(MAX_REMEMBERED_ANSWERS);
+            .arg(MAX_REMEMBERED_ANSWERS)
+            .arg(
+                self.config
+                    .presence_timeout
+                    .map_or(0, |t| t.as_millis() as u64),
+            );
         call.arg(assumed_ids.len());
         for id in assumed_ids {
             call.arg(*id);
@@ -350,6 +412,18 @@ impl Shared {
         call.arg(assumed_answers.len());
         for key in assumed_answers {
             call.arg(*key);
+        }
+        let timed_out: Vec<&String> = applied
+            .iter()
+            .filter_map(|a| match &a.reply {
+                Reply::TimedOut(removed) => Some(removed),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        call.arg(timed_out.len());
+        for id in timed_out {
+            call.arg(id);
         }
         call.arg(events.len());
         for event in &events {
@@ -408,21 +482,22 @@ impl Shared {
     }
 }
 
-/// Applies one job to the batch's view of the room; a join may create the room.
+/// Applies one command to the batch's view of the room; a join may create the room.
 pub(super) fn run(
     state: &mut Option<RoomState>,
     room_id: &str,
-    job: &Job,
+    caller: &Caller,
+    cmd: Command,
     config: &RedisConfig,
     now: SystemTime,
 ) -> Result<Applied, Error> {
     match state {
-        Some(state) => engine::apply(state, &job.caller, job.cmd.clone(), now),
-        None if job.cmd.creates_room() => {
+        Some(state) => engine::apply(state, caller, cmd, now),
+        None if cmd.creates_room() => {
             let epoch = uuid::Uuid::new_v4().simple().to_string();
             let mut fresh =
                 RoomState::new(room_id, epoch).with_max_members(config.max_room_members);
-            let applied = engine::apply(&mut fresh, &job.caller, job.cmd.clone(), now)?;
+            let applied = engine::apply(&mut fresh, caller, cmd, now)?;
             *state = Some(fresh);
             Ok(applied)
         }

@@ -1,0 +1,341 @@
+//! Presence on Redis: a client stays while an `Events` stream as that client is open on some
+//! node, and is timed out when none has been for `--presence-timeout`, even if the node that
+//! held its last stream died.
+//!
+//! Each room keeps a `leases` sorted set: client id to the time (ms) its lease runs out. A join
+//! gives the new client a lease of one timeout (its grace for a first stream). A node holding a
+//! client's stream renews its lease to now + timeout when the stream opens and then every third
+//! of the timeout, in one `ZADD` per room (all the room's clients streaming on that node), for
+//! all rooms in one round trip; when the node's last stream of that client closes, it sets the
+//! lease to close + timeout. A lease in its grace period ends in `.5` (a join, a close); renewals
+//! are whole milliseconds, so `ListParticipants` can tell connected clients from the others. If
+//! the node dies, its renewals stop and the leases run out.
+//!
+//! Which rooms to look at: the global sorted set `roomctl:presence` holds, for every room with
+//! leases, a time no later than its earliest lease. A room's first lease puts it there (before
+//! the join commits, so a crash can leave a harmless extra entry but never a missing one), and
+//! leases only move later, so the entry stays early enough. Every node takes the rooms that are
+//! due, times their lapsed clients out through the room's writer (the commit script checks that
+//! each lease is still lapsed, so a client that came back in time stays, and the seq check makes
+//! the removal happen once whichever node gets there first), then moves the entry to the
+//! room's next lease with a compare-and-set that yields to any concurrent change.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use redis::Value;
+
+use super::keys::{array, millis, score_of, text, Keys};
+use super::Shared;
+use crate::engine::{Applied, Caller, Command, Reply};
+use crate::error::Error;
+
+/// The rooms whose presence must be checked, by when.
+pub(super) const INDEX: &str = "roomctl:presence";
+/// Most due rooms one node checks per batch.
+const DUE_PER_BATCH: usize = 64;
+/// Most batches of due rooms one node checks per round.
+const BATCHES_PER_ROUND: usize = 32;
+
+/// Moves a room's entry in the index only if it is still what was read: another node's change
+/// (a new room's first lease) wins. `ARGV[3]` empty removes the entry.
+const RESCHEDULE: &str = r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+end
+return 1
+"#;
+
+/// The stream counts and pending closes of this node's clients.
+#[derive(Default)]
+pub(super) struct Local {
+    /// Streams open on this node, by room and client.
+    streams: HashMap<String, HashMap<String, u32>>,
+    /// Clients whose last stream on this node closed, and when, not yet written.
+    closed: HashMap<(String, String), SystemTime>,
+}
+
+/// One stream's share in its client's presence on this node.
+pub(super) struct Release {
+    shared: Weak<Shared>,
+    room_id: String,
+    client_id: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut local = shared.local();
+        let Some(clients) = local.streams.get_mut(&self.room_id) else {
+            return;
+        };
+        let Some(count) = clients.get_mut(&self.client_id) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            clients.remove(&self.client_id);
+            if clients.is_empty() {
+                local.streams.remove(&self.room_id);
+            }
+            let key = (self.room_id.clone(), self.client_id.clone());
+            local.closed.insert(key, SystemTime::now());
+        }
+    }
+}
+
+/// A lease's score: `at + timeout` in milliseconds, `.5` when it starts a grace period.
+fn score(at: SystemTime, timeout: Duration, grace: bool) -> String {
+    let ms = millis(at) + timeout.as_millis() as u64;
+    if grace {
+        format!("{ms}.5")
+    } else {
+        ms.to_string()
+    }
+}
+
+impl Shared {
+    fn local(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a stream as `client_id` of `room_id` on this node until the returned guard is
+    /// dropped. The caller renews the lease as it opens the stream.
+    pub(super) fn hold(self: &Arc<Self>, room_id: &str, client_id: &str) -> Release {
+        let mut local = self.local();
+        *local
+            .streams
+            .entry(room_id.to_owned())
+            .or_default()
+            .entry(client_id.to_owned())
+            .or_default() += 1;
+        local
+            .closed
+            .remove(&(room_id.to_owned(), client_id.to_owned()));
+        Release {
+            shared: Arc::downgrade(self),
+            room_id: room_id.to_owned(),
+            client_id: client_id.to_owned(),
+        }
+    }
+
+    /// Adds to `pipe` the renewal of `client_id`'s lease in `keys`'s room (an existing lease
+    /// only, and only later).
+    pub(super) fn renew(&self, pipe: &mut redis::Pipeline, keys: &Keys, client_id: &str) {
+        if let Some(timeout) = self.config.presence_timeout {
+            pipe.cmd("ZADD")
+                .arg(&keys.leases)
+                .arg("XX")
+                .arg("GT")
+                .arg(score(SystemTime::now(), timeout, false))
+                .arg(client_id)
+                .ignore();
+        }
+    }
+
+    /// The clients of a `ZRANGE leases 0 -1 WITHSCORES` reply that have a stream open now: a
+    /// lease renewed (whole milliseconds, not a `.5` grace) within the last two renewal rounds,
+    /// so a client whose node died shows as not connected after two thirds of the timeout.
+    pub(super) fn connected(&self, leases: Value, now: SystemTime) -> HashSet<String> {
+        let Some(timeout) = self.config.presence_timeout else {
+            return HashSet::new();
+        };
+        let recent = (millis(now) + timeout.as_millis() as u64 / 3) as f64;
+        array(leases)
+            .chunks(2)
+            .filter_map(|pair| Some((text(pair.first()?)?, score_of(pair.get(1)?)?)))
+            .filter(|(_, lease)| lease.fract() == 0.0 && *lease > recent)
+            .map(|(client_id, _)| client_id)
+            .collect()
+    }
+
+    /// Puts `room_id` in the index of rooms to check, at its first lease's end: called before
+    /// the commit that gives an empty room its first lease. Overwrites (rather than lowers) a
+    /// stale entry, so a concurrent reschedule that read it yields.
+    pub(super) async fn watch_presence(&self, room_id: &str, now: SystemTime) -> Result<(), Error> {
+        let Some(timeout) = self.config.presence_timeout else {
+            return Ok(());
+        };
+        let first = score(now, timeout, false);
+        self.timed(
+            "presence",
+            redis::cmd("ZADD")
+                .arg(INDEX)
+                .arg(first)
+                .arg(room_id)
+                .query_async::<()>(&mut self.conn()),
+        )
+        .await
+    }
+
+    /// One round of this node's presence work: write the leases of streams that closed, renew
+    /// those of open streams, then time out the lapsed clients of due rooms.
+    async fn presence_round(self: &Arc<Self>, timeout: Duration) -> Result<(), Error> {
+        let now = SystemTime::now();
+        let (renewals, closes) = {
+            let mut local = self.local();
+            let renewals: Vec<(String, Vec<String>)> = local
+                .streams
+                .iter()
+                .map(|(room, clients)| (room.clone(), clients.keys().cloned().collect()))
+                .collect();
+            (renewals, std::mem::take(&mut local.closed))
+        };
+        if !renewals.is_empty() || !closes.is_empty() {
+            let mut pipe = redis::pipe();
+            for (room_id, clients) in &renewals {
+                let renewed = score(now, timeout, false);
+                let cmd = pipe
+                    .cmd("ZADD")
+                    .arg(Keys::new(room_id).leases)
+                    .arg("XX")
+                    .arg("GT");
+                for client_id in clients {
+                    cmd.arg(&renewed).arg(client_id);
+                }
+                cmd.ignore();
+            }
+            for ((room_id, client_id), at) in &closes {
+                pipe.cmd("ZADD")
+                    .arg(Keys::new(room_id).leases)
+                    .arg("XX")
+                    .arg("GT")
+                    .arg(score(*at, timeout, true))
+                    .arg(client_id)
+                    .ignore();
+            }
+            self.timed("presence", pipe.query_async::<()>(&mut self.conn()))
+                .await?;
+        }
+        self.time_out_due(timeout).await
+    }
+
+    /// Times out the lapsed clients of the rooms whose check is due, a batch at a time until
+    /// none is left or the round has done [`BATCHES_PER_ROUND`] (a burst, such as a node dying
+    /// with thousands of clients, is worked off in one round).
+    async fn time_out_due(self: &Arc<Self>, timeout: Duration) -> Result<(), Error> {
+        for _ in 0..BATCHES_PER_ROUND {
+            if self.time_out_batch(timeout).await? < DUE_PER_BATCH {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Times out the lapsed clients of up to [`DUE_PER_BATCH`] due rooms, and reschedules each;
+    /// returns how many rooms were due.
+    async fn time_out_batch(self: &Arc<Self>, timeout: Duration) -> Result<usize, Error> {
+        let now = SystemTime::now();
+        let due: Vec<Value> = self
+            .timed(
+                "presence",
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(INDEX)
+                    .arg("-inf")
+                    .arg(millis(now))
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(DUE_PER_BATCH)
+                    .query_async(&mut self.conn()),
+            )
+            .await?;
+        let due: Vec<(String, String)> = due
+            .chunks(2)
+            .filter_map(|pair| Some((text(pair.first()?)?, text(pair.get(1)?)?)))
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for (room_id, _) in &due {
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(Keys::new(room_id).leases)
+                .arg("-inf")
+                .arg(millis(now));
+        }
+        let lapsed: Vec<Value> = self
+            .timed("presence", pipe.query_async(&mut self.conn()))
+            .await?;
+        // Rooms have writers of their own: their time-outs go at once.
+        let time_outs = due.iter().zip(lapsed).filter_map(|((room_id, _), lapsed)| {
+            let client_ids: Vec<String> = array(lapsed).iter().filter_map(text).collect();
+            (!client_ids.is_empty()).then(|| self.time_out(room_id, client_ids))
+        });
+        for outcome in futures_util::future::join_all(time_outs).await {
+            outcome?;
+        }
+        // Each room's next check: its earliest lease, or none when it has no lease left.
+        let mut pipe = redis::pipe();
+        for (room_id, _) in &due {
+            pipe.cmd("ZRANGE")
+                .arg(Keys::new(room_id).leases)
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let next: Vec<Value> = self
+            .timed("presence", pipe.query_async(&mut self.conn()))
+            .await?;
+        let mut pipe = redis::pipe();
+        for ((room_id, read), next) in due.iter().zip(next) {
+            let earliest = array(next).get(1).and_then(score_of);
+            // A lease written since the read is at least now + timeout: never check later.
+            let latest = (millis(now) + timeout.as_millis() as u64) as f64;
+            let then = earliest.map_or(String::new(), |e| e.min(latest).floor().to_string());
+            pipe.cmd("EVAL")
+                .arg(RESCHEDULE)
+                .arg(1)
+                .arg(INDEX)
+                .arg(room_id)
+                .arg(read)
+                .arg(then)
+                .ignore();
+        }
+        self.timed("presence", pipe.query_async::<()>(&mut self.conn()))
+            .await?;
+        Ok(due.len())
+    }
+
+    /// Times out those of `client_ids` whose leases are still lapsed when the commit runs.
+    async fn time_out(
+        self: &Arc<Self>,
+        room_id: &str,
+        client_ids: Vec<String>,
+    ) -> Result<(), Error> {
+        let cmd = Command::TimeOut { client_ids };
+        match self.submit(room_id, &Caller::system(), cmd).await {
+            Ok(Applied {
+                reply: Reply::TimedOut(removed),
+                ..
+            }) if !removed.is_empty() => {
+                tracing::info!(%room_id, clients = ?removed, "presence timed out");
+                Ok(())
+            }
+            Ok(_) | Err(Error::RoomNotFound { .. }) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// This node's presence work, every third of the timeout, for as long as the store lives.
+pub(super) async fn keep_presence(shared: Weak<Shared>, timeout: Duration) {
+    let mut tick = tokio::time::interval(timeout / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(err) = shared.presence_round(timeout).await {
+            // Redis is away: the listener reports it; leases are renewed next round.
+            tracing::debug!(err = %err.detail(), "presence round failed");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! `roomctl serve` as a child process, for tests that must kill, signal or starve a node as an
+//! operator's machine would.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, Command};
+
+use super::{PATIENCE, SECRET};
+
+/// The lines a node writes on stderr.
+pub type Log = Lines<BufReader<ChildStderr>>;
+
+/// `roomctl serve ARGS` with the tests' secret, logging at `info` on a piped stderr, and killed
+/// when dropped.
+pub fn serve(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_roomctl"));
+    command
+        .arg("serve")
+        .args(args)
+        .env(
+            "ROOMCTL_JWT_SECRET",
+            String::from_utf8_lossy(SECRET).as_ref(),
+        )
+        .env("ROOMCTL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Reads `log` up to the node's "listening on ADDR" line and returns ADDR.
+pub async fn listening_addr(log: &mut Log) -> SocketAddr {
+    let read = async {
+        while let Some(line) = log.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("serve exited without listening");
+    };
+    tokio::time::timeout(PATIENCE, read).await.unwrap()
+}
+
+/// Spawns `command` (made with [`serve`]), waits until it listens and returns the child, its
+/// address and the rest of its log.
+pub async fn start(mut command: Command) -> (Child, SocketAddr, Log) {
+    let mut child = command.spawn().unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = listening_addr(&mut log).await;
+    (child, addr, log)
+}
+
+/// Spawns `command` as [`start`] does, and drains its log so the node never blocks on it.
+pub async fn start_quiet(command: Command) -> (Child, SocketAddr) {
+    let (child, addr, mut log) = start(command).await;
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    (child, addr)
+}
