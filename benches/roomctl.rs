@@ -3,7 +3,7 @@
 //! memory is its own), with real gRPC clients on loopback.
 //!
 //! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --broadcast-only` to
-//! profile the fan-out alone). The Redis figures need
+//! profile the fan-out alone, `-- --presence-only` for the cost of presence alone). The Redis figures need
 //! `redis-server` on PATH; without it the run stops there, or skips them when
 //! `ROOMCTL_SKIP_REDIS=1` is set.
 
@@ -358,6 +358,166 @@ async fn broadcast(node: &Node, count: usize, connections: usize) -> (Duration, 
     )
 }
 
+/// Clients per room in the presence measurement.
+const PRESENCE_ROOM: usize = 100;
+
+/// What `clients` idle clients cost on two Redis nodes, each client holding one `Events`
+/// stream as itself (half through each node), as a gateway holds them.
+struct PresenceCost {
+    /// Redis commands per second while they idle, and how many of each.
+    per_second: f64,
+    by_command: Vec<(String, u64)>,
+    /// The nodes' memory per client stream, in bytes.
+    per_stream: u64,
+}
+
+/// Measures [`PresenceCost`] with `--presence-timeout timeout` ("0": presence off) over
+/// `window`, on a Redis of its own so that nothing else is counted.
+async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> PresenceCost {
+    let redis = RedisServer::start().await;
+    let extra = ["--presence-timeout", timeout];
+    let nodes = [
+        Node::start_with(&redis.url(), &extra).await,
+        Node::start_with(&redis.url(), &extra).await,
+    ];
+    let mut gateways = Vec::new();
+    for i in 0..16 {
+        gateways.push(nodes[i % 2].client("gw", "*", "service").await);
+    }
+    let gateways = Arc::new(tokio::sync::Mutex::new(gateways));
+    // Every client joins, then opens its stream (well within its grace), so that the nodes'
+    // memory before and after the streams differs by the streams alone.
+    let rooms = clients.div_ceil(PRESENCE_ROOM);
+    let joined = for_each_gateway(&gateways, rooms, |mut gateway, room_id| async move {
+        let mut ids = Vec::new();
+        for _ in 0..PRESENCE_ROOM {
+            let joined = gateway.join(join_request(&room_id)).await.unwrap();
+            ids.push((room_id.clone(), joined.into_inner().client_id));
+        }
+        (gateway, ids)
+    })
+    .await;
+    // Let the nodes settle their per-stream state before reading their memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before: u64 = nodes.iter().map(Node::rss_kib).sum();
+    let joined = Arc::new(joined);
+    let streams = for_each_gateway(&gateways, rooms, move |mut gateway, room_id| {
+        let joined = joined.clone();
+        async move {
+            let mut streams = Vec::new();
+            for (room, client_id) in joined.iter().filter(|(room, _)| *room == room_id) {
+                let request = pb::EventsRequest {
+                    room_id: room.clone(),
+                    client_id: client_id.clone(),
+                    after_seq: None,
+                    epoch: String::new(),
+                };
+                streams.push(gateway.events(request).await.unwrap().into_inner());
+            }
+            (gateway, streams)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after: u64 = nodes.iter().map(Node::rss_kib).sum();
+    let per_stream = rss_after.saturating_sub(rss_before) * 1024 / streams.len() as u64;
+
+    let mut redis_conn = redis.connection().await;
+    let before = command_counts(&mut redis_conn).await;
+    tokio::time::sleep(window).await;
+    let after = command_counts(&mut redis_conn).await;
+    let mut by_command: Vec<(String, u64)> = after
+        .into_iter()
+        .filter(|(name, _)| name != "info")
+        .map(|(name, calls)| {
+            let earlier = before
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, c)| *c);
+            (name, calls - earlier)
+        })
+        .filter(|(_, calls)| *calls > 0)
+        .collect();
+    by_command.sort_by_key(|(_, calls)| std::cmp::Reverse(*calls));
+    let total: u64 = by_command.iter().map(|(_, calls)| calls).sum();
+
+    // The streams kept every client present.
+    let mut check = nodes[0].client("ops", "*", "service").await;
+    for room in 0..rooms {
+        let request = pb::ListParticipantsRequest {
+            room_id: format!("p{room}"),
+        };
+        let snapshot = check.list_participants(request).await.unwrap().into_inner();
+        assert_eq!(
+            snapshot.participants.len(),
+            PRESENCE_ROOM,
+            "nobody timed out"
+        );
+    }
+    drop(streams);
+    PresenceCost {
+        per_second: total as f64 / window.as_secs_f64(),
+        by_command,
+        per_stream,
+    }
+}
+
+/// Runs `each` for rooms `p0..p{rooms}`, sixteen at a time, each with a gateway client of its
+/// own (taken from `gateways` and given back); returns everything they return.
+async fn for_each_gateway<T, F, Fut>(
+    gateways: &Arc<tokio::sync::Mutex<Vec<Client>>>,
+    rooms: usize,
+    each: F,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(Client, String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = (Client, Vec<T>)> + Send,
+{
+    let count = gateways.lock().await.len();
+    let mut tasks = Vec::new();
+    for task in 0..count {
+        let (gateways, each) = (gateways.clone(), each.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut gateway = gateways.lock().await.pop().unwrap();
+            let mut out = Vec::new();
+            for room in (task..rooms).step_by(count) {
+                let (back, done) = each(gateway, format!("p{room}")).await;
+                gateway = back;
+                out.extend(done);
+            }
+            gateways.lock().await.push(gateway);
+            out
+        }));
+    }
+    let mut out = Vec::new();
+    for task in tasks {
+        out.extend(task.await.unwrap());
+    }
+    out
+}
+
+/// Calls per command so far, from `INFO commandstats`.
+async fn command_counts(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, u64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
 /// Rounds of each throughput measurement.
 const ROUNDS: usize = 3;
 
@@ -384,6 +544,9 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    if std::env::args().any(|a| a == "--presence-only") {
+        return presence(quick).await;
+    }
     let memory = Node::start("memory").await;
     if std::env::args().any(|a| a == "--broadcast-only") {
         // For profiling the fan-out alone: `perf record -p <roomctl pid>` while this runs.
@@ -520,4 +683,35 @@ async fn main() {
         cross.percentile(0.5) as i64 - local.percentile(0.5) as i64,
         local.percentile(0.5) as i64 - same_node.percentile(0.5) as i64
     );
+    drop((a, b, redis));
+    presence(quick).await;
+}
+
+/// Presence: what keeping idle clients present costs Redis, against the same clients with
+/// presence off.
+async fn presence(quick: bool) {
+    let (clients, timeout, window) = if quick {
+        (2_000, "3s", Duration::from_secs(6))
+    } else {
+        (10_000, "20s", Duration::from_secs(40))
+    };
+    println!(
+        "\npresence: {clients} idle clients on two Redis nodes, each with one Events stream as \
+         itself, rooms of {PRESENCE_ROOM}, counted over {} s",
+        window.as_secs()
+    );
+    for timeout in [timeout, "0"] {
+        let cost = presence_cost(timeout, clients, window).await;
+        let calls: Vec<String> = cost
+            .by_command
+            .iter()
+            .map(|(name, calls)| format!("{name} {calls}"))
+            .collect();
+        println!(
+            "  --presence-timeout {timeout:<3}: {:.1} Redis commands/s ({}); {} bytes per client stream",
+            cost.per_second,
+            if calls.is_empty() { "none".into() } else { calls.join(", ") },
+            cost.per_stream
+        );
+    }
 }
