@@ -219,7 +219,15 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
-        tracing::info!(%addr, history = config.history, "roomctl listening on {addr}");
+        let presence_timeout = config
+            .presence_timeout
+            .map_or_else(|| "off".to_owned(), |t| format!("{t:?}"));
+        tracing::info!(
+            %addr,
+            history = config.history,
+            %presence_timeout,
+            "roomctl listening on {addr}"
+        );
         if args.secret.dev {
             tracing::warn!(
                 "DEVELOPMENT MODE: tokens are signed with the public secret {DEV_SECRET:?}; \
