@@ -520,3 +520,24 @@ async fn settings_come_from_flags_then_variables_then_the_file() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Settings out of their range are usage errors (exit 2) that say what is allowed, before
+/// anything starts.
+#[tokio::test]
+async fn settings_out_of_range_are_refused() {
+    for (flag, value, allowed) in [
+        ("--presence-timeout", "5ms", "from 100ms to 24h"),
+        ("--presence-timeout", "2d", "from 100ms to 24h"),
+        ("--history", "0", "1..=10000000"),
+        ("--max-message-bytes", "0", "at least 1"),
+    ] {
+        let output = roomctl(&["serve", "--listen", "127.0.0.1:0", flag, value])
+            .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(allowed), "{flag} {value}: {stderr}");
+    }
+}

@@ -56,8 +56,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMCTL_EMPTY_ROOM_TTL", default_value = "5m")]
     empty_room_ttl: humantime::Duration,
     /// How long a client may go without an open Events stream (on any node) before it is
-    /// removed with DISCONNECT_REASON_TIMED_OUT; 0 turns presence off.
-    #[arg(long, env = "ROOMCTL_PRESENCE_TIMEOUT", default_value_t = DEFAULT_PRESENCE_TIMEOUT.into())]
+    /// removed with DISCONNECT_REASON_TIMED_OUT, from 100ms to 24h; 0 turns presence off.
+    #[arg(long, env = "ROOMCTL_PRESENCE_TIMEOUT", default_value_t = DEFAULT_PRESENCE_TIMEOUT.into(), value_parser = parse_presence_timeout)]
     presence_timeout: humantime::Duration,
     /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "ROOMCTL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = at_least_one)]
@@ -191,6 +191,18 @@ fn at_least_one(value: &str) -> Result<usize, String> {
     }
 }
 
+/// 0, or a timeout long enough for renewals (a third of it) to outlast a Redis round trip and
+/// short enough to mean something.
+fn parse_presence_timeout(value: &str) -> Result<humantime::Duration, String> {
+    let timeout: humantime::Duration = value.parse().map_err(|e| format!("{e}"))?;
+    let range = Duration::from_millis(100)..=Duration::from_secs(24 * 3600);
+    if timeout.is_zero() || range.contains(&*timeout) {
+        Ok(timeout)
+    } else {
+        Err("expected 0 (presence off) or a duration from 100ms to 24h".into())
+    }
+}
+
 fn parse_store(value: &str) -> Result<StoreConfig, String> {
     if value == "memory" {
         Ok(StoreConfig::Memory)
@@ -234,7 +246,8 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
                  never use --dev in production"
             );
             // Like the logs, a closed stdout must not stop the server.
-            let _ = writeln!(std::io::stdout(), "{}", dev_banner(addr));
+            let banner = dev_banner(addr, config.presence_timeout);
+            let _ = writeln!(std::io::stdout(), "{banner}");
         }
         let server = Server::new(config).await.map_err(|e| e.to_string())?;
         server
@@ -332,7 +345,13 @@ async fn shutdown_signal() {
 }
 
 /// Ready-made tokens and grpcurl commands for trying the server by hand.
-fn dev_banner(addr: SocketAddr) -> String {
+fn dev_banner(addr: SocketAddr, presence_timeout: Option<Duration>) -> String {
+    let in_time = presence_timeout.map_or(String::new(), |t| {
+        format!(
+            ", within {} or presence removes him",
+            humantime::format_duration(t)
+        )
+    });
     let day = Duration::from_secs(24 * 3600);
     let dev = DEV_SECRET.as_bytes();
     let moderator = mint(dev, &Claims::new("alice", "demo", "moderator", day));
@@ -352,7 +371,7 @@ fn dev_banner(addr: SocketAddr) -> String {
          \n\
          # 1. bob joins; note the client_id it answers\n\
          {join}\n\
-         # 2. bob watches the room as that client (terminal 2)\n\
+         # 2. bob watches the room as that client (terminal 2){in_time}\n\
          {watch_bob}\n\
          # 3. alice watches the room as a moderator (terminal 3)\n\
          {watch_mod}\n\

@@ -326,7 +326,8 @@ impl Shared {
 
 /// This node's presence work, every third of the timeout, for as long as the store lives.
 pub(super) async fn keep_presence(shared: Weak<Shared>, timeout: Duration) {
-    let mut tick = tokio::time::interval(timeout / 3);
+    // At least a millisecond: a zero period would panic.
+    let mut tick = tokio::time::interval((timeout / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
