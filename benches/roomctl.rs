@@ -185,6 +185,7 @@ async fn drop_throughput(node: &Node, duration: Duration) -> f64 {
             client_ids: vec!["nobody".into()],
             reason: String::new(),
             request_id: String::new(),
+            ban_seconds: 0,
         };
         (client::with_token(channel, &token).unwrap(), request)
     };
@@ -271,6 +272,7 @@ async fn drop_to_disconnect(node: &Node, samples: usize) -> Samples {
             client_ids: vec![joined.client_id],
             reason: "bench".into(),
             request_id: String::new(),
+            ban_seconds: 0,
         });
         let (dropped, told) = tokio::join!(drop, stream.message());
         dropped.unwrap();

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
-use crate::error::Error;
+use crate::error::{Error, LOCK_UNAUTHORIZED_CODE, UNAUTHORIZED_ACCESS_CODE};
 use crate::limits::Limit;
 use crate::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
 
@@ -20,12 +20,19 @@ pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
 /// early. Answers belong to the room's epoch: a room that is forgotten forgets them too.
 pub const MAX_REMEMBERED_ANSWERS: usize = 1024;
 
+/// How many bans one room keeps in force at most; a drop that would ban more fails
+/// `TOO_MANY_BANS` and drops nobody. Expired bans do not count.
+pub const MAX_BANS: usize = 10_000;
+
+/// The longest ban a drop may set (`ban_seconds`): 30 days.
+pub const MAX_BAN: Duration = Duration::from_secs(2_592_000);
+
 /// How many participants a room holds unless told otherwise (`--max-room-members`): enough for
 /// any meeting, and a `ListParticipants` answer of that many stays far under the 4 MiB limit.
 pub const DEFAULT_MAX_MEMBERS: usize = 10_000;
 
 /// The key a remembered answer is filed under: request ids are scoped to the kind of command
-/// (`join`, `drop`) and the caller's identity. Lengths come first, as both are free text.
+/// (`join`, `drop`, `lock`, `unlock`, `destroy`) and the caller's identity. Lengths come first, as both are free text.
 pub fn answer_key(kind: &str, identity: &str, request_id: &str) -> String {
     format!("{kind}:{}:{identity}:{request_id}", identity.len())
 }
@@ -98,13 +105,27 @@ impl Caller {
         }
     }
 
-    /// Moderators of the room and services may drop; a participant gets the vendor's 5116.
+    /// Moderators of the room and services may drop, end the session and manage bans; a
+    /// participant gets the vendor's 5116.
     pub fn check_may_drop(&self, room_id: &str) -> Result<(), Error> {
+        self.check_moderator(room_id, UNAUTHORIZED_ACCESS_CODE, "drop users")
+    }
+
+    /// Moderators of the room and services may lock and unlock it; a participant gets the
+    /// vendor's 5115.
+    pub fn check_may_lock(&self, room_id: &str) -> Result<(), Error> {
+        self.check_moderator(room_id, LOCK_UNAUTHORIZED_CODE, "lock or unlock rooms")
+    }
+
+    fn check_moderator(&self, room_id: &str, code: &'static str, what: &str) -> Result<(), Error> {
         self.check_room(room_id)?;
         if self.role == TokenRole::Participant {
-            return Err(Error::UnauthorizedAccess(
-                "participants may not drop users; a moderator or service token is needed".into(),
-            ));
+            return Err(Error::UnauthorizedAccess {
+                code,
+                detail: format!(
+                    "participants may not {what}; a moderator or service token is needed"
+                ),
+            });
         }
         Ok(())
     }
@@ -120,6 +141,16 @@ impl Caller {
             ));
         }
         Ok(())
+    }
+
+    /// Only service tokens for every room may list rooms.
+    pub fn check_may_list_rooms(&self) -> Result<(), Error> {
+        if self.is_service() && self.scope == RoomScope::All {
+            return Ok(());
+        }
+        Err(Error::Forbidden(
+            "listing rooms needs a service token for every room (room \"*\")".into(),
+        ))
     }
 
     /// Whether this caller may act as a client owned by `owner`.
@@ -150,6 +181,17 @@ pub struct DropCmd {
     pub reason: String,
     /// Idempotency key; always set (the service generates one when the request has none).
     pub request_id: String,
+    /// Ban each dropped client's identity for this long (None: no ban).
+    pub ban: Option<Duration>,
+}
+
+/// A validated `DestroySession`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestroyCmd {
+    /// Text told to every subscriber in `session_destroyed.message`.
+    pub reason: String,
+    /// Idempotency key; always set.
+    pub request_id: String,
 }
 
 /// A state-changing command on one room.
@@ -176,6 +218,23 @@ pub enum Command {
         /// The clients whose leases expired.
         client_ids: Vec<String>,
     },
+    /// Refuse joins as participant from now on.
+    Lock {
+        /// Idempotency key; always set.
+        request_id: String,
+    },
+    /// Admit participants again.
+    Unlock {
+        /// Idempotency key; always set.
+        request_id: String,
+    },
+    /// Remove everyone at once and unlock: the end of the session.
+    Destroy(DestroyCmd),
+    /// Lift an identity's ban.
+    Unban {
+        /// The banned identity.
+        identity: String,
+    },
 }
 
 impl Command {
@@ -189,7 +248,9 @@ impl Command {
         match self {
             Command::Join { cmd, .. } => cmd.request_id.as_deref(),
             Command::Drop(cmd) => Some(&cmd.request_id),
-            Command::Leave { .. } | Command::TimeOut { .. } => None,
+            Command::Destroy(cmd) => Some(&cmd.request_id),
+            Command::Lock { request_id } | Command::Unlock { request_id } => Some(request_id),
+            Command::Leave { .. } | Command::TimeOut { .. } | Command::Unban { .. } => None,
         }
     }
 
@@ -198,9 +259,27 @@ impl Command {
         let kind = match self {
             Command::Join { .. } => "join",
             Command::Drop(_) => "drop",
-            Command::Leave { .. } | Command::TimeOut { .. } => return None,
+            Command::Lock { .. } => "lock",
+            Command::Unlock { .. } => "unlock",
+            Command::Destroy(_) => "destroy",
+            Command::Leave { .. } | Command::TimeOut { .. } | Command::Unban { .. } => return None,
         };
         Some(answer_key(kind, &caller.identity, self.request_id()?))
+    }
+
+    /// Whether the command needs every member of the room, not only those it names.
+    pub fn needs_every_member(&self) -> bool {
+        matches!(self, Command::Destroy(_))
+    }
+
+    /// The identities whose bans the command looks at before it runs: a join's (as
+    /// [`join_grant`] decides it) and an unban's. A drop's are known only once its clients are.
+    pub fn ban_identity(&self, caller: &Caller) -> Option<String> {
+        match self {
+            Command::Join { cmd, .. } => join_grant(caller, cmd).ok().map(|(_, id)| id),
+            Command::Unban { identity } => Some(identity.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -215,10 +294,34 @@ pub enum Reply {
     Dropped(pb::DropUserResponse),
     /// The clients a `TimeOut` removed (those still present).
     TimedOut(Vec<String>),
+    /// The answer to `LockRoom` (possibly a remembered one).
+    Locked(pb::LockRoomResponse),
+    /// The answer to `UnlockRoom` (possibly a remembered one).
+    Unlocked(pb::UnlockRoomResponse),
+    /// The answer to `DestroySession` (possibly a remembered one).
+    Destroyed(pb::DestroySessionResponse),
+    /// The answer to `Unban`.
+    Unbanned(pb::UnbanResponse),
 }
 
-/// One change of membership a command made, for stores that persist changes rather than the
-/// whole state.
+impl Reply {
+    /// What kind of answer this is, as logs name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Joined(_) => "join",
+            Reply::Left => "leave",
+            Reply::Dropped(_) => "drop",
+            Reply::TimedOut(_) => "time-out",
+            Reply::Locked(_) => "lock",
+            Reply::Unlocked(_) => "unlock",
+            Reply::Destroyed(_) => "destroy",
+            Reply::Unbanned(_) => "unban",
+        }
+    }
+}
+
+/// One change a command made to a room's members, lock or bans, for stores that persist changes
+/// rather than the whole state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// A client joined with the event at `join_seq`.
@@ -237,6 +340,37 @@ pub enum Change {
         /// Seq of the event that ends its streams.
         end_seq: u64,
     },
+    /// The room was locked (true) or unlocked.
+    Locked(bool),
+    /// An identity was banned, or its ban extended, until `ban.until`.
+    Banned(Ban),
+    /// An identity's ban was lifted.
+    Unbanned {
+        /// The identity.
+        identity: String,
+    },
+}
+
+/// An identity kept out of a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    /// The banned identity.
+    pub identity: String,
+    /// When the ban ends.
+    pub until: SystemTime,
+    /// Who set it (or last extended it).
+    pub moderator: String,
+}
+
+impl Ban {
+    /// The ban as the API shows it.
+    pub fn to_pb(&self) -> pb::Ban {
+        pb::Ban {
+            identity: self.identity.clone(),
+            until: Some(self.until.into()),
+            moderator: self.moderator.clone(),
+        }
+    }
 }
 
 /// A command's outcome: the answer, the events it logged, the membership changes behind them
@@ -310,6 +444,15 @@ pub struct RoomState {
     answers: HashMap<String, (SystemTime, Reply)>,
     /// The same keys in expiry order, so expiring and capping walk from the front.
     answers_order: VecDeque<(SystemTime, String)>,
+    /// Whether joins as participant are refused.
+    locked: bool,
+    /// Bans by identity: every ban on the memory store, those its commands name on Redis.
+    bans: HashMap<String, Ban>,
+    /// How many bans are in force in the room (known or not).
+    bans_in_force: usize,
+    /// When the last ban ends or ended (an unban ends its ban then): an empty room is kept
+    /// until its empty-room TTL has passed since then too.
+    bans_end: Option<SystemTime>,
 }
 
 impl RoomState {
@@ -326,7 +469,32 @@ impl RoomState {
             departed_order: VecDeque::new(),
             answers: HashMap::new(),
             answers_order: VecDeque::new(),
+            locked: false,
+            bans: HashMap::new(),
+            bans_in_force: 0,
+            bans_end: None,
         }
+    }
+
+    /// The same room, locked or not, as a store read it back.
+    pub fn with_lock(mut self, locked: bool) -> Self {
+        self.locked = locked;
+        self
+    }
+
+    /// The same room with `bans_in_force` bans in force, of which a store read back `bans`
+    /// (those its commands name; expired ones are ignored).
+    pub fn with_bans(
+        mut self,
+        bans: impl IntoIterator<Item = Ban>,
+        bans_in_force: usize,
+        now: SystemTime,
+    ) -> Self {
+        for ban in bans.into_iter().filter(|ban| ban.until > now) {
+            self.bans.insert(ban.identity.clone(), ban);
+        }
+        self.bans_in_force = bans_in_force.max(self.bans.len());
+        self
     }
 
     /// The same room, holding at most `max_members` participants.
@@ -394,6 +562,44 @@ impl RoomState {
     /// How many participants the room has.
     pub fn population(&self) -> usize {
         self.population
+    }
+
+    /// Whether the room is locked.
+    pub fn locked(&self) -> bool {
+        self.locked
+    }
+
+    /// The bans in force at `now`, soonest to end first.
+    pub fn bans(&self, now: SystemTime) -> Vec<Ban> {
+        let mut bans: Vec<Ban> = self
+            .bans
+            .values()
+            .filter(|ban| ban.until > now)
+            .cloned()
+            .collect();
+        bans.sort_by(|a, b| (a.until, &a.identity).cmp(&(b.until, &b.identity)));
+        bans
+    }
+
+    /// When the room's last ban ends or ended (an unban ends its ban); None if it never had
+    /// one.
+    pub fn bans_end(&self) -> Option<SystemTime> {
+        self.bans_end
+    }
+
+    /// The ban keeping `identity` out at `now`, if any.
+    fn ban_of(&self, identity: &str, now: SystemTime) -> Option<&Ban> {
+        self.bans.get(identity).filter(|ban| ban.until > now)
+    }
+
+    /// Forgets the known bans that have ended by `now`.
+    fn forget_ended_bans(&mut self, now: SystemTime) {
+        let before = self.bans.len();
+        self.bans.retain(|_, ban| ban.until > now);
+        self.bans_in_force = self
+            .bans_in_force
+            .saturating_sub(before - self.bans.len())
+            .max(self.bans.len());
     }
 
     /// Participants in join order.
@@ -498,10 +704,14 @@ pub fn apply(
     cmd: Command,
     now: SystemTime,
 ) -> Result<Applied, Error> {
-    // Who may drop is checked before any remembered answer is looked up: a retry never lets a
-    // caller past the rule that would refuse it.
-    if let Command::Drop(_) = &cmd {
-        caller.check_may_drop(&state.room_id)?;
+    // Who may moderate is checked before any remembered answer is looked up: a retry never
+    // lets a caller past the rule that would refuse it.
+    match &cmd {
+        Command::Drop(_) | Command::Destroy(_) | Command::Unban { .. } => {
+            caller.check_may_drop(&state.room_id)?
+        }
+        Command::Lock { .. } | Command::Unlock { .. } => caller.check_may_lock(&state.room_id)?,
+        Command::Join { .. } | Command::Leave { .. } | Command::TimeOut { .. } => {}
     }
     let key = cmd.answer_key(caller);
     if let Some(reply) = key.as_deref().and_then(|key| state.recall(key, now)) {
@@ -512,6 +722,10 @@ pub fn apply(
         Command::Leave { client_id } => leave(state, caller, &client_id, now),
         Command::Drop(cmd) => drop_users(state, caller, cmd, now),
         Command::TimeOut { client_ids } => Ok(time_out(state, client_ids, now)),
+        Command::Lock { request_id } => lock(state, caller, true, request_id, now),
+        Command::Unlock { request_id } => lock(state, caller, false, request_id, now),
+        Command::Destroy(cmd) => destroy(state, caller, cmd, now),
+        Command::Unban { identity } => unban(state, caller, identity, now),
     }?;
     applied.remembered = key.map(|key| state.remember(key, &applied.reply, now));
     Ok(applied)
@@ -559,6 +773,18 @@ fn join(
     now: SystemTime,
 ) -> Result<Applied, Error> {
     let (role, identity) = join_grant(caller, &cmd)?;
+    // A ban comes before the lock: a banned identity learns it is banned.
+    if let Some(ban) = state.ban_of(&identity, now) {
+        return Err(Error::Banned {
+            identity,
+            until: ban.until,
+        });
+    }
+    if state.locked && role != Role::Moderator {
+        return Err(Error::RoomLocked {
+            room_id: state.room_id.clone(),
+        });
+    }
     if state.population >= state.max_members {
         return Err(Error::LimitReached {
             limit: Limit::RoomMembers,
@@ -674,6 +900,10 @@ fn drop_users(
     cmd: DropCmd,
     now: SystemTime,
 ) -> Result<Applied, Error> {
+    let banned = match cmd.ban {
+        Some(ban) => Some((check_bans(state, &cmd.client_ids, now)?, now + ban)),
+        None => None,
+    };
     let mut results: Vec<pb::DropResult> = Vec::with_capacity(cmd.client_ids.len());
     let mut events = Vec::new();
     let mut changes = Vec::new();
@@ -711,6 +941,20 @@ fn drop_users(
             outcome: outcome as i32,
         });
     }
+    if let Some((identities, until)) = banned {
+        for identity in identities {
+            let ban = state.ban(identity, until, &caller.identity);
+            events.push(state.event(
+                now,
+                Payload::UserBanned(pb::UserBanned {
+                    identity: ban.identity.clone(),
+                    until: Some(ban.until.into()),
+                    moderator: caller.identity.clone(),
+                }),
+            ));
+            changes.push(Change::Banned(ban));
+        }
+    }
     let response = pb::DropUserResponse {
         request_id: cmd.request_id,
         results,
@@ -727,6 +971,168 @@ fn drop_users(
         reply: Reply::Dropped(response),
         events,
         changes,
+        remembered: None,
+    })
+}
+
+/// The distinct identities a banning drop of `client_ids` bans (of the clients present, in
+/// request order), once it is known the room can hold their bans; else `TOO_MANY_BANS`,
+/// before anything changed.
+fn check_bans(
+    state: &mut RoomState,
+    client_ids: &[String],
+    now: SystemTime,
+) -> Result<Vec<String>, Error> {
+    state.forget_ended_bans(now);
+    let mut identities: Vec<String> = Vec::new();
+    for client_id in client_ids {
+        if let Some(member) = state.members.get(client_id) {
+            if !identities.contains(&member.participant.identity) {
+                identities.push(member.participant.identity.clone());
+            }
+        }
+    }
+    let new = identities
+        .iter()
+        .filter(|identity| state.ban_of(identity, now).is_none())
+        .count();
+    if state.bans_in_force + new > MAX_BANS {
+        return Err(Error::LimitReached {
+            limit: Limit::RoomBans,
+            max: MAX_BANS,
+        });
+    }
+    Ok(identities)
+}
+
+impl RoomState {
+    /// Bans `identity` until `until`, or keeps its ban if that ends later; returns the ban.
+    fn ban(&mut self, identity: String, until: SystemTime, moderator: &str) -> Ban {
+        let ban = match self.bans.get(&identity) {
+            Some(ban) if ban.until >= until => ban.clone(),
+            existing => {
+                if existing.is_none() {
+                    self.bans_in_force += 1;
+                }
+                Ban {
+                    identity: identity.clone(),
+                    until,
+                    moderator: moderator.to_owned(),
+                }
+            }
+        };
+        self.bans.insert(identity, ban.clone());
+        self.bans_end = self.bans_end.max(Some(ban.until));
+        ban
+    }
+}
+
+fn lock(
+    state: &mut RoomState,
+    caller: &Caller,
+    locking: bool,
+    request_id: String,
+    now: SystemTime,
+) -> Result<Applied, Error> {
+    let room_id = state.room_id.clone();
+    match (locking, state.locked) {
+        (true, true) => return Err(Error::RoomAlreadyLocked { room_id }),
+        (false, false) => return Err(Error::RoomNotLocked { room_id }),
+        _ => {}
+    }
+    state.locked = locking;
+    let moderator = caller.identity.clone();
+    let (payload, reply): (Payload, fn(String, u64) -> Reply) = if locking {
+        (
+            Payload::RoomLocked(pb::RoomLocked { moderator }),
+            |request_id, seq| Reply::Locked(pb::LockRoomResponse { request_id, seq }),
+        )
+    } else {
+        (
+            Payload::RoomUnlocked(pb::RoomUnlocked { moderator }),
+            |request_id, seq| Reply::Unlocked(pb::UnlockRoomResponse { request_id, seq }),
+        )
+    };
+    let event = state.event(now, payload);
+    Ok(Applied {
+        reply: reply(request_id, event.seq),
+        events: vec![event],
+        changes: vec![Change::Locked(locking)],
+        remembered: None,
+    })
+}
+
+fn destroy(
+    state: &mut RoomState,
+    caller: &Caller,
+    cmd: DestroyCmd,
+    now: SystemTime,
+) -> Result<Applied, Error> {
+    if state.members.len() != state.population {
+        return Err(Error::Internal(
+            "ending a session needs every member of the room".into(),
+        ));
+    }
+    let event = state.event(
+        now,
+        Payload::SessionDestroyed(pb::SessionDestroyed {
+            moderator: caller.identity.clone(),
+            message: cmd.reason,
+        }),
+    );
+    let client_ids: Vec<String> = state
+        .participants()
+        .into_iter()
+        .map(|p| p.client_id)
+        .collect();
+    let mut changes = Vec::with_capacity(client_ids.len() + 1);
+    for client_id in &client_ids {
+        if let Some(member) = state.members.get(client_id) {
+            let owner = member.participant.identity.clone();
+            changes.push(state.depart(client_id, owner, event.seq));
+        }
+    }
+    if state.locked {
+        state.locked = false;
+        changes.push(Change::Locked(false));
+    }
+    Ok(Applied {
+        reply: Reply::Destroyed(pb::DestroySessionResponse {
+            request_id: cmd.request_id,
+            seq: event.seq,
+            client_ids,
+        }),
+        events: vec![event],
+        changes,
+        remembered: None,
+    })
+}
+
+fn unban(
+    state: &mut RoomState,
+    caller: &Caller,
+    identity: String,
+    now: SystemTime,
+) -> Result<Applied, Error> {
+    state.forget_ended_bans(now);
+    if state.bans.remove(&identity).is_none() {
+        return Err(Error::BanNotFound { identity });
+    }
+    state.bans_in_force = state.bans_in_force.saturating_sub(1);
+    // No ban is in force from now on but those left, whatever the lifted one would have done.
+    let left = state.bans.values().map(|ban| ban.until).max();
+    state.bans_end = Some(left.map_or(now, |until| until.max(now)));
+    let event = state.event(
+        now,
+        Payload::UserUnbanned(pb::UserUnbanned {
+            identity: identity.clone(),
+            moderator: caller.identity.clone(),
+        }),
+    );
+    Ok(Applied {
+        reply: Reply::Unbanned(pb::UnbanResponse { seq: event.seq }),
+        events: vec![event],
+        changes: vec![Change::Unbanned { identity }],
         remembered: None,
     })
 }
@@ -849,16 +1255,22 @@ impl Audience {
             Some(Payload::AckDropUser(ack)) => {
                 self.service_observer || self.identity == ack.moderator
             }
+            Some(Payload::RoomLocked(_))
+            | Some(Payload::RoomUnlocked(_))
+            | Some(Payload::SessionDestroyed(_))
+            | Some(Payload::UserBanned(_))
+            | Some(Payload::UserUnbanned(_)) => true,
             None => false,
         }
     }
 
-    /// Whether the subscription ends (OK) right after delivering `event`: its client was dropped
-    /// or left.
+    /// Whether the subscription ends (OK) right after delivering `event`: its client was
+    /// dropped, left or timed out, or the session ended (which ends every stream).
     pub fn ends_after(&self, event: &pb::Event) -> bool {
         match &event.payload {
             Some(Payload::RoomDisconnected(rd)) => self.is_own(&rd.client_id),
             Some(Payload::UserDisconnected(ud)) => self.is_own(&ud.client_id),
+            Some(Payload::SessionDestroyed(_)) => true,
             _ => false,
         }
     }
@@ -913,6 +1325,7 @@ mod tests {
             client_ids: ids.iter().map(|s| s.to_string()).collect(),
             reason: "spam".into(),
             request_id: request_id.into(),
+            ban: None,
         })
     }
 
@@ -925,6 +1338,11 @@ mod tests {
                     Payload::UserDisconnected(_) => "disconnected",
                     Payload::RoomDisconnected(_) => "room_disconnected",
                     Payload::AckDropUser(_) => "ack",
+                    Payload::RoomLocked(_) => "locked",
+                    Payload::RoomUnlocked(_) => "unlocked",
+                    Payload::SessionDestroyed(_) => "destroyed",
+                    Payload::UserBanned(_) => "banned",
+                    Payload::UserUnbanned(_) => "unbanned",
                 };
                 (e.seq, kind)
             })
@@ -1143,7 +1561,13 @@ mod tests {
         let bob = caller("bob", TokenRole::Participant);
         join_as(&mut state, &bob, "a");
         let err = apply(&mut state, &bob, drop_cmd(&["a"], "q"), now()).unwrap_err();
-        assert!(matches!(err, Error::UnauthorizedAccess(_)));
+        assert!(matches!(
+            err,
+            Error::UnauthorizedAccess {
+                code: UNAUTHORIZED_ACCESS_CODE,
+                ..
+            }
+        ));
         assert_eq!(state.seq(), 1);
         assert!(!state.is_empty());
     }
@@ -1385,5 +1809,318 @@ mod tests {
             ..caller("s", TokenRole::Service)
         };
         assert!(all.check_room("anything").is_ok());
+    }
+
+    fn lock_cmd(request_id: &str) -> Command {
+        Command::Lock {
+            request_id: request_id.into(),
+        }
+    }
+
+    fn unlock_cmd(request_id: &str) -> Command {
+        Command::Unlock {
+            request_id: request_id.into(),
+        }
+    }
+
+    fn banning_drop(ids: &[&str], request_id: &str, ban: Duration) -> Command {
+        let Command::Drop(mut cmd) = drop_cmd(ids, request_id) else {
+            unreachable!()
+        };
+        cmd.ban = Some(ban);
+        Command::Drop(cmd)
+    }
+
+    fn joined_by(
+        state: &mut RoomState,
+        who: &Caller,
+        client_id: &str,
+        at: SystemTime,
+    ) -> Result<Applied, Error> {
+        apply(state, who, join_cmd(client_id, None), at)
+    }
+
+    #[test]
+    fn a_locked_room_refuses_participants_admits_moderators_and_keeps_its_members() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        let alice = caller("alice", TokenRole::Moderator);
+        join_as(&mut state, &bob, "b1");
+        let locked = apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+        assert_eq!(kinds(&locked.events), [(2, "locked")]);
+        assert_eq!(
+            locked.reply,
+            Reply::Locked(pb::LockRoomResponse {
+                request_id: "l1".into(),
+                seq: 2
+            })
+        );
+        assert!(state.locked());
+        let refused = joined_by(&mut state, &bob, "b2", now()).unwrap_err();
+        assert!(matches!(refused, Error::RoomLocked { .. }), "{refused:?}");
+        // A service joining someone as participant is refused too; as moderator it is not.
+        let svc = caller("svc", TokenRole::Service);
+        assert!(joined_by(&mut state, &svc, "s1", now()).is_err());
+        let Command::Join { client_id, mut cmd } = join_cmd("s2", None) else {
+            unreachable!()
+        };
+        cmd.role = Role::Moderator;
+        assert!(apply(&mut state, &svc, Command::Join { client_id, cmd }, now()).is_ok());
+        join_as(&mut state, &alice, "a1");
+        assert_eq!(members_of(&state), ["b1", "s2", "a1"]);
+        apply(&mut state, &svc, unlock_cmd("u1"), now()).unwrap();
+        assert!(!state.locked());
+        join_as(&mut state, &bob, "b3");
+    }
+
+    fn members_of(state: &RoomState) -> Vec<String> {
+        state
+            .participants()
+            .into_iter()
+            .map(|p| p.client_id)
+            .collect()
+    }
+
+    #[test]
+    fn locking_twice_is_5117_unlocking_twice_5118_and_retries_answer_the_first_call() {
+        let mut state = RoomState::new("r", "ep");
+        let alice = caller("alice", TokenRole::Moderator);
+        join_as(&mut state, &alice, "a1");
+        let first = apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+        let again = apply(&mut state, &alice, lock_cmd("l2"), now()).unwrap_err();
+        assert!(
+            matches!(again, Error::RoomAlreadyLocked { .. }),
+            "{again:?}"
+        );
+        let retry = apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+        assert_eq!((retry.reply, retry.events.len()), (first.reply, 0));
+        apply(&mut state, &alice, unlock_cmd("u1"), now()).unwrap();
+        let again = apply(&mut state, &alice, unlock_cmd("u2"), now()).unwrap_err();
+        assert!(matches!(again, Error::RoomNotLocked { .. }), "{again:?}");
+        // The same key for a lock and an unlock names two requests.
+        assert!(apply(&mut state, &alice, lock_cmd("u1"), now()).is_ok());
+    }
+
+    #[test]
+    fn participants_get_5115_for_locks_and_5116_for_sessions_and_bans() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        join_as(&mut state, &bob, "b1");
+        let code = |cmd: Command, state: &mut RoomState| match apply(state, &bob, cmd, now()) {
+            Err(Error::UnauthorizedAccess { code, .. }) => code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code(lock_cmd("l"), &mut state), LOCK_UNAUTHORIZED_CODE);
+        assert_eq!(code(unlock_cmd("u"), &mut state), LOCK_UNAUTHORIZED_CODE);
+        let destroy = Command::Destroy(DestroyCmd {
+            reason: String::new(),
+            request_id: "x".into(),
+        });
+        assert_eq!(code(destroy, &mut state), UNAUTHORIZED_ACCESS_CODE);
+        let unban = Command::Unban {
+            identity: "bob".into(),
+        };
+        assert_eq!(code(unban, &mut state), UNAUTHORIZED_ACCESS_CODE);
+        assert_eq!(state.seq(), 1);
+    }
+
+    #[test]
+    fn destroying_the_session_empties_and_unlocks_and_ends_every_stream() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        let alice = caller("alice", TokenRole::Moderator);
+        join_as(&mut state, &bob, "b1");
+        join_as(&mut state, &alice, "a1");
+        apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+        let destroy = Command::Destroy(DestroyCmd {
+            reason: "meeting over".into(),
+            request_id: "x1".into(),
+        });
+        let ended = apply(&mut state, &alice, destroy.clone(), now()).unwrap();
+        assert_eq!(kinds(&ended.events), [(4, "destroyed")]);
+        let Reply::Destroyed(response) = &ended.reply else {
+            panic!("{:?}", ended.reply)
+        };
+        assert_eq!(
+            (response.seq, response.client_ids.clone()),
+            (4, vec!["b1".to_owned(), "a1".to_owned()])
+        );
+        assert!(state.is_empty() && !state.locked());
+        assert!(ended.changes.contains(&Change::Locked(false)));
+        assert_eq!(
+            state.client_status("b1"),
+            ClientStatus::Departed {
+                identity: "bob".into(),
+                end_seq: 4
+            }
+        );
+        let event = &ended.events[0];
+        let observer = Audience::admit(&alice, None, ClientStatus::Unknown, 0).unwrap();
+        let own = Audience::admit(&bob, Some("b1"), state.client_status("b1"), 1).unwrap();
+        for audience in [observer, own] {
+            assert!(audience.sees(event) && audience.ends_after(event));
+        }
+        // A retry answers the first call; the same log goes on with the next join.
+        let retry = apply(&mut state, &alice, destroy, now()).unwrap();
+        assert_eq!((&retry.reply, retry.events.len()), (&ended.reply, 0));
+        assert_eq!(join_as(&mut state, &bob, "b2").seq, 5);
+    }
+
+    #[test]
+    fn a_banning_drop_logs_bans_between_the_disconnects_and_the_ack() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        let alice = caller("alice", TokenRole::Moderator);
+        join_as(&mut state, &bob, "b1");
+        join_as(&mut state, &bob, "b2");
+        join_as(&mut state, &alice, "a1");
+        let hour = Duration::from_secs(3600);
+        let dropped = apply(
+            &mut state,
+            &alice,
+            banning_drop(&["b1", "b2", "zz"], "d1", hour),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            kinds(&dropped.events),
+            [
+                (4, "room_disconnected"),
+                (5, "disconnected"),
+                (6, "room_disconnected"),
+                (7, "disconnected"),
+                (8, "banned"),
+                (9, "ack")
+            ]
+        );
+        let Some(Payload::UserBanned(banned)) = &dropped.events[4].payload else {
+            panic!()
+        };
+        assert_eq!(
+            (banned.identity.as_str(), banned.moderator.as_str()),
+            ("bob", "alice")
+        );
+        assert_eq!(banned.until, Some((now() + hour).into()));
+        let bans = state.bans(now());
+        assert_eq!(bans.len(), 1);
+        assert_eq!(
+            (bans[0].identity.as_str(), bans[0].until),
+            ("bob", now() + hour)
+        );
+    }
+
+    #[test]
+    fn a_ban_keeps_its_identity_out_until_it_ends_or_is_lifted() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        let alice = caller("alice", TokenRole::Moderator);
+        let svc = caller("svc", TokenRole::Service);
+        join_as(&mut state, &bob, "b1");
+        let minute = Duration::from_secs(60);
+        apply(
+            &mut state,
+            &alice,
+            banning_drop(&["b1"], "d1", minute),
+            now(),
+        )
+        .unwrap();
+        let refused = joined_by(&mut state, &bob, "b2", now()).unwrap_err();
+        assert_eq!(
+            refused,
+            Error::Banned {
+                identity: "bob".into(),
+                until: now() + minute
+            }
+        );
+        // On bob's behalf, and before the lock: the ban is what a banned identity learns.
+        apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+        let Command::Join { client_id, mut cmd } = join_cmd("s1", None) else {
+            unreachable!()
+        };
+        cmd.identity = "bob".into();
+        let on_behalf = apply(&mut state, &svc, Command::Join { client_id, cmd }, now());
+        assert!(
+            matches!(on_behalf, Err(Error::Banned { .. })),
+            "{on_behalf:?}"
+        );
+        apply(&mut state, &alice, unlock_cmd("u1"), now()).unwrap();
+        // Ended: bob joins again, and the ban is gone from the list.
+        let later = now() + minute;
+        assert!(joined_by(&mut state, &bob, "b3", later).is_ok());
+        assert!(state.bans(later).is_empty());
+        // A shorter ban after a longer one keeps the longer; an unban lifts it at once.
+        apply(
+            &mut state,
+            &alice,
+            banning_drop(&["b3"], "d2", minute * 10),
+            later,
+        )
+        .unwrap();
+        join_as(&mut state, &alice, "a1");
+        let unban = |identity: &str| Command::Unban {
+            identity: identity.into(),
+        };
+        assert!(matches!(
+            apply(&mut state, &alice, unban("nobody"), later),
+            Err(Error::BanNotFound { .. })
+        ));
+        let lifted = apply(&mut state, &alice, unban("bob"), later).unwrap();
+        assert_eq!(kinds(&lifted.events), [(state.seq(), "unbanned")]);
+        assert!(joined_by(&mut state, &bob, "b4", later).is_ok());
+        assert_eq!(
+            state.bans_end(),
+            Some(later),
+            "no ban in force since the unban"
+        );
+    }
+
+    #[test]
+    fn a_repeated_ban_keeps_the_later_end() {
+        let mut state = RoomState::new("r", "ep");
+        let bob = caller("bob", TokenRole::Participant);
+        let alice = caller("alice", TokenRole::Moderator);
+        let minute = Duration::from_secs(60);
+        join_as(&mut state, &bob, "b1");
+        join_as(&mut state, &bob, "b2");
+        apply(
+            &mut state,
+            &alice,
+            banning_drop(&["b1"], "d1", minute * 10),
+            now(),
+        )
+        .unwrap();
+        apply(
+            &mut state,
+            &alice,
+            banning_drop(&["b2"], "d2", minute),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(state.bans(now())[0].until, now() + minute * 10);
+    }
+
+    #[test]
+    fn a_drop_past_the_ban_cap_drops_nobody() {
+        let mut state = RoomState::new("r", "ep").with_bans(std::iter::empty(), MAX_BANS, now());
+        let bob = caller("bob", TokenRole::Participant);
+        let alice = caller("alice", TokenRole::Moderator);
+        join_as(&mut state, &bob, "b1");
+        let refused = apply(
+            &mut state,
+            &alice,
+            banning_drop(&["b1"], "d1", Duration::from_secs(60)),
+            now(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            refused,
+            Error::LimitReached {
+                limit: Limit::RoomBans,
+                max: MAX_BANS
+            }
+        );
+        assert_eq!((state.seq(), state.population()), (1, 1));
+        // Without a ban the same drop goes through.
+        assert!(apply(&mut state, &alice, drop_cmd(&["b1"], "d2"), now()).is_ok());
     }
 }

@@ -17,8 +17,15 @@ use crate::limits::Limit;
 /// The `ErrorInfo.domain` of every error roomctl raises.
 pub const DOMAIN: &str = "roomcontrol.v1";
 
-/// The vendor's error code for a participant calling a moderator-only operation.
+/// The vendor's error code for a participant calling a moderator-only operation (drops, session
+/// and ban control).
 pub const UNAUTHORIZED_ACCESS_CODE: &str = "5116";
+/// The vendor's error code for a participant locking or unlocking a room.
+pub const LOCK_UNAUTHORIZED_CODE: &str = "5115";
+/// The vendor's error code for locking a room that is locked.
+pub const ROOM_ALREADY_LOCKED_CODE: &str = "5117";
+/// The vendor's error code for unlocking a room that is not locked.
+pub const ROOM_NOT_LOCKED_CODE: &str = "5118";
 
 /// One invalid field of a request: its path (`client_ids[3]`) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,9 +52,15 @@ pub enum Error {
     /// No token, or one that is malformed, badly signed, expired or not allowed its claims.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
-    /// A participant called a moderator-only RPC (the vendor's error 5116).
-    #[error("5116: Unauthorized Access: {0}")]
-    UnauthorizedAccess(String),
+    /// A participant called a moderator-only RPC: the vendor's error `code` (5116, or 5115 for
+    /// locks).
+    #[error("{code}: Unauthorized Access: {detail}")]
+    UnauthorizedAccess {
+        /// The vendor code.
+        code: &'static str,
+        /// What the caller would need.
+        detail: String,
+    },
     /// The caller is authenticated but may not do this (another room, another's client...).
     #[error("forbidden: {0}")]
     Forbidden(String),
@@ -97,6 +110,38 @@ pub enum Error {
     RoomNotFound {
         /// The requested room.
         room_id: String,
+    },
+    /// The room is locked: only moderators may join (the caller would join as participant).
+    #[error("room {room_id:?} is locked: only moderators may join until it is unlocked")]
+    RoomLocked {
+        /// The locked room.
+        room_id: String,
+    },
+    /// LockRoom on a room that is locked (the vendor's 5117).
+    #[error("5117: Room Already Locked: room {room_id:?} is locked already")]
+    RoomAlreadyLocked {
+        /// The room.
+        room_id: String,
+    },
+    /// UnlockRoom on a room that is not locked (the vendor's 5118).
+    #[error("5118: Room Not Locked: room {room_id:?} is not locked")]
+    RoomNotLocked {
+        /// The room.
+        room_id: String,
+    },
+    /// The identity is banned from the room until `until`.
+    #[error("{identity:?} is banned from this room until {}", rfc3339(*.until))]
+    Banned {
+        /// The banned identity.
+        identity: String,
+        /// When the ban ends.
+        until: std::time::SystemTime,
+    },
+    /// Unban of an identity that has no ban in force.
+    #[error("{identity:?} has no ban in force in this room")]
+    BanNotFound {
+        /// The identity.
+        identity: String,
     },
     /// The client is not (or no longer, at that cursor) in the room.
     #[error("client {client_id:?} is not in the room")]
@@ -154,6 +199,11 @@ pub enum Error {
     Internal(String),
 }
 
+/// `time` as RFC 3339 (UTC, second precision), as ErrorInfo metadata and messages show times.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    prost_types::Timestamp::from(time).to_string()
+}
+
 fn describe(violations: &[Violation]) -> String {
     violations
         .iter()
@@ -183,14 +233,20 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::Unauthenticated(_) | Error::TokenExpired { .. } => Code::Unauthenticated,
-            Error::UnauthorizedAccess(_) | Error::Forbidden(_) => Code::PermissionDenied,
+            Error::UnauthorizedAccess { .. } | Error::Forbidden(_) => Code::PermissionDenied,
             Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
             Error::MessageTooLarge { .. }
             | Error::LimitReached { .. }
             | Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::Overloaded { .. } => Code::Unavailable,
             Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            Error::RoomNotFound { .. } | Error::ClientNotFound { .. } => Code::NotFound,
+            Error::RoomNotFound { .. }
+            | Error::ClientNotFound { .. }
+            | Error::BanNotFound { .. } => Code::NotFound,
+            Error::RoomLocked { .. }
+            | Error::RoomAlreadyLocked { .. }
+            | Error::RoomNotLocked { .. } => Code::FailedPrecondition,
+            Error::Banned { .. } => Code::PermissionDenied,
             Error::CursorOutOfRange { .. } => Code::OutOfRange,
             Error::ShuttingDown { .. } | Error::StoreUnavailable(_) => Code::Unavailable,
             // gRPC's code for "the deadline passed; the change may have happened".
@@ -203,7 +259,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Unauthenticated(_) | Error::TokenExpired { .. } => "UNAUTHENTICATED",
-            Error::UnauthorizedAccess(_) => "UNAUTHORIZED_ACCESS",
+            Error::UnauthorizedAccess { .. } => "UNAUTHORIZED_ACCESS",
             Error::Forbidden(_) => "FORBIDDEN",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::MalformedRequest(_) => "MALFORMED_REQUEST",
@@ -212,12 +268,21 @@ impl Error {
                 limit: Limit::RoomMembers,
                 ..
             } => "ROOM_FULL",
+            Error::LimitReached {
+                limit: Limit::RoomBans,
+                ..
+            } => "TOO_MANY_BANS",
             Error::LimitReached { .. } => "TOO_MANY_STREAMS",
             Error::RateLimited { .. } => "RATE_LIMITED",
             Error::Overloaded { .. } => "OVERLOADED",
             Error::DeadlineExceeded { .. } => "DEADLINE_EXCEEDED",
             Error::RoomNotFound { .. } => "ROOM_NOT_FOUND",
             Error::ClientNotFound { .. } => "CLIENT_NOT_FOUND",
+            Error::RoomLocked { .. } => "ROOM_LOCKED",
+            Error::RoomAlreadyLocked { .. } => "ROOM_ALREADY_LOCKED",
+            Error::RoomNotLocked { .. } => "ROOM_NOT_LOCKED",
+            Error::Banned { .. } => "BANNED",
+            Error::BanNotFound { .. } => "BAN_NOT_FOUND",
             Error::CursorOutOfRange { .. } => "CURSOR_OUT_OF_RANGE",
             Error::ShuttingDown { .. } => "SHUTTING_DOWN",
             Error::StoreUnavailable(_) => "STORE_UNAVAILABLE",
@@ -228,7 +293,20 @@ impl Error {
 
     fn metadata(&self) -> HashMap<String, String> {
         let pairs: Vec<(&str, String)> = match self {
-            Error::UnauthorizedAccess(_) => vec![("code", UNAUTHORIZED_ACCESS_CODE.to_owned())],
+            Error::UnauthorizedAccess { code, .. } => vec![("code", (*code).to_owned())],
+            Error::RoomAlreadyLocked { room_id } => vec![
+                ("code", ROOM_ALREADY_LOCKED_CODE.to_owned()),
+                ("room_id", room_id.clone()),
+            ],
+            Error::RoomNotLocked { room_id } => vec![
+                ("code", ROOM_NOT_LOCKED_CODE.to_owned()),
+                ("room_id", room_id.clone()),
+            ],
+            Error::RoomLocked { room_id } => vec![("room_id", room_id.clone())],
+            Error::Banned { identity, until } => {
+                vec![("identity", identity.clone()), ("until", rfc3339(*until))]
+            }
+            Error::BanNotFound { identity } => vec![("identity", identity.clone())],
             Error::MessageTooLarge { limit } => vec![("limit_bytes", limit.to_string())],
             Error::LimitReached { limit, max } => {
                 vec![("limit", limit.name().to_owned()), ("max", max.to_string())]
@@ -320,9 +398,56 @@ mod tests {
                 "UNAUTHENTICATED",
             ),
             (
-                Error::UnauthorizedAccess("x".into()),
+                Error::UnauthorizedAccess {
+                    code: UNAUTHORIZED_ACCESS_CODE,
+                    detail: "x".into(),
+                },
                 Code::PermissionDenied,
                 "UNAUTHORIZED_ACCESS",
+            ),
+            (
+                Error::RoomLocked {
+                    room_id: "r".into(),
+                },
+                Code::FailedPrecondition,
+                "ROOM_LOCKED",
+            ),
+            (
+                Error::RoomAlreadyLocked {
+                    room_id: "r".into(),
+                },
+                Code::FailedPrecondition,
+                "ROOM_ALREADY_LOCKED",
+            ),
+            (
+                Error::RoomNotLocked {
+                    room_id: "r".into(),
+                },
+                Code::FailedPrecondition,
+                "ROOM_NOT_LOCKED",
+            ),
+            (
+                Error::Banned {
+                    identity: "bob".into(),
+                    until: std::time::UNIX_EPOCH,
+                },
+                Code::PermissionDenied,
+                "BANNED",
+            ),
+            (
+                Error::BanNotFound {
+                    identity: "bob".into(),
+                },
+                Code::NotFound,
+                "BAN_NOT_FOUND",
+            ),
+            (
+                Error::LimitReached {
+                    limit: Limit::RoomBans,
+                    max: 2,
+                },
+                Code::ResourceExhausted,
+                "TOO_MANY_BANS",
             ),
             (
                 Error::Forbidden("x".into()),
@@ -433,12 +558,44 @@ mod tests {
     }
 
     #[test]
-    fn unauthorized_access_carries_the_vendor_code_in_message_and_metadata() {
-        let status = Status::from(Error::UnauthorizedAccess(
-            "participants may not drop".into(),
-        ));
-        assert!(status.message().starts_with("5116: Unauthorized Access"));
-        assert_eq!(info(&status).1["code"], "5116");
+    fn vendor_codes_lead_the_message_and_fill_the_metadata() {
+        let room_id = || "r".to_owned();
+        let cases = [
+            (
+                Error::UnauthorizedAccess {
+                    code: UNAUTHORIZED_ACCESS_CODE,
+                    detail: "participants may not drop".into(),
+                },
+                "5116: Unauthorized Access",
+            ),
+            (
+                Error::UnauthorizedAccess {
+                    code: LOCK_UNAUTHORIZED_CODE,
+                    detail: "participants may not lock".into(),
+                },
+                "5115: Unauthorized Access",
+            ),
+            (Error::RoomAlreadyLocked { room_id: room_id() }, "5117: "),
+            (Error::RoomNotLocked { room_id: room_id() }, "5118: "),
+        ];
+        for (err, start) in cases {
+            let status = Status::from(err);
+            assert!(status.message().starts_with(start), "{}", status.message());
+            assert_eq!(info(&status).1["code"], start[..4]);
+        }
+    }
+
+    #[test]
+    fn a_ban_says_who_and_until_when() {
+        let until = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let status = Status::from(Error::Banned {
+            identity: "bob".into(),
+            until,
+        });
+        let metadata = info(&status).1;
+        assert_eq!(metadata["identity"], "bob");
+        assert_eq!(metadata["until"], "2027-01-15T08:00:00Z");
+        assert!(status.message().contains("2027-01-15T08:00:00Z"));
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub enum Limit {
     StreamsPerConnection,
     /// `--max-room-members`.
     RoomMembers,
+    /// Bans in force in one room ([`crate::engine::MAX_BANS`]).
+    RoomBans,
 }
 
 impl Limit {
@@ -87,6 +89,7 @@ impl Limit {
             Limit::Streams => "max_streams",
             Limit::StreamsPerConnection => "max_streams_per_connection",
             Limit::RoomMembers => "max_room_members",
+            Limit::RoomBans => "max_room_bans",
         }
     }
 }

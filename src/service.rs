@@ -58,6 +58,28 @@ fn unexpected(reply: Reply) -> Status {
     Error::Internal(format!("a command got the wrong kind of reply: {reply:?}")).into()
 }
 
+impl RoomControlService {
+    /// Runs a moderator's command (whose permission the caller checked) within the identity's
+    /// moderator rate, and logs it.
+    async fn moderate(
+        &self,
+        room_id: &str,
+        caller: &engine::Caller,
+        cmd: Command,
+    ) -> Result<Reply, Status> {
+        self.moderators.check(&caller.identity)?;
+        let request_id = cmd.request_id().map(str::to_owned);
+        let reply = self.store.execute(room_id, caller, cmd).await?.reply;
+        tracing::info!(
+            request_id = request_id.as_deref().unwrap_or(""),
+            moderator = %caller.identity,
+            "{}",
+            reply.kind()
+        );
+        Ok(reply)
+    }
+}
+
 #[tonic::async_trait]
 impl RoomControl for RoomControlService {
     #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
@@ -118,6 +140,7 @@ impl RoomControl for RoomControlService {
             participants: snapshot.participants,
             seq: snapshot.window.newest_seq,
             epoch: snapshot.window.epoch,
+            locked: snapshot.locked,
         }))
     }
 
@@ -132,19 +155,127 @@ impl RoomControl for RoomControlService {
         let room_id = req.room_id.clone();
         let cmd = validate::drop_user(req)?;
         caller.check_may_drop(&room_id)?;
-        self.moderators.check(&caller.identity)?;
-        match self
-            .store
-            .execute(&room_id, &caller, Command::Drop(cmd))
-            .await?
-            .reply
-        {
-            Reply::Dropped(response) => {
-                tracing::info!(request_id = %response.request_id, moderator = %caller.identity, "drop");
-                Ok(Response::new(response))
-            }
+        match self.moderate(&room_id, &caller, Command::Drop(cmd)).await? {
+            Reply::Dropped(response) => Ok(Response::new(response)),
             other => Err(unexpected(other)),
         }
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn lock_room(
+        &self,
+        request: Request<pb::LockRoomRequest>,
+    ) -> Result<Response<pb::LockRoomResponse>, Status> {
+        let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
+        let req = request.into_inner();
+        let request_id = validate::lock(&req.room_id, req.request_id)?;
+        caller.check_may_lock(&req.room_id)?;
+        match self
+            .moderate(&req.room_id, &caller, Command::Lock { request_id })
+            .await?
+        {
+            Reply::Locked(response) => Ok(Response::new(response)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn unlock_room(
+        &self,
+        request: Request<pb::UnlockRoomRequest>,
+    ) -> Result<Response<pb::UnlockRoomResponse>, Status> {
+        let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
+        let req = request.into_inner();
+        let request_id = validate::lock(&req.room_id, req.request_id)?;
+        caller.check_may_lock(&req.room_id)?;
+        match self
+            .moderate(&req.room_id, &caller, Command::Unlock { request_id })
+            .await?
+        {
+            Reply::Unlocked(response) => Ok(Response::new(response)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn destroy_session(
+        &self,
+        request: Request<pb::DestroySessionRequest>,
+    ) -> Result<Response<pb::DestroySessionResponse>, Status> {
+        let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
+        let req = request.into_inner();
+        let room_id = req.room_id.clone();
+        let cmd = validate::destroy_session(req)?;
+        caller.check_may_drop(&room_id)?;
+        match self
+            .moderate(&room_id, &caller, Command::Destroy(cmd))
+            .await?
+        {
+            Reply::Destroyed(response) => Ok(Response::new(response)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn list_bans(
+        &self,
+        request: Request<pb::ListBansRequest>,
+    ) -> Result<Response<pb::ListBansResponse>, Status> {
+        let caller = caller(&request)?;
+        let room_id = &request.get_ref().room_id;
+        note(&request, room_id, &caller);
+        validate::room_id(room_id)?;
+        caller.check_may_drop(room_id)?;
+        let bans = self.store.bans(room_id).await?;
+        Ok(Response::new(pb::ListBansResponse {
+            bans: bans.iter().map(engine::Ban::to_pb).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    async fn unban(
+        &self,
+        request: Request<pb::UnbanRequest>,
+    ) -> Result<Response<pb::UnbanResponse>, Status> {
+        let caller = caller(&request)?;
+        note(&request, &request.get_ref().room_id, &caller);
+        let req = request.into_inner();
+        validate::unban(&req)?;
+        caller.check_may_drop(&req.room_id)?;
+        let cmd = Command::Unban {
+            identity: req.identity,
+        };
+        match self.moderate(&req.room_id, &caller, cmd).await? {
+            Reply::Unbanned(response) => Ok(Response::new(response)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list_rooms(
+        &self,
+        request: Request<pb::ListRoomsRequest>,
+    ) -> Result<Response<pb::ListRoomsResponse>, Status> {
+        let caller = caller(&request)?;
+        note(&request, "*", &caller);
+        let (size, after) = validate::list_rooms(request.get_ref())?;
+        caller.check_may_list_rooms()?;
+        // One more than the page tells whether another page follows.
+        let mut rooms = self.store.list_rooms(after.as_deref(), size + 1).await?;
+        let next_page_token = if rooms.len() > size {
+            rooms.truncate(size);
+            rooms
+                .last()
+                .map_or_else(String::new, |room| validate::page_token(&room.room_id))
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListRoomsResponse {
+            rooms,
+            next_page_token,
+        }))
     }
 
     type EventsStream = EventStream;

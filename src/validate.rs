@@ -1,7 +1,9 @@
 //! Field rules of the contract: turns raw requests into validated domain values, or into an
 //! `INVALID_ARGUMENT` that lists every offending field at once.
 
-use crate::engine::{DropCmd, JoinCmd};
+use std::time::Duration;
+
+use crate::engine::{DestroyCmd, DropCmd, JoinCmd, MAX_BAN};
 use crate::error::{Error, Violation};
 use crate::pb::{self, Role};
 
@@ -11,8 +13,14 @@ pub const MAX_ROOM_ID_CHARS: usize = 128;
 pub const MAX_ID_CHARS: usize = 128;
 /// Most client ids in one `DropUser`, counted as sent (duplicates included).
 pub const MAX_DROP_IDS: usize = 1000;
-/// Longest drop reason, in bytes (UTF-8).
+/// Longest drop or destroy reason, in bytes (UTF-8).
 pub const MAX_REASON_BYTES: usize = 256;
+/// Rooms per `ListRooms` page when the request says 0.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Most rooms per `ListRooms` page.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// How a `ListRooms` page token starts; the room id the previous page ended at follows.
+const PAGE_TOKEN_PREFIX: &str = "after:";
 
 fn room_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
@@ -61,6 +69,25 @@ impl Check {
             self.fail(field, "must not be empty");
         } else {
             self.max_chars(field, value);
+        }
+    }
+
+    fn reason(&mut self, reason: &str) {
+        if reason.len() > MAX_REASON_BYTES {
+            self.fail(
+                "reason",
+                format!("{} bytes; at most {MAX_REASON_BYTES}", reason.len()),
+            );
+        }
+    }
+
+    /// An optional idempotency key; an empty one becomes a generated one.
+    fn request_id(&mut self, request_id: String) -> String {
+        self.max_chars("request_id", &request_id);
+        if request_id.is_empty() {
+            uuid::Uuid::new_v4().simple().to_string()
+        } else {
+            request_id
         }
     }
 
@@ -123,23 +150,83 @@ pub fn drop_user(req: pb::DropUserRequest) -> Result<DropCmd, Error> {
             }
         }
     }
-    if req.reason.len() > MAX_REASON_BYTES {
+    check.reason(&req.reason);
+    let request_id = check.request_id(req.request_id);
+    let ban = Duration::from_secs(u64::from(req.ban_seconds));
+    if ban > MAX_BAN {
         check.fail(
-            "reason",
-            format!("{} bytes; at most {MAX_REASON_BYTES}", req.reason.len()),
+            "ban_seconds",
+            format!("at most {} (30 days)", MAX_BAN.as_secs()),
         );
     }
-    check.max_chars("request_id", &req.request_id);
-    let request_id = if req.request_id.is_empty() {
-        uuid::Uuid::new_v4().simple().to_string()
-    } else {
-        req.request_id
-    };
     check.done(DropCmd {
         client_ids: req.client_ids,
         reason: req.reason,
         request_id,
+        ban: (!ban.is_zero()).then_some(ban),
     })
+}
+
+/// Checks a `LockRoom` or `UnlockRoom` (a room and a request id); returns its request id,
+/// generated when empty.
+pub fn lock(room_id: &str, request_id: String) -> Result<String, Error> {
+    let mut check = Check::default();
+    check.room_id(room_id);
+    let request_id = check.request_id(request_id);
+    check.done(request_id)
+}
+
+/// Checks a `DestroySession` and returns its command; an empty `request_id` becomes a
+/// generated one.
+pub fn destroy_session(req: pb::DestroySessionRequest) -> Result<DestroyCmd, Error> {
+    let mut check = Check::default();
+    check.room_id(&req.room_id);
+    check.reason(&req.reason);
+    let request_id = check.request_id(req.request_id);
+    check.done(DestroyCmd {
+        reason: req.reason,
+        request_id,
+    })
+}
+
+/// Checks an `Unban`.
+pub fn unban(req: &pb::UnbanRequest) -> Result<(), Error> {
+    let mut check = Check::default();
+    check.room_id(&req.room_id);
+    check.id("identity", &req.identity);
+    check.done(())
+}
+
+/// Checks a `ListRooms`; returns the page size and the room id the page starts after.
+pub fn list_rooms(req: &pb::ListRoomsRequest) -> Result<(usize, Option<String>), Error> {
+    let mut check = Check::default();
+    let size = match req.page_size as usize {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n > MAX_PAGE_SIZE => {
+            check.fail("page_size", format!("{n}; at most {MAX_PAGE_SIZE}"));
+            0
+        }
+        n => n,
+    };
+    let after = match req.page_token.as_str() {
+        "" => None,
+        token => match token
+            .strip_prefix(PAGE_TOKEN_PREFIX)
+            .filter(|id| is_room_id(id))
+        {
+            Some(room_id) => Some(room_id.to_owned()),
+            None => {
+                check.fail("page_token", "not a token this server gave");
+                None
+            }
+        },
+    };
+    check.done((size, after))
+}
+
+/// The token of the page that follows the room `last_room_id`.
+pub fn page_token(last_room_id: &str) -> String {
+    format!("{PAGE_TOKEN_PREFIX}{last_room_id}")
 }
 
 /// Checks an `Events` request; returns the client id it subscribes as (None: observer).
@@ -168,6 +255,7 @@ mod tests {
             client_ids: (0..ids).map(|i| format!("c{i}")).collect(),
             reason: "x".repeat(reason),
             request_id: String::new(),
+            ban_seconds: 0,
         }
     }
 
@@ -206,10 +294,47 @@ mod tests {
             client_ids: vec!["ok".into(), String::new(), "c".repeat(129)],
             reason: String::new(),
             request_id: "q".repeat(129),
+            ban_seconds: 2_592_001,
         };
         assert_eq!(
             fields(drop_user(req).unwrap_err()),
-            ["room_id", "client_ids[1]", "client_ids[2]", "request_id"]
+            [
+                "room_id",
+                "client_ids[1]",
+                "client_ids[2]",
+                "request_id",
+                "ban_seconds"
+            ]
+        );
+    }
+
+    #[test]
+    fn bans_last_at_most_30_days() {
+        let mut req = drop_req(1, 0);
+        req.ban_seconds = 2_592_000;
+        assert_eq!(
+            drop_user(req).unwrap().ban,
+            Some(Duration::from_secs(2_592_000))
+        );
+        assert_eq!(drop_user(drop_req(1, 0)).unwrap().ban, None);
+    }
+
+    #[test]
+    fn pages_hold_up_to_1000_rooms_and_tokens_are_checked() {
+        let list = |page_size, page_token: &str| pb::ListRoomsRequest {
+            page_size,
+            page_token: page_token.into(),
+        };
+        assert_eq!(list_rooms(&list(0, "")).unwrap(), (100, None));
+        assert_eq!(list_rooms(&list(1000, "")).unwrap().0, 1000);
+        let token = page_token("room-7");
+        assert_eq!(
+            list_rooms(&list(1, &token)).unwrap(),
+            (1, Some("room-7".into()))
+        );
+        assert_eq!(
+            fields(list_rooms(&list(1001, "after:no space")).unwrap_err()),
+            ["page_size", "page_token"]
         );
     }
 

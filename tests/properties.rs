@@ -18,6 +18,11 @@ fn text() -> impl Strategy<Value = String> {
     prop_oneof!["[a-zA-Z0-9._:-]{0,130}", "\\PC{0,130}", "[a-z]{126,130}"]
 }
 
+/// Ban lengths around the 30-day limit.
+fn ban_seconds() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(0u32), 2_591_999u32..2_592_002, any::<u32>()]
+}
+
 /// A request of each kind, encoded as a client would send it, behind the byte naming its kind.
 fn request() -> impl Strategy<Value = Vec<u8>> {
     let ids = prop_oneof![
@@ -41,8 +46,8 @@ fn request() -> impl Strategy<Value = Vec<u8>> {
                 .concat()
             }
         ),
-        (text(), ids, "\\PC{0,260}", text()).prop_map(
-            |(room_id, client_ids, reason, request_id)| {
+        (text(), ids, "\\PC{0,260}", text(), ban_seconds()).prop_map(
+            |(room_id, client_ids, reason, request_id, ban_seconds)| {
                 [
                     vec![1],
                     pb::DropUserRequest {
@@ -50,12 +55,62 @@ fn request() -> impl Strategy<Value = Vec<u8>> {
                         client_ids,
                         reason,
                         request_id,
+                        ban_seconds,
                     }
                     .encode_to_vec(),
                 ]
                 .concat()
             }
         ),
+        (text(), text()).prop_map(|(room_id, request_id)| {
+            [
+                vec![4],
+                pb::LockRoomRequest {
+                    room_id,
+                    request_id,
+                }
+                .encode_to_vec(),
+            ]
+            .concat()
+        }),
+        (text(), "\\PC{0,260}", text()).prop_map(|(room_id, reason, request_id)| {
+            [
+                vec![5],
+                pb::DestroySessionRequest {
+                    room_id,
+                    reason,
+                    request_id,
+                }
+                .encode_to_vec(),
+            ]
+            .concat()
+        }),
+        (text(), text()).prop_map(|(room_id, identity)| {
+            [
+                vec![6],
+                pb::UnbanRequest { room_id, identity }.encode_to_vec(),
+            ]
+            .concat()
+        }),
+        (
+            prop_oneof![0u32..3, 998u32..1003, any::<u32>()],
+            prop_oneof![
+                Just(String::new()),
+                text().prop_map(|t| format!("after:{t}")),
+                text()
+            ],
+        )
+            .prop_map(|(page_size, page_token)| {
+                [
+                    vec![7],
+                    pb::ListRoomsRequest {
+                        page_size,
+                        page_token,
+                    }
+                    .encode_to_vec(),
+                ]
+                .concat()
+            }),
         (text(), text()).prop_map(|(room_id, client_id)| {
             [
                 vec![2],

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::redis_server::{redis_available, RedisServer};
 use common::PATIENCE;
 use roomctl::engine::{
-    Caller, ClientStatus, Command, DropCmd, JoinCmd, Reply, RoomScope, TokenRole,
+    Caller, ClientStatus, Command, DestroyCmd, DropCmd, JoinCmd, Reply, RoomScope, TokenRole,
 };
 use roomctl::error::Error;
 use roomctl::pb::{self, DropOutcome, Role};
@@ -128,7 +128,55 @@ fn drop_cmd(ids: &[&str], request_id: &str) -> Command {
         client_ids: ids.iter().map(|s| s.to_string()).collect(),
         reason: String::new(),
         request_id: request_id.into(),
+        ban: None,
     })
+}
+
+/// A service's join on behalf of `identity`, as `role`.
+fn join_as(client_id: &str, identity: &str, role: Role) -> Command {
+    Command::Join {
+        client_id: client_id.into(),
+        cmd: JoinCmd {
+            name: identity.into(),
+            role,
+            identity: identity.into(),
+            request_id: None,
+        },
+    }
+}
+
+fn lock(request_id: &str) -> Command {
+    Command::Lock {
+        request_id: request_id.into(),
+    }
+}
+
+fn unlock(request_id: &str) -> Command {
+    Command::Unlock {
+        request_id: request_id.into(),
+    }
+}
+
+/// Drops `client_id` and bans its identity for `seconds`.
+fn ban_cmd(client_id: &str, seconds: u64, request_id: &str) -> Command {
+    Command::Drop(DropCmd {
+        client_ids: vec![client_id.into()],
+        reason: String::new(),
+        request_id: request_id.into(),
+        ban: Some(Duration::from_secs(seconds)),
+    })
+}
+
+/// Waits until `room` is forgotten by `store`.
+async fn until_forgotten(store: &Arc<dyn RoomStore>, room: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while store.snapshot(room).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the empty room was never forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn seqs(events: &[Arc<pb::Event>]) -> Vec<u64> {
@@ -381,14 +429,7 @@ async fn answers_are_forgotten_with_their_room(s: Stores) {
         s.a.execute("r", &service(), drop_cmd(&["c0"], "req-1"))
             .await
             .unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while s.b.snapshot("r").await.is_ok() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the empty room was never forgotten"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_forgotten(&s.b, "r").await;
     let again = join(&s.b, "r", "c0").await;
     assert_ne!(again.epoch, first.events[0].epoch);
     let second =
@@ -495,6 +536,269 @@ async fn concurrent_time_outs_remove_once(s: Stores) {
     assert_eq!(left, ["c1"]);
 }
 
+/// A lock set through one handle refuses participants' joins through the other, even one that
+/// had looked at the room before the lock; moderators still join; the second lock and an unlock
+/// of an unlocked room are refused on either handle; an unlock through one handle admits
+/// participants through the other, which had seen the lock.
+async fn locks_hold_across_handles(s: Stores) {
+    s.b.execute("r", &service(), join_as("c0", "u0", Role::Participant))
+        .await
+        .unwrap(); // b has seen the room unlocked
+    let locked = s.a.execute("r", &service(), lock("l1")).await.unwrap();
+    let Reply::Locked(response) = &locked.reply else {
+        panic!("{:?}", locked.reply)
+    };
+    assert_eq!(response.seq, 2);
+    assert!(s.b.snapshot("r").await.unwrap().locked);
+
+    let refused =
+        s.b.execute("r", &service(), join_as("c1", "u1", Role::Participant))
+            .await;
+    assert!(
+        matches!(refused, Err(Error::RoomLocked { .. })),
+        "{refused:?}"
+    );
+    s.b.execute("r", &service(), join_as("m1", "mod", Role::Moderator))
+        .await
+        .unwrap();
+    let again = s.b.execute("r", &service(), lock("l2")).await;
+    assert!(
+        matches!(again, Err(Error::RoomAlreadyLocked { .. })),
+        "{again:?}"
+    );
+    let retry = s.b.execute("r", &service(), lock("l1")).await.unwrap();
+    assert!(retry.events.is_empty(), "a retry is answered, not applied");
+    assert_eq!(retry.reply, locked.reply);
+
+    s.b.execute("r", &service(), unlock("u1")).await.unwrap();
+    assert!(!s.a.snapshot("r").await.unwrap().locked);
+    s.a.execute("r", &service(), join_as("c1", "u1", Role::Participant))
+        .await
+        .unwrap(); // a had seen the lock it set
+    let not_locked = s.a.execute("r", &service(), unlock("u2")).await;
+    assert!(
+        matches!(not_locked, Err(Error::RoomNotLocked { .. })),
+        "{not_locked:?}"
+    );
+    assert_eq!(s.b.snapshot("r").await.unwrap().window.newest_seq, 5);
+}
+
+/// A ban set through one handle keeps its identity out through the other (which had seen the
+/// room before), is listed by both, and outlives the room's emptiness: the room is not forgotten
+/// while it is in force. Unbanning through one handle lets the identity in through the other,
+/// which had seen the ban.
+async fn bans_hold_across_handles_and_keep_the_room(s: Stores) {
+    s.b.execute("r", &service(), join_as("c0", "u0", Role::Participant))
+        .await
+        .unwrap();
+    let dropped =
+        s.a.execute("r", &service(), ban_cmd("c0", 60, "d1"))
+            .await
+            .unwrap();
+    let kinds: Vec<_> = dropped.events.iter().map(|e| common::kind(e)).collect();
+    assert_eq!(
+        kinds,
+        [
+            "room_disconnected",
+            "user_disconnected",
+            "user_banned",
+            "ack_drop_user"
+        ]
+    );
+
+    let refused =
+        s.b.execute("r", &service(), join_as("c1", "u0", Role::Moderator))
+            .await;
+    match refused {
+        Err(Error::Banned { identity, .. }) => assert_eq!(identity, "u0"),
+        other => panic!("{other:?}"),
+    }
+    let bans = s.b.bans("r").await.unwrap();
+    assert_eq!(bans.len(), 1);
+    assert_eq!(bans[0].identity, "u0");
+    assert_eq!(bans[0].moderator, "svc");
+    let left = bans[0]
+        .until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(left > Duration::from_secs(50) && left <= Duration::from_secs(60));
+
+    // Empty now, yet kept: every handle still answers for the room well past its empty TTL.
+    tokio::time::sleep(EMPTY_ROOM_TTL * 3).await;
+    assert_eq!(
+        s.a.bans("r").await.unwrap().len(),
+        1,
+        "the room was forgotten"
+    );
+    assert!(s.b.snapshot("r").await.unwrap().participants.is_empty());
+
+    let unbanned =
+        s.b.execute(
+            "r",
+            &service(),
+            Command::Unban {
+                identity: "u0".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(common::kind(&unbanned.events[0]), "user_unbanned");
+    assert!(s.a.bans("r").await.unwrap().is_empty());
+    let gone =
+        s.a.execute(
+            "r",
+            &service(),
+            Command::Unban {
+                identity: "u0".into(),
+            },
+        )
+        .await;
+    assert!(matches!(gone, Err(Error::BanNotFound { .. })), "{gone:?}");
+    s.a.execute("r", &service(), join_as("c1", "u0", Role::Participant))
+        .await
+        .unwrap(); // a had seen its own ban
+}
+
+/// Once its last ban ends, an empty room is forgotten after its TTL like any other.
+async fn rooms_are_forgotten_after_their_last_ban(s: Stores) {
+    join(&s.a, "r", "c0").await;
+    s.a.execute("r", &service(), ban_cmd("c0", 1, "d1"))
+        .await
+        .unwrap();
+    assert_eq!(s.b.bans("r").await.unwrap().len(), 1);
+    until_forgotten(&s.b, "r").await;
+    assert!(matches!(
+        s.a.bans("r").await,
+        Err(Error::RoomNotFound { .. })
+    ));
+}
+
+/// A ban that would take a room past its limit of bans fails and drops nobody.
+async fn bans_are_bounded(s: Stores) {
+    let max = roomctl::engine::MAX_BANS;
+    join(&s.a, "r", "c0").await;
+    // Fill the room's bans cheaply: each drop of an absent client bans nobody, so ban real
+    // identities by joining and dropping them in large batches.
+    let mut ids = Vec::new();
+    for i in 0..max {
+        let id = format!("b{i}");
+        s.a.execute("r", &service(), join_as(&id, &id, Role::Participant))
+            .await
+            .unwrap();
+        ids.push(id);
+        if ids.len() == 200 || i + 1 == max {
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let mut cmd = drop_cmd(&refs, &format!("batch{i}"));
+            if let Command::Drop(drop) = &mut cmd {
+                drop.ban = Some(Duration::from_secs(600));
+            }
+            s.a.execute("r", &service(), cmd).await.unwrap();
+            ids.clear();
+        }
+    }
+    assert_eq!(s.b.bans("r").await.unwrap().len(), max);
+    let before = s.b.snapshot("r").await.unwrap().window.newest_seq;
+    let over =
+        s.b.execute("r", &service(), ban_cmd("c0", 60, "over"))
+            .await;
+    assert!(
+        matches!(over, Err(Error::LimitReached { max: m, .. }) if m == max),
+        "{over:?}"
+    );
+    let after = s.a.snapshot("r").await.unwrap();
+    assert_eq!(after.window.newest_seq, before, "nothing logged");
+    assert_eq!(after.participants.len(), 1, "nobody dropped");
+}
+
+/// Destroying a session through one handle removes every member, including those joined
+/// through the other handle that it had never seen, logs one `session_destroyed` after which
+/// everyone departed, unlocks the room and keeps its epoch; a retry answers the same; the next
+/// join continues the log.
+async fn destroy_removes_every_member(s: Stores) {
+    join(&s.a, "r", "c0").await; // a knows c0 only
+    for id in ["c1", "c2"] {
+        join(&s.b, "r", id).await;
+    }
+    s.b.execute("r", &service(), lock("l")).await.unwrap(); // 4
+    let destroy = || {
+        Command::Destroy(DestroyCmd {
+            reason: "over".into(),
+            request_id: "end".into(),
+        })
+    };
+    let destroyed = s.a.execute("r", &service(), destroy()).await.unwrap();
+    let Reply::Destroyed(response) = &destroyed.reply else {
+        panic!("{:?}", destroyed.reply)
+    };
+    let mut ids = response.client_ids.clone();
+    ids.sort();
+    assert_eq!(ids, ["c0", "c1", "c2"]);
+    assert_eq!(response.seq, 5);
+    assert_eq!(destroyed.events.len(), 1);
+    assert_eq!(destroyed.events[0].seq, 5);
+    assert_eq!(common::kind(&destroyed.events[0]), "session_destroyed");
+
+    let snapshot = s.b.snapshot("r").await.unwrap();
+    assert!(snapshot.participants.is_empty());
+    assert!(!snapshot.locked);
+    assert_eq!(snapshot.window.epoch, destroyed.events[0].epoch);
+    for id in ["c0", "c1", "c2"] {
+        let opening = s.b.open("r", Some(id)).await.unwrap();
+        assert!(
+            matches!(opening.client, ClientStatus::Departed { end_seq: 5, .. }),
+            "{id}: {:?}",
+            opening.client
+        );
+    }
+    let retry = s.b.execute("r", &service(), destroy()).await.unwrap();
+    assert!(retry.events.is_empty());
+    assert_eq!(retry.reply, destroyed.reply);
+    let next = join(&s.b, "r", "c3").await;
+    assert_eq!(next.seq, 6);
+    assert_eq!(next.epoch, destroyed.events[0].epoch);
+}
+
+/// Listing rooms in pages visits every room that exists throughout exactly once, in id order,
+/// while other rooms are created and forgotten between pages, and whichever handle reads.
+async fn rooms_are_listed_once_across_pages(s: Stores) {
+    let stable: Vec<String> = (0..25).map(|i| format!("room-{i:02}")).collect();
+    for (i, room) in stable.iter().enumerate() {
+        let store = if i % 2 == 0 { &s.a } else { &s.b };
+        join(store, room, "c0").await;
+    }
+    s.a.execute("room-03", &service(), lock("l")).await.unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut page = 0;
+    loop {
+        let store = if page % 2 == 0 { &s.a } else { &s.b };
+        let rooms = store.list_rooms(after.as_deref(), 4).await.unwrap();
+        // Churn between pages: a room appears before the cursor, another after it, and one
+        // ahead of it is dropped empty.
+        join(&s.a, &format!("churn-{page}"), "c0").await;
+        join(&s.b, &format!("room-{page:02}x"), "c0").await;
+        if rooms.is_empty() {
+            break;
+        }
+        for room in &rooms {
+            if room.room_id == "room-03" {
+                assert!(room.locked);
+                assert_eq!((room.participants, room.seq), (1, 2));
+            }
+        }
+        after = rooms.last().map(|r| r.room_id.clone());
+        seen.extend(rooms.into_iter().map(|r| r.room_id));
+        page += 1;
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "in order, each once");
+    for room in &stable {
+        assert!(seen.contains(room), "{room} was never listed");
+    }
+}
+
 /// A store reports itself healthy once it can serve.
 async fn health_turns_serving(s: Stores) {
     let mut health = s.a.health();
@@ -517,5 +821,11 @@ conformance! {
     remembered_answers_are_bounded,
     full_rooms_refuse_joins_on_every_handle,
     concurrent_time_outs_remove_once,
+    locks_hold_across_handles,
+    bans_hold_across_handles_and_keep_the_room,
+    rooms_are_forgotten_after_their_last_ban,
+    bans_are_bounded,
+    destroy_removes_every_member,
+    rooms_are_listed_once_across_pages,
     health_turns_serving,
 }

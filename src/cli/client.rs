@@ -1,5 +1,5 @@
 //! The client commands: `join`, `leave`, `participants`, `drop` and `watch` call a running
-//! server, for operators and scripts.
+//! server, for operators and scripts (the moderator commands are in [`super::moderate`]).
 //!
 //! Each takes `--server` (`http://` or `https://`, with `--ca`, `--cert`, `--key` for TLS and
 //! mTLS), `--token` (or `ROOMCTL_TOKEN`) and `--json`, which prints each answer or event as one
@@ -60,7 +60,7 @@ fn read(path: &PathBuf) -> Result<String, Failure> {
 impl Connection {
     /// A client of the server (inside a runtime); connecting is lazy, so an unreachable server
     /// shows on the first call.
-    fn client(&self) -> Result<Client, Failure> {
+    pub(super) fn client(&self) -> Result<Client, Failure> {
         let bad = |e: &dyn std::fmt::Display| Failure::Usage(format!("--server: {e}"));
         let mut endpoint = Endpoint::from_shared(self.server.clone()).map_err(|e| bad(&e))?;
         if self.server.starts_with("https://") {
@@ -83,8 +83,13 @@ impl Connection {
         client::with_token(channel, &self.token).map_err(|s| Failure::Usage(s.message().into()))
     }
 
+    /// Whether answers are printed as JSON.
+    pub(super) fn json(&self) -> bool {
+        self.json
+    }
+
     /// Prints `message`: its proto3 JSON with `--json`, else `text`.
-    fn print<M: Message + Default>(&self, message: &M, text: impl FnOnce() -> String) {
+    pub(super) fn print<M: Message + Default>(&self, message: &M, text: impl FnOnce() -> String) {
         if self.json {
             println!("{}", json(message));
         } else {
@@ -121,7 +126,7 @@ fn json<M: Message + Default>(message: &M) -> String {
 }
 
 /// A failed call as the operator sees it: code, message, and the ErrorInfo with its metadata.
-fn failure(status: &Status) -> Failure {
+pub(super) fn failure(status: &Status) -> Failure {
     let mut text = format!(
         "{}: {}",
         crate::telemetry::code_name(status.code()),
@@ -161,7 +166,10 @@ fn from_roomctl(status: &Status) -> bool {
 }
 
 /// Runs `call` with a client of `connection`, and maps a failed call to its [`Failure`].
-fn call<T, F>(connection: &Connection, call: impl FnOnce(Client) -> F) -> Result<T, Failure>
+pub(super) fn call<T, F>(
+    connection: &Connection,
+    call: impl FnOnce(Client) -> F,
+) -> Result<T, Failure>
 where
     F: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
 {
@@ -174,7 +182,7 @@ where
     })
 }
 
-fn on_runtime<T>(
+pub(super) fn on_runtime<T>(
     work: impl std::future::Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
     tokio::runtime::Builder::new_current_thread()
@@ -192,7 +200,7 @@ fn role_name(role: i32) -> &'static str {
     }
 }
 
-fn time(stamp: Option<&prost_types::Timestamp>) -> String {
+pub(super) fn time(stamp: Option<&prost_types::Timestamp>) -> String {
     stamp
         .and_then(|t| SystemTime::try_from(*t).ok())
         .map_or_else(
@@ -331,8 +339,17 @@ pub struct DropArgs {
     /// Idempotency key: a retry with the same one returns the first answer.
     #[arg(long, default_value = "")]
     request_id: String,
+    /// Keep the dropped clients' identities out of the room this long (up to 30d).
+    #[arg(long, value_parser = parse_ban)]
+    ban: Option<u32>,
     #[command(flatten)]
     connection: Connection,
+}
+
+/// A ban duration in whole seconds.
+fn parse_ban(value: &str) -> Result<u32, String> {
+    let ban: humantime::Duration = value.parse().map_err(|e| format!("{e}"))?;
+    u32::try_from(ban.as_secs()).map_err(|_| "too long a ban".into())
 }
 
 /// Drops clients and prints one line per id with its outcome.
@@ -342,6 +359,7 @@ pub fn drop_users(args: DropArgs) -> Result<(), Failure> {
         client_ids: args.client_ids,
         reason: args.reason,
         request_id: args.request_id,
+        ban_seconds: args.ban.unwrap_or(0),
     };
     let dropped = call(&args.connection, |mut c| async move {
         c.drop_user(request).await
@@ -517,6 +535,24 @@ fn line(event: &pb::Event) -> String {
                 results.join(" ")
             )
         }
+        Some(Payload::RoomLocked(locked)) => format!("room_locked        by {}", locked.moderator),
+        Some(Payload::RoomUnlocked(unlocked)) => {
+            format!("room_unlocked      by {}", unlocked.moderator)
+        }
+        Some(Payload::SessionDestroyed(ended)) => format!(
+            "session_destroyed  by {}: {:?}",
+            ended.moderator, ended.message
+        ),
+        Some(Payload::UserBanned(ban)) => format!(
+            "user_banned        {} until {} by {}",
+            ban.identity,
+            time(ban.until.as_ref()),
+            ban.moderator
+        ),
+        Some(Payload::UserUnbanned(unban)) => format!(
+            "user_unbanned      {} by {}",
+            unban.identity, unban.moderator
+        ),
         None => "(unknown event)".into(),
     };
     format!("{}  #{:<6} {what}", time(event.time.as_ref()), event.seq)
@@ -551,7 +587,11 @@ mod tests {
     fn transport_errors_are_told_from_roomctl_refusals() {
         let reset = Status::unknown("h2 protocol error: stream reset");
         assert!(matches!(failure(&reset), Failure::Unreachable(_)));
-        let refused: Status = crate::error::Error::UnauthorizedAccess("no".into()).into();
+        let refused: Status = crate::error::Error::UnauthorizedAccess {
+            code: crate::error::UNAUTHORIZED_ACCESS_CODE,
+            detail: "no".into(),
+        }
+        .into();
         let Failure::Refused(text) = failure(&refused) else {
             panic!("5116 is a refusal")
         };

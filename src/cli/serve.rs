@@ -110,7 +110,8 @@ pub struct ServeArgs {
     /// Participants in one room; more joins get RESOURCE_EXHAUSTED (ROOM_FULL).
     #[arg(long, env = "ROOMCTL_MAX_ROOM_MEMBERS", default_value_t = Limits::default().max_room_members, value_parser = at_least_one)]
     max_room_members: usize,
-    /// Moderator commands (DropUser) per second per identity, sustained, on this node.
+    /// Moderator commands (drop, lock, unlock, destroy, unban) per second per identity,
+    /// sustained, on this node.
     #[arg(long, env = "ROOMCTL_MODERATOR_RATE", default_value_t = Limits::default().moderator_rate, value_parser = clap::value_parser!(u32).range(1..))]
     moderator_rate: u32,
     /// Moderator commands one identity may send at once before the rate applies.

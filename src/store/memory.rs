@@ -8,8 +8,9 @@
 //! by a sweeper task that stops when the store is dropped.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,7 +19,7 @@ use tokio::sync::watch;
 
 use super::{Lease, Opening, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{
-    self, Applied, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
+    self, Applied, Ban, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
 };
 use crate::error::Error;
 use crate::pb;
@@ -82,11 +83,16 @@ impl Drop for Release {
 }
 
 impl Inner {
+    /// Whether the room has been empty for `ttl`, and has had no ban in force for as long.
     fn expired(&self, ttl: Duration, now: Instant) -> bool {
         self.state.is_empty()
             && self
                 .empty_since
                 .is_some_and(|t| now.duration_since(t) >= ttl)
+            && self
+                .state
+                .bans_end()
+                .is_none_or(|end| SystemTime::now() >= end + ttl)
     }
 }
 
@@ -94,6 +100,8 @@ type Shard = RwLock<HashMap<String, Arc<Room>>>;
 
 struct Rooms {
     shards: Vec<Shard>,
+    /// Every room id, in order, for `ListRooms` (lock order: shard, then index).
+    index: Mutex<BTreeSet<String>>,
     hasher: RandomState,
     config: MemoryConfig,
     telemetry: Telemetry,
@@ -127,11 +135,50 @@ impl Rooms {
         shard.get(room_id).cloned()
     }
 
+    fn index(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next (at most `want`) room ids after `after` in the index, and the summaries of
+    /// those still live.
+    fn summaries_after(
+        &self,
+        after: Option<String>,
+        want: usize,
+    ) -> (Vec<String>, Vec<pb::RoomSummary>) {
+        let ids: Vec<String> = {
+            let index = self.index();
+            let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+            index
+                .range((from, Bound::Unbounded))
+                .take(want)
+                .cloned()
+                .collect()
+        };
+        let rooms = ids
+            .iter()
+            .filter_map(|room_id| {
+                self.with_room(room_id, false, |inner, _| pb::RoomSummary {
+                    room_id: room_id.clone(),
+                    participants: inner.state.population() as u32,
+                    locked: inner.state.locked(),
+                    seq: inner.state.seq(),
+                    epoch: inner.state.epoch().to_owned(),
+                })
+                .ok()
+            })
+            .collect();
+        (ids, rooms)
+    }
+
     fn create(&self, room_id: &str) -> Arc<Room> {
         let mut shard = self
             .shard(room_id)
             .write()
             .unwrap_or_else(|p| p.into_inner());
+        if !shard.contains_key(room_id) {
+            self.index().insert(room_id.to_owned());
+        }
         shard
             .entry(room_id.to_owned())
             .or_insert_with(|| {
@@ -166,6 +213,7 @@ impl Rooms {
             drop(inner);
             // Dropping the room drops its watch sender, which ends waiting subscribers.
             shard.remove(room_id);
+            self.index().remove(room_id);
         }
     }
 
@@ -275,6 +323,7 @@ impl Rooms {
                     Change::Departed { client_id, .. } => {
                         inner.presence.remove(client_id);
                     }
+                    Change::Locked(_) | Change::Banned(_) | Change::Unbanned { .. } => {}
                 }
             }
         }
@@ -315,6 +364,7 @@ impl MemoryStore {
     pub fn with_telemetry(config: MemoryConfig, telemetry: Telemetry) -> Self {
         let rooms = Arc::new(Rooms {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            index: Mutex::default(),
             hasher: RandomState::new(),
             config,
             telemetry: telemetry.clone(),
@@ -389,8 +439,26 @@ impl RoomStore for MemoryStore {
             Snapshot {
                 participants,
                 window: self.rooms.window(inner),
+                locked: inner.state.locked(),
             }
         })
+    }
+
+    async fn bans(&self, room_id: &str) -> Result<Vec<Ban>, Error> {
+        self.rooms.with_room(room_id, false, |inner, _| {
+            inner.state.bans(SystemTime::now())
+        })
+    }
+
+    async fn list_rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<pb::RoomSummary>, Error> {
+        super::page_of_rooms(after, limit, |cursor, want| {
+            std::future::ready(Ok(self.rooms.summaries_after(cursor, want)))
+        })
+        .await
     }
 
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::engine::{Applied, Caller, ClientStatus, Command, LogWindow};
+use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
 use crate::error::Error;
 use crate::pb;
 
@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub participants: Vec<pb::Participant>,
     /// The retained log window the snapshot was taken at (`newest_seq` is its position).
     pub window: LogWindow,
+    /// Whether the room is locked.
+    pub locked: bool,
 }
 
 /// What a subscriber needs to start: where the log stands, where its client stands, and the
@@ -75,6 +77,33 @@ impl std::fmt::Debug for Lease {
 /// How many events one [`RoomStore::read`] returns at most: bounds what a subscriber holds.
 pub const READ_BATCH: usize = 256;
 
+/// A page of up to `limit` rooms with ids after `after`, in id order, read from a store's room
+/// index by `read(cursor, want)`: the next (at most `want`) listed ids after the cursor, and the
+/// summaries of those that still exist. Rooms forgotten between the index and the lookup are
+/// skipped, so reading goes on until the page is full or the index ends.
+pub(crate) async fn page_of_rooms<F, Fut>(
+    after: Option<&str>,
+    limit: usize,
+    mut read: F,
+) -> Result<Vec<pb::RoomSummary>, Error>
+where
+    F: FnMut(Option<String>, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<String>, Vec<pb::RoomSummary>), Error>>,
+{
+    let mut rooms = Vec::with_capacity(limit);
+    let mut cursor = after.map(str::to_owned);
+    while rooms.len() < limit {
+        let want = limit - rooms.len();
+        let (ids, found) = read(cursor.take(), want).await?;
+        rooms.extend(found);
+        match ids.last() {
+            Some(last) if ids.len() == want => cursor = Some(last.clone()),
+            _ => break,
+        }
+    }
+    Ok(rooms)
+}
+
 /// The rooms, wherever they live.
 #[async_trait]
 pub trait RoomStore: Send + Sync + 'static {
@@ -85,6 +114,16 @@ pub trait RoomStore: Send + Sync + 'static {
 
     /// The room's participants and the log position they were read at.
     async fn snapshot(&self, room_id: &str) -> Result<Snapshot, Error>;
+
+    /// The bans in force in the room, soonest to end first.
+    async fn bans(&self, room_id: &str) -> Result<Vec<Ban>, Error>;
+
+    /// Up to `limit` rooms with ids after `after` (None: from the first), in room id order.
+    async fn list_rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<pb::RoomSummary>, Error>;
 
     /// Everything a new subscription of `client_id` (None: observer) needs, read atomically.
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error>;

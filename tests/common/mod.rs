@@ -275,6 +275,11 @@ pub fn kind(event: &pb::Event) -> &'static str {
         Payload::UserDisconnected(_) => "user_disconnected",
         Payload::RoomDisconnected(_) => "room_disconnected",
         Payload::AckDropUser(_) => "ack_drop_user",
+        Payload::RoomLocked(_) => "room_locked",
+        Payload::RoomUnlocked(_) => "room_unlocked",
+        Payload::SessionDestroyed(_) => "session_destroyed",
+        Payload::UserBanned(_) => "user_banned",
+        Payload::UserUnbanned(_) => "user_unbanned",
     }
 }
 
@@ -306,6 +311,7 @@ pub fn drop_request(room: &str, ids: &[&str], reason: &str) -> pb::DropUserReque
         client_ids: ids.iter().map(|s| s.to_string()).collect(),
         reason: reason.into(),
         request_id: String::new(),
+        ban_seconds: 0,
     }
 }
 

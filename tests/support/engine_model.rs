@@ -15,10 +15,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 use roomctl::engine::{
-    apply, Caller, Command, DropCmd, JoinCmd, Reply, RoomScope, RoomState, TokenRole,
+    apply, Caller, Command, DestroyCmd, DropCmd, JoinCmd, Reply, RoomScope, RoomState, TokenRole,
     IDEMPOTENCY_WINDOW,
 };
 use roomctl::error::Error;
+use roomctl::limits::Limit;
 use roomctl::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
 
 /// Participants the room admits, small so that full rooms happen.
@@ -57,6 +58,102 @@ impl Bytes<'_> {
     }
 }
 
+/// What the model knows of the room beside its membership: the lock and the bans.
+#[derive(Default)]
+struct Rules {
+    locked: bool,
+    bans: HashMap<String, SystemTime>,
+}
+
+impl Rules {
+    fn banned(&self, identity: &str, now: SystemTime) -> bool {
+        self.bans.get(identity).is_some_and(|until| *until > now)
+    }
+}
+
+/// Reads one command from `input` for `caller`; None when the input ends or the byte only
+/// moves the clock.
+fn command(
+    input: &mut Bytes<'_>,
+    op: u8,
+    joined: usize,
+    now: &mut SystemTime,
+) -> Option<Option<(&'static str, Command)>> {
+    let client = |b: u8| match b as usize % (joined + 2) {
+        n if n < joined => format!("c{n}"),
+        _ => "ghost".to_owned(),
+    };
+    let ids = |input: &mut Bytes<'_>| -> Option<Vec<String>> {
+        let count = input.next()?;
+        (0..=count % 4).map(|_| input.next().map(client)).collect()
+    };
+    let cmd = match op % 9 {
+        0 => {
+            let (role, identity, key) = (input.next()?, input.next()?, input.next()?);
+            let role = [Role::Unspecified, Role::Participant, Role::Moderator][role as usize % 3];
+            let identity = ["", "alice", "ann", "bob"][identity as usize % 4];
+            let request_id = (key % 2 == 1).then(|| format!("j{}", key % 4));
+            let cmd = JoinCmd {
+                name: String::new(),
+                role,
+                identity: identity.to_owned(),
+                request_id,
+            };
+            let client_id = format!("c{joined}");
+            ("join", Command::Join { client_id, cmd })
+        }
+        1 => (
+            "leave",
+            Command::Leave {
+                client_id: client(input.next()?),
+            },
+        ),
+        2 => {
+            let key = input.next()?;
+            let client_ids = ids(input)?;
+            let cmd = DropCmd {
+                client_ids,
+                reason: "why".into(),
+                request_id: format!("d{}", key % 4),
+                ban: (key % 3 == 0).then(|| Duration::from_secs(60 * (1 + u64::from(key % 5)))),
+            };
+            ("drop", Command::Drop(cmd))
+        }
+        3 => (
+            "time-out",
+            Command::TimeOut {
+                client_ids: ids(input)?,
+            },
+        ),
+        4 | 5 => {
+            let request_id = format!("l{}", input.next()? % 3);
+            if op % 9 == 4 {
+                ("lock", Command::Lock { request_id })
+            } else {
+                ("unlock", Command::Unlock { request_id })
+            }
+        }
+        6 => {
+            let request_id = format!("x{}", input.next()? % 3);
+            let cmd = DestroyCmd {
+                reason: "bye".into(),
+                request_id,
+            };
+            ("destroy", Command::Destroy(cmd))
+        }
+        7 => {
+            let identity = ["alice", "ann", "bob", "nobody"][input.next()? as usize % 4];
+            let identity = identity.to_owned();
+            ("unban", Command::Unban { identity })
+        }
+        _ => {
+            *now += Duration::from_secs(u64::from(input.next()?) * 10);
+            return Some(None);
+        }
+    };
+    Some(Some(cmd))
+}
+
 /// Runs the scenario `bytes` describe and checks every invariant; panics on a broken one.
 pub fn check(bytes: &[u8]) {
     let callers = callers();
@@ -65,103 +162,47 @@ pub fn check(bytes: &[u8]) {
     let mut now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let mut log: Vec<pb::Event> = Vec::new();
     let mut joined = 0usize;
+    let mut rules = Rules::default();
     let mut remembered: HashMap<(&'static str, String, String), (SystemTime, Reply)> =
         HashMap::new();
     while let Some(op) = input.next() {
         let Some(who) = input.next() else { return };
-        let caller = &callers[who as usize % callers.len()];
-        let client = |b: u8, joined: usize| match b as usize % (joined + 2) {
-            n if n < joined => format!("c{n}"),
-            _ => "ghost".to_owned(),
+        let Some(next) = command(&mut input, op, joined, &mut now) else {
+            return;
         };
-        let (kind, cmd) = match op % 5 {
-            0 => {
-                let (Some(role), Some(identity), Some(key)) =
-                    (input.next(), input.next(), input.next())
-                else {
-                    return;
-                };
-                let role =
-                    [Role::Unspecified, Role::Participant, Role::Moderator][role as usize % 3];
-                let identity = ["", caller.identity.as_str(), "ann"][identity as usize % 3];
-                let request_id = (key % 2 == 1).then(|| format!("j{}", key % 4));
-                let cmd = Command::Join {
-                    client_id: format!("c{joined}"),
-                    cmd: JoinCmd {
-                        name: String::new(),
-                        role,
-                        identity: identity.to_owned(),
-                        request_id,
-                    },
-                };
-                ("join", cmd)
-            }
-            1 => {
-                let Some(target) = input.next() else { return };
-                let cmd = Command::Leave {
-                    client_id: client(target, joined),
-                };
-                ("leave", cmd)
-            }
-            2 => {
-                let (Some(count), Some(key)) = (input.next(), input.next()) else {
-                    return;
-                };
-                let mut ids = Vec::new();
-                for _ in 0..=count % 4 {
-                    let Some(target) = input.next() else { return };
-                    ids.push(client(target, joined));
-                }
-                let cmd = Command::Drop(DropCmd {
-                    client_ids: ids,
-                    reason: "why".into(),
-                    request_id: format!("d{}", key % 4),
-                });
-                ("drop", cmd)
-            }
-            3 => {
-                let Some(count) = input.next() else { return };
-                let mut client_ids = Vec::new();
-                for _ in 0..=count % 4 {
-                    let Some(target) = input.next() else { return };
-                    client_ids.push(client(target, joined));
-                }
-                ("time-out", Command::TimeOut { client_ids })
-            }
-            _ => {
-                now += Duration::from_secs(u64::from(who) * 10);
-                continue;
-            }
+        let Some((kind, cmd)) = next else { continue };
+        // Only the store times clients out, as roomctl itself.
+        let system = Caller::system();
+        let caller = match cmd {
+            Command::TimeOut { .. } => &system,
+            _ => &callers[who as usize % callers.len()],
         };
         let key = cmd
             .request_id()
             .map(|id| (kind, caller.identity.clone(), id.to_owned()));
         let before_seq = state.seq();
         let before: BTreeSet<String> = members(&state);
-        // Only the store times clients out, as roomctl itself.
-        let system = Caller::system();
-        let caller = match cmd {
-            Command::TimeOut { .. } => &system,
-            _ => caller,
-        };
+        let owners: HashMap<String, String> = state
+            .participants()
+            .into_iter()
+            .map(|p| (p.client_id, p.identity))
+            .collect();
         let outcome = apply(&mut state, caller, cmd.clone(), now);
         let Ok(applied) = outcome else {
-            if matches!(cmd, Command::Drop(_)) && caller.role == TokenRole::Participant {
-                assert!(
-                    matches!(outcome, Err(Error::UnauthorizedAccess(_))),
-                    "{outcome:?}"
-                );
-            }
-            if matches!(outcome, Err(Error::LimitReached { .. })) {
-                assert_eq!(before.len(), MAX_MEMBERS, "only a full room refuses a join");
-            }
+            check_refusal(&cmd, caller, &outcome, &rules, &before, now);
             assert_eq!(state.seq(), before_seq, "a failed command logged nothing");
             assert_eq!(members(&state), before, "a failed command changed nobody");
+            assert_eq!(
+                state.locked(),
+                rules.locked,
+                "a failed command kept the lock"
+            );
             continue;
         };
         assert!(
-            !(matches!(cmd, Command::Drop(_)) && caller.role == TokenRole::Participant),
-            "a participant dropped"
+            caller.role != TokenRole::Participant
+                || matches!(cmd, Command::Join { .. } | Command::Leave { .. }),
+            "a participant moderated: {cmd:?}"
         );
         let fresh = key
             .as_ref()
@@ -185,19 +226,64 @@ pub fn check(bytes: &[u8]) {
         }
         assert_eq!(state.seq(), before_seq + applied.events.len() as u64);
         match (&cmd, &applied.reply) {
-            (Command::Join { .. }, Reply::Joined(joined_as)) => {
+            (Command::Join { cmd, .. }, Reply::Joined(joined_as)) => {
                 assert_eq!(joined_as.seq, state.seq());
+                let participant = joined_as.participant.as_ref().unwrap();
+                assert!(!rules.banned(&participant.identity, now), "a banned join");
+                assert!(
+                    !rules.locked || participant.role() == Role::Moderator,
+                    "a participant joined a locked room ({cmd:?})"
+                );
                 joined += 1;
             }
-            (Command::Drop(_), Reply::Dropped(response)) => {
-                check_drop(&applied.events, response, &before, &caller.identity)
+            (Command::Drop(drop), Reply::Dropped(response)) => {
+                let banned = check_drop(
+                    &applied.events,
+                    response,
+                    &owners,
+                    &caller.identity,
+                    drop.ban,
+                );
+                for identity in banned {
+                    let until = now + drop.ban.expect("only a banning drop bans");
+                    let end = rules.bans.entry(identity).or_insert(until);
+                    *end = (*end).max(until);
+                }
             }
             (Command::Leave { .. }, Reply::Left) => {}
             (Command::TimeOut { client_ids }, Reply::TimedOut(removed)) => {
                 check_time_out(&applied.events, client_ids, removed, &before)
             }
+            (Command::Lock { .. }, Reply::Locked(_)) => {
+                assert!(!rules.locked, "locked twice");
+                rules.locked = true;
+            }
+            (Command::Unlock { .. }, Reply::Unlocked(_)) => {
+                assert!(rules.locked, "unlocked an unlocked room");
+                rules.locked = false;
+            }
+            (Command::Destroy(_), Reply::Destroyed(response)) => {
+                let ended: BTreeSet<String> = response.client_ids.iter().cloned().collect();
+                assert_eq!(ended, before, "everyone present is named");
+                assert_eq!(applied.events.len(), 1);
+                assert!(state.is_empty() && !state.locked());
+                rules.locked = false;
+            }
+            (Command::Unban { identity }, Reply::Unbanned(_)) => {
+                assert!(rules.banned(identity, now), "unbanned without a ban");
+                rules.bans.remove(identity);
+            }
             (cmd, reply) => panic!("{cmd:?} answered {reply:?}"),
         }
+        assert_eq!(state.locked(), rules.locked);
+        let in_force: BTreeSet<String> = rules
+            .bans
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(identity, _)| identity.clone())
+            .collect();
+        let bans: BTreeSet<String> = state.bans(now).into_iter().map(|b| b.identity).collect();
+        assert_eq!(bans, in_force, "the bans in force are the model's");
         if let Some(key) = key {
             remembered.insert(key, (now + IDEMPOTENCY_WINDOW, applied.reply.clone()));
         }
@@ -208,6 +294,49 @@ pub fn check(bytes: &[u8]) {
             "membership is the log's replay"
         );
         assert_eq!(state.is_empty(), members(&state).is_empty());
+    }
+}
+
+/// A refusal must be the rule's: participants never moderate (5115 for locks, 5116 else), a
+/// full room refuses joins, a locked room refuses participants' joins, a ban refuses its
+/// identity, a lock or unlock must change something, an unban needs a ban.
+fn check_refusal(
+    cmd: &Command,
+    caller: &Caller,
+    outcome: &Result<roomctl::engine::Applied, Error>,
+    rules: &Rules,
+    before: &BTreeSet<String>,
+    now: SystemTime,
+) {
+    let Err(err) = outcome else { return };
+    if caller.role == TokenRole::Participant {
+        let code = match cmd {
+            Command::Lock { .. } | Command::Unlock { .. } => Some("5115"),
+            Command::Drop(_) | Command::Destroy(_) | Command::Unban { .. } => Some("5116"),
+            _ => None,
+        };
+        if let Some(expected) = code {
+            assert!(
+                matches!(err, Error::UnauthorizedAccess { code, .. } if *code == expected),
+                "{cmd:?}: {err:?}"
+            );
+            return;
+        }
+    }
+    match err {
+        Error::LimitReached {
+            limit: Limit::RoomMembers,
+            ..
+        } => assert_eq!(before.len(), MAX_MEMBERS, "only a full room refuses a join"),
+        Error::RoomLocked { .. } => assert!(rules.locked, "refused by a lock not there"),
+        Error::Banned { identity, .. } => {
+            assert!(rules.banned(identity, now), "refused by a ban not there")
+        }
+        Error::RoomAlreadyLocked { .. } => assert!(rules.locked),
+        Error::RoomNotLocked { .. } => assert!(!rules.locked),
+        Error::BanNotFound { identity } => assert!(!rules.banned(identity, now)),
+        Error::Forbidden(_) | Error::ClientNotFound { .. } => {}
+        other => panic!("{cmd:?} refused with {other:?}"),
     }
 }
 
@@ -227,6 +356,7 @@ fn replay(log: &[pb::Event]) -> BTreeSet<String> {
                 assert!(members.insert(c.participant.as_ref().unwrap().client_id.clone()));
             }
             Some(Payload::UserDisconnected(d)) => assert!(members.remove(&d.client_id)),
+            Some(Payload::SessionDestroyed(_)) => members.clear(),
             _ => {}
         }
     }
@@ -263,9 +393,11 @@ fn check_time_out(
 fn check_drop(
     events: &[pb::Event],
     response: &pb::DropUserResponse,
-    before: &BTreeSet<String>,
+    owners: &HashMap<String, String>,
     moderator: &str,
-) {
+    ban: Option<Duration>,
+) -> Vec<String> {
+    let before: BTreeSet<String> = owners.keys().cloned().collect();
     let mut expected = Vec::new();
     for result in &response.results {
         let was_there = before.contains(&result.client_id);
@@ -285,7 +417,15 @@ fn check_drop(
         response.results.len(),
         "one result per distinct id"
     );
-    assert_eq!(events.len(), expected.len() * 2 + 1);
+    // Each dropped identity once, in request order, when the drop bans.
+    let mut identities: Vec<String> = Vec::new();
+    for client_id in &expected {
+        let identity = &owners[client_id];
+        if ban.is_some() && !identities.contains(identity) {
+            identities.push(identity.clone());
+        }
+    }
+    assert_eq!(events.len(), expected.len() * 2 + identities.len() + 1);
     for (pair, client_id) in events.chunks(2).zip(&expected) {
         let Some(Payload::RoomDisconnected(told)) = &pair[0].payload else {
             panic!("{:?}", pair[0])
@@ -297,6 +437,16 @@ fn check_drop(
         assert_eq!(&gone.client_id, client_id);
         assert_eq!(gone.reason(), DisconnectReason::DroppedByModerator);
     }
+    let bans = &events[expected.len() * 2..events.len() - 1];
+    for (event, identity) in bans.iter().zip(&identities) {
+        let Some(Payload::UserBanned(banned)) = &event.payload else {
+            panic!("{event:?}")
+        };
+        assert_eq!(
+            (&banned.identity, banned.moderator.as_str()),
+            (identity, moderator)
+        );
+    }
     let Some(Payload::AckDropUser(ack)) = &events.last().unwrap().payload else {
         panic!("{:?}", events.last())
     };
@@ -304,4 +454,5 @@ fn check_drop(
         (ack.moderator.as_str(), &ack.results),
         (moderator, &response.results)
     );
+    identities
 }

@@ -6,7 +6,12 @@
 use prost::Message;
 use roomctl::error::Error;
 use roomctl::pb;
-use roomctl::validate::{self, is_room_id, MAX_DROP_IDS, MAX_ID_CHARS, MAX_REASON_BYTES};
+use roomctl::validate::{
+    self, is_room_id, MAX_DROP_IDS, MAX_ID_CHARS, MAX_PAGE_SIZE, MAX_REASON_BYTES,
+};
+
+/// The longest ban, in seconds (30 days).
+const MAX_BAN_SECONDS: u32 = 2_592_000;
 
 fn short(value: &str) -> bool {
     value.chars().count() <= MAX_ID_CHARS
@@ -38,7 +43,7 @@ pub fn check(bytes: &[u8]) {
     let Some((kind, body)) = bytes.split_first() else {
         return;
     };
-    match kind % 4 {
+    match kind % 8 {
         0 => {
             let Ok(req) = pb::JoinRequest::decode(body) else {
                 return;
@@ -60,10 +65,13 @@ pub fn check(bytes: &[u8]) {
                 && (1..=MAX_DROP_IDS).contains(&req.client_ids.len())
                 && req.client_ids.iter().all(|c| id(c))
                 && req.reason.len() <= MAX_REASON_BYTES
-                && short(&req.request_id);
+                && short(&req.request_id)
+                && req.ban_seconds <= MAX_BAN_SECONDS;
             if let Some(cmd) = judge(ok, &req, validate::drop_user(req.clone())) {
                 assert!(id(&cmd.request_id), "a request id is always set");
                 assert_eq!(cmd.client_ids, req.client_ids);
+                let ban = cmd.ban.map_or(0, |ban| ban.as_secs());
+                assert_eq!(ban, u64::from(req.ban_seconds));
             }
         }
         2 => {
@@ -72,6 +80,46 @@ pub fn check(bytes: &[u8]) {
             };
             let ok = is_room_id(&req.room_id) && id(&req.client_id);
             judge(ok, &req, validate::leave(&req));
+        }
+        4 => {
+            let Ok(req) = pb::LockRoomRequest::decode(body) else {
+                return;
+            };
+            let ok = is_room_id(&req.room_id) && short(&req.request_id);
+            let verdict = validate::lock(&req.room_id, req.request_id.clone());
+            if let Some(request_id) = judge(ok, &req, verdict) {
+                assert!(id(&request_id), "a request id is always set");
+            }
+        }
+        5 => {
+            let Ok(req) = pb::DestroySessionRequest::decode(body) else {
+                return;
+            };
+            let ok = is_room_id(&req.room_id)
+                && req.reason.len() <= MAX_REASON_BYTES
+                && short(&req.request_id);
+            if let Some(cmd) = judge(ok, &req, validate::destroy_session(req.clone())) {
+                assert!(id(&cmd.request_id), "a request id is always set");
+            }
+        }
+        6 => {
+            let Ok(req) = pb::UnbanRequest::decode(body) else {
+                return;
+            };
+            let ok = is_room_id(&req.room_id) && id(&req.identity);
+            judge(ok, &req, validate::unban(&req));
+        }
+        7 => {
+            let Ok(req) = pb::ListRoomsRequest::decode(body) else {
+                return;
+            };
+            let token = req.page_token.strip_prefix("after:");
+            let ok = req.page_size as usize <= MAX_PAGE_SIZE
+                && (req.page_token.is_empty() || token.is_some_and(is_room_id));
+            if let Some((size, after)) = judge(ok, &req, validate::list_rooms(&req)) {
+                assert!((1..=MAX_PAGE_SIZE).contains(&size));
+                assert_eq!(after.as_deref(), token);
+            }
         }
         _ => {
             let Ok(req) = pb::EventsRequest::decode(body) else {

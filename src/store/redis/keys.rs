@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prost::Message;
 use redis::Value;
 
-use crate::engine::{Remembered, Reply};
+use crate::engine::{Ban, Remembered, Reply};
 use crate::error::Error;
 use crate::pb;
 
@@ -31,7 +31,7 @@ pub struct StoredAnswer {
     #[prost(uint64, tag = "1")]
     pub expires_at_ms: u64,
     /// The answer.
-    #[prost(oneof = "StoredReply", tags = "2, 3")]
+    #[prost(oneof = "StoredReply", tags = "2, 3, 4, 5, 6")]
     pub reply: Option<StoredReply>,
 }
 
@@ -44,6 +44,15 @@ pub enum StoredReply {
     /// A `DropUser`'s answer.
     #[prost(message, tag = "3")]
     Dropped(pb::DropUserResponse),
+    /// A `LockRoom`'s answer.
+    #[prost(message, tag = "4")]
+    Locked(pb::LockRoomResponse),
+    /// An `UnlockRoom`'s answer.
+    #[prost(message, tag = "5")]
+    Unlocked(pb::UnlockRoomResponse),
+    /// A `DestroySession`'s answer.
+    #[prost(message, tag = "6")]
+    Destroyed(pb::DestroySessionResponse),
 }
 
 pub(super) fn millis(time: SystemTime) -> u64 {
@@ -57,7 +66,10 @@ impl StoredAnswer {
         let reply = match &answer.reply {
             Reply::Joined(joined) => StoredReply::Joined(joined.clone()),
             Reply::Dropped(dropped) => StoredReply::Dropped(dropped.clone()),
-            Reply::Left | Reply::TimedOut(_) => return None,
+            Reply::Locked(locked) => StoredReply::Locked(locked.clone()),
+            Reply::Unlocked(unlocked) => StoredReply::Unlocked(unlocked.clone()),
+            Reply::Destroyed(destroyed) => StoredReply::Destroyed(destroyed.clone()),
+            Reply::Left | Reply::TimedOut(_) | Reply::Unbanned(_) => return None,
         };
         Some(Self {
             expires_at_ms: millis(answer.expires_at),
@@ -69,6 +81,9 @@ impl StoredAnswer {
         let reply = match self.reply.ok_or_else(|| corrupt("answer"))? {
             StoredReply::Joined(joined) => Reply::Joined(joined),
             StoredReply::Dropped(dropped) => Reply::Dropped(dropped),
+            StoredReply::Locked(locked) => Reply::Locked(locked),
+            StoredReply::Unlocked(unlocked) => Reply::Unlocked(unlocked),
+            StoredReply::Destroyed(destroyed) => Reply::Destroyed(destroyed),
         };
         Ok(Remembered {
             key,
@@ -88,6 +103,8 @@ pub(super) struct Keys {
     pub(super) answers: String,
     pub(super) answered: String,
     pub(super) leases: String,
+    pub(super) bans: String,
+    pub(super) banned: String,
 }
 
 impl Keys {
@@ -102,42 +119,82 @@ impl Keys {
             answers: format!("{tag}:answers"),
             answered: format!("{tag}:answered"),
             leases: format!("{tag}:leases"),
+            bans: format!("{tag}:bans"),
+            banned: format!("{tag}:banned"),
         }
     }
 
-    /// An atomic pipeline (MULTI) whose first reply is the room's `HMGET meta epoch seq`, so
-    /// whatever follows is read at the same log position.
+    /// Every key of the room, in the order the commit script takes them.
+    pub(super) fn room(&self) -> [&String; 10] {
+        [
+            &self.meta,
+            &self.members,
+            &self.departed,
+            &self.owners,
+            &self.log,
+            &self.answers,
+            &self.answered,
+            &self.leases,
+            &self.bans,
+            &self.banned,
+        ]
+    }
+
+    /// An atomic pipeline (MULTI) whose first reply is the room's `HMGET meta epoch seq
+    /// locked`, so whatever follows is read at the same log position.
     pub(super) fn read_meta(&self) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HMGET")
             .arg(&self.meta)
             .arg("epoch")
-            .arg("seq");
+            .arg("seq")
+            .arg("locked");
         pipe
     }
 }
 
+/// A room's `meta` hash: its log's epoch and newest seq, and whether it is locked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Meta {
+    pub(super) epoch: String,
+    pub(super) seq: u64,
+    pub(super) locked: bool,
+}
+
 /// The commit of a batch. Returns 0, changing nothing, unless the room is still at the `seq` and
 /// `epoch` the batch ran on, every member id and answer key the batch assumed absent is absent,
-/// and every client it times out still has a lapsed lease (none came back meanwhile). Then it
-/// appends the events, applies membership changes (with presence on, a joined client gets a
-/// lease in its grace period, a departed one loses its lease), remembers the new answers
+/// every identity it assumed unbanned has no ban in force, and every client it times out still
+/// has a lapsed lease (none came back meanwhile). Then it appends the events, applies membership
+/// changes (with presence on, a joined client gets a lease in its grace period, a departed one
+/// loses its lease), the lock, the bans (purging ended ones), remembers the new answers
 /// (forgetting expired ones and the oldest past the cap), sets or clears the empty-room expiry,
-/// publishes, and returns 1. A room created anew first deletes whatever a forgotten room of the
-/// same id left behind: answers, like the log, belong to their epoch.
+/// publishes, and returns 1, or, when the room is left empty, the time (ms) its keys expire.
+///
+/// An empty room's keys expire together once it has been empty for the TTL and no ban has been
+/// in force for as long: at the latest of its first empty commit, the end of its longest ban,
+/// and its last unban, plus the TTL. A room created anew first deletes whatever a forgotten
+/// room of the same id left behind: answers, like the log, belong to their epoch.
+///
+/// `ARGV`: expected seq (empty: the room must not exist), epoch, history, TTL (ms), channel,
+/// notice, now (ms), most answers, presence timeout (ms, 0: off), lock ('' unchanged, '1', '0');
+/// then counted lists: assumed-absent member ids; assumed-absent answer keys; clients timed
+/// out; assumed-unbanned identities; events (seq, bytes); joins (id, member); departures (id,
+/// identity, end seq); answers (key, bytes, expiry); bans set and lifted, in order (identity,
+/// end, bytes; end 0 lifts the ban).
 pub(super) const COMMIT: &str = r#"
-local meta, members, departed, owners, log, answers, answered, leases =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local now, max_answers, presence = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local meta, members, departed, owners, log, answers, answered, leases, bans, banned =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local now, max_answers, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local lock = ARGV[10]
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 if expected == '' then
   if current[1] then return 0 end
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 10
+local i = 11
 for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
@@ -151,10 +208,17 @@ i = i + 1
 for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   local lease = redis.call('ZSCORE', leases, ARGV[i])
-  if lease and tonumber(lease) > tonumber(now) then return 0 end
+  if lease and tonumber(lease) > now then return 0 end
 end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  i = i + 1
+  local ban = redis.call('ZSCORE', banned, ARGV[i])
+  if ban and tonumber(ban) > now then return 0 end
+end
+local room = {meta, members, departed, owners, log, answers, answered, leases, bans, banned}
 if expected == '' then
-  redis.call('DEL', members, departed, owners, log, answers, answered, leases)
+  redis.call('DEL', unpack(room))
   redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
 end
 i = i + 1
@@ -166,11 +230,16 @@ for _ = 1, tonumber(ARGV[i]) do
 end
 i = i + 1
 redis.call('HSET', meta, 'seq', last)
+if lock == '1' then
+  redis.call('HSET', meta, 'locked', '1')
+elseif lock == '0' then
+  redis.call('HDEL', meta, 'locked')
+end
 for _ = 1, tonumber(ARGV[i]) do
   redis.call('HSET', members, ARGV[i + 1], ARGV[i + 2])
   if presence > 0 then
     -- In its grace period (the .5) until it opens a stream.
-    redis.call('ZADD', leases, tonumber(now) + presence + 0.5, ARGV[i + 1])
+    redis.call('ZADD', leases, now + presence + 0.5, ARGV[i + 1])
   end
   i = i + 2
 end
@@ -200,6 +269,25 @@ if added > 0 then
     for n = 1, #oldest, 2 do redis.call('HDEL', answers, oldest[n]) end
   end
 end
+i = i + 1
+local banning, unbanned = tonumber(ARGV[i]), 0
+for _ = 1, banning do
+  if ARGV[i + 2] == '0' then
+    redis.call('HDEL', bans, ARGV[i + 1])
+    redis.call('ZREM', banned, ARGV[i + 1])
+    unbanned = unbanned + 1
+  else
+    redis.call('HSET', bans, ARGV[i + 1], ARGV[i + 3])
+    redis.call('ZADD', banned, ARGV[i + 2], ARGV[i + 1])
+  end
+  i = i + 3
+end
+if banning > 0 then
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', banned, '-inf', now)) do
+    redis.call('HDEL', bans, gone)
+  end
+  redis.call('ZREMRANGEBYSCORE', banned, '-inf', now)
+end
 local oldest = tonumber(last) - history + 1
 if oldest > 1 then
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', departed, '-inf', '(' .. oldest)) do
@@ -207,16 +295,21 @@ if oldest > 1 then
   end
   redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
 end
-local room = {meta, members, departed, owners, log, answers, answered, leases}
+local result = 1
 if redis.call('HLEN', members) == 0 then
-  for _, key in ipairs(room) do
-    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl) end
-  end
+  local at = redis.call('PEXPIRETIME', meta)
+  if at < 0 then at = now + ttl end
+  local longest = redis.call('ZRANGE', banned, -1, -1, 'WITHSCORES')
+  if longest[2] then at = math.max(at, tonumber(longest[2]) + ttl) end
+  if unbanned > 0 then at = math.max(at, now + ttl) end
+  at = string.format('%.0f', at)
+  for _, key in ipairs(room) do redis.call('PEXPIREAT', key, at) end
+  result = tonumber(at)
 elseif redis.call('PTTL', meta) ~= -1 then
   for _, key in ipairs(room) do redis.call('PERSIST', key) end
 end
 redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 1
+return result
 "#;
 
 pub(super) fn corrupt(what: &str) -> Error {
@@ -260,17 +353,38 @@ pub(super) fn array(value: Value) -> Vec<Value> {
     }
 }
 
-/// `HMGET meta epoch seq` as (epoch, seq), or None when the room does not exist.
-pub(super) fn meta(value: Value) -> Result<Option<(String, u64)>, Error> {
+/// `HMGET meta epoch seq locked`, or None when the room does not exist.
+pub(super) fn meta(value: Value) -> Result<Option<Meta>, Error> {
     let fields = array(value);
     match (
         fields.first().and_then(text),
         fields.get(1).and_then(number),
     ) {
-        (Some(epoch), Some(seq)) => Ok(Some((epoch, seq))),
+        (Some(epoch), Some(seq)) => Ok(Some(Meta {
+            epoch,
+            seq,
+            locked: fields.get(2).and_then(number) == Some(1),
+        })),
         (None, None) => Ok(None),
         _ => Err(corrupt("room meta")),
     }
+}
+
+/// A ban as stored in the `bans` hash (its end is also its score in `banned`).
+pub(super) fn ban(value: &Value) -> Result<Option<Ban>, Error> {
+    let Some(raw) = bytes(value) else {
+        return Ok(None);
+    };
+    let stored = pb::Ban::decode(raw).map_err(|_| corrupt("ban"))?;
+    let until = stored
+        .until
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .ok_or_else(|| corrupt("ban"))?;
+    Ok(Some(Ban {
+        identity: stored.identity,
+        until,
+        moderator: stored.moderator,
+    }))
 }
 
 pub(super) fn member(value: &Value) -> Result<Option<(pb::Participant, u64)>, Error> {

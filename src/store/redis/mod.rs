@@ -1,13 +1,18 @@
 //! The Redis store: many roomctl nodes sharing one Redis behave as one control plane.
 //!
 //! **Layout** (`keys`). Every key of a room carries the hash tag `{room_id}`, so a room lives
-//! in one Redis Cluster slot: `meta` (hash: `epoch`, `seq`), `members` (hash: client id to
-//! [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended them)
-//! with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`, trimmed
-//! to exactly `--history` entries), and the remembered answers: `answers` (hash: answer key to
-//! [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, at most 1,024). An
-//! empty room's keys expire together after `--empty-room-ttl`; a room created anew deletes what
-//! an old one of the same id left.
+//! in one Redis Cluster slot: `meta` (hash: `epoch`, `seq`, `locked`), `members` (hash: client
+//! id to [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended
+//! them) with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`,
+//! trimmed to exactly `--history` entries), the remembered answers: `answers` (hash: answer key
+//! to [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, at most 1,024),
+//! the presence `leases` (sorted set of client id by lease end), and the bans: `bans` (hash:
+//! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
+//! ended bans are purged by the next commit). An empty room's keys expire together after
+//! `--empty-room-ttl` counted from when it emptied or from its longest ban's end, whichever is
+//! later; a room created anew deletes what an old one of the same id left. Three keys span the
+//! fleet: `roomctl:presence` (`presence`), and `roomctl:rooms` with `roomctl:rooms:expiring`
+//! (`rooms`, the index behind `ListRooms`).
 //!
 //! **Atomicity** (`writer`). Commands for a room queue to that room's writer on the node, which takes them in
 //! batches: it reads what the batch needs (one MULTI), runs the room engine in Rust over the
@@ -34,6 +39,8 @@ mod connection;
 mod keys;
 mod listener;
 mod presence;
+mod rooms;
+mod schedule;
 mod writer;
 
 use std::collections::HashMap;
@@ -49,13 +56,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{Lease, Opening, RoomStore, Snapshot, READ_BATCH};
-use crate::engine::{Applied, Caller, ClientStatus, Command, LogWindow};
+use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;
 pub use connection::RedisUrl;
 use connection::{client, timed, OP_TIMEOUT};
-use keys::{array, entries, member, meta, number, text, Keys, COMMIT};
+use keys::{array, ban, entries, member, meta, millis, number, text, Keys, COMMIT};
 pub use keys::{StoredAnswer, StoredMember, StoredReply};
 pub use listener::Notice;
 use listener::{listen, subscribe, Feed};
@@ -99,6 +106,7 @@ pub struct RedisStore {
     shared: Arc<Shared>,
     _listener: AbortOnDropHandle<()>,
     _presence: Option<AbortOnDropHandle<()>>,
+    _rooms: AbortOnDropHandle<()>,
 }
 
 impl RedisStore {
@@ -141,10 +149,13 @@ impl RedisStore {
             .presence_timeout
             .map(|timeout| tokio::spawn(presence::keep_presence(Arc::downgrade(&shared), timeout)))
             .map(AbortOnDropHandle::new);
+        let ttl = shared.config.empty_room_ttl;
+        let rooms = tokio::spawn(rooms::keep_rooms(Arc::downgrade(&shared), ttl));
         Ok(Self {
             shared,
             _listener: AbortOnDropHandle::new(listener),
             _presence: presence,
+            _rooms: AbortOnDropHandle::new(rooms),
         })
     }
 }
@@ -224,7 +235,7 @@ impl RoomStore for RedisStore {
             .shared
             .timed("snapshot", pipe.query_async(&mut self.shared.conn()))
             .await?;
-        let Some((epoch, seq)) = meta(meta_reply)? else {
+        let Some(meta) = meta(meta_reply)? else {
             return Err(Error::room_not_found(room_id));
         };
         let mut members = Vec::new();
@@ -241,8 +252,52 @@ impl RoomStore for RedisStore {
                     p
                 })
                 .collect(),
-            window: self.window(&epoch, seq),
+            window: self.window(&meta.epoch, meta.seq),
+            locked: meta.locked,
         })
+    }
+
+    async fn bans(&self, room_id: &str) -> Result<Vec<Ban>, Error> {
+        let keys = Keys::new(room_id);
+        let mut pipe = keys.read_meta();
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(&keys.banned)
+            .arg(format!("({}", millis(SystemTime::now())))
+            .arg("+inf");
+        let (meta_reply, identities): (Value, Vec<String>) = self
+            .shared
+            .timed("bans", pipe.query_async(&mut self.shared.conn()))
+            .await?;
+        if meta(meta_reply)?.is_none() {
+            return Err(Error::room_not_found(room_id));
+        }
+        if identities.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Read after the order: a ban lifted in between is skipped, never shown half.
+        let values: Vec<Value> = self
+            .shared
+            .timed(
+                "bans",
+                redis::cmd("HMGET")
+                    .arg(&keys.bans)
+                    .arg(&identities)
+                    .query_async(&mut self.shared.conn()),
+            )
+            .await?;
+        let mut bans = Vec::with_capacity(values.len());
+        for value in &values {
+            bans.extend(ban(value)?);
+        }
+        Ok(bans)
+    }
+
+    async fn list_rooms(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<pb::RoomSummary>, Error> {
+        self.shared.list_rooms(after, limit).await
     }
 
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {
@@ -267,7 +322,7 @@ impl RoomStore for RedisStore {
             .timed("open", pipe.query_async(&mut self.shared.conn()))
             .await?;
         let mut replies = replies.into_iter();
-        let Some((epoch, seq)) = meta(replies.next().unwrap_or(Value::Nil))? else {
+        let Some(meta) = meta(replies.next().unwrap_or(Value::Nil))? else {
             return Err(Error::room_not_found(room_id));
         };
         let present = member(&replies.next().unwrap_or(Value::Nil))?;
@@ -287,7 +342,7 @@ impl RoomStore for RedisStore {
             _ => Lease::none(),
         };
         Ok(Opening {
-            window: self.window(&epoch, seq),
+            window: self.window(&meta.epoch, meta.seq),
             client,
             head,
             lease,
@@ -315,11 +370,11 @@ impl RoomStore for RedisStore {
             .shared
             .timed("read", pipe.query_async(&mut self.shared.conn()))
             .await?;
-        let Some((current, seq)) = meta(meta_reply)? else {
+        let Some(meta) = meta(meta_reply)? else {
             return Err(Error::room_not_found(room_id));
         };
-        let window = self.window(&current, seq);
-        if current != epoch {
+        let window = self.window(&meta.epoch, meta.seq);
+        if meta.epoch != epoch {
             return Err(window.out_of_range());
         }
         window.check_readable(after)?;

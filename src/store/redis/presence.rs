@@ -27,28 +27,20 @@ use std::time::{Duration, SystemTime};
 use redis::Value;
 
 use super::keys::{array, millis, score_of, text, Keys};
+use super::schedule::{Due, Schedule};
 use super::Shared;
 use crate::engine::{Applied, Caller, Command, Reply};
 use crate::error::Error;
 
 /// The rooms whose presence must be checked, by when.
-pub(super) const INDEX: &str = "roomctl:presence";
+pub(super) const PRESENCE: Schedule = Schedule {
+    key: "roomctl:presence",
+    op: "presence",
+};
 /// Most due rooms one node checks per batch.
 const DUE_PER_BATCH: usize = 64;
 /// Most batches of due rooms one node checks per round.
 const BATCHES_PER_ROUND: usize = 32;
-
-/// Moves a room's entry in the index only if it is still what was read: another node's change
-/// (a new room's first lease) wins. `ARGV[3]` empty removes the entry.
-const RESCHEDULE: &str = r#"
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-if ARGV[3] == '' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-else
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-end
-return 1
-"#;
 
 /// The stream counts and pending closes of this node's clients.
 #[derive(Default)]
@@ -162,16 +154,8 @@ impl Shared {
         let Some(timeout) = self.config.presence_timeout else {
             return Ok(());
         };
-        let first = score(now, timeout, false);
-        self.timed(
-            "presence",
-            redis::cmd("ZADD")
-                .arg(INDEX)
-                .arg(first)
-                .arg(room_id)
-                .query_async::<()>(&mut self.conn()),
-        )
-        .await
+        let first = millis(now) + timeout.as_millis() as u64;
+        PRESENCE.set(self, room_id, first).await
     }
 
     /// One round of this node's presence work: write the leases of streams that closed, renew
@@ -232,29 +216,12 @@ impl Shared {
     /// returns how many rooms were due.
     async fn time_out_batch(self: &Arc<Self>, timeout: Duration) -> Result<usize, Error> {
         let now = SystemTime::now();
-        let due: Vec<Value> = self
-            .timed(
-                "presence",
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(INDEX)
-                    .arg("-inf")
-                    .arg(millis(now))
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(DUE_PER_BATCH)
-                    .query_async(&mut self.conn()),
-            )
-            .await?;
-        let due: Vec<(String, String)> = due
-            .chunks(2)
-            .filter_map(|pair| Some((text(pair.first()?)?, text(pair.get(1)?)?)))
-            .collect();
+        let due = PRESENCE.due(self, now, DUE_PER_BATCH).await?;
         if due.is_empty() {
             return Ok(0);
         }
         let mut pipe = redis::pipe();
-        for (room_id, _) in &due {
+        for Due { room_id, .. } in &due {
             pipe.cmd("ZRANGEBYSCORE")
                 .arg(Keys::new(room_id).leases)
                 .arg("-inf")
@@ -264,16 +231,16 @@ impl Shared {
             .timed("presence", pipe.query_async(&mut self.conn()))
             .await?;
         // Rooms have writers of their own: their time-outs go at once.
-        let time_outs = due.iter().zip(lapsed).filter_map(|((room_id, _), lapsed)| {
+        let time_outs = due.iter().zip(lapsed).filter_map(|(due, lapsed)| {
             let client_ids: Vec<String> = array(lapsed).iter().filter_map(text).collect();
-            (!client_ids.is_empty()).then(|| self.time_out(room_id, client_ids))
+            (!client_ids.is_empty()).then(|| self.time_out(&due.room_id, client_ids))
         });
         for outcome in futures_util::future::join_all(time_outs).await {
             outcome?;
         }
         // Each room's next check: its earliest lease, or none when it has no lease left.
         let mut pipe = redis::pipe();
-        for (room_id, _) in &due {
+        for Due { room_id, .. } in &due {
             pipe.cmd("ZRANGE")
                 .arg(Keys::new(room_id).leases)
                 .arg(0)
@@ -284,19 +251,12 @@ impl Shared {
             .timed("presence", pipe.query_async(&mut self.conn()))
             .await?;
         let mut pipe = redis::pipe();
-        for ((room_id, read), next) in due.iter().zip(next) {
+        for (due, next) in due.iter().zip(next) {
             let earliest = array(next).get(1).and_then(score_of);
             // A lease written since the read is at least now + timeout: never check later.
             let latest = (millis(now) + timeout.as_millis() as u64) as f64;
-            let then = earliest.map_or(String::new(), |e| e.min(latest).floor().to_string());
-            pipe.cmd("EVAL")
-                .arg(RESCHEDULE)
-                .arg(1)
-                .arg(INDEX)
-                .arg(room_id)
-                .arg(read)
-                .arg(then)
-                .ignore();
+            let then = earliest.map(|e| e.min(latest).floor() as u64);
+            PRESENCE.reschedule(&mut pipe, due, then);
         }
         self.timed("presence", pipe.query_async::<()>(&mut self.conn()))
             .await?;

@@ -12,12 +12,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::connection::{unavailable, OP_TIMEOUT};
 use super::keys::{
-    array, bytes, corrupt, member, meta, millis, number, score_of, Keys, StoredAnswer, StoredMember,
+    array, ban, bytes, corrupt, member, meta, millis, number, score_of, Keys, Meta, StoredAnswer,
+    StoredMember,
 };
 use super::listener::{Notice, CHANNEL};
 use super::{RedisConfig, Shared};
 use crate::engine::{
-    self, Applied, Caller, Change, Command, Remembered, Reply, RoomState, MAX_REMEMBERED_ANSWERS,
+    self, Applied, Ban, Caller, Change, Command, Remembered, Reply, RoomState,
+    MAX_REMEMBERED_ANSWERS,
 };
 use crate::error::Error;
 use crate::pb;
@@ -37,14 +39,15 @@ pub(super) const KNOWN_FOR: Duration = Duration::from_secs(1);
 pub(super) const KNOWN_IDS: usize = 50_000;
 
 /// What a room's writer knows of its room at the `seq` of its last read or commit: the room's
-/// state restricted to what it has seen, and which member ids and drop answers (by key) it knows
-/// to be present or absent there. A batch runs on it without reading Redis; anything else the
+/// state restricted to what it has seen, and which member ids, answers (by key) and identities'
+/// bans it knows to be present or absent there. A batch runs on it without reading Redis; anything else the
 /// batch looks at is assumed absent, and the commit script checks those assumptions along with
 /// the `seq`, so a stale guess is a conflict, never a wrong answer.
 pub(super) struct Known {
-    pub(super) state: RoomState,
+    pub(super) state: Option<RoomState>,
     pub(super) ids: HashSet<String>,
     pub(super) answers: HashSet<String>,
+    pub(super) bans: HashSet<String>,
     pub(super) read_at: Instant,
 }
 
@@ -66,32 +69,72 @@ pub(super) struct Loaded {
     /// Of the clients the batch times out, those whose lease has lapsed or is gone (as the
     /// commit script decides too; a client that came back has a lease in the future).
     pub(super) lapsed: HashSet<String>,
-    pub(super) meta: Option<(String, u64)>,
+    pub(super) meta: Option<Meta>,
     pub(super) population: usize,
     pub(super) members: Vec<(pb::Participant, u64)>,
     pub(super) answers: Vec<Remembered>,
+    /// The bans of the identities the batch looks at (those that have one).
+    pub(super) bans: Vec<Ban>,
+    /// How many bans are in force (counted only for a batch that bans).
+    pub(super) bans_in_force: usize,
 }
 
-/// The member ids and remembered answers (by key) a batch of commands looks at, each once.
-pub(super) fn wanted(jobs: &[Job]) -> (Vec<&str>, Vec<String>) {
-    let mut ids = Vec::new();
+/// What a batch of commands looks at: member ids, remembered answers (by key) and identities'
+/// bans, each once; whether it needs every member; whether it bans.
+#[derive(Default)]
+pub(super) struct Wanted<'a> {
+    pub(super) ids: Vec<&'a str>,
+    pub(super) answers: Vec<String>,
+    pub(super) identities: Vec<String>,
+    pub(super) timing_out: Vec<&'a str>,
+    pub(super) every_member: bool,
+    pub(super) banning: bool,
+}
+
+/// What the batch `jobs` looks at.
+pub(super) fn wanted(jobs: &[Job]) -> Wanted<'_> {
+    let mut wanted = Wanted::default();
     for job in jobs {
         match &job.cmd {
-            Command::Join { .. } => {}
-            Command::Leave { client_id } => ids.push(client_id.as_str()),
-            Command::Drop(drop) => ids.extend(drop.client_ids.iter().map(String::as_str)),
-            Command::TimeOut { client_ids } => ids.extend(client_ids.iter().map(String::as_str)),
+            Command::Leave { client_id } => wanted.ids.push(client_id.as_str()),
+            Command::Drop(drop) => {
+                wanted
+                    .ids
+                    .extend(drop.client_ids.iter().map(String::as_str));
+                wanted.banning |= drop.ban.is_some();
+            }
+            Command::TimeOut { client_ids } => {
+                wanted.ids.extend(client_ids.iter().map(String::as_str));
+                wanted
+                    .timing_out
+                    .extend(client_ids.iter().map(String::as_str));
+            }
+            Command::Join { .. }
+            | Command::Lock { .. }
+            | Command::Unlock { .. }
+            | Command::Destroy(_)
+            | Command::Unban { .. } => {}
         }
+        wanted.every_member |= job.cmd.needs_every_member();
+        wanted.identities.extend(job.cmd.ban_identity(&job.caller));
+        wanted.answers.extend(job.cmd.answer_key(&job.caller));
     }
     let mut seen = HashSet::new();
-    ids.retain(|id| seen.insert(*id));
-    let mut answers: Vec<String> = jobs
-        .iter()
-        .filter_map(|job| job.cmd.answer_key(&job.caller))
-        .collect();
+    wanted.ids.retain(|id| seen.insert(*id));
     let mut seen = HashSet::new();
-    answers.retain(|key| seen.insert(key.clone()));
-    (ids, answers)
+    wanted.answers.retain(|key| seen.insert(key.clone()));
+    let mut seen = HashSet::new();
+    wanted.identities.retain(|id| seen.insert(id.clone()));
+    wanted
+}
+
+impl Wanted<'_> {
+    /// Whether what a writer remembers of its room cannot serve this batch: leases change
+    /// without the seq, a session's end needs every member, and a ban needs the true count of
+    /// bans in force.
+    fn needs_fresh_read(&self) -> bool {
+        !self.timing_out.is_empty() || self.every_member || self.banning
+    }
 }
 
 impl Shared {
@@ -131,19 +174,33 @@ impl Shared {
     pub(super) async fn load(
         &self,
         keys: &Keys,
-        (ids, answers, timing_out): (&[&str], &[String], &[&str]),
+        wanted: &Wanted<'_>,
+        drops: &[&[String]],
         now: SystemTime,
     ) -> Result<Loaded, Error> {
         let mut pipe = keys.read_meta();
         pipe.cmd("HLEN").arg(&keys.members);
-        if !ids.is_empty() {
-            pipe.cmd("HMGET").arg(&keys.members).arg(ids);
+        if wanted.every_member {
+            pipe.cmd("HVALS").arg(&keys.members);
+        } else if !wanted.ids.is_empty() {
+            pipe.cmd("HMGET").arg(&keys.members).arg(&wanted.ids);
         }
-        if !answers.is_empty() {
-            pipe.cmd("HMGET").arg(&keys.answers).arg(answers);
+        if !wanted.answers.is_empty() {
+            pipe.cmd("HMGET").arg(&keys.answers).arg(&wanted.answers);
         }
-        if !timing_out.is_empty() {
-            pipe.cmd("ZMSCORE").arg(&keys.leases).arg(timing_out);
+        if !wanted.timing_out.is_empty() {
+            pipe.cmd("ZMSCORE")
+                .arg(&keys.leases)
+                .arg(&wanted.timing_out);
+        }
+        if !wanted.identities.is_empty() {
+            pipe.cmd("HMGET").arg(&keys.bans).arg(&wanted.identities);
+        }
+        if wanted.banning {
+            pipe.cmd("ZCOUNT")
+                .arg(&keys.banned)
+                .arg(format!("({}", millis(now)))
+                .arg("+inf");
         }
         let mut replies = self
             .timed("load", pipe.query_async::<Vec<Value>>(&mut self.conn()))
@@ -152,15 +209,15 @@ impl Shared {
         let meta = meta(replies.next().unwrap_or(Value::Nil))?;
         let population = replies.next().as_ref().and_then(number).unwrap_or(0) as usize;
         let mut members = Vec::new();
-        if !ids.is_empty() {
+        if wanted.every_member || !wanted.ids.is_empty() {
             for value in array(replies.next().unwrap_or(Value::Nil)) {
                 members.extend(member(&value)?);
             }
         }
         let mut remembered = Vec::new();
-        if !answers.is_empty() {
+        if !wanted.answers.is_empty() {
             let values = array(replies.next().unwrap_or(Value::Nil));
-            for (key, value) in answers.iter().zip(values) {
+            for (key, value) in wanted.answers.iter().zip(values) {
                 if let Some(raw) = bytes(&value) {
                     let stored = StoredAnswer::decode(raw).map_err(|_| corrupt("answer"))?;
                     remembered.push(stored.into_remembered(key.clone())?);
@@ -168,12 +225,49 @@ impl Shared {
             }
         }
         let mut lapsed = HashSet::new();
-        if !timing_out.is_empty() {
+        if !wanted.timing_out.is_empty() {
             let scores = array(replies.next().unwrap_or(Value::Nil));
             let now = millis(now) as f64;
-            for (id, score) in timing_out.iter().zip(scores) {
+            for (id, score) in wanted.timing_out.iter().zip(scores) {
                 if score_of(&score).is_none_or(|lease| lease <= now) {
                     lapsed.insert((*id).to_owned());
+                }
+            }
+        }
+        let mut bans = Vec::new();
+        if !wanted.identities.is_empty() {
+            for value in array(replies.next().unwrap_or(Value::Nil)) {
+                bans.extend(ban(&value)?);
+            }
+        }
+        let bans_in_force = replies.next().as_ref().and_then(number).unwrap_or(0) as usize;
+        if wanted.banning {
+            // Whom a drop bans is known once its clients are: read their identities' bans.
+            let targets: HashSet<&str> = drops
+                .iter()
+                .flat_map(|ids| ids.iter())
+                .map(String::as_str)
+                .collect();
+            let mut identities: Vec<&str> = members
+                .iter()
+                .filter(|(p, _)| targets.contains(p.client_id.as_str()))
+                .map(|(p, _)| p.identity.as_str())
+                .filter(|identity| !wanted.identities.iter().any(|i| i == identity))
+                .collect();
+            identities.sort_unstable();
+            identities.dedup();
+            if !identities.is_empty() {
+                let values: Vec<Value> = self
+                    .timed(
+                        "load",
+                        redis::cmd("HMGET")
+                            .arg(&keys.bans)
+                            .arg(&identities)
+                            .query_async(&mut self.conn()),
+                    )
+                    .await?;
+                for value in values {
+                    bans.extend(ban(&value)?);
                 }
             }
         }
@@ -183,6 +277,8 @@ impl Shared {
             population,
             members,
             answers: remembered,
+            bans,
+            bans_in_force,
         })
     }
 
@@ -197,57 +293,76 @@ impl Shared {
         known: &mut Option<Known>,
     ) -> Option<Error> {
         let keys = Keys::new(room_id);
-        let (ids, answer_keys) = wanted(&jobs);
-        let timing_out: Vec<&str> = jobs
+        let wanted = wanted(&jobs);
+        let drops: Vec<&[String]> = jobs
             .iter()
             .filter_map(|job| match &job.cmd {
-                Command::TimeOut { client_ids } => Some(client_ids),
+                Command::Drop(drop) if drop.ban.is_some() => Some(drop.client_ids.as_slice()),
                 _ => None,
             })
-            .flatten()
-            .map(String::as_str)
             .collect();
         self.telemetry.batch(jobs.len());
         let outcome = async {
             for _ in 0..MAX_ATTEMPTS {
                 let now = SystemTime::now();
-                // Leases change without the seq: a time-out always reads them afresh.
-                let known_view = known.take().filter(|k| k.usable() && timing_out.is_empty());
+                let known_view = known
+                    .take()
+                    .filter(|k| k.usable() && !wanted.needs_fresh_read());
                 let fresh = known_view.is_none();
                 let mut lapsed = HashSet::new();
-                let (mut state, mut seen_ids, mut seen_answers, read_at) = match known_view {
-                    Some(k) => (Some(k.state), k.ids, k.answers, k.read_at),
+                let mut seen = match known_view {
+                    Some(k) => k,
                     None => {
-                        let wants = (
-                            ids.as_slice(),
-                            answer_keys.as_slice(),
-                            timing_out.as_slice(),
-                        );
-                        let loaded = self.load(&keys, wants, now).await?;
+                        let loaded = self.load(&keys, &wanted, &drops, now).await?;
                         lapsed = loaded.lapsed;
-                        let state = loaded.meta.map(|(epoch, seq)| {
-                            let (members, answers) = (loaded.members, loaded.answers);
-                            let population = loaded.population;
-                            RoomState::restore(room_id, epoch, seq, population, members, answers)
-                                .with_max_members(self.config.max_room_members)
+                        let state = loaded.meta.map(|meta| {
+                            RoomState::restore(
+                                room_id,
+                                meta.epoch,
+                                meta.seq,
+                                loaded.population,
+                                loaded.members,
+                                loaded.answers,
+                            )
+                            .with_max_members(self.config.max_room_members)
+                            .with_lock(meta.locked)
+                            .with_bans(
+                                loaded.bans.iter().cloned(),
+                                loaded.bans_in_force,
+                                now,
+                            )
                         });
-                        let ids = ids.iter().map(|id| id.to_string()).collect();
-                        let answers = answer_keys.iter().cloned().collect();
-                        (state, ids, answers, Instant::now())
+                        let mut bans: HashSet<String> = wanted.identities.iter().cloned().collect();
+                        bans.extend(loaded.bans.into_iter().map(|ban| ban.identity));
+                        Known {
+                            state,
+                            ids: wanted.ids.iter().map(|id| id.to_string()).collect(),
+                            answers: wanted.answers.iter().cloned().collect(),
+                            bans,
+                            read_at: Instant::now(),
+                        }
                     }
                 };
-                let assumed_ids: Vec<&str> = ids
+                let assumed_ids: Vec<&str> = wanted
+                    .ids
                     .iter()
                     .copied()
-                    .filter(|id| !seen_ids.contains(*id))
+                    .filter(|id| !seen.ids.contains(*id))
                     .collect();
-                let assumed_answers: Vec<&str> = answer_keys
+                let assumed_answers: Vec<&str> = wanted
+                    .answers
                     .iter()
                     .map(String::as_str)
-                    .filter(|key| !seen_answers.contains(*key))
+                    .filter(|key| !seen.answers.contains(*key))
                     .collect();
-                let expected = state.as_ref().map(RoomState::seq);
-                let was_empty = state.as_ref().is_none_or(RoomState::is_empty);
+                let assumed_bans: Vec<&str> = wanted
+                    .identities
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|identity| !seen.bans.contains(*identity))
+                    .collect();
+                let expected = seen.state.as_ref().map(RoomState::seq);
+                let was_empty = seen.state.as_ref().is_none_or(RoomState::is_empty);
                 let results: Vec<Result<Applied, Error>> = jobs
                     .iter()
                     .map(|job| {
@@ -262,27 +377,31 @@ impl Shared {
                             },
                             cmd => cmd.clone(),
                         };
-                        run(&mut state, room_id, &job.caller, cmd, &self.config, now)
+                        run(
+                            &mut seen.state,
+                            room_id,
+                            &job.caller,
+                            cmd,
+                            &self.config,
+                            now,
+                        )
                     })
                     .collect();
                 let writes = results.iter().flatten().any(|a| !a.events.is_empty());
-                let Some(mut state) = state else {
+                let Some(state) = seen.state.as_mut() else {
                     return Ok(results);
                 };
                 if !writes {
-                    let guessed = !(assumed_ids.is_empty() && assumed_answers.is_empty());
+                    let guessed = !(assumed_ids.is_empty()
+                        && assumed_answers.is_empty()
+                        && assumed_bans.is_empty());
                     // A refusal on a remembered view (a full room another node has since
                     // emptied) is as unchecked as a guess: no commit will vouch for either.
                     let refused_on_memory = !fresh && results.iter().any(Result::is_err);
                     if guessed || refused_on_memory {
                         continue;
                     }
-                    *known = Some(Known {
-                        state,
-                        ids: seen_ids,
-                        answers: seen_answers,
-                        read_at,
-                    });
+                    *known = Some(seen);
                     return Ok(results);
                 }
                 let joined = results
@@ -293,34 +412,49 @@ impl Shared {
                     // The room's first lease: its time-out must be checked from now on.
                     self.watch_presence(room_id, now).await?;
                 }
-                let assumed = (assumed_ids.as_slice(), assumed_answers.as_slice());
-                if self
-                    .commit(&keys, room_id, &state, expected, &results, assumed, now)
-                    .await?
-                {
-                    // Everything the batch looked at or joined is known now (the answers it
-                    // remembered are among the keys it looked at).
-                    seen_ids.extend(ids.iter().map(|id| id.to_string()));
-                    for applied in results.iter().flatten() {
-                        for change in &applied.changes {
-                            if let Change::Joined { participant, .. } = change {
-                                seen_ids.insert(participant.client_id.clone());
-                            }
-                        }
-                    }
-                    seen_answers.extend(answer_keys.iter().cloned());
-                    let oldest = state.seq().saturating_sub(self.config.history as u64) + 1;
-                    state.forget_departed_before(oldest);
-                    *known = Some(Known {
-                        state,
-                        ids: seen_ids,
-                        answers: seen_answers,
-                        read_at,
-                    });
-                    return Ok(results);
+                if expected.is_none() {
+                    // Listed before it exists, so that a crash cannot leave it unlisted.
+                    self.index_room(room_id).await?;
                 }
-                // Another node changed the room, or a guess was wrong: read again and redo.
-                tokio::task::yield_now().await;
+                let assumed = Assumed {
+                    ids: &assumed_ids,
+                    answers: &assumed_answers,
+                    bans: &assumed_bans,
+                };
+                let Some(empty_until) = self
+                    .commit(&keys, room_id, state, expected, &results, assumed, now)
+                    .await?
+                else {
+                    // Another node changed the room, or a guess was wrong: read again and redo.
+                    tokio::task::yield_now().await;
+                    continue;
+                };
+                if expected.is_none() {
+                    self.index_room(room_id).await?;
+                }
+                if let Some(at) = empty_until {
+                    self.room_emptied(room_id, at).await;
+                }
+                // Everything the batch looked at, joined or banned is known now (the answers
+                // it remembered are among the keys it looked at).
+                seen.ids.extend(wanted.ids.iter().map(|id| id.to_string()));
+                for change in results.iter().flatten().flat_map(|a| &a.changes) {
+                    match change {
+                        Change::Joined { participant, .. } => {
+                            seen.ids.insert(participant.client_id.clone());
+                        }
+                        Change::Banned(ban) => {
+                            seen.bans.insert(ban.identity.clone());
+                        }
+                        _ => {}
+                    }
+                }
+                seen.answers.extend(wanted.answers.iter().cloned());
+                seen.bans.extend(wanted.identities.iter().cloned());
+                let oldest = state.seq().saturating_sub(self.config.history as u64) + 1;
+                state.forget_departed_before(oldest);
+                *known = Some(seen);
+                return Ok(results);
             }
             Err(Error::StoreUnavailable(format!(
                 "room {room_id:?} changed under {MAX_ATTEMPTS} attempts in a row"
@@ -351,7 +485,8 @@ impl Shared {
     }
 
     /// Commits the batch's events and changes if the room is still at `expected` (None: the
-    /// room must not exist yet). False on a conflict. A commit sent whose answer never came is
+    /// room must not exist yet) and its assumptions hold. None on a conflict; else when the
+    /// room's keys expire if the commit left it empty. A commit sent whose answer never came is
     /// `OutcomeUnknown`: it may have been applied, and its callers must be told so.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn commit(
@@ -361,9 +496,9 @@ impl Shared {
         state: &RoomState,
         expected: Option<u64>,
         results: &[Result<Applied, Error>],
-        (assumed_ids, assumed_answers): (&[&str], &[&str]),
+        assumed: Assumed<'_>,
         now: SystemTime,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<Option<u64>>, Error> {
         let applied: Vec<&Applied> = results
             .iter()
             .flatten()
@@ -382,16 +517,12 @@ impl Shared {
                 ))
             })
             .collect();
+        let changes = Changes::of(&applied);
         let notice = Notice::publish(room_id, &events);
         let mut call = self.commit.prepare_invoke();
-        call.key(&keys.meta)
-            .key(&keys.members)
-            .key(&keys.departed)
-            .key(&keys.owners)
-            .key(&keys.log)
-            .key(&keys.answers)
-            .key(&keys.answered)
-            .key(&keys.leases);
+        for key in keys.room() {
+            call.key(key);
+        }
         call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
             .arg(state.epoch())
             .arg(self.config.history)
@@ -404,15 +535,12 @@ impl Shared {
                 self.config
                     .presence_timeout
                     .map_or(0, |t| t.as_millis() as u64),
-            );
-        call.arg(assumed_ids.len());
-        for id in assumed_ids {
-            call.arg(*id);
-        }
-        call.arg(assumed_answers.len());
-        for key in assumed_answers {
-            call.arg(*key);
-        }
+            )
+            .arg(match changes.locked {
+                None => "",
+                Some(true) => "1",
+                Some(false) => "0",
+            });
         let timed_out: Vec<&String> = applied
             .iter()
             .filter_map(|a| match &a.reply {
@@ -421,43 +549,50 @@ impl Shared {
             })
             .flatten()
             .collect();
+        for list in [assumed.ids, assumed.answers] {
+            call.arg(list.len());
+            for item in list {
+                call.arg(*item);
+            }
+        }
         call.arg(timed_out.len());
         for id in timed_out {
             call.arg(id);
+        }
+        call.arg(assumed.bans.len());
+        for identity in assumed.bans {
+            call.arg(*identity);
         }
         call.arg(events.len());
         for event in &events {
             call.arg(event.seq).arg(event.encode_to_vec());
         }
-        let (mut joins, mut departures) = (Vec::new(), Vec::new());
-        for change in applied.iter().flat_map(|a| &a.changes) {
-            match change {
-                Change::Joined {
-                    participant,
-                    join_seq,
-                } => joins.push((participant, *join_seq)),
-                Change::Departed {
-                    client_id,
-                    identity,
-                    end_seq,
-                } => departures.push((client_id, identity, *end_seq)),
-            }
-        }
-        call.arg(joins.len());
-        for (participant, join_seq) in joins {
+        call.arg(changes.joins.len());
+        for (participant, join_seq) in changes.joins {
             let stored = StoredMember {
                 join_seq,
                 participant: Some(participant.clone()),
             };
             call.arg(&participant.client_id).arg(stored.encode_to_vec());
         }
-        call.arg(departures.len());
-        for (client_id, identity, end_seq) in departures {
+        call.arg(changes.departures.len());
+        for (client_id, identity, end_seq) in changes.departures {
             call.arg(client_id).arg(identity).arg(end_seq);
         }
         call.arg(remembered.len());
         for (key, value, expires_at_ms) in &remembered {
             call.arg(*key).arg(value).arg(*expires_at_ms);
+        }
+        call.arg(changes.bans.len());
+        for (identity, ban) in changes.bans {
+            match ban {
+                Some(ban) => call
+                    .arg(identity)
+                    .arg(millis(ban.until))
+                    .arg(ban.to_pb().encode_to_vec()),
+                // An unban: no end, no ban.
+                None => call.arg(identity).arg(0).arg(""),
+            };
         }
         let started = Instant::now();
         let mut conn = self.conn();
@@ -465,13 +600,13 @@ impl Shared {
         let ok = matches!(answer, Ok(Ok(_)));
         self.telemetry.store_op("commit", ok, started.elapsed());
         match answer {
-            Ok(Ok(1)) => {
-                self.telemetry.events_appended(events.len());
-                Ok(true)
-            }
-            Ok(Ok(_)) => {
+            Ok(Ok(0)) => {
                 self.telemetry.commit_conflict();
-                Ok(false)
+                Ok(None)
+            }
+            Ok(Ok(done)) => {
+                self.telemetry.events_appended(events.len());
+                Ok(Some((done > 1).then_some(done as u64)))
             }
             // Refused before anything was sent, or refused by Redis: nothing was applied.
             Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
@@ -479,6 +614,52 @@ impl Shared {
             }
             Ok(Err(_)) | Err(_) => Err(Error::OutcomeUnknown { request_id: None }),
         }
+    }
+}
+
+/// What a batch assumed absent without having read it: member ids, answer keys, and identities
+/// without a ban in force. The commit script checks each.
+pub(super) struct Assumed<'a> {
+    pub(super) ids: &'a [&'a str],
+    pub(super) answers: &'a [&'a str],
+    pub(super) bans: &'a [&'a str],
+}
+
+/// A batch's changes, sorted by what the commit script does with them.
+struct Changes<'a> {
+    joins: Vec<(&'a pb::Participant, u64)>,
+    departures: Vec<(&'a String, &'a String, u64)>,
+    /// The room's lock after the batch, if the batch changed it.
+    locked: Option<bool>,
+    /// Bans set (Some) and lifted (None), in order.
+    bans: Vec<(&'a String, Option<&'a Ban>)>,
+}
+
+impl<'a> Changes<'a> {
+    fn of(applied: &[&'a Applied]) -> Self {
+        let mut changes = Self {
+            joins: Vec::new(),
+            departures: Vec::new(),
+            locked: None,
+            bans: Vec::new(),
+        };
+        for change in applied.iter().flat_map(|a| &a.changes) {
+            match change {
+                Change::Joined {
+                    participant,
+                    join_seq,
+                } => changes.joins.push((participant, *join_seq)),
+                Change::Departed {
+                    client_id,
+                    identity,
+                    end_seq,
+                } => changes.departures.push((client_id, identity, *end_seq)),
+                Change::Locked(locked) => changes.locked = Some(*locked),
+                Change::Banned(ban) => changes.bans.push((&ban.identity, Some(ban))),
+                Change::Unbanned { identity } => changes.bans.push((identity, None)),
+            }
+        }
+        changes
     }
 }
 
