@@ -1,7 +1,7 @@
-//! The client commands of the `roomctl` binary against real servers: join, participants and
-//! drop as an operator types them (text and `--json`), errors with their exit codes, and
-//! `watch` following a room across a node killed and restarted on the Redis store, printing
-//! every event exactly once.
+//! The client commands of the `roomctl` binary against real servers: join, participants, drop
+//! and the moderator commands as an operator types them (text and `--json`), errors with their
+//! exit codes, and `watch` following a room across a node killed and restarted on the Redis
+//! store, printing every event exactly once.
 
 mod common;
 
@@ -98,6 +98,119 @@ async fn join_participants_and_drop_from_the_command_line() {
         "{}",
         stderr(&unreachable)
     );
+}
+
+/// The moderator commands as an operator types them: lock (and 5117 on a second one, exit 4),
+/// a participant's join refused while locked, unlock, a drop with `--ban` and the ban listed and
+/// lifted, the session ended, and every room listed in text and JSON across pages.
+#[tokio::test]
+async fn moderate_a_room_from_the_command_line() {
+    let server = TestServer::start(Backend::Memory).await;
+    let url = format!("http://{}", server.addr);
+    let ops = token("ops", "*", "service");
+    let alice = token("alice", "demo", "moderator");
+    let bob = token("bob", "demo", "participant");
+    let ok = |output: &Output| assert!(output.status.success(), "{}", stderr(output));
+
+    ok(&run(&url, &alice, &["join", "demo"]).await);
+    let locked = run(&url, &alice, &["lock", "demo", "--request-id", "l1"]).await;
+    ok(&locked);
+    assert_eq!(stdout(&locked), "demo locked at seq 2\n(request l1)\n");
+    let again = run(&url, &alice, &["lock", "demo"]).await;
+    assert_eq!(again.status.code(), Some(4), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("FAILED_PRECONDITION: 5117:"),
+        "{}",
+        stderr(&again)
+    );
+    assert!(stderr(&again).contains("code: 5117"), "{}", stderr(&again));
+    let refused = run(&url, &bob, &["join", "demo"]).await;
+    assert_eq!(refused.status.code(), Some(4), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("ROOM_LOCKED"),
+        "{}",
+        stderr(&refused)
+    );
+    let participant = run(&url, &bob, &["unlock", "demo"]).await;
+    assert_eq!(participant.status.code(), Some(3));
+    assert!(stderr(&participant).contains("5115: Unauthorized Access"));
+    ok(&run(&url, &alice, &["unlock", "demo", "--json"]).await);
+
+    let joined = run(&url, &bob, &["join", "demo", "--json"]).await;
+    ok(&joined);
+    let joined: serde_json::Value = serde_json::from_str(&stdout(&joined)).unwrap();
+    let client_id = joined["clientId"].as_str().unwrap().to_owned();
+    ok(&run(&url, &alice, &["drop", "demo", &client_id, "--ban", "1h"]).await);
+    let banned = run(&url, &bob, &["join", "demo"]).await;
+    assert_eq!(banned.status.code(), Some(3), "{}", stderr(&banned));
+    assert!(
+        stderr(&banned).contains("reason: BANNED"),
+        "{}",
+        stderr(&banned)
+    );
+    assert!(
+        stderr(&banned).contains("identity: bob"),
+        "{}",
+        stderr(&banned)
+    );
+    let bans = run(&url, &alice, &["bans", "demo"]).await;
+    ok(&bans);
+    let table = stdout(&bans);
+    assert!(table.starts_with("IDENTITY"), "{table}");
+    assert!(
+        table.contains("bob") && table.contains("alice") && table.contains("(1 bans)"),
+        "{table}"
+    );
+    let lifted = run(&url, &alice, &["unban", "demo", "bob"]).await;
+    ok(&lifted);
+    assert!(
+        stdout(&lifted).starts_with("bob unbanned at seq "),
+        "{}",
+        stdout(&lifted)
+    );
+    let gone = run(&url, &alice, &["unban", "demo", "bob"]).await;
+    assert_eq!(gone.status.code(), Some(4));
+    assert!(stderr(&gone).contains("BAN_NOT_FOUND"));
+
+    let joined = run(&url, &bob, &["join", "demo", "--json"]).await;
+    ok(&joined);
+    let joined: serde_json::Value = serde_json::from_str(&stdout(&joined)).unwrap();
+    let destroyed = run(
+        &url,
+        &alice,
+        &["destroy", "demo", "--reason", "over", "--json"],
+    )
+    .await;
+    ok(&destroyed);
+    let destroyed: serde_json::Value = serde_json::from_str(&stdout(&destroyed)).unwrap();
+    let removed = destroyed["clientIds"].as_array().unwrap();
+    assert_eq!(removed.len(), 2, "alice and bob: {destroyed}");
+    assert!(removed.contains(&joined["clientId"]), "{destroyed}");
+
+    for room in ["a1", "a2", "a3"] {
+        ok(&run(&url, &ops, &["join", room, "--identity", "u"]).await);
+    }
+    let rooms = run(&url, &ops, &["rooms", "--page-size", "2"]).await;
+    ok(&rooms);
+    let table = stdout(&rooms);
+    let names: Vec<_> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(names, ["a1", "a2", "a3", "demo", "(4"], "{table}");
+    let rooms = run(&url, &ops, &["rooms", "--json"]).await;
+    ok(&rooms);
+    let lines: Vec<serde_json::Value> = stdout(&rooms)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["roomId"], "a1");
+    assert_eq!(lines[0]["participants"], 1);
+    let forbidden = run(&url, &alice, &["rooms"]).await;
+    assert_eq!(forbidden.status.code(), Some(3));
+    assert!(stderr(&forbidden).contains("FORBIDDEN"));
 }
 
 /// A `roomctl serve` node on the Redis at `redis`, listening on `listen`.

@@ -1,6 +1,7 @@
 //! The `roomctl` command line: `serve` runs the server, `token` mints tokens, `config check`
-//! validates a configuration file, and `join`, `leave`, `participants`, `drop` and `watch`
-//! call a running server.
+//! validates a configuration file, and `join`, `leave`, `participants`, `drop`, `watch` and the
+//! moderator commands (`lock`, `unlock`, `destroy`, `bans`, `unban`, `rooms`) call a running
+//! server.
 //!
 //! Secrets come from `ROOMCTL_JWT_SECRET` or a file, so they never have to appear in a process
 //! listing. Exit codes say what failed, so scripts can tell a usage error from a refusal:
@@ -8,6 +9,7 @@
 
 mod client;
 mod config_file;
+mod moderate;
 mod serve;
 
 use std::path::PathBuf;
@@ -50,6 +52,19 @@ enum Command {
     Drop(client::DropArgs),
     /// Follow a room's events, resuming through reconnections.
     Watch(client::WatchArgs),
+    /// Lock a room: only moderators may join (moderators and services).
+    Lock(moderate::LockArgs),
+    /// Unlock a room (moderators and services).
+    Unlock(moderate::LockArgs),
+    /// End a room's session: everyone is removed and every stream ends (moderators and
+    /// services).
+    Destroy(moderate::DestroyArgs),
+    /// List the bans in force in a room (moderators and services).
+    Bans(moderate::BansArgs),
+    /// Lift a ban (moderators and services).
+    Unban(moderate::UnbanArgs),
+    /// List every room (services of every room).
+    Rooms(moderate::RoomsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +208,12 @@ pub fn main() -> ExitCode {
         Command::Participants(args) => client::participants(args),
         Command::Drop(args) => client::drop_users(args),
         Command::Watch(args) => client::watch(args),
+        Command::Lock(args) => moderate::lock(args, true),
+        Command::Unlock(args) => moderate::lock(args, false),
+        Command::Destroy(args) => moderate::destroy(args),
+        Command::Bans(args) => moderate::bans(args),
+        Command::Unban(args) => moderate::unban(args),
+        Command::Rooms(args) => moderate::rooms(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
