@@ -72,8 +72,8 @@ const DROP_BATCH: usize = 5;
 /// reading falls out within a round, yet far more than a reading one lags behind.
 const HISTORY: usize = 300;
 /// Allowed growth of the heap (bytes allocated and not freed, counted exactly) between the
-/// second round and the last, sampled between rounds once every client and stream is gone.
-/// A leak of 100 bytes per join adds 160 KiB a round.
+/// second round and the last, sampled between rounds once every client, stream and server task
+/// of theirs is gone. A leak of 100 bytes per join adds 160 KiB a round.
 const HEAP_SLACK: usize = 128 * 1024;
 /// Allowed growth of RSS on top of a fifth: what the allocator keeps of the peaks.
 const RSS_SLACK: u64 = 24 * 1024 * 1024;
@@ -259,20 +259,27 @@ fn soak(backend: Backend) {
             .unwrap()
     });
     let addrs: Vec<_> = server.nodes.iter().map(|n| n.addr).collect();
-    // Once a call has been answered the server runs all its own tasks; the probe's connection
-    // stays open to the end, so the count after the soak must come back to this one exactly.
-    let (probe, idle_tasks, idle_client_tasks) = clients.block_on(async {
-        let mut probe = server.client("ops", "*", "service").await;
-        let _ = probe.list_participants(list("none")).await;
+    // Once a node has answered a call it runs all its own tasks: every node must have, since
+    // each starts serving on its own (a node still starting would add its tasks later, and the
+    // soak would blame them on its clients). The probes' connections stay open to the end, so
+    // the count after the soak must come back to this one exactly.
+    let (probes, idle_tasks, idle_client_tasks) = clients.block_on(async {
+        let mut probes = Vec::new();
+        for addr in &addrs {
+            let mut probe = client_with_token(*addr, &token("ops", "*", "service")).await;
+            let _ = probe.list_participants(list("none")).await;
+            probes.push(probe);
+        }
         let clients = tokio::runtime::Handle::current()
             .metrics()
             .num_alive_tasks();
-        (probe, server_runtime.metrics().num_alive_tasks(), clients)
+        (probes, server_runtime.metrics().num_alive_tasks(), clients)
     });
 
-    // Waits until no stream is open on the server (and, when `tasks`, until its task count is
-    // back to idle): between rounds, so memory is sampled at comparable moments, and at the end.
-    let settle = |tasks: bool| {
+    // Waits until no stream is open on the server and its task count is back to idle: between
+    // rounds, so memory is sampled at comparable moments (a Redis node's room writers, and what
+    // they remember of their rooms, retire after a few idle seconds), and at the end.
+    let settle = || {
         clients.block_on(async {
             let deadline = tokio::time::Instant::now() + PATIENCE;
             loop {
@@ -282,7 +289,7 @@ fn soak(backend: Backend) {
                     .metrics()
                     .num_alive_tasks()
                     > idle_client_tasks;
-                if streams == 0 && !clients_busy && (!tasks || alive <= idle_tasks) {
+                if streams == 0 && !clients_busy && alive <= idle_tasks {
                     return;
                 }
                 assert!(
@@ -316,7 +323,7 @@ fn soak(backend: Backend) {
                 task.await.unwrap();
             }
         });
-        settle(false);
+        settle();
         samples.push((rss(), heap()));
         eprintln!("ROUND {} rss {} heap {}", samples.len(), rss(), heap());
     }
@@ -333,8 +340,8 @@ fn soak(backend: Backend) {
         samples.len()
     );
     // Every client is gone: no stream and no task of theirs may remain on the server.
-    settle(true);
-    drop(probe);
+    settle();
+    drop(probes);
     drop(clients);
     server_runtime.block_on(async move { drop(server) });
 }
