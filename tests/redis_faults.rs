@@ -1,5 +1,6 @@
 //! Several nodes on one Redis under stress and faults: concurrent writers on one room, a node
-//! killed mid-stream, Redis stopped and restarted, Redis flushed. Every test runs its own
+//! killed mid-stream, Redis stopped and restarted, Redis flushed, nodes that would trim logs
+//! differently, a log shorter than expected. Every test runs its own
 //! redis-server; they are skipped loudly when redis-server is missing (required in CI).
 
 mod common;
@@ -429,7 +430,8 @@ async fn a_flushed_redis_is_detected_by_the_epoch() {
 }
 
 /// Every key of a room carries the room's hash tag, so a room lives in one Redis Cluster slot;
-/// the only other keys are the fleet's schedules and list of rooms, one key each.
+/// the only other keys are the fleet's history setting, schedules and list of rooms, one key
+/// each.
 #[tokio::test]
 async fn every_key_of_a_room_shares_its_hash_tag() {
     if !redis_available() {
@@ -462,10 +464,81 @@ async fn every_key_of_a_room_shares_its_hash_tag() {
     assert_eq!(
         fleet,
         [
+            "roomctl:history",
             "roomctl:presence",
             "roomctl:rooms",
             "roomctl:rooms:expiring"
         ],
         "{keys:?}"
     );
+}
+
+/// A node whose `--history` differs from the fleet's refuses to start, saying which the fleet
+/// uses and how to change it; one with the same starts.
+#[tokio::test]
+async fn nodes_must_agree_on_the_history() {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let config = |history: usize| roomctl::store::redis::RedisConfig {
+        url: roomctl::store::redis::RedisUrl::new(redis.url()),
+        ca_file: None,
+        history,
+        empty_room_ttl: std::time::Duration::from_secs(60),
+        max_room_members: 100,
+        presence_timeout: None,
+    };
+    let _first = roomctl::store::redis::RedisStore::connect(config(500))
+        .await
+        .unwrap();
+    let Err(refused) = roomctl::store::redis::RedisStore::connect(config(1000)).await else {
+        panic!("a node with another --history started")
+    };
+    let said = refused.detail();
+    assert!(said.contains("--history 500, and this one 1000"), "{said}");
+    assert!(said.contains("DEL roomctl:history"), "{said}");
+    roomctl::store::redis::RedisStore::connect(config(500))
+        .await
+        .unwrap();
+}
+
+/// A log that holds less than the history promises (its tail lost, or trimmed behind the
+/// nodes' backs) is never read past silently: a cursor in the missing part gets OUT_OF_RANGE
+/// with the oldest event really held, and a cursor after it reads on.
+#[tokio::test]
+async fn a_log_shorter_than_expected_is_out_of_range() {
+    if !redis_available() {
+        return;
+    }
+    let server = TestServer::start(Backend::RedisTwoNodes).await;
+    let mut ops = server.nodes[0].client("ops", "r", "service").await;
+    let first = join(&mut ops, "r", "u0").await;
+    for i in 1..10 {
+        join(&mut ops, "r", &format!("u{i}")).await;
+    }
+    let mut conn = server.redis.as_ref().unwrap().connection().await;
+    redis::cmd("XTRIM")
+        .arg("roomctl:{r}:log")
+        .arg("MAXLEN")
+        .arg(3)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let mut b = server.nodes[1].client("ops", "r", "service").await;
+    let cursor = |after_seq| pb::EventsRequest {
+        room_id: "r".into(),
+        client_id: String::new(),
+        after_seq: Some(after_seq),
+        epoch: first.epoch.clone(),
+    };
+    let mut gap = b.events(cursor(2)).await.unwrap().into_inner();
+    let status = stream_end(&mut gap).await.unwrap_err();
+    let meta = assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+    assert_eq!(
+        (meta["oldest_seq"].as_str(), meta["newest_seq"].as_str()),
+        ("8", "10")
+    );
+    let mut held = b.events(cursor(7)).await.unwrap().into_inner();
+    assert_eq!(next_event(&mut held).await.seq, 8);
 }

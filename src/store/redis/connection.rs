@@ -1,5 +1,5 @@
-//! Reaching Redis: the URL (whose password never shows), the client with its TLS settings, and
-//! the deadline every operation runs under.
+//! Reaching Redis: the URL (whose password never shows), the client with its TLS settings, the
+//! deadline every operation runs under, and the settings every node sharing a Redis must agree on.
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,6 +11,37 @@ use crate::error::Error;
 
 /// Longest any single Redis operation may take before the call fails `STORE_UNAVAILABLE`.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The fleet's `--history`, recorded by the first node to start on this Redis.
+pub(super) const HISTORY: &str = "roomctl:history";
+
+/// Records this node's `--history` as the fleet's if none is, and refuses to serve with another:
+/// a node trimming logs shorter than its peers expect would make them skip events.
+pub(super) async fn agree_on_history(
+    conn: &mut redis::aio::ConnectionManager,
+    history: usize,
+) -> Result<(), Error> {
+    let (recorded,): (Option<String>,) = timed(
+        redis::pipe()
+            .cmd("SET")
+            .arg(HISTORY)
+            .arg(history)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(HISTORY)
+            .query_async(conn),
+    )
+    .await?;
+    match recorded {
+        Some(recorded) if recorded == history.to_string() => Ok(()),
+        recorded => Err(Error::StoreUnavailable(format!(
+            "the nodes on this Redis use --history {}, and this one {history}: every node must \
+             use the same (to change it, stop every node, run `redis-cli DEL {HISTORY}`, and start \
+             them all with the new value)",
+            recorded.as_deref().unwrap_or("(unreadable)")
+        ))),
+    }
+}
 /// A Redis URL whose password never reaches an error or a log: `Display` and `Debug` show it
 /// as `***` (an unreadable URL is not shown at all, since its password cannot be found).
 #[derive(Clone, PartialEq, Eq)]

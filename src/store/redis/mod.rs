@@ -10,9 +10,9 @@
 //! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
 //! ended bans are purged by the next commit). An empty room's keys expire together after
 //! `--empty-room-ttl` counted from when it emptied or from its longest ban's end, whichever is
-//! later; a room created anew deletes what an old one of the same id left. Three keys span the
-//! fleet: `roomctl:presence` (`presence`), and `roomctl:rooms` with `roomctl:rooms:expiring`
-//! (`rooms`, the index behind `ListRooms`).
+//! later; a room created anew deletes what an old one of the same id left. Four keys span the
+//! fleet: `roomctl:history` (`connection`), `roomctl:presence` (`presence`), and `roomctl:rooms`
+//! with `roomctl:rooms:expiring` (`rooms`, the index behind `ListRooms`).
 //!
 //! **Atomicity** (`writer`). Commands for a room queue to that room's writer on the node, which takes them in
 //! batches: it reads what the batch needs (one MULTI), runs the room engine in Rust over the
@@ -33,7 +33,9 @@
 //! listener pings Redis; while it cannot, health is NOT_SERVING and every feed is dropped, so
 //! open streams re-check the store and end `UNAVAILABLE`. When Redis answers again the node serves
 //! again. A flushed or restarted Redis loses the room's `epoch` with its log, so old cursors get
-//! `OUT_OF_RANGE`, never events of another log.
+//! `OUT_OF_RANGE`, never events of another log. Every node must trim logs alike: the first node
+//! records its `--history` in Redis and a node with another one refuses to start; and a read
+//! that finds the log shorter than expected answers `OUT_OF_RANGE` rather than skip the gap.
 
 mod connection;
 mod keys;
@@ -126,9 +128,10 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
-        let conn = timed(client.get_connection_manager_with_config(manager_config))
+        let mut conn = timed(client.get_connection_manager_with_config(manager_config))
             .await
             .map_err(at)?;
+        connection::agree_on_history(&mut conn, config.history).await?;
         let shared = Arc::new(Shared {
             conn,
             config,
@@ -378,7 +381,19 @@ impl RoomStore for RedisStore {
             return Err(window.out_of_range());
         }
         window.check_readable(after)?;
-        entries(range)
+        let events = entries(range)?;
+        // The log may hold less than this node's history says (a tail lost by Redis, a log
+        // trimmed by hand): a read that does not start right after the cursor is a gap, never
+        // passed off as complete.
+        let first = events.first().map_or(meta.seq.saturating_add(1), |e| e.seq);
+        if after < meta.seq && first != after + 1 {
+            let held = LogWindow {
+                oldest_seq: first,
+                ..window
+            };
+            return Err(held.out_of_range());
+        }
+        Ok(events)
     }
 
     async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
