@@ -121,6 +121,7 @@ struct Metrics {
     commit_conflicts: Counter,
     batch_sizes: Histogram,
     listener_reconnects: Counter,
+    notices_received: Counter,
     log_lines_dropped: Counter,
     /// The total of dropped log lines last reported, so the counter grows by the difference.
     dropped_seen: AtomicU64,
@@ -215,6 +216,13 @@ impl Metrics {
             "Times the Redis notification listener lost Redis and connected again",
             listener_reconnects.clone(),
         );
+        let notices_received = Counter::default();
+        registry.register(
+            "redis_notices_received",
+            "Notices of committed events this node received from Redis (only for rooms it has \
+             subscribers in)",
+            notices_received.clone(),
+        );
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -247,6 +255,7 @@ impl Metrics {
             commit_conflicts,
             batch_sizes,
             listener_reconnects,
+            notices_received,
             log_lines_dropped,
             dropped_seen: AtomicU64::new(0),
             scrape_hooks: Mutex::new(Vec::new()),
@@ -406,6 +415,13 @@ impl Telemetry {
     pub fn listener_reconnected(&self) {
         if let Some(m) = &self.0 {
             m.listener_reconnects.inc();
+        }
+    }
+
+    /// Counts one notice of committed events received from Redis.
+    pub fn notice_received(&self) {
+        if let Some(m) = &self.0 {
+            m.notices_received.inc();
         }
     }
 

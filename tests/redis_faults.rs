@@ -542,3 +542,56 @@ async fn a_log_shorter_than_expected_is_out_of_range() {
     let mut held = b.events(cursor(7)).await.unwrap().into_inner();
     assert_eq!(next_event(&mut held).await.seq, 8);
 }
+
+/// Each node hears only of the rooms it has subscribers in: a node whose only subscriber is in
+/// room A receives no notice while another node writes to room B, receives A's, and stops
+/// hearing of A once its subscriber is gone.
+#[tokio::test]
+async fn a_node_hears_only_of_the_rooms_it_serves() {
+    if !redis_available() {
+        return;
+    }
+    let server = TestServer::start_with(Backend::RedisTwoNodes, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let received = || async {
+        let text = scrape(server.nodes[1].metrics.unwrap()).await;
+        metric(&text, "roomctl_redis_notices_received_total")
+    };
+    let mut writer = server.nodes[0].client("ops", "*", "service").await;
+    let mut reader = server.nodes[1].client("ops", "*", "service").await;
+    join(&mut writer, "a", "anchor").await;
+    let mut watching = subscribe(&mut reader, "a", "", None).await.unwrap();
+    let before = received().await;
+    for i in 0..20 {
+        join(&mut writer, "b", &format!("u{i}")).await;
+    }
+    let joined = join(&mut writer, "a", "one").await;
+    assert_eq!(next_event(&mut watching).await.seq, joined.seq);
+    assert_eq!(
+        received().await - before,
+        1.0,
+        "one notice, room A's; none of room B's 20"
+    );
+
+    drop(watching);
+    // Once the listener has let room A go, its events no longer reach this node.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let heard = received().await;
+        join(&mut writer, "a", "probe").await;
+        let mut quiet = true;
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            quiet &= received().await == heard;
+        }
+        if quiet {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room A was never let go"
+        );
+    }
+}

@@ -1,23 +1,46 @@
-//! Live delivery: the one notification channel, each node's single listener, and the per-room
-//! feeds of recent events that wake local subscribers.
+//! Live delivery: a notification channel per room, each node's single listener, and the
+//! per-room feeds of recent events that wake local subscribers.
+//!
+//! A node subscribes to a room's channel when the room gets its first local subscriber and
+//! unsubscribes once it has none, so it hears only of the rooms it serves. Every subscribe and
+//! unsubscribe goes through the listener task, which owns the connection: they happen in the
+//! order asked, so an unsubscribe of a room's last feed can never undo the subscribe of its
+//! next one. A subscriber reads Redis only after its room's subscription is confirmed, so no
+//! published event can fall between the two; across a reconnect every feed is dropped and its
+//! subscribers re-read what they missed from the log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use prost::Message;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 
-use super::connection::timed;
+use super::connection::{timed, OP_TIMEOUT};
 use super::keys::Keys;
 use super::Shared;
 use crate::error::Error;
 use crate::pb;
 use crate::store::READ_BATCH;
 
-/// The channel every commit publishes its events on.
-pub(super) const CHANNEL: &str = "roomctl:events";
+/// The channel a room's commits publish their events on; in the room's hash tag, so it shares
+/// the room's Redis Cluster slot.
+pub(super) fn channel(room_id: &str) -> String {
+    format!("roomctl:{{{room_id}}}:events")
+}
+
+/// Subscriptions the listener is asked for (at most this many waiting).
+pub(super) const CONTROL_QUEUE: usize = 1024;
+
+/// What the listener is asked to do besides listening.
+pub(super) enum Control {
+    /// Subscribe to a room's channel, then say so.
+    Subscribe {
+        room_id: String,
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+}
 /// How often the listener checks that Redis answers (and sweeps feeds).
 pub(super) const PING_PERIOD: Duration = Duration::from_millis(500);
 /// Reconnect backoff of the listener.
@@ -56,6 +79,8 @@ pub(super) struct Feed {
     pub(super) head: watch::Sender<u64>,
     pub(super) cache: Mutex<VecDeque<Arc<pb::Event>>>,
     pub(super) capacity: usize,
+    /// Set once the listener has subscribed to the room's channel for this feed.
+    pub(super) subscribed: OnceCell<()>,
 }
 
 impl Feed {
@@ -107,25 +132,56 @@ impl Shared {
         self.feeds().get(room_id).cloned()
     }
 
-    /// This node's feed of `room_id`, created on first use; subscribing registers interest
-    /// before the caller reads Redis, so no published event can fall between the two.
-    pub(super) fn subscribe_feed(&self, room_id: &str) -> watch::Receiver<u64> {
-        self.feeds()
-            .entry(room_id.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Feed {
-                    head: watch::Sender::new(0),
-                    cache: Mutex::new(VecDeque::new()),
-                    capacity: self.config.history.min(CACHE_EVENTS),
+    /// This node's feed of `room_id`, created on first use, once the room's channel is
+    /// subscribed: interest is registered before the caller reads Redis, so no published event
+    /// can fall between the two.
+    pub(super) async fn subscribe_feed(
+        &self,
+        room_id: &str,
+    ) -> Result<watch::Receiver<u64>, Error> {
+        let (feed, head) = {
+            let mut feeds = self.feeds();
+            let feed = feeds
+                .entry(room_id.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Feed {
+                        head: watch::Sender::new(0),
+                        cache: Mutex::new(VecDeque::new()),
+                        capacity: self.config.history.min(CACHE_EVENTS),
+                        subscribed: OnceCell::new(),
+                    })
                 })
-            })
-            .head
-            .subscribe()
+                .clone();
+            let head = feed.head.subscribe();
+            (feed, head)
+        };
+        feed.subscribed
+            .get_or_try_init(|| self.ask_subscribe(room_id))
+            .await?;
+        Ok(head)
+    }
+
+    /// Asks the listener to subscribe to `room_id`'s channel and waits for it to be done.
+    async fn ask_subscribe(&self, room_id: &str) -> Result<(), Error> {
+        let (done, confirmed) = oneshot::channel();
+        let asked = async {
+            let request = Control::Subscribe {
+                room_id: room_id.to_owned(),
+                done,
+            };
+            let gone = || Error::StoreUnavailable("the redis listener has stopped".into());
+            self.control.send(request).await.map_err(|_| gone())?;
+            confirmed.await.map_err(|_| gone())?
+        };
+        tokio::time::timeout(OP_TIMEOUT, asked)
+            .await
+            .map_err(|_| Error::StoreUnavailable("subscribing to the room timed out".into()))?
     }
 
     pub(super) fn dispatch(&self, payload: &[u8]) {
+        self.telemetry.notice_received();
         let Some(split) = payload.iter().position(|b| *b == b'\n') else {
-            tracing::warn!("ignoring an unreadable notice on {CHANNEL}");
+            tracing::warn!("ignoring an unreadable notice");
             return;
         };
         let room_id = String::from_utf8_lossy(&payload[..split]);
@@ -134,7 +190,7 @@ impl Shared {
         };
         match Notice::decode(&payload[split + 1..]) {
             Ok(notice) => feed.append(notice.events),
-            Err(_) => tracing::warn!(%room_id, "ignoring an unreadable notice on {CHANNEL}"),
+            Err(_) => tracing::warn!(%room_id, "ignoring an unreadable notice"),
         }
     }
 
@@ -190,20 +246,49 @@ impl Shared {
     }
 }
 
-/// The notification connection, subscribed, once Redis answers.
+/// The notification connection (subscribed to nothing yet), once Redis answers.
 pub(super) async fn subscribe(
     client: &redis::Client,
     shared: &Shared,
 ) -> Result<redis::aio::PubSub, Error> {
-    let mut pubsub = timed(client.get_async_pubsub()).await?;
-    timed(pubsub.subscribe(CHANNEL)).await?;
+    let pubsub = timed(client.get_async_pubsub()).await?;
     shared.ping().await?;
     Ok(pubsub)
 }
 
+/// Unsubscribes from the channels of rooms that no longer have a feed on this node.
+async fn unsubscribe_idle(
+    shared: &Shared,
+    sink: &mut redis::aio::PubSubSink,
+    subscribed: &mut HashSet<String>,
+) -> Result<(), Error> {
+    let idle: Vec<String> = {
+        let feeds = shared.feeds();
+        subscribed
+            .iter()
+            .filter(|room_id| !feeds.contains_key(*room_id))
+            .cloned()
+            .collect()
+    };
+    if idle.is_empty() {
+        return Ok(());
+    }
+    let channels: Vec<String> = idle.iter().map(|room_id| channel(room_id)).collect();
+    timed(sink.unsubscribe(channels)).await?;
+    for room_id in idle {
+        subscribed.remove(&room_id);
+    }
+    Ok(())
+}
+
 /// This node's single listener: receives every commit's events, feeds local subscribers, and
 /// watches Redis's health. Reconnects with backoff for as long as the store lives.
-pub(super) async fn listen(shared: Arc<Shared>, client: redis::Client, first: redis::aio::PubSub) {
+pub(super) async fn listen(
+    shared: Arc<Shared>,
+    client: redis::Client,
+    first: redis::aio::PubSub,
+    mut control: mpsc::Receiver<Control>,
+) {
     let mut backoff = BACKOFF.0;
     let mut first = Some(first);
     loop {
@@ -222,7 +307,9 @@ pub(super) async fn listen(shared: Arc<Shared>, client: redis::Client, first: re
                 shared.reset_feeds();
                 shared.healthy.send_replace(true);
                 tracing::info!("redis store serving");
-                let mut messages = pubsub.into_on_message();
+                let (mut sink, mut messages) = pubsub.split();
+                // The rooms this connection is subscribed to.
+                let mut subscribed = HashSet::new();
                 let mut ping = tokio::time::interval(PING_PERIOD);
                 let fault = loop {
                     tokio::select! {
@@ -230,10 +317,22 @@ pub(super) async fn listen(shared: Arc<Shared>, client: redis::Client, first: re
                             Some(message) => shared.dispatch(message.get_payload_bytes()),
                             None => break "the notification connection closed".to_owned(),
                         },
+                        Some(Control::Subscribe { room_id, done }) = control.recv() => {
+                            let subscribing = timed(sink.subscribe(channel(&room_id))).await;
+                            let failed = subscribing.as_ref().err().map(Error::detail);
+                            if subscribing.is_ok() {
+                                subscribed.insert(room_id);
+                            }
+                            let _ = done.send(subscribing);
+                            if let Some(fault) = failed {
+                                break fault;
+                            }
+                        }
                         _ = ping.tick() => {
                             let check = async {
                                 shared.ping().await?;
-                                shared.sweep_feeds().await
+                                shared.sweep_feeds().await?;
+                                unsubscribe_idle(&shared, &mut sink, &mut subscribed).await
                             };
                             if let Err(err) = check.await {
                                 break err.detail();

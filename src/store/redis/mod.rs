@@ -23,11 +23,12 @@
 //! and runs the next batch on it without a read: what it has not seen is assumed absent, and the
 //! commit script checks those assumptions too, so a busy room costs one round trip per batch.
 //!
-//! **Live delivery** (`listener`). The commit script also publishes the new events on one channel. Each node
-//! runs a single listener: it keeps a small cache of recent events per room that has local
-//! subscribers (a `Feed`) and wakes them; subscribers read from that cache, and only a
-//! subscriber behind the cache (replaying an old cursor) reads the stream itself. No connection
-//! or poll loop per subscriber.
+//! **Live delivery** (`listener`). The commit script also publishes the new events on the room's
+//! own channel. Each node runs a single listener, subscribed to the channels of the rooms it has
+//! local subscribers in (and no others): it keeps a small cache of recent events per such room
+//! (a `Feed`) and wakes them; subscribers read from that cache, and only a subscriber behind the
+//! cache (replaying an old cursor) reads the stream itself. No connection or poll loop per
+//! subscriber.
 //!
 //! **Faults** (`connection`). Every Redis operation has a deadline and fails with `STORE_UNAVAILABLE`. The
 //! listener pings Redis; while it cannot, health is NOT_SERVING and every feed is dropped, so
@@ -67,7 +68,7 @@ use connection::{client, timed, OP_TIMEOUT};
 use keys::{array, ban, entries, member, meta, millis, number, text, Keys, COMMIT};
 pub use keys::{StoredAnswer, StoredMember, StoredReply};
 pub use listener::Notice;
-use listener::{listen, subscribe, Feed};
+use listener::{listen, subscribe, Control, Feed, CONTROL_QUEUE};
 use writer::Job;
 
 /// Tuning of the Redis store; every node sharing a Redis must use the same values.
@@ -93,6 +94,8 @@ struct Shared {
     pub(super) config: RedisConfig,
     pub(super) commit: redis::Script,
     pub(super) feeds: Mutex<HashMap<String, Arc<Feed>>>,
+    /// Asks this node's listener to subscribe to a room's channel.
+    pub(super) control: mpsc::Sender<Control>,
     /// Each busy room's writer on this node, with the id that tells a retiring writer whether
     /// it was replaced.
     pub(super) writers: Mutex<HashMap<String, (u64, mpsc::Sender<Job>)>>,
@@ -132,8 +135,10 @@ impl RedisStore {
             .await
             .map_err(at)?;
         connection::agree_on_history(&mut conn, config.history).await?;
+        let (control, requests) = mpsc::channel(CONTROL_QUEUE);
         let shared = Arc::new(Shared {
             conn,
+            control,
             config,
             commit: redis::Script::new(COMMIT),
             feeds: Mutex::new(HashMap::new()),
@@ -146,7 +151,7 @@ impl RedisStore {
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
         let pubsub = subscribe(&client, &shared).await?;
         shared.healthy.send_replace(true);
-        let listener = tokio::spawn(listen(shared.clone(), client, pubsub));
+        let listener = tokio::spawn(listen(shared.clone(), client, pubsub, requests));
         let presence = shared
             .config
             .presence_timeout
@@ -304,7 +309,7 @@ impl RoomStore for RedisStore {
     }
 
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {
-        let head = self.shared.subscribe_feed(room_id);
+        let head = self.shared.subscribe_feed(room_id).await?;
         let keys = Keys::new(room_id);
         let mut pipe = keys.read_meta();
         if let Some(client_id) = client_id {
@@ -397,7 +402,7 @@ impl RoomStore for RedisStore {
     }
 
     async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
-        let head = self.shared.subscribe_feed(room_id);
+        let head = self.shared.subscribe_feed(room_id).await?;
         let exists: bool = self
             .shared
             .timed(

@@ -15,7 +15,7 @@ use super::keys::{
     array, ban, bytes, corrupt, member, meta, millis, number, score_of, Keys, Meta, StoredAnswer,
     StoredMember,
 };
-use super::listener::{Notice, CHANNEL};
+use super::listener::{channel, Notice};
 use super::{RedisConfig, Shared};
 use crate::engine::{
     self, Applied, Ban, Caller, Change, Command, Remembered, Reply, RoomState,
@@ -527,7 +527,7 @@ impl Shared {
             .arg(state.epoch())
             .arg(self.config.history)
             .arg(self.config.empty_room_ttl.as_millis().max(1) as u64)
-            .arg(CHANNEL)
+            .arg(channel(room_id))
             .arg(notice)
             .arg(millis(now))
             .arg(MAX_REMEMBERED_ANSWERS)
