@@ -544,14 +544,10 @@ async fn a_log_shorter_than_expected_is_out_of_range() {
 }
 
 /// Each node hears only of the rooms it has subscribers in: a node whose only subscriber is in
-/// room A receives no notice while another node writes to room B, receives A's, and stops
-/// hearing of A once its subscriber is gone.
-#[tokio::test]
-async fn a_node_hears_only_of_the_rooms_it_serves() {
-    if !redis_available() {
-        return;
-    }
-    let server = TestServer::start_with(Backend::RedisTwoNodes, |c| {
+/// room A receives no notice while another node writes to 20 other rooms, receives A's, and
+/// stops hearing of A once its subscriber is gone. On a cluster the rooms lie on every master.
+async fn a_node_hears_only_of_the_rooms_it_serves(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
@@ -565,15 +561,26 @@ async fn a_node_hears_only_of_the_rooms_it_serves() {
     let mut watching = subscribe(&mut reader, "a", "", None).await.unwrap();
     let before = received().await;
     for i in 0..20 {
-        join(&mut writer, "b", &format!("u{i}")).await;
+        join(&mut writer, &format!("b{i}"), "u").await;
     }
     let joined = join(&mut writer, "a", "one").await;
     assert_eq!(next_event(&mut watching).await.seq, joined.seq);
     assert_eq!(
         received().await - before,
         1.0,
-        "one notice, room A's; none of room B's 20"
+        "one notice, room A's; none of the other rooms' 20"
     );
+    if let Some(cluster) = &server.cluster {
+        for port in cluster.ports() {
+            let mut master = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let keys: u64 = redis::cmd("DBSIZE").query_async(&mut master).await.unwrap();
+            assert!(keys > 0, "the rooms are spread over every master");
+        }
+    }
 
     drop(watching);
     // Once the listener has let room A go, its events no longer reach this node.
@@ -593,5 +600,19 @@ async fn a_node_hears_only_of_the_rooms_it_serves() {
             tokio::time::Instant::now() < deadline,
             "room A was never let go"
         );
+    }
+}
+
+#[tokio::test]
+async fn a_node_hears_only_of_the_rooms_it_serves_on_one_redis() {
+    if redis_available() {
+        a_node_hears_only_of_the_rooms_it_serves(Backend::RedisTwoNodes).await
+    }
+}
+
+#[tokio::test]
+async fn a_node_hears_only_of_the_rooms_it_serves_on_a_cluster() {
+    if redis_available() {
+        a_node_hears_only_of_the_rooms_it_serves(Backend::RedisCluster).await
     }
 }

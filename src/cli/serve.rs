@@ -62,12 +62,13 @@ pub struct ServeArgs {
     /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "ROOMCTL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = at_least_one)]
     max_message_bytes: usize,
-    /// Where rooms live: `memory` (this process only) or `redis://HOST:PORT[/DB]` (shared by
-    /// every node pointed at it; `rediss://` for TLS).
+    /// Where rooms live: `memory` (this process only), `redis://HOST:PORT[/DB]` (shared by
+    /// every node pointed at it; `rediss://` for TLS), or a Redis Cluster as
+    /// `redis+cluster://HOST:PORT[,HOST:PORT...]` (`rediss+cluster://` for TLS).
     #[arg(long, env = "ROOMCTL_STORE", default_value = "memory", value_parser = parse_store)]
     store: StoreConfig,
-    /// For `rediss://`: a PEM file of the CA that signed Redis's certificate (default: the
-    /// system's trust store).
+    /// For `rediss://` (or `rediss+cluster://`): a PEM file of the CA that signed Redis's
+    /// certificates (default: the system's trust store).
     #[arg(long, env = "ROOMCTL_REDIS_CA_FILE")]
     redis_ca_file: Option<PathBuf>,
     /// Require tokens to carry this `iss` claim.
@@ -207,10 +208,22 @@ fn parse_presence_timeout(value: &str) -> Result<humantime::Duration, String> {
 fn parse_store(value: &str) -> Result<StoreConfig, String> {
     if value == "memory" {
         Ok(StoreConfig::Memory)
-    } else if value.starts_with("redis://") || value.starts_with("rediss://") {
+    } else if [
+        "redis://",
+        "rediss://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|scheme| value.starts_with(scheme))
+    {
         Ok(StoreConfig::redis(value))
     } else {
-        Err("expected `memory` or a redis://HOST:PORT[/DB] URL".into())
+        Err(
+            "expected `memory`, a redis://HOST:PORT[/DB] URL, or a Redis Cluster as \
+             redis+cluster://HOST:PORT[,HOST:PORT...]"
+                .into(),
+        )
     }
 }
 

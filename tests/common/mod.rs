@@ -6,6 +6,7 @@ pub mod certs;
 pub mod grpcurl;
 pub mod node_process;
 pub mod proc;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod tools;
 
@@ -40,10 +41,13 @@ pub enum Backend {
     Memory,
     /// Two nodes sharing a private redis-server; clients alternate between them.
     RedisTwoNodes,
+    /// Two nodes sharing a private Redis Cluster of three masters; clients alternate.
+    RedisCluster,
 }
 
-/// Runs an acceptance test once per backend: `memory::name` and `redis_two_nodes::name`, so one
-/// suite, written once, shows that two nodes on one Redis behave as one node.
+/// Runs an acceptance test once per backend: `memory::name`, `redis_two_nodes::name` and
+/// `redis_cluster::name`, so one suite, written once, shows that two nodes on one Redis, or on a
+/// Redis Cluster of three masters, behave as one node.
 macro_rules! acceptance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -53,6 +57,13 @@ macro_rules! acceptance {
             $(#[tokio::test] async fn $name() {
                 if $crate::common::redis_server::redis_available() {
                     super::$name($crate::common::Backend::RedisTwoNodes).await
+                }
+            })*
+        }
+        mod redis_cluster {
+            $(#[tokio::test] async fn $name() {
+                if $crate::common::redis_server::redis_available() {
+                    super::$name($crate::common::Backend::RedisCluster).await
                 }
             })*
         }
@@ -131,6 +142,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub nodes: Vec<Node>,
     pub redis: Option<RedisServer>,
+    pub cluster: Option<redis_cluster::RedisCluster>,
     next: AtomicUsize,
 }
 
@@ -144,19 +156,27 @@ impl TestServer {
     pub async fn start_with(backend: Backend, tweak: impl Fn(&mut ServerConfig)) -> Self {
         let mut config = ServerConfig::new(SECRET);
         tweak(&mut config);
-        let (nodes, redis) = match backend {
-            Backend::Memory => (vec![Node::start(config).await], None),
+        let (mut redis, mut cluster) = (None, None);
+        let nodes = match backend {
+            Backend::Memory => vec![Node::start(config).await],
             Backend::RedisTwoNodes => {
-                let redis = RedisServer::start().await;
-                config.store = StoreConfig::redis(redis.url());
-                let nodes = vec![Node::start(config.clone()).await, Node::start(config).await];
-                (nodes, Some(redis))
+                let server = RedisServer::start().await;
+                config.store = StoreConfig::redis(server.url());
+                redis = Some(server);
+                vec![Node::start(config.clone()).await, Node::start(config).await]
+            }
+            Backend::RedisCluster => {
+                let masters = redis_cluster::RedisCluster::start(3).await;
+                config.store = StoreConfig::redis(masters.url());
+                cluster = Some(masters);
+                vec![Node::start(config.clone()).await, Node::start(config).await]
             }
         };
         Self {
             addr: nodes[0].addr,
             nodes,
             redis,
+            cluster,
             next: AtomicUsize::new(0),
         }
     }

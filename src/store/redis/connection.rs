@@ -1,10 +1,14 @@
-//! Reaching Redis: the URL (whose password never shows), the client with its TLS settings, the
-//! deadline every operation runs under, and the settings every node sharing a Redis must agree on.
+//! Reaching Redis: the URL (whose password never shows), one server or a Redis Cluster behind
+//! one connection type, the clients with their TLS settings, the deadline every operation runs
+//! under, and the settings every node sharing a Redis must agree on.
 
 use std::future::Future;
 use std::time::Duration;
 
-use redis::RedisResult;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::RedisConfig;
 use crate::error::Error;
@@ -16,10 +20,7 @@ pub(super) const HISTORY: &str = "roomctl:history";
 
 /// Records this node's `--history` as the fleet's if none is, and refuses to serve with another:
 /// a node trimming logs shorter than its peers expect would make them skip events.
-pub(super) async fn agree_on_history(
-    conn: &mut redis::aio::ConnectionManager,
-    history: usize,
-) -> Result<(), Error> {
+pub(super) async fn agree_on_history(conn: &mut Conn, history: usize) -> Result<(), Error> {
     let (recorded,): (Option<String>,) = timed(
         redis::pipe()
             .cmd("SET")
@@ -57,10 +58,47 @@ impl RedisUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether this names a Redis Cluster: `redis+cluster://` or `rediss+cluster://`.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster_parts().is_some()
+    }
+
+    /// For a cluster URL, `(scheme, credentials, hosts)`: `redis` or `rediss`, the `user:pass@`
+    /// part (possibly empty), and the comma-separated `HOST:PORT` list.
+    fn cluster_parts(&self) -> Option<(&str, &str, &str)> {
+        let (scheme, rest) = self.0.split_once("+cluster://")?;
+        if scheme != "redis" && scheme != "rediss" {
+            return None;
+        }
+        Some(match rest.rsplit_once('@') {
+            Some((credentials, hosts)) => (scheme, &rest[..credentials.len() + 1], hosts),
+            None => (scheme, "", rest),
+        })
+    }
+
+    /// The seed nodes of a cluster URL, each as a plain URL with the cluster's credentials.
+    pub(super) fn cluster_nodes(&self) -> Vec<String> {
+        let Some((scheme, credentials, hosts)) = self.cluster_parts() else {
+            return Vec::new();
+        };
+        hosts
+            .split(',')
+            .filter(|host| !host.is_empty())
+            .map(|host| format!("{scheme}://{credentials}{host}"))
+            .collect()
+    }
 }
 
 impl std::fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some((scheme, credentials, hosts)) = self.cluster_parts() {
+            let credentials = match credentials.split_once(':') {
+                Some((user, _password)) => format!("{user}:***@"),
+                None => credentials.to_owned(),
+            };
+            return write!(f, "{scheme}+cluster://{credentials}{hosts}");
+        }
         match url::Url::parse(&self.0) {
             Ok(mut url) => {
                 if url.password().is_some() {
@@ -94,6 +132,119 @@ pub(super) async fn timed<T>(op: impl Future<Output = RedisResult<T>>) -> Result
     }
 }
 
+/// A connection to one Redis server or to a Redis Cluster. On a cluster each command goes to the
+/// master of its key's slot (following `MOVED` and `ASK`); a room's keys share a slot, so its
+/// transactions and scripts run whole on one master.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Connects as `config` says, with the store's timeouts: a call that cannot reach Redis
+    /// within [`OP_TIMEOUT`] fails fast instead of queueing behind long reconnect attempts.
+    pub(super) async fn connect(config: &RedisConfig) -> Result<Self, Error> {
+        if config.url.is_cluster() {
+            let client = cluster_client(config)?
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(OP_TIMEOUT)
+                .retries(1)
+                .build()
+                .map_err(unavailable)?;
+            return Ok(Conn::Cluster(timed(client.get_async_connection()).await?));
+        }
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(OP_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let client = client(config)?;
+        Ok(Conn::Single(
+            timed(client.get_connection_manager_with_config(manager_config)).await?,
+        ))
+    }
+
+    /// The command commits publish their events with: sharded on a cluster, so a room's
+    /// messages travel only within its shard.
+    pub(super) fn publish_command(&self) -> &'static str {
+        match self {
+            Conn::Single(_) => "PUBLISH",
+            Conn::Cluster(_) => "SPUBLISH",
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            // A cluster runs a pipeline on one master, so its commands must share a slot, as a
+            // transaction's (one room's keys) always do. Other pipelines span rooms: each of
+            // their commands goes to its own master, all at once.
+            Conn::Cluster(conn) => {
+                if pipeline.is_transaction() {
+                    return conn.req_packed_commands(pipeline, offset, count);
+                }
+                let calls = pipeline.cmd_iter().map(|cmd| {
+                    let mut conn = conn.clone();
+                    async move { conn.req_packed_command(cmd).await }
+                });
+                Box::pin(futures_util::future::try_join_all(calls))
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// A cluster client builder for `config`'s seed nodes, with its TLS settings.
+pub(super) fn cluster_client(config: &RedisConfig) -> Result<ClusterClientBuilder, Error> {
+    let nodes = config.url.cluster_nodes();
+    if nodes.is_empty() {
+        return Err(Error::StoreUnavailable(format!(
+            "redis url {}: a cluster URL lists its nodes, as redis+cluster://HOST:PORT[,HOST:PORT...]",
+            config.url
+        )));
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = ClusterClientBuilder::new(nodes);
+    if let Some(certificates) = certificates(config)? {
+        builder = builder.certs(certificates);
+    }
+    Ok(builder)
+}
+
+/// The private CA to trust for TLS, when `--redis-ca-file` names one.
+fn certificates(config: &RedisConfig) -> Result<Option<redis::TlsCertificates>, Error> {
+    let Some(path) = &config.ca_file else {
+        return Ok(None);
+    };
+    let root_cert = std::fs::read(path)
+        .map_err(|e| Error::StoreUnavailable(format!("cannot read {}: {e}", path.display())))?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    }))
+}
+
 /// A Redis client for `config`, with TLS settings for `rediss://`.
 pub(super) fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
     let bad = |e: &dyn std::fmt::Display| {
@@ -102,16 +253,9 @@ pub(super) fn client(config: &RedisConfig) -> Result<redis::Client, Error> {
     // rustls needs one process-wide crypto provider; ring builds without C toolchains beyond cc.
     // Installing fails harmlessly when one is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match &config.ca_file {
+    match certificates(config)? {
         None => redis::Client::open(config.url.expose()).map_err(|e| bad(&e)),
-        Some(path) => {
-            let root_cert = std::fs::read(path).map_err(|e| {
-                Error::StoreUnavailable(format!("cannot read {}: {e}", path.display()))
-            })?;
-            let certificates = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            };
+        Some(certificates) => {
             redis::Client::build_with_tls(config.url.expose(), certificates).map_err(|e| bad(&e))
         }
     }
@@ -135,5 +279,23 @@ mod tests {
         assert_eq!(shown("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
         assert!(!shown("redis://:hunter2@host:notaport").contains("hunter2"));
         assert!(!format!("{:?}", RedisUrl::new("redis://:hunter2@h")).contains("hunter2"));
+        assert_eq!(
+            shown("redis+cluster://:hunter2@10.0.0.1:7000,10.0.0.2:7000"),
+            "redis+cluster://:***@10.0.0.1:7000,10.0.0.2:7000"
+        );
+        assert_eq!(shown("rediss+cluster://h:1"), "rediss+cluster://h:1");
+    }
+
+    #[test]
+    fn cluster_urls_name_their_seed_nodes() {
+        let nodes = |url: &str| RedisUrl::new(url).cluster_nodes();
+        assert_eq!(
+            nodes("redis+cluster://:pw@a:7000,b:7001"),
+            ["redis://:pw@a:7000", "redis://:pw@b:7001"]
+        );
+        assert_eq!(nodes("rediss+cluster://a:7000"), ["rediss://a:7000"]);
+        assert!(nodes("redis://a:7000").is_empty());
+        assert!(!RedisUrl::new("redis://a").is_cluster());
+        assert!(!RedisUrl::new("http+cluster://a:1").is_cluster());
     }
 }

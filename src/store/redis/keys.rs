@@ -177,8 +177,8 @@ pub(super) struct Meta {
 /// room of the same id left behind: answers, like the log, belong to their epoch.
 ///
 /// `ARGV`: expected seq (empty: the room must not exist), epoch, history, TTL (ms), channel,
-/// notice, now (ms), most answers, presence timeout (ms, 0: off), lock ('' unchanged, '1', '0');
-/// then counted lists: assumed-absent member ids; assumed-absent answer keys; clients timed
+/// notice, now (ms), most answers, presence timeout (ms, 0: off), lock ('' unchanged, '1', '0'),
+/// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster); then counted lists: assumed-absent member ids; assumed-absent answer keys; clients timed
 /// out; assumed-unbanned identities; events (seq, bytes); joins (id, member); departures (id,
 /// identity, end seq); answers (key, bytes, expiry); bans set and lifted, in order (identity,
 /// end, bytes; end 0 lifts the ban).
@@ -187,14 +187,14 @@ local meta, members, departed, owners, log, answers, answered, leases, bans, ban
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, max_answers, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local lock = ARGV[10]
+local lock, publish = ARGV[10], ARGV[11]
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 if expected == '' then
   if current[1] then return 0 end
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 11
+local i = 12
 for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
@@ -308,7 +308,7 @@ if redis.call('HLEN', members) == 0 then
 elseif redis.call('PTTL', meta) ~= -1 then
   for _, key in ipairs(room) do redis.call('PERSIST', key) end
 end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call(publish, ARGV[5], ARGV[6])
 return result
 "#;
 

@@ -10,6 +10,7 @@
 //! subscribers re-read what they missed from the log.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use futures_util::StreamExt;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 
-use super::connection::{timed, OP_TIMEOUT};
+use super::connection::{client, cluster_client, timed, unavailable, OP_TIMEOUT};
 use super::keys::Keys;
 use super::Shared;
 use crate::error::Error;
@@ -246,20 +247,143 @@ impl Shared {
     }
 }
 
-/// The notification connection (subscribed to nothing yet), once Redis answers.
-pub(super) async fn subscribe(
-    client: &redis::Client,
-    shared: &Shared,
-) -> Result<redis::aio::PubSub, Error> {
-    let pubsub = timed(client.get_async_pubsub()).await?;
-    shared.ping().await?;
-    Ok(pubsub)
+/// How many cluster pushes may wait for the listener; past that they are dropped, and every
+/// feed re-reads what it missed from the logs.
+const PUSH_QUEUE: usize = 4096;
+
+/// Where this node hears of commits: a pub/sub connection to one server, or, on a cluster, a
+/// RESP3 cluster connection whose sharded messages arrive as pushes, each from the master of
+/// its room's slot.
+pub(super) enum Notifier {
+    Single {
+        sink: redis::aio::PubSubSink,
+        messages: redis::aio::PubSubStream,
+    },
+    Cluster {
+        conn: redis::cluster_async::ClusterConnection,
+        pushes: mpsc::Receiver<redis::PushInfo>,
+        overflowed: Arc<AtomicBool>,
+    },
+}
+
+/// What a notifier heard.
+enum Heard {
+    /// A commit's notice.
+    Notice(Vec<u8>),
+    /// Notices may have been lost (a master's connection dropped, pushes overflowed).
+    Lost,
+    /// Redis ended this room's subscription (its slot moved to another master).
+    Dropped(String),
+    /// Nothing that matters here (a subscription's confirmation).
+    Nothing,
+    /// The connection is gone.
+    Closed,
+}
+
+impl Notifier {
+    /// The notification connection (subscribed to nothing yet), once Redis answers.
+    pub(super) async fn open(shared: &Shared) -> Result<Self, Error> {
+        let config = &shared.config;
+        let notifier = if config.url.is_cluster() {
+            let (sender, pushes) = mpsc::channel(PUSH_QUEUE);
+            let overflowed = Arc::new(AtomicBool::new(false));
+            let flag = overflowed.clone();
+            // The connection's reader must never wait for the listener: a full queue drops
+            // the push and says so.
+            let push = move |info: redis::PushInfo| {
+                if sender.try_send(info).is_err() {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                Ok::<(), ()>(())
+            };
+            let client = cluster_client(config)?
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(push)
+                .connection_timeout(Duration::from_secs(1))
+                .response_timeout(OP_TIMEOUT)
+                .build()
+                .map_err(unavailable)?;
+            Notifier::Cluster {
+                conn: timed(client.get_async_connection()).await?,
+                pushes,
+                overflowed,
+            }
+        } else {
+            let pubsub = timed(client(config)?.get_async_pubsub()).await?;
+            let (sink, messages) = pubsub.split();
+            Notifier::Single { sink, messages }
+        };
+        shared.ping().await?;
+        Ok(notifier)
+    }
+
+    async fn next(&mut self) -> Heard {
+        match self {
+            Notifier::Single { messages, .. } => match messages.next().await {
+                Some(message) => Heard::Notice(message.get_payload_bytes().to_vec()),
+                None => Heard::Closed,
+            },
+            Notifier::Cluster {
+                pushes, overflowed, ..
+            } => {
+                let Some(push) = pushes.recv().await else {
+                    return Heard::Closed;
+                };
+                if overflowed.swap(false, Ordering::Relaxed) {
+                    return Heard::Lost;
+                }
+                let text = |value: Option<&redis::Value>| match value {
+                    Some(redis::Value::BulkString(bytes)) => Some(bytes.clone()),
+                    _ => None,
+                };
+                match push.kind {
+                    redis::PushKind::SMessage => {
+                        text(push.data.get(1)).map_or(Heard::Nothing, Heard::Notice)
+                    }
+                    redis::PushKind::SUnsubscribe => text(push.data.first())
+                        .and_then(|channel| room_of(&String::from_utf8_lossy(&channel)))
+                        .map_or(Heard::Nothing, Heard::Dropped),
+                    redis::PushKind::Disconnection => Heard::Lost,
+                    _ => Heard::Nothing,
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, room_id: &str) -> Result<(), Error> {
+        match self {
+            Notifier::Single { sink, .. } => timed(sink.subscribe(channel(room_id))).await,
+            Notifier::Cluster { conn, .. } => timed(conn.ssubscribe(channel(room_id))).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, room_ids: &[String]) -> Result<(), Error> {
+        let channels: Vec<String> = room_ids.iter().map(|room_id| channel(room_id)).collect();
+        match self {
+            Notifier::Single { sink, .. } => timed(sink.unsubscribe(channels)).await,
+            // Sharded channels of different slots cannot share one SUNSUBSCRIBE.
+            Notifier::Cluster { conn, .. } => {
+                for channel in channels {
+                    timed(conn.sunsubscribe(channel)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The room whose channel is `channel`.
+fn room_of(channel: &str) -> Option<String> {
+    let room_id = channel
+        .strip_prefix("roomctl:{")?
+        .strip_suffix("}:events")?;
+    Some(room_id.to_owned())
 }
 
 /// Unsubscribes from the channels of rooms that no longer have a feed on this node.
 async fn unsubscribe_idle(
     shared: &Shared,
-    sink: &mut redis::aio::PubSubSink,
+    notifier: &mut Notifier,
     subscribed: &mut HashSet<String>,
 ) -> Result<(), Error> {
     let idle: Vec<String> = {
@@ -273,8 +397,7 @@ async fn unsubscribe_idle(
     if idle.is_empty() {
         return Ok(());
     }
-    let channels: Vec<String> = idle.iter().map(|room_id| channel(room_id)).collect();
-    timed(sink.unsubscribe(channels)).await?;
+    notifier.unsubscribe(&idle).await?;
     for room_id in idle {
         subscribed.remove(&room_id);
     }
@@ -285,40 +408,45 @@ async fn unsubscribe_idle(
 /// watches Redis's health. Reconnects with backoff for as long as the store lives.
 pub(super) async fn listen(
     shared: Arc<Shared>,
-    client: redis::Client,
-    first: redis::aio::PubSub,
+    first: Notifier,
     mut control: mpsc::Receiver<Control>,
 ) {
     let mut backoff = BACKOFF.0;
     let mut first = Some(first);
     loop {
         let connected = match first.take() {
-            Some(pubsub) => Ok(pubsub),
+            Some(notifier) => Ok(notifier),
             None => {
                 shared.telemetry.listener_reconnected();
-                subscribe(&client, &shared).await
+                Notifier::open(&shared).await
             }
         };
         match connected {
-            Ok(pubsub) => {
+            Ok(mut notifier) => {
                 backoff = BACKOFF.0;
                 // Events committed while we were not listening were never announced: wake every
                 // subscriber to read them from Redis.
                 shared.reset_feeds();
                 shared.healthy.send_replace(true);
                 tracing::info!("redis store serving");
-                let (mut sink, mut messages) = pubsub.split();
                 // The rooms this connection is subscribed to.
                 let mut subscribed = HashSet::new();
                 let mut ping = tokio::time::interval(PING_PERIOD);
                 let fault = loop {
                     tokio::select! {
-                        message = messages.next() => match message {
-                            Some(message) => shared.dispatch(message.get_payload_bytes()),
-                            None => break "the notification connection closed".to_owned(),
+                        heard = notifier.next() => match heard {
+                            Heard::Notice(payload) => shared.dispatch(&payload),
+                            // Their subscribers re-read from the logs, and subscribe anew.
+                            Heard::Lost => shared.reset_feeds(),
+                            Heard::Dropped(room_id) => {
+                                subscribed.remove(&room_id);
+                                shared.feeds().remove(&room_id);
+                            }
+                            Heard::Nothing => {}
+                            Heard::Closed => break "the notification connection closed".to_owned(),
                         },
                         Some(Control::Subscribe { room_id, done }) = control.recv() => {
-                            let subscribing = timed(sink.subscribe(channel(&room_id))).await;
+                            let subscribing = notifier.subscribe(&room_id).await;
                             let failed = subscribing.as_ref().err().map(Error::detail);
                             if subscribing.is_ok() {
                                 subscribed.insert(room_id);
@@ -332,7 +460,7 @@ pub(super) async fn listen(
                             let check = async {
                                 shared.ping().await?;
                                 shared.sweep_feeds().await?;
-                                unsubscribe_idle(&shared, &mut sink, &mut subscribed).await
+                                unsubscribe_idle(&shared, &mut notifier, &mut subscribed).await
                             };
                             if let Err(err) = check.await {
                                 break err.detail();

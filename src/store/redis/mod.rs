@@ -53,7 +53,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
@@ -64,11 +63,11 @@ use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;
 pub use connection::RedisUrl;
-use connection::{client, timed, OP_TIMEOUT};
+use connection::{timed, Conn};
 use keys::{array, ban, entries, member, meta, millis, number, text, Keys, COMMIT};
 pub use keys::{StoredAnswer, StoredMember, StoredReply};
 pub use listener::Notice;
-use listener::{listen, subscribe, Control, Feed, CONTROL_QUEUE};
+use listener::{listen, Control, Feed, Notifier, CONTROL_QUEUE};
 use writer::Job;
 
 /// Tuning of the Redis store; every node sharing a Redis must use the same values.
@@ -90,7 +89,7 @@ pub struct RedisConfig {
 }
 
 struct Shared {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Conn,
     pub(super) config: RedisConfig,
     pub(super) commit: redis::Script,
     pub(super) feeds: Mutex<HashMap<String, Arc<Feed>>>,
@@ -122,18 +121,8 @@ impl RedisStore {
 
     /// Connects, with `telemetry` recording store operations, commits and the census.
     pub async fn connect_with(config: RedisConfig, telemetry: Telemetry) -> Result<Self, Error> {
-        let client = client(&config)?;
-        // Fail fast instead of queueing calls behind long reconnect attempts: a call that cannot
-        // reach Redis within OP_TIMEOUT answers STORE_UNAVAILABLE.
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
         let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
-        let mut conn = timed(client.get_connection_manager_with_config(manager_config))
-            .await
-            .map_err(at)?;
+        let mut conn = Conn::connect(&config).await.map_err(at)?;
         connection::agree_on_history(&mut conn, config.history).await?;
         let (control, requests) = mpsc::channel(CONTROL_QUEUE);
         let shared = Arc::new(Shared {
@@ -149,9 +138,9 @@ impl RedisStore {
             presence: Mutex::default(),
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
-        let pubsub = subscribe(&client, &shared).await?;
+        let notifier = Notifier::open(&shared).await?;
         shared.healthy.send_replace(true);
-        let listener = tokio::spawn(listen(shared.clone(), client, pubsub, requests));
+        let listener = tokio::spawn(listen(shared.clone(), notifier, requests));
         let presence = shared
             .config
             .presence_timeout
@@ -194,7 +183,7 @@ impl Shared {
             .map_err(|_| Error::Internal(format!("the writer of room {room_id:?} stopped")))?
     }
 
-    pub(super) fn conn(&self) -> ConnectionManager {
+    pub(super) fn conn(&self) -> Conn {
         self.conn.clone()
     }
 

@@ -540,7 +540,8 @@ impl Shared {
                 None => "",
                 Some(true) => "1",
                 Some(false) => "0",
-            });
+            })
+            .arg(self.conn.publish_command());
         let timed_out: Vec<&String> = applied
             .iter()
             .filter_map(|a| match &a.reply {
