@@ -616,3 +616,80 @@ async fn a_node_hears_only_of_the_rooms_it_serves_on_a_cluster() {
         a_node_hears_only_of_the_rooms_it_serves(Backend::RedisCluster).await
     }
 }
+
+/// A busy room's slot moves to another master while a subscriber on the other node follows
+/// it: every join acknowledged reaches the subscriber exactly once, in order, and the room
+/// keeps working on its new master.
+#[tokio::test]
+async fn a_slot_migration_loses_and_repeats_nothing() {
+    if !redis_available() {
+        return;
+    }
+    let server = TestServer::start(Backend::RedisCluster).await;
+    let cluster = server.cluster.as_ref().unwrap();
+    let mut writer = server.nodes[0].client("ops", "busy", "service").await;
+    let mut reader = server.nodes[1].client("ops", "busy", "service").await;
+    join(&mut writer, "busy", "anchor").await;
+    let mut observer = subscribe(&mut reader, "busy", "", Some(0)).await.unwrap();
+
+    // Joins run throughout; a join that fails while keys are in flight is retried with its
+    // request id, so it is applied once whatever the failure was.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let joining = {
+        let stop = stop.clone();
+        let mut writer = writer.clone();
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 50 {
+                let request = pb::JoinRequest {
+                    room_id: "busy".into(),
+                    name: format!("u{n}"),
+                    request_id: format!("join-{n}"),
+                    ..Default::default()
+                };
+                let deadline = tokio::time::Instant::now() + PATIENCE;
+                let joined = loop {
+                    match writer.join(request.clone()).await {
+                        Ok(joined) => break joined.into_inner(),
+                        Err(status) => {
+                            assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    }
+                };
+                acknowledged.push(joined.seq);
+                n += 1;
+            }
+            acknowledged
+        })
+    };
+    let mut conn = cluster.master(cluster.ports()[0]).await;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("roomctl:{busy}:meta")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (from, to) = cluster.owner_of(slot).await;
+    cluster.migrate(slot, from, to).await;
+    assert_eq!(cluster.owner_of(slot).await.0, to);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged = joining.await.unwrap();
+
+    let last = *acknowledged.last().unwrap();
+    let seen = read_through(&mut observer, last).await;
+    let seqs: Vec<u64> = seen.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let mut sorted = acknowledged.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), acknowledged.len(), "no join applied twice");
+    // The room goes on at its new master, seen through either node.
+    let more = join(&mut reader, "busy", "after").await;
+    assert_eq!(more.seq, last + 1);
+    assert_eq!(next_event(&mut observer).await.seq, last + 1);
+}

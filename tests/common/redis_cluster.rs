@@ -170,3 +170,102 @@ impl Drop for RedisCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+impl RedisCluster {
+    /// A plain connection to the master on `port`.
+    pub async fn master(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// The port of the master serving `slot`, and of another master.
+    pub async fn owner_of(&self, slot: u16) -> (u16, u16) {
+        let mut conn = self.master(self.nodes[0].port).await;
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for range in slots {
+            let redis::Value::Array(range) = range else {
+                continue;
+            };
+            let number = |v: &redis::Value| match v {
+                redis::Value::Int(n) => *n as u16,
+                _ => panic!("{v:?}"),
+            };
+            if !(number(&range[0])..=number(&range[1])).contains(&slot) {
+                continue;
+            }
+            let redis::Value::Array(master) = &range[2] else {
+                panic!()
+            };
+            let owner = number(&master[1]);
+            let other = self.ports().into_iter().find(|p| *p != owner).unwrap();
+            return (owner, other);
+        }
+        panic!("slot {slot} has no master");
+    }
+
+    /// Moves `slot` from the master on `from` to the one on `to`, keys and all, as
+    /// `redis-cli --cluster reshard` does: importing and migrating states, `MIGRATE` of every
+    /// key, then the new owner told to every master.
+    pub async fn migrate(&self, slot: u16, from: u16, to: u16) {
+        let id = |port: u16| async move {
+            let mut conn = self.master(port).await;
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query_async::<String>(&mut conn)
+                .await
+                .unwrap()
+        };
+        let (from_id, to_id) = (id(from).await, id(to).await);
+        let (mut source, mut target) = (self.master(from).await, self.master(to).await);
+        let setslot = |state: &str, node: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(node);
+            cmd
+        };
+        setslot("IMPORTING", &from_id)
+            .query_async::<()>(&mut target)
+            .await
+            .unwrap();
+        setslot("MIGRATING", &to_id)
+            .query_async::<()>(&mut source)
+            .await
+            .unwrap();
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query_async(&mut source)
+                .await
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async::<()>(&mut source)
+                .await
+                .unwrap();
+        }
+        for port in self.ports() {
+            let mut conn = self.master(port).await;
+            setslot("NODE", &to_id)
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+}
