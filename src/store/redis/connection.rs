@@ -21,28 +21,28 @@ pub(super) const HISTORY: &str = "roomctl:history";
 /// Records this node's `--history` as the fleet's if none is, and refuses to serve with another:
 /// a node trimming logs shorter than its peers expect would make them skip events.
 pub(super) async fn agree_on_history(conn: &mut Conn, history: usize) -> Result<(), Error> {
-    let (recorded,): (Option<String>,) = timed(
-        redis::pipe()
-            .cmd("SET")
+    // One atomic command: sets ours if none is recorded, and answers what was recorded before.
+    let recorded: Option<String> = timed(
+        redis::cmd("SET")
             .arg(HISTORY)
             .arg(history)
             .arg("NX")
-            .ignore()
-            .cmd("GET")
-            .arg(HISTORY)
+            .arg("GET")
             .query_async(conn),
     )
     .await?;
     match recorded {
+        None => Ok(()),
         Some(recorded) if recorded == history.to_string() => Ok(()),
         recorded => Err(Error::StoreUnavailable(format!(
             "the nodes on this Redis use --history {}, and this one {history}: every node must \
              use the same (to change it, stop every node, run `redis-cli DEL {HISTORY}`, and start \
              them all with the new value)",
-            recorded.as_deref().unwrap_or("(unreadable)")
+            recorded.as_deref().unwrap_or_default()
         ))),
     }
 }
+
 /// A Redis URL whose password never reaches an error or a log: `Display` and `Debug` show it
 /// as `***` (an unreadable URL is not shown at all, since its password cannot be found).
 #[derive(Clone, PartialEq, Eq)]
