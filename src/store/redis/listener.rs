@@ -42,6 +42,7 @@ pub(super) enum Control {
         done: oneshot::Sender<Result<(), Error>>,
     },
 }
+
 /// How often the listener checks that Redis answers (and sweeps feeds).
 pub(super) const PING_PERIOD: Duration = Duration::from_millis(500);
 /// Reconnect backoff of the listener.
