@@ -3,18 +3,25 @@
 //! memory is its own), with real gRPC clients on loopback.
 //!
 //! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --broadcast-only` to
-//! profile the fan-out alone, `-- --presence-only` for the cost of presence alone). The Redis figures need
-//! `redis-server` on PATH; without it the run stops there, or skips them when
-//! `ROOMCTL_SKIP_REDIS=1` is set.
+//! profile the fan-out alone, `-- --presence-only` for the cost of presence alone,
+//! `-- --cluster-only` for a Redis Cluster beside one Redis). The Redis figures need
+//! `redis-server` (and `redis-cli` for the cluster) on PATH; without it the run stops there, or
+//! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
 
 // The tests' helper; the benchmark uses only part of it.
 #[path = "../tests/common/proc.rs"]
 mod proc;
 #[allow(dead_code)]
+#[path = "../tests/common/redis_cluster.rs"]
+mod redis_cluster;
+#[allow(dead_code)]
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 #[path = "../tests/common/tools.rs"]
 mod tools;
+
+/// How long the cluster helper waits for a cluster to form.
+const PATIENCE: Duration = Duration::from_secs(10);
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -36,6 +43,8 @@ const SECRET: &str = "bench-secret-long-enough-for-hs256-keys";
 /// A `roomctl serve` process.
 struct Node {
     addr: SocketAddr,
+    /// Where it serves /metrics, when started with `--metrics-listen`.
+    metrics: Option<SocketAddr>,
     child: Child,
 }
 
@@ -65,18 +74,45 @@ impl Node {
             .spawn()
             .expect("the roomctl binary runs");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
+        // The node says where it listens, then (when asked to serve them) where its metrics are.
+        let wants_metrics = extra.contains(&"--metrics-listen");
+        let (mut addr, mut metrics) = (None, None);
+        while addr.is_none() || (wants_metrics && metrics.is_none()) {
             let line = lines
                 .next_line()
                 .await
                 .unwrap()
                 .expect("roomctl exited early");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            if let Some(rest) = line.split("metrics at http://").nth(1) {
+                metrics = rest.split('/').next().and_then(|a| a.parse().ok());
             }
-        };
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                addr = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+        }
+        let addr = addr.expect("the node said where it listens");
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Node { addr, child }
+        Node {
+            addr,
+            metrics,
+            child,
+        }
+    }
+
+    /// A counter from the node's /metrics (HTTP/1.0, so the answer ends with the connection).
+    async fn counter(&self, series: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics.expect("started with --metrics-listen");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |value| value.trim().parse().unwrap())
     }
 
     async fn channel(&self) -> Channel {
@@ -549,6 +585,9 @@ async fn main() {
     if std::env::args().any(|a| a == "--presence-only") {
         return presence(quick).await;
     }
+    if std::env::args().any(|a| a == "--cluster-only") {
+        return cluster(duration).await;
+    }
     let memory = Node::start("memory").await;
     if std::env::args().any(|a| a == "--broadcast-only") {
         // For profiling the fan-out alone: `perf record -p <roomctl pid>` while this runs.
@@ -687,6 +726,60 @@ async fn main() {
     );
     drop((a, b, redis));
     presence(quick).await;
+    cluster(duration).await;
+}
+
+/// A Redis Cluster of three masters beside one Redis, in the same run: DropUser throughput
+/// through one node of each (alternating rounds), and the notices a second node, with no
+/// subscriber, receives while the first one commits.
+async fn cluster(duration: Duration) {
+    let single = RedisServer::start().await;
+    let masters = redis_cluster::RedisCluster::start(3).await;
+    let metered = ["--metrics-listen", "127.0.0.1:0"];
+    let (single_a, single_b) = (
+        Node::start_with(&single.url(), &metered).await,
+        Node::start_with(&single.url(), &metered).await,
+    );
+    let (cluster_a, cluster_b) = (
+        Node::start_with(&masters.url(), &metered).await,
+        Node::start_with(&masters.url(), &metered).await,
+    );
+    let commits = r#"roomctl_store_operations_total{op="commit",outcome="ok"}"#;
+    let notices = "roomctl_redis_notices_received_total";
+    println!(
+        "\nRedis Cluster (3 masters) beside one Redis, two nodes each ({ROUNDS} alternating \
+         rounds, medians; the load spreads over 8 rooms)"
+    );
+    let (mut on_single, mut on_cluster) = (vec![], vec![]);
+    let mut heard = [(0.0, 0.0); 2];
+    for _ in 0..ROUNDS {
+        for (i, (a, b)) in [(&single_a, &single_b), (&cluster_a, &cluster_b)]
+            .into_iter()
+            .enumerate()
+        {
+            let before = (a.counter(commits).await, b.counter(notices).await);
+            let rate = drop_throughput(a, duration).await;
+            heard[i].0 += a.counter(commits).await - before.0;
+            heard[i].1 += b.counter(notices).await - before.1;
+            if i == 0 {
+                on_single.push(rate);
+            } else {
+                on_cluster.push(rate);
+            }
+        }
+    }
+    let (on_single, on_cluster) = (median(on_single), median(on_cluster));
+    println!(
+        "  DropUser throughput: one Redis {on_single:.0} calls/s, cluster {on_cluster:.0} calls/s"
+    );
+    println!("  cluster / one Redis: {:.2}", on_cluster / on_single);
+    for (name, (commits, notices)) in ["one Redis", "cluster"].iter().zip(heard) {
+        println!(
+            "  {name}: while one node made {commits:.0} commits, the other (no subscriber) \
+             received {notices:.0} notices; with one channel for every room it would have \
+             received {commits:.0}"
+        );
+    }
 }
 
 /// Presence: what keeping idle clients present costs Redis, against the same clients with
