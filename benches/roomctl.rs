@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --broadcast-only` to
 //! profile the fan-out alone, `-- --presence-only` for the cost of presence alone,
-//! `-- --cluster-only` for a Redis Cluster beside one Redis). The Redis figures need
+//! `-- --cluster-only` for a Redis Cluster beside one Redis, `-- --pinned-only` for the pinned
+//! h2load measurement alone). The Redis figures need
 //! `redis-server` (and `redis-cli` for the cluster) on PATH; without it the run stops there, or
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
 
@@ -55,7 +56,24 @@ impl Node {
 
     /// A node on `store` with `extra` serve arguments.
     async fn start_with(store: &str, extra: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_roomctl"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_roomctl"));
+        command.env("ROOMCTL_LOG", "warn,roomctl::cli=info");
+        Self::spawn(command, store, extra).await
+    }
+
+    /// A memory node on CPU `core` alone (through `taskset`, which becomes the node), logging
+    /// as a production node does by default.
+    async fn start_pinned(core: usize) -> Node {
+        let mut command = Command::new("taskset");
+        command
+            .args(["-c", &core.to_string(), env!("CARGO_BIN_EXE_roomctl")])
+            .env_remove("ROOMCTL_LOG");
+        Self::spawn(command, "memory", &[]).await
+    }
+
+    /// Runs `command` (which ends in the roomctl binary) as `serve` on `store`.
+    async fn spawn(mut command: Command, store: &str, extra: &[&str]) -> Node {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
             .args(extra)
             // One moderator identity drops as fast as it can: lift the per-identity rate.
@@ -66,7 +84,6 @@ impl Node {
                 "4000000000",
             ])
             .env("ROOMCTL_JWT_SECRET", SECRET)
-            .env("ROOMCTL_LOG", "warn,roomctl::cli=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -588,6 +605,9 @@ async fn main() {
     if std::env::args().any(|a| a == "--cluster-only") {
         return cluster(duration).await;
     }
+    if std::env::args().any(|a| a == "--pinned-only") {
+        return pinned(quick).await;
+    }
     let memory = Node::start("memory").await;
     if std::env::args().any(|a| a == "--broadcast-only") {
         // For profiling the fan-out alone: `perf record -p <roomctl pid>` while this runs.
@@ -727,6 +747,138 @@ async fn main() {
     drop((a, b, redis));
     presence(quick).await;
     cluster(duration).await;
+    pinned(quick).await;
+}
+
+/// A gRPC message as it travels in an HTTP/2 DATA frame: uncompressed, length-prefixed.
+fn grpc_frame(message: &impl prost::Message) -> Vec<u8> {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// One h2load run of `requests` calls of `path` with `body` from CPU `core`; returns calls per
+/// second, after checking that every call succeeded.
+async fn h2load(
+    addr: SocketAddr,
+    core: usize,
+    path: &str,
+    body: &std::path::Path,
+    requests: usize,
+) -> f64 {
+    let bearer = format!("authorization: Bearer {}", token("mod", "*", "service"));
+    let output = Command::new("taskset")
+        .args(["-c", &core.to_string(), "h2load"])
+        .args(["-n", &requests.to_string(), "-c", "8", "-m", "16"])
+        .arg("-d")
+        .arg(body)
+        .args([
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            &bearer,
+        ])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .await
+        .expect("h2load runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains(&format!("{requests} succeeded")),
+        "h2load {path}: {text}"
+    );
+    text.split("finished in ")
+        .nth(1)
+        .and_then(|rest| rest.split(", ").nth(1))
+        .and_then(|rate| rate.split_whitespace().next())
+        .and_then(|rate| rate.parse().ok())
+        .unwrap_or_else(|| panic!("no rate in h2load's output: {text}"))
+}
+
+/// DropUser against Health/Check with a load generator that costs little per call: the server
+/// alone on one core, h2load alone on the other, default logging, alternating rounds; server CPU
+/// per call from /proc. A Rust gRPC client on the same two cores costs about as much per call as
+/// the server, which pulls every ratio toward 1; this does not.
+async fn pinned(quick: bool) {
+    let found = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !found("h2load") || !found("taskset") || cores < 2 {
+        println!(
+            "
+pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
+             cores; skipped"
+        );
+        return;
+    }
+    let requests = if quick { 20_000 } else { 200_000 };
+    let node = Node::start_pinned(0).await;
+    let mut ops = node.client("mod", "*", "service").await;
+    ops.join(join_request("pinned")).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("roomctl-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (check, drop_body) = (dir.join("check.bin"), dir.join("drop.bin"));
+    std::fs::write(&check, grpc_frame(&HealthCheckRequest::default())).unwrap();
+    let request = pb::DropUserRequest {
+        room_id: "pinned".into(),
+        client_ids: vec!["nobody".into()],
+        ..Default::default()
+    };
+    std::fs::write(&drop_body, grpc_frame(&request)).unwrap();
+    // h2load counts HTTP answers; a gRPC refusal is an HTTP 200 too. The same call with the same
+    // token through a gRPC client shows it is answered OK.
+    ops.drop_user(request)
+        .await
+        .expect("DropUser is answered OK");
+    let (mut echo, mut drops, mut echo_cpu, mut drop_cpu) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        for (path, body, rates, cpu) in [
+            (
+                "/grpc.health.v1.Health/Check",
+                &check,
+                &mut echo,
+                &mut echo_cpu,
+            ),
+            (
+                "/roomcontrol.v1.RoomControl/DropUser",
+                &drop_body,
+                &mut drops,
+                &mut drop_cpu,
+            ),
+        ] {
+            let before = node.cpu();
+            rates.push(h2load(node.addr, 1, path, body, requests).await);
+            cpu.push((node.cpu() - before).as_secs_f64() * 1e6 / requests as f64);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (echo, drops) = (median(echo), median(drops));
+    println!(
+        "
+pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
+         {requests} calls a round, {ROUNDS} alternating rounds, medians)"
+    );
+    println!(
+        "  Health/Check: {echo:.0} calls/s, server CPU {:.1} us/call",
+        median(echo_cpu)
+    );
+    println!(
+        "  DropUser (absent client): {drops:.0} calls/s, server CPU {:.1} us/call",
+        median(drop_cpu)
+    );
+    ratio(
+        "pinned DropUser / Health/Check throughput",
+        drops / echo,
+        ">= 0.85",
+    );
 }
 
 /// A Redis Cluster of three masters beside one Redis, in the same run: DropUser throughput
