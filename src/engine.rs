@@ -32,7 +32,8 @@ pub const MAX_BAN: Duration = Duration::from_secs(2_592_000);
 pub const DEFAULT_MAX_MEMBERS: usize = 10_000;
 
 /// The key a remembered answer is filed under: request ids are scoped to the kind of command
-/// (`join`, `drop`, `lock`, `unlock`, `destroy`) and the caller's identity. Lengths come first, as both are free text.
+/// (`join`, `drop`, `lock`, `unlock`, `destroy`) and the caller's identity. Lengths come first, as
+/// both are free text.
 pub fn answer_key(kind: &str, identity: &str, request_id: &str) -> String {
     format!("{kind}:{}:{identity}:{request_id}", identity.len())
 }

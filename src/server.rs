@@ -39,8 +39,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 const UNARY_HEADROOM: usize = 1024;
 
 /// Largest HTTP/2 header block accepted. Far above any real call (a token is refused past
-/// [`crate::auth::MAX_TOKEN_BYTES`]), so an over-size token reaches the interceptor and gets a clear
-/// `UNAUTHENTICATED` instead of hyper's bare HTTP 431 or, past h2's continuation limit (about
+/// [`crate::auth::MAX_TOKEN_BYTES`]), so an over-size token reaches the interceptor and gets a
+/// clear `UNAUTHENTICATED` instead of hyper's bare HTTP 431 or, past h2's continuation limit (about
 /// 1.25x this size), a GOAWAY that would also end the caller's other calls on the connection.
 pub const MAX_HEADER_LIST_BYTES: u32 = 128 * 1024;
 

@@ -78,6 +78,24 @@ impl RoomControlService {
         );
         Ok(reply)
     }
+
+    /// Locks (`lock`) or unlocks `room_id` for `caller`: the rules both calls share.
+    async fn set_lock(
+        &self,
+        room_id: &str,
+        request_id: String,
+        caller: &engine::Caller,
+        lock: bool,
+    ) -> Result<Reply, Status> {
+        let request_id = validate::lock(room_id, request_id)?;
+        caller.check_may_lock(room_id)?;
+        let cmd = if lock {
+            Command::Lock { request_id }
+        } else {
+            Command::Unlock { request_id }
+        };
+        self.moderate(room_id, caller, cmd).await
+    }
 }
 
 #[tonic::async_trait]
@@ -169,10 +187,8 @@ impl RoomControl for RoomControlService {
         let caller = caller(&request)?;
         note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
-        let request_id = validate::lock(&req.room_id, req.request_id)?;
-        caller.check_may_lock(&req.room_id)?;
         match self
-            .moderate(&req.room_id, &caller, Command::Lock { request_id })
+            .set_lock(&req.room_id, req.request_id, &caller, true)
             .await?
         {
             Reply::Locked(response) => Ok(Response::new(response)),
@@ -188,10 +204,8 @@ impl RoomControl for RoomControlService {
         let caller = caller(&request)?;
         note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
-        let request_id = validate::lock(&req.room_id, req.request_id)?;
-        caller.check_may_lock(&req.room_id)?;
         match self
-            .moderate(&req.room_id, &caller, Command::Unlock { request_id })
+            .set_lock(&req.room_id, req.request_id, &caller, false)
             .await?
         {
             Reply::Unlocked(response) => Ok(Response::new(response)),

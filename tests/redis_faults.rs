@@ -572,11 +572,7 @@ async fn a_node_hears_only_of_the_rooms_it_serves(backend: Backend) {
     );
     if let Some(cluster) = &server.cluster {
         for port in cluster.ports() {
-            let mut master = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut master = cluster.master(port).await;
             let keys: u64 = redis::cmd("DBSIZE").query_async(&mut master).await.unwrap();
             assert!(keys > 0, "the rooms are spread over every master");
         }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::PATIENCE;
@@ -42,7 +41,7 @@ fn cluster_port() -> u16 {
 async fn spawn(port: u16, dir: &std::path::Path) -> Option<Child> {
     let port_arg = port.to_string();
     let config_file = format!("nodes-{port}.conf");
-    let mut child = Command::new("redis-server")
+    let child = Command::new("redis-server")
         .args(["--port", &port_arg, "--bind", "127.0.0.1"])
         .args([
             "--cluster-enabled",
@@ -65,19 +64,7 @@ async fn spawn(port: u16, dir: &std::path::Path) -> Option<Child> {
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = tokio::time::timeout(PATIENCE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("Ready to accept connections") {
-                return true;
-            }
-        }
-        false
-    })
-    .await
-    .unwrap_or(false);
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    ready.then_some(child)
+    super::redis_server::when_ready(child).await
 }
 
 impl RedisCluster {
@@ -130,11 +117,7 @@ impl RedisCluster {
     async fn wait_until_up(&self) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         for node in &self.nodes {
-            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", node.port))
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut conn = self.master(node.port).await;
             loop {
                 let info: String = redis::cmd("CLUSTER")
                     .arg("INFO")

@@ -63,7 +63,7 @@ async fn spawn(port: u16, tls: Option<&[String; 3]>) -> Option<Child> {
             "no",
         ],
     };
-    let mut child = Command::new("redis-server")
+    let child = Command::new("redis-server")
         .args(listen)
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--dir", &std::env::temp_dir().to_string_lossy()])
@@ -73,6 +73,12 @@ async fn spawn(port: u16, tls: Option<&[String; 3]>) -> Option<Child> {
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server starts");
+    when_ready(child).await
+}
+
+/// `child`, a redis-server whose stdout is piped, once it accepts connections; None if it exited
+/// before (its port was taken).
+pub async fn when_ready(mut child: Child) -> Option<Child> {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let ready = tokio::time::timeout(PATIENCE, async {
         while let Ok(Some(line)) = lines.next_line().await {

@@ -178,10 +178,10 @@ pub(super) struct Meta {
 ///
 /// `ARGV`: expected seq (empty: the room must not exist), epoch, history, TTL (ms), channel,
 /// notice, now (ms), most answers, presence timeout (ms, 0: off), lock ('' unchanged, '1', '0'),
-/// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster); then counted lists: assumed-absent member ids; assumed-absent answer keys; clients timed
-/// out; assumed-unbanned identities; events (seq, bytes); joins (id, member); departures (id,
-/// identity, end seq); answers (key, bytes, expiry); bans set and lifted, in order (identity,
-/// end, bytes; end 0 lifts the ban).
+/// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster); then counted lists: assumed-absent
+/// member ids; assumed-absent answer keys; clients timed out; assumed-unbanned identities; events
+/// (seq, bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes,
+/// expiry); bans set and lifted, in order (identity, end, bytes; end 0 lifts the ban).
 pub(super) const COMMIT: &str = r#"
 local meta, members, departed, owners, log, answers, answered, leases, bans, banned =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]

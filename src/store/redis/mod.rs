@@ -14,14 +14,15 @@
 //! fleet: `roomctl:history` (`connection`), `roomctl:presence` (`presence`), and `roomctl:rooms`
 //! with `roomctl:rooms:expiring` (`rooms`, the index behind `ListRooms`).
 //!
-//! **Atomicity** (`writer`). Commands for a room queue to that room's writer on the node, which takes them in
-//! batches: it reads what the batch needs (one MULTI), runs the room engine in Rust over the
-//! batch, and commits with a Lua script that applies the membership changes and appends the
-//! events only if the room's `seq` and `epoch` are still the ones read: a compare-and-set, retried
-//! on conflict. Two nodes racing on a room therefore never lose an update nor reuse a `seq`, and
-//! one node never races itself. A writer keeps what it last read or wrote (`Known`) for a second
-//! and runs the next batch on it without a read: what it has not seen is assumed absent, and the
-//! commit script checks those assumptions too, so a busy room costs one round trip per batch.
+//! **Atomicity** (`writer`). Commands for a room queue to that room's writer on the node, which
+//! takes them in batches: it reads what the batch needs (one MULTI), runs the room engine in Rust
+//! over the batch, and commits with a Lua script that applies the membership changes and appends
+//! the events only if the room's `seq` and `epoch` are still the ones read: a compare-and-set,
+//! retried on conflict. Two nodes racing on a room therefore never lose an update nor reuse a
+//! `seq`, and one node never races itself. A writer keeps what it last read or wrote (`Known`) for
+//! a second and runs the next batch on it without a read: what it has not seen is assumed absent,
+//! and the commit script checks those assumptions too, so a busy room costs one round trip per
+//! batch.
 //!
 //! **Live delivery** (`listener`). The commit script also publishes the new events on the room's
 //! own channel. Each node runs a single listener, subscribed to the channels of the rooms it has
@@ -30,13 +31,14 @@
 //! cache (replaying an old cursor) reads the stream itself. No connection or poll loop per
 //! subscriber.
 //!
-//! **Faults** (`connection`). Every Redis operation has a deadline and fails with `STORE_UNAVAILABLE`. The
-//! listener pings Redis; while it cannot, health is NOT_SERVING and every feed is dropped, so
-//! open streams re-check the store and end `UNAVAILABLE`. When Redis answers again the node serves
-//! again. A flushed or restarted Redis loses the room's `epoch` with its log, so old cursors get
-//! `OUT_OF_RANGE`, never events of another log. Every node must trim logs alike: the first node
-//! records its `--history` in Redis and a node with another one refuses to start; and a read
-//! that finds the log shorter than expected answers `OUT_OF_RANGE` rather than skip the gap.
+//! **Faults** (`connection`). Every Redis operation has a deadline and fails with
+//! `STORE_UNAVAILABLE`. The listener pings Redis; while it cannot, health is NOT_SERVING and every
+//! feed is dropped, so open streams re-check the store and end `UNAVAILABLE`. When Redis answers
+//! again the node serves again. A flushed or restarted Redis loses the room's `epoch` with its log,
+//! so old cursors get `OUT_OF_RANGE`, never events of another log. Every node must trim logs alike:
+//! the first node records its `--history` in Redis and a node with another one refuses to start;
+//! and a read that finds the log shorter than expected answers `OUT_OF_RANGE` rather than skip the
+//! gap.
 
 mod connection;
 mod keys;

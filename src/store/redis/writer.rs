@@ -38,11 +38,11 @@ pub(super) const KNOWN_FOR: Duration = Duration::from_secs(1);
 /// Most member ids a writer keeps track of before it reads its room again instead.
 pub(super) const KNOWN_IDS: usize = 50_000;
 
-/// What a room's writer knows of its room at the `seq` of its last read or commit: the room's
-/// state restricted to what it has seen, and which member ids, answers (by key) and identities'
-/// bans it knows to be present or absent there. A batch runs on it without reading Redis; anything else the
-/// batch looks at is assumed absent, and the commit script checks those assumptions along with
-/// the `seq`, so a stale guess is a conflict, never a wrong answer.
+/// What a room's writer knows of its room at the `seq` of its last read or commit: the room's state
+/// restricted to what it has seen, and which member ids, answers (by key) and identities' bans it
+/// knows to be present or absent there. A batch runs on it without reading Redis; anything else the
+/// batch looks at is assumed absent, and the commit script checks those assumptions along with the
+/// `seq`, so a stale guess is a conflict, never a wrong answer.
 pub(super) struct Known {
     pub(super) state: Option<RoomState>,
     pub(super) ids: HashSet<String>,
@@ -55,6 +55,11 @@ impl Known {
     pub(super) fn usable(&self) -> bool {
         self.read_at.elapsed() < KNOWN_FOR && self.ids.len() <= KNOWN_IDS
     }
+}
+
+/// Those of `wanted` the writer has not seen, which a batch can only assume absent.
+fn unseen<'a>(wanted: impl Iterator<Item = &'a str>, seen: &HashSet<String>) -> Vec<&'a str> {
+    wanted.filter(|key| !seen.contains(*key)).collect()
 }
 
 /// One command waiting for its room's writer on this node.
@@ -343,24 +348,10 @@ impl Shared {
                         }
                     }
                 };
-                let assumed_ids: Vec<&str> = wanted
-                    .ids
-                    .iter()
-                    .copied()
-                    .filter(|id| !seen.ids.contains(*id))
-                    .collect();
-                let assumed_answers: Vec<&str> = wanted
-                    .answers
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|key| !seen.answers.contains(*key))
-                    .collect();
-                let assumed_bans: Vec<&str> = wanted
-                    .identities
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|identity| !seen.bans.contains(*identity))
-                    .collect();
+                let assumed_ids = unseen(wanted.ids.iter().copied(), &seen.ids);
+                let assumed_answers =
+                    unseen(wanted.answers.iter().map(String::as_str), &seen.answers);
+                let assumed_bans = unseen(wanted.identities.iter().map(String::as_str), &seen.bans);
                 let expected = seen.state.as_ref().map(RoomState::seq);
                 let was_empty = seen.state.as_ref().is_none_or(RoomState::is_empty);
                 let results: Vec<Result<Applied, Error>> = jobs
