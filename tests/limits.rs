@@ -98,9 +98,10 @@ async fn a_full_room_refuses_joins() {
     assert_eq!(ops.join(keyed).await.unwrap().into_inner(), first);
 }
 
-/// DropUser is limited per identity to `--moderator-rate` (after a burst of
-/// `--moderator-burst`): the next is RESOURCE_EXHAUSTED / RATE_LIMITED with a RetryInfo, other
-/// identities are untouched, and after the delay it goes through.
+/// Moderator commands (DropUser, LockRoom, UnlockRoom, ... sharing one allowance) are limited
+/// per identity to `--moderator-rate` (after a burst of `--moderator-burst`): the next is
+/// RESOURCE_EXHAUSTED / RATE_LIMITED with a RetryInfo, other identities are untouched, and after
+/// the delay it goes through.
 #[tokio::test]
 async fn moderator_commands_are_rate_limited_per_identity() {
     let server = TestServer::start_with(Backend::Memory, |c| {
@@ -110,14 +111,22 @@ async fn moderator_commands_are_rate_limited_per_identity() {
     .await;
     let mut alice = server.client("alice", "r", "moderator").await;
     join(&mut alice, "r", "Alice").await;
-    for _ in 0..2 {
-        alice
-            .drop_user(drop_request("r", &["nobody"], ""))
-            .await
-            .unwrap();
-    }
-    let status = alice
+    alice
         .drop_user(drop_request("r", &["nobody"], ""))
+        .await
+        .unwrap();
+    alice
+        .lock_room(pb::LockRoomRequest {
+            room_id: "r".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let status = alice
+        .unlock_room(pb::UnlockRoomRequest {
+            room_id: "r".into(),
+            request_id: String::new(),
+        })
         .await
         .unwrap_err();
     let meta = assert_error(&status, Code::ResourceExhausted, "RATE_LIMITED");
