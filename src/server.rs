@@ -85,6 +85,8 @@ pub enum StoreConfig {
         /// PEM file of the CA that signed Redis's TLS certificate, when it is not in the system
         /// trust store.
         ca_file: Option<std::path::PathBuf>,
+        /// Replicas that must hold each commit before it is answered or shown (0: none).
+        wait_replicas: usize,
     },
 }
 
@@ -94,6 +96,7 @@ impl StoreConfig {
         StoreConfig::Redis {
             url: RedisUrl::new(url),
             ca_file: None,
+            wait_replicas: 0,
         }
     }
 }
@@ -198,7 +201,11 @@ impl Server {
                 },
                 telemetry.clone(),
             )),
-            StoreConfig::Redis { url, ca_file } => Arc::new(
+            StoreConfig::Redis {
+                url,
+                ca_file,
+                wait_replicas,
+            } => Arc::new(
                 RedisStore::connect_with(
                     RedisConfig {
                         url: url.clone(),
@@ -207,6 +214,7 @@ impl Server {
                         empty_room_ttl: config.empty_room_ttl,
                         max_room_members: config.limits.max_room_members,
                         presence_timeout: config.presence_timeout,
+                        wait_replicas: *wait_replicas,
                     },
                     telemetry.clone(),
                 )

@@ -467,7 +467,8 @@ async fn every_key_of_a_room_shares_its_hash_tag() {
             "roomctl:history",
             "roomctl:presence",
             "roomctl:rooms",
-            "roomctl:rooms:expiring"
+            "roomctl:rooms:expiring",
+            "roomctl:wait-replicas"
         ],
         "{keys:?}"
     );
@@ -488,6 +489,7 @@ async fn nodes_must_agree_on_the_history() {
         empty_room_ttl: std::time::Duration::from_secs(60),
         max_room_members: 100,
         presence_timeout: None,
+        wait_replicas: 0,
     };
     let _first = roomctl::store::redis::RedisStore::connect(config(500))
         .await
@@ -660,13 +662,7 @@ async fn a_slot_migration_loses_and_repeats_nothing() {
             acknowledged
         })
     };
-    let mut conn = cluster.master(cluster.ports()[0]).await;
-    let slot: u16 = redis::cmd("CLUSTER")
-        .arg("KEYSLOT")
-        .arg("roomctl:{busy}:meta")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let slot = cluster.slot_of("roomctl:{busy}:meta").await;
     let (from, to) = cluster.owner_of(slot).await;
     cluster.migrate(slot, from, to).await;
     assert_eq!(cluster.owner_of(slot).await.0, to);

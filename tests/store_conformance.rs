@@ -64,6 +64,7 @@ async fn stores(kind: Kind) -> Stores {
                 empty_room_ttl: ttl,
                 max_room_members: MAX_MEMBERS,
                 presence_timeout: None,
+                wait_replicas: 0,
             };
             let a = RedisStore::connect(config.clone()).await.unwrap();
             let b = RedisStore::connect(config).await.unwrap();

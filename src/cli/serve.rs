@@ -71,6 +71,11 @@ pub struct ServeArgs {
     /// certificates (default: the system's trust store).
     #[arg(long, env = "ROOMCTL_REDIS_CA_FILE")]
     redis_ca_file: Option<PathBuf>,
+    /// With a Redis store: replicas that must hold each commit (Redis `WAIT`) before it is
+    /// answered or any client sees its events, so a failover loses nothing acknowledged. 0
+    /// answers at once (see README, "Durability").
+    #[arg(long, env = "ROOMCTL_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    redis_wait_replicas: usize,
     /// Require tokens to carry this `iss` claim.
     #[arg(long, env = "ROOMCTL_JWT_ISSUER")]
     jwt_issuer: Option<String>,
@@ -146,17 +151,23 @@ impl ServeArgs {
 
     /// The server configuration these settings make, with its secrets loaded.
     fn server_config(&self) -> Result<ServerConfig, Failure> {
-        let store = match (&self.store, &self.redis_ca_file) {
-            (StoreConfig::Redis { url, .. }, Some(ca_file)) => StoreConfig::Redis {
+        let store = match &self.store {
+            StoreConfig::Redis { url, .. } => StoreConfig::Redis {
                 url: url.clone(),
-                ca_file: Some(ca_file.clone()),
+                ca_file: self.redis_ca_file.clone(),
+                wait_replicas: self.redis_wait_replicas,
             },
-            (StoreConfig::Memory, Some(_)) => {
+            StoreConfig::Memory if self.redis_ca_file.is_some() => {
                 return Err(Failure::Usage(
                     "--redis-ca-file needs --store rediss://...".into(),
                 ))
             }
-            (store, None) => store.clone(),
+            StoreConfig::Memory if self.redis_wait_replicas > 0 => {
+                return Err(Failure::Usage(
+                    "--redis-wait-replicas needs --store redis://...".into(),
+                ))
+            }
+            StoreConfig::Memory => StoreConfig::Memory,
         };
         Ok(ServerConfig {
             jwt_keys: self.secret.load()?,

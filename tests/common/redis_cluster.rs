@@ -9,16 +9,18 @@ use tokio::process::{Child, Command};
 
 use super::PATIENCE;
 
-/// One redis-server of the cluster.
+/// One redis-server of the cluster (None once killed).
 struct ClusterNode {
     port: u16,
-    _child: Child,
+    child: Option<Child>,
 }
 
-/// A Redis Cluster of masters only; every process stops when it is dropped.
+/// A Redis Cluster; every process stops when it is dropped.
 pub struct RedisCluster {
     nodes: Vec<ClusterNode>,
     dir: PathBuf,
+    /// For a TLS-only cluster: its nodes' certificate, key and CA files.
+    tls: Option<[String; 3]>,
 }
 
 /// A port for a cluster node: its cluster bus takes the port 10,000 above, so both must be free
@@ -36,13 +38,36 @@ fn cluster_port() -> u16 {
     }
 }
 
-/// Starts a cluster-enabled redis-server on `port` in `dir`; None if it exited before it was
+/// Starts a cluster-enabled redis-server on `port` in `dir` (speaking only TLS, to clients and
+/// to its peers, when `tls` names its cert, key and CA files); None if it exited before it was
 /// ready (the port was taken meanwhile).
-async fn spawn(port: u16, dir: &std::path::Path) -> Option<Child> {
+async fn spawn(port: u16, dir: &std::path::Path, tls: Option<&[String; 3]>) -> Option<Child> {
     let port_arg = port.to_string();
     let config_file = format!("nodes-{port}.conf");
+    let listen: Vec<&str> = match tls {
+        None => vec!["--port", &port_arg],
+        Some([cert, key, ca]) => vec![
+            "--port",
+            "0",
+            "--tls-port",
+            &port_arg,
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+    };
     let child = Command::new("redis-server")
-        .args(["--port", &port_arg, "--bind", "127.0.0.1"])
+        .args(listen)
+        .args(["--bind", "127.0.0.1"])
         .args([
             "--cluster-enabled",
             "yes",
@@ -71,6 +96,22 @@ impl RedisCluster {
     /// A fresh cluster of `masters` masters (at least 3, as `redis-cli` requires), slots spread
     /// evenly, once every node reports `cluster_state:ok`.
     pub async fn start(masters: usize) -> Self {
+        Self::start_with_replicas(masters, 0).await
+    }
+
+    /// A fresh cluster of `masters` masters with `replicas` replicas each, once every node
+    /// reports `cluster_state:ok` and every replica is in sync with its master.
+    pub async fn start_with_replicas(masters: usize, replicas: usize) -> Self {
+        Self::start_on(masters, replicas, None).await
+    }
+
+    /// A fresh cluster of `masters` masters that speaks only TLS, with the given cert, key and
+    /// CA files (the certificate must name 127.0.0.1).
+    pub async fn start_tls(masters: usize, cert: String, key: String, ca: String) -> Self {
+        Self::start_on(masters, 0, Some([cert, key, ca])).await
+    }
+
+    async fn start_on(masters: usize, replicas: usize, tls: Option<[String; 3]>) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "roomctl-cluster-{}-{}",
             std::process::id(),
@@ -78,32 +119,139 @@ impl RedisCluster {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
-        while nodes.len() < masters {
+        while nodes.len() < masters * (1 + replicas) {
             let port = cluster_port();
-            if let Some(child) = spawn(port, &dir).await {
+            if let Some(child) = spawn(port, &dir, tls.as_ref()).await {
                 nodes.push(ClusterNode {
                     port,
-                    _child: child,
+                    child: Some(child),
                 });
             }
         }
-        let cluster = Self { nodes, dir };
+        let cluster = Self { nodes, dir, tls };
         let addresses: Vec<String> = cluster.addresses();
+        let tls_args: Vec<&str> = match &cluster.tls {
+            Some([_, _, ca]) => vec!["--tls", "--cacert", ca],
+            None => vec![],
+        };
         let created = Command::new("redis-cli")
+            .args(tls_args)
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .await
             .expect("redis-cli runs");
         assert!(
             created.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&created.stdout)
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
         );
         cluster.wait_until_up().await;
+        if replicas > 0 {
+            cluster.wait_until_replicated(masters, replicas).await;
+        }
         cluster
+    }
+
+    /// Waits until `masters` masters each have `replicas` replicas online.
+    async fn wait_until_replicated(&self, masters: usize, replicas: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let mut ready = 0;
+            for port in self.ports() {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut self.master(port).await)
+                    .await
+                    .unwrap();
+                let online = info.matches("state=online").count();
+                if info.contains("role:master") && online == replicas {
+                    ready += 1;
+                }
+            }
+            if ready == masters {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replicas never synced"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the node on `port` outright (SIGKILL), as a crash or a lost host would.
+    pub async fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        if let Some(mut child) = node.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// Starts the killed node on `port` again (empty, with its cluster configuration), and
+    /// waits until it has rejoined as a replica in sync with the master on `master`.
+    pub async fn restart_as_replica(&mut self, port: u16, master: u16) {
+        let child = spawn(port, &self.dir, self.tls.as_ref())
+            .await
+            .expect("the node restarts on its port");
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        node.child = Some(child);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut self.master(master).await)
+                .await
+                .unwrap();
+            if info.contains(&format!("port={port},state=online")) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{port} never became a replica of {master}: {info}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The port of a replica of the master on `port`.
+    pub async fn replica_of(&self, port: u16) -> u16 {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut self.master(port).await)
+            .await
+            .unwrap();
+        let line = info
+            .lines()
+            .find(|line| line.starts_with("slave0:"))
+            .unwrap_or_else(|| panic!("{port} has no replica: {info}"));
+        let port = line.split(',').find_map(|part| part.strip_prefix("port="));
+        port.unwrap().parse().unwrap()
+    }
+
+    /// Promotes the replica on `port` (`CLUSTER FAILOVER TAKEOVER`, as an operator does once
+    /// its master is lost), then waits until every live node says it serves `slot`.
+    pub async fn promote(&self, port: u16, slot: u16) {
+        redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .arg("TAKEOVER")
+            .query_async::<()>(&mut self.master(port).await)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            while self.owner_seen_by(node.port, slot).await != Some(port) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} never learned that {port} serves slot {slot}",
+                    node.port
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
     }
 
     fn addresses(&self) -> Vec<String> {
@@ -139,10 +287,15 @@ impl RedisCluster {
 
     /// The URL roomctl nodes connect with (every master as a seed).
     pub fn url(&self) -> String {
-        format!("redis+cluster://{}", self.addresses().join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}+cluster://{}", self.addresses().join(","))
     }
 
-    /// The masters' ports.
+    /// Every node's port (only masters' in a cluster without replicas).
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
     }
@@ -157,40 +310,67 @@ impl Drop for RedisCluster {
 impl RedisCluster {
     /// A plain connection to the master on `port`.
     pub async fn master(&self, port: u16) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        let client = match &self.tls {
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
+            Some([_, _, ca]) => redis::Client::build_with_tls(
+                format!("rediss://127.0.0.1:{port}"),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            ),
+        };
+        client
             .unwrap()
             .get_multiplexed_async_connection()
             .await
             .unwrap()
     }
 
-    /// The port of the master serving `slot`, and of another master.
+    /// The slot of `key`.
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        let live = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut self.master(live.port).await)
+            .await
+            .unwrap()
+    }
+
+    /// The port of the master serving `slot`, and of another node.
     pub async fn owner_of(&self, slot: u16) -> (u16, u16) {
-        let mut conn = self.master(self.nodes[0].port).await;
+        let live = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        let owner = self.owner_seen_by(live.port, slot).await;
+        let owner = owner.unwrap_or_else(|| panic!("slot {slot} has no master"));
+        let other = self.ports().into_iter().find(|p| *p != owner).unwrap();
+        (owner, other)
+    }
+
+    /// The port of the master serving `slot` according to the node on `port`.
+    async fn owner_seen_by(&self, port: u16, slot: u16) -> Option<u16> {
+        let mut conn = self.master(port).await;
         let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query_async(&mut conn)
             .await
             .unwrap();
-        for range in slots {
+        let number = |v: &redis::Value| match v {
+            redis::Value::Int(n) => *n as u16,
+            _ => panic!("{v:?}"),
+        };
+        slots.into_iter().find_map(|range| {
             let redis::Value::Array(range) = range else {
-                continue;
-            };
-            let number = |v: &redis::Value| match v {
-                redis::Value::Int(n) => *n as u16,
-                _ => panic!("{v:?}"),
+                return None;
             };
             if !(number(&range[0])..=number(&range[1])).contains(&slot) {
-                continue;
+                return None;
             }
             let redis::Value::Array(master) = &range[2] else {
-                panic!()
+                panic!("{range:?}")
             };
-            let owner = number(&master[1]);
-            let other = self.ports().into_iter().find(|p| *p != owner).unwrap();
-            return (owner, other);
-        }
-        panic!("slot {slot} has no master");
+            Some(number(&master[1]))
+        })
     }
 
     /// Moves `slot` from the master on `from` to the one on `to`, keys and all, as

@@ -1,6 +1,7 @@
 //! A private `redis-server` per test on a free loopback port, so tests can stop, restart and
 //! flush it without touching anyone else's Redis.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -14,6 +15,10 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     tls: Option<[String; 3]>,
+    /// Arguments beyond the port and TLS ones (persistence, replication).
+    extra: Vec<String>,
+    /// For a server with an append-only file: the directory it keeps it in.
+    dir: Option<PathBuf>,
 }
 
 /// Whether Redis tests can run here: true when `redis-server` is on PATH. When it is not, the
@@ -42,9 +47,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts redis-server on `port` (TLS only when `tls` names its cert, key and CA files); None if
-/// it exited before it was ready (the port was taken).
-async fn spawn(port: u16, tls: Option<&[String; 3]>) -> Option<Child> {
+/// Without persistence, in the temporary directory.
+fn volatile() -> Vec<String> {
+    let dir = std::env::temp_dir().to_string_lossy().into_owned();
+    ["--save", "", "--appendonly", "no", "--dir", &dir]
+        .map(String::from)
+        .into()
+}
+
+/// Starts redis-server on `port` (TLS only when `tls` names its cert, key and CA files) with
+/// `extra` arguments; None if it exited before it was ready (the port was taken).
+async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Option<Child> {
     let port = port.to_string();
     let listen: Vec<&str> = match tls {
         None => vec!["--port", &port],
@@ -65,8 +78,8 @@ async fn spawn(port: u16, tls: Option<&[String; 3]>) -> Option<Child> {
     };
     let child = Command::new("redis-server")
         .args(listen)
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+        .args(["--bind", "127.0.0.1"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -107,17 +120,103 @@ impl RedisServer {
     }
 
     async fn start_on(tls: Option<[String; 3]>) -> Self {
+        Self::start_with(tls, volatile(), None).await
+    }
+
+    async fn start_with(
+        tls: Option<[String; 3]>,
+        extra: Vec<String>,
+        dir: Option<PathBuf>,
+    ) -> Self {
         for _ in 0..5 {
             let port = free_port();
-            if let Some(child) = spawn(port, tls.as_ref()).await {
+            if let Some(child) = spawn(port, tls.as_ref(), &extra).await {
                 return Self {
                     port,
                     child: Some(child),
                     tls,
+                    extra,
+                    dir,
                 };
             }
         }
         panic!("could not start redis-server on a free port");
+    }
+
+    /// A fresh redis-server that keeps an append-only file, synced on every write, in a
+    /// directory of its own.
+    pub async fn start_persistent() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "roomctl-aof-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let extra = [
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([dir.to_string_lossy().into_owned()])
+        .collect();
+        Self::start_with(None, extra, Some(dir)).await
+    }
+
+    /// A replica of `master`, once it holds `master`'s data and follows its writes.
+    pub async fn start_replica_of(master: &RedisServer) -> Self {
+        let mut extra = volatile();
+        extra.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master.port.to_string(),
+        ]);
+        let replica = Self::start_with(None, extra, None).await;
+        let mut conn = replica.connection().await;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if info.contains("master_link_status:up") {
+                return replica;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replica never synced: {info}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Copies the append-only file as it is now, for [`Self::restart_from_copy`].
+    pub fn copy_data(&self) {
+        let dir = self.dir.as_ref().expect("a persistent server");
+        let copy = dir.join("copy");
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        for file in std::fs::read_dir(dir.join("appendonlydir")).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), copy.join(file.file_name())).unwrap();
+        }
+    }
+
+    /// Kills the server and starts it again on the same port from the copied append-only file,
+    /// as a server whose file lost its last writes (`appendfsync everysec`) comes back.
+    pub async fn restart_from_copy(&mut self) {
+        self.kill().await;
+        let dir = self.dir.clone().expect("a persistent server");
+        std::fs::remove_dir_all(dir.join("appendonlydir")).unwrap();
+        std::fs::rename(dir.join("copy"), dir.join("appendonlydir")).unwrap();
+        let child = spawn(self.port, self.tls.as_ref(), &self.extra).await;
+        self.child = Some(child.expect("redis-server restarts on its port"));
     }
 
     /// The URL nodes connect with.
@@ -162,10 +261,11 @@ impl RedisServer {
         assert!(status.success(), "kill {signal} {pid}");
     }
 
-    /// Starts it again on the same port, empty (no persistence), as after a crash.
+    /// Starts it again on the same port with the same settings: without persistence it comes
+    /// back empty, as after a crash.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let child = spawn(self.port, self.tls.as_ref()).await;
+        let child = spawn(self.port, self.tls.as_ref(), &self.extra).await;
         self.child = Some(child.expect("redis-server restarts on its port"));
     }
 
@@ -176,5 +276,13 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
             .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, ScriptInvocation, Value};
 
 use super::RedisConfig;
 use crate::error::Error;
@@ -17,15 +18,31 @@ use crate::error::Error;
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The fleet's `--history`, recorded by the first node to start on this Redis.
 pub(super) const HISTORY: &str = "roomctl:history";
+/// The fleet's `--redis-wait-replicas`, recorded likewise.
+pub(super) const WAIT_REPLICAS: &str = "roomctl:wait-replicas";
+/// How long a commit waits for its replicas before it is answered `OUTCOME_UNKNOWN`.
+pub(super) const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Records this node's `--history` as the fleet's if none is, and refuses to serve with another:
-/// a node trimming logs shorter than its peers expect would make them skip events.
-pub(super) async fn agree_on_history(conn: &mut Conn, history: usize) -> Result<(), Error> {
+/// Records this node's settings as the fleet's where none are, and refuses to serve with others:
+/// a node trimming logs shorter than its peers expect would make them skip events, and a node
+/// that does not wait for replicas would show events its peers keep hidden until replicated.
+pub(super) async fn agree_on_settings(conn: &mut Conn, config: &RedisConfig) -> Result<(), Error> {
+    agree(conn, HISTORY, "--history", config.history).await?;
+    agree(
+        conn,
+        WAIT_REPLICAS,
+        "--redis-wait-replicas",
+        config.wait_replicas,
+    )
+    .await
+}
+
+async fn agree(conn: &mut Conn, key: &str, flag: &str, ours: usize) -> Result<(), Error> {
     // One atomic command: sets ours if none is recorded, and answers what was recorded before.
     let recorded: Option<String> = timed(
         redis::cmd("SET")
-            .arg(HISTORY)
-            .arg(history)
+            .arg(key)
+            .arg(ours)
             .arg("NX")
             .arg("GET")
             .query_async(conn),
@@ -33,11 +50,11 @@ pub(super) async fn agree_on_history(conn: &mut Conn, history: usize) -> Result<
     .await?;
     match recorded {
         None => Ok(()),
-        Some(recorded) if recorded == history.to_string() => Ok(()),
+        Some(recorded) if recorded == ours.to_string() => Ok(()),
         recorded => Err(Error::StoreUnavailable(format!(
-            "the nodes on this Redis use --history {}, and this one {history}: every node must \
-             use the same (to change it, stop every node, run `redis-cli DEL {HISTORY}`, and start \
-             them all with the new value)",
+            "the nodes on this Redis use {flag} {}, and this one {ours}: every node must use the \
+             same (to change it, stop every node, run `redis-cli DEL {key}`, and start them all \
+             with the new value)",
             recorded.as_deref().unwrap_or_default()
         ))),
     }
@@ -165,6 +182,61 @@ impl Conn {
         ))
     }
 
+    /// Runs `commit` (a script on the keys of one room, whose meta key is `meta`), then `WAIT
+    /// replicas` on the same connection to the same master, so the count answered covers the
+    /// commit. Answers the script's reply and how many replicas acknowledged it within
+    /// [`WAIT_TIMEOUT`]. Loads the script first if Redis lacks it (restarted, failed over).
+    pub(super) async fn commit_and_wait(
+        &mut self,
+        commit: &ScriptInvocation<'_>,
+        meta: &str,
+        replicas: usize,
+    ) -> RedisResult<(i64, i64)> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(commit)
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let mut loaded = false;
+        loop {
+            let replies = match self {
+                Conn::Single(conn) => conn.req_packed_commands(&pipe, 0, 2).await,
+                // WAIT would go to every master: send both to the room's, in order.
+                Conn::Cluster(conn) => {
+                    let master = Route::with_key(meta, SlotAddr::Master);
+                    let route = SingleNodeRoutingInfo::SpecificNode(master);
+                    conn.route_pipeline(pipe.clone(), 0, 2, route).await
+                }
+            }
+            .and_then(|replies| {
+                replies
+                    .into_iter()
+                    .map(Value::extract_error)
+                    .collect::<RedisResult<Vec<Value>>>()
+            });
+            match replies {
+                Ok(replies) => match replies.as_slice() {
+                    [Value::Int(done), Value::Int(acked)] => return Ok((*done, *acked)),
+                    _ => {
+                        return Err(redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "unexpected reply to a commit",
+                        )))
+                    }
+                },
+                Err(err)
+                    if !loaded
+                        && err.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    commit.load_async(self).await?;
+                    loaded = true;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// The command commits publish their events with: sharded on a cluster, so a room's
     /// messages travel only within its shard.
     pub(super) fn publish_command(&self) -> &'static str {
@@ -196,7 +268,23 @@ impl ConnectionLike for Conn {
             // their commands goes to its own master, all at once.
             Conn::Cluster(conn) => {
                 if pipeline.is_transaction() {
-                    return conn.req_packed_commands(pipeline, offset, count);
+                    return Box::pin(async move {
+                        let mut tries = 0;
+                        loop {
+                            match conn.req_packed_commands(pipeline, offset, count).await {
+                                // Refused as a whole, before anything ran: the slot moved (a
+                                // failover, a migration). redis-rs redirects single commands but
+                                // not transactions: one keyed command refreshes its slot map.
+                                Err(err) if tries < 3 && redirected(&err) => {
+                                    tries += 1;
+                                    let mut probe = redis::cmd("EXISTS");
+                                    probe.arg(first_key(pipeline));
+                                    let _ = conn.req_packed_command(&probe).await;
+                                }
+                                answer => return answer,
+                            }
+                        }
+                    });
                 }
                 let calls = pipeline.cmd_iter().map(|cmd| {
                     let mut conn = conn.clone();
@@ -212,6 +300,31 @@ impl ConnectionLike for Conn {
             Conn::Single(conn) => conn.get_db(),
             Conn::Cluster(conn) => conn.get_db(),
         }
+    }
+}
+
+/// Whether a transaction was refused because its slot is served elsewhere now.
+fn redirected(err: &redis::RedisError) -> bool {
+    let moved = |kind| {
+        matches!(
+            kind,
+            Some(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)
+        )
+    };
+    err.clone()
+        .into_server_errors()
+        .is_some_and(|errors| errors.iter().any(|(_, error)| moved(error.kind())))
+}
+
+/// The key of a transaction's first command (every transaction here is one room's).
+fn first_key(pipeline: &Pipeline) -> Vec<u8> {
+    let key = pipeline
+        .cmd_iter()
+        .next()
+        .and_then(|cmd| cmd.args_iter().nth(1));
+    match key {
+        Some(redis::Arg::Simple(key)) => key.to_vec(),
+        _ => Vec::new(),
     }
 }
 

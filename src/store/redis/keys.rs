@@ -140,26 +140,42 @@ impl Keys {
         ]
     }
 
-    /// An atomic pipeline (MULTI) whose first reply is the room's `HMGET meta epoch seq
-    /// locked`, so whatever follows is read at the same log position.
+    /// An atomic pipeline (MULTI) whose first reply is the room's [`Meta`], so whatever
+    /// follows is read at the same log position.
     pub(super) fn read_meta(&self) -> redis::Pipeline {
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&self.meta)
-            .arg("epoch")
-            .arg("seq")
-            .arg("locked");
+        pipe.atomic();
+        self.add_meta(&mut pipe);
         pipe
+    }
+
+    /// Adds the read of the room's [`Meta`] to `pipe`.
+    pub(super) fn add_meta(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("HMGET").arg(&self.meta).arg(&META_FIELDS[..]);
     }
 }
 
-/// A room's `meta` hash: its log's epoch and newest seq, and whether it is locked.
+/// The fields of `meta` that [`meta`] decodes.
+const META_FIELDS: [&str; 4] = ["epoch", "seq", "locked", "confirmed"];
+
+/// A room's `meta` hash: its log's epoch and newest seq, whether it is locked, and, with
+/// `--redis-wait-replicas`, the newest seq its replicas are known to hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Meta {
     pub(super) epoch: String,
     pub(super) seq: u64,
     pub(super) locked: bool,
+    pub(super) confirmed: Option<u64>,
+}
+
+impl Meta {
+    /// The newest seq readers may see: with `--redis-wait-replicas`, the newest one the
+    /// replicas confirmed (events past it may vanish in a failover, so nobody may have seen
+    /// them); otherwise the newest.
+    pub(super) fn visible(&self) -> u64 {
+        self.confirmed
+            .map_or(self.seq, |confirmed| confirmed.min(self.seq))
+    }
 }
 
 /// The commit of a batch. Returns 0, changing nothing, unless the room is still at the `seq` and
@@ -169,7 +185,11 @@ pub(super) struct Meta {
 /// changes (with presence on, a joined client gets a lease in its grace period, a departed one
 /// loses its lease), the lock, the bans (purging ended ones), remembers the new answers
 /// (forgetting expired ones and the oldest past the cap), sets or clears the empty-room expiry,
-/// publishes, and returns 1, or, when the room is left empty, the time (ms) its keys expire.
+/// publishes (unless the publish command is empty: with `--redis-wait-replicas`, [`CONFIRM`]
+/// publishes once replicas hold the commit), and returns 1, or, when the room is left empty, the
+/// time (ms) its keys expire. Each commit records the Redis process that made it (`run`, its
+/// replication id `replid`, and on a cluster its node id `node`); a commit made by another
+/// process that may lack the log's tail starts a new epoch and returns -1 (see the script).
 ///
 /// An empty room's keys expire together once it has been empty for the TTL and no ban has been
 /// in force for as long: at the latest of its first empty commit, the end of its longest ban,
@@ -178,23 +198,46 @@ pub(super) struct Meta {
 ///
 /// `ARGV`: expected seq (empty: the room must not exist), epoch, history, TTL (ms), channel,
 /// notice, now (ms), most answers, presence timeout (ms, 0: off), lock ('' unchanged, '1', '0'),
-/// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster); then counted lists: assumed-absent
-/// member ids; assumed-absent answer keys; clients timed out; assumed-unbanned identities; events
-/// (seq, bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes,
-/// expiry); bans set and lifted, in order (identity, end, bytes; end 0 lifts the ban).
+/// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster; empty: do not publish), the epoch
+/// to start if one must be, whether commits wait for replicas ('1' or '0'); then counted lists:
+/// assumed-absent member ids; assumed-absent answer keys; clients timed out; assumed-unbanned
+/// identities; events (seq, bytes); joins (id, member); departures (id, identity, end seq);
+/// answers (key, bytes, expiry); bans set and lifted, in order (identity, end, bytes; end 0 lifts
+/// the ban).
 pub(super) const COMMIT: &str = r#"
 local meta, members, departed, owners, log, answers, answered, leases, bans, banned =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, max_answers, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local lock, publish = ARGV[10], ARGV[11]
-local current = redis.call('HMGET', meta, 'epoch', 'seq')
+local lock, publish, fresh, waiting = ARGV[10], ARGV[11], ARGV[12], ARGV[13] == '1'
+local info = redis.call('INFO', 'server', 'replication', 'cluster')
+local run = string.match(info, 'run_id:(%x+)')
+local replid = string.match(info, 'master_replid:(%x+)')
+local clustered = string.match(info, 'cluster_enabled:1') ~= nil
+local node = run
+if clustered then node = redis.call('CLUSTER', 'MYID') end
+local current = redis.call('HMGET', meta, 'epoch', 'seq', 'run', 'replid', 'confirmed', 'node')
+if current[1] and current[3] ~= run then
+  -- Another Redis process made the room's last commit. If this one restarted (from an AOF or
+  -- RDB that may lack the log's tail) or was promoted from a replica (which may lack it too),
+  -- seqs clients have seen could be reused: the log starts anew under a new epoch, so their
+  -- cursors get OUT_OF_RANGE. A promoted replica keeps the epoch when every visible event was
+  -- confirmed by replicas; so does a cluster master the room's slot migrated to (whole).
+  local promoted = current[4] == string.match(info, 'master_replid2:(%x+)')
+  local migrated = clustered and current[6] ~= node and not promoted
+  if not migrated and not (waiting and promoted) then
+    redis.call('DEL', log)
+    redis.call('HSET', meta, 'epoch', fresh, 'run', run, 'replid', replid, 'node', node)
+    if waiting then redis.call('HSET', meta, 'confirmed', current[2]) end
+    return -1
+  end
+end
 if expected == '' then
   if current[1] then return 0 end
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 12
+local i = 14
 for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
@@ -220,6 +263,13 @@ local room = {meta, members, departed, owners, log, answers, answered, leases, b
 if expected == '' then
   redis.call('DEL', unpack(room))
   redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
+  current[5] = false
+end
+if not waiting then
+  redis.call('HDEL', meta, 'confirmed')
+elseif not current[5] then
+  -- Newly created, or first written since waiting was turned on.
+  redis.call('HSET', meta, 'confirmed', expected == '' and '0' or expected)
 end
 i = i + 1
 local last = nil
@@ -229,7 +279,7 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 2
 end
 i = i + 1
-redis.call('HSET', meta, 'seq', last)
+redis.call('HSET', meta, 'seq', last, 'run', run, 'replid', replid, 'node', node)
 if lock == '1' then
   redis.call('HSET', meta, 'locked', '1')
 elseif lock == '0' then
@@ -308,8 +358,24 @@ if redis.call('HLEN', members) == 0 then
 elseif redis.call('PTTL', meta) ~= -1 then
   for _, key in ipairs(room) do redis.call('PERSIST', key) end
 end
-redis.call(publish, ARGV[5], ARGV[6])
+if publish ~= '' then redis.call(publish, ARGV[5], ARGV[6]) end
 return result
+"#;
+
+/// Makes a commit visible once replicas confirmed it (`--redis-wait-replicas`): raises the
+/// room's `confirmed` seq to the commit's and publishes its notice, unless the room has moved
+/// to another epoch since. Returns 1 if it did.
+///
+/// `KEYS`: the room's meta. `ARGV`: epoch, the commit's newest seq, the publish command,
+/// channel, notice.
+pub(super) const CONFIRM: &str = r#"
+local current = redis.call('HMGET', KEYS[1], 'epoch', 'confirmed')
+if current[1] ~= ARGV[1] then return 0 end
+if tonumber(current[2] or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'confirmed', ARGV[2])
+end
+redis.call(ARGV[3], ARGV[4], ARGV[5])
+return 1
 "#;
 
 pub(super) fn corrupt(what: &str) -> Error {
@@ -353,7 +419,7 @@ pub(super) fn array(value: Value) -> Vec<Value> {
     }
 }
 
-/// `HMGET meta epoch seq locked`, or None when the room does not exist.
+/// The room's [`Meta`] read by [`Keys::add_meta`], or None when the room does not exist.
 pub(super) fn meta(value: Value) -> Result<Option<Meta>, Error> {
     let fields = array(value);
     match (
@@ -364,6 +430,7 @@ pub(super) fn meta(value: Value) -> Result<Option<Meta>, Error> {
             epoch,
             seq,
             locked: fields.get(2).and_then(number) == Some(1),
+            confirmed: fields.get(3).and_then(number),
         })),
         (None, None) => Ok(None),
         _ => Err(corrupt("room meta")),

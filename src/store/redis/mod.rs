@@ -1,7 +1,9 @@
 //! The Redis store: many roomctl nodes sharing one Redis behave as one control plane.
 //!
 //! **Layout** (`keys`). Every key of a room carries the hash tag `{room_id}`, so a room lives
-//! in one Redis Cluster slot: `meta` (hash: `epoch`, `seq`, `locked`), `members` (hash: client
+//! in one Redis Cluster slot: `meta` (hash: `epoch`, `seq`, `locked`, the Redis process that
+//! made the last commit as `run`, `replid` and `node`, and with `--redis-wait-replicas` the
+//! `confirmed` seq), `members` (hash: client
 //! id to [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended
 //! them) with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`,
 //! trimmed to exactly `--history` entries), the remembered answers: `answers` (hash: answer key
@@ -10,9 +12,10 @@
 //! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
 //! ended bans are purged by the next commit). An empty room's keys expire together after
 //! `--empty-room-ttl` counted from when it emptied or from its longest ban's end, whichever is
-//! later; a room created anew deletes what an old one of the same id left. Four keys span the
-//! fleet: `roomctl:history` (`connection`), `roomctl:presence` (`presence`), and `roomctl:rooms`
-//! with `roomctl:rooms:expiring` (`rooms`, the index behind `ListRooms`).
+//! later; a room created anew deletes what an old one of the same id left. Five keys span the
+//! fleet: `roomctl:history` and `roomctl:wait-replicas` (`connection`), `roomctl:presence`
+//! (`presence`), and `roomctl:rooms` with `roomctl:rooms:expiring` (`rooms`, the index behind
+//! `ListRooms`).
 //!
 //! **Atomicity** (`writer`). Commands for a room queue to that room's writer on the node, which
 //! takes them in batches: it reads what the batch needs (one MULTI), runs the room engine in Rust
@@ -39,6 +42,15 @@
 //! the first node records its `--history` in Redis and a node with another one refuses to start;
 //! and a read that finds the log shorter than expected answers `OUT_OF_RANGE` rather than skip the
 //! gap.
+//!
+//! **Durability** (`keys`, `writer`). Redis can lose a log's tail (a restart from an AOF synced
+//! every second, a promoted replica that had not received it) after clients saw it; new events
+//! must then never reuse those seqs under the same epoch. Each commit records the Redis process
+//! that made it, and the first commit made by another one (restarted, or promoted) starts a new
+//! epoch, unless it continues its master's replication history and every shown event was
+//! confirmed by replicas: with `--redis-wait-replicas N`, a commit is followed by `WAIT N` on the
+//! same connection, and only then is it published and the room's `confirmed` seq raised; reads
+//! never go past `confirmed`. A slot migrated whole to another cluster master keeps its epoch.
 
 mod connection;
 mod keys;
@@ -66,7 +78,7 @@ use crate::pb;
 use crate::telemetry::Telemetry;
 pub use connection::RedisUrl;
 use connection::{timed, Conn};
-use keys::{array, ban, entries, member, meta, millis, number, text, Keys, COMMIT};
+use keys::{array, ban, entries, member, meta, millis, number, text, Keys, COMMIT, CONFIRM};
 pub use keys::{StoredAnswer, StoredMember, StoredReply};
 pub use listener::Notice;
 use listener::{listen, Control, Feed, Notifier, CONTROL_QUEUE};
@@ -88,12 +100,16 @@ pub struct RedisConfig {
     /// How long a client may be without an open stream on any node before it is removed;
     /// None: presence is off.
     pub presence_timeout: Option<Duration>,
+    /// Replicas that must hold a commit before it is answered and shown to anyone (`WAIT`);
+    /// 0: commits are answered and shown at once.
+    pub wait_replicas: usize,
 }
 
 struct Shared {
     pub(super) conn: Conn,
     pub(super) config: RedisConfig,
     pub(super) commit: redis::Script,
+    pub(super) confirm: redis::Script,
     pub(super) feeds: Mutex<HashMap<String, Arc<Feed>>>,
     /// Asks this node's listener to subscribe to a room's channel.
     pub(super) control: mpsc::Sender<Control>,
@@ -125,13 +141,14 @@ impl RedisStore {
     pub async fn connect_with(config: RedisConfig, telemetry: Telemetry) -> Result<Self, Error> {
         let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
         let mut conn = Conn::connect(&config).await.map_err(at)?;
-        connection::agree_on_history(&mut conn, config.history).await?;
+        connection::agree_on_settings(&mut conn, &config).await?;
         let (control, requests) = mpsc::channel(CONTROL_QUEUE);
         let shared = Arc::new(Shared {
             conn,
             control,
             config,
             commit: redis::Script::new(COMMIT),
+            confirm: redis::Script::new(CONFIRM),
             feeds: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
             next_writer: AtomicU64::new(0),
@@ -251,7 +268,7 @@ impl RoomStore for RedisStore {
                     p
                 })
                 .collect(),
-            window: self.window(&meta.epoch, meta.seq),
+            window: self.window(&meta.epoch, meta.visible()),
             locked: meta.locked,
         })
     }
@@ -341,7 +358,7 @@ impl RoomStore for RedisStore {
             _ => Lease::none(),
         };
         Ok(Opening {
-            window: self.window(&meta.epoch, meta.seq),
+            window: self.window(&meta.epoch, meta.visible()),
             client,
             head,
             lease,
@@ -372,17 +389,20 @@ impl RoomStore for RedisStore {
         let Some(meta) = meta(meta_reply)? else {
             return Err(Error::room_not_found(room_id));
         };
-        let window = self.window(&meta.epoch, meta.seq);
+        let window = self.window(&meta.epoch, meta.visible());
         if meta.epoch != epoch {
             return Err(window.out_of_range());
         }
         window.check_readable(after)?;
-        let events = entries(range)?;
+        let mut events = entries(range)?;
+        // Events past the confirmed seq are still waiting for their replicas.
+        let visible = window.newest_seq;
+        events.retain(|event| event.seq <= visible);
         // The log may hold less than this node's history says (a tail lost by Redis, a log
         // trimmed by hand): a read that does not start right after the cursor is a gap, never
         // passed off as complete.
-        let first = events.first().map_or(meta.seq.saturating_add(1), |e| e.seq);
-        if after < meta.seq && first != after + 1 {
+        let first = events.first().map_or(visible.saturating_add(1), |e| e.seq);
+        if after < visible && first != after + 1 {
             let held = LogWindow {
                 oldest_seq: first,
                 ..window

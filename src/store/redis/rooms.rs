@@ -84,13 +84,8 @@ impl Shared {
         let mut pipe = redis::pipe();
         for room_id in &ids {
             let keys = Keys::new(room_id);
-            pipe.cmd("HMGET")
-                .arg(&keys.meta)
-                .arg("epoch")
-                .arg("seq")
-                .arg("locked")
-                .cmd("HLEN")
-                .arg(&keys.members);
+            keys.add_meta(&mut pipe);
+            pipe.cmd("HLEN").arg(&keys.members);
         }
         let replies: Vec<Value> = self
             .timed("rooms", pipe.query_async(&mut self.conn()))
@@ -104,7 +99,7 @@ impl Shared {
                 room_id: room_id.clone(),
                 participants: number(&reply[1]).unwrap_or(0) as u32,
                 locked: meta.locked,
-                seq: meta.seq,
+                seq: meta.visible(),
                 epoch: meta.epoch,
             });
         }

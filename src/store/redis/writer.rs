@@ -510,6 +510,8 @@ impl Shared {
             .collect();
         let changes = Changes::of(&applied);
         let notice = Notice::publish(room_id, &events);
+        // With replicas to wait for, the notice goes out once they hold the commit.
+        let waiting = self.config.wait_replicas > 0;
         let mut call = self.commit.prepare_invoke();
         for key in keys.room() {
             call.key(key);
@@ -519,7 +521,7 @@ impl Shared {
             .arg(self.config.history)
             .arg(self.config.empty_room_ttl.as_millis().max(1) as u64)
             .arg(channel(room_id))
-            .arg(notice)
+            .arg(if waiting { &[][..] } else { &notice[..] })
             .arg(millis(now))
             .arg(MAX_REMEMBERED_ANSWERS)
             .arg(
@@ -532,7 +534,13 @@ impl Shared {
                 Some(true) => "1",
                 Some(false) => "0",
             })
-            .arg(self.conn.publish_command());
+            .arg(if waiting {
+                ""
+            } else {
+                self.conn.publish_command()
+            })
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(if waiting { "1" } else { "0" });
         let timed_out: Vec<&String> = applied
             .iter()
             .filter_map(|a| match &a.reply {
@@ -588,16 +596,48 @@ impl Shared {
         }
         let started = Instant::now();
         let mut conn = self.conn();
-        let answer = tokio::time::timeout(OP_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await;
+        let replicas = self.config.wait_replicas;
+        let committing = async {
+            if waiting {
+                conn.commit_and_wait(&call, &keys.meta, replicas).await
+            } else {
+                call.invoke_async(&mut conn).await.map(|done| (done, 0))
+            }
+        };
+        let answer = tokio::time::timeout(OP_TIMEOUT, committing).await;
         let ok = matches!(answer, Ok(Ok(_)));
         self.telemetry.store_op("commit", ok, started.elapsed());
         match answer {
-            Ok(Ok(0)) => {
+            Ok(Ok((0, _))) => {
                 self.telemetry.commit_conflict();
                 Ok(None)
             }
-            Ok(Ok(done)) => {
+            Ok(Ok((NEW_EPOCH, _))) => {
+                tracing::warn!(
+                    room_id,
+                    "the Redis holding this room restarted or failed over since its last commit, \
+                     so its log may have lost its newest events: the room continues under a new \
+                     epoch, and older cursors get OUT_OF_RANGE"
+                );
+                self.telemetry.commit_conflict();
+                Ok(None)
+            }
+            Ok(Ok((done, acked))) => {
                 self.telemetry.events_appended(events.len());
+                if waiting {
+                    if acked < replicas as i64 {
+                        tracing::warn!(
+                            room_id,
+                            acked,
+                            replicas,
+                            "a commit was not confirmed by enough replicas in time: its callers \
+                             are answered OUTCOME_UNKNOWN, and its events stay hidden until a \
+                             later commit of the room is confirmed"
+                        );
+                        return Err(Error::OutcomeUnknown { request_id: None });
+                    }
+                    self.confirm(keys, room_id, state, notice).await?;
+                }
                 Ok(Some((done > 1).then_some(done as u64)))
             }
             // Refused before anything was sent, or refused by Redis: nothing was applied.
@@ -608,6 +648,34 @@ impl Shared {
         }
     }
 }
+
+impl Shared {
+    /// Shows a commit its replicas hold: raises the room's confirmed seq to `state`'s and
+    /// publishes the commit's notice. A commit whose confirmation fails is durable but hidden
+    /// until a later one of the room is confirmed; its callers are told the outcome is unknown.
+    async fn confirm(
+        &self,
+        keys: &Keys,
+        room_id: &str,
+        state: &RoomState,
+        notice: Vec<u8>,
+    ) -> Result<(), Error> {
+        let mut call = self.confirm.prepare_invoke();
+        call.key(&keys.meta)
+            .arg(state.epoch())
+            .arg(state.seq())
+            .arg(self.conn.publish_command())
+            .arg(channel(room_id))
+            .arg(notice);
+        self.timed("confirm", call.invoke_async::<i64>(&mut self.conn()))
+            .await
+            .map(drop)
+            .map_err(|_| Error::OutcomeUnknown { request_id: None })
+    }
+}
+
+/// What the commit script answers when it started the room's log anew under a new epoch.
+const NEW_EPOCH: i64 = -1;
 
 /// What a batch assumed absent without having read it: member ids, answer keys, and identities
 /// without a ban in force. The commit script checks each.
