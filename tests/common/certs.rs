@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
+};
 
 /// A certificate authority.
 pub struct Ca(CertifiedIssuer<'static, KeyPair>);
@@ -13,6 +15,7 @@ impl Ca {
     pub fn new() -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = common_name("roomctl test CA");
         Self(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
     }
 
@@ -26,12 +29,19 @@ impl Ca {
     pub fn issue(&self, names: &[&str]) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.0)
-            .unwrap();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        // A subject other than the CA's: OpenSSL (redis-cli, Redis's cluster bus) takes a
+        // certificate whose subject is its issuer's for a self-signed one, and refuses it.
+        params.distinguished_name = common_name(&names[0]);
+        let cert = params.signed_by(&key, &self.0).unwrap();
         (cert.pem(), key.serialize_pem())
     }
+}
+
+fn common_name(name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn
 }
 
 /// A directory for one test's files, removed when dropped.
