@@ -4,8 +4,9 @@
 //!
 //! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --broadcast-only` to
 //! profile the fan-out alone, `-- --presence-only` for the cost of presence alone,
-//! `-- --cluster-only` for a Redis Cluster beside one Redis, `-- --pinned-only` for the pinned
-//! h2load measurement alone). The Redis figures need
+//! `-- --cluster-only` for a Redis Cluster beside one Redis, `-- --durability-only` for what
+//! `--redis-wait-replicas 1` costs, `-- --pinned-only` for the pinned h2load measurement alone).
+//! The Redis figures need
 //! `redis-server` (and `redis-cli` for the cluster) on PATH; without it the run stops there, or
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
 
@@ -605,6 +606,9 @@ async fn main() {
     if std::env::args().any(|a| a == "--cluster-only") {
         return cluster(duration).await;
     }
+    if std::env::args().any(|a| a == "--durability-only") {
+        return durability(duration).await;
+    }
     if std::env::args().any(|a| a == "--pinned-only") {
         return pinned(quick).await;
     }
@@ -932,6 +936,35 @@ async fn cluster(duration: Duration) {
              received {commits:.0}"
         );
     }
+}
+
+/// What waiting for a replica costs: DropUser throughput through a node committing to a Redis
+/// master with one replica, without and with `--redis-wait-replicas 1` (two such pairs, since
+/// the nodes of one Redis must agree on the setting), in alternating rounds.
+async fn durability(duration: Duration) {
+    let mut nodes = Vec::new();
+    let mut redis = Vec::new();
+    for wait in ["0", "1"] {
+        let master = RedisServer::start().await;
+        let replica = RedisServer::start_replica_of(&master).await;
+        nodes.push(Node::start_with(&master.url(), &["--redis-wait-replicas", wait]).await);
+        redis.push((master, replica));
+    }
+    println!(
+        "
+--redis-wait-replicas: one node on a Redis master with one replica ({ROUNDS} \
+         alternating rounds, medians; the load spreads over 8 rooms)"
+    );
+    let mut rates = [vec![], vec![]];
+    for _ in 0..ROUNDS {
+        for (node, rates) in nodes.iter().zip(rates.iter_mut()) {
+            rates.push(drop_throughput(node, duration).await);
+        }
+    }
+    let [off, on] = rates.map(median);
+    println!("  DropUser throughput: wait 0 {off:.0} calls/s, wait 1 {on:.0} calls/s");
+    println!("  wait 1 / wait 0: {:.2}", on / off);
+    drop(redis);
 }
 
 /// Presence: what keeping idle clients present costs Redis, against the same clients with
