@@ -42,32 +42,14 @@ fn cluster_port() -> u16 {
 /// to its peers, when `tls` names its cert, key and CA files); None if it exited before it was
 /// ready (the port was taken meanwhile).
 async fn spawn(port: u16, dir: &std::path::Path, tls: Option<&[String; 3]>) -> Option<Child> {
-    let port_arg = port.to_string();
     let config_file = format!("nodes-{port}.conf");
-    let listen: Vec<&str> = match tls {
-        None => vec!["--port", &port_arg],
-        Some([cert, key, ca]) => vec![
-            "--port",
-            "0",
-            "--tls-port",
-            &port_arg,
-            "--tls-cluster",
-            "yes",
-            "--tls-replication",
-            "yes",
-            "--tls-cert-file",
-            cert,
-            "--tls-key-file",
-            key,
-            "--tls-ca-cert-file",
-            ca,
-            "--tls-auth-clients",
-            "no",
-        ],
-    };
+    // TLS, when on, covers the cluster bus and replication too.
+    let tls_peers = tls.map_or(&[][..], |_| {
+        &["--tls-cluster", "yes", "--tls-replication", "yes"][..]
+    });
     let child = Command::new("redis-server")
-        .args(listen)
-        .args(["--bind", "127.0.0.1"])
+        .args(super::redis_server::listen_args(port, tls))
+        .args(tls_peers)
         .args([
             "--cluster-enabled",
             "yes",

@@ -55,11 +55,11 @@ fn volatile() -> Vec<String> {
         .into()
 }
 
-/// Starts redis-server on `port` (TLS only when `tls` names its cert, key and CA files) with
-/// `extra` arguments; None if it exited before it was ready (the port was taken).
-async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Option<Child> {
+/// The arguments that make redis-server listen on loopback `port`: in plain TCP, or only in TLS
+/// when `tls` names its cert, key and CA files.
+pub fn listen_args(port: u16, tls: Option<&[String; 3]>) -> Vec<String> {
     let port = port.to_string();
-    let listen: Vec<&str> = match tls {
+    let args = match tls {
         None => vec!["--port", &port],
         Some([cert, key, ca]) => vec![
             "--port",
@@ -76,9 +76,17 @@ async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Option
             "no",
         ],
     };
+    args.into_iter()
+        .chain(["--bind", "127.0.0.1"])
+        .map(String::from)
+        .collect()
+}
+
+/// Starts redis-server on `port` (TLS only when `tls` names its cert, key and CA files) with
+/// `extra` arguments; None if it exited before it was ready (the port was taken).
+async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Option<Child> {
     let child = Command::new("redis-server")
-        .args(listen)
-        .args(["--bind", "127.0.0.1"])
+        .args(listen_args(port, tls))
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
