@@ -2,7 +2,8 @@
 //! baselines taken in the same run, on the built `roomctl` binary (a separate process, so its
 //! memory is its own), with real gRPC clients on loopback.
 //!
-//! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --broadcast-only` to
+//! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --smoke` to run every
+//! section for a moment, as CI does to keep it working, `-- --broadcast-only` to
 //! profile the fan-out alone, `-- --presence-only` for the cost of presence alone,
 //! `-- --cluster-only` for a Redis Cluster beside one Redis, `-- --durability-only` for what
 //! `--redis-wait-replicas 1` costs, `-- --pinned-only` for the pinned h2load measurement alone).
@@ -586,22 +587,67 @@ fn ratio(name: &str, value: f64, target: &str) {
     println!("  {name:<52} {value:>8.2}   (target {target})");
 }
 
+/// How big a run is.
+#[derive(Clone, Copy, PartialEq)]
+enum Size {
+    /// Every section for a moment, to check the benchmark still works (CI runs it).
+    Smoke,
+    /// Short rounds.
+    Quick,
+    /// The figures README and BENCHMARKS.md report.
+    Full,
+}
+
+impl Size {
+    fn of_args() -> Self {
+        let given = |flag: &str| std::env::args().any(|a| a == flag);
+        if given("--smoke") {
+            Size::Smoke
+        } else if given("--quick") {
+            Size::Quick
+        } else {
+            Size::Full
+        }
+    }
+
+    /// How long a throughput round lasts, and how many latency samples are taken.
+    fn rounds(self) -> (Duration, usize) {
+        match self {
+            Size::Smoke => (Duration::from_millis(200), 40),
+            Size::Quick => (Duration::from_secs(1), 200),
+            Size::Full => (Duration::from_secs(5), 2000),
+        }
+    }
+
+    /// Subscribers of the broadcast measurement.
+    fn subscribers(self) -> usize {
+        match self {
+            Size::Smoke => 500,
+            Size::Quick | Size::Full => 10_000,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Size::Smoke => "smoke",
+            Size::Quick => "quick",
+            Size::Full => "full",
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let (duration, samples) = if quick {
-        (Duration::from_secs(1), 200)
-    } else {
-        (Duration::from_secs(5), 2000)
-    };
+    let size = Size::of_args();
+    let (duration, samples) = size.rounds();
     println!(
         "roomctl benchmark ({} run), {} cores",
-        if quick { "quick" } else { "full" },
+        size.name(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
     if std::env::args().any(|a| a == "--presence-only") {
-        return presence(quick).await;
+        return presence(size).await;
     }
     if std::env::args().any(|a| a == "--cluster-only") {
         return cluster(duration).await;
@@ -610,12 +656,12 @@ async fn main() {
         return durability(duration).await;
     }
     if std::env::args().any(|a| a == "--pinned-only") {
-        return pinned(quick).await;
+        return pinned(size).await;
     }
     let memory = Node::start("memory").await;
     if std::env::args().any(|a| a == "--broadcast-only") {
         // For profiling the fan-out alone: `perf record -p <roomctl pid>` while this runs.
-        let (fanout, _, cpu) = broadcast(&memory, 10_000, 10).await;
+        let (fanout, _, cpu) = broadcast(&memory, size.subscribers(), 10).await;
         println!(
             "  broadcast: {:.1} ms, server CPU {cpu:.0} ms",
             fanout.as_secs_f64() * 1e3
@@ -682,9 +728,10 @@ async fn main() {
         "<= 2",
     );
 
-    let (fanout, per_subscription, fanout_cpu) = broadcast(&memory, 10_000, 10).await;
+    let subscribers = size.subscribers();
+    let (fanout, per_subscription, fanout_cpu) = broadcast(&memory, subscribers, 10).await;
     println!(
-        "  one event to 10,000 subscribers: all delivered in {:.1} ms (target <= 50 ms); \
+        "  one event to {subscribers} subscribers: all delivered in {:.1} ms (target <= 50 ms); \
          server CPU {fanout_cpu:.0} ms",
         fanout.as_secs_f64() * 1000.0
     );
@@ -749,9 +796,10 @@ async fn main() {
         local.percentile(0.5) as i64 - same_node.percentile(0.5) as i64
     );
     drop((a, b, redis));
-    presence(quick).await;
+    presence(size).await;
     cluster(duration).await;
-    pinned(quick).await;
+    durability(duration).await;
+    pinned(size).await;
 }
 
 /// A gRPC message as it travels in an HTTP/2 DATA frame: uncompressed, length-prefixed.
@@ -807,7 +855,7 @@ async fn h2load(
 /// alone on one core, h2load alone on the other, default logging, alternating rounds; server CPU
 /// per call from /proc. A Rust gRPC client on the same two cores costs about as much per call as
 /// the server, which pulls every ratio toward 1; this does not.
-async fn pinned(quick: bool) {
+async fn pinned(size: Size) {
     let found = |tool: &str| {
         std::process::Command::new(tool)
             .arg("--version")
@@ -823,7 +871,11 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
         );
         return;
     }
-    let requests = if quick { 20_000 } else { 200_000 };
+    let requests = match size {
+        Size::Smoke => 2_000,
+        Size::Quick => 20_000,
+        Size::Full => 200_000,
+    };
     let node = Node::start_pinned(0).await;
     let mut ops = node.client("mod", "*", "service").await;
     ops.join(join_request("pinned")).await.unwrap();
@@ -969,11 +1021,11 @@ async fn durability(duration: Duration) {
 
 /// Presence: what keeping idle clients present costs Redis, against the same clients with
 /// presence off.
-async fn presence(quick: bool) {
-    let (clients, timeout, window) = if quick {
-        (2_000, "3s", Duration::from_secs(6))
-    } else {
-        (10_000, "20s", Duration::from_secs(40))
+async fn presence(size: Size) {
+    let (clients, timeout, window) = match size {
+        Size::Smoke => (200, "1s", Duration::from_secs(2)),
+        Size::Quick => (2_000, "3s", Duration::from_secs(6)),
+        Size::Full => (10_000, "20s", Duration::from_secs(40)),
     };
     println!(
         "\npresence: {clients} idle clients on two Redis nodes, each with one Events stream as \
