@@ -64,12 +64,14 @@ impl Node {
     }
 
     /// A memory node on CPU `core` alone (through `taskset`, which becomes the node), logging
-    /// as a production node does by default.
-    async fn start_pinned(core: usize) -> Node {
+    /// as a production node does by default, or as `log` (a `ROOMCTL_LOG` filter) says.
+    async fn start_pinned(core: usize, log: Option<&str>) -> Node {
         let mut command = Command::new("taskset");
-        command
-            .args(["-c", &core.to_string(), env!("CARGO_BIN_EXE_roomctl")])
-            .env_remove("ROOMCTL_LOG");
+        command.args(["-c", &core.to_string(), env!("CARGO_BIN_EXE_roomctl")]);
+        match log {
+            Some(filter) => command.env("ROOMCTL_LOG", filter),
+            None => command.env_remove("ROOMCTL_LOG"),
+        };
         Self::spawn(command, "memory", &[]).await
     }
 
@@ -876,9 +878,9 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
         Size::Quick => 20_000,
         Size::Full => 200_000,
     };
-    let node = Node::start_pinned(0).await;
-    let mut ops = node.client("mod", "*", "service").await;
-    ops.join(join_request("pinned")).await.unwrap();
+    let node = Node::start_pinned(0, None).await;
+    // The same without its access log, for what the access log costs.
+    let quiet = Node::start_pinned(0, Some("info,roomctl::access=off")).await;
     let dir = std::env::temp_dir().join(format!("roomctl-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (check, drop_body) = (dir.join("check.bin"), dir.join("drop.bin"));
@@ -889,25 +891,29 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
         ..Default::default()
     };
     std::fs::write(&drop_body, grpc_frame(&request)).unwrap();
-    // h2load counts HTTP answers; a gRPC refusal is an HTTP 200 too. The same call with the same
-    // token through a gRPC client shows it is answered OK.
-    ops.drop_user(request)
-        .await
-        .expect("DropUser is answered OK");
-    let (mut echo, mut drops, mut echo_cpu, mut drop_cpu) = (vec![], vec![], vec![], vec![]);
+    for node in [&node, &quiet] {
+        let mut ops = node.client("mod", "*", "service").await;
+        ops.join(join_request("pinned")).await.unwrap();
+        // h2load counts HTTP answers; a gRPC refusal is an HTTP 200 too. The same call with
+        // the same token through a gRPC client shows it is answered OK.
+        ops.drop_user(request.clone())
+            .await
+            .expect("DropUser is answered OK");
+    }
+    let check_path = "/grpc.health.v1.Health/Check";
+    let drop_path = "/roomcontrol.v1.RoomControl/DropUser";
+    let (mut echo, mut drops, mut unlogged) = (vec![], vec![], vec![]);
+    let (mut echo_cpu, mut drop_cpu, mut unlogged_cpu) = (vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
-        for (path, body, rates, cpu) in [
+        for (node, path, body, rates, cpu) in [
+            (&node, check_path, &check, &mut echo, &mut echo_cpu),
+            (&node, drop_path, &drop_body, &mut drops, &mut drop_cpu),
             (
-                "/grpc.health.v1.Health/Check",
-                &check,
-                &mut echo,
-                &mut echo_cpu,
-            ),
-            (
-                "/roomcontrol.v1.RoomControl/DropUser",
+                &quiet,
+                drop_path,
                 &drop_body,
-                &mut drops,
-                &mut drop_cpu,
+                &mut unlogged,
+                &mut unlogged_cpu,
             ),
         ] {
             let before = node.cpu();
@@ -926,9 +932,13 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
         "  Health/Check: {echo:.0} calls/s, server CPU {:.1} us/call",
         median(echo_cpu)
     );
+    let (drop_cpu, unlogged_cpu) = (median(drop_cpu), median(unlogged_cpu));
+    println!("  DropUser (absent client): {drops:.0} calls/s, server CPU {drop_cpu:.1} us/call");
     println!(
-        "  DropUser (absent client): {drops:.0} calls/s, server CPU {:.1} us/call",
-        median(drop_cpu)
+        "  DropUser without the access log: {:.0} calls/s, server CPU {unlogged_cpu:.1} us/call; \
+         the access log costs {:.1} us/call (target < 3)",
+        median(unlogged),
+        drop_cpu - unlogged_cpu
     );
     ratio(
         "pinned DropUser / Health/Check throughput",

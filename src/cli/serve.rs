@@ -288,8 +288,12 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
     })
 }
 
-/// Logs to stderr through a writer thread, so no request's thread ever waits for a write; the
-/// returned guard flushes what is queued when `serve` returns, and the counter says how many
+/// Bytes of log lines the writer thread gathers into one write.
+const LOG_BUFFER: usize = 64 * 1024;
+
+/// Logs to stderr through a writer thread, so no request's thread ever waits for a write (and,
+/// under load, the thread writes many lines at once); the returned guard flushes what is
+/// queued when `serve` returns, and the counter says how many
 /// lines were dropped because the writer was behind.
 fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOMCTL_LOG")
@@ -298,7 +302,12 @@ fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
         .lossy(true)
         .buffered_lines_limit(LOG_BACKLOG)
         .thread_name("roomctl-log")
-        .finish(std::io::stderr());
+        // The writer thread writes what is queued, then flushes: under load one write(2)
+        // carries many lines instead of one each.
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_BUFFER,
+            std::io::stderr(),
+        ));
     let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
