@@ -12,6 +12,8 @@
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
 
 // The tests' helper; the benchmark uses only part of it.
+#[path = "support/minimal_server.rs"]
+mod minimal_server;
 #[path = "../tests/common/proc.rs"]
 mod proc;
 #[allow(dead_code)]
@@ -75,9 +77,20 @@ impl Node {
         Self::spawn(command, "memory", &[]).await
     }
 
+    /// The fan-out baseline ([`minimal_server`]) on CPU `core` alone.
+    async fn start_minimal(core: usize) -> Node {
+        let mut command = Command::new("taskset");
+        let me = std::env::current_exe().unwrap();
+        command
+            .args(["-c", &core.to_string()])
+            .arg(me)
+            .arg("--minimal-server");
+        Self::listening(command, false).await
+    }
+
     /// Runs `command` (which ends in the roomctl binary) as `serve` on `store`.
     async fn spawn(mut command: Command, store: &str, extra: &[&str]) -> Node {
-        let mut child = command
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
             .args(extra)
             // One moderator identity drops as fast as it can: lift the per-identity rate.
@@ -87,16 +100,21 @@ impl Node {
                 "--moderator-burst",
                 "4000000000",
             ])
-            .env("ROOMCTL_JWT_SECRET", SECRET)
+            .env("ROOMCTL_JWT_SECRET", SECRET);
+        Self::listening(command, extra.contains(&"--metrics-listen")).await
+    }
+
+    /// Starts `command`, a server that says on stderr where it listens, then (when
+    /// `wants_metrics`) where its metrics are.
+    async fn listening(mut command: Command, wants_metrics: bool) -> Node {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .expect("the roomctl binary runs");
+            .expect("the server runs");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        // The node says where it listens, then (when asked to serve them) where its metrics are.
-        let wants_metrics = extra.contains(&"--metrics-listen");
         let (mut addr, mut metrics) = (None, None);
         while addr.is_none() || (wants_metrics && metrics.is_none()) {
             let line = lines
@@ -640,6 +658,9 @@ impl Size {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "--minimal-server") {
+        return minimal_server::serve().await;
+    }
     let size = Size::of_args();
     let (duration, samples) = size.rounds();
     println!(
@@ -658,6 +679,7 @@ async fn main() {
         return durability(duration).await;
     }
     if std::env::args().any(|a| a == "--pinned-only") {
+        fanout_pinned(size).await;
         return pinned(size).await;
     }
     let memory = Node::start("memory").await;
@@ -801,6 +823,7 @@ async fn main() {
     presence(size).await;
     cluster(duration).await;
     durability(duration).await;
+    fanout_pinned(size).await;
     pinned(size).await;
 }
 
@@ -858,14 +881,7 @@ async fn h2load(
 /// per call from /proc. A Rust gRPC client on the same two cores costs about as much per call as
 /// the server, which pulls every ratio toward 1; this does not.
 async fn pinned(size: Size) {
-    let found = |tool: &str| {
-        std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if !found("h2load") || !found("taskset") || cores < 2 {
+    if !can_pin(true) {
         println!(
             "
 pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
@@ -944,6 +960,68 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
         "pinned DropUser / Health/Check throughput",
         drops / echo,
         ">= 0.85",
+    );
+}
+
+/// Whether servers can be pinned to one core and the load to another: taskset, two cores, and
+/// h2load if `h2load` is needed.
+fn can_pin(h2load: bool) -> bool {
+    let found = |tool: &str| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    found("taskset") && cores >= 2 && (!h2load || found("h2load"))
+}
+
+/// Moves every thread of this process (the benchmark's clients) to `cores` (a taskset list).
+fn pin_self(cores: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cores, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("taskset runs");
+    assert!(status.success(), "taskset -a -p -c {cores}");
+}
+
+/// One event to many observers with the server on one core: roomctl beside the minimal tonic
+/// server ([`minimal_server`]), each alone on core 0, with the benchmark's clients on core 1.
+async fn fanout_pinned(size: Size) {
+    if !can_pin(false) {
+        println!("\npinned fan-out: needs taskset and two cores; skipped");
+        return;
+    }
+    let subscribers = size.subscribers();
+    // Before pinning: the number of cores this process may use is what it reports.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    pin_self("1");
+    let roomctl = Node::start_pinned(0, None).await;
+    let (ours, per_subscription, our_cpu) = broadcast(&roomctl, subscribers, 10).await;
+    drop(roomctl);
+    let minimal = Node::start_minimal(0).await;
+    let (theirs, their_subscription, their_cpu) = broadcast(&minimal, subscribers, 10).await;
+    drop(minimal);
+    pin_self(&format!("0-{}", cores - 1));
+    println!(
+        "\npinned fan-out: one event to {subscribers} observers over 10 connections, server on \
+         core 0, clients on core 1 ({ROUNDS} rounds, medians)"
+    );
+    println!(
+        "  roomctl: all delivered in {:.1} ms, server CPU {our_cpu:.0} ms; \
+         {per_subscription} bytes per idle observer (target <= 3072)",
+        ours.as_secs_f64() * 1e3
+    );
+    println!(
+        "  minimal tonic server: all delivered in {:.1} ms, server CPU {their_cpu:.0} ms; \
+         {their_subscription} bytes per idle observer",
+        theirs.as_secs_f64() * 1e3
+    );
+    ratio(
+        "pinned fan-out time roomctl / minimal tonic server",
+        ours.as_secs_f64() / theirs.as_secs_f64(),
+        "<= 1",
     );
 }
 
