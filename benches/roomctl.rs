@@ -845,21 +845,7 @@ async fn h2load(
     body: &std::path::Path,
     requests: usize,
 ) -> f64 {
-    let bearer = format!("authorization: Bearer {}", token("mod", "*", "service"));
-    let output = Command::new("taskset")
-        .args(["-c", &core.to_string(), "h2load"])
-        .args(["-n", &requests.to_string(), "-c", "8", "-m", "16"])
-        .arg("-d")
-        .arg(body)
-        .args([
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "-H",
-            &bearer,
-        ])
-        .arg(format!("http://{addr}{path}"))
+    let output = h2load_command(addr, core, path, body, requests)
         .output()
         .await
         .expect("h2load runs");
@@ -874,6 +860,34 @@ async fn h2load(
         .and_then(|rate| rate.split_whitespace().next())
         .and_then(|rate| rate.parse().ok())
         .unwrap_or_else(|| panic!("no rate in h2load's output: {text}"))
+}
+
+/// h2load on CPU `core` sending `requests` calls of `path` with `body` to `addr` (8
+/// connections, 16 calls in flight on each), with the benchmark's service token.
+fn h2load_command(
+    addr: SocketAddr,
+    core: usize,
+    path: &str,
+    body: &std::path::Path,
+    requests: usize,
+) -> Command {
+    let bearer = format!("authorization: Bearer {}", token("mod", "*", "service"));
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", &core.to_string(), "h2load"])
+        .args(["-n", &requests.to_string(), "-c", "8", "-m", "16"])
+        .arg("-d")
+        .arg(body)
+        .args([
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            &bearer,
+        ])
+        .arg(format!("http://{addr}{path}"));
+    command
 }
 
 /// DropUser against Health/Check with a load generator that costs little per call: the server
@@ -937,6 +951,23 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
             cpu.push((node.cpu() - before).as_secs_f64() * 1e6 / requests as f64);
         }
     }
+
+    // Latency under that load: h2load keeps DropUser calls coming from core 1 while this
+    // process, also on core 1, times Health/Check calls and drops until the dropped client's
+    // stream says `room_disconnected`.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    pin_self("1");
+    let mut load = h2load_command(node.addr, 1, drop_path, &drop_body, 100_000_000)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("h2load runs");
+    let samples = size.rounds().1;
+    let mut checks = unary_rtt(&node, samples).await;
+    let mut told = drop_to_disconnect(&node, samples / 4).await;
+    load.kill().await.unwrap();
+    pin_self(&format!("0-{}", cores - 1));
+
     let _ = std::fs::remove_dir_all(&dir);
     let (echo, drops) = (median(echo), median(drops));
     println!(
@@ -960,6 +991,18 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
         "pinned DropUser / Health/Check throughput",
         drops / echo,
         ">= 0.85",
+    );
+    let (check_p99, told_p99) = (checks.percentile(0.99), told.percentile(0.99));
+    println!(
+        "  under DropUser load: Health/Check p50 {} us, p99 {check_p99} us; \
+         drop-to-room_disconnected p50 {} us, p99 {told_p99} us",
+        checks.percentile(0.5),
+        told.percentile(0.5)
+    );
+    ratio(
+        "drop-to-room_disconnected p99 / Health/Check p99",
+        told_p99 as f64 / check_p99 as f64,
+        "<= 1.5",
     );
 }
 
