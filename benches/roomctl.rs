@@ -714,7 +714,11 @@ async fn main() {
     }
     let (echo, drops) = (median(echo), median(drops));
     let (echo_cpu, drop_cpu) = (median(echo_cpu), median(drop_cpu));
-    println!("\none node, in-memory store ({ROUNDS} alternating rounds, medians)");
+    println!(
+        "\none node, in-memory store ({ROUNDS} alternating rounds, medians; this Rust client \
+         shares both cores with the server and costs about as much per call, so the throughput \
+         and latency targets are judged by the pinned sections at the end)"
+    );
     println!("  echo (Health/Check) throughput: {echo:.0} calls/s; DropUser throughput: {drops:.0} calls/s");
     println!("  server CPU per call: echo {echo_cpu:.1} us, DropUser {drop_cpu:.1} us");
     println!(
@@ -722,7 +726,7 @@ async fn main() {
         median(echo_client),
         median(drop_client)
     );
-    ratio("DropUser / echo throughput", drops / echo, ">= 0.8");
+    ratio("DropUser / echo throughput", drops / echo, "pinned >= 0.85");
 
     // Metrics on (a second node serving /metrics) beside off, alternating as above.
     let metered = Node::start_with("memory", &["--metrics-listen", "127.0.0.1:0"]).await;
@@ -749,7 +753,7 @@ async fn main() {
     ratio(
         "drop-to-room_disconnected p99 / unary p99",
         drop_p99 as f64 / rtt_p99 as f64,
-        "<= 2",
+        "under load <= 1.5",
     );
 
     let subscribers = size.subscribers();
@@ -759,7 +763,7 @@ async fn main() {
          server CPU {fanout_cpu:.0} ms",
         fanout.as_secs_f64() * 1000.0
     );
-    println!("  server memory per idle subscription: {per_subscription} bytes (target <= 4096)");
+    println!("  server memory per idle subscription: {per_subscription} bytes (target <= 3072)");
 
     let mut same_node = delivery(&memory, &memory, "deliver", samples).await;
     println!(
@@ -800,7 +804,7 @@ async fn main() {
     ratio(
         "Redis / memory DropUser throughput",
         redis_drops / memory_drops,
-        ">= 0.5",
+        ">= 0.7",
     );
     let mut local = delivery(&a, &a, "local", samples).await;
     let mut cross = delivery(&a, &b, "cross", samples).await;
