@@ -12,6 +12,8 @@
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
 
 // The tests' helper; the benchmark uses only part of it.
+#[path = "support/h2_client.rs"]
+mod h2_client;
 #[path = "support/minimal_server.rs"]
 mod minimal_server;
 #[path = "../tests/common/proc.rs"]
@@ -32,6 +34,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use proc::cpu_of;
 use redis_server::RedisServer;
@@ -961,6 +965,7 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
     // stream says `room_disconnected`.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     pin_self("1");
+    let live = live_drops(&node, size).await;
     let mut load = h2load_command(node.addr, 1, drop_path, &drop_body, 100_000_000)
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -996,6 +1001,16 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
         drops / echo,
         ">= 0.85",
     );
+    println!(
+        "  raw-h2 client, {} calls a round: Health/Check {:.0} calls/s, server CPU {:.1} us/call; \
+         DropUser of a live subscribed client {:.0} calls/s, server CPU {:.1} us/call",
+        live.calls, live.check_rate, live.check_cpu, live.drop_rate, live.drop_cpu
+    );
+    ratio(
+        "pinned live-client DropUser / Health/Check throughput",
+        live.drop_rate / live.check_rate,
+        ">= 0.6",
+    );
     let (check_p99, told_p99) = (checks.percentile(0.99), told.percentile(0.99));
     println!(
         "  under DropUser load: Health/Check p50 {} us, p99 {check_p99} us; \
@@ -1008,6 +1023,91 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
         told_p99 as f64 / check_p99 as f64,
         "<= 1.5",
     );
+}
+
+/// Health/Check beside DropUser calls that each drop a live client, both sent by the raw-h2
+/// client: medians of calls per second and of server CPU per call.
+struct LiveDrops {
+    calls: usize,
+    check_rate: f64,
+    check_cpu: f64,
+    drop_rate: f64,
+    drop_cpu: f64,
+}
+
+/// Measures [`LiveDrops`] on `node` in alternating rounds. Before each DropUser round, as many
+/// clients as it has calls each join a room of their own and open an `Events` stream as
+/// themselves (over 10 connections), and each call drops one of them; the streams are read until
+/// their `room_disconnected`, so every drop reaches a live subscriber.
+async fn live_drops(node: &Node, size: Size) -> LiveDrops {
+    let calls = match size {
+        Size::Smoke => 200,
+        Size::Quick => 2_000,
+        Size::Full => 10_000,
+    };
+    let token = token("mod", "*", "service");
+    let check = Bytes::from(grpc_frame(&HealthCheckRequest::default()));
+    let mut ops = node.client("mod", "*", "service").await;
+    let mut readers = Vec::new();
+    for _ in 0..10 {
+        readers.push(node.client("mod", "*", "service").await);
+    }
+    let (mut check_rates, mut check_cpu, mut drop_rates, mut drop_cpu) =
+        (vec![], vec![], vec![], vec![]);
+    for round in 0..ROUNDS {
+        let mut bodies = Vec::with_capacity(calls);
+        let mut told = tokio::task::JoinSet::new();
+        for i in 0..calls {
+            // A room each, so that a drop is told to its client alone (in one shared room
+            // every drop's user_disconnected would go to every remaining client).
+            let room = format!("live-{round}-{i}");
+            let joined = ops.join(join_request(&room)).await.unwrap().into_inner();
+            let connections = readers.len();
+            let reader = &mut readers[i % connections];
+            let mut stream = subscribe(reader, &room, &joined.client_id, joined.seq).await;
+            told.spawn(async move {
+                loop {
+                    let event = stream.message().await.unwrap().expect("room_disconnected");
+                    if matches!(event.payload, Some(Payload::RoomDisconnected(_))) {
+                        return;
+                    }
+                }
+            });
+            bodies.push(Bytes::from(grpc_frame(&pb::DropUserRequest {
+                room_id: room.clone(),
+                client_ids: vec![joined.client_id],
+                ..Default::default()
+            })));
+        }
+        let check_path = "/grpc.health.v1.Health/Check";
+        let before = node.cpu();
+        let took = h2_client::run(
+            node.addr,
+            check_path,
+            &token,
+            vec![check.clone(); calls],
+            8,
+            16,
+        );
+        let took = took.await;
+        check_cpu.push((node.cpu() - before).as_secs_f64() * 1e6 / calls as f64);
+        check_rates.push(calls as f64 / took.as_secs_f64());
+        let before = node.cpu();
+        let drop_path = "/roomcontrol.v1.RoomControl/DropUser";
+        let took = h2_client::run(node.addr, drop_path, &token, bodies, 8, 16).await;
+        drop_cpu.push((node.cpu() - before).as_secs_f64() * 1e6 / calls as f64);
+        drop_rates.push(calls as f64 / took.as_secs_f64());
+        while let Some(reader) = told.join_next().await {
+            reader.unwrap();
+        }
+    }
+    LiveDrops {
+        calls,
+        check_rate: median(check_rates),
+        check_cpu: median(check_cpu),
+        drop_rate: median(drop_rates),
+        drop_cpu: median(drop_cpu),
+    }
 }
 
 /// Whether servers can be pinned to one core and the load to another: taskset, two cores, and
