@@ -115,9 +115,9 @@ async fn a_redis_restarted_without_its_last_writes_starts_a_new_epoch() {
 }
 
 /// With `--redis-wait-replicas 1`, a commit the replica has not confirmed is answered
-/// DEADLINE_EXCEEDED / OUTCOME_UNKNOWN and shown to nobody (a failover could still lose it);
-/// once a later commit is confirmed, both are shown in order, and the first request's retry
-/// answers what it did.
+/// DEADLINE_EXCEEDED / OUTCOME_UNKNOWN and shown to nobody (a failover could still lose it),
+/// while the node goes on serving reads; once a later commit is confirmed, both are shown in
+/// order, and the first request's retry answers what it did.
 #[tokio::test]
 async fn a_commit_its_replicas_do_not_confirm_is_never_shown() {
     if !redis_available() {
@@ -157,6 +157,27 @@ async fn a_commit_its_replicas_do_not_confirm_is_never_shown() {
         .await
         .unwrap_err();
     assert_error(&status, Code::OutOfRange, "CURSOR_OUT_OF_RANGE");
+
+    // Commits that wait for the paused replica (up to a second each, one after the other) do
+    // not hold up the node's reads: they have a connection of their own.
+    let fleet = a.client("ops", "*", "service").await;
+    let mut waiting = tokio::task::JoinSet::new();
+    for n in 10..13 {
+        let mut writer = fleet.clone();
+        waiting.spawn(async move { writer.join(join_request(&format!("other-{n}"), n)).await });
+    }
+    while !waiting.is_empty() {
+        writer
+            .list_participants(pb::ListParticipantsRequest {
+                room_id: "r".into(),
+            })
+            .await
+            .expect("reads are served while commits wait for replicas");
+        while let Some(done) = waiting.try_join_next() {
+            let status = done.unwrap().unwrap_err();
+            assert_error(&status, Code::DeadlineExceeded, "OUTCOME_UNKNOWN");
+        }
+    }
 
     replica.resume();
     let third = join_until_ok(&mut writer, join_request("r", 3)).await;

@@ -107,6 +107,10 @@ pub struct RedisConfig {
 
 struct Shared {
     pub(super) conn: Conn,
+    /// With `--redis-wait-replicas`, the connection commits and their `WAIT`s go through: a
+    /// `WAIT` holds its connection until the replicas answer (up to a second when they do not),
+    /// and reads and the health ping must not queue behind it.
+    pub(super) waiting: Option<Conn>,
     pub(super) config: RedisConfig,
     pub(super) commit: redis::Script,
     pub(super) confirm: redis::Script,
@@ -142,9 +146,14 @@ impl RedisStore {
         let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
         let mut conn = Conn::connect(&config).await.map_err(at)?;
         connection::agree_on_settings(&mut conn, &config).await?;
+        let waiting = match config.wait_replicas {
+            0 => None,
+            _ => Some(Conn::connect(&config).await.map_err(at)?),
+        };
         let (control, requests) = mpsc::channel(CONTROL_QUEUE);
         let shared = Arc::new(Shared {
             conn,
+            waiting,
             control,
             config,
             commit: redis::Script::new(COMMIT),

@@ -598,10 +598,9 @@ impl Shared {
         let mut conn = self.conn();
         let replicas = self.config.wait_replicas;
         let committing = async {
-            if waiting {
-                conn.commit_and_wait(&call, &keys.meta, replicas).await
-            } else {
-                call.invoke_async(&mut conn).await.map(|done| (done, 0))
+            match self.waiting.clone() {
+                Some(mut conn) => conn.commit_and_wait(&call, &keys.meta, replicas).await,
+                None => call.invoke_async(&mut conn).await.map(|done| (done, 0)),
             }
         };
         let answer = tokio::time::timeout(OP_TIMEOUT, committing).await;
