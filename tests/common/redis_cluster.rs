@@ -42,36 +42,27 @@ fn cluster_port() -> u16 {
 /// to its peers, when `tls` names its cert, key and CA files); None if it exited before it was
 /// ready (the port was taken meanwhile).
 async fn spawn(port: u16, dir: &std::path::Path, tls: Option<&[String; 3]>) -> Option<Child> {
-    let config_file = format!("nodes-{port}.conf");
-    // TLS, when on, covers the cluster bus and replication too.
-    let tls_peers = tls.map_or(&[][..], |_| {
-        &["--tls-cluster", "yes", "--tls-replication", "yes"][..]
-    });
-    let child = Command::new("redis-server")
-        .args(super::redis_server::listen_args(port, tls))
-        .args(tls_peers)
-        .args([
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            &config_file,
-        ])
-        .args([
-            "--cluster-node-timeout",
-            "1000",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--dir", &dir.to_string_lossy()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server starts");
-    super::redis_server::when_ready(child).await
+    let mut args: Vec<String> = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &format!("nodes-{port}.conf"),
+        "--cluster-node-timeout",
+        "1000",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        &dir.to_string_lossy(),
+    ]
+    .map(String::from)
+    .into();
+    if tls.is_some() {
+        // TLS, when on, covers the cluster bus and replication too.
+        args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+    }
+    super::redis_server::spawn(port, tls, &args).await
 }
 
 impl RedisCluster {

@@ -57,7 +57,7 @@ fn volatile() -> Vec<String> {
 
 /// The arguments that make redis-server listen on loopback `port`: in plain TCP, or only in TLS
 /// when `tls` names its cert, key and CA files.
-pub fn listen_args(port: u16, tls: Option<&[String; 3]>) -> Vec<String> {
+fn listen_args(port: u16, tls: Option<&[String; 3]>) -> Vec<String> {
     let port = port.to_string();
     let args = match tls {
         None => vec!["--port", &port],
@@ -84,7 +84,7 @@ pub fn listen_args(port: u16, tls: Option<&[String; 3]>) -> Vec<String> {
 
 /// Starts redis-server on `port` (TLS only when `tls` names its cert, key and CA files) with
 /// `extra` arguments; None if it exited before it was ready (the port was taken).
-async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Option<Child> {
+pub async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Option<Child> {
     let child = Command::new("redis-server")
         .args(listen_args(port, tls))
         .args(extra)

@@ -266,7 +266,8 @@ if expected == '' then
   current[5] = false
 end
 if not waiting then
-  redis.call('HDEL', meta, 'confirmed')
+  -- Left by nodes that waited for replicas before: it would hide what this commit shows.
+  if current[5] then redis.call('HDEL', meta, 'confirmed') end
 elseif not current[5] then
   -- Newly created, or first written since waiting was turned on.
   redis.call('HSET', meta, 'confirmed', expected == '' and '0' or expected)

@@ -511,7 +511,7 @@ impl Shared {
         let changes = Changes::of(&applied);
         let notice = Notice::publish(room_id, &events);
         // With replicas to wait for, the notice goes out once they hold the commit.
-        let waiting = self.config.wait_replicas > 0;
+        let waiting = self.waiting.is_some();
         let mut call = self.commit.prepare_invoke();
         for key in keys.room() {
             call.key(key);
@@ -595,12 +595,14 @@ impl Shared {
             };
         }
         let started = Instant::now();
-        let mut conn = self.conn();
         let replicas = self.config.wait_replicas;
         let committing = async {
             match self.waiting.clone() {
                 Some(mut conn) => conn.commit_and_wait(&call, &keys.meta, replicas).await,
-                None => call.invoke_async(&mut conn).await.map(|done| (done, 0)),
+                None => call
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map(|done| (done, 0)),
             }
         };
         let answer = tokio::time::timeout(OP_TIMEOUT, committing).await;
@@ -646,9 +648,7 @@ impl Shared {
             Ok(Err(_)) | Err(_) => Err(Error::OutcomeUnknown { request_id: None }),
         }
     }
-}
 
-impl Shared {
     /// Shows a commit its replicas hold: raises the room's confirmed seq to `state`'s and
     /// publishes the commit's notice. A commit whose confirmation fails is durable but hidden
     /// until a later one of the room is confirmed; its callers are told the outcome is unknown.
