@@ -337,14 +337,20 @@ async fn missing_rooms_and_clients_are_not_found(backend: Backend) {
 /// call is verified.
 async fn every_call_is_verified(backend: Backend) {
     let server = TestServer::start(backend).await;
+    // A few seconds of validity: the first call must succeed even on a loaded machine and a
+    // cluster (a one-second token made this test fail there); then wait past `exp` by the clock.
+    let exp = now() + 4;
     let soon = raw_token(
-        serde_json::json!({"sub": "a", "room": "r", "role": "moderator", "exp": now() + 1}),
+        serde_json::json!({"sub": "a", "room": "r", "role": "moderator", "exp": exp}),
         Algorithm::HS256,
         SECRET,
     );
     let mut client = server.client_with_token(&soon).await;
     join(&mut client, "r", "a").await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired_at = UNIX_EPOCH + Duration::from_secs(exp);
+    if let Ok(left) = expired_at.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(50)).await;
+    }
     let status = client.list_participants(list("r")).await.unwrap_err();
     assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
 }

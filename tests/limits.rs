@@ -239,7 +239,7 @@ async fn a_stream_ends_when_its_token_expires() {
     let server = TestServer::start(Backend::Memory).await;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     let claims = Claims {
-        exp: now.as_secs() + 2,
+        exp: now.as_secs() + 3,
         ..Claims::new("ops", "r", "service", Duration::ZERO)
     };
     let mut short_lived = server.client_with_token(&mint(SECRET, &claims)).await;
