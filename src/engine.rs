@@ -305,22 +305,6 @@ pub enum Reply {
     Unbanned(pb::UnbanResponse),
 }
 
-impl Reply {
-    /// What kind of answer this is, as logs name it.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Reply::Joined(_) => "join",
-            Reply::Left => "leave",
-            Reply::Dropped(_) => "drop",
-            Reply::TimedOut(_) => "time-out",
-            Reply::Locked(_) => "lock",
-            Reply::Unlocked(_) => "unlock",
-            Reply::Destroyed(_) => "destroy",
-            Reply::Unbanned(_) => "unban",
-        }
-    }
-}
-
 /// One change a command made to a room's members, lock or bans, for stores that persist changes
 /// rather than the whole state.
 #[derive(Debug, Clone, PartialEq)]

@@ -47,11 +47,12 @@ impl RoomControlService {
     }
 }
 
-/// Notes the call's room and caller for its access log line.
-fn note<T>(request: &Request<T>, room_id: &str, caller: &engine::Caller) {
-    if let Some(note) = request.extensions().get::<CallNote>() {
-        note.record(room_id, &caller.identity);
-    }
+/// Notes the call's room and caller for its access log line, and returns the note for what
+/// the handler learns later.
+fn note<T>(request: &Request<T>, room_id: &str, caller: &engine::Caller) -> Option<CallNote> {
+    let note = request.extensions().get::<CallNote>()?;
+    note.record(room_id, &caller.identity);
+    Some(note.clone())
 }
 
 fn unexpected(reply: Reply) -> Status {
@@ -60,23 +61,19 @@ fn unexpected(reply: Reply) -> Status {
 
 impl RoomControlService {
     /// Runs a moderator's command (whose permission the caller checked) within the identity's
-    /// moderator rate, and logs it.
+    /// moderator rate; its request id goes into the call's access line, which is its audit line.
     async fn moderate(
         &self,
         room_id: &str,
         caller: &engine::Caller,
+        note: Option<CallNote>,
         cmd: Command,
     ) -> Result<Reply, Status> {
         self.moderators.check(&caller.identity)?;
-        let request_id = cmd.request_id().map(str::to_owned);
-        let reply = self.store.execute(room_id, caller, cmd).await?.reply;
-        tracing::info!(
-            request_id = request_id.as_deref().unwrap_or(""),
-            moderator = %caller.identity,
-            "{}",
-            reply.kind()
-        );
-        Ok(reply)
+        if let (Some(note), Some(request_id)) = (note, cmd.request_id()) {
+            note.record_request_id(request_id);
+        }
+        Ok(self.store.execute(room_id, caller, cmd).await?.reply)
     }
 
     /// Locks (`lock`) or unlocks `room_id` for `caller`: the rules both calls share.
@@ -85,6 +82,7 @@ impl RoomControlService {
         room_id: &str,
         request_id: String,
         caller: &engine::Caller,
+        note: Option<CallNote>,
         lock: bool,
     ) -> Result<Reply, Status> {
         let request_id = validate::lock(room_id, request_id)?;
@@ -94,13 +92,13 @@ impl RoomControlService {
         } else {
             Command::Unlock { request_id }
         };
-        self.moderate(room_id, caller, cmd).await
+        self.moderate(room_id, caller, note, cmd).await
     }
 }
 
 #[tonic::async_trait]
 impl RoomControl for RoomControlService {
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
@@ -124,7 +122,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn leave(
         &self,
         request: Request<pb::LeaveRequest>,
@@ -143,7 +141,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn list_participants(
         &self,
         request: Request<pb::ListParticipantsRequest>,
@@ -162,33 +160,36 @@ impl RoomControl for RoomControlService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn drop_user(
         &self,
         request: Request<pb::DropUserRequest>,
     ) -> Result<Response<pb::DropUserResponse>, Status> {
         let caller = caller(&request)?;
-        note(&request, &request.get_ref().room_id, &caller);
+        let note = note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         let room_id = req.room_id.clone();
         let cmd = validate::drop_user(req)?;
         caller.check_may_drop(&room_id)?;
-        match self.moderate(&room_id, &caller, Command::Drop(cmd)).await? {
+        match self
+            .moderate(&room_id, &caller, note, Command::Drop(cmd))
+            .await?
+        {
             Reply::Dropped(response) => Ok(Response::new(response)),
             other => Err(unexpected(other)),
         }
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn lock_room(
         &self,
         request: Request<pb::LockRoomRequest>,
     ) -> Result<Response<pb::LockRoomResponse>, Status> {
         let caller = caller(&request)?;
-        note(&request, &request.get_ref().room_id, &caller);
+        let note = note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         match self
-            .set_lock(&req.room_id, req.request_id, &caller, true)
+            .set_lock(&req.room_id, req.request_id, &caller, note, true)
             .await?
         {
             Reply::Locked(response) => Ok(Response::new(response)),
@@ -196,16 +197,16 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn unlock_room(
         &self,
         request: Request<pb::UnlockRoomRequest>,
     ) -> Result<Response<pb::UnlockRoomResponse>, Status> {
         let caller = caller(&request)?;
-        note(&request, &request.get_ref().room_id, &caller);
+        let note = note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         match self
-            .set_lock(&req.room_id, req.request_id, &caller, false)
+            .set_lock(&req.room_id, req.request_id, &caller, note, false)
             .await?
         {
             Reply::Unlocked(response) => Ok(Response::new(response)),
@@ -213,19 +214,19 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn destroy_session(
         &self,
         request: Request<pb::DestroySessionRequest>,
     ) -> Result<Response<pb::DestroySessionResponse>, Status> {
         let caller = caller(&request)?;
-        note(&request, &request.get_ref().room_id, &caller);
+        let note = note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         let room_id = req.room_id.clone();
         let cmd = validate::destroy_session(req)?;
         caller.check_may_drop(&room_id)?;
         match self
-            .moderate(&room_id, &caller, Command::Destroy(cmd))
+            .moderate(&room_id, &caller, note, Command::Destroy(cmd))
             .await?
         {
             Reply::Destroyed(response) => Ok(Response::new(response)),
@@ -233,7 +234,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn list_bans(
         &self,
         request: Request<pb::ListBansRequest>,
@@ -249,20 +250,20 @@ impl RoomControl for RoomControlService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn unban(
         &self,
         request: Request<pb::UnbanRequest>,
     ) -> Result<Response<pb::UnbanResponse>, Status> {
         let caller = caller(&request)?;
-        note(&request, &request.get_ref().room_id, &caller);
+        let note = note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         validate::unban(&req)?;
         caller.check_may_drop(&req.room_id)?;
         let cmd = Command::Unban {
             identity: req.identity,
         };
-        match self.moderate(&req.room_id, &caller, cmd).await? {
+        match self.moderate(&req.room_id, &caller, note, cmd).await? {
             Reply::Unbanned(response) => Ok(Response::new(response)),
             other => Err(unexpected(other)),
         }
@@ -294,7 +295,7 @@ impl RoomControl for RoomControlService {
 
     type EventsStream = EventStream;
 
-    #[tracing::instrument(skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
     async fn events(
         &self,
         request: Request<pb::EventsRequest>,

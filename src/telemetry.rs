@@ -492,14 +492,26 @@ fn scrape(telemetry: &Telemetry, request: &http::Request<Incoming>) -> http::Res
     .expect("a response of static parts")
 }
 
-/// What only a handler knows of a call, for its log line: the room and the caller.
+/// What only a handler knows of a call, for its log line: the room, the caller and, for a
+/// moderator's command, its request id (so one line per call is the whole audit trail).
 #[derive(Clone, Default)]
-pub struct CallNote(Arc<OnceLock<(String, String)>>);
+pub struct CallNote(Arc<Noted>);
+
+#[derive(Default)]
+struct Noted {
+    call: OnceLock<(String, String)>,
+    request_id: OnceLock<String>,
+}
 
 impl CallNote {
     /// Notes the call's room and caller identity (the first note counts).
     pub fn record(&self, room_id: &str, identity: &str) {
-        let _ = self.0.set((room_id.to_owned(), identity.to_owned()));
+        let _ = self.0.call.set((room_id.to_owned(), identity.to_owned()));
+    }
+
+    /// Notes the request id of the command the call ran (the first note counts).
+    pub fn record_request_id(&self, request_id: &str) {
+        let _ = self.0.request_id.set(request_id.to_owned());
     }
 }
 
@@ -518,13 +530,16 @@ impl Observation {
         let (room, identity) = self
             .note
             .0
+            .call
             .get()
             .map_or(("-", "-"), |(r, i)| (r.as_str(), i.as_str()));
+        let request_id = self.note.0.request_id.get().map_or("-", String::as_str);
         tracing::info!(
             target: "roomctl::access",
             method = self.method,
             room,
             identity,
+            request_id,
             code = code_name(code),
             duration_us = elapsed.as_micros() as u64,
             "rpc"

@@ -305,7 +305,12 @@ async fn logged_run(format: &str, tokens: &[&str]) -> String {
                 ..Default::default()
             })
             .await;
-        let _ = client.drop_user(drop_request("r", &["x"], "")).await;
+        let _ = client
+            .drop_user(roomctl::pb::DropUserRequest {
+                request_id: "audit-1".into(),
+                ..drop_request("r", &["x"], "")
+            })
+            .await;
     }
     sigterm(&child);
     tokio::time::timeout(PATIENCE, child.wait())
@@ -314,6 +319,31 @@ async fn logged_run(format: &str, tokens: &[&str]) -> String {
         .unwrap();
     logged.push_str(&collect.await.unwrap());
     logged
+}
+
+/// Each call logs one access line, and a moderator's command is audited by it alone: method,
+/// room, caller, request id and code, with no second line of its own.
+#[tokio::test]
+async fn a_drop_is_audited_by_its_access_line() {
+    let secret = ENV_SECRET.as_bytes();
+    let ops = mint(
+        secret,
+        &Claims::new("ops", "r", "service", Duration::from_secs(60)),
+    );
+    let logged = logged_run("json", &[&ops]).await;
+    let lines: Vec<serde_json::Value> = logged
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|line: &serde_json::Value| line["fields"]["request_id"] == "audit-1")
+        .collect();
+    assert_eq!(lines.len(), 1, "one line names the drop: {logged}");
+    let fields = &lines[0]["fields"];
+    assert_eq!(lines[0]["target"], "roomctl::access");
+    assert_eq!(
+        (&fields["method"], &fields["room"], &fields["identity"]),
+        (&"DropUser".into(), &"r".into(), &"ops".into())
+    );
+    assert_eq!(fields["code"], "OK");
 }
 
 /// No token (valid, expired or forged) and no secret ever reaches the logs, in text or JSON,
