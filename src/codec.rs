@@ -1,10 +1,12 @@
 //! The Protobuf codec of RoomControl: tonic's prost codec with a smaller initial buffer, whose
 //! decoder calls a body that is not valid protobuf what it is.
 //!
-//! tonic allocates its codec buffer eagerly for every call, 8 KiB by default. An idle `Events`
-//! subscription would hold that for its whole life, twice the per-subscription memory budget,
-//! while roomctl's messages are mostly a few hundred bytes. Buffers still grow, in steps of this
-//! size, for the rare large message (a 1000-id drop's ack).
+//! tonic allocates its codec buffers eagerly for every call, 8 KiB by default. An idle `Events`
+//! subscription would hold its encode buffer for its whole life, twice the per-subscription
+//! memory budget, while roomctl's events are mostly under 200 bytes: the encode buffer starts at
+//! 256 bytes (a quarter of an idle subscription's memory went to a 1 KiB one) and grows as a
+//! message needs it, for the rare large one (a 1000-id drop's ack). Decode buffers live only
+//! while a request is read, and start at 1 KiB.
 //!
 //! tonic-prost answers a body it cannot decode (invalid UTF-8 in a string, a truncated field, a
 //! wrong wire type) with `INTERNAL`, as if the server had failed. It is the caller's fault:
@@ -20,12 +22,14 @@ use tonic_prost::{ProstCodec, ProstEncoder};
 
 use crate::error::Error;
 
-/// Initial (and growth step) size of a call's encode and decode buffers.
-const BUFFER_BYTES: usize = 1024;
+/// Initial size of a call's encode buffer, which an `Events` stream holds while idle.
+const ENCODE_BYTES: usize = 256;
+/// Initial (and growth step) size of a call's decode buffer.
+const DECODE_BYTES: usize = 1024;
 /// Encoded bytes gathered before a streaming response yields them to the transport.
 const YIELD_BYTES: usize = 32 * 1024;
 
-/// A prost codec with 1 KiB buffers; named by `build.rs` as the codec of every RPC.
+/// A prost codec with small buffers; named by `build.rs` as the codec of every RPC.
 #[derive(Debug, Clone, Copy)]
 pub struct CompactCodec<T, U>(PhantomData<(T, U)>);
 
@@ -46,7 +50,7 @@ where
     type Decoder = MalformedDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(BUFFER_BYTES, YIELD_BYTES))
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(ENCODE_BYTES, YIELD_BYTES))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -69,6 +73,59 @@ impl<U: Message + Default> Decoder for MalformedDecoder<U> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(BUFFER_BYTES, YIELD_BYTES)
+        BufferSettings::new(DECODE_BYTES, YIELD_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::engine::{self, Caller, Command, DropCmd, JoinCmd, RoomScope, RoomState, TokenRole};
+    use crate::pb::Role;
+
+    fn uuid() -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+
+    /// The events of an ordinary room (ids as the server makes them, a name, a reason, a
+    /// request id) fit the initial encode buffer with their frame header, so an `Events` stream
+    /// encodes them without growing it.
+    #[test]
+    fn ordinary_events_fit_the_initial_encode_buffer() {
+        let room_id = "team-standup-2026-11-26";
+        let mut state = RoomState::new(room_id, uuid());
+        let moderator = Caller {
+            identity: "moderator@example.com".into(),
+            scope: RoomScope::One(room_id.into()),
+            role: TokenRole::Moderator,
+        };
+        let client_id = uuid();
+        let join = Command::Join {
+            client_id: client_id.clone(),
+            cmd: JoinCmd {
+                name: "Alice Liddell".into(),
+                role: Role::Unspecified,
+                identity: String::new(),
+                request_id: None,
+            },
+        };
+        let drop = Command::Drop(DropCmd {
+            client_ids: vec![client_id],
+            reason: "repeatedly talking over the speaker".into(),
+            request_id: uuid(),
+            ban: None,
+        });
+        let mut events = Vec::new();
+        for cmd in [join, drop] {
+            let applied = engine::apply(&mut state, &moderator, cmd, SystemTime::now()).unwrap();
+            events.extend(applied.events);
+        }
+        assert_eq!(events.len(), 4, "{events:?}");
+        for event in events {
+            let framed = event.encoded_len() + 5;
+            assert!(framed <= ENCODE_BYTES, "{framed} bytes: {event:?}");
+        }
     }
 }
