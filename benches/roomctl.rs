@@ -120,12 +120,13 @@ impl Node {
             .expect("the server runs");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let (mut addr, mut metrics) = (None, None);
+        let mut said = String::new();
         while addr.is_none() || (wants_metrics && metrics.is_none()) {
-            let line = lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("roomctl exited early");
+            let Some(line) = lines.next_line().await.unwrap() else {
+                panic!("the server exited before it listened; it said:\n{said}");
+            };
+            said.push_str(&line);
+            said.push('\n');
             if let Some(rest) = line.split("metrics at http://").nth(1) {
                 metrics = rest.split('/').next().and_then(|a| a.parse().ok());
             }
