@@ -4,7 +4,7 @@
 //! tonic allocates its codec buffers eagerly for every call, 8 KiB by default. An idle `Events`
 //! subscription would hold its encode buffer for its whole life, twice the per-subscription
 //! memory budget, while roomctl's events are mostly under 200 bytes: the encode buffer starts at
-//! 256 bytes (a quarter of an idle subscription's memory went to a 1 KiB one) and grows as a
+//! 256 bytes (a third of an idle subscription's memory went to a 1 KiB one) and grows as a
 //! message needs it, for the rare large one (a 1000-id drop's ack). Decode buffers live only
 //! while a request is read, and start at 1 KiB.
 //!
