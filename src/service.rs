@@ -69,10 +69,11 @@ impl RoomControlService {
         note: Option<CallNote>,
         cmd: Command,
     ) -> Result<Reply, Status> {
-        self.moderators.check(&caller.identity)?;
+        // Noted before the rate check, so a refused command is audited by its id too.
         if let (Some(note), Some(request_id)) = (note, cmd.request_id()) {
             note.record_request_id(request_id);
         }
+        self.moderators.check(&caller.identity)?;
         Ok(self.store.execute(room_id, caller, cmd).await?.reply)
     }
 

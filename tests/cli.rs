@@ -263,13 +263,24 @@ async fn redis_passwords_are_redacted_from_errors() {
     }
 }
 
-/// The log a node writes in `format` at `trace` while it is called with each of `tokens`.
+/// The log a node writes in `format` at `trace` while it is called with each of `tokens`: a
+/// join and two drops (`audit-1`, then `audit-2` which the moderator rate of one refuses).
 async fn logged_run(format: &str, tokens: &[&str]) -> String {
-    let mut child = roomctl(&["serve", "--listen", "127.0.0.1:0", "--log-format", format])
-        .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
-        .env("ROOMCTL_LOG", "trace")
-        .spawn()
-        .unwrap();
+    let mut child = roomctl(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        format,
+        "--moderator-rate",
+        "1",
+        "--moderator-burst",
+        "1",
+    ])
+    .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
+    .env("ROOMCTL_LOG", "trace")
+    .spawn()
+    .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut logged = String::new();
     let addr = tokio::time::timeout(PATIENCE, async {
@@ -305,12 +316,14 @@ async fn logged_run(format: &str, tokens: &[&str]) -> String {
                 ..Default::default()
             })
             .await;
-        let _ = client
-            .drop_user(roomctl::pb::DropUserRequest {
-                request_id: "audit-1".into(),
-                ..drop_request("r", &["x"], "")
-            })
-            .await;
+        for request_id in ["audit-1", "audit-2"] {
+            let _ = client
+                .drop_user(roomctl::pb::DropUserRequest {
+                    request_id: request_id.into(),
+                    ..drop_request("r", &["x"], "")
+                })
+                .await;
+        }
     }
     sigterm(&child);
     tokio::time::timeout(PATIENCE, child.wait())
@@ -322,7 +335,8 @@ async fn logged_run(format: &str, tokens: &[&str]) -> String {
 }
 
 /// Each call logs one access line, and a moderator's command is audited by it alone: method,
-/// room, caller, request id and code, with no second line of its own.
+/// room, caller, request id and code, with no second line of its own; a command the rate limit
+/// refuses is audited the same way.
 #[tokio::test]
 async fn a_drop_is_audited_by_its_access_line() {
     let secret = ENV_SECRET.as_bytes();
@@ -331,19 +345,21 @@ async fn a_drop_is_audited_by_its_access_line() {
         &Claims::new("ops", "r", "service", Duration::from_secs(60)),
     );
     let logged = logged_run("json", &[&ops]).await;
-    let lines: Vec<serde_json::Value> = logged
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .filter(|line: &serde_json::Value| line["fields"]["request_id"] == "audit-1")
-        .collect();
-    assert_eq!(lines.len(), 1, "one line names the drop: {logged}");
-    let fields = &lines[0]["fields"];
-    assert_eq!(lines[0]["target"], "roomctl::access");
-    assert_eq!(
-        (&fields["method"], &fields["room"], &fields["identity"]),
-        (&"DropUser".into(), &"r".into(), &"ops".into())
-    );
-    assert_eq!(fields["code"], "OK");
+    for (request_id, code) in [("audit-1", "OK"), ("audit-2", "RESOURCE_EXHAUSTED")] {
+        let lines: Vec<serde_json::Value> = logged
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter(|line: &serde_json::Value| line["fields"]["request_id"] == request_id)
+            .collect();
+        assert_eq!(lines.len(), 1, "one line names {request_id}: {logged}");
+        let fields = &lines[0]["fields"];
+        assert_eq!(lines[0]["target"], "roomctl::access");
+        assert_eq!(
+            (&fields["method"], &fields["room"], &fields["identity"]),
+            (&"DropUser".into(), &"r".into(), &"ops".into())
+        );
+        assert_eq!(fields["code"], code, "{request_id}");
+    }
 }
 
 /// No token (valid, expired or forged) and no secret ever reaches the logs, in text or JSON,
