@@ -8,20 +8,23 @@
 //! long as one of its streams is. It works against any [`RoomStore`].
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::SystemTime;
 
 use futures_util::Stream;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
 use crate::engine::{Audience, Caller};
 use crate::error::Error;
 use crate::limits::StreamSlot;
 use crate::pb;
-use crate::store::{Lease, RoomStore};
+use crate::store::{Lease, RoomStore, READ_BATCH};
 use crate::telemetry::Telemetry;
 use crate::validate;
 
@@ -55,10 +58,16 @@ pub async fn subscribe(
     let opening = store.open(&req.room_id, client_id).await?;
     let start = opening.window.start(req.after_seq, &req.epoch)?;
     let audience = Audience::admit(caller, client_id, opening.client, start)?;
-    let expires_at = tenancy.expires_at.map(|at| {
+    let expiry = tenancy.expires_at.map(|at| {
         let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-        tokio::time::Instant::now() + left
+        Box::pin(tokio::time::sleep(left))
     });
+    let ends = Ends {
+        cancelled: Box::pin(tenancy.shutdown.clone().cancelled_owned()),
+        shutdown: tenancy.shutdown,
+        expiry,
+        armed: None,
+    };
     let follow = Follow {
         store,
         room_id: req.room_id,
@@ -66,8 +75,8 @@ pub async fn subscribe(
         cursor: start,
         audience,
         head: opening.head,
-        shutdown: tenancy.shutdown,
-        expires_at,
+        read_all: false,
+        ends,
         pending: VecDeque::new(),
         finished: false,
         telemetry: tenancy.telemetry,
@@ -88,8 +97,11 @@ struct Follow {
     cursor: u64,
     audience: Audience,
     head: watch::Receiver<u64>,
-    shutdown: CancellationToken,
-    expires_at: Option<tokio::time::Instant>,
+    /// The last read returned every event committed when `head` was last marked seen, so
+    /// until `head` changes another read would return nothing (a room's observers, woken by one
+    /// event, each read once rather than twice).
+    read_all: bool,
+    ends: Ends,
     /// The rest of the last read batch (at most one batch).
     pending: VecDeque<Arc<pb::Event>>,
     finished: bool,
@@ -97,6 +109,66 @@ struct Follow {
     _slot: StreamSlot,
     /// Keeps the client present while the stream lives (see the store's presence).
     _lease: Lease,
+}
+
+/// Why a subscription ends other than by its log.
+enum End {
+    Shutdown,
+    Expired,
+}
+
+/// What ends a subscription besides its log: the server's shutdown and the caller's token
+/// expiring. Their waits are made once and registered with the stream's task, and registered
+/// again only if another task polls the stream: an observer woken by every event of a busy room
+/// does not unregister and register them each time.
+struct Ends {
+    shutdown: CancellationToken,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Never without an expiry.
+    expiry: Option<Pin<Box<Sleep>>>,
+    /// The waker both waits are registered with.
+    armed: Option<Waker>,
+}
+
+impl Ends {
+    /// Whether an end has come, by the clock: for a stream too busy reading to wait.
+    fn reached(&self) -> Option<End> {
+        if self.shutdown.is_cancelled() {
+            return Some(End::Shutdown);
+        }
+        self.expiry
+            .as_ref()
+            .is_some_and(|expiry| expiry.deadline() <= Instant::now())
+            .then_some(End::Expired)
+    }
+
+    /// Completes when an end comes, waking the task that polls it.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        if self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            // Both will wake this task when they come: look, without registering again.
+            if self.shutdown.is_cancelled() {
+                return Poll::Ready(End::Shutdown);
+            }
+            if self
+                .expiry
+                .as_ref()
+                .is_some_and(|expiry| expiry.is_elapsed())
+            {
+                return Poll::Ready(End::Expired);
+            }
+            return Poll::Pending;
+        }
+        if self.cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Shutdown);
+        }
+        if let Some(expiry) = &mut self.expiry {
+            if expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Expired);
+            }
+        }
+        self.armed = Some(cx.waker().clone());
+        Poll::Pending
+    }
 }
 
 impl Follow {
@@ -124,11 +196,10 @@ impl Follow {
         self.finish(err)
     }
 
-    /// Completes when the caller's token expires; never without one.
-    async fn expiry(deadline: Option<tokio::time::Instant>) {
-        match deadline {
-            Some(deadline) => tokio::time::sleep_until(deadline).await,
-            None => std::future::pending().await,
+    fn end(&mut self, end: End) -> Option<Result<pb::Event, Status>> {
+        match end {
+            End::Shutdown => self.shutting_down(),
+            End::Expired => self.token_expired(),
         }
     }
 
@@ -145,36 +216,48 @@ impl Follow {
                     return Some(Ok(pb::Event::clone(&event)));
                 }
             }
-            // Checked before each read too, not only while waiting, so a stream that never
-            // catches up still ends promptly on shutdown or expiry (per batch, not per event).
-            if self.shutdown.is_cancelled() {
-                return self.shutting_down();
-            }
-            if self
-                .expires_at
-                .is_some_and(|at| at <= tokio::time::Instant::now())
-            {
-                return self.token_expired();
-            }
-            // Mark the head seen before reading, so an append racing the read still wakes us.
-            self.head.borrow_and_update();
-            match self
-                .store
-                .read(&self.room_id, &self.epoch, self.cursor)
-                .await
-            {
-                Err(err) => return self.finish(err),
-                Ok(batch) if !batch.is_empty() => {
-                    self.pending.extend(batch);
-                    continue;
+            // A closed channel counts as a change: the read says whether we can go on.
+            if !self.read_all || self.head.has_changed().unwrap_or(true) {
+                // Checked before each read too, not only while waiting, so a stream that never
+                // catches up still ends promptly on shutdown or expiry (per batch, not per
+                // event).
+                if let Some(end) = self.ends.reached() {
+                    return self.end(end);
                 }
-                Ok(_) => {}
+                // Mark the head seen before reading, so an append racing the read still wakes
+                // us.
+                self.head.borrow_and_update();
+                match self
+                    .store
+                    .read(&self.room_id, &self.epoch, self.cursor)
+                    .await
+                {
+                    Err(err) => return self.finish(err),
+                    Ok(batch) => {
+                        self.read_all = batch.len() < READ_BATCH;
+                        if !batch.is_empty() {
+                            self.pending.extend(batch);
+                            continue;
+                        }
+                    }
+                }
             }
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return self.shutting_down(),
-                _ = Self::expiry(self.expires_at) => return self.token_expired(),
-                changed = self.head.changed() => {
+            // The head first: a wake-up for an event need not look at the ends (the read
+            // above looks at them once per event).
+            let woken = {
+                let ends = &mut self.ends;
+                let mut changed = std::pin::pin!(self.head.changed());
+                std::future::poll_fn(|cx| match changed.as_mut().poll(cx) {
+                    Poll::Ready(changed) => Poll::Ready(Ok(changed)),
+                    Poll::Pending => ends.poll(cx).map(Err),
+                })
+                .await
+            };
+            match woken {
+                Err(end) => return self.end(end),
+                Ok(changed) => {
+                    // `changed` marked the head seen: only a read tells what is new.
+                    self.read_all = false;
                     if changed.is_err() {
                         // The store closed our wake-ups; it says whether we can go on.
                         match self.store.rewatch(&self.room_id).await {

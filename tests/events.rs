@@ -73,6 +73,25 @@ async fn resume_has_no_gap_and_no_duplicate(backend: Backend) {
     assert_eq!(seen, (1..=9).collect::<Vec<_>>());
 }
 
+/// A cursor more than two read batches behind gets every event, in order, then the live one:
+/// a subscription reads again after a full batch even when nothing new was written.
+async fn a_replay_of_many_batches_arrives_whole_then_follows_live(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut ops = server.client("ops", "r", "service").await;
+    let backlog = 2 * roomctl::store::READ_BATCH as u64 + 10;
+    for i in 0..backlog {
+        join(&mut ops, "r", &format!("u{i}")).await;
+    }
+    let mut stream = subscribe(&mut ops, "r", "", Some(0)).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..backlog {
+        seen.push(next_event(&mut stream).await.seq);
+    }
+    join(&mut ops, "r", "live").await;
+    seen.push(next_event(&mut stream).await.seq);
+    assert_eq!(seen, (1..=backlog + 1).collect::<Vec<_>>());
+}
+
 /// With `--history 5` the oldest retained event is the newest minus 4; `after_seq = oldest - 1`
 /// is valid, one less is OUT_OF_RANGE with the window in the metadata, and so are a cursor beyond
 /// the newest event and a cursor of another epoch (with or without `after_seq`).
@@ -457,6 +476,7 @@ async fn list_participants_is_a_snapshot_with_its_position(backend: Backend) {
 acceptance! {
     join_then_subscribe_misses_nothing_and_unset_cursor_means_now,
     resume_has_no_gap_and_no_duplicate,
+    a_replay_of_many_batches_arrives_whole_then_follows_live,
     history_is_exact_and_cursors_outside_it_are_out_of_range,
     late_cursor_of_a_dropped_client_replays_up_to_why_it_was_dropped,
     leave_ends_own_streams_after_user_disconnected,
