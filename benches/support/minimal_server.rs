@@ -12,6 +12,7 @@ use std::sync::Arc;
 use futures_util::Stream;
 use roomctl::pb::{self, room_control_server::RoomControl, room_control_server::RoomControlServer};
 use tokio::sync::broadcast;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 struct Minimal {
@@ -135,16 +136,21 @@ impl RoomControl for Minimal {
 }
 
 /// Serves the minimal server on a free loopback port, saying where on stderr as roomctl does.
+/// Its connections have `TCP_NODELAY`, as tonic's `serve` sets by default and roomctl sets: with
+/// Nagle's algorithm on, the kernel would coalesce a fan-out's small frames and the baseline
+/// would save what neither server may (Nagle delays unary answers).
 pub async fn serve() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    eprintln!("listening on {}", listener.local_addr().unwrap());
+    let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+        .unwrap()
+        .with_nodelay(Some(true));
+    eprintln!("listening on {}", incoming.local_addr().unwrap());
     let service = Minimal {
         events: broadcast::channel(16).0,
         seq: AtomicU64::new(0),
     };
     tonic::transport::Server::builder()
         .add_service(RoomControlServer::new(service))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(incoming)
         .await
         .unwrap();
 }
