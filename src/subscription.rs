@@ -131,7 +131,7 @@ struct Ends {
 }
 
 impl Ends {
-    /// Whether an end has come, by the clock: for a stream too busy reading to wait.
+    /// Whether an end has come, by the clock.
     fn reached(&self) -> Option<End> {
         if self.shutdown.is_cancelled() {
             return Some(End::Shutdown);
@@ -146,17 +146,7 @@ impl Ends {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         if self.armed.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             // Both will wake this task when they come: look, without registering again.
-            if self.shutdown.is_cancelled() {
-                return Poll::Ready(End::Shutdown);
-            }
-            if self
-                .expiry
-                .as_ref()
-                .is_some_and(|expiry| expiry.is_elapsed())
-            {
-                return Poll::Ready(End::Expired);
-            }
-            return Poll::Pending;
+            return self.reached().map_or(Poll::Pending, Poll::Ready);
         }
         if self.cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
@@ -180,27 +170,14 @@ impl Follow {
         Some(Err(err.into()))
     }
 
-    fn shutting_down(&mut self) -> Option<Result<pb::Event, Status>> {
-        let err = Error::ShuttingDown {
-            last_seq: self.cursor,
-            epoch: self.epoch.clone(),
-        };
-        self.finish(err)
-    }
-
-    fn token_expired(&mut self) -> Option<Result<pb::Event, Status>> {
-        let err = Error::TokenExpired {
-            last_seq: self.cursor,
-            epoch: self.epoch.clone(),
-        };
-        self.finish(err)
-    }
-
+    /// Ends the stream for `end`, with the position to resume from.
     fn end(&mut self, end: End) -> Option<Result<pb::Event, Status>> {
-        match end {
-            End::Shutdown => self.shutting_down(),
-            End::Expired => self.token_expired(),
-        }
+        let (last_seq, epoch) = (self.cursor, self.epoch.clone());
+        let err = match end {
+            End::Shutdown => Error::ShuttingDown { last_seq, epoch },
+            End::Expired => Error::TokenExpired { last_seq, epoch },
+        };
+        self.finish(err)
     }
 
     async fn next(&mut self) -> Option<Result<pb::Event, Status>> {
