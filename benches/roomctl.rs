@@ -683,6 +683,9 @@ async fn main() {
     if std::env::args().any(|a| a == "--durability-only") {
         return durability(duration).await;
     }
+    if std::env::args().any(|a| a == "--fanout-only") {
+        return fanout_pinned(size).await;
+    }
     if std::env::args().any(|a| a == "--pinned-only") {
         fanout_pinned(size).await;
         return pinned(size).await;

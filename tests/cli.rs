@@ -362,6 +362,18 @@ async fn a_drop_is_audited_by_its_access_line() {
     }
 }
 
+/// A production start warns of nothing; in particular the binary was built as
+/// `.cargo/config.toml` says, with the tokio scheduler setting the server's fan-out relies on.
+#[tokio::test]
+async fn a_normal_start_warns_of_nothing() {
+    let logged = logged_run("json", &[]).await;
+    let warnings: Vec<&str> = logged
+        .lines()
+        .filter(|line| line.contains(r#""level":"WARN""#))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
 /// No token (valid, expired or forged) and no secret ever reaches the logs, in text or JSON,
 /// even at the most verbose level: a run with each kind of token is searched for them.
 #[tokio::test]

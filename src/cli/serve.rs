@@ -238,6 +238,27 @@ fn parse_store(value: &str) -> Result<StoreConfig, String> {
     }
 }
 
+/// The server's tokio runtime, with the scheduler's LIFO slot off.
+///
+/// With it on, a worker runs the task a task wakes right after it: each `Events` stream that
+/// hands its connection a frame is followed by the connection's task writing that one frame, so
+/// one event to a room's observers costs a `writev` per observer. With it off, the connection's
+/// task runs after the woken streams and writes their frames together: one event to 10,000
+/// observers took half the time and half the server CPU, and unary calls cost less too
+/// (BENCHMARKS.md). The switch is one of tokio's unstable APIs, enabled by `.cargo/config.toml`.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    #[cfg(not(tokio_unstable))]
+    tracing::warn!(
+        "built without `--cfg tokio_unstable` (.cargo/config.toml): the scheduler's LIFO slot \
+         stays on, and a room's events are written to its observers one write per observer"
+    );
+    builder.build()
+}
+
 /// Runs `serve`; `argv` is the whole command line, which a `--config` file's settings are
 /// merged into.
 pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure> {
@@ -247,8 +268,7 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
     };
     let (_log_writer, dropped_lines) = init_tracing(args.log_format);
     let config = args.server_config()?;
-    let runtime = tokio::runtime::Runtime::new()
-        .map_err(|e| Failure::Other(format!("cannot start tokio: {e}")))?;
+    let runtime = runtime().map_err(|e| Failure::Other(format!("cannot start tokio: {e}")))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
