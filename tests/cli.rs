@@ -367,9 +367,10 @@ async fn a_drop_is_audited_by_its_access_line() {
 #[tokio::test]
 async fn a_normal_start_warns_of_nothing() {
     let logged = logged_run("json", &[]).await;
-    let warnings: Vec<&str> = logged
+    let warnings: Vec<serde_json::Value> = logged
         .lines()
-        .filter(|line| line.contains(r#""level":"WARN""#))
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .filter(|line: &serde_json::Value| line["level"] == "WARN")
         .collect();
     assert!(warnings.is_empty(), "{warnings:#?}");
 }
