@@ -1,5 +1,11 @@
 //! Compiles the public proto with protox (pure Rust, so no system `protoc` is needed), generates
 //! the tonic server and client, and writes the encoded descriptor set that reflection serves.
+//!
+//! The messages and the client are generated as usual. The server is generated apart, naming
+//! the messages from `crate::pb` and `Event` as [`EncodedEvent`](crate::codec::EncodedEvent):
+//! an `Events` stream yields an event encoded once for all the streams that deliver it (wire
+//! bytes identical to an `Event`'s). A third server, the plain one with `Event` messages, is for
+//! the benchmark's minimal tonic baseline only (`benches/`), and compiles only there.
 
 use std::{env, fs, path::PathBuf};
 
@@ -14,7 +20,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("roomcontrol_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        .build_server(false)
         .codec_path("crate::codec::CompactCodec")
-        .compile_fds(fds)?;
+        .compile_fds(fds.clone())?;
+    let servers = [
+        ("server", "crate", Some("crate::codec::EncodedEvent")),
+        ("baseline", "::roomctl", None),
+    ];
+    for (dir, root, event) in servers {
+        let dir = out.join(dir);
+        fs::create_dir_all(&dir)?;
+        let mut builder = tonic_prost_build::configure()
+            .build_client(false)
+            .out_dir(dir)
+            .codec_path(format!("{root}::codec::CompactCodec"))
+            .extern_path(".roomcontrol.v1", format!("{root}::pb"));
+        if let Some(event) = event {
+            builder = builder.extern_path(".roomcontrol.v1.Event", event);
+        }
+        builder.compile_fds(fds.clone())?;
+    }
     Ok(())
 }

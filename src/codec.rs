@@ -12,15 +12,21 @@
 //! wrong wire type) with `INTERNAL`, as if the server had failed. It is the caller's fault:
 //! [`MalformedDecoder`] answers `INVALID_ARGUMENT` / `MALFORMED_REQUEST` instead. Decoding runs
 //! after the authentication interceptor, so a bad token still wins.
+//!
+//! An event a room's log holds is sent to every stream that follows the room: [`EncodedEvent`]
+//! carries it encoded, so it is encoded once for all of them and each stream copies its bytes.
 
 use std::marker::PhantomData;
 
-use prost::Message;
+use prost::bytes::{Buf, BufMut, Bytes};
+use prost::encoding::{DecodeContext, WireType};
+use prost::{DecodeError, Message};
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstEncoder};
 
 use crate::error::Error;
+use crate::pb;
 
 /// Initial size of a call's encode buffer, which an `Events` stream holds while idle.
 const ENCODE_BYTES: usize = 256;
@@ -77,6 +83,52 @@ impl<U: Message + Default> Decoder for MalformedDecoder<U> {
     }
 }
 
+/// An `Event` in its wire form: what the server's `Events` streams yield (build.rs names it in
+/// the generated server in place of `Event`). Cloning it shares the bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedEvent(Bytes);
+
+impl EncodedEvent {
+    /// `event`, encoded.
+    pub fn new(event: &pb::Event) -> Self {
+        Self(event.encode_to_vec().into())
+    }
+
+    /// An event's encoding as it was stored; the caller has checked that it decodes.
+    pub fn from_stored(bytes: Bytes) -> Self {
+        Self(bytes)
+    }
+}
+
+impl Message for EncodedEvent {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    /// Decoding goes through `Event`, with its checks: the server never decodes one, and
+    /// anything else that does gets what decoding an `Event` and encoding it would give.
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        let mut event = pb::Event::decode(self.0.clone())?;
+        event.merge_field(tag, wire_type, buf, ctx)?;
+        *self = Self::new(&event);
+        Ok(())
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
@@ -127,5 +179,29 @@ mod tests {
             let framed = event.encoded_len() + 5;
             assert!(framed <= ENCODE_BYTES, "{framed} bytes: {event:?}");
         }
+    }
+
+    /// An encoded event is the event's wire bytes, and decodes as an `Event` would (an `Event`
+    /// that does not decode does not make one).
+    #[test]
+    fn an_encoded_event_is_the_event_on_the_wire() {
+        let event = pb::Event {
+            seq: 7,
+            epoch: uuid(),
+            room_id: "r".into(),
+            time: Some(SystemTime::now().into()),
+            payload: Some(pb::event::Payload::UserConnected(pb::UserConnected {
+                participant: Some(pb::Participant {
+                    client_id: uuid(),
+                    name: "Alice".into(),
+                    ..Default::default()
+                }),
+            })),
+        };
+        let wire = event.encode_to_vec();
+        let encoded = EncodedEvent::new(&event);
+        assert_eq!(encoded.encode_to_vec(), wire);
+        assert_eq!(EncodedEvent::decode(wire.as_slice()).unwrap(), encoded);
+        assert!(EncodedEvent::decode(&wire[..wire.len() - 1]).is_err());
     }
 }

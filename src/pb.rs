@@ -4,6 +4,8 @@
 #![allow(missing_docs)]
 
 tonic::include_proto!("roomcontrol.v1");
+// The server, generated apart so that `Events` streams yield encoded events (see build.rs).
+include!(concat!(env!("OUT_DIR"), "/server/roomcontrol.v1.rs"));
 
 /// Encoded `FileDescriptorSet` of `room_control.proto` and its imports, with source comments.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -20,16 +20,17 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
+use crate::codec::EncodedEvent;
 use crate::engine::{Audience, Caller};
 use crate::error::Error;
 use crate::limits::StreamSlot;
 use crate::pb;
-use crate::store::{Lease, RoomStore, READ_BATCH};
+use crate::store::{Lease, LoggedEvent, RoomStore, READ_BATCH};
 use crate::telemetry::Telemetry;
 use crate::validate;
 
 /// The response stream of `Events`.
-pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvent, Status>> + Send>>;
 
 /// What a subscription holds beside its cursor: its place in the node's stream budget (given
 /// back when it is dropped, whatever ended it), the server's shutdown signal, and when its
@@ -103,7 +104,7 @@ struct Follow {
     read_all: bool,
     ends: Ends,
     /// The rest of the last read batch (at most one batch).
-    pending: VecDeque<Arc<pb::Event>>,
+    pending: VecDeque<Arc<LoggedEvent>>,
     finished: bool,
     telemetry: Telemetry,
     _slot: StreamSlot,
@@ -162,7 +163,7 @@ impl Ends {
 }
 
 impl Follow {
-    fn finish(&mut self, err: Error) -> Option<Result<pb::Event, Status>> {
+    fn finish(&mut self, err: Error) -> Option<Result<EncodedEvent, Status>> {
         self.finished = true;
         if let Error::CursorOutOfRange { .. } = err {
             self.telemetry.stream_lagged();
@@ -171,7 +172,7 @@ impl Follow {
     }
 
     /// Ends the stream for `end`, with the position to resume from.
-    fn end(&mut self, end: End) -> Option<Result<pb::Event, Status>> {
+    fn end(&mut self, end: End) -> Option<Result<EncodedEvent, Status>> {
         let (last_seq, epoch) = (self.cursor, self.epoch.clone());
         let err = match end {
             End::Shutdown => Error::ShuttingDown { last_seq, epoch },
@@ -180,7 +181,7 @@ impl Follow {
         self.finish(err)
     }
 
-    async fn next(&mut self) -> Option<Result<pb::Event, Status>> {
+    async fn next(&mut self) -> Option<Result<EncodedEvent, Status>> {
         loop {
             if self.finished {
                 return None;
@@ -190,7 +191,7 @@ impl Follow {
                 if self.audience.sees(&event) {
                     self.finished = self.audience.ends_after(&event);
                     self.telemetry.event_delivered();
-                    return Some(Ok(pb::Event::clone(&event)));
+                    return Some(Ok(event.encoded()));
                 }
             }
             // A closed channel counts as a change: the read says whether we can go on.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::redis_server::{redis_available, RedisServer};
 use common::PATIENCE;
+use prost::Message;
 use roomctl::engine::{
     Caller, ClientStatus, Command, DestroyCmd, DropCmd, JoinCmd, Reply, RoomScope, TokenRole,
 };
@@ -16,7 +17,7 @@ use roomctl::error::Error;
 use roomctl::pb::{self, DropOutcome, Role};
 use roomctl::store::memory::{MemoryConfig, MemoryStore};
 use roomctl::store::redis::{RedisConfig, RedisStore};
-use roomctl::store::RoomStore;
+use roomctl::store::{LoggedEvent, RoomStore};
 
 const HISTORY: usize = 5;
 /// Participants per room in the conformance stores.
@@ -180,7 +181,7 @@ async fn until_forgotten(store: &Arc<dyn RoomStore>, room: &str) {
     }
 }
 
-fn seqs(events: &[Arc<pb::Event>]) -> Vec<u64> {
+fn seqs(events: &[Arc<LoggedEvent>]) -> Vec<u64> {
     events.iter().map(|e| e.seq).collect()
 }
 
@@ -232,6 +233,11 @@ async fn reads_follow_the_retained_window(s: Stores) {
         [4, 5, 6, 7, 8]
     );
     assert_eq!(seqs(&s.b.read("r", &epoch, 6).await.unwrap()), [7, 8]);
+    // What a stream sends of an event is its encoding, however the store came to hold it.
+    for event in s.b.read("r", &epoch, 3).await.unwrap() {
+        let sent = event.encoded().encode_to_vec();
+        assert_eq!(pb::Event::decode(sent.as_slice()).unwrap(), **event);
+    }
     assert!(s.b.read("r", &epoch, 8).await.unwrap().is_empty());
     for (epoch, after) in [(epoch.as_str(), 2), ("another", 5)] {
         let err = s.b.read("r", epoch, after).await.unwrap_err();

@@ -10,10 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures_util::Stream;
-use roomctl::pb::{self, room_control_server::RoomControl, room_control_server::RoomControlServer};
+use roomctl::pb;
 use tokio::sync::broadcast;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+
+/// The plain generated server, whose `Events` streams yield `Event` messages (build.rs).
+mod baseline {
+    include!(concat!(env!("OUT_DIR"), "/baseline/roomcontrol.v1.rs"));
+}
+
+use baseline::room_control_server::{RoomControl, RoomControlServer};
 
 struct Minimal {
     events: broadcast::Sender<Arc<pb::Event>>,

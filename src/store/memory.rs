@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Lease, Opening, RoomStore, Snapshot, READ_BATCH};
+use super::{Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{
     self, Applied, Ban, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
 };
@@ -49,7 +49,7 @@ struct Room {
 
 struct Inner {
     state: RoomState,
-    log: VecDeque<Arc<pb::Event>>,
+    log: VecDeque<Arc<LoggedEvent>>,
     empty_since: Option<Instant>,
     /// Set when the room is forgotten, so a caller that looked it up just before sees it.
     gone: bool,
@@ -302,7 +302,9 @@ impl Rooms {
             return;
         }
         for event in &applied.events {
-            inner.log.push_back(Arc::new(event.clone()));
+            inner
+                .log
+                .push_back(Arc::new(LoggedEvent::new(event.clone())));
         }
         while inner.log.len() > self.config.history {
             inner.log.pop_front();
@@ -492,7 +494,7 @@ impl RoomStore for MemoryStore {
         room_id: &str,
         epoch: &str,
         after: u64,
-    ) -> Result<Vec<Arc<pb::Event>>, Error> {
+    ) -> Result<Vec<Arc<LoggedEvent>>, Error> {
         self.rooms.with_room(room_id, false, |inner, _| {
             let window = self.rooms.window(inner);
             if window.epoch != epoch {

@@ -9,11 +9,13 @@
 pub mod memory;
 pub mod redis;
 
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::codec::EncodedEvent;
 use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
 use crate::error::Error;
 use crate::pb;
@@ -71,6 +73,47 @@ impl std::fmt::Debug for Lease {
         } else {
             "Lease(none)"
         })
+    }
+}
+
+/// An event of a room's log, as stores hold and read it: the event, for what subscriptions
+/// check, and its encoding, made at most once however many streams deliver it.
+#[derive(Debug)]
+pub struct LoggedEvent {
+    event: pb::Event,
+    encoded: OnceLock<EncodedEvent>,
+}
+
+impl LoggedEvent {
+    /// `event`, to be encoded when a stream first delivers it.
+    pub fn new(event: pb::Event) -> Self {
+        Self {
+            event,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// `event` with the encoding it was read from.
+    pub fn with_encoding(event: pb::Event, encoded: EncodedEvent) -> Self {
+        Self {
+            event,
+            encoded: OnceLock::from(encoded),
+        }
+    }
+
+    /// The event's encoding.
+    pub fn encoded(&self) -> EncodedEvent {
+        self.encoded
+            .get_or_init(|| EncodedEvent::new(&self.event))
+            .clone()
+    }
+}
+
+impl Deref for LoggedEvent {
+    type Target = pb::Event;
+
+    fn deref(&self) -> &pb::Event {
+        &self.event
     }
 }
 
@@ -136,7 +179,7 @@ pub trait RoomStore: Send + Sync + 'static {
         room_id: &str,
         epoch: &str,
         after: u64,
-    ) -> Result<Vec<Arc<pb::Event>>, Error>;
+    ) -> Result<Vec<Arc<LoggedEvent>>, Error>;
 
     /// A new wake-up channel for a subscription whose previous one closed (the room was
     /// forgotten, or the store lost its notifications and reset them): `RoomNotFound` or

@@ -4,12 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use redis::Value;
 
+use crate::codec::EncodedEvent;
 use crate::engine::{Ban, Remembered, Reply};
 use crate::error::Error;
 use crate::pb;
+use crate::store::LoggedEvent;
 
 /// A member as stored in the `members` hash: the participant and the seq it joined at, which
 /// orders `ListParticipants`.
@@ -471,7 +474,7 @@ pub(super) fn member(value: &Value) -> Result<Option<(pb::Participant, u64)>, Er
 }
 
 /// The entries of an `XRANGE` reply, decoded.
-pub(super) fn entries(value: Value) -> Result<Vec<Arc<pb::Event>>, Error> {
+pub(super) fn entries(value: Value) -> Result<Vec<Arc<LoggedEvent>>, Error> {
     array(value)
         .into_iter()
         .map(|entry| {
@@ -481,9 +484,10 @@ pub(super) fn entries(value: Value) -> Result<Vec<Arc<pb::Event>>, Error> {
                 .get(1)
                 .and_then(bytes)
                 .ok_or_else(|| corrupt("log entry"))?;
-            pb::Event::decode(raw)
-                .map(Arc::new)
-                .map_err(|_| corrupt("log entry"))
+            let event = pb::Event::decode(raw).map_err(|_| corrupt("log entry"))?;
+            // Streams send the stored bytes, which decoded: no second encoding.
+            let encoded = EncodedEvent::from_stored(Bytes::copy_from_slice(raw));
+            Ok(Arc::new(LoggedEvent::with_encoding(event, encoded)))
         })
         .collect()
 }

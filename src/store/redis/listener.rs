@@ -23,7 +23,7 @@ use super::keys::Keys;
 use super::Shared;
 use crate::error::Error;
 use crate::pb;
-use crate::store::READ_BATCH;
+use crate::store::{LoggedEvent, READ_BATCH};
 
 /// The channel a room's commits publish their events on; in the room's hash tag, so it shares
 /// the room's Redis Cluster slot.
@@ -79,14 +79,14 @@ impl Notice {
 /// Recent events of a room with local subscribers, and their wake-up channel.
 pub(super) struct Feed {
     pub(super) head: watch::Sender<u64>,
-    pub(super) cache: Mutex<VecDeque<Arc<pb::Event>>>,
+    pub(super) cache: Mutex<VecDeque<Arc<LoggedEvent>>>,
     pub(super) capacity: usize,
     /// Set once the listener has subscribed to the room's channel for this feed.
     pub(super) subscribed: OnceCell<()>,
 }
 
 impl Feed {
-    pub(super) fn cache(&self) -> MutexGuard<'_, VecDeque<Arc<pb::Event>>> {
+    pub(super) fn cache(&self) -> MutexGuard<'_, VecDeque<Arc<LoggedEvent>>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -102,7 +102,7 @@ impl Feed {
             _ => cache.clear(),
         }
         let newest = events.last().map_or(first.seq, |e| e.seq);
-        cache.extend(events.into_iter().map(Arc::new));
+        cache.extend(events.into_iter().map(|e| Arc::new(LoggedEvent::new(e))));
         while cache.len() > self.capacity {
             cache.pop_front();
         }
@@ -112,7 +112,7 @@ impl Feed {
 
     /// Events after `after` from the cache, when it can answer: `Some(empty)` means the
     /// subscriber is caught up with everything published.
-    pub(super) fn read(&self, epoch: &str, after: u64) -> Option<Vec<Arc<pb::Event>>> {
+    pub(super) fn read(&self, epoch: &str, after: u64) -> Option<Vec<Arc<LoggedEvent>>> {
         let cache = self.cache();
         let (first, last) = (cache.front()?, cache.back()?);
         // The oldest cursor the cache serves (saturating: notices come from outside the process).

@@ -71,7 +71,7 @@ use redis::{RedisResult, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Lease, Opening, RoomStore, Snapshot, READ_BATCH};
+use super::{Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
 use crate::error::Error;
 use crate::pb;
@@ -379,7 +379,7 @@ impl RoomStore for RedisStore {
         room_id: &str,
         epoch: &str,
         after: u64,
-    ) -> Result<Vec<Arc<pb::Event>>, Error> {
+    ) -> Result<Vec<Arc<LoggedEvent>>, Error> {
         if let Some(cached) = self.shared.feed(room_id).and_then(|f| f.read(epoch, after)) {
             return Ok(cached);
         }
