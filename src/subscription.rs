@@ -132,14 +132,18 @@ struct Ends {
 }
 
 impl Ends {
-    /// Whether an end has come, by the clock.
+    /// Whether an end has come. Once the waits are registered the timer says whether the expiry
+    /// came, without reading the clock: a room's observers look at every event.
     fn reached(&self) -> Option<End> {
         if self.shutdown.is_cancelled() {
             return Some(End::Shutdown);
         }
         self.expiry
             .as_ref()
-            .is_some_and(|expiry| expiry.deadline() <= Instant::now())
+            .is_some_and(|expiry| match self.armed {
+                Some(_) => expiry.is_elapsed(),
+                None => expiry.deadline() <= Instant::now(),
+            })
             .then_some(End::Expired)
     }
 
