@@ -94,9 +94,10 @@ impl EncodedEvent {
         Self(event.encode_to_vec().into())
     }
 
-    /// An event's encoding as it was stored; the caller has checked that it decodes.
-    pub fn from_stored(bytes: Bytes) -> Self {
-        Self(bytes)
+    /// Decodes an event from `bytes`, keeping them as its encoding.
+    pub fn decode_event(bytes: &[u8]) -> Result<(pb::Event, Self), DecodeError> {
+        let event = pb::Event::decode(bytes)?;
+        Ok((event, Self(Bytes::copy_from_slice(bytes))))
     }
 }
 

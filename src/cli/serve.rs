@@ -242,10 +242,10 @@ fn parse_store(value: &str) -> Result<StoreConfig, String> {
 ///
 /// With it on, a worker runs a woken task right after the task that woke it: each `Events`
 /// stream that hands its connection a frame is followed by the connection's task writing that
-/// one frame, so one event to a room's observers costs a `writev` per observer. With it off, the connection's
-/// task runs after the woken streams and writes their frames together: one event to 10,000
-/// observers took half the time and half the server CPU, and unary calls cost less too
-/// (BENCHMARKS.md). The switch is one of tokio's unstable APIs, enabled by `.cargo/config.toml`.
+/// one frame, so one event to a room's observers costs a `writev` per observer. With it off,
+/// the connection's task runs after the woken streams and writes their frames together: one
+/// event to 10,000 observers took half the time and half the server CPU, and unary calls cost
+/// less too (BENCHMARKS.md). The switch is one of tokio's unstable APIs, enabled by `.cargo/config.toml`.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

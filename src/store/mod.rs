@@ -93,12 +93,13 @@ impl LoggedEvent {
         }
     }
 
-    /// `event` with the encoding it was read from.
-    pub fn with_encoding(event: pb::Event, encoded: EncodedEvent) -> Self {
-        Self {
+    /// An event read in its wire form: streams send those bytes, never encoding it again.
+    pub fn decode(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+        let (event, encoded) = EncodedEvent::decode_event(bytes)?;
+        Ok(Self {
             event,
             encoded: OnceLock::from(encoded),
-        }
+        })
     }
 
     /// The event's encoding.

@@ -4,11 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prost::bytes::Bytes;
 use prost::Message;
 use redis::Value;
 
-use crate::codec::EncodedEvent;
 use crate::engine::{Ban, Remembered, Reply};
 use crate::error::Error;
 use crate::pb;
@@ -484,10 +482,9 @@ pub(super) fn entries(value: Value) -> Result<Vec<Arc<LoggedEvent>>, Error> {
                 .get(1)
                 .and_then(bytes)
                 .ok_or_else(|| corrupt("log entry"))?;
-            let event = pb::Event::decode(raw).map_err(|_| corrupt("log entry"))?;
-            // Streams send the stored bytes, which decoded: no second encoding.
-            let encoded = EncodedEvent::from_stored(Bytes::copy_from_slice(raw));
-            Ok(Arc::new(LoggedEvent::with_encoding(event, encoded)))
+            LoggedEvent::decode(raw)
+                .map(Arc::new)
+                .map_err(|_| corrupt("log entry"))
         })
         .collect()
 }
