@@ -2,12 +2,13 @@
 //!
 //! A subscription is a plain stream, not a task: tonic polls it as the client's HTTP/2 window
 //! allows and drops it when the client goes away, so nothing outlives its client. It holds a
-//! cursor, at most one read batch of shared events and a `watch` receiver; a subscriber that
-//! stops reading costs that much and no more, and if the history moves past its cursor it ends
-//! with `OUT_OF_RANGE`. It holds the client's presence lease, so a client is connected exactly as
-//! long as one of its streams is. It works against any [`RoomStore`].
+//! cursor, at most one batch of shared events (a read's, or the commit that woke it) and a
+//! `watch` receiver; a subscriber that stops reading costs that much and no more, and if the
+//! history moves past its cursor it ends with `OUT_OF_RANGE`. A room's subscribers woken by a
+//! commit take its events from the wake-up itself: a commit costs its room one log append, not
+//! one log read per subscriber. A subscription holds the client's presence lease, so a client is
+//! connected exactly as long as one of its streams is. It works against any [`RoomStore`].
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::engine::{Audience, Caller};
 use crate::error::Error;
 use crate::limits::StreamSlot;
 use crate::pb;
-use crate::store::{Lease, LoggedEvent, RoomStore, READ_BATCH};
+use crate::store::{Head, Lease, LoggedEvent, RoomStore, READ_BATCH};
 use crate::telemetry::Telemetry;
 use crate::validate;
 
@@ -78,7 +79,7 @@ pub async fn subscribe(
         head: opening.head,
         read_all: false,
         ends,
-        pending: VecDeque::new(),
+        pending: Batch::default(),
         finished: false,
         telemetry: tenancy.telemetry,
         _slot: tenancy.slot,
@@ -97,19 +98,37 @@ struct Follow {
     /// Every visible event up to here has been delivered.
     cursor: u64,
     audience: Audience,
-    head: watch::Receiver<u64>,
-    /// The last read returned every event committed when `head` was last marked seen, so
-    /// until `head` changes another read would return nothing (a room's observers, woken by one
-    /// event, each read once rather than twice).
+    head: watch::Receiver<Head>,
+    /// The last read, or the commit taken from `head`, returned every event committed when
+    /// `head` was last marked seen, so until `head` changes another read would return nothing.
     read_all: bool,
     ends: Ends,
-    /// The rest of the last read batch (at most one batch).
-    pending: VecDeque<Arc<LoggedEvent>>,
+    /// What is left to deliver of the last read or commit.
+    pending: Batch,
     finished: bool,
     telemetry: Telemetry,
     _slot: StreamSlot,
     /// Keeps the client present while the stream lives (see the store's presence).
     _lease: Lease,
+}
+
+/// Shared events and how many of them were delivered.
+#[derive(Default)]
+struct Batch {
+    events: Option<Arc<[Arc<LoggedEvent>]>>,
+    next: usize,
+}
+
+impl Batch {
+    /// The next event; once there is none, the events are let go (the history may drop them).
+    fn pop_front(&mut self) -> Option<Arc<LoggedEvent>> {
+        let event = self.events.as_ref()?.get(self.next).cloned();
+        match event {
+            Some(_) => self.next += 1,
+            None => self.events = None,
+        }
+        event
+    }
 }
 
 /// Why a subscription ends other than by its log.
@@ -207,8 +226,20 @@ impl Follow {
                     return self.end(end);
                 }
                 // Mark the head seen before reading, so an append racing the read still wakes
-                // us.
-                self.head.borrow_and_update();
+                // us. When the commit that moved the head continues our cursor, it is all that
+                // is new: no read.
+                let commit = self
+                    .head
+                    .borrow_and_update()
+                    .continuing(&self.epoch, self.cursor);
+                if let Some((events, next)) = commit {
+                    self.pending = Batch {
+                        events: Some(events),
+                        next,
+                    };
+                    self.read_all = true;
+                    continue;
+                }
                 match self
                     .store
                     .read(&self.room_id, &self.epoch, self.cursor)
@@ -218,7 +249,10 @@ impl Follow {
                     Ok(batch) => {
                         self.read_all = batch.len() < READ_BATCH;
                         if !batch.is_empty() {
-                            self.pending.extend(batch);
+                            self.pending = Batch {
+                                events: Some(batch.into()),
+                                next: 0,
+                            };
                             continue;
                         }
                     }

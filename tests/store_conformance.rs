@@ -318,7 +318,8 @@ async fn concurrent_commands_get_contiguous_seqs(s: Stores) {
     assert_eq!(s.a.snapshot("r").await.unwrap().participants.len(), 200);
 }
 
-/// A write through one handle wakes a subscriber opened through the other, which then reads it.
+/// A write through one handle wakes a subscriber opened through the other, which then reads it,
+/// or takes it from the wake-up: the commit it carries is the same events as the log.
 async fn writes_wake_subscribers_of_every_handle(s: Stores) {
     let first = join(&s.a, "r", "c0").await;
     let mut head = s.b.open("r", None).await.unwrap().head;
@@ -328,7 +329,11 @@ async fn writes_wake_subscribers_of_every_handle(s: Stores) {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(seqs(&s.b.read("r", &first.epoch, 1).await.unwrap()), [2]);
+    let read = s.b.read("r", &first.epoch, 1).await.unwrap();
+    assert_eq!(seqs(&read), [2]);
+    let (commit, next) = head.borrow().continuing(&first.epoch, 1).unwrap();
+    assert_eq!(seqs(&commit[next..]), [2]);
+    assert_eq!(**commit[next], **read[0]);
 }
 
 /// A retried drop through the other handle returns the first answer and writes nothing.

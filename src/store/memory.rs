@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
+use super::{Head, Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{
     self, Applied, Ban, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
 };
@@ -43,8 +43,8 @@ pub struct MemoryConfig {
 
 struct Room {
     inner: Mutex<Inner>,
-    /// The newest seq; subscribers wait on it instead of polling.
-    head: watch::Sender<u64>,
+    /// The newest seq and the commit that made it; subscribers wait on it instead of polling.
+    head: watch::Sender<Head>,
 }
 
 struct Inner {
@@ -192,7 +192,7 @@ impl Rooms {
                         gone: false,
                         presence: HashMap::new(),
                     }),
-                    head: watch::Sender::new(0),
+                    head: watch::Sender::new(Head::default()),
                 })
             })
             .clone()
@@ -271,7 +271,7 @@ impl Rooms {
 
     /// Removes (with `user_disconnected{TIMED_OUT}`) the clients of a room that have had no
     /// open stream since their grace ended.
-    fn time_out(&self, inner: &mut Inner, head: &watch::Sender<u64>, now: Instant) {
+    fn time_out(&self, inner: &mut Inner, head: &watch::Sender<Head>, now: Instant) {
         let expired: Vec<String> = inner
             .presence
             .iter()
@@ -297,15 +297,16 @@ impl Rooms {
 
     /// Keeps what a command changed: its events in the log (trimmed to the history), the
     /// presence of clients that joined or went, the room's emptiness; then wakes subscribers.
-    fn record(&self, inner: &mut Inner, head: &watch::Sender<u64>, applied: &Applied) {
+    fn record(&self, inner: &mut Inner, head: &watch::Sender<Head>, applied: &Applied) {
         if applied.events.is_empty() {
             return;
         }
-        for event in &applied.events {
-            inner
-                .log
-                .push_back(Arc::new(LoggedEvent::new(event.clone())));
-        }
+        let commit: Arc<[Arc<LoggedEvent>]> = applied
+            .events
+            .iter()
+            .map(|event| Arc::new(LoggedEvent::new(event.clone())))
+            .collect();
+        inner.log.extend(commit.iter().cloned());
         while inner.log.len() > self.config.history {
             inner.log.pop_front();
         }
@@ -334,7 +335,7 @@ impl Rooms {
             (true, None) => Some(Instant::now()),
             (false, _) => None,
         };
-        head.send_replace(inner.state.seq());
+        head.send_replace(Head::committed(inner.state.seq(), commit));
         self.telemetry.events_appended(applied.events.len());
     }
 
@@ -512,7 +513,7 @@ impl RoomStore for MemoryStore {
         })?
     }
 
-    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
+    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<Head>, Error> {
         self.rooms
             .with_room(room_id, false, |_, room| room.head.subscribe())
     }

@@ -3,7 +3,7 @@
 //!
 //! A store applies a command atomically (the room engine decides; the store persists the new
 //! state and the command's events together, or nothing), answers snapshots, reads a room's log
-//! from a cursor, and wakes subscribers through a [`watch`] of the room's newest `seq`. Memory
+//! from a cursor, and wakes subscribers through a [`watch`] of the room's [`Head`]. Memory
 //! serves one process ([`memory::MemoryStore`]); Redis serves a fleet ([`redis::RedisStore`]).
 
 pub mod memory;
@@ -40,7 +40,7 @@ pub struct Opening {
     /// The requested client's status (`Unknown` for observers).
     pub client: ClientStatus,
     /// Changes whenever the room logs events; closes when the room is forgotten.
-    pub head: watch::Receiver<u64>,
+    pub head: watch::Receiver<Head>,
     /// Keeps a present client live while the stream is open (with presence on).
     pub lease: Lease,
 }
@@ -118,6 +118,46 @@ impl Deref for LoggedEvent {
     }
 }
 
+/// What a room's wake-up channel holds: the newest `seq` and, when the store has them at hand,
+/// the events of the commit that made it. A room's observers, woken together by a commit, take
+/// its events from here rather than each reading the log for them.
+#[derive(Debug, Clone, Default)]
+pub struct Head {
+    /// The newest `seq` the store knows of.
+    pub seq: u64,
+    /// The events of the commit that ends at `seq`, oldest first (`seq`s in a row, one epoch).
+    pub commit: Option<Arc<[Arc<LoggedEvent>]>>,
+}
+
+impl Head {
+    /// A head the store knows nothing more of than its position.
+    pub fn at(seq: u64) -> Self {
+        Self { seq, commit: None }
+    }
+
+    /// A head moved by the commit of `events` (not empty), ending at `seq`.
+    pub fn committed(seq: u64, events: Arc<[Arc<LoggedEvent>]>) -> Self {
+        Self {
+            seq,
+            commit: Some(events),
+        }
+    }
+
+    /// The head's commit and the index in it of the first event after `cursor` of log `epoch`
+    /// (the commit's length when there is none), when the commit holds every event after
+    /// `cursor`: a subscriber at `cursor` needs nothing else.
+    pub fn continuing(&self, epoch: &str, cursor: u64) -> Option<(Arc<[Arc<LoggedEvent>]>, usize)> {
+        let commit = self.commit.as_ref()?;
+        let (first, last) = (commit.first()?, commit.last()?);
+        let in_a_row = last.seq.checked_sub(first.seq)? + 1 == commit.len() as u64;
+        if !in_a_row || last.epoch != epoch || cursor > last.seq {
+            return None;
+        }
+        let at = cursor.checked_add(1)?.checked_sub(first.seq)?;
+        Some((commit.clone(), usize::try_from(at).ok()?))
+    }
+}
+
 /// How many events one [`RoomStore::read`] returns at most: bounds what a subscriber holds.
 pub const READ_BATCH: usize = 256;
 
@@ -185,8 +225,52 @@ pub trait RoomStore: Send + Sync + 'static {
     /// A new wake-up channel for a subscription whose previous one closed (the room was
     /// forgotten, or the store lost its notifications and reset them): `RoomNotFound` or
     /// `StoreUnavailable` say why it cannot go on.
-    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error>;
+    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<Head>, Error>;
 
     /// Whether the store can serve now; health reports it.
     fn health(&self) -> watch::Receiver<bool>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit(epoch: &str, seqs: &[u64]) -> Head {
+        let events: Arc<[Arc<LoggedEvent>]> = seqs
+            .iter()
+            .map(|&seq| {
+                Arc::new(LoggedEvent::new(pb::Event {
+                    seq,
+                    epoch: epoch.into(),
+                    ..Default::default()
+                }))
+            })
+            .collect();
+        Head::committed(*seqs.last().unwrap(), events)
+    }
+
+    fn after(head: &Head, epoch: &str, cursor: u64) -> Option<Vec<u64>> {
+        let (events, next) = head.continuing(epoch, cursor)?;
+        Some(events[next..].iter().map(|e| e.seq).collect())
+    }
+
+    #[test]
+    fn a_commit_continues_only_the_cursors_it_covers() {
+        let head = commit("e", &[4, 5, 6]);
+        assert_eq!(after(&head, "e", 3), Some(vec![4, 5, 6]));
+        assert_eq!(after(&head, "e", 4), Some(vec![5, 6]));
+        // Caught up: nothing is new, and nothing needs reading.
+        assert_eq!(after(&head, "e", 6), Some(vec![]));
+        // Behind the commit: the events between are in the log only.
+        assert_eq!(after(&head, "e", 2), None);
+        assert_eq!(after(&head, "e", 7), None);
+        // Another log's events never continue a cursor, whatever their seqs.
+        assert_eq!(after(&head, "other", 3), None);
+        assert_eq!(after(&Head::at(6), "e", 6), None);
+    }
+
+    #[test]
+    fn a_commit_with_a_gap_continues_nothing() {
+        assert_eq!(after(&commit("e", &[4, 6]), "e", 3), None);
+    }
 }

@@ -23,7 +23,7 @@ use super::keys::Keys;
 use super::Shared;
 use crate::error::Error;
 use crate::pb;
-use crate::store::{LoggedEvent, READ_BATCH};
+use crate::store::{Head, LoggedEvent, READ_BATCH};
 
 /// The channel a room's commits publish their events on; in the room's hash tag, so it shares
 /// the room's Redis Cluster slot.
@@ -78,7 +78,7 @@ impl Notice {
 
 /// Recent events of a room with local subscribers, and their wake-up channel.
 pub(super) struct Feed {
-    pub(super) head: watch::Sender<u64>,
+    pub(super) head: watch::Sender<Head>,
     pub(super) cache: Mutex<VecDeque<Arc<LoggedEvent>>>,
     pub(super) capacity: usize,
     /// Set once the listener has subscribed to the room's channel for this feed.
@@ -102,12 +102,16 @@ impl Feed {
             _ => cache.clear(),
         }
         let newest = events.last().map_or(first.seq, |e| e.seq);
-        cache.extend(events.into_iter().map(|e| Arc::new(LoggedEvent::new(e))));
+        let commit: Arc<[Arc<LoggedEvent>]> = events
+            .into_iter()
+            .map(|e| Arc::new(LoggedEvent::new(e)))
+            .collect();
+        cache.extend(commit.iter().cloned());
         while cache.len() > self.capacity {
             cache.pop_front();
         }
         drop(cache);
-        self.head.send_replace(newest);
+        self.head.send_replace(Head::committed(newest, commit));
     }
 
     /// Events after `after` from the cache, when it can answer: `Some(empty)` means the
@@ -140,14 +144,14 @@ impl Shared {
     pub(super) async fn subscribe_feed(
         &self,
         room_id: &str,
-    ) -> Result<watch::Receiver<u64>, Error> {
+    ) -> Result<watch::Receiver<Head>, Error> {
         let (feed, head) = {
             let mut feeds = self.feeds();
             let feed = feeds
                 .entry(room_id.to_owned())
                 .or_insert_with(|| {
                     Arc::new(Feed {
-                        head: watch::Sender::new(0),
+                        head: watch::Sender::new(Head::default()),
                         cache: Mutex::new(VecDeque::new()),
                         capacity: self.config.history.min(CACHE_EVENTS),
                         subscribed: OnceCell::new(),

@@ -71,7 +71,7 @@ use redis::{RedisResult, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
+use super::{Head, Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
 use crate::error::Error;
 use crate::pb;
@@ -421,7 +421,7 @@ impl RoomStore for RedisStore {
         Ok(events)
     }
 
-    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<u64>, Error> {
+    async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<Head>, Error> {
         let head = self.shared.subscribe_feed(room_id).await?;
         let exists: bool = self
             .shared
