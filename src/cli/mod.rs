@@ -9,6 +9,7 @@
 
 mod client;
 mod config_file;
+mod log_format;
 mod moderate;
 mod serve;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
-use super::{config_file, Failure, SecretArgs};
+use super::{config_file, log_format, Failure, SecretArgs};
 use crate::auth::{mint, Claims, TokenRules};
 use crate::limits::Limits;
 use crate::server::{
@@ -332,6 +332,7 @@ fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_timer(log_format::Rfc3339Micros)
         // A closed or full stderr (a log collector that died) must not take the server down.
         .log_internal_errors(false);
     match format {
