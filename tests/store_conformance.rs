@@ -331,6 +331,7 @@ async fn writes_wake_subscribers_of_every_handle(s: Stores) {
         .unwrap();
     let read = s.b.read("r", &first.epoch, 1).await.unwrap();
     assert_eq!(seqs(&read), [2]);
+    assert_eq!(head.borrow().seq, 2);
     let (commit, next) = head.borrow().continuing(&first.epoch, 1).unwrap();
     assert_eq!(seqs(&commit[next..]), [2]);
     assert_eq!(**commit[next], **read[0]);
