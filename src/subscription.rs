@@ -225,13 +225,17 @@ impl Follow {
                 if let Some(end) = self.ends.reached() {
                     return self.end(end);
                 }
+                // A closed channel's last commit says nothing of what may follow (the room was
+                // forgotten, or the store lost its notifications): only the read can tell.
+                let open = self.head.has_changed().is_ok();
                 // Mark the head seen before reading, so an append racing the read still wakes
                 // us. When the commit that moved the head continues our cursor, it is all that
                 // is new: no read.
-                let commit = self
-                    .head
-                    .borrow_and_update()
-                    .continuing(&self.epoch, self.cursor);
+                let commit = {
+                    let head = self.head.borrow_and_update();
+                    open.then(|| head.continuing(&self.epoch, self.cursor))
+                        .flatten()
+                };
                 if let Some((events, next)) = commit {
                     self.pending = Batch {
                         events: Some(events),
@@ -284,5 +288,77 @@ impl Follow {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::engine::{Command, JoinCmd};
+    use crate::limits::StreamBudget;
+    use crate::store::memory::{MemoryConfig, MemoryStore};
+    use crate::telemetry::StreamKind;
+
+    /// A stream polled again after its room was forgotten (its wake-up channel closed while it
+    /// was not waiting on it) ends ROOM_NOT_FOUND: the closed channel's last commit, which
+    /// holds everything up to the stream's cursor, is not taken for all there is to read.
+    #[tokio::test]
+    async fn a_stream_polled_after_its_room_is_forgotten_ends() {
+        let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(MemoryConfig {
+            history: 100,
+            empty_room_ttl: Duration::ZERO,
+            max_room_members: 10,
+            presence_timeout: None,
+        }));
+        let caller = Caller::system();
+        let join = Command::Join {
+            client_id: "c".into(),
+            cmd: JoinCmd {
+                name: "c".into(),
+                role: pb::Role::Unspecified,
+                identity: String::new(),
+                request_id: None,
+            },
+        };
+        store.execute("r", &caller, join).await.unwrap();
+        let budget = StreamBudget::new(10, 10, Telemetry::off());
+        let tenancy = Tenancy {
+            slot: budget.take(StreamKind::Observer, None).unwrap(),
+            shutdown: CancellationToken::new(),
+            expires_at: None,
+            telemetry: Telemetry::off(),
+        };
+        let request = pb::EventsRequest {
+            room_id: "r".into(),
+            after_seq: Some(1),
+            ..Default::default()
+        };
+        let mut events = subscribe(store.clone(), &caller, request, tenancy)
+            .await
+            .unwrap();
+        let leave = Command::Leave {
+            client_id: "c".into(),
+        };
+        store.execute("r", &caller, leave).await.unwrap();
+        assert!(events.next().await.unwrap().is_ok());
+        // The room is empty past its TTL: the next look at it forgets it.
+        assert!(store.snapshot("r").await.is_err());
+        // On a thread of its own: the defect this guards against never returns.
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let _ = done.send(runtime.block_on(events.next()).map(|item| item.map(|_| ())));
+        });
+        let end = ended
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the stream ends instead of spinning");
+        let status = end.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     }
 }
