@@ -13,6 +13,7 @@
 //! Members per room are the engine's rule; header and message sizes, keepalive and the HTTP/2
 //! reset and ping defences are set on the transport in [`crate::server`].
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -224,14 +225,12 @@ impl RateLimiter {
 
     /// Counts one command by `identity`, or says how long it must wait.
     pub fn check(&self, identity: &str) -> Result<(), Error> {
-        let arrival = match self.arrivals.get(identity) {
-            Some(arrival) => arrival,
-            None => {
-                let fresh = Arc::new(AtomicU64::new(0));
-                self.arrivals.insert(identity.to_owned(), fresh.clone());
-                fresh
-            }
-        };
+        // One arrival time per identity even when its first calls race: a plain get-then-insert
+        // let each racer count on its own fresh state, and all but the last were lost, so a
+        // concurrent burst passed well past the limit.
+        let Ok(arrival) = self
+            .arrivals
+            .get_or_insert_with(identity, || Ok::<_, Infallible>(Arc::default()));
         let mut current = arrival.load(Ordering::Acquire);
         loop {
             // Read after the arrival time, so it is never earlier than the call that set it
@@ -459,9 +458,12 @@ mod tests {
     fn concurrent_calls_within_the_burst_all_pass() {
         let limiter = RateLimiter::new(1, 800);
         let started = Instant::now();
+        // All threads start together, so their first calls race to create alice's state.
+        let start = std::sync::Barrier::new(8);
         std::thread::scope(|scope| {
             for _ in 0..8 {
                 scope.spawn(|| {
+                    start.wait();
                     for _ in 0..100 {
                         limiter.check("alice").unwrap();
                     }
