@@ -694,6 +694,10 @@ async fn main() {
         return pinned(size).await;
     }
     let memory = Node::start("memory").await;
+    if std::env::args().any(|a| a == "--redis-only") {
+        let mut same_node = delivery(&memory, &memory, "deliver", samples).await;
+        return redis_store(&memory, duration, samples, same_node.percentile(0.5)).await;
+    }
     if std::env::args().any(|a| a == "--broadcast-only") {
         // For profiling the fan-out alone: `perf record -p <roomctl pid>` while this runs.
         let (fanout, _, cpu) = broadcast(&memory, size.subscribers(), 10).await;
@@ -787,6 +791,19 @@ async fn main() {
         println!("\nredis-server not found: Redis figures skipped");
         return;
     }
+    redis_store(&memory, duration, samples, same_node.percentile(0.5)).await;
+    presence(size).await;
+    cluster(duration).await;
+    durability(duration).await;
+    fanout_pinned(size).await;
+    pinned(size).await;
+}
+
+/// The Redis store against the memory node `memory`: DropUser throughput on a node of two
+/// sharing one Redis, in rounds alternating with `memory`'s, the CPU each process spends per
+/// drop, and event delivery on one node and across the two (against `same_node_p50`, the
+/// memory node's).
+async fn redis_store(memory: &Node, duration: Duration, samples: usize, same_node_p50: u64) {
     let redis = RedisServer::start().await;
     let a = Node::start(&redis.url()).await;
     let b = Node::start(&redis.url()).await;
@@ -795,7 +812,7 @@ async fn main() {
     let redis_pid = redis.pid().unwrap();
     let (mut node_cpu, mut redis_cpu) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..ROUNDS {
-        memory_rounds.push(drop_throughput(&memory, duration).await);
+        memory_rounds.push(drop_throughput(memory, duration).await);
         let (node_before, redis_before) = (a.cpu(), cpu_of(redis_pid));
         redis_rounds.push(drop_throughput(&a, duration).await);
         node_cpu += a.cpu() - node_before;
@@ -832,14 +849,9 @@ async fn main() {
     println!(
         "  added by crossing nodes (p50): {} us; added by Redis vs memory (p50): {} us",
         cross.percentile(0.5) as i64 - local.percentile(0.5) as i64,
-        local.percentile(0.5) as i64 - same_node.percentile(0.5) as i64
+        local.percentile(0.5) as i64 - same_node_p50 as i64
     );
     drop((a, b, redis));
-    presence(size).await;
-    cluster(duration).await;
-    durability(duration).await;
-    fanout_pinned(size).await;
-    pinned(size).await;
 }
 
 /// A gRPC message as it travels in an HTTP/2 DATA frame: uncompressed, length-prefixed.
