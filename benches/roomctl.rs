@@ -603,6 +603,16 @@ async fn command_counts(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(St
         .collect()
 }
 
+/// Commits made so far: calls of the commit script, from `INFO commandstats`.
+async fn commits(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    command_counts(conn)
+        .await
+        .into_iter()
+        .filter(|(name, _)| name == "evalsha" || name == "eval")
+        .map(|(_, calls)| calls)
+        .sum()
+}
+
 /// Rounds of each throughput measurement.
 const ROUNDS: usize = 3;
 
@@ -807,27 +817,46 @@ async fn redis_store(memory: &Node, duration: Duration, samples: usize, same_nod
     let redis = RedisServer::start().await;
     let a = Node::start(&redis.url()).await;
     let b = Node::start(&redis.url()).await;
-    // Alternate memory and Redis rounds, as for the echo baseline.
+    // Alternate memory and Redis rounds, as for the echo baseline, counting the CPU each
+    // process spends: with Redis, the client and both servers share the two cores.
     let (mut memory_rounds, mut redis_rounds) = (vec![], vec![]);
     let redis_pid = redis.pid().unwrap();
-    let (mut node_cpu, mut redis_cpu) = (Duration::ZERO, Duration::ZERO);
+    let me = std::process::id();
+    let mut redis_conn = redis.connection().await;
+    let commits_before = commits(&mut redis_conn).await;
+    let mut memory_cpu = [Duration::ZERO; 2];
+    let mut redis_cpu = [Duration::ZERO; 3];
     for _ in 0..ROUNDS {
+        let before = [memory.cpu(), cpu_of(me)];
         memory_rounds.push(drop_throughput(memory, duration).await);
-        let (node_before, redis_before) = (a.cpu(), cpu_of(redis_pid));
+        memory_cpu[0] += memory.cpu() - before[0];
+        memory_cpu[1] += cpu_of(me) - before[1];
+        let before = [a.cpu(), cpu_of(redis_pid), cpu_of(me)];
         redis_rounds.push(drop_throughput(&a, duration).await);
-        node_cpu += a.cpu() - node_before;
-        redis_cpu += cpu_of(redis_pid) - redis_before;
+        redis_cpu[0] += a.cpu() - before[0];
+        redis_cpu[1] += cpu_of(redis_pid) - before[1];
+        redis_cpu[2] += cpu_of(me) - before[2];
     }
-    let calls: f64 = redis_rounds.iter().sum::<f64>() * duration.as_secs_f64();
+    let commits = commits(&mut redis_conn).await - commits_before;
+    let per_call = |cpu: Duration, rounds: &[f64]| {
+        cpu.as_secs_f64() * 1e6 / (rounds.iter().sum::<f64>() * duration.as_secs_f64())
+    };
+    let [memory_node, memory_client] = memory_cpu.map(|cpu| per_call(cpu, &memory_rounds));
+    let [redis_node, redis_server, redis_client] =
+        redis_cpu.map(|cpu| per_call(cpu, &redis_rounds));
+    let redis_calls = redis_rounds.iter().sum::<f64>() * duration.as_secs_f64();
     let (memory_drops, redis_drops) = (median(memory_rounds), median(redis_rounds));
     println!("\ntwo nodes sharing one Redis ({ROUNDS} rounds alternating with the memory node)");
     println!(
         "  DropUser throughput: Redis node {redis_drops:.0} calls/s, memory node {memory_drops:.0} calls/s"
     );
     println!(
-        "  CPU per DropUser on Redis: roomctl {:.1} us, redis-server {:.1} us",
-        node_cpu.as_secs_f64() * 1e6 / calls,
-        redis_cpu.as_secs_f64() * 1e6 / calls
+        "  CPU per DropUser on Redis: roomctl {redis_node:.1} us, redis-server {redis_server:.1} us, \
+         this client {redis_client:.1} us; {:.1} drops per commit",
+        redis_calls / commits as f64
+    );
+    println!(
+        "  CPU per DropUser on memory: roomctl {memory_node:.1} us, this client {memory_client:.1} us"
     );
     ratio(
         "Redis / memory DropUser throughput",
