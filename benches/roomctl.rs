@@ -301,22 +301,6 @@ async fn echo_throughput(node: &Node, duration: Duration) -> f64 {
     .await
 }
 
-async fn unary_rtt(node: &Node, samples: usize) -> Samples {
-    let mut health = HealthClient::new(node.channel().await);
-    let mut out = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let start = Instant::now();
-        health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap();
-        out.push(start.elapsed().as_micros() as u64);
-    }
-    Samples(out)
-}
-
 /// A join request for `room` with no name and the token's own role.
 fn join_request(room: &str) -> pb::JoinRequest {
     pb::JoinRequest {
@@ -341,12 +325,25 @@ async fn subscribe(
     client.events(request).await.unwrap().into_inner()
 }
 
-/// Time from calling DropUser to the dropped client's stream delivering room_disconnected.
-async fn drop_to_disconnect(node: &Node, samples: usize) -> Samples {
+/// `samples` round trips of Health/Check calls and as many times from calling DropUser to the
+/// dropped client's stream delivering `room_disconnected`, taken in turns so that both see the
+/// same load (in two phases, a drift of the load or of the host's speed between them would show
+/// in their ratio).
+async fn check_and_drop_latency(node: &Node, samples: usize) -> (Samples, Samples) {
+    let mut health = HealthClient::new(node.channel().await);
     let mut moderator = node.client("alice", "lat", "moderator").await;
     let mut user = node.client("bob", "lat", "participant").await;
-    let mut out = Vec::with_capacity(samples);
+    let (mut checks, mut drops) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
     for _ in 0..samples {
+        let start = Instant::now();
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap();
+        checks.push(start.elapsed().as_micros() as u64);
+
         let joined = user.join(join_request("lat")).await.unwrap().into_inner();
         let mut stream = subscribe(&mut user, "lat", &joined.client_id, joined.seq).await;
         let start = Instant::now();
@@ -363,9 +360,9 @@ async fn drop_to_disconnect(node: &Node, samples: usize) -> Samples {
             told.unwrap().unwrap().payload,
             Some(Payload::RoomDisconnected(_))
         ));
-        out.push(start.elapsed().as_micros() as u64);
+        drops.push(start.elapsed().as_micros() as u64);
     }
-    Samples(out)
+    (Samples(checks), Samples(drops))
 }
 
 /// Time from a Join on `writer` to its event on a subscriber of `reader`.
@@ -765,8 +762,7 @@ async fn main() {
     ratio("DropUser metrics on / off", on / off, "~1");
     drop(metered);
 
-    let mut rtt = unary_rtt(&memory, samples).await;
-    let mut drop_latency = drop_to_disconnect(&memory, samples / 4).await;
+    let (mut rtt, mut drop_latency) = check_and_drop_latency(&memory, samples / 2).await;
     let (rtt_p99, drop_p99) = (rtt.percentile(0.99), drop_latency.percentile(0.99));
     println!(
         "  unary p50 {} us, p99 {} us; drop-to-room_disconnected p50 {} us, p99 {} us",
@@ -1029,8 +1025,7 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
         .spawn()
         .expect("h2load runs");
     let samples = size.rounds().1;
-    let mut checks = unary_rtt(&node, samples).await;
-    let mut told = drop_to_disconnect(&node, samples / 4).await;
+    let (mut checks, mut told) = check_and_drop_latency(&node, samples / 2).await;
     load.kill().await.unwrap();
     pin_self(&format!("0-{}", cores - 1));
 
