@@ -82,13 +82,16 @@ impl Node {
     }
 
     /// The fan-out baseline ([`minimal_server`]) on CPU `core` alone.
-    async fn start_minimal(core: usize) -> Node {
+    async fn start_minimal(core: usize, runtime: Runtime) -> Node {
         let mut command = Command::new("taskset");
         let me = std::env::current_exe().unwrap();
         command
             .args(["-c", &core.to_string()])
             .arg(me)
             .arg("--minimal-server");
+        if runtime == Runtime::LifoSlotOff {
+            command.arg("--lifo-slot-off");
+        }
         Self::listening(command, false).await
     }
 
@@ -710,11 +713,16 @@ impl Size {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     if std::env::args().any(|a| a == "--minimal-server") {
-        return minimal_server::serve().await;
+        let lifo_slot = !std::env::args().any(|a| a == "--lifo-slot-off");
+        return minimal_server::run(lifo_slot);
     }
+    bench();
+}
+
+#[tokio::main]
+async fn bench() {
     let size = Size::of_args();
     let (duration, samples) = size.rounds();
     println!(
@@ -984,6 +992,40 @@ async fn pinned_node(log: Option<&str>, request: &pb::DropUserRequest) -> Node {
     node
 }
 
+/// The tokio runtime the minimal server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    /// `#[tokio::main]`'s, as tonic's examples make it: the baseline of a plain tonic server.
+    Default,
+    /// roomctl's: the scheduler's LIFO slot off.
+    LifoSlotOff,
+}
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Runtime::Default => "tokio's default runtime; DropUser appends its event, nothing else",
+            Runtime::LifoSlotOff => "the LIFO slot off, as roomctl runs",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Runtime::Default => "default runtime",
+            Runtime::LifoSlotOff => "LIFO slot off",
+        }
+    }
+}
+
+/// Rates (calls/s) and server CPU per call (us) of Health/Check and DropUser rounds.
+#[derive(Default)]
+struct Unary {
+    echo: Vec<f64>,
+    drops: Vec<f64>,
+    echo_cpu: Vec<f64>,
+    drop_cpu: Vec<f64>,
+}
+
 /// DropUser against Health/Check with a load generator that costs little per call: the server
 /// alone on one core, h2load alone on the other, default logging, alternating rounds; server CPU
 /// per call from /proc. A Rust gRPC client on the same two cores costs about as much per call as
@@ -1019,6 +1061,8 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
     let drop_path = "/roomcontrol.v1.RoomControl/DropUser";
     let (mut echo, mut drops, mut unlogged) = (vec![], vec![], vec![]);
     let (mut echo_cpu, mut drop_cpu, mut unlogged_cpu) = (vec![], vec![], vec![]);
+    let mut bare =
+        [Runtime::Default, Runtime::LifoSlotOff].map(|runtime| (runtime, Unary::default()));
     for _ in 0..ROUNDS {
         // A new pair each round: two processes of one build differ in speed by more than the
         // access line costs, so its cost is the median over as many pairs as rounds.
@@ -1039,6 +1083,24 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
             let before = node.cpu();
             rates.push(h2load(node.addr, 1, path, body, requests).await);
             cpu.push((node.cpu() - before).as_secs_f64() * 1e6 / requests as f64);
+        }
+        drop((node, quiet));
+        // What the same two calls cost a bare tonic handler: the minimal server's DropUser
+        // appends its event to the room's log and answers, nothing else.
+        for (runtime, unary) in &mut bare {
+            let minimal = Node::start_minimal(0, *runtime).await;
+            let mut ops = minimal.client("mod", "*", "service").await;
+            ops.drop_user(request.clone())
+                .await
+                .expect("the minimal server answers DropUser OK");
+            for (path, body, rates, cpu) in [
+                (check_path, &check, &mut unary.echo, &mut unary.echo_cpu),
+                (drop_path, &drop_body, &mut unary.drops, &mut unary.drop_cpu),
+            ] {
+                let before = minimal.cpu();
+                rates.push(h2load(minimal.addr, 1, path, body, requests).await);
+                cpu.push((minimal.cpu() - before).as_secs_f64() * 1e6 / requests as f64);
+            }
         }
     }
 
@@ -1081,6 +1143,21 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
         drops / echo,
         ">= 0.85",
     );
+    for (runtime, unary) in bare {
+        let (echo, drops) = (median(unary.echo), median(unary.drops));
+        println!(
+            "  minimal tonic server ({}): Health/Check {echo:.0} calls/s, server CPU {:.1} \
+             us/call; DropUser {drops:.0} calls/s, server CPU {:.1} us/call",
+            runtime.name(),
+            median(unary.echo_cpu),
+            median(unary.drop_cpu)
+        );
+        ratio(
+            &format!("minimal server, {}: DropUser / Check", runtime.short()),
+            drops / echo,
+            "none: a bare handler's",
+        );
+    }
     println!(
         "  raw-h2 client, {} calls a round: Health/Check {:.0} calls/s, server CPU {:.1} us/call; \
          DropUser of a live subscribed client {:.0} calls/s, server CPU {:.1} us/call",
@@ -1216,7 +1293,7 @@ async fn fanout_pinned(size: Size) {
     let roomctl = Node::start_pinned(0, None).await;
     let (ours, per_subscription, our_cpu) = broadcast(&roomctl, subscribers, 10).await;
     drop(roomctl);
-    let minimal = Node::start_minimal(0).await;
+    let minimal = Node::start_minimal(0, Runtime::Default).await;
     let (theirs, their_subscription, their_cpu) = broadcast(&minimal, subscribers, 10).await;
     drop(minimal);
     pin_self(&format!("0-{}", cores - 1));
