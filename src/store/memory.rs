@@ -301,12 +301,17 @@ impl Rooms {
         if applied.events.is_empty() {
             return;
         }
-        let commit: Arc<[Arc<LoggedEvent>]> = applied
-            .events
-            .iter()
-            .map(|event| Arc::new(LoggedEvent::new(event.clone())))
-            .collect();
-        inner.log.extend(commit.iter().cloned());
+        let appended = inner.log.len();
+        inner.log.extend(
+            applied
+                .events
+                .iter()
+                .map(|event| Arc::new(LoggedEvent::new(event.clone()))),
+        );
+        // The commit travels with the wake-up only when someone is woken: a subscriber that
+        // comes later starts from the log. Checked under the room's lock, as subscribing is.
+        let commit = (head.receiver_count() > 0)
+            .then(|| inner.log.range(appended..).cloned().collect::<Arc<[_]>>());
         while inner.log.len() > self.config.history {
             inner.log.pop_front();
         }
@@ -335,7 +340,10 @@ impl Rooms {
             (true, None) => Some(Instant::now()),
             (false, _) => None,
         };
-        head.send_replace(Head::committed(inner.state.seq(), commit));
+        head.send_replace(Head {
+            seq: inner.state.seq(),
+            commit,
+        });
         self.telemetry.events_appended(applied.events.len());
     }
 
