@@ -5,8 +5,9 @@
 //! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --smoke` to run every
 //! section for a moment, as CI does to keep it working, `-- --broadcast-only` to
 //! profile the fan-out alone, `-- --presence-only` for the cost of presence alone,
-//! `-- --cluster-only` for a Redis Cluster beside one Redis, `-- --durability-only` for what
-//! `--redis-wait-replicas 1` costs, `-- --pinned-only` for the pinned h2load measurement alone).
+//! `-- --redis-only` for the Redis store against the memory store, `-- --cluster-only` for a
+//! Redis Cluster beside one Redis, `-- --durability-only` for what `--redis-wait-replicas 1`
+//! costs, `-- --pinned-only` for the pinned h2load measurement alone).
 //! The Redis figures need
 //! `redis-server` (and `redis-cli` for the cluster) on PATH; without it the run stops there, or
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
@@ -81,7 +82,7 @@ impl Node {
         Self::spawn(command, "memory", &[]).await
     }
 
-    /// The fan-out baseline ([`minimal_server`]) on CPU `core` alone.
+    /// The fan-out and unary baseline ([`minimal_server`]) on CPU `core` alone, on `runtime`.
     async fn start_minimal(core: usize, runtime: Runtime) -> Node {
         let mut command = Command::new("taskset");
         let me = std::env::current_exe().unwrap();
@@ -1004,7 +1005,7 @@ enum Runtime {
 impl Runtime {
     fn name(self) -> &'static str {
         match self {
-            Runtime::Default => "tokio's default runtime; DropUser appends its event, nothing else",
+            Runtime::Default => "tokio's default runtime",
             Runtime::LifoSlotOff => "the LIFO slot off, as roomctl runs",
         }
     }
@@ -1146,8 +1147,9 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
     for (runtime, unary) in bare {
         let (echo, drops) = (median(unary.echo), median(unary.drops));
         println!(
-            "  minimal tonic server ({}): Health/Check {echo:.0} calls/s, server CPU {:.1} \
-             us/call; DropUser {drops:.0} calls/s, server CPU {:.1} us/call",
+            "  minimal tonic server ({}; its DropUser appends its event, nothing else): \
+             Health/Check {echo:.0} calls/s, server CPU {:.1} us/call; DropUser {drops:.0} \
+             calls/s, server CPU {:.1} us/call",
             runtime.name(),
             median(unary.echo_cpu),
             median(unary.drop_cpu)
