@@ -871,13 +871,11 @@ async fn redis_store(memory: &Node, duration: Duration, samples: usize, same_nod
         redis_cpu[2] += cpu_of(me) - before[2];
     }
     let commits = commits(&mut redis_conn).await - commits_before;
-    let per_call = |cpu: Duration, rounds: &[f64]| {
-        cpu.as_secs_f64() * 1e6 / (rounds.iter().sum::<f64>() * duration.as_secs_f64())
-    };
-    let [memory_node, memory_client] = memory_cpu.map(|cpu| per_call(cpu, &memory_rounds));
+    let calls = |rounds: &[f64]| rounds.iter().sum::<f64>() * duration.as_secs_f64();
+    let (memory_calls, redis_calls) = (calls(&memory_rounds), calls(&redis_rounds));
+    let [memory_node, memory_client] = memory_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / memory_calls);
     let [redis_node, redis_server, redis_client] =
-        redis_cpu.map(|cpu| per_call(cpu, &redis_rounds));
-    let redis_calls = redis_rounds.iter().sum::<f64>() * duration.as_secs_f64();
+        redis_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / redis_calls);
     let (memory_drops, redis_drops) = (median(memory_rounds), median(redis_rounds));
     println!("\ntwo nodes sharing one Redis ({ROUNDS} rounds alternating with the memory node)");
     println!(
@@ -1018,13 +1016,27 @@ impl Runtime {
     }
 }
 
-/// Rates (calls/s) and server CPU per call (us) of Health/Check and DropUser rounds.
+/// Rounds of one h2load measurement: calls per second and the server's CPU per call (us).
 #[derive(Default)]
-struct Unary {
-    echo: Vec<f64>,
-    drops: Vec<f64>,
-    echo_cpu: Vec<f64>,
-    drop_cpu: Vec<f64>,
+struct Rounds {
+    rates: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Rounds {
+    /// One round of `requests` calls of `path` with `body` to `node`, from core 1.
+    async fn measure(&mut self, node: &Node, path: &str, body: &std::path::Path, requests: usize) {
+        let before = node.cpu();
+        self.rates
+            .push(h2load(node.addr, 1, path, body, requests).await);
+        self.cpu
+            .push((node.cpu() - before).as_secs_f64() * 1e6 / requests as f64);
+    }
+
+    /// The medians of the rates and of the CPU per call.
+    fn medians(self) -> (f64, f64) {
+        (median(self.rates), median(self.cpu))
+    }
 }
 
 /// DropUser against Health/Check with a load generator that costs little per call: the server
@@ -1060,48 +1072,33 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
     pin_self("1");
     let check_path = "/grpc.health.v1.Health/Check";
     let drop_path = "/roomcontrol.v1.RoomControl/DropUser";
-    let (mut echo, mut drops, mut unlogged) = (vec![], vec![], vec![]);
-    let (mut echo_cpu, mut drop_cpu, mut unlogged_cpu) = (vec![], vec![], vec![]);
-    let mut bare =
-        [Runtime::Default, Runtime::LifoSlotOff].map(|runtime| (runtime, Unary::default()));
+    let (mut echo, mut drops, mut unlogged) = <[Rounds; 3]>::default().into();
+    let mut bare = [Runtime::Default, Runtime::LifoSlotOff]
+        .map(|runtime| (runtime, Rounds::default(), Rounds::default()));
     for _ in 0..ROUNDS {
         // A new pair each round: two processes of one build differ in speed by more than the
         // access line costs, so its cost is the median over as many pairs as rounds.
         let node = pinned_node(None, &request).await;
         // The same without its access log, for what the access log costs.
         let quiet = pinned_node(Some("info,roomctl::access=off"), &request).await;
-        for (node, path, body, rates, cpu) in [
-            (&node, check_path, &check, &mut echo, &mut echo_cpu),
-            (&node, drop_path, &drop_body, &mut drops, &mut drop_cpu),
-            (
-                &quiet,
-                drop_path,
-                &drop_body,
-                &mut unlogged,
-                &mut unlogged_cpu,
-            ),
-        ] {
-            let before = node.cpu();
-            rates.push(h2load(node.addr, 1, path, body, requests).await);
-            cpu.push((node.cpu() - before).as_secs_f64() * 1e6 / requests as f64);
-        }
+        echo.measure(&node, check_path, &check, requests).await;
+        drops.measure(&node, drop_path, &drop_body, requests).await;
+        unlogged
+            .measure(&quiet, drop_path, &drop_body, requests)
+            .await;
         drop((node, quiet));
         // What the same two calls cost a bare tonic handler: the minimal server's DropUser
         // appends its event to the room's log and answers, nothing else.
-        for (runtime, unary) in &mut bare {
+        for (runtime, echo, drops) in &mut bare {
             let minimal = Node::start_minimal(0, *runtime).await;
             let mut ops = minimal.client("mod", "*", "service").await;
             ops.drop_user(request.clone())
                 .await
                 .expect("the minimal server answers DropUser OK");
-            for (path, body, rates, cpu) in [
-                (check_path, &check, &mut unary.echo, &mut unary.echo_cpu),
-                (drop_path, &drop_body, &mut unary.drops, &mut unary.drop_cpu),
-            ] {
-                let before = minimal.cpu();
-                rates.push(h2load(minimal.addr, 1, path, body, requests).await);
-                cpu.push((minimal.cpu() - before).as_secs_f64() * 1e6 / requests as f64);
-            }
+            echo.measure(&minimal, check_path, &check, requests).await;
+            drops
+                .measure(&minimal, drop_path, &drop_body, requests)
+                .await;
         }
     }
 
@@ -1121,22 +1118,18 @@ pinned: needs h2load (Debian: apt-get install nghttp2-client), taskset and two \
     pin_self(&format!("0-{}", cores - 1));
 
     let _ = std::fs::remove_dir_all(&dir);
-    let (echo, drops) = (median(echo), median(drops));
+    let ((echo, echo_cpu), (drops, drop_cpu)) = (echo.medians(), drops.medians());
+    let (unlogged, unlogged_cpu) = unlogged.medians();
     println!(
         "
 pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
          {requests} calls a round, {ROUNDS} alternating rounds, medians)"
     );
-    println!(
-        "  Health/Check: {echo:.0} calls/s, server CPU {:.1} us/call",
-        median(echo_cpu)
-    );
-    let (drop_cpu, unlogged_cpu) = (median(drop_cpu), median(unlogged_cpu));
+    println!("  Health/Check: {echo:.0} calls/s, server CPU {echo_cpu:.1} us/call");
     println!("  DropUser (absent client): {drops:.0} calls/s, server CPU {drop_cpu:.1} us/call");
     println!(
-        "  DropUser without the access log: {:.0} calls/s, server CPU {unlogged_cpu:.1} us/call; \
-         the access log costs {:.1} us/call (target < 3)",
-        median(unlogged),
+        "  DropUser without the access log: {unlogged:.0} calls/s, server CPU {unlogged_cpu:.1} \
+         us/call; the access log costs {:.1} us/call (target < 3)",
         drop_cpu - unlogged_cpu
     );
     ratio(
@@ -1144,15 +1137,13 @@ pinned: server on core 0 with default logging, h2load on core 1 (-c 8 -m 16, \
         drops / echo,
         ">= 0.85",
     );
-    for (runtime, unary) in bare {
-        let (echo, drops) = (median(unary.echo), median(unary.drops));
+    for (runtime, echo, drops) in bare {
+        let ((echo, echo_cpu), (drops, drop_cpu)) = (echo.medians(), drops.medians());
         println!(
             "  minimal tonic server ({}; its DropUser appends its event, nothing else): \
-             Health/Check {echo:.0} calls/s, server CPU {:.1} us/call; DropUser {drops:.0} \
-             calls/s, server CPU {:.1} us/call",
+             Health/Check {echo:.0} calls/s, server CPU {echo_cpu:.1} us/call; DropUser \
+             {drops:.0} calls/s, server CPU {drop_cpu:.1} us/call",
             runtime.name(),
-            median(unary.echo_cpu),
-            median(unary.drop_cpu)
         );
         ratio(
             &format!("minimal server, {}: DropUser / Check", runtime.short()),

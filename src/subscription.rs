@@ -218,23 +218,27 @@ impl Follow {
                 }
             }
             // A closed channel counts as a change: the read says whether we can go on.
-            if !self.read_all || self.head.has_changed().unwrap_or(true) {
+            let changed = self.head.has_changed();
+            let open = changed.is_ok();
+            if !self.read_all || changed.unwrap_or(true) {
                 // Checked before each read too, not only while waiting, so a stream that never
                 // catches up still ends promptly on shutdown or expiry (per batch, not per
                 // event).
                 if let Some(end) = self.ends.reached() {
                     return self.end(end);
                 }
-                // A closed channel's last commit says nothing of what may follow (the room was
-                // forgotten, or the store lost its notifications): only the read can tell.
-                let open = self.head.has_changed().is_ok();
                 // Mark the head seen before reading, so an append racing the read still wakes
                 // us. When the commit that moved the head continues our cursor, it is all that
-                // is new: no read.
+                // is new: no read. A closed channel's last commit says nothing of what may
+                // follow (the room was forgotten, or the store lost its notifications): only the
+                // read can tell.
                 let commit = {
                     let head = self.head.borrow_and_update();
-                    open.then(|| head.continuing(&self.epoch, self.cursor))
-                        .flatten()
+                    if open {
+                        head.continuing(&self.epoch, self.cursor)
+                    } else {
+                        None
+                    }
                 };
                 if let Some((events, next)) = commit {
                     self.pending = Batch {
