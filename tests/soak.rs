@@ -263,7 +263,7 @@ fn soak(backend: Backend) {
     // each starts serving on its own (a node still starting would add its tasks later, and the
     // soak would blame them on its clients). The probes' connections stay open to the end, so
     // the count after the soak must come back to this one exactly.
-    let (probes, idle_tasks, idle_client_tasks) = clients.block_on(async {
+    let (mut probes, idle_tasks, idle_client_tasks) = clients.block_on(async {
         let mut probes = Vec::new();
         for addr in &addrs {
             let mut probe = client_with_token(*addr, &token("ops", "*", "service")).await;
@@ -276,10 +276,12 @@ fn soak(backend: Backend) {
         (probes, server_runtime.metrics().num_alive_tasks(), clients)
     });
 
-    // Waits until no stream is open on the server and its task count is back to idle: between
-    // rounds, so memory is sampled at comparable moments (a Redis node's room writers, and what
-    // they remember of their rooms, retire after a few idle seconds), and at the end.
-    let settle = || {
+    // Waits until no stream is open on the server, its task count is back to idle and it has
+    // forgotten every room: between rounds, so memory is sampled at comparable moments (a Redis
+    // node's room writers, and what they remember of their rooms, retire after a few idle
+    // seconds; an emptied room's log goes once the store's sweeper or a look at it forgets
+    // the room), and at the end.
+    let mut settle = || {
         clients.block_on(async {
             let deadline = tokio::time::Instant::now() + PATIENCE;
             loop {
@@ -289,12 +291,20 @@ fn soak(backend: Backend) {
                     .metrics()
                     .num_alive_tasks()
                     > idle_client_tasks;
+                let mut rooms = 0;
                 if streams == 0 && !clients_busy && alive <= idle_tasks {
-                    return;
+                    for probe in &mut probes {
+                        let listed = probe.list_rooms(pb::ListRoomsRequest::default()).await;
+                        rooms += listed.unwrap().into_inner().rooms.len();
+                    }
+                    if rooms == 0 {
+                        return;
+                    }
                 }
                 assert!(
                     tokio::time::Instant::now() < deadline,
-                    "left behind: {streams} streams, {alive} tasks (idle: {idle_tasks})"
+                    "left behind: {streams} streams, {alive} tasks (idle: {idle_tasks}), \
+                     {rooms} rooms"
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
