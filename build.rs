@@ -6,7 +6,12 @@
 //! an `Events` stream yields an event encoded once for all the streams that deliver it (wire
 //! bytes identical to an `Event`'s). A third server, the plain one with `Event` messages, is for
 //! the benchmark's minimal tonic baseline only (`benches/`), and compiles only there.
+//!
+//! It also writes the list of RoomControl's methods, read from the service descriptor, so the
+//! rules that apply to every call (load shedding, deadlines, metrics, the access line) follow
+//! the proto instead of a list someone must remember to extend.
 
+use std::fmt::Write;
 use std::{env, fs, path::PathBuf};
 
 use prost::Message;
@@ -19,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([PROTO], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("roomcontrol_descriptor.bin"), fds.encode_to_vec())?;
+    fs::write(out.join("room_control_methods.rs"), methods(&fds)?)?;
     tonic_prost_build::configure()
         .build_server(false)
         .codec_path("crate::codec::CompactCodec")
@@ -41,4 +47,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         builder.compile_fds(fds.clone())?;
     }
     Ok(())
+}
+
+/// The `ROOM_CONTROL_METHODS` constant: every method of `roomcontrol.v1.RoomControl`, in the
+/// proto's order.
+fn methods(fds: &prost_types::FileDescriptorSet) -> Result<String, Box<dyn std::error::Error>> {
+    let service = fds
+        .file
+        .iter()
+        .filter(|file| file.package() == "roomcontrol.v1")
+        .flat_map(|file| &file.service)
+        .find(|service| service.name() == "RoomControl")
+        .ok_or("roomcontrol.v1.RoomControl is not in the proto")?;
+    let mut code = String::from(
+        "/// Every method of `roomcontrol.v1.RoomControl`, in the proto's order (generated from \
+         the\n/// service descriptor by build.rs).\npub const ROOM_CONTROL_METHODS: &[&str] = &[\n",
+    );
+    for method in &service.method {
+        writeln!(code, "    {:?},", method.name())?;
+    }
+    code.push_str("];\n");
+    Ok(code)
 }

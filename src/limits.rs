@@ -290,8 +290,15 @@ impl GuardLayer {
     /// A guard for `limits`; `max_message_bytes` is what over-size answers name; `telemetry`
     /// records every call.
     pub fn new(limits: &Limits, max_message_bytes: usize, telemetry: Telemetry) -> Self {
+        let calls = Arc::new(Semaphore::new(limits.max_concurrent_calls));
+        let (slots, max) = (Arc::downgrade(&calls), limits.max_concurrent_calls);
+        telemetry.on_scrape(move |telemetry| {
+            if let Some(slots) = slots.upgrade() {
+                telemetry.calls_in_progress(max - slots.available_permits());
+            }
+        });
         Self {
-            calls: Arc::new(Semaphore::new(limits.max_concurrent_calls)),
+            calls,
             max_calls: limits.max_concurrent_calls,
             request_timeout: limits.request_timeout,
             max_message_bytes,

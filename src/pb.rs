@@ -6,6 +6,10 @@
 tonic::include_proto!("roomcontrol.v1");
 // The server, generated apart so that `Events` streams yield encoded events (see build.rs).
 include!(concat!(env!("OUT_DIR"), "/server/roomcontrol.v1.rs"));
+include!(concat!(env!("OUT_DIR"), "/room_control_methods.rs"));
+
+/// The path prefix of every RoomControl method (`/roomcontrol.v1.RoomControl/Join`...).
+pub const ROOM_CONTROL_PATH: &str = "/roomcontrol.v1.RoomControl/";
 
 /// Encoded `FileDescriptorSet` of `room_control.proto` and its imports, with source comments.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -1,0 +1,167 @@
+//! Rules that hold for every RoomControl method, walked from the service descriptor rather than
+//! from a list in the test: a method added to the proto is covered without anyone adding it here.
+
+mod common;
+
+use common::*;
+use prost_reflect::DescriptorPool;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::{Code, Status};
+
+/// Every method of `roomcontrol.v1.RoomControl`, read from the descriptor set the server serves
+/// to reflection.
+fn methods() -> Vec<String> {
+    let pool = DescriptorPool::decode(roomctl::pb::FILE_DESCRIPTOR_SET).unwrap();
+    let service = pool
+        .get_service_by_name("roomcontrol.v1.RoomControl")
+        .expect("the service is in the descriptor set");
+    service.methods().map(|m| m.name().to_owned()).collect()
+}
+
+/// A node started as an operator would (the built binary), with its log lines gathered.
+struct LoggedNode {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl LoggedNode {
+    async fn start(args: &[&str]) -> Self {
+        let mut child = node_process::serve(args).spawn().unwrap();
+        let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (mut addr, mut metrics) = (None, None);
+        let started = async {
+            while addr.is_none() || metrics.is_none() {
+                let line = log.next_line().await.unwrap().expect("serve exited early");
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    addr = rest.split_whitespace().next().unwrap().parse().ok();
+                }
+                if let Some(rest) = line.split("metrics at http://").nth(1) {
+                    metrics = rest.split('/').next().unwrap().parse().ok();
+                }
+                lines.lock().unwrap().push(line);
+            }
+        };
+        tokio::time::timeout(PATIENCE, started).await.unwrap();
+        let gathered = lines.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = log.next_line().await {
+                gathered.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            addr: addr.unwrap(),
+            metrics: metrics.unwrap(),
+            lines,
+            reader,
+        }
+    }
+
+    /// Stops the node with SIGTERM and returns every line it logged.
+    async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        tokio::time::timeout(PATIENCE, self.reader)
+            .await
+            .unwrap()
+            .unwrap();
+        Arc::try_unwrap(self.lines).unwrap().into_inner().unwrap()
+    }
+}
+
+/// The access lines (`roomctl::access`) of `method` in `lines`, by their gRPC code.
+fn access_codes(lines: &[String], method: &str) -> Vec<String> {
+    let field = format!("method=\"{method}\"");
+    lines
+        .iter()
+        .filter(|line| line.contains("roomctl::access") && line.contains(&field))
+        .map(|line| {
+            let code = line.split("code=\"").nth(1).expect("the line has a code");
+            code.split('"').next().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Waits until the node says `calls` calls hold a slot (each stream of a connection is served by
+/// its own task, so the order they take slots in is not the order they were sent in).
+async fn calls_in_progress(metrics: std::net::SocketAddr, calls: usize) {
+    let held = async {
+        while metric(&scrape(metrics).await, "roomctl_calls_in_progress") != calls as f64 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, held).await.unwrap();
+}
+
+/// Every method of the descriptor, called while a call of its own holds the node's only call
+/// slot: the second is shed at once (`UNAVAILABLE` / `OVERLOADED`), the first runs into the
+/// node's request timeout (`DEADLINE_EXCEEDED`), each is counted in
+/// `roomctl_rpcs_total{method,code}` and each leaves exactly one access line with its code. The
+/// held call is one whose client sent its headers but never its message, which no method can
+/// answer before its deadline.
+#[tokio::test]
+async fn every_method_is_shed_timed_counted_and_audited() {
+    let node = LoggedNode::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--max-concurrent-calls",
+        "1",
+        "--request-timeout",
+        "300ms",
+    ])
+    .await;
+    let methods = methods();
+    assert!(methods.len() >= 11, "{methods:?}");
+    let bearer = format!("Bearer {}", token("ops", "*", "service"));
+    let mut h2 = bare::connect(node.addr).await;
+    for method in &methods {
+        let path = format!("/roomcontrol.v1.RoomControl/{method}");
+        let headers = [("authorization", bearer.as_str())];
+        // The held call: headers only, the message never follows.
+        let (head, _) = bare::request(&path, &headers, &());
+        let (held, mut held_body) = h2.send_request(head, false).unwrap();
+        calls_in_progress(node.metrics, 1).await;
+        let shed = bare::call(&mut h2, bare::request(&path, &headers, &())).await;
+        let info = assert_error(&shed, Code::Unavailable, "OVERLOADED");
+        assert_eq!(info["limit"], "max_concurrent_calls", "{method}");
+        let held = tokio::time::timeout(PATIENCE, held).await.unwrap().unwrap();
+        let status = Status::from_header_map(held.headers())
+            .unwrap_or_else(|| panic!("{method}: the held call was answered {held:?}"));
+        let info = assert_error(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
+        assert_eq!(info["timeout_ms"], "300", "{method}");
+        held_body.send_reset(h2::Reason::CANCEL);
+    }
+
+    let text = scrape(node.metrics).await;
+    for method in &methods {
+        for code in ["UNAVAILABLE", "DEADLINE_EXCEEDED"] {
+            let series = format!("roomctl_rpcs_total{{method=\"{method}\",code=\"{code}\"}}");
+            assert_eq!(metric(&text, &series), 1.0, "{series} in\n{text}");
+        }
+    }
+
+    let lines = node.stop().await;
+    for method in &methods {
+        let mut codes = access_codes(&lines, method);
+        codes.sort();
+        assert_eq!(
+            codes,
+            ["DEADLINE_EXCEEDED", "UNAVAILABLE"],
+            "{method}: its access lines in\n{}",
+            lines.join("\n")
+        );
+    }
+}
