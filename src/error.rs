@@ -85,9 +85,16 @@ pub enum Error {
         /// Its value.
         max: usize,
     },
-    /// The caller sent moderator commands faster than `--moderator-rate` allows.
-    #[error("too many moderator commands: at most {rate} per second; retry in {retry_after:?}")]
+    /// The caller sent moderator commands faster than `--moderator-rate` (or, for a service,
+    /// `--service-rate`) allows.
+    #[error(
+        "too many moderator commands from this identity: at most {rate} per second \
+         (--{}); retry in {retry_after:?}",
+        .limit.name().replace('_', "-")
+    )]
     RateLimited {
+        /// Which rate: `moderator_rate` or `service_rate`.
+        limit: Limit,
         /// When the next command would be accepted.
         retry_after: Duration,
         /// The sustained rate allowed.
@@ -311,8 +318,12 @@ impl Error {
             Error::LimitReached { limit, max } => {
                 vec![("limit", limit.name().to_owned()), ("max", max.to_string())]
             }
-            Error::RateLimited { retry_after, rate } => vec![
-                ("limit", "moderator_rate".to_owned()),
+            Error::RateLimited {
+                limit,
+                retry_after,
+                rate,
+            } => vec![
+                ("limit", limit.name().to_owned()),
                 ("max", rate.to_string()),
                 ("retry_after_ms", retry_after.as_millis().max(1).to_string()),
             ],
@@ -530,6 +541,7 @@ mod tests {
             ),
             (
                 Error::RateLimited {
+                    limit: Limit::ModeratorRate,
                     retry_after: Duration::from_millis(20),
                     rate: 5,
                 },

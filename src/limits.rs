@@ -8,7 +8,8 @@
 //!   contract's, and observes every call for the metrics and the access log.
 //! - [`StreamSlot`]: an open `Events` stream counted against `--max-streams` (node) and
 //!   `--max-streams-per-connection`, released when the stream is dropped.
-//! - [`RateLimiter`]: moderator commands per identity (`--moderator-rate`, `--moderator-burst`).
+//! - [`RateLimiter`]: moderator commands per identity (`--moderator-rate`, `--moderator-burst`),
+//!   and, when set, service tokens' commands per identity (`--service-rate`, `--service-burst`).
 //!
 //! Members per room are the engine's rule; header and message sizes, keepalive and the HTTP/2
 //! reset and ping defences are set on the transport in [`crate::server`].
@@ -47,6 +48,11 @@ pub struct Limits {
     pub moderator_rate: u32,
     /// Moderator commands one identity may send in a burst.
     pub moderator_burst: u32,
+    /// Commands per second per service identity, sustained; None: services are not limited
+    /// (one gateway acts for every room, so a person's rate would cap a whole fleet's traffic).
+    pub service_rate: Option<u32>,
+    /// Commands one service identity may send in a burst (None: twice its rate).
+    pub service_burst: Option<u32>,
     /// How often an idle connection is pinged.
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is closed.
@@ -64,6 +70,8 @@ impl Default for Limits {
             max_room_members: 10_000,
             moderator_rate: 100,
             moderator_burst: 200,
+            service_rate: None,
+            service_burst: None,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
         }
@@ -81,6 +89,10 @@ pub enum Limit {
     RoomMembers,
     /// Bans in force in one room ([`crate::engine::MAX_BANS`]).
     RoomBans,
+    /// `--moderator-rate`.
+    ModeratorRate,
+    /// `--service-rate`.
+    ServiceRate,
 }
 
 impl Limit {
@@ -91,6 +103,8 @@ impl Limit {
             Limit::StreamsPerConnection => "max_streams_per_connection",
             Limit::RoomMembers => "max_room_members",
             Limit::RoomBans => "max_room_bans",
+            Limit::ModeratorRate => "moderator_rate",
+            Limit::ServiceRate => "service_rate",
         }
     }
 }
@@ -201,6 +215,8 @@ const RATED_IDENTITIES: usize = 100_000;
 /// memory by a cache of identities. Written here because governor's keyed limiter keeps every
 /// key until told to sweep; this one never holds more than `RATED_IDENTITIES`.
 pub struct RateLimiter {
+    /// Which setting this limiter enforces, as its refusals name it.
+    limit: Limit,
     /// Time between two commands at the sustained rate, in nanoseconds.
     interval: u64,
     /// How far ahead of now an identity's arrival time may run (the burst).
@@ -211,10 +227,12 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// `rate` commands per second sustained, `burst` at once (both at least 1).
-    pub fn new(rate: u32, burst: u32) -> Self {
+    /// `rate` commands per second sustained, `burst` at once (both at least 1), enforcing
+    /// `limit`.
+    pub fn new(limit: Limit, rate: u32, burst: u32) -> Self {
         let interval = (1_000_000_000 / u64::from(rate.max(1))).max(1);
         Self {
+            limit,
             interval,
             tolerance: interval * u64::from(burst.max(1) - 1),
             rate: rate.max(1),
@@ -239,6 +257,7 @@ impl RateLimiter {
             let theoretical = current.max(now);
             if theoretical - now > self.tolerance {
                 return Err(Error::RateLimited {
+                    limit: self.limit,
                     retry_after: Duration::from_nanos(theoretical - now - self.tolerance),
                     rate: self.rate,
                 });
@@ -463,7 +482,7 @@ mod tests {
 
     #[test]
     fn concurrent_calls_within_the_burst_all_pass() {
-        let limiter = RateLimiter::new(1, 800);
+        let limiter = RateLimiter::new(Limit::ModeratorRate, 1, 800);
         let started = Instant::now();
         // All threads start together, so their first calls race to create alice's state.
         let start = std::sync::Barrier::new(8);
@@ -489,7 +508,7 @@ mod tests {
             started.elapsed()
         );
         // A rate the nanosecond clock cannot express still lets calls through.
-        let unlimited = RateLimiter::new(u32::MAX, u32::MAX);
+        let unlimited = RateLimiter::new(Limit::ModeratorRate, u32::MAX, u32::MAX);
         for _ in 0..1000 {
             unlimited.check("bob").unwrap();
         }
@@ -497,14 +516,19 @@ mod tests {
 
     #[test]
     fn rates_allow_the_burst_then_the_sustained_rate() {
-        let limiter = RateLimiter::new(10, 3);
+        let limiter = RateLimiter::new(Limit::ServiceRate, 10, 3);
         for _ in 0..3 {
             limiter.check("alice").unwrap();
         }
-        let Err(Error::RateLimited { retry_after, rate }) = limiter.check("alice") else {
+        let Err(Error::RateLimited {
+            limit,
+            retry_after,
+            rate,
+        }) = limiter.check("alice")
+        else {
             panic!("the fourth command in a burst of 3 is refused")
         };
-        assert_eq!(rate, 10);
+        assert_eq!((limit, rate), (Limit::ServiceRate, 10));
         assert!(retry_after <= Duration::from_millis(100), "{retry_after:?}");
         limiter.check("bob").unwrap();
         std::thread::sleep(retry_after);

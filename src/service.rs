@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::{caller, TokenExpiry};
 use crate::engine::{self, Command, Reply};
 use crate::error::Error;
-use crate::limits::{Limits, RateLimiter, StreamBudget};
+use crate::limits::{Limit, Limits, RateLimiter, StreamBudget};
 use crate::listener::ConnInfo;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;
@@ -24,6 +24,8 @@ pub struct RoomControlService {
     shutdown: CancellationToken,
     streams: StreamBudget,
     moderators: RateLimiter,
+    /// None: service tokens' commands are not rate-limited (`--service-rate` unset).
+    services: Option<RateLimiter>,
     telemetry: Telemetry,
 }
 
@@ -41,7 +43,15 @@ impl RoomControlService {
             store,
             shutdown,
             streams,
-            moderators: RateLimiter::new(limits.moderator_rate, limits.moderator_burst),
+            moderators: RateLimiter::new(
+                Limit::ModeratorRate,
+                limits.moderator_rate,
+                limits.moderator_burst,
+            ),
+            services: limits.service_rate.map(|rate| {
+                let burst = limits.service_burst.unwrap_or(rate.saturating_mul(2));
+                RateLimiter::new(Limit::ServiceRate, rate, burst)
+            }),
             telemetry,
         }
     }
@@ -61,7 +71,8 @@ fn unexpected(reply: Reply) -> Status {
 
 impl RoomControlService {
     /// Runs a moderator's command (whose permission the caller checked) within the identity's
-    /// moderator rate; its request id goes into the call's access line, which is its audit line.
+    /// rate (a moderator's, or a service's when `--service-rate` is set); its request id goes into
+    /// the call's access line, which is its audit line.
     async fn moderate(
         &self,
         room_id: &str,
@@ -73,7 +84,14 @@ impl RoomControlService {
         if let (Some(note), Some(request_id)) = (note, cmd.request_id()) {
             note.record_request_id(request_id);
         }
-        self.moderators.check(&caller.identity)?;
+        let limiter = if caller.is_service() {
+            self.services.as_ref()
+        } else {
+            Some(&self.moderators)
+        };
+        if let Some(limiter) = limiter {
+            limiter.check(&caller.identity)?;
+        }
         Ok(self.store.execute(room_id, caller, cmd).await?.reply)
     }
 

@@ -151,6 +151,55 @@ async fn moderator_commands_are_rate_limited_per_identity() {
         .unwrap();
 }
 
+/// A service token is not throttled as if it were a person: one gateway acting for every room
+/// sends 300 DropUser calls in a row, past the moderator rate and burst, and every one is
+/// answered. With `--service-rate` set, services have a limit of their own, named in the
+/// refusal, which leaves moderators' allowances alone.
+#[tokio::test]
+async fn services_have_their_own_rate() {
+    let server = TestServer::start(Backend::Memory).await;
+    let mut gateway = server.client("gateway", "*", "service").await;
+    join(&mut gateway, "r", "x").await;
+    for _ in 0..300 {
+        gateway
+            .drop_user(drop_request("r", &["nobody"], ""))
+            .await
+            .unwrap();
+    }
+
+    let server = TestServer::start_with(Backend::Memory, |c| {
+        c.limits.service_rate = Some(5);
+        c.limits.service_burst = Some(2);
+        c.limits.moderator_burst = 2;
+    })
+    .await;
+    let mut gateway = server.client("gateway", "*", "service").await;
+    join(&mut gateway, "r", "x").await;
+    for _ in 0..2 {
+        gateway
+            .drop_user(drop_request("r", &["nobody"], ""))
+            .await
+            .unwrap();
+    }
+    let status = gateway
+        .drop_user(drop_request("r", &["nobody"], ""))
+        .await
+        .unwrap_err();
+    let meta = assert_error(&status, Code::ResourceExhausted, "RATE_LIMITED");
+    assert_eq!(
+        (meta["limit"].as_str(), meta["max"].as_str()),
+        ("service_rate", "5")
+    );
+    assert!(status.message().contains("--service-rate"), "{status:?}");
+    let mut alice = server.client("alice", "r", "moderator").await;
+    for _ in 0..2 {
+        alice
+            .drop_user(drop_request("r", &["nobody"], ""))
+            .await
+            .unwrap();
+    }
+}
+
 /// Every call has a deadline: `--request-timeout`, or the client's `grpc-timeout` when shorter,
 /// answered DEADLINE_EXCEEDED with the deadline that applied (here while Redis is frozen), and
 /// past `--max-concurrent-calls` new calls fail at once with UNAVAILABLE / OVERLOADED while

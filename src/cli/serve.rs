@@ -123,6 +123,14 @@ pub struct ServeArgs {
     /// Moderator commands one identity may send at once before the rate applies.
     #[arg(long, env = "ROOMCTL_MODERATOR_BURST", default_value_t = Limits::default().moderator_burst, value_parser = clap::value_parser!(u32).range(1..))]
     moderator_burst: u32,
+    /// Moderator commands per second per service identity, sustained, on this node (default:
+    /// services are not rate-limited).
+    #[arg(long, env = "ROOMCTL_SERVICE_RATE", value_parser = clap::value_parser!(u32).range(1..))]
+    service_rate: Option<u32>,
+    /// Moderator commands one service identity may send at once before --service-rate applies
+    /// (default: twice the rate).
+    #[arg(long, env = "ROOMCTL_SERVICE_BURST", requires = "service_rate", value_parser = clap::value_parser!(u32).range(1..))]
+    service_burst: Option<u32>,
     /// How often an idle connection is pinged (HTTP/2 keepalive).
     #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_INTERVAL", default_value_t = Limits::default().keepalive_interval.into())]
     http2_keepalive_interval: humantime::Duration,
@@ -144,6 +152,8 @@ impl ServeArgs {
             max_room_members: self.max_room_members,
             moderator_rate: self.moderator_rate,
             moderator_burst: self.moderator_burst,
+            service_rate: self.service_rate,
+            service_burst: self.service_burst,
             keepalive_interval: self.http2_keepalive_interval.into(),
             keepalive_timeout: self.http2_keepalive_timeout.into(),
         }
