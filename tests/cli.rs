@@ -340,11 +340,11 @@ async fn logged_run(format: &str, tokens: &[&str]) -> String {
 #[tokio::test]
 async fn a_drop_is_audited_by_its_access_line() {
     let secret = ENV_SECRET.as_bytes();
-    let ops = mint(
+    let alice = mint(
         secret,
-        &Claims::new("ops", "r", "service", Duration::from_secs(60)),
+        &Claims::new("alice", "r", "moderator", Duration::from_secs(60)),
     );
-    let logged = logged_run("json", &[&ops]).await;
+    let logged = logged_run("json", &[&alice]).await;
     for (request_id, code) in [("audit-1", "OK"), ("audit-2", "RESOURCE_EXHAUSTED")] {
         let lines: Vec<serde_json::Value> = logged
             .lines()
@@ -356,7 +356,7 @@ async fn a_drop_is_audited_by_its_access_line() {
         assert_eq!(lines[0]["target"], "roomctl::access");
         assert_eq!(
             (&fields["method"], &fields["room"], &fields["identity"]),
-            (&"DropUser".into(), &"r".into(), &"ops".into())
+            (&"DropUser".into(), &"r".into(), &"alice".into())
         );
         assert_eq!(fields["code"], code, "{request_id}");
     }

@@ -1,17 +1,20 @@
-//! `serve --config FILE` and `config check FILE`: a TOML file of `serve` settings.
+//! `serve --config FILE` and `config check [FILE]`: a TOML file of `serve` settings.
 //!
 //! Top-level keys are named like the flags (`empty_room_ttl` for `--empty-room-ttl`), values are
 //! strings or numbers written as on the command line (durations as `"5m"`). A key no flag has is
-//! an error naming it. Each value goes through the flag's own parser, so a file is validated
-//! exactly as a command line is: the file's settings are put in front of the real arguments, and
-//! since a later occurrence of a flag overrides an earlier one, flags win over the file; a
-//! setting whose `ROOMCTL_*` variable is set is left out, so variables win too.
+//! an error naming it. Each value goes through its flag's own parser first, so a bad value is
+//! named by its key; then the file's settings are put in front of the real arguments and the
+//! whole is parsed as one command line: since a later occurrence of a flag overrides an earlier
+//! one, flags win over the file; a setting whose `ROOMCTL_*` variable is set is left out, so
+//! variables win too. Rules that tie settings together (`tls_cert` needs `tls_key`) are checked
+//! on the merged settings, so a pair may be split across the file, the variables and the flags.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Command as ClapCommand, CommandFactory, FromArgMatches};
 
 use super::serve::ServeArgs;
 use super::{Cli, Command, Failure};
@@ -20,35 +23,50 @@ use super::{Cli, Command, Failure};
 /// file names the secret file instead), and `--dev` and `--config` itself.
 const NOT_IN_FILES: [&str; 4] = ["config", "jwt-secret", "dev", "help"];
 
-/// A file setting: its key, the flag it stands for, its variable, and its value as text.
+/// A file setting: the flag it stands for, its variable, and its value as text.
 struct Setting {
-    key: String,
     flag: String,
     env: Option<OsString>,
     value: String,
 }
 
-/// The settings of the file at `path`, checked against the flags of `serve`.
+impl Setting {
+    /// Whether its variable is set, which then wins over the file.
+    fn overridden(&self) -> bool {
+        self.env
+            .as_ref()
+            .is_some_and(|env| std::env::var_os(env).is_some())
+    }
+}
+
+/// The `serve` subcommand's definition.
+fn serve_command() -> ClapCommand {
+    Cli::command()
+        .find_subcommand("serve")
+        .expect("serve is a subcommand")
+        .clone()
+}
+
+/// The settings of the file at `path`, each key known and each value valid on its own.
 fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
     let shown = path.display();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::Usage(format!("cannot read the config file {shown}: {e}")))?;
+        .map_err(|e| Failure::Other(format!("cannot read the config file {shown}: {e}")))?;
     let table: BTreeMap<String, toml::Value> =
         toml::from_str(&text).map_err(|e| Failure::Usage(format!("{shown}: {e}")))?;
-    let command = Cli::command();
-    let serve = command
-        .find_subcommand("serve")
-        .expect("serve is a subcommand");
-    let flags: Vec<(&str, Option<OsString>)> = serve
-        .get_arguments()
-        .filter_map(|arg| Some((arg.get_long()?, arg.get_env().map(OsString::from))))
-        .filter(|(flag, _)| !NOT_IN_FILES.contains(flag))
-        .collect();
+    let serve = serve_command();
+    let in_files = || {
+        serve
+            .get_arguments()
+            .filter(|arg| arg.get_long().is_some_and(|f| !NOT_IN_FILES.contains(&f)))
+    };
     let mut settings = Vec::new();
     for (key, value) in table {
         let flag = key.replace('_', "-");
-        let Some((_, env)) = flags.iter().find(|(f, _)| *f == flag) else {
-            let known: Vec<String> = flags.iter().map(|(f, _)| f.replace('-', "_")).collect();
+        let Some(arg) = in_files().find(|arg| arg.get_long() == Some(flag.as_str())) else {
+            let known: Vec<String> = in_files()
+                .filter_map(|arg| Some(arg.get_long()?.replace('-', "_")))
+                .collect();
             return Err(Failure::Usage(format!(
                 "{shown}: unknown key `{key}`; the keys are {}",
                 known.join(", ")
@@ -64,80 +82,125 @@ fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
                 )))
             }
         };
+        // The value alone, through the flag's parser, so an error names the key.
+        let alone = ["roomctl", "serve", &format!("--{flag}"), &value];
+        if let Err(err) = Cli::command().try_get_matches_from(alone) {
+            let reason = explain(&err);
+            return Err(Failure::Usage(format!("{shown}: key `{key}`: {reason}")));
+        }
         settings.push(Setting {
-            key,
+            env: arg.get_env().map(OsString::from),
             flag,
-            env: env.clone(),
             value,
         });
     }
     Ok(settings)
 }
 
-/// Parses `serve` with `args` as its arguments.
-fn parse(args: impl IntoIterator<Item = OsString>) -> Result<ServeArgs, clap::Error> {
+/// A clap error as one line, without the usage and help hints meant for a command line.
+fn explain(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
+        .collect();
+    lines.join(" ").trim_start_matches("error: ").to_owned()
+}
+
+/// Parses `serve` with `args` as its arguments; returns the settings and how they were given.
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<(ServeArgs, ArgMatches), Failure> {
     let argv = [OsString::from("roomctl"), OsString::from("serve")]
         .into_iter()
         .chain(args);
-    let matches = Cli::command().try_get_matches_from(argv)?;
-    match Cli::from_arg_matches(&matches)?.command {
-        Command::Serve(args) => Ok(*args),
-        _ => unreachable!("the command line starts with serve"),
-    }
+    let matches = Cli::command()
+        .try_get_matches_from(argv)
+        .map_err(|err| Failure::Usage(explain(&err)))?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|err| Failure::Usage(explain(&err)))?;
+    let Command::Serve(args) = cli.command else {
+        unreachable!("the command line starts with serve")
+    };
+    let serve = matches
+        .subcommand_matches("serve")
+        .expect("the command line starts with serve")
+        .clone();
+    Ok((*args, serve))
 }
 
-/// Checks each setting through its flag's parser, so an error names the key.
-fn check_each(path: &Path, settings: &[Setting]) -> Result<(), Failure> {
-    for setting in settings {
-        let args = [format!("--{}", setting.flag), setting.value.clone()];
-        parse(args.map(OsString::from)).map_err(|err| {
-            let reason = err.to_string();
-            let reason = reason.lines().next().unwrap_or_default();
-            let reason = reason.trim_start_matches("error: ");
-            Failure::Usage(format!(
-                "{}: key `{}`: {reason}",
-                path.display(),
-                setting.key
-            ))
-        })?;
-    }
-    Ok(())
+/// The settings of the file (those whose variable is not set) as command-line arguments.
+fn as_arguments(settings: &[Setting]) -> impl Iterator<Item = OsString> + '_ {
+    settings
+        .iter()
+        .filter(|setting| !setting.overridden())
+        .flat_map(|setting| {
+            [
+                OsString::from(format!("--{}", setting.flag)),
+                OsString::from(&setting.value),
+            ]
+        })
 }
 
 /// The `serve` settings of `argv` (the whole command line) with those of the file at `path`
 /// beneath them.
 pub fn with_file(path: &Path, argv: &[OsString]) -> Result<ServeArgs, Failure> {
     let settings = settings(path)?;
-    check_each(path, &settings)?;
-    let from_file = settings
-        .iter()
-        .filter(|s| {
-            s.env
-                .as_ref()
-                .is_none_or(|env| std::env::var_os(env).is_none())
-        })
-        .flat_map(|s| {
-            [
-                OsString::from(format!("--{}", s.flag)),
-                OsString::from(&s.value),
-            ]
-        });
     // Everything after the `serve` subcommand, as given.
     let given = argv
         .iter()
         .skip_while(|arg| arg.to_str() != Some("serve"))
         .skip(1)
         .cloned();
-    parse(from_file.chain(given)).map_err(|err| Failure::Usage(err.to_string()))
+    parse(as_arguments(&settings).chain(given))
+        .map(|(args, _)| args)
+        .map_err(|failure| in_file(path, failure))
 }
 
-/// `roomctl config check PATH`: every key known, every value valid; prints the settings.
-pub fn check(path: &Path) -> Result<(), Failure> {
-    let settings = settings(path)?;
-    check_each(path, &settings)?;
-    for setting in &settings {
-        println!("{} = {}", setting.key, setting.value);
+/// A failure of the whole command line, said to concern the file too.
+fn in_file(path: &Path, failure: Failure) -> Failure {
+    match failure {
+        Failure::Usage(message) => Failure::Usage(format!("{}: {message}", path.display())),
+        other => other,
     }
-    println!("{}: ok ({} settings)", path.display(), settings.len());
+}
+
+/// `roomctl config check [PATH]`: the settings `serve --config PATH` would run with here (the
+/// file's, under the `ROOMCTL_*` variables set now), checked as `serve` checks them before it
+/// starts, files they name included (the secret file, the TLS files), without serving. Prints
+/// every setting that is not a default, with where it comes from.
+pub fn check(path: Option<&Path>) -> Result<(), Failure> {
+    let settings = match path {
+        Some(path) => settings(path)?,
+        None => Vec::new(),
+    };
+    let (args, matches) = parse(as_arguments(&settings)).map_err(|failure| match path {
+        Some(path) => in_file(path, failure),
+        None => failure,
+    })?;
+    args.check_without_serving()?;
+    for arg in serve_command().get_arguments() {
+        let id = arg.get_id().as_str();
+        let (Some(long), Some(values)) = (arg.get_long(), matches.get_raw(id)) else {
+            continue;
+        };
+        let from = match matches.value_source(id) {
+            Some(ValueSource::EnvVariable) => arg
+                .get_env()
+                .map_or_else(String::new, |env| env.to_string_lossy().into_owned()),
+            Some(ValueSource::CommandLine) => "file".to_owned(),
+            _ => continue,
+        };
+        let value = if arg.is_hide_env_values_set() {
+            "(hidden)".to_owned()
+        } else {
+            values
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        println!("{} = {value}   # {from}", long.replace('-', "_"));
+    }
+    let shown = path.map_or_else(|| "the environment".to_owned(), |p| p.display().to_string());
+    println!("{shown}: ok");
     Ok(())
 }

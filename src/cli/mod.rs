@@ -70,11 +70,14 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Check a configuration file for `serve --config` without serving: every key known, every
-    /// value valid. Prints the settings it makes.
+    /// Check the settings `serve --config PATH` would run with here (the file's, under the
+    /// ROOMCTL_* variables set now) without serving: every key known, every value valid, the
+    /// rules between settings kept, the files they name readable. Prints every setting that
+    /// is not a default, with where it comes from.
     Check {
-        /// The TOML file.
-        path: PathBuf,
+        /// The TOML file (without one: the variables alone).
+        #[arg(env = "ROOMCTL_CONFIG")]
+        path: Option<PathBuf>,
     },
 }
 
@@ -203,7 +206,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::serve(*args, &argv),
         Command::Token(args) => token(args),
-        Command::Config(ConfigCommand::Check { path }) => config_file::check(&path),
+        Command::Config(ConfigCommand::Check { path }) => config_file::check(path.as_deref()),
         Command::Join(args) => client::join(args),
         Command::Leave(args) => client::leave(args),
         Command::Participants(args) => client::participants(args),

@@ -36,7 +36,9 @@ pub enum LogFormat {
 }
 
 /// Every setting of `serve`. Each is a flag, a `ROOMCTL_*` variable and a key of the `--config`
-/// file (named like the flag, with `_` for `-`); the first of those that is set wins.
+/// file (named like the flag, with `_` for `-`); the first of those that is set wins. Rules
+/// between settings are not clap's `requires`, which would judge the command line before the
+/// file is read: [`ServeArgs::check_rules`] judges them once every channel is merged.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// A TOML file of settings (keys named like the flags: `listen`, `history`,
@@ -83,13 +85,13 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMCTL_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
     /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key); re-read on SIGHUP.
-    #[arg(long, env = "ROOMCTL_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "ROOMCTL_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, env = "ROOMCTL_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "ROOMCTL_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// Require client certificates signed by this PEM CA (mutual TLS); needs --tls-cert.
-    #[arg(long, env = "ROOMCTL_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, env = "ROOMCTL_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off without it).
     #[arg(long, env = "ROOMCTL_METRICS_LISTEN")]
@@ -129,7 +131,7 @@ pub struct ServeArgs {
     service_rate: Option<u32>,
     /// Moderator commands one service identity may send at once before --service-rate applies
     /// (default: twice the rate).
-    #[arg(long, env = "ROOMCTL_SERVICE_BURST", requires = "service_rate", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "ROOMCTL_SERVICE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     service_burst: Option<u32>,
     /// How often an idle connection is pinged (HTTP/2 keepalive).
     #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_INTERVAL", default_value_t = Limits::default().keepalive_interval.into())]
@@ -159,9 +161,49 @@ impl ServeArgs {
         }
     }
 
-    /// The server configuration these settings make, with its secrets loaded.
-    fn server_config(&self) -> Result<ServerConfig, Failure> {
-        let store = match &self.store {
+    /// The checks `serve` makes before it starts, without starting: the rules between
+    /// settings, and the files they name (the secret file, the TLS files) read. `config check`
+    /// runs them.
+    pub(super) fn check_without_serving(&self) -> Result<(), Failure> {
+        self.store_config()?;
+        if self.secret.jwt_secret.is_some() || self.secret.jwt_secret_file.is_some() {
+            self.secret.load()?;
+        }
+        if let Some(tls) = self.tls_files() {
+            tls.load().map_err(Failure::Other)?;
+        }
+        Ok(())
+    }
+
+    /// The rules between settings, judged once flags, variables and the file are merged, so
+    /// a pair may be split across them.
+    fn check_rules(&self) -> Result<(), Failure> {
+        let needs = |what: &str, needed: &str| {
+            let variable = format!("ROOMCTL_{}", needed.to_uppercase());
+            Err(Failure::Usage(format!(
+                "{what} needs {needed} too: set --{} (or {variable}, or `{needed}` in the \
+                 --config file)",
+                needed.replace('_', "-")
+            )))
+        };
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return needs("tls_cert", "tls_key"),
+            (None, Some(_)) => return needs("tls_key", "tls_cert"),
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return needs("tls_client_ca", "tls_cert");
+        }
+        if self.service_burst.is_some() && self.service_rate.is_none() {
+            return needs("service_burst", "service_rate");
+        }
+        Ok(())
+    }
+
+    /// The store these settings name, with the settings that only a Redis store takes.
+    fn store_config(&self) -> Result<StoreConfig, Failure> {
+        self.check_rules()?;
+        Ok(match &self.store {
             StoreConfig::Redis { url, .. } => StoreConfig::Redis {
                 url: url.clone(),
                 ca_file: self.redis_ca_file.clone(),
@@ -178,7 +220,24 @@ impl ServeArgs {
                 ))
             }
             StoreConfig::Memory => StoreConfig::Memory,
-        };
+        })
+    }
+
+    /// TLS on the listener, when both halves are set.
+    fn tls_files(&self) -> Option<TlsFiles> {
+        self.tls_cert
+            .clone()
+            .zip(self.tls_key.clone())
+            .map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca.clone(),
+            })
+    }
+
+    /// The server configuration these settings make, with its secrets loaded.
+    fn server_config(&self) -> Result<ServerConfig, Failure> {
+        let store = self.store_config()?;
         Ok(ServerConfig {
             jwt_keys: self.secret.load()?,
             token_rules: TokenRules {
@@ -194,15 +253,7 @@ impl ServeArgs {
             store,
             limits: self.limits(),
             metrics_listen: self.metrics_listen,
-            tls: self
-                .tls_cert
-                .clone()
-                .zip(self.tls_key.clone())
-                .map(|(cert, key)| TlsFiles {
-                    cert,
-                    key,
-                    client_ca: self.tls_client_ca.clone(),
-                }),
+            tls: self.tls_files(),
         })
     }
 }
