@@ -162,7 +162,7 @@ async fn short_secrets_are_refused_with_how_to_make_one() {
     }
 }
 
-/// `serve --dev` prints working tokens; SIGTERM ends open streams with SHUTTING_DOWN and the
+/// `serve --dev` prints working tokens and the address it listens on; SIGTERM ends open streams with SHUTTING_DOWN and the
 /// process exits with status 0.
 #[tokio::test]
 async fn dev_server_prints_tokens_and_drains_on_sigterm() {
@@ -176,11 +176,14 @@ async fn dev_server_prints_tokens_and_drains_on_sigterm() {
         if let Some(rest) = line.strip_prefix("export MOD=") {
             moderator_token = rest.split_whitespace().next().map(str::to_owned);
         }
-        if line.contains("/DropUser") {
+        if line.starts_with("A=") {
             assert!(
-                line.contains(&addr.to_string()),
-                "grpcurl commands name the real address: {line}"
+                line.starts_with(&format!("A={addr};")),
+                "the banner's address line names the real address: {line}"
             );
+        }
+        if line.contains("/DropUser") {
+            assert!(line.contains("$A $R/DropUser"), "{line}");
             break;
         }
     }

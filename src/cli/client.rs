@@ -7,6 +7,10 @@
 //! exactly grpcurl's). Errors print the gRPC code, the message and the ErrorInfo, and exit with
 //! the code of their kind ([`Failure`]).
 //!
+//! A connection that fails for a reason no retry can fix (TLS spoken to a plaintext port or the
+//! other way round, a server certificate the client refuses) is told as a configuration error
+//! that says what is wrong and where README shows how to fix it.
+//!
 //! `watch` follows a room through anything short of a refusal: on a broken connection, a node
 //! shutting down or a reset mid-stream it reconnects with capped, jittered backoff and resumes
 //! from the last seq and epoch, so nothing is missed or repeated; when its cursor falls out of
@@ -61,8 +65,8 @@ impl Connection {
     /// A client of the server (inside a runtime); connecting is lazy, so an unreachable server
     /// shows on the first call.
     pub(super) fn client(&self) -> Result<Client, Failure> {
-        let bad = |e: &dyn std::fmt::Display| Failure::Usage(format!("--server: {e}"));
-        let mut endpoint = Endpoint::from_shared(self.server.clone()).map_err(|e| bad(&e))?;
+        let mut endpoint = Endpoint::from_shared(self.server.clone())
+            .map_err(|e| Failure::Usage(format!("--server: {}", with_causes(&e))))?;
         if self.server.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_webpki_roots();
             if let Some(ca) = &self.ca {
@@ -71,7 +75,12 @@ impl Connection {
             if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
                 tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
-            endpoint = endpoint.tls_config(tls).map_err(|e| bad(&e))?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                let text = with_causes(&e);
+                let why = certificate_refused(&text, "")
+                    .map_or_else(String::new, |why| format!("\n  {why}"));
+                Failure::Usage(format!("--ca, --cert, --key: {text}{why}"))
+            })?;
         } else if self.ca.is_some() || self.cert.is_some() {
             return Err(Failure::Usage(
                 "--ca and --cert need an https:// --server".into(),
@@ -81,6 +90,48 @@ impl Connection {
             .connect_timeout(Duration::from_secs(5))
             .connect_lazy();
         client::with_token(channel, &self.token).map_err(|s| Failure::Usage(s.message().into()))
+    }
+
+    /// A failed call as the operator sees it ([`failure`]); when the transport failed for a
+    /// reason on this side that no retry fixes, a configuration error saying what to change.
+    pub(super) async fn failure(&self, status: &Status) -> Failure {
+        if from_roomctl(status) {
+            return failure(status);
+        }
+        match self.misconfigured(status).await {
+            Some(why) => Failure::Usage(format!(
+                "{}: {}\n  {why}",
+                crate::telemetry::code_name(status.code()),
+                status.message()
+            )),
+            None => failure(status),
+        }
+    }
+
+    /// What is wrong with how this client speaks to the server, when the transport's refusal
+    /// (`status`) says so, or a probe of the server's port does.
+    async fn misconfigured(&self, status: &Status) -> Option<String> {
+        let message = status.message();
+        let uri: http::Uri = self.server.parse().ok()?;
+        let host = uri.host()?.to_owned();
+        let port = uri.port_u16()?;
+        if let Some(why) = certificate_refused(message, &host) {
+            return Some(why);
+        }
+        if message.contains("InvalidContentType") && uri.scheme_str() == Some("https") {
+            return Some(format!(
+                "the server at {host}:{port} does not speak TLS: use --server \
+                 http://{host}:{port}"
+            ));
+        }
+        if uri.scheme_str() == Some("http") && speaks_tls(&host, port).await {
+            return Some(format!(
+                "the server at {host}:{port} speaks TLS: use --server https://{host}:{port} \
+                 (with --ca for a certificate from a private CA, and --cert and --key if it \
+                 asks for a client certificate); {RECIPE}"
+            ));
+        }
+        None
     }
 
     /// Whether answers are printed as JSON.
@@ -96,6 +147,70 @@ impl Connection {
             println!("{}", text());
         }
     }
+}
+
+/// `err` with its causes: tonic's errors say "transport error" and keep the cause in their
+/// source.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
+}
+
+/// Where README shows how to make certificates roomctl accepts.
+const RECIPE: &str = "README, \"Certificates for TLS\", has a recipe";
+
+/// What is wrong with a certificate, when rustls's refusal (`message`, as tonic words it) names
+/// a mistake of how it was made or given; `host` is the one the client connects to.
+fn certificate_refused(message: &str, host: &str) -> Option<String> {
+    let why = if message.contains("CaUsedAsEndEntity") {
+        "the server's certificate is a CA certificate (basicConstraints CA:TRUE, as `openssl \
+         req -x509` makes by default) presented as the server's own, which roomctl's TLS \
+         (rustls, like browsers) refuses: give the server a certificate signed by a CA and \
+         pass that CA with --ca"
+            .to_owned()
+    } else if message.contains("UnsupportedCertVersion") {
+        "a certificate is X.509 version 1 (`openssl x509 -req` without `-copy_extensions copy` \
+         or `-extfile` makes one), which TLS refuses: reissue it with extensions"
+            .to_owned()
+    } else if message.contains("UnknownIssuer") {
+        "the server's certificate is not signed by a CA this client trusts: pass the PEM of \
+         the CA that signed it with --ca"
+            .to_owned()
+    } else if message.contains("NotValidForName") {
+        format!(
+            "the server's certificate does not name {host:?}, the host of --server: call it by \
+             a name the certificate holds, or give the certificate that name as a \
+             subjectAltName"
+        )
+    } else {
+        return None;
+    };
+    Some(format!("{why}; {RECIPE}"))
+}
+
+/// Whether the server at `host:port` answers the HTTP/2 preface of a plaintext client with a
+/// TLS alert record (content type 21, version 3.x), as a TLS-only listener does.
+async fn speaks_tls(host: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
+        let mut head = [0u8; 2];
+        tcp.read_exact(&mut head).await.ok()?;
+        Some(head == [21, 3])
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 /// The descriptors of roomcontrol.v1, for proto3 JSON.
@@ -175,10 +290,10 @@ where
 {
     on_runtime(async {
         let client = connection.client()?;
-        call(client)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| failure(&s))
+        match call(client).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(connection.failure(&status).await),
+        }
     })
 }
 
@@ -456,6 +571,10 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
             if ended.code() != Code::Unavailable && from_roomctl(&ended) {
                 return Err(failure(&ended));
             }
+            // A retry cannot fix how this client speaks to the server.
+            if let failed @ Failure::Usage(_) = args.connection.failure(&ended).await {
+                return Err(failed);
+            }
             let wait = jittered(backoff);
             eprintln!(
                 "roomctl watch: {}: {}; reconnecting in {wait:.1?}, resuming after seq {cursor}",
@@ -478,11 +597,10 @@ async fn snapshot(
     let request = pb::ListParticipantsRequest {
         room_id: room.to_owned(),
     };
-    let snapshot = client
-        .list_participants(request)
-        .await
-        .map_err(|s| failure(&s))?
-        .into_inner();
+    let snapshot = match client.list_participants(request).await {
+        Ok(snapshot) => snapshot.into_inner(),
+        Err(status) => return Err(connection.failure(&status).await),
+    };
     if connection.json {
         println!("{}", json(&snapshot));
     } else {

@@ -4,7 +4,7 @@
 
 use clap::Args;
 
-use super::client::{call, failure, on_runtime, time, Connection};
+use super::client::{call, on_runtime, time, Connection};
 use super::Failure;
 use crate::pb;
 
@@ -168,24 +168,26 @@ pub fn rooms(args: RoomsArgs) -> Result<(), Failure> {
     let connection = &args.connection;
     on_runtime(async {
         let mut client = connection.client()?;
-        if !connection.json() {
-            println!(
-                "{:<32}  {:>12}  {:<6}  {:>10}  EPOCH",
-                "ROOM", "PARTICIPANTS", "LOCKED", "SEQ"
-            );
-        }
         let mut page_token = String::new();
         let mut count = 0;
+        let mut first = true;
         loop {
             let request = pb::ListRoomsRequest {
                 page_size: args.page_size,
                 page_token,
             };
-            let page = client
-                .list_rooms(request)
-                .await
-                .map_err(|s| failure(&s))?
-                .into_inner();
+            let page = match client.list_rooms(request).await {
+                Ok(page) => page.into_inner(),
+                Err(status) => return Err(connection.failure(&status).await),
+            };
+            // The header only once the first page is in: a refused call prints nothing on
+            // stdout.
+            if std::mem::take(&mut first) && !connection.json() {
+                println!(
+                    "{:<32}  {:>12}  {:<6}  {:>10}  EPOCH",
+                    "ROOM", "PARTICIPANTS", "LOCKED", "SEQ"
+                );
+            }
             for room in &page.rooms {
                 connection.print(room, || {
                     format!(

@@ -352,7 +352,7 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
                  never use --dev in production"
             );
             // Like the logs, a closed stdout must not stop the server.
-            let banner = dev_banner(addr, config.presence_timeout);
+            let banner = dev_banner(addr, config.presence_timeout, config.tls.as_ref());
             let _ = writeln!(std::io::stdout(), "{banner}");
         }
         let server = Server::new(config).await.map_err(|e| e.to_string())?;
@@ -460,8 +460,13 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-/// Ready-made tokens and grpcurl commands for trying the server by hand.
-fn dev_banner(addr: SocketAddr, presence_timeout: Option<Duration>) -> String {
+/// Ready-made tokens and grpcurl commands for trying the server by hand, at the address it
+/// listens on, over TLS when it speaks TLS.
+fn dev_banner(
+    addr: SocketAddr,
+    presence_timeout: Option<Duration>,
+    tls: Option<&TlsFiles>,
+) -> String {
     let in_time = presence_timeout.map_or(String::new(), |t| {
         format!(
             ", within {} or presence removes him",
@@ -473,17 +478,43 @@ fn dev_banner(addr: SocketAddr, presence_timeout: Option<Duration>) -> String {
     let moderator = mint(dev, &Claims::new("alice", "demo", "moderator", day));
     let participant = mint(dev, &Claims::new("bob", "demo", "participant", day));
     let service = mint(dev, &Claims::new("ops", "*", "service", day));
+    // A server on every address is reached on loopback.
+    let reach = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    };
+    let (transport, how) = match tls {
+        None => ("-plaintext", String::new()),
+        Some(TlsFiles {
+            client_ca: None, ..
+        }) => (
+            r#"-cacert "$CA""#,
+            "CA=ca.crt     # it speaks TLS: the PEM of the CA that signed --tls-cert \
+             (README, \"Certificates for TLS\")\n"
+                .to_owned(),
+        ),
+        Some(_) => (
+            r#"-cacert "$CA" -cert "$CERT" -key "$KEY""#,
+            "CA=ca.crt     # it speaks TLS: the PEM of the CA that signed --tls-cert \
+             (README, \"Certificates for TLS\")\n\
+             CERT=client.crt KEY=client.key   # a client certificate signed by \
+             --tls-client-ca, and its key\n"
+                .to_owned(),
+        ),
+    };
     let call = |var: &str, body: &str, rpc: &str| {
-        format!(
-            "grpcurl -plaintext -H \"authorization: Bearer ${var}\" -d '{body}' {addr} \
-             roomcontrol.v1.RoomControl/{rpc}"
-        )
+        format!("grpcurl {transport} -H \"authorization: Bearer ${var}\" -d '{body}' $A $R/{rpc}")
     };
     format!(
         "\n==== roomctl --dev: tokens for room \"demo\" (valid 24h, signed with the DEV secret) ====\n\
          export MOD={moderator}      # alice, moderator\n\
          export BOB={participant}      # bob, participant\n\
          export OPS={service}      # ops, service for every room\n\
+         A={reach}; R=roomcontrol.v1.RoomControl\n\
+         {how}\
          \n\
          # 1. bob joins; note the client_id it answers\n\
          {join}\n\
