@@ -286,6 +286,7 @@ impl Server {
             tokio::spawn(crate::telemetry::serve(
                 listener,
                 telemetry.clone(),
+                config.limits.handshake_timeout,
                 metrics_end.clone(),
             ));
         }

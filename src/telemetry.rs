@@ -461,42 +461,66 @@ impl Telemetry {
     }
 }
 
-/// Serves the metrics at `GET /metrics` on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, telemetry: Telemetry, stop: CancellationToken) {
+/// Connections the metrics listener serves at once. A scraper needs one; past this, new ones
+/// wait in the kernel's accept queue instead of taking file descriptors the gRPC port needs.
+pub const MAX_METRICS_CONNECTIONS: usize = 64;
+
+/// Serves the metrics at `GET /metrics` (and `HEAD`) on `listener` until `stop`. Each connection
+/// serves one request: it must send its request head within `timeout` (the gRPC port's
+/// `--handshake-timeout`) and is closed at the latest `timeout` later, so idle or slow peers
+/// cannot hold the listener's few connections.
+pub async fn serve(
+    listener: TcpListener,
+    telemetry: Telemetry,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
+        let accepted = async {
+            let slot = slots.clone().acquire_owned().await.ok()?;
+            Some((listener.accept().await, slot))
+        };
+        let (stream, slot) = tokio::select! {
+            accepted = accepted => match accepted {
+                Some((Ok((stream, _)), slot)) => (stream, slot),
+                Some((Err(err), _)) => {
                     // Out of descriptors, most likely: the gRPC listener logs that; wait.
                     tracing::debug!(%err, "metrics: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+                None => return,
             },
             _ = stop.cancelled() => return,
         };
         let telemetry = telemetry.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let answer = service_fn(move |request: http::Request<Incoming>| {
                 let response = scrape(&telemetry, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), answer);
+            let connection = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeout)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), answer);
             tokio::select! {
-                _ = connection => {},
+                _ = tokio::time::timeout(timeout * 2, connection) => {},
                 _ = stop.cancelled() => {},
             }
         });
     }
 }
 
-/// The answer to one request of the metrics listener.
+/// The answer to one request of the metrics listener: the metrics for `GET` and `HEAD` of
+/// `/metrics` (hyper sends no body for `HEAD`), 404 otherwise.
 fn scrape(telemetry: &Telemetry, request: &http::Request<Incoming>) -> http::Response<Full<Bytes>> {
-    let text = (request.method() == http::Method::GET && request.uri().path() == "/metrics")
-        .then(|| telemetry.encode())
-        .flatten();
+    let asked = matches!(*request.method(), http::Method::GET | http::Method::HEAD)
+        && request.uri().path() == "/metrics";
+    let text = asked.then(|| telemetry.encode()).flatten();
     match text {
         Some(text) => http::Response::builder()
             .header(

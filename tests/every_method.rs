@@ -3,10 +3,9 @@
 
 mod common;
 
+use common::node_process::LoggedNode;
 use common::*;
 use prost_reflect::DescriptorPool;
-use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::{Code, Status};
 
 /// Every method of `roomcontrol.v1.RoomControl`, read from the descriptor set the server serves
@@ -17,67 +16,6 @@ fn methods() -> Vec<String> {
         .get_service_by_name("roomcontrol.v1.RoomControl")
         .expect("the service is in the descriptor set");
     service.methods().map(|m| m.name().to_owned()).collect()
-}
-
-/// A node started as an operator would (the built binary), with its log lines gathered.
-struct LoggedNode {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl LoggedNode {
-    async fn start(args: &[&str]) -> Self {
-        let mut child = node_process::serve(args).spawn().unwrap();
-        let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (mut addr, mut metrics) = (None, None);
-        let started = async {
-            while addr.is_none() || metrics.is_none() {
-                let line = log.next_line().await.unwrap().expect("serve exited early");
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    addr = rest.split_whitespace().next().unwrap().parse().ok();
-                }
-                if let Some(rest) = line.split("metrics at http://").nth(1) {
-                    metrics = rest.split('/').next().unwrap().parse().ok();
-                }
-                lines.lock().unwrap().push(line);
-            }
-        };
-        tokio::time::timeout(PATIENCE, started).await.unwrap();
-        let gathered = lines.clone();
-        let reader = tokio::spawn(async move {
-            while let Ok(Some(line)) = log.next_line().await {
-                gathered.lock().unwrap().push(line);
-            }
-        });
-        Self {
-            child,
-            addr: addr.unwrap(),
-            metrics: metrics.unwrap(),
-            lines,
-            reader,
-        }
-    }
-
-    /// Stops the node with SIGTERM and returns every line it logged.
-    async fn stop(mut self) -> Vec<String> {
-        let pid = self.child.id().unwrap() as i32;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(status.success(), "{status:?}");
-        tokio::time::timeout(PATIENCE, self.reader)
-            .await
-            .unwrap()
-            .unwrap();
-        Arc::try_unwrap(self.lines).unwrap().into_inner().unwrap()
-    }
 }
 
 /// The access lines (`roomctl::access`) of `method` in `lines`, by their gRPC code.
@@ -112,7 +50,7 @@ async fn calls_in_progress(metrics: std::net::SocketAddr, calls: usize) {
 /// answer before its deadline.
 #[tokio::test]
 async fn every_method_is_shed_timed_counted_and_audited() {
-    let node = LoggedNode::start(&[
+    let node = LoggedNode::start(node_process::serve(&[
         "--listen",
         "127.0.0.1:0",
         "--metrics-listen",
@@ -121,7 +59,7 @@ async fn every_method_is_shed_timed_counted_and_audited() {
         "1",
         "--request-timeout",
         "300ms",
-    ])
+    ]))
     .await;
     let methods = methods();
     assert!(methods.len() >= 11, "{methods:?}");
@@ -133,7 +71,7 @@ async fn every_method_is_shed_timed_counted_and_audited() {
         // The held call: headers only, the message never follows.
         let (head, _) = bare::request(&path, &headers, &());
         let (held, mut held_body) = h2.send_request(head, false).unwrap();
-        calls_in_progress(node.metrics, 1).await;
+        calls_in_progress(node.metrics.unwrap(), 1).await;
         let shed = bare::call(&mut h2, bare::request(&path, &headers, &())).await;
         let info = assert_error(&shed, Code::Unavailable, "OVERLOADED");
         assert_eq!(info["limit"], "max_concurrent_calls", "{method}");
@@ -145,7 +83,7 @@ async fn every_method_is_shed_timed_counted_and_audited() {
         held_body.send_reset(h2::Reason::CANCEL);
     }
 
-    let text = scrape(node.metrics).await;
+    let text = scrape(node.metrics.unwrap()).await;
     for method in &methods {
         for code in ["UNAVAILABLE", "DEADLINE_EXCEEDED"] {
             let series = format!("roomctl_rpcs_total{{method=\"{method}\",code=\"{code}\"}}");

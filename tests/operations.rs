@@ -154,6 +154,65 @@ async fn metrics_count_what_happened(backend: Backend) {
     }
 }
 
+/// The metrics listener cannot exhaust the node: 300 idle connections to it take at most
+/// `MAX_METRICS_CONNECTIONS` of the node's file descriptors (the rest wait in the kernel's
+/// queue), gRPC clients are served meanwhile, every idle connection is closed once the
+/// handshake timeout passes, and then a scrape is answered; `HEAD /metrics` answers as `GET`
+/// without a body.
+#[tokio::test]
+async fn the_metrics_listener_cannot_exhaust_the_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = node_process::LoggedNode::start(node_process::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--handshake-timeout",
+        "500ms",
+    ]))
+    .await;
+    let pid = node.child.id().unwrap();
+    let metrics = node.metrics.unwrap();
+    let before = proc::fds_of(pid);
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(metrics).await.unwrap());
+    }
+    let mut ops = client_with_token(node.addr, &token("ops", "r", "service")).await;
+    join(&mut ops, "r", "u").await;
+    let held = proc::fds_of(pid) - before;
+    assert!(
+        held <= roomctl::telemetry::MAX_METRICS_CONNECTIONS + 8,
+        "300 idle metrics connections hold {held} descriptors of the node"
+    );
+    // Each is closed by the node in turn, unanswered (it sent nothing).
+    let closed = async {
+        for mut tcp in idle {
+            let mut byte = [0u8; 1];
+            assert_eq!(tcp.read(&mut byte).await.unwrap_or(0), 0);
+        }
+    };
+    tokio::time::timeout(PATIENCE * 3, closed)
+        .await
+        .expect("every idle connection is closed by the node");
+    assert!(metric(&scrape(metrics).await, "roomctl_rooms") >= 0.0);
+
+    let mut tcp = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    tcp.write_all(b"HEAD /metrics HTTP/1.1\r\nHost: roomctl\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("application/openmetrics-text"),
+        "{response}"
+    );
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(body.is_empty(), "HEAD has no body: {body:?}");
+    node.stop().await;
+}
+
 acceptance! {
     metrics_count_what_happened,
     health_is_serving_without_a_token,

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, Command};
@@ -58,4 +59,72 @@ pub async fn start_quiet(command: Command) -> (Child, SocketAddr) {
     let (child, addr, mut log) = start(command).await;
     tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
     (child, addr)
+}
+
+/// A node started as an operator would (the built binary), with its log lines gathered.
+pub struct LoggedNode {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Where it serves metrics, when it was started with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl LoggedNode {
+    /// Spawns `command` (made with [`serve`]) and waits until it listens (and serves metrics,
+    /// when asked to).
+    pub async fn start(mut command: Command) -> Self {
+        let wants_metrics = command
+            .as_std()
+            .get_args()
+            .any(|arg| arg == "--metrics-listen");
+        let mut child = command.spawn().unwrap();
+        let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (mut addr, mut metrics) = (None, None);
+        let started = async {
+            while addr.is_none() || (wants_metrics && metrics.is_none()) {
+                let line = log.next_line().await.unwrap().expect("serve exited early");
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    addr = rest.split_whitespace().next().unwrap().parse().ok();
+                }
+                if let Some(rest) = line.split("metrics at http://").nth(1) {
+                    metrics = rest.split('/').next().unwrap().parse().ok();
+                }
+                lines.lock().unwrap().push(line);
+            }
+        };
+        tokio::time::timeout(PATIENCE, started).await.unwrap();
+        let gathered = lines.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = log.next_line().await {
+                gathered.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            addr: addr.unwrap(),
+            metrics,
+            lines,
+            reader,
+        }
+    }
+
+    /// Stops the node with SIGTERM and returns every line it logged.
+    pub async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        tokio::time::timeout(PATIENCE, self.reader)
+            .await
+            .unwrap()
+            .unwrap();
+        Arc::try_unwrap(self.lines).unwrap().into_inner().unwrap()
+    }
 }
