@@ -171,16 +171,15 @@ async fn the_metrics_listener_cannot_exhaust_the_node() {
         "500ms",
     ]))
     .await;
-    let pid = node.child.id().unwrap();
     let metrics = node.metrics.unwrap();
-    let before = proc::fds_of(pid);
+    let before = node.open_files();
     let mut idle = Vec::new();
     for _ in 0..300 {
         idle.push(tokio::net::TcpStream::connect(metrics).await.unwrap());
     }
     let mut ops = client_with_token(node.addr, &token("ops", "r", "service")).await;
     join(&mut ops, "r", "u").await;
-    let held = proc::fds_of(pid) - before;
+    let held = node.open_files() - before;
     assert!(
         held <= roomctl::telemetry::MAX_METRICS_CONNECTIONS + 8,
         "300 idle metrics connections hold {held} descriptors of the node"

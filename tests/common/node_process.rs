@@ -111,6 +111,14 @@ impl LoggedNode {
         }
     }
 
+    /// File descriptors the node has open.
+    pub fn open_files(&self) -> usize {
+        let pid = self.child.id().expect("the node runs");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    }
+
     /// Stops the node with SIGTERM and returns every line it logged.
     pub async fn stop(mut self) -> Vec<String> {
         let pid = self.child.id().unwrap() as i32;

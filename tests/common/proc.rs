@@ -27,10 +27,3 @@ pub fn rss_of(pid: u32) -> u64 {
         .unwrap();
     kib * 1024
 }
-
-/// File descriptors process `pid` has open.
-pub fn fds_of(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
