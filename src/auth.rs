@@ -5,11 +5,14 @@
 //! puts the verified [`Caller`] and the token's expiry in the request's extensions, where handlers
 //! read them. Health and reflection stay open, as load balancers and grpcurl expect.
 //!
-//! The rules are strict and exact: HS256 only; `exp` is in the past from its very second on (no
-//! leeway, no rounding); an `nbf` in the future is refused; `iss` and `aud` are checked when the
-//! server is configured with them; identities and rooms follow the contract's limits; tokens
-//! over [`MAX_TOKEN_BYTES`] are refused unread. Refusals say what is wrong in plain words and
-//! never quote the JWT parser.
+//! The rules are strict and exact: HS256 only; `exp` and `nbf` are NumericDates (RFC 7519: whole
+//! or fractional seconds), `exp` in the past from its very instant on (no leeway, no rounding), an
+//! `nbf` in the future refused; a header naming critical extensions (`crit`) is refused, since
+//! none is understood (RFC 7515); `iss` and `aud` are checked when the server is configured with
+//! them; identities and rooms follow the contract's limits; tokens over [`MAX_TOKEN_BYTES`] are
+//! refused unread; a call carries one `authorization` header, whose scheme `Bearer` is matched
+//! without regard to case (RFC 7235). Refusals say what is wrong in plain words and never quote
+//! the JWT parser.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -194,13 +197,22 @@ impl Claims {
 }
 
 /// The claims verification reads (`aud` may be a string or a list, so it is left to
-/// jsonwebtoken's own check).
+/// jsonwebtoken's own check). `exp` and `nbf` are NumericDates, which may have a fraction.
 #[derive(Deserialize)]
 struct Presented {
     sub: String,
     room: String,
     role: String,
-    exp: u64,
+    exp: f64,
+    #[serde(default)]
+    nbf: Option<f64>,
+}
+
+/// A NumericDate (seconds since the Unix epoch, maybe fractional) as an instant; None when it is
+/// not a time (negative, infinite, NaN, beyond what a `SystemTime` holds).
+fn numeric_date(seconds: f64) -> Option<SystemTime> {
+    let since = Duration::try_from_secs_f64(seconds).ok()?;
+    UNIX_EPOCH.checked_add(since)
 }
 
 impl Presented {
@@ -291,15 +303,10 @@ pub struct TokenRules {
 pub struct Verified {
     /// The caller the claims name.
     pub caller: Caller,
-    /// The token's `exp`, in seconds since the Unix epoch.
-    pub exp: u64,
-}
-
-impl Verified {
-    /// The instant the token stops being valid.
-    pub fn expires_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.exp)
-    }
+    /// The instant the token stops being valid (its `exp`).
+    pub expires_at: SystemTime,
+    /// The instant it starts being valid (its `nbf`), if it names one.
+    pub not_before: Option<SystemTime>,
 }
 
 /// How many bytes of verified tokens are remembered (about 16,000 tokens of typical size).
@@ -373,13 +380,20 @@ struct Verifier {
     verified: quick_cache::sync::Cache<String, Verified, TokenBytes>,
 }
 
-/// Whether a token with `exp` has expired: exactly from the second `exp` on, as RFC 7519 says
-/// ("the current time MUST be before the expiration time").
-fn expired(exp: u64) -> bool {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    now >= Duration::from_secs(exp)
+impl Verified {
+    /// Why the token is not valid at `now`, if it is not: from `exp` on, as RFC 7519 says ("the
+    /// current time MUST be before the expiration time"), and before `nbf`.
+    fn check_time(&self, now: SystemTime) -> Result<(), Error> {
+        if now >= self.expires_at {
+            return Err(Error::Unauthenticated("the token has expired".into()));
+        }
+        if self.not_before.is_some_and(|nbf| now < nbf) {
+            return Err(Error::Unauthenticated(
+                "the token is not valid yet (its nbf is in the future)".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Says in plain words why jsonwebtoken refused a token (its own messages name parser internals).
@@ -390,9 +404,6 @@ fn refusal(token: &str, kind: &ErrorKind) -> String {
         }
         ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
             "the token must be signed with HS256".into()
-        }
-        ErrorKind::ImmatureSignature => {
-            "the token is not valid yet (its nbf is in the future)".into()
         }
         ErrorKind::ExpiredSignature => "the token has expired".into(),
         ErrorKind::InvalidAudience => "the token's aud does not name this server".into(),
@@ -418,9 +429,10 @@ impl Authenticator {
         // The algorithm is pinned: a token naming any other (none, HS384, RS256...) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         let mut required = vec!["exp", "sub"];
-        // `exp` is checked here, exactly; jsonwebtoken's own check rounds to whole seconds.
+        // `exp` and `nbf` are checked here, exactly; jsonwebtoken's own checks round fractional
+        // NumericDates to whole seconds.
         validation.validate_exp = false;
-        validation.validate_nbf = true;
+        validation.validate_nbf = false;
         validation.leeway = 0;
         validation.validate_aud = rules.audience.is_some();
         if let Some(audience) = &rules.audience {
@@ -462,24 +474,36 @@ impl Authenticator {
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                let kid = jsonwebtoken::decode_header(token)
-                    .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?
-                    .kid;
-                let key = keys.for_kid(kid.as_deref())?;
+                let header = jsonwebtoken::decode_header(token)
+                    .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
+                if header.crit.is_some() {
+                    return Err(Error::Unauthenticated(
+                        "the token's header names critical extensions (crit), which this \
+                         server does not understand"
+                            .into(),
+                    ));
+                }
+                let key = keys.for_kid(header.kid.as_deref())?;
                 let data = jsonwebtoken::decode::<Presented>(token, key, &verifier.validation)
                     .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
-                let exp = data.claims.exp;
+                let malformed = |claim: &str| {
+                    Error::Unauthenticated(format!("the token's {claim:?} claim is malformed"))
+                };
+                let expires_at = numeric_date(data.claims.exp).ok_or_else(|| malformed("exp"))?;
+                let not_before = match data.claims.nbf {
+                    Some(nbf) => Some(numeric_date(nbf).ok_or_else(|| malformed("nbf"))?),
+                    None => None,
+                };
                 let verified = Verified {
                     caller: data.claims.into_caller()?,
-                    exp,
+                    expires_at,
+                    not_before,
                 };
                 verifier.verified.insert(token.to_owned(), verified.clone());
                 verified
             }
         };
-        if expired(verified.exp) {
-            return Err(Error::Unauthenticated("the token has expired".into()));
-        }
+        verified.check_time(SystemTime::now())?;
         Ok(verified)
     }
 
@@ -490,19 +514,29 @@ impl Authenticator {
         self.inner.verified.clear();
     }
 
-    /// Reads `authorization: Bearer <token>` from request metadata and verifies it.
+    /// Reads `authorization: Bearer <token>` from request metadata and verifies it. A call with
+    /// two `authorization` headers is refused rather than resolved by taking one of them.
     pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Verified, Error> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| Error::Unauthenticated("missing authorization: Bearer <token>".into()))?
+        let mut headers = metadata.get_all("authorization").iter();
+        let header = headers.next().ok_or_else(|| {
+            Error::Unauthenticated("missing authorization: Bearer <token>".into())
+        })?;
+        if headers.next().is_some() {
+            return Err(Error::Unauthenticated(
+                "the call carries more than one authorization header; send exactly one".into(),
+            ));
+        }
+        let header = header
             .to_str()
             .map_err(|_| Error::Unauthenticated("authorization header is not text".into()))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                Error::Unauthenticated("authorization must be \"Bearer <token>\"".into())
-            })?;
+        let token = match header.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token,
+            _ => {
+                return Err(Error::Unauthenticated(
+                    "authorization must be \"Bearer <token>\"".into(),
+                ))
+            }
+        };
         self.verify(token.trim())
     }
 }
@@ -514,7 +548,7 @@ pub struct TokenExpiry(pub SystemTime);
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let verified = self.authenticate(request.metadata())?;
-        let expiry = TokenExpiry(verified.expires_at());
+        let expiry = TokenExpiry(verified.expires_at);
         request.extensions_mut().insert(verified.caller);
         request.extensions_mut().insert(expiry);
         Ok(request)
@@ -575,7 +609,7 @@ mod tests {
         assert_eq!(caller.identity, "ann");
         assert_eq!(caller.scope, RoomScope::One("r1".into()));
         assert_eq!(caller.role, TokenRole::Moderator);
-        assert!(verified.exp >= now() + 59);
+        assert!(verified.expires_at >= SystemTime::now() + Duration::from_secs(59));
         let service = auth.verify(&token("service", "*", 60)).unwrap().caller;
         assert_eq!(service.scope, RoomScope::All);
     }
@@ -622,6 +656,62 @@ mod tests {
         assert!(auth
             .verify(&signed(claims(now()), Algorithm::HS256))
             .is_ok());
+    }
+
+    #[test]
+    fn numeric_dates_may_have_a_fraction() {
+        let auth = Authenticator::new(SECRET);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let with = |exp: f64, nbf: f64| {
+            signed(
+                serde_json::json!({"sub": "a", "room": "r", "role": "moderator", "exp": exp, "nbf": nbf}),
+                Algorithm::HS256,
+            )
+        };
+        let verified = auth.verify(&with(now + 60.5, now - 0.25)).unwrap();
+        let exp = verified.expires_at.duration_since(UNIX_EPOCH).unwrap();
+        assert_eq!(
+            exp.subsec_millis(),
+            Duration::from_secs_f64(now + 60.5).subsec_millis()
+        );
+        assert!(unauthenticated(auth.verify(&with(now - 0.5, now - 9.0))).contains("expired"));
+        assert!(
+            unauthenticated(auth.verify(&with(now + 60.0, now + 30.5))).contains("not valid yet")
+        );
+        assert!(unauthenticated(auth.verify(&with(-1.5, now))).contains("exp"));
+    }
+
+    #[test]
+    fn critical_header_extensions_are_refused() {
+        let auth = Authenticator::new(SECRET);
+        let mut header = Header::new(Algorithm::HS256);
+        header.crit = Some(vec!["exp".into()]);
+        let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
+        let token =
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+        assert!(unauthenticated(auth.verify(&token)).contains("crit"));
+    }
+
+    #[test]
+    fn one_authorization_header_whatever_the_case_of_its_scheme() {
+        let auth = Authenticator::new(SECRET);
+        let good = token("moderator", "r", 60);
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("authorization", format!("{scheme} {good}").parse().unwrap());
+            assert!(auth.authenticate(&metadata).is_ok(), "{scheme}");
+        }
+        let mut two = tonic::metadata::MetadataMap::new();
+        two.append("authorization", format!("Bearer {good}").parse().unwrap());
+        two.append("authorization", format!("Bearer {good}").parse().unwrap());
+        let refused = auth.authenticate(&two);
+        assert!(matches!(refused, Err(Error::Unauthenticated(m)) if m.contains("more than one")));
+        let mut basic = tonic::metadata::MetadataMap::new();
+        basic.insert("authorization", "Basic YTpi".parse().unwrap());
+        assert!(auth.authenticate(&basic).is_err());
     }
 
     #[test]

@@ -134,3 +134,58 @@ async fn issuer_and_audience_are_required_when_configured() {
     let forged = moderator(serde_json::json!({"iss": "evil", "aud": "roomctl-prod"}));
     assert!(refusal(&server, &forged).await.contains("iss"));
 }
+
+/// Over the wire: a call carrying two `authorization` headers is refused rather than resolved
+/// by taking the first, and the `Bearer` scheme is matched without regard to case (RFC 7235).
+#[tokio::test]
+async fn one_authorization_header_with_a_scheme_of_any_case() {
+    let server = TestServer::start(Backend::Memory).await;
+    let token = moderator(serde_json::json!({}));
+    let mut h2 = bare::connect(server.addr).await;
+    let path = "/roomcontrol.v1.RoomControl/ListParticipants";
+    let bearer = format!("Bearer {token}");
+    let other = format!(
+        "Bearer {}",
+        moderator(serde_json::json!({"sub": "mallory"}))
+    );
+    let two = [
+        ("authorization", bearer.as_str()),
+        ("authorization", other.as_str()),
+    ];
+    let status = bare::call(&mut h2, bare::request(path, &two, &list())).await;
+    assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+    assert!(status.message().contains("more than one"), "{status:?}");
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let header = format!("{scheme} {token}");
+        let status = bare::call(
+            &mut h2,
+            bare::request(path, &[("authorization", header.as_str())], &list()),
+        )
+        .await;
+        // Past authentication: the room does not exist.
+        assert_error(&status, Code::NotFound, "ROOM_NOT_FOUND");
+    }
+}
+
+/// NumericDates with a fraction (RFC 7519) are accepted over the wire, and a header naming
+/// critical extensions (RFC 7515 `crit`) is refused.
+#[tokio::test]
+async fn fractional_dates_pass_and_critical_extensions_do_not() {
+    let server = TestServer::start(Backend::Memory).await;
+    let exact = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let fractional = moderator(serde_json::json!({"exp": exact + 600.25, "nbf": exact - 0.5}));
+    let mut client = server.client_with_token(&fractional).await;
+    let status = client.list_participants(list()).await.unwrap_err();
+    assert_error(&status, Code::NotFound, "ROOM_NOT_FOUND");
+
+    let mut header = Header::new(Algorithm::HS256);
+    header.crit = Some(vec!["exp".into()]);
+    let claims =
+        serde_json::json!({"sub": "alice", "room": "r", "role": "moderator", "exp": now() + 600});
+    let critical =
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+    assert!(refusal(&server, &critical).await.contains("crit"));
+}
