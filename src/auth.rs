@@ -133,6 +133,11 @@ impl KeySet {
             .try_for_each(|(_, secret)| check_secret(secret))
     }
 
+    /// The secrets, in order (the default one first).
+    pub fn secrets(&self) -> impl Iterator<Item = &[u8]> {
+        self.keys.iter().map(|(_, secret)| secret.as_slice())
+    }
+
     /// The key ids, in order (empty for a bare secret).
     pub fn kids(&self) -> Vec<&str> {
         self.keys

@@ -12,6 +12,7 @@
 //! - [`subscription`]: `Events` streams: a cursor into a room's log that follows it live.
 //! - [`auth`]: HS256 bearer tokens, verified once per call in an interceptor.
 //! - [`validate`]: the contract's field rules, turning requests into domain values.
+//! - [`page_token`]: `ListRooms` page tokens, opaque and tamper-evident.
 //! - [`engine`]: the pure rules of a room: who may do what, which events a command logs.
 //! - [`store`]: the `RoomStore` trait that applies commands atomically and reads logs, with
 //!   its in-memory implementation.
@@ -34,6 +35,7 @@ pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod listener;
+pub mod page_token;
 pub mod pb;
 pub mod server;
 pub mod service;

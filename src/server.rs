@@ -19,6 +19,7 @@ use crate::auth::{Authenticator, KeySet, TokenRules};
 use crate::error::Error;
 use crate::limits::{GuardLayer, Limits, StreamBudget};
 use crate::listener;
+use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
 use crate::store::memory::{MemoryConfig, MemoryStore};
@@ -146,6 +147,7 @@ pub struct Server {
     store: Arc<dyn RoomStore>,
     streams: StreamBudget,
     authenticator: Authenticator,
+    pages: PageTokens,
     telemetry: Telemetry,
     metrics: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
@@ -155,6 +157,7 @@ pub struct Server {
 #[derive(Clone)]
 pub struct Reloader {
     authenticator: Authenticator,
+    pages: PageTokens,
     tls: Option<(TlsFiles, TlsAcceptor)>,
 }
 
@@ -163,6 +166,7 @@ impl Reloader {
     pub fn keys(&self, keys: &KeySet) -> Result<(), String> {
         keys.check()?;
         self.authenticator.reload(keys);
+        self.pages.reload(keys);
         Ok(())
     }
 
@@ -228,6 +232,7 @@ impl Server {
             telemetry.clone(),
         );
         let authenticator = Authenticator::with_rules(&config.jwt_keys, &config.token_rules);
+        let pages = PageTokens::new(&config.jwt_keys);
         let tls = match &config.tls {
             Some(files) => Some(TlsAcceptor::new(files.load().map_err(ServeError::Config)?)),
             None => None,
@@ -237,6 +242,7 @@ impl Server {
             store,
             streams,
             authenticator,
+            pages,
             telemetry,
             metrics,
             tls,
@@ -247,6 +253,7 @@ impl Server {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             authenticator: self.authenticator.clone(),
+            pages: self.pages.clone(),
             tls: self.config.tls.clone().zip(self.tls.clone()),
         }
     }
@@ -277,6 +284,7 @@ impl Server {
             store,
             streams,
             authenticator,
+            pages,
             telemetry,
             metrics,
             tls,
@@ -309,6 +317,7 @@ impl Server {
             streams_end.clone(),
             streams,
             limits,
+            pages,
             telemetry.clone(),
         );
         let room_control = InterceptedService::new(

@@ -12,6 +12,7 @@ use crate::engine::{self, Command, Reply};
 use crate::error::Error;
 use crate::limits::{Limit, Limits, RateLimiter, StreamBudget};
 use crate::listener::ConnInfo;
+use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;
 use crate::subscription::{self, EventStream, Tenancy};
@@ -26,20 +27,25 @@ pub struct RoomControlService {
     moderators: RateLimiter,
     /// None: service tokens' commands are not rate-limited (`--service-rate` unset).
     services: Option<RateLimiter>,
+    /// Seals and opens `ListRooms` page tokens.
+    pages: PageTokens,
     telemetry: Telemetry,
 }
 
 impl RoomControlService {
     /// A service over `store`; `shutdown` ends open `Events` streams with `UNAVAILABLE`;
-    /// `streams` counts them against the node's budget; `telemetry` counts what they deliver.
+    /// `streams` counts them against the node's budget; `pages` keys `ListRooms` page tokens;
+    /// `telemetry` counts what they deliver.
     pub fn new(
         store: Arc<dyn RoomStore>,
         shutdown: CancellationToken,
         streams: StreamBudget,
         limits: &Limits,
+        pages: PageTokens,
         telemetry: Telemetry,
     ) -> Self {
         Self {
+            pages,
             store,
             shutdown,
             streams,
@@ -294,7 +300,7 @@ impl RoomControl for RoomControlService {
     ) -> Result<Response<pb::ListRoomsResponse>, Status> {
         let caller = caller(&request)?;
         note(&request, "*", &caller);
-        let (size, after) = validate::list_rooms(request.get_ref())?;
+        let (size, after) = validate::list_rooms(request.get_ref(), &self.pages)?;
         caller.check_may_list_rooms()?;
         // One more than the page tells whether another page follows.
         let mut rooms = self.store.list_rooms(after.as_deref(), size + 1).await?;
@@ -302,7 +308,7 @@ impl RoomControl for RoomControlService {
             rooms.truncate(size);
             rooms
                 .last()
-                .map_or_else(String::new, |room| validate::page_token(&room.room_id))
+                .map_or_else(String::new, |room| self.pages.seal(&room.room_id))
         } else {
             String::new()
         };

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::engine::{DestroyCmd, DropCmd, JoinCmd, MAX_BAN};
 use crate::error::{Error, Violation};
+use crate::page_token::PageTokens;
 use crate::pb::{self, Role};
 
 /// Longest room id, in characters.
@@ -19,8 +20,6 @@ pub const MAX_REASON_BYTES: usize = 256;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Most rooms per `ListRooms` page.
 pub const MAX_PAGE_SIZE: usize = 1000;
-/// How a `ListRooms` page token starts; the room id the previous page ended at follows.
-const PAGE_TOKEN_PREFIX: &str = "after:";
 
 fn room_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
@@ -197,8 +196,12 @@ pub fn unban(req: &pb::UnbanRequest) -> Result<(), Error> {
     check.done(())
 }
 
-/// Checks a `ListRooms`; returns the page size and the room id the page starts after.
-pub fn list_rooms(req: &pb::ListRoomsRequest) -> Result<(usize, Option<String>), Error> {
+/// Checks a `ListRooms`; returns the page size and the room id the page starts after, which
+/// its token, opened by `pages`, names.
+pub fn list_rooms(
+    req: &pb::ListRoomsRequest,
+    pages: &PageTokens,
+) -> Result<(usize, Option<String>), Error> {
     let mut check = Check::default();
     let size = match req.page_size as usize {
         0 => DEFAULT_PAGE_SIZE,
@@ -210,23 +213,19 @@ pub fn list_rooms(req: &pb::ListRoomsRequest) -> Result<(usize, Option<String>),
     };
     let after = match req.page_token.as_str() {
         "" => None,
-        token => match token
-            .strip_prefix(PAGE_TOKEN_PREFIX)
-            .filter(|id| is_room_id(id))
-        {
-            Some(room_id) => Some(room_id.to_owned()),
+        token => match pages.open(token) {
+            Some(room_id) => Some(room_id),
             None => {
-                check.fail("page_token", "not a token this server gave");
+                check.fail(
+                    "page_token",
+                    "not a token ListRooms gave (or one from before the JWT key that sealed \
+                     it was removed); list again from an empty page_token",
+                );
                 None
             }
         },
     };
     check.done((size, after))
-}
-
-/// The token of the page that follows the room `last_room_id`.
-pub fn page_token(last_room_id: &str) -> String {
-    format!("{PAGE_TOKEN_PREFIX}{last_room_id}")
 }
 
 /// Checks an `Events` request; returns the client id it subscribes as (None: observer).
@@ -321,19 +320,22 @@ mod tests {
 
     #[test]
     fn pages_hold_up_to_1000_rooms_and_tokens_are_checked() {
+        let pages = PageTokens::new(&crate::auth::KeySet::single(
+            "a-secret-for-page-tokens-0123456789",
+        ));
         let list = |page_size, page_token: &str| pb::ListRoomsRequest {
             page_size,
             page_token: page_token.into(),
         };
-        assert_eq!(list_rooms(&list(0, "")).unwrap(), (100, None));
-        assert_eq!(list_rooms(&list(1000, "")).unwrap().0, 1000);
-        let token = page_token("room-7");
+        assert_eq!(list_rooms(&list(0, ""), &pages).unwrap(), (100, None));
+        assert_eq!(list_rooms(&list(1000, ""), &pages).unwrap().0, 1000);
+        let token = pages.seal("room-7");
         assert_eq!(
-            list_rooms(&list(1, &token)).unwrap(),
+            list_rooms(&list(1, &token), &pages).unwrap(),
             (1, Some("room-7".into()))
         );
         assert_eq!(
-            fields(list_rooms(&list(1001, "after:no space")).unwrap_err()),
+            fields(list_rooms(&list(1001, "after:room-7"), &pages).unwrap_err()),
             ["page_size", "page_token"]
         );
     }

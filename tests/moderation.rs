@@ -446,7 +446,8 @@ async fn a_ban_ends_on_its_own(backend: Backend) {
 }
 
 /// `ListRooms` is for services of every room: it pages through every room once, with its
-/// summary; other tokens are FORBIDDEN and bad pages INVALID_ARGUMENT.
+/// summary, following opaque page tokens (from one node to the other); other tokens are
+/// FORBIDDEN and bad pages, forged tokens included, INVALID_ARGUMENT.
 async fn services_list_every_room_in_pages(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut ops = server.client("ops", "*", "service").await;
@@ -472,6 +473,13 @@ async fn services_list_every_room_in_pages(backend: Backend) {
             .unwrap()
             .into_inner();
         assert!(page.rooms.len() <= 2);
+        if let Some(last) = page.rooms.last() {
+            assert!(
+                !page.next_page_token.contains(&last.room_id),
+                "opaque: {}",
+                page.next_page_token
+            );
+        }
         rooms.extend(page.rooms);
         if page.next_page_token.is_empty() {
             break;
@@ -501,6 +509,11 @@ async fn services_list_every_room_in_pages(backend: Backend) {
         pb::ListRoomsRequest {
             page_size: 0,
             page_token: "not a token".into(),
+        },
+        // The old, readable form, forged: tamper-evident now.
+        pb::ListRoomsRequest {
+            page_size: 0,
+            page_token: "after:room-2".into(),
         },
     ] {
         let status = ops.list_rooms(bad).await.unwrap_err();

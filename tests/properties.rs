@@ -97,6 +97,7 @@ fn request() -> impl Strategy<Value = Vec<u8>> {
             prop_oneof![
                 Just(String::new()),
                 text().prop_map(|t| format!("after:{t}")),
+                text().prop_map(|room| support::validate_model::pages().seal(&room)),
                 text()
             ],
         )
