@@ -16,7 +16,7 @@ use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;
 use crate::subscription::{self, EventStream, Tenancy};
-use crate::telemetry::{CallNote, StreamKind, Telemetry};
+use crate::telemetry::{CallNote, Clipped, StreamKind, Telemetry};
 use crate::validate;
 
 /// The RoomControl service over a store.
@@ -123,7 +123,7 @@ impl RoomControlService {
 
 #[tonic::async_trait]
 impl RoomControl for RoomControlService {
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,
@@ -147,7 +147,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn leave(
         &self,
         request: Request<pb::LeaveRequest>,
@@ -166,7 +166,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn list_participants(
         &self,
         request: Request<pb::ListParticipantsRequest>,
@@ -185,7 +185,7 @@ impl RoomControl for RoomControlService {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn drop_user(
         &self,
         request: Request<pb::DropUserRequest>,
@@ -205,7 +205,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn lock_room(
         &self,
         request: Request<pb::LockRoomRequest>,
@@ -222,7 +222,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn unlock_room(
         &self,
         request: Request<pb::UnlockRoomRequest>,
@@ -239,7 +239,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn destroy_session(
         &self,
         request: Request<pb::DestroySessionRequest>,
@@ -259,7 +259,7 @@ impl RoomControl for RoomControlService {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn list_bans(
         &self,
         request: Request<pb::ListBansRequest>,
@@ -275,7 +275,7 @@ impl RoomControl for RoomControlService {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn unban(
         &self,
         request: Request<pb::UnbanRequest>,
@@ -320,7 +320,7 @@ impl RoomControl for RoomControlService {
 
     type EventsStream = EventStream;
 
-    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %request.get_ref().room_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(room_id = %Clipped(&request.get_ref().room_id)))]
     async fn events(
         &self,
         request: Request<pb::EventsRequest>,

@@ -535,6 +535,28 @@ fn scrape(telemetry: &Telemetry, request: &http::Request<Incoming>) -> http::Res
     .expect("a response of static parts")
 }
 
+/// Bytes of a caller's string a log line shows at most: more than any valid room id, identity or
+/// request id (128 characters), far less than what a request may carry (4 MiB).
+pub const MAX_LOGGED_BYTES: usize = 256;
+
+/// A caller's string as a log line shows it: whole up to [`MAX_LOGGED_BYTES`], else cut there
+/// (on a character boundary) with its length noted, so no request can make a log line long.
+pub struct Clipped<'a>(pub &'a str);
+
+impl std::fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.0;
+        if text.len() <= MAX_LOGGED_BYTES {
+            return f.write_str(text);
+        }
+        let mut end = MAX_LOGGED_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        write!(f, "{}…[{} bytes]", &text[..end], text.len())
+    }
+}
+
 /// What only a handler knows of a call, for its log line: the room, the caller and, for a
 /// moderator's command, its request id (so one line per call is the whole audit trail).
 #[derive(Clone, Default)]
@@ -547,14 +569,16 @@ struct Noted {
 }
 
 impl CallNote {
-    /// Notes the call's room and caller identity (the first note counts).
+    /// Notes the call's room and caller identity (the first note counts), as the log shows
+    /// them: the room id comes from the request before it is validated, so it may be long.
     pub fn record(&self, room_id: &str, identity: &str) {
-        let _ = self.0.call.set((room_id.to_owned(), identity.to_owned()));
+        let noted = (Clipped(room_id).to_string(), Clipped(identity).to_string());
+        let _ = self.0.call.set(noted);
     }
 
     /// Notes the request id of the command the call ran (the first note counts).
     pub fn record_request_id(&self, request_id: &str) {
-        let _ = self.0.request_id.set(request_id.to_owned());
+        let _ = self.0.request_id.set(Clipped(request_id).to_string());
     }
 }
 
@@ -692,6 +716,16 @@ mod tests {
         );
         assert_eq!(method_of("/roomcontrol.v1.RoomControl/Nope"), None);
         assert_eq!(method_of("/grpc.health.v1.Health/Check"), None);
+    }
+
+    #[test]
+    fn long_strings_are_clipped_with_their_length() {
+        assert_eq!(Clipped("room-1").to_string(), "room-1");
+        let long = "é".repeat(1000);
+        let shown = Clipped(&long).to_string();
+        assert!(shown.ends_with("…[2000 bytes]"), "{shown}");
+        assert!(shown.len() <= MAX_LOGGED_BYTES + 20, "{}", shown.len());
+        assert_eq!(Clipped(&"x".repeat(256)).to_string(), "x".repeat(256));
     }
 
     #[test]

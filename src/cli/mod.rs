@@ -10,6 +10,7 @@
 mod client;
 mod config_file;
 mod log_format;
+mod log_writer;
 mod moderate;
 mod serve;
 

@@ -8,9 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
-use super::{config_file, log_format, Failure, SecretArgs};
+use super::{config_file, log_format, log_writer, Failure, SecretArgs};
 use crate::auth::{mint, Claims, TokenRules};
 use crate::limits::Limits;
 use crate::server::{
@@ -21,10 +20,6 @@ use crate::tls::TlsFiles;
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
 pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
-
-/// Log lines waiting for the writer thread; past it lines are dropped (and counted), never
-/// waited for.
-const LOG_BACKLOG: usize = 64 * 1024;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -327,7 +322,7 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
         Some(path) => config_file::with_file(path, argv)?,
         None => args,
     };
-    let (_log_writer, dropped_lines) = init_tracing(args.log_format);
+    let (_flush_logs, log) = init_tracing(args.log_format)?;
     let config = args.server_config()?;
     let runtime = runtime().map_err(|e| Failure::Other(format!("cannot start tokio: {e}")))?;
     runtime.block_on(async move {
@@ -358,7 +353,7 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
         let server = Server::new(config).await.map_err(|e| e.to_string())?;
         server
             .telemetry()
-            .on_scrape(move |t| t.log_lines_dropped(dropped_lines.dropped_lines() as u64));
+            .on_scrape(move |t| t.log_lines_dropped(log.dropped_lines()));
         if let Some(metrics) = server.metrics_addr() {
             tracing::info!(%metrics, "metrics at http://{metrics}/metrics");
         }
@@ -369,30 +364,17 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
     })
 }
 
-/// Bytes of log lines the writer thread gathers into one write.
-const LOG_BUFFER: usize = 64 * 1024;
-
-/// Logs to stderr through a writer thread, so no request's thread ever waits for a write (and,
-/// under load, the thread writes many lines at once); the returned guard flushes what is
-/// queued when `serve` returns, and the counter says how many
-/// lines were dropped because the writer was behind.
-fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
+/// Logs to stderr through a writer thread, so no request's thread ever waits for a write, with
+/// a queue bounded in bytes ([`log_writer`]); the returned guard writes what is queued when
+/// `serve` returns, and the writer counts the lines it had to drop.
+fn init_tracing(format: LogFormat) -> Result<(log_writer::Flush, log_writer::LogWriter), Failure> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOMCTL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_BACKLOG)
-        .thread_name("roomctl-log")
-        // The writer thread writes what is queued, then flushes: under load one write(2)
-        // carries many lines instead of one each.
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_BUFFER,
-            std::io::stderr(),
-        ));
-    let dropped = writer.error_counter();
+    let (writer, flush) = log_writer::spawn(std::io::stderr())
+        .map_err(|e| Failure::Other(format!("cannot start the log's writer: {e}")))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(writer.clone())
         .with_timer(log_format::Rfc3339Micros)
         // A closed or full stderr (a log collector that died) must not take the server down.
         .log_internal_errors(false);
@@ -402,7 +384,7 @@ fn init_tracing(format: LogFormat) -> (WorkerGuard, ErrorCounter) {
             .init(),
         LogFormat::Json => builder.json().init(),
     }
-    (guard, dropped)
+    Ok((flush, writer))
 }
 
 /// Re-reads the JWT secret file and the TLS files on every SIGHUP (a key or certificate
