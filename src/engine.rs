@@ -8,6 +8,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
+use prost::Message;
+use sha2::{Digest, Sha256};
+
 use crate::error::{Error, LOCK_UNAUTHORIZED_CODE, UNAUTHORIZED_ACCESS_CODE};
 use crate::limits::Limit;
 use crate::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
@@ -15,10 +18,12 @@ use crate::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
 /// How long an answer is remembered for retries with the same `request_id`.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
 
-/// How many answers one room remembers at most (all kinds together). Bounds memory against a
-/// caller that invents a new `request_id` per call; past it the oldest answers are forgotten
-/// early. Answers belong to the room's epoch: a room that is forgotten forgets them too.
-pub const MAX_REMEMBERED_ANSWERS: usize = 1024;
+/// What one room's remembered answers may weigh at most, in bytes of their encoding (all kinds
+/// together), unless told otherwise. Bounds memory against a caller that invents a new
+/// `request_id` per call: past it the oldest answers are forgotten before their window ends
+/// (at 200 to 300 bytes a join's answer, a room remembers some 30,000 joins). Answers belong
+/// to the room's epoch: a room that is forgotten forgets them too.
+pub const DEFAULT_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 
 /// How many bans one room keeps in force at most; a drop that would ban more fails
 /// `TOO_MANY_BANS` and drops nobody. Expired bans do not count.
@@ -45,8 +50,107 @@ pub struct Remembered {
     pub key: String,
     /// When the answer is forgotten.
     pub expires_at: SystemTime,
+    /// The [`Command::fingerprint`] of the request it answered: a retry must repeat it.
+    pub fingerprint: u64,
     /// The answer retries get.
     pub reply: Reply,
+}
+
+impl Remembered {
+    /// What the answer weighs against the room's budget: its key and its reply, encoded.
+    pub fn weight(&self) -> usize {
+        self.key.len() + self.reply.encoded_len()
+    }
+}
+
+/// What a room holds at most, whatever its callers send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomLimits {
+    /// Participants (`--max-room-members`).
+    pub max_members: usize,
+    /// Bytes of remembered answers ([`DEFAULT_ANSWER_BYTES`]).
+    pub answer_bytes: usize,
+}
+
+impl Default for RoomLimits {
+    fn default() -> Self {
+        Self {
+            max_members: DEFAULT_MAX_MEMBERS,
+            answer_bytes: DEFAULT_ANSWER_BYTES,
+        }
+    }
+}
+
+/// A room's remembered answers, for idempotent retries: each kept for [`IDEMPOTENCY_WINDOW`]
+/// within a byte budget, past which the oldest go early.
+#[derive(Debug, Clone, Default)]
+struct AnswerCache {
+    /// By [`answer_key`].
+    answers: HashMap<String, Remembered>,
+    /// The same keys in expiry order, so expiring and capping walk from the front.
+    order: VecDeque<(SystemTime, String)>,
+    /// The weight of every answer held.
+    bytes: usize,
+    /// The most that `bytes` may be.
+    budget: usize,
+}
+
+impl AnswerCache {
+    fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            ..Self::default()
+        }
+    }
+
+    /// Keeps `answer` (replacing one under its key), then forgets what is expired at `now` or
+    /// over the budget, oldest first.
+    fn keep(&mut self, answer: Remembered, now: SystemTime) {
+        self.order
+            .push_back((answer.expires_at, answer.key.clone()));
+        self.bytes += answer.weight();
+        if let Some(old) = self.answers.insert(answer.key.clone(), answer) {
+            self.bytes -= old.weight();
+        }
+        self.forget_expired(now);
+    }
+
+    fn forget_expired(&mut self, now: SystemTime) {
+        while let Some((expires_at, key)) = self.order.front() {
+            let current = self.answers.get(key);
+            // An entry of the order whose answer was replaced since says nothing.
+            let stale = current.is_none_or(|answer| answer.expires_at != *expires_at);
+            if !stale && *expires_at > now && self.bytes <= self.budget {
+                break;
+            }
+            if let Some((_, key)) = self.order.pop_front() {
+                if !stale {
+                    if let Some(answer) = self.answers.remove(&key) {
+                        self.bytes -= answer.weight();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The answer to a retry of the request `fingerprint` under `key`, if one is remembered;
+    /// `REQUEST_ID_REUSED` if the key answered another request.
+    fn recall(
+        &mut self,
+        key: &str,
+        fingerprint: u64,
+        request_id: &str,
+        now: SystemTime,
+    ) -> Result<Option<Reply>, Error> {
+        self.forget_expired(now);
+        match self.answers.get(key) {
+            None => Ok(None),
+            Some(answer) if answer.fingerprint == fingerprint => Ok(Some(answer.reply.clone())),
+            Some(_) => Err(Error::RequestIdReused {
+                request_id: request_id.to_owned(),
+            }),
+        }
+    }
 }
 
 /// The role a token grants.
@@ -255,6 +359,47 @@ impl Command {
         }
     }
 
+    /// What a retry must repeat to be the same request: a stable hash (SHA-256, the same on
+    /// every node and build) of the command's kind and the fields the caller chose, without the
+    /// request id and without what the server chose (a join's client id). Never 0.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hash = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        match self {
+            Command::Join { cmd, .. } => {
+                field(b"join");
+                field(cmd.name.as_bytes());
+                field(&(cmd.role as i32).to_le_bytes());
+                field(cmd.identity.as_bytes());
+            }
+            Command::Drop(cmd) => {
+                field(b"drop");
+                field(&(cmd.client_ids.len() as u64).to_le_bytes());
+                for client_id in &cmd.client_ids {
+                    field(client_id.as_bytes());
+                }
+                field(cmd.reason.as_bytes());
+                field(&cmd.ban.map_or(0, |ban| ban.as_secs()).to_le_bytes());
+            }
+            Command::Destroy(cmd) => {
+                field(b"destroy");
+                field(cmd.reason.as_bytes());
+            }
+            Command::Lock { .. } => field(b"lock"),
+            Command::Unlock { .. } => field(b"unlock"),
+            Command::Leave { .. } => field(b"leave"),
+            Command::TimeOut { .. } => field(b"timeout"),
+            Command::Unban { .. } => field(b"unban"),
+        }
+        let digest = hash.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(first).max(1)
+    }
+
     /// The key `caller`'s answer to this command is remembered under, if it is remembered.
     pub fn answer_key(&self, caller: &Caller) -> Option<String> {
         let kind = match self {
@@ -303,6 +448,22 @@ pub enum Reply {
     Destroyed(pb::DestroySessionResponse),
     /// The answer to `Unban`.
     Unbanned(pb::UnbanResponse),
+}
+
+impl Reply {
+    /// The size of the answer on the wire (0 for those that carry nothing worth counting).
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Reply::Joined(reply) => reply.encoded_len(),
+            Reply::Dropped(reply) => reply.encoded_len(),
+            Reply::Locked(reply) => reply.encoded_len(),
+            Reply::Unlocked(reply) => reply.encoded_len(),
+            Reply::Destroyed(reply) => reply.encoded_len(),
+            Reply::Unbanned(reply) => reply.encoded_len(),
+            Reply::TimedOut(ids) => ids.iter().map(String::len).sum(),
+            Reply::Left => 0,
+        }
+    }
 }
 
 /// One change a command made to a room's members, lock or bans, for stores that persist changes
@@ -425,10 +586,8 @@ pub struct RoomState {
     /// Departed clients in departure order, so forgetting those older than the history is a
     /// walk from the front instead of a scan.
     departed_order: VecDeque<(u64, String)>,
-    /// Recent answers by [`answer_key`], with their expiry, for idempotent retries.
-    answers: HashMap<String, (SystemTime, Reply)>,
-    /// The same keys in expiry order, so expiring and capping walk from the front.
-    answers_order: VecDeque<(SystemTime, String)>,
+    /// Recent answers, for idempotent retries.
+    answers: AnswerCache,
     /// Whether joins as participant are refused.
     locked: bool,
     /// Bans by identity: every ban on the memory store, those its commands name on Redis.
@@ -452,8 +611,7 @@ impl RoomState {
             members: HashMap::new(),
             departed: HashMap::new(),
             departed_order: VecDeque::new(),
-            answers: HashMap::new(),
-            answers_order: VecDeque::new(),
+            answers: AnswerCache::new(DEFAULT_ANSWER_BYTES),
             locked: false,
             bans: HashMap::new(),
             bans_in_force: 0,
@@ -482,9 +640,10 @@ impl RoomState {
         self
     }
 
-    /// The same room, holding at most `max_members` participants.
-    pub fn with_max_members(mut self, max_members: usize) -> Self {
-        self.max_members = max_members;
+    /// The same room, held to `limits`.
+    pub fn with_limits(mut self, limits: RoomLimits) -> Self {
+        self.max_members = limits.max_members;
+        self.answers.budget = limits.answer_bytes;
         self
     }
 
@@ -514,12 +673,14 @@ impl RoomState {
         let mut answers: Vec<Remembered> = answers.into_iter().collect();
         answers.sort_by_key(|a| a.expires_at);
         for answer in answers {
-            state
-                .answers_order
-                .push_back((answer.expires_at, answer.key.clone()));
+            // Not forgotten here however old: the budget is not known yet, and recalling
+            // forgets what has expired.
             state
                 .answers
-                .insert(answer.key, (answer.expires_at, answer.reply));
+                .order
+                .push_back((answer.expires_at, answer.key.clone()));
+            state.answers.bytes += answer.weight();
+            state.answers.answers.insert(answer.key.clone(), answer);
         }
         state
     }
@@ -623,35 +784,22 @@ impl RoomState {
         }
     }
 
-    fn forget_expired_answers(&mut self, now: SystemTime) {
-        while let Some((expires_at, _)) = self.answers_order.front() {
-            if *expires_at > now && self.answers_order.len() <= MAX_REMEMBERED_ANSWERS {
-                break;
-            }
-            if let Some((_, key)) = self.answers_order.pop_front() {
-                self.answers.remove(&key);
-            }
-        }
-    }
-
-    /// The answer remembered under `key`, if it has not expired.
-    fn recall(&mut self, key: &str, now: SystemTime) -> Option<Reply> {
-        self.forget_expired_answers(now);
-        self.answers.get(key).map(|(_, reply)| reply.clone())
-    }
-
-    /// Remembers `reply` under `key` for [`IDEMPOTENCY_WINDOW`].
-    fn remember(&mut self, key: String, reply: &Reply, now: SystemTime) -> Remembered {
-        let expires_at = now + IDEMPOTENCY_WINDOW;
-        self.answers_order.push_back((expires_at, key.clone()));
-        self.answers
-            .insert(key.clone(), (expires_at, reply.clone()));
-        self.forget_expired_answers(now);
-        Remembered {
+    /// Remembers `reply` to the request `fingerprint` under `key` for [`IDEMPOTENCY_WINDOW`].
+    fn remember(
+        &mut self,
+        key: String,
+        fingerprint: u64,
+        reply: &Reply,
+        now: SystemTime,
+    ) -> Remembered {
+        let answer = Remembered {
             key,
-            expires_at,
+            expires_at: now + IDEMPOTENCY_WINDOW,
+            fingerprint,
             reply: reply.clone(),
-        }
+        };
+        self.answers.keep(answer.clone(), now);
+        answer
     }
 
     fn event(&mut self, now: SystemTime, payload: Payload) -> pb::Event {
@@ -699,8 +847,11 @@ pub fn apply(
         Command::Join { .. } | Command::Leave { .. } | Command::TimeOut { .. } => {}
     }
     let key = cmd.answer_key(caller);
-    if let Some(reply) = key.as_deref().and_then(|key| state.recall(key, now)) {
-        return Ok(Applied::retry(reply));
+    let fingerprint = cmd.fingerprint();
+    if let (Some(key), Some(request_id)) = (&key, cmd.request_id()) {
+        if let Some(reply) = state.answers.recall(key, fingerprint, request_id, now)? {
+            return Ok(Applied::retry(reply));
+        }
     }
     let mut applied = match cmd {
         Command::Join { client_id, cmd } => join(state, caller, client_id, cmd, now),
@@ -712,7 +863,7 @@ pub fn apply(
         Command::Destroy(cmd) => destroy(state, caller, cmd, now),
         Command::Unban { identity } => unban(state, caller, identity, now),
     }?;
-    applied.remembered = key.map(|key| state.remember(key, &applied.reply, now));
+    applied.remembered = key.map(|key| state.remember(key, fingerprint, &applied.reply, now));
     Ok(applied)
 }
 
@@ -1466,6 +1617,7 @@ mod tests {
             Some(Remembered {
                 key: answer_key("drop", "alice", "q"),
                 expires_at: now() + Duration::from_secs(5),
+                fingerprint: drop_cmd(&["a"], "q").fingerprint(),
                 reply: remembered.clone(),
             }),
         );
@@ -1520,7 +1672,10 @@ mod tests {
 
     #[test]
     fn a_full_room_refuses_joins_until_someone_leaves() {
-        let mut state = RoomState::new("r", "ep").with_max_members(2);
+        let mut state = RoomState::new("r", "ep").with_limits(RoomLimits {
+            max_members: 2,
+            ..RoomLimits::default()
+        });
         let bob = caller("bob", TokenRole::Participant);
         join_as(&mut state, &bob, "a");
         join_as(&mut state, &bob, "b");
@@ -1536,7 +1691,10 @@ mod tests {
         apply(&mut state, &bob, leave_cmd("a"), now()).unwrap();
         join_as(&mut state, &bob, "c");
         // A restored room counts the members it did not restore.
-        let mut partial = RoomState::restore("r", "ep", 9, 2, [], []).with_max_members(2);
+        let mut partial = RoomState::restore("r", "ep", 9, 2, [], []).with_limits(RoomLimits {
+            max_members: 2,
+            ..RoomLimits::default()
+        });
         assert!(apply(&mut partial, &bob, join_cmd("d", None), now()).is_err());
     }
 
@@ -1578,20 +1736,91 @@ mod tests {
     }
 
     #[test]
-    fn remembered_answers_are_bounded() {
-        let mut state = RoomState::new("r", "ep");
+    fn remembered_answers_are_bounded_in_bytes_and_kept_for_their_window() {
+        let budget = 64 * 1024;
+        let mut state = RoomState::new("r", "ep").with_limits(RoomLimits {
+            answer_bytes: budget,
+            ..RoomLimits::default()
+        });
         let alice = caller("alice", TokenRole::Moderator);
-        for i in 0..MAX_REMEMBERED_ANSWERS + 10 {
-            apply(
-                &mut state,
-                &alice,
-                drop_cmd(&["x"], &format!("q{i}")),
-                now(),
-            )
-            .unwrap();
+        // Far more answers than a count of 1,024 would keep, each small: all are kept.
+        let ids: Vec<String> = (0..5).map(|i| format!("x{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let first = apply(&mut state, &alice, drop_cmd(&ids, "q0"), now()).unwrap();
+        let weight = first.remembered.unwrap().weight();
+        let fits = budget / weight;
+        for i in 1..fits {
+            apply(&mut state, &alice, drop_cmd(&ids, &format!("q{i}")), now()).unwrap();
         }
-        assert_eq!(state.answers.len(), MAX_REMEMBERED_ANSWERS);
-        assert_eq!(state.answers_order.len(), MAX_REMEMBERED_ANSWERS);
+        let retry = apply(&mut state, &alice, drop_cmd(&ids, "q0"), now()).unwrap();
+        assert_eq!(retry.reply, first.reply, "within the budget and the window");
+        assert!(state.answers.bytes <= budget);
+        // Past the budget, the oldest go first; memory stays within it.
+        for i in fits..fits * 3 {
+            apply(&mut state, &alice, drop_cmd(&ids, &format!("q{i}")), now()).unwrap();
+        }
+        assert!(state.answers.bytes <= budget, "{}", state.answers.bytes);
+        assert!(state.answers.answers.len() <= fits);
+        let again = apply(&mut state, &alice, drop_cmd(&ids, "q0"), now()).unwrap();
+        assert_eq!(again.events.len(), 1, "forgotten early, applied anew");
+    }
+
+    #[test]
+    fn a_request_id_reused_for_another_request_is_refused() {
+        let mut state = RoomState::new("r", "ep");
+        let ops = caller("ops", TokenRole::Service);
+        let join_as = |name: &str, client_id: &str| Command::Join {
+            client_id: client_id.into(),
+            cmd: JoinCmd {
+                name: name.into(),
+                role: Role::Unspecified,
+                identity: String::new(),
+                request_id: Some("k".into()),
+            },
+        };
+        let first = apply(&mut state, &ops, join_as("x", "c1"), now()).unwrap();
+        // The same request again (the server picks a new client id each time): the first answer.
+        let retry = apply(&mut state, &ops, join_as("x", "c2"), now()).unwrap();
+        assert_eq!(retry.reply, first.reply);
+        // The same id for another request: refused, nothing changes.
+        let seq = state.seq();
+        let reused = apply(&mut state, &ops, join_as("y", "c3"), now()).unwrap_err();
+        assert!(matches!(&reused, Error::RequestIdReused { request_id } if request_id == "k"));
+        assert_eq!(state.seq(), seq);
+        let alice = caller("alice", TokenRole::Moderator);
+        apply(&mut state, &alice, drop_cmd(&["a"], "d"), now()).unwrap();
+        assert!(matches!(
+            apply(&mut state, &alice, drop_cmd(&["b"], "d"), now()),
+            Err(Error::RequestIdReused { .. })
+        ));
+    }
+
+    #[test]
+    fn fingerprints_tell_requests_apart_and_ignore_what_the_server_chose() {
+        let join = |client_id: &str, name: &str, role: Role, identity: &str| Command::Join {
+            client_id: client_id.into(),
+            cmd: JoinCmd {
+                name: name.into(),
+                role,
+                identity: identity.into(),
+                request_id: Some("k".into()),
+            },
+        };
+        let base = join("c1", "x", Role::Participant, "u").fingerprint();
+        assert_eq!(base, join("c2", "x", Role::Participant, "u").fingerprint());
+        for other in [
+            join("c1", "y", Role::Participant, "u"),
+            join("c1", "x", Role::Moderator, "u"),
+            join("c1", "x", Role::Participant, "v"),
+            // Field boundaries count: "xu" + "" is not "x" + "u".
+            join("c1", "xu", Role::Participant, ""),
+        ] {
+            assert_ne!(base, other.fingerprint(), "{other:?}");
+        }
+        assert_ne!(
+            drop_cmd(&["a", "b"], "q").fingerprint(),
+            drop_cmd(&["ab"], "q").fingerprint()
+        );
     }
 
     #[test]

@@ -67,6 +67,16 @@ pub enum Error {
     /// The request breaks the contract's field rules.
     #[error("invalid argument: {}", describe(.0))]
     InvalidArgument(Vec<Violation>),
+    /// A `request_id` the caller used, within the retry window, for a different request.
+    #[error(
+        "request_id {request_id:?} was used by this caller in this room for a different request \
+         within the retry window: a retry must repeat its request exactly, and a new request \
+         needs a new request_id"
+    )]
+    RequestIdReused {
+        /// The reused id.
+        request_id: String,
+    },
     /// The request body is not valid protobuf for its message (bad UTF-8, truncated, wrong wire
     /// type); the text says where prost found it wrong.
     #[error("malformed request: {0}")]
@@ -241,7 +251,9 @@ impl Error {
         match self {
             Error::Unauthenticated(_) | Error::TokenExpired { .. } => Code::Unauthenticated,
             Error::UnauthorizedAccess { .. } | Error::Forbidden(_) => Code::PermissionDenied,
-            Error::InvalidArgument(_) | Error::MalformedRequest(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_)
+            | Error::MalformedRequest(_)
+            | Error::RequestIdReused { .. } => Code::InvalidArgument,
             Error::MessageTooLarge { .. }
             | Error::LimitReached { .. }
             | Error::RateLimited { .. } => Code::ResourceExhausted,
@@ -270,6 +282,7 @@ impl Error {
             Error::Forbidden(_) => "FORBIDDEN",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::MalformedRequest(_) => "MALFORMED_REQUEST",
+            Error::RequestIdReused { .. } => "REQUEST_ID_REUSED",
             Error::MessageTooLarge { .. } => "MESSAGE_TOO_LARGE",
             Error::LimitReached {
                 limit: Limit::RoomMembers,
@@ -314,6 +327,7 @@ impl Error {
                 vec![("identity", identity.clone()), ("until", rfc3339(*until))]
             }
             Error::BanNotFound { identity } => vec![("identity", identity.clone())],
+            Error::RequestIdReused { request_id } => vec![("request_id", request_id.clone())],
             Error::MessageTooLarge { limit } => vec![("limit_bytes", limit.to_string())],
             Error::LimitReached { limit, max } => {
                 vec![("limit", limit.name().to_owned()), ("max", max.to_string())]
@@ -376,6 +390,12 @@ impl From<Error> for Status {
         let mut details = ErrorDetails::with_error_info(err.reason(), DOMAIN, err.metadata());
         if let Error::RateLimited { retry_after, .. } = &err {
             details.set_retry_info(Some(*retry_after));
+        }
+        if let Error::RequestIdReused { .. } = &err {
+            details.set_bad_request(vec![FieldViolation::new(
+                "request_id",
+                "already used for a different request",
+            )]);
         }
         if let Error::InvalidArgument(violations) = &err {
             details.set_bad_request(

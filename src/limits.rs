@@ -42,8 +42,6 @@ pub struct Limits {
     pub max_streams: usize,
     /// `Events` streams open at once on one connection.
     pub max_streams_per_connection: usize,
-    /// Participants in one room.
-    pub max_room_members: usize,
     /// Moderator commands per second per identity, sustained.
     pub moderator_rate: u32,
     /// Moderator commands one identity may send in a burst.
@@ -67,7 +65,6 @@ impl Default for Limits {
             max_concurrent_calls: 2048,
             max_streams: 100_000,
             max_streams_per_connection: 10_000,
-            max_room_members: 10_000,
             moderator_rate: 100,
             moderator_burst: 200,
             service_rate: None,

@@ -22,16 +22,11 @@ use crate::listener;
 use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
-use crate::store::memory::{MemoryConfig, MemoryStore};
-use crate::store::redis::{RedisConfig, RedisStore, RedisUrl};
-use crate::store::RoomStore;
+pub use crate::store::StoreConfig;
+use crate::store::{self, RoomSettings, RoomStore};
 use crate::telemetry::Telemetry;
 use crate::tls::{TlsAcceptor, TlsFiles};
 
-/// Default events kept per room.
-pub const DEFAULT_HISTORY: usize = 10_000;
-/// Default `--presence-timeout`.
-pub const DEFAULT_PRESENCE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default largest request accepted, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -53,15 +48,10 @@ pub struct ServerConfig {
     pub jwt_keys: KeySet,
     /// What tokens must carry beyond the signature (`--jwt-issuer`, `--jwt-audience`).
     pub token_rules: TokenRules,
-    /// Events kept per room (`--history`).
-    pub history: usize,
+    /// What is kept of each room, and for how long (`--history`, `--empty-room-ttl`, ...).
+    pub rooms: RoomSettings,
     /// How long draining may take on shutdown (`--grace`).
     pub grace: Duration,
-    /// How long an empty room is kept (`--empty-room-ttl`).
-    pub empty_room_ttl: Duration,
-    /// How long a client may be without an open `Events` stream before it is removed
-    /// (`--presence-timeout`); None: presence is off.
-    pub presence_timeout: Option<Duration>,
     /// Largest request accepted (`--max-message-bytes`).
     pub max_message_bytes: usize,
     /// Where rooms live (`--store`).
@@ -74,44 +64,14 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
 }
 
-/// Where rooms live.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    /// In this process: one node.
-    Memory,
-    /// In the Redis at `url`, shared by every node.
-    Redis {
-        /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
-        url: RedisUrl,
-        /// PEM file of the CA that signed Redis's TLS certificate, when it is not in the system
-        /// trust store.
-        ca_file: Option<std::path::PathBuf>,
-        /// Replicas that must hold each commit before it is answered or shown (0: none).
-        wait_replicas: usize,
-    },
-}
-
-impl StoreConfig {
-    /// Redis at `url`, trusting the system's certificate authorities for `rediss://`.
-    pub fn redis(url: impl Into<String>) -> Self {
-        StoreConfig::Redis {
-            url: RedisUrl::new(url),
-            ca_file: None,
-            wait_replicas: 0,
-        }
-    }
-}
-
 impl ServerConfig {
     /// The defaults of DESIGN.md with the given secret.
     pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
         Self {
             jwt_keys: KeySet::single(jwt_secret),
             token_rules: TokenRules::default(),
-            history: DEFAULT_HISTORY,
+            rooms: RoomSettings::default(),
             grace: Duration::from_secs(10),
-            empty_room_ttl: Duration::from_secs(300),
-            presence_timeout: Some(DEFAULT_PRESENCE_TIMEOUT),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             store: StoreConfig::Memory,
             limits: Limits::default(),
@@ -195,37 +155,9 @@ impl Server {
             }
             None => (Telemetry::off(), None),
         };
-        let store: Arc<dyn RoomStore> = match &config.store {
-            StoreConfig::Memory => Arc::new(MemoryStore::with_telemetry(
-                MemoryConfig {
-                    history: config.history,
-                    empty_room_ttl: config.empty_room_ttl,
-                    max_room_members: config.limits.max_room_members,
-                    presence_timeout: config.presence_timeout,
-                },
-                telemetry.clone(),
-            )),
-            StoreConfig::Redis {
-                url,
-                ca_file,
-                wait_replicas,
-            } => Arc::new(
-                RedisStore::connect_with(
-                    RedisConfig {
-                        url: url.clone(),
-                        ca_file: ca_file.clone(),
-                        history: config.history,
-                        empty_room_ttl: config.empty_room_ttl,
-                        max_room_members: config.limits.max_room_members,
-                        presence_timeout: config.presence_timeout,
-                        wait_replicas: *wait_replicas,
-                    },
-                    telemetry.clone(),
-                )
-                .await
-                .map_err(ServeError::Store)?,
-            ),
-        };
+        let store = store::open(&config.store, config.rooms, telemetry.clone())
+            .await
+            .map_err(ServeError::Store)?;
         let streams = StreamBudget::new(
             config.limits.max_streams,
             config.limits.max_streams_per_connection,

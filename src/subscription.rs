@@ -304,7 +304,8 @@ mod tests {
     use super::*;
     use crate::engine::{Command, JoinCmd};
     use crate::limits::StreamBudget;
-    use crate::store::memory::{MemoryConfig, MemoryStore};
+    use crate::store::memory::MemoryStore;
+    use crate::store::RoomSettings;
     use crate::telemetry::StreamKind;
 
     /// A stream polled again after its room was forgotten (its wake-up channel closed while it
@@ -312,11 +313,10 @@ mod tests {
     /// holds everything up to the stream's cursor, is not taken for all there is to read.
     #[tokio::test]
     async fn a_stream_polled_after_its_room_is_forgotten_ends() {
-        let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(MemoryConfig {
-            history: 100,
+        let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(RoomSettings {
             empty_room_ttl: Duration::ZERO,
-            max_room_members: 10,
             presence_timeout: None,
+            ..RoomSettings::default()
         }));
         let caller = Caller::system();
         let join = Command::Join {

@@ -384,7 +384,46 @@ async fn malformed_bodies_are_invalid_arguments(backend: Backend) {
     }
 }
 
+/// A request id reused by a caller for a different request is refused, as payment APIs refuse an
+/// idempotency key reused with another body: a service's join for `y` reusing the id of its join
+/// for `x` gets INVALID_ARGUMENT / REQUEST_ID_REUSED naming `request_id`, not `x`'s answer; the
+/// same for a drop of other clients; the very same request again still gets its first answer.
+async fn reused_request_ids_are_refused(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut ops = server.client("ops", "*", "service").await;
+    let join_for = |identity: &str| pb::JoinRequest {
+        room_id: "r".into(),
+        name: identity.into(),
+        identity: identity.into(),
+        request_id: "k".into(),
+        ..Default::default()
+    };
+    let x = ops.join(join_for("x")).await.unwrap().into_inner();
+    let again = ops.join(join_for("x")).await.unwrap().into_inner();
+    assert_eq!(again, x);
+    let status = ops.join(join_for("y")).await.unwrap_err();
+    let meta = assert_error(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    assert_eq!(meta["request_id"], "k");
+    assert_eq!(violations(&status), ["request_id"]);
+    let drop = |ids: &[&str]| pb::DropUserRequest {
+        request_id: "d".into(),
+        ..drop_request("r", ids, "")
+    };
+    ops.drop_user(drop(&["nobody"])).await.unwrap();
+    let status = ops.drop_user(drop(&[&x.client_id])).await.unwrap_err();
+    assert_error(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
+    let participants = ops
+        .list_participants(pb::ListParticipantsRequest {
+            room_id: "r".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(participants.participants.len(), 1, "nobody was dropped");
+}
+
 acceptance! {
+    reused_request_ids_are_refused,
     bad_tokens_are_unauthenticated,
     forbidden_actions_are_permission_denied,
     allowed_actions_by_role,

@@ -96,7 +96,7 @@ async fn a_replay_of_many_batches_arrives_whole_then_follows_live(backend: Backe
 /// is valid, one less is OUT_OF_RANGE with the window in the metadata, and so are a cursor beyond
 /// the newest event and a cursor of another epoch (with or without `after_seq`).
 async fn history_is_exact_and_cursors_outside_it_are_out_of_range(backend: Backend) {
-    let server = TestServer::start_with(backend, |c| c.history = 5).await;
+    let server = TestServer::start_with(backend, |c| c.rooms.history = 5).await;
     let mut ops = server.client("ops", "r", "service").await;
     let mut epoch = String::new();
     for i in 0..10 {
@@ -240,7 +240,7 @@ async fn other_clients_of_a_dropped_identity_keep_streaming(backend: Backend) {
 /// A subscriber that stops reading never blocks writers, and when the history moves past its
 /// cursor its stream ends OUT_OF_RANGE after the events it could still get, in order, without gap.
 async fn a_slow_consumer_falls_out_of_history_without_blocking_anyone(backend: Backend) {
-    let server = TestServer::start_with(backend, |c| c.history = 10).await;
+    let server = TestServer::start_with(backend, |c| c.rooms.history = 10).await;
     // A small client window, so the server cannot push the whole backlog into it.
     let channel = Channel::from_shared(format!("http://{}", server.addr))
         .unwrap()
@@ -319,8 +319,10 @@ async fn wait_until(condition: impl Fn() -> bool) {
 /// A room stays after its last participant leaves, for `--empty-room-ttl`: with a long TTL the
 /// emptied room still answers, with its position.
 async fn an_empty_room_stays_for_its_ttl(backend: Backend) {
-    let server =
-        TestServer::start_with(backend, |c| c.empty_room_ttl = Duration::from_secs(3600)).await;
+    let server = TestServer::start_with(backend, |c| {
+        c.rooms.empty_room_ttl = Duration::from_secs(3600)
+    })
+    .await;
     let mut ops = server.client("ops", "r", "service").await;
     let first = join(&mut ops, "r", "u").await;
     ops.leave(pb::LeaveRequest {
@@ -338,7 +340,7 @@ async fn an_empty_room_stays_for_its_ttl(backend: Backend) {
 /// is not reaped under the join that creates it), and once its last client leaves it is
 /// forgotten (waited for as a state, not a time).
 async fn a_zero_ttl_forgets_a_room_as_soon_as_it_is_empty(backend: Backend) {
-    let server = TestServer::start_with(backend, |c| c.empty_room_ttl = Duration::ZERO).await;
+    let server = TestServer::start_with(backend, |c| c.rooms.empty_room_ttl = Duration::ZERO).await;
     let mut ops = server.client("ops", "r", "service").await;
     let first = join(&mut ops, "r", "u").await;
     assert_eq!(first.seq, 1);
@@ -367,7 +369,7 @@ async fn empty_rooms_are_forgotten_after_their_ttl_and_come_back_with_a_new_epoc
     backend: Backend,
 ) {
     let ttl = Duration::from_millis(300);
-    let server = TestServer::start_with(backend, |c| c.empty_room_ttl = ttl).await;
+    let server = TestServer::start_with(backend, |c| c.rooms.empty_room_ttl = ttl).await;
     let mut ops = server.client("ops", "r", "service").await;
     let first = join(&mut ops, "r", "u").await;
     let mut observer = subscribe(&mut ops, "r", "", None).await.unwrap();

@@ -74,7 +74,7 @@ async fn stream_caps_hold_per_connection_and_per_node() {
 /// a retry of a join that got in still answers.
 #[tokio::test]
 async fn a_full_room_refuses_joins() {
-    let server = TestServer::start_with(Backend::Memory, |c| c.limits.max_room_members = 2).await;
+    let server = TestServer::start_with(Backend::Memory, |c| c.rooms.limits.max_members = 2).await;
     let mut ops = server.client("ops", "r", "service").await;
     let keyed = pb::JoinRequest {
         room_id: "r".into(),

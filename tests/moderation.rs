@@ -311,7 +311,7 @@ async fn after_a_destroyed_session_the_log_goes_on(backend: Backend) {
 /// shows it; `Unban` lifts it (a second one is BAN_NOT_FOUND).
 async fn a_banned_user_stays_out_until_unbanned(backend: Backend) {
     let server = TestServer::start_with(backend, |c| {
-        c.empty_room_ttl = Duration::from_millis(200);
+        c.rooms.empty_room_ttl = Duration::from_millis(200);
     })
     .await;
     let mut alice = server.client("alice", "r", "moderator").await;

@@ -75,7 +75,7 @@ fn assert_timed_out(event: &pb::Event, client_id: &str) {
 }
 
 fn with_presence(config: &mut ServerConfig) {
-    config.presence_timeout = Some(TIMEOUT);
+    config.rooms.presence_timeout = Some(TIMEOUT);
 }
 
 /// A client that never opens a stream is removed with TIMED_OUT once the timeout has passed;
@@ -162,7 +162,7 @@ async fn a_client_that_does_not_come_back_times_out(backend: Backend) {
 
 /// With presence off, a client without a stream stays however long it waits.
 async fn with_presence_off_clients_stay(backend: Backend) {
-    let server = TestServer::start_with(backend, |c| c.presence_timeout = None).await;
+    let server = TestServer::start_with(backend, |c| c.rooms.presence_timeout = None).await;
     let mut gateway = server.client("gw", "*", "service").await;
     let me = join_as(&mut gateway, "r", "ann").await;
     tokio::time::sleep(TIMEOUT * 2).await;

@@ -485,11 +485,12 @@ async fn nodes_must_agree_on_the_history() {
     let config = |history: usize| roomctl::store::redis::RedisConfig {
         url: roomctl::store::redis::RedisUrl::new(redis.url()),
         ca_file: None,
-        history,
-        empty_room_ttl: std::time::Duration::from_secs(60),
-        max_room_members: 100,
-        presence_timeout: None,
         wait_replicas: 0,
+        rooms: roomctl::store::RoomSettings {
+            history,
+            presence_timeout: None,
+            ..Default::default()
+        },
     };
     let _first = roomctl::store::redis::RedisStore::connect(config(500))
         .await

@@ -248,10 +248,10 @@ fn soak(backend: Backend) {
     let server = clients.block_on(async {
         server_runtime
             .spawn(TestServer::start_with(backend, |c| {
-                c.history = HISTORY;
+                c.rooms.history = HISTORY;
                 // Each round's rooms are forgotten as soon as they empty: what a room holds
                 // (its log, remembered answers, departed clients) must go with it.
-                c.empty_room_ttl = Duration::ZERO;
+                c.rooms.empty_room_ttl = Duration::ZERO;
                 c.limits.moderator_rate = 1_000_000;
                 c.limits.moderator_burst = 1_000_000;
             }))

@@ -10,18 +10,21 @@ use std::time::Duration;
 use common::redis_server::{redis_available, RedisServer};
 use common::PATIENCE;
 use prost::Message;
+use roomctl::engine::RoomLimits;
 use roomctl::engine::{
     Caller, ClientStatus, Command, DestroyCmd, DropCmd, JoinCmd, Reply, RoomScope, TokenRole,
 };
 use roomctl::error::Error;
 use roomctl::pb::{self, DropOutcome, Role};
-use roomctl::store::memory::{MemoryConfig, MemoryStore};
+use roomctl::store::memory::MemoryStore;
 use roomctl::store::redis::{RedisConfig, RedisStore};
-use roomctl::store::{LoggedEvent, RoomStore};
+use roomctl::store::{LoggedEvent, RoomSettings, RoomStore};
 
 const HISTORY: usize = 5;
 /// Participants per room in the conformance stores.
 const MAX_MEMBERS: usize = 250;
+/// Bytes of remembered answers per room in the conformance stores.
+const ANSWER_BYTES: usize = 128 * 1024;
 
 /// Two handles on one store, and the Redis behind them if any.
 struct Stores {
@@ -41,15 +44,19 @@ enum Kind {
 const EMPTY_ROOM_TTL: Duration = Duration::from_millis(300);
 
 async fn stores(kind: Kind) -> Stores {
-    let ttl = EMPTY_ROOM_TTL;
+    let rooms = RoomSettings {
+        history: HISTORY,
+        empty_room_ttl: EMPTY_ROOM_TTL,
+        presence_timeout: None,
+        limits: RoomLimits {
+            max_members: MAX_MEMBERS,
+            answer_bytes: ANSWER_BYTES,
+        },
+        ..RoomSettings::default()
+    };
     match kind {
         Kind::Memory => {
-            let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(MemoryConfig {
-                history: HISTORY,
-                empty_room_ttl: ttl,
-                max_room_members: MAX_MEMBERS,
-                presence_timeout: None,
-            }));
+            let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(rooms));
             Stores {
                 a: store.clone(),
                 b: store,
@@ -61,11 +68,8 @@ async fn stores(kind: Kind) -> Stores {
             let config = RedisConfig {
                 url: roomctl::store::redis::RedisUrl::new(redis.url()),
                 ca_file: None,
-                history: HISTORY,
-                empty_room_ttl: ttl,
-                max_room_members: MAX_MEMBERS,
-                presence_timeout: None,
                 wait_replicas: 0,
+                rooms,
             };
             let a = RedisStore::connect(config.clone()).await.unwrap();
             let b = RedisStore::connect(config).await.unwrap();
@@ -456,25 +460,55 @@ async fn answers_are_forgotten_with_their_room(s: Stores) {
     assert_eq!(second.events.len(), 3);
 }
 
-/// A room remembers at most 1,024 answers, on every store: past that the oldest are forgotten
-/// (a retry of the very first request is a new request), the newest still answer retries.
+/// A room remembers answers for their window within a budget in bytes, on every store: well
+/// past a count of 1,024 small answers the first still answers its retry (from the other
+/// handle too); past the budget the oldest are forgotten (a retry of the very first request is
+/// a new request) and the newest still answer retries.
 async fn remembered_answers_are_bounded(s: Stores) {
     join(&s.a, "r", "keep").await;
-    for i in 0..1030 {
-        s.a.execute("r", &service(), drop_cmd(&["nobody"], &format!("q{i}")))
-            .await
-            .unwrap();
+    let drop_q = |i: usize| drop_cmd(&["nobody"], &format!("q{i}"));
+    // About 60 bytes each: 1,100 fit in the conformance stores' budget.
+    for i in 0..1100 {
+        s.a.execute("r", &service(), drop_q(i)).await.unwrap();
     }
-    let oldest =
-        s.b.execute("r", &service(), drop_cmd(&["nobody"], "q0"))
-            .await
-            .unwrap();
+    let first = s.b.execute("r", &service(), drop_q(0)).await.unwrap();
+    assert!(first.events.is_empty(), "remembered past 1,024 answers");
+    for i in 1100..ANSWER_BYTES / 20 {
+        s.a.execute("r", &service(), drop_q(i)).await.unwrap();
+    }
+    let oldest = s.b.execute("r", &service(), drop_q(0)).await.unwrap();
     assert_eq!(oldest.events.len(), 1, "forgotten, so applied again");
     let newest =
-        s.b.execute("r", &service(), drop_cmd(&["nobody"], "q1029"))
+        s.b.execute("r", &service(), drop_q(ANSWER_BYTES / 20 - 1))
             .await
             .unwrap();
     assert!(newest.events.is_empty(), "still remembered");
+}
+
+/// A request id reused for a different request by the same caller is refused on every store
+/// and from every handle, and changes nothing; the same request again gets its first answer.
+async fn reused_request_ids_are_refused(s: Stores) {
+    let keyed = |name: &str| Command::Join {
+        client_id: format!("c-{name}-{}", std::process::id()),
+        cmd: JoinCmd {
+            name: name.into(),
+            role: Role::Participant,
+            identity: "u".into(),
+            request_id: Some("k".into()),
+        },
+    };
+    let first = s.a.execute("r", &service(), keyed("x")).await.unwrap();
+    let retry = s.b.execute("r", &service(), keyed("x")).await.unwrap();
+    assert_eq!(retry.reply, first.reply);
+    let seq = s.b.snapshot("r").await.unwrap().window.newest_seq;
+    for store in [&s.a, &s.b] {
+        let reused = store.execute("r", &service(), keyed("y")).await;
+        assert!(
+            matches!(&reused, Err(Error::RequestIdReused { request_id }) if request_id == "k"),
+            "{reused:?}"
+        );
+    }
+    assert_eq!(s.a.snapshot("r").await.unwrap().window.newest_seq, seq);
 }
 
 /// A room holds at most its limit of participants, counted across handles: one more join is
@@ -832,6 +866,7 @@ conformance! {
     handles_never_act_on_stale_knowledge,
     answers_are_forgotten_with_their_room,
     remembered_answers_are_bounded,
+    reused_request_ids_are_refused,
     full_rooms_refuse_joins_on_every_handle,
     concurrent_time_outs_remove_once,
     locks_hold_across_handles,

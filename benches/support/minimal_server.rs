@@ -26,7 +26,7 @@ mod baseline {
 use baseline::room_control_server::{RoomControl, RoomControlServer};
 
 /// Events a room's log keeps, as roomctl's default `--history`.
-const HISTORY: usize = roomctl::server::DEFAULT_HISTORY;
+const HISTORY: usize = roomctl::store::DEFAULT_HISTORY;
 
 struct Minimal {
     events: broadcast::Sender<Arc<pb::Event>>,

@@ -11,11 +11,10 @@ use clap::{Args, ValueEnum};
 
 use super::{config_file, log_format, log_writer, Failure, SecretArgs};
 use crate::auth::{mint, Claims, TokenRules};
+use crate::engine::RoomLimits;
 use crate::limits::Limits;
-use crate::server::{
-    Reloader, Server, ServerConfig, StoreConfig, DEFAULT_HISTORY, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_PRESENCE_TIMEOUT,
-};
+use crate::server::{Reloader, Server, ServerConfig, StoreConfig, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::store::RoomSettings;
 use crate::tls::TlsFiles;
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
@@ -44,17 +43,21 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMCTL_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// Events kept per room; older cursors get OUT_OF_RANGE.
-    #[arg(long, env = "ROOMCTL_HISTORY", default_value_t = DEFAULT_HISTORY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    #[arg(long, env = "ROOMCTL_HISTORY", default_value_t = RoomSettings::default().history, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     history: usize,
+    /// Bytes of events kept per room, as encoded on the wire (whichever of --history and this
+    /// is reached first trims the history); at least 1 MiB.
+    #[arg(long, env = "ROOMCTL_HISTORY_BYTES", default_value_t = RoomSettings::default().history_bytes, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024 * 1024..=(1 << 40)))]
+    history_bytes: usize,
     /// Longest drain on SIGTERM/SIGINT before the remaining connections are closed.
     #[arg(long, env = "ROOMCTL_GRACE", default_value = "10s")]
     grace: humantime::Duration,
     /// How long a room is kept after its last participant leaves.
-    #[arg(long, env = "ROOMCTL_EMPTY_ROOM_TTL", default_value = "5m")]
+    #[arg(long, env = "ROOMCTL_EMPTY_ROOM_TTL", default_value_t = RoomSettings::default().empty_room_ttl.into())]
     empty_room_ttl: humantime::Duration,
     /// How long a client may go without an open Events stream (on any node) before it is
     /// removed with DISCONNECT_REASON_TIMED_OUT, from 100ms to 24h; 0 turns presence off.
-    #[arg(long, env = "ROOMCTL_PRESENCE_TIMEOUT", default_value_t = DEFAULT_PRESENCE_TIMEOUT.into(), value_parser = parse_presence_timeout)]
+    #[arg(long, env = "ROOMCTL_PRESENCE_TIMEOUT", default_value_t = crate::store::DEFAULT_PRESENCE_TIMEOUT.into(), value_parser = parse_presence_timeout)]
     presence_timeout: humantime::Duration,
     /// Largest request accepted; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "ROOMCTL_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES, value_parser = at_least_one)]
@@ -111,7 +114,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMCTL_MAX_STREAMS_PER_CONNECTION", default_value_t = Limits::default().max_streams_per_connection, value_parser = at_least_one)]
     max_streams_per_connection: usize,
     /// Participants in one room; more joins get RESOURCE_EXHAUSTED (ROOM_FULL).
-    #[arg(long, env = "ROOMCTL_MAX_ROOM_MEMBERS", default_value_t = Limits::default().max_room_members, value_parser = at_least_one)]
+    #[arg(long, env = "ROOMCTL_MAX_ROOM_MEMBERS", default_value_t = RoomLimits::default().max_members, value_parser = at_least_one)]
     max_room_members: usize,
     /// Moderator commands (drop, lock, unlock, destroy, unban) per second per identity,
     /// sustained, on this node.
@@ -146,7 +149,6 @@ impl ServeArgs {
             max_concurrent_calls: self.max_concurrent_calls,
             max_streams: self.max_streams,
             max_streams_per_connection: self.max_streams_per_connection,
-            max_room_members: self.max_room_members,
             moderator_rate: self.moderator_rate,
             moderator_burst: self.moderator_burst,
             service_rate: self.service_rate,
@@ -239,11 +241,18 @@ impl ServeArgs {
                 issuer: self.jwt_issuer.clone(),
                 audience: self.jwt_audience.clone(),
             },
-            history: self.history,
+            rooms: RoomSettings {
+                history: self.history,
+                history_bytes: self.history_bytes,
+                empty_room_ttl: self.empty_room_ttl.into(),
+                presence_timeout: Some(Duration::from(self.presence_timeout))
+                    .filter(|timeout| !timeout.is_zero()),
+                limits: RoomLimits {
+                    max_members: self.max_room_members,
+                    ..RoomLimits::default()
+                },
+            },
             grace: self.grace.into(),
-            empty_room_ttl: self.empty_room_ttl.into(),
-            presence_timeout: Some(Duration::from(self.presence_timeout))
-                .filter(|timeout| !timeout.is_zero()),
             max_message_bytes: self.max_message_bytes,
             store,
             limits: self.limits(),
@@ -333,11 +342,12 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
         let presence_timeout = config
+            .rooms
             .presence_timeout
             .map_or_else(|| "off".to_owned(), |t| format!("{t:?}"));
         tracing::info!(
             %addr,
-            history = config.history,
+            history = config.rooms.history,
             %presence_timeout,
             "roomctl listening on {addr}"
         );
@@ -347,7 +357,7 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
                  never use --dev in production"
             );
             // Like the logs, a closed stdout must not stop the server.
-            let banner = dev_banner(addr, config.presence_timeout, config.tls.as_ref());
+            let banner = dev_banner(addr, config.rooms.presence_timeout, config.tls.as_ref());
             let _ = writeln!(std::io::stdout(), "{banner}");
         }
         let server = Server::new(config).await.map_err(|e| e.to_string())?;

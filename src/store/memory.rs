@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Head, Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
+use super::{Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{
     self, Applied, Ban, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
 };
@@ -26,20 +26,6 @@ use crate::pb;
 use crate::telemetry::Telemetry;
 
 const SHARDS: usize = 64;
-
-/// Tuning of the in-memory store.
-#[derive(Debug, Clone, Copy)]
-pub struct MemoryConfig {
-    /// Events kept per room.
-    pub history: usize,
-    /// How long an empty room is kept before it is forgotten.
-    pub empty_room_ttl: Duration,
-    /// Most participants per room.
-    pub max_room_members: usize,
-    /// How long a client may be without an open stream before it is removed; None: presence
-    /// is off and clients stay until they leave or are dropped.
-    pub presence_timeout: Option<Duration>,
-}
 
 struct Room {
     inner: Mutex<Inner>,
@@ -103,7 +89,7 @@ struct Rooms {
     /// Every room id, in order, for `ListRooms` (lock order: shard, then index).
     index: Mutex<BTreeSet<String>>,
     hasher: RandomState,
-    config: MemoryConfig,
+    config: RoomSettings,
     telemetry: Telemetry,
 }
 
@@ -185,8 +171,7 @@ impl Rooms {
                 let epoch = uuid::Uuid::new_v4().simple().to_string();
                 Arc::new(Room {
                     inner: Mutex::new(Inner {
-                        state: RoomState::new(room_id, epoch)
-                            .with_max_members(self.config.max_room_members),
+                        state: RoomState::new(room_id, epoch).with_limits(self.config.limits),
                         log: VecDeque::new(),
                         empty_since: Some(Instant::now()),
                         gone: false,
@@ -367,12 +352,12 @@ impl Rooms {
 impl MemoryStore {
     /// A store with no rooms. Spawns the sweeper of empty rooms on the current tokio runtime;
     /// it ends when the store is dropped.
-    pub fn new(config: MemoryConfig) -> Self {
+    pub fn new(config: RoomSettings) -> Self {
         Self::with_telemetry(config, Telemetry::off())
     }
 
     /// A store with no rooms whose events and census `telemetry` records.
-    pub fn with_telemetry(config: MemoryConfig, telemetry: Telemetry) -> Self {
+    pub fn with_telemetry(config: RoomSettings, telemetry: Telemetry) -> Self {
         let rooms = Arc::new(Rooms {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             index: Mutex::default(),
@@ -398,7 +383,7 @@ impl MemoryStore {
 /// How often rooms are swept: often enough that an empty room is forgotten within a quarter of
 /// its TTL, and a client whose presence ran out is removed within a tenth of the timeout (at
 /// most a second late).
-fn sweep_period(config: &MemoryConfig) -> Duration {
+fn sweep_period(config: &RoomSettings) -> Duration {
     let rooms = (config.empty_room_ttl / 4).min(Duration::from_secs(30));
     let presence = config
         .presence_timeout

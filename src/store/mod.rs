@@ -11,14 +11,108 @@ pub mod redis;
 
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::codec::EncodedEvent;
-use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
+use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow, RoomLimits};
 use crate::error::Error;
 use crate::pb;
+use crate::telemetry::Telemetry;
+
+/// Default `--history`: events kept per room.
+pub const DEFAULT_HISTORY: usize = 10_000;
+/// Default `--history-bytes`: bytes of events (as encoded on the wire) kept per room.
+pub const DEFAULT_HISTORY_BYTES: usize = 16 * 1024 * 1024;
+/// Default `--empty-room-ttl`.
+pub const DEFAULT_EMPTY_ROOM_TTL: Duration = Duration::from_secs(300);
+/// Default `--presence-timeout`.
+pub const DEFAULT_PRESENCE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a store keeps of each room, and for how long: one model for both stores, its defaults
+/// written once (here) and read by `serve`'s flags. Every node sharing a Redis must use the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomSettings {
+    /// Events kept per room (`--history`).
+    pub history: usize,
+    /// Bytes of events kept per room, as encoded on the wire (`--history-bytes`): whichever of
+    /// the two bounds is reached first trims the history.
+    pub history_bytes: usize,
+    /// How long a room is kept once empty (`--empty-room-ttl`).
+    pub empty_room_ttl: Duration,
+    /// How long a client may be without an open `Events` stream before it is removed
+    /// (`--presence-timeout`); None: presence is off.
+    pub presence_timeout: Option<Duration>,
+    /// Participants and remembered answers a room holds at most.
+    pub limits: RoomLimits,
+}
+
+impl Default for RoomSettings {
+    fn default() -> Self {
+        Self {
+            history: DEFAULT_HISTORY,
+            history_bytes: DEFAULT_HISTORY_BYTES,
+            empty_room_ttl: DEFAULT_EMPTY_ROOM_TTL,
+            presence_timeout: Some(DEFAULT_PRESENCE_TIMEOUT),
+            limits: RoomLimits::default(),
+        }
+    }
+}
+
+/// Where rooms live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In this process: one node.
+    Memory,
+    /// In the Redis at `url`, shared by every node.
+    Redis {
+        /// `redis://HOST:PORT[/DB]`, or `rediss://` for TLS.
+        url: redis::RedisUrl,
+        /// PEM file of the CA that signed Redis's TLS certificate, when it is not in the system
+        /// trust store.
+        ca_file: Option<std::path::PathBuf>,
+        /// Replicas that must hold each commit before it is answered or shown (0: none).
+        wait_replicas: usize,
+    },
+}
+
+impl StoreConfig {
+    /// Redis at `url`, trusting the system's certificate authorities for `rediss://`.
+    pub fn redis(url: impl Into<String>) -> Self {
+        StoreConfig::Redis {
+            url: redis::RedisUrl::new(url),
+            ca_file: None,
+            wait_replicas: 0,
+        }
+    }
+}
+
+/// The store `config` names, connected now (so a bad Redis URL fails here), keeping `rooms` as
+/// they say; `telemetry` records its work. Needs a tokio runtime: stores run background tasks.
+pub async fn open(
+    config: &StoreConfig,
+    rooms: RoomSettings,
+    telemetry: Telemetry,
+) -> Result<Arc<dyn RoomStore>, Error> {
+    Ok(match config {
+        StoreConfig::Memory => Arc::new(memory::MemoryStore::with_telemetry(rooms, telemetry)),
+        StoreConfig::Redis {
+            url,
+            ca_file,
+            wait_replicas,
+        } => {
+            let config = redis::RedisConfig {
+                url: url.clone(),
+                ca_file: ca_file.clone(),
+                wait_replicas: *wait_replicas,
+                rooms,
+            };
+            Arc::new(redis::RedisStore::connect_with(config, telemetry).await?)
+        }
+    })
+}
 
 /// A consistent view of a room at one log position.
 #[derive(Debug, Clone)]

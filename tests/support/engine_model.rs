@@ -9,14 +9,14 @@
 //! `user_disconnected` and then one ack with the same results; a time-out logs one
 //! `user_disconnected{TIMED_OUT}` per client still present, once each, and nothing for others;
 //! participants never drop; a retried request id returns the first answer and logs nothing
-//! while it is remembered.
+//! while it is remembered, and one reused for a different request is refused.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
 use roomctl::engine::{
-    apply, Caller, Command, DestroyCmd, DropCmd, JoinCmd, Reply, RoomScope, RoomState, TokenRole,
-    IDEMPOTENCY_WINDOW,
+    apply, Caller, Command, DestroyCmd, DropCmd, JoinCmd, Reply, RoomLimits, RoomScope, RoomState,
+    TokenRole, IDEMPOTENCY_WINDOW,
 };
 use roomctl::error::Error;
 use roomctl::limits::Limit;
@@ -158,12 +158,15 @@ fn command(
 pub fn check(bytes: &[u8]) {
     let callers = callers();
     let mut input = Bytes(bytes.iter());
-    let mut state = RoomState::new("r", "ep").with_max_members(MAX_MEMBERS);
+    let mut state = RoomState::new("r", "ep").with_limits(RoomLimits {
+        max_members: MAX_MEMBERS,
+        ..RoomLimits::default()
+    });
     let mut now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let mut log: Vec<pb::Event> = Vec::new();
     let mut joined = 0usize;
     let mut rules = Rules::default();
-    let mut remembered: HashMap<(&'static str, String, String), (SystemTime, Reply)> =
+    let mut remembered: HashMap<(&'static str, String, String), (SystemTime, Command, Reply)> =
         HashMap::new();
     while let Some(op) = input.next() {
         let Some(who) = input.next() else { return };
@@ -187,9 +190,14 @@ pub fn check(bytes: &[u8]) {
             .into_iter()
             .map(|p| (p.client_id, p.identity))
             .collect();
+        let fresh = key
+            .as_ref()
+            .and_then(|key| remembered.get(key))
+            .filter(|(expires_at, _, _)| *expires_at > now);
+        let reused = fresh.is_some_and(|(_, first, _)| !same_request(first, &cmd));
         let outcome = apply(&mut state, caller, cmd.clone(), now);
         let Ok(applied) = outcome else {
-            check_refusal(&cmd, caller, &outcome, &rules, &before, now);
+            check_refusal(&cmd, caller, &outcome, &rules, &before, reused, now);
             assert_eq!(state.seq(), before_seq, "a failed command logged nothing");
             assert_eq!(members(&state), before, "a failed command changed nobody");
             assert_eq!(
@@ -204,11 +212,11 @@ pub fn check(bytes: &[u8]) {
                 || matches!(cmd, Command::Join { .. } | Command::Leave { .. }),
             "a participant moderated: {cmd:?}"
         );
-        let fresh = key
-            .as_ref()
-            .and_then(|key| remembered.get(key))
-            .filter(|(expires_at, _)| *expires_at > now);
-        if let Some((_, first)) = fresh {
+        assert!(
+            !reused,
+            "a request id reused for another request passed: {cmd:?}"
+        );
+        if let Some((_, _, first)) = fresh {
             assert_eq!(
                 &applied.reply, first,
                 "a retry answers what the first call did"
@@ -285,7 +293,8 @@ pub fn check(bytes: &[u8]) {
         let bans: BTreeSet<String> = state.bans(now).into_iter().map(|b| b.identity).collect();
         assert_eq!(bans, in_force, "the bans in force are the model's");
         if let Some(key) = key {
-            remembered.insert(key, (now + IDEMPOTENCY_WINDOW, applied.reply.clone()));
+            let first = (now + IDEMPOTENCY_WINDOW, cmd.clone(), applied.reply.clone());
+            remembered.insert(key, first);
         }
         log.extend(applied.events);
         assert_eq!(
@@ -297,15 +306,34 @@ pub fn check(bytes: &[u8]) {
     }
 }
 
+/// Whether `retry` repeats the request `first` (with its request id): the same fields the
+/// caller chose, whatever the server chose (a join's client id).
+fn same_request(first: &Command, retry: &Command) -> bool {
+    match (first, retry) {
+        (Command::Join { cmd: a, .. }, Command::Join { cmd: b, .. }) => {
+            (&a.name, a.role, &a.identity) == (&b.name, b.role, &b.identity)
+        }
+        (Command::Drop(a), Command::Drop(b)) => {
+            (&a.client_ids, &a.reason, a.ban) == (&b.client_ids, &b.reason, b.ban)
+        }
+        (Command::Destroy(a), Command::Destroy(b)) => a.reason == b.reason,
+        (Command::Lock { .. }, Command::Lock { .. })
+        | (Command::Unlock { .. }, Command::Unlock { .. }) => true,
+        _ => false,
+    }
+}
+
 /// A refusal must be the rule's: participants never moderate (5115 for locks, 5116 else), a
-/// full room refuses joins, a locked room refuses participants' joins, a ban refuses its
-/// identity, a lock or unlock must change something, an unban needs a ban.
+/// request id reused for another request is refused, a full room refuses joins, a locked room
+/// refuses participants' joins, a ban refuses its identity, a lock or unlock must change
+/// something, an unban needs a ban.
 fn check_refusal(
     cmd: &Command,
     caller: &Caller,
     outcome: &Result<roomctl::engine::Applied, Error>,
     rules: &Rules,
     before: &BTreeSet<String>,
+    reused: bool,
     now: SystemTime,
 ) {
     let Err(err) = outcome else { return };
@@ -322,6 +350,13 @@ fn check_refusal(
             );
             return;
         }
+    }
+    if reused {
+        assert!(
+            matches!(err, Error::RequestIdReused { .. }),
+            "{cmd:?} reused its request id: {err:?}"
+        );
+        return;
     }
     match err {
         Error::LimitReached {

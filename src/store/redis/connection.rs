@@ -27,7 +27,7 @@ pub(super) const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// a node trimming logs shorter than its peers expect would make them skip events, and a node
 /// that does not wait for replicas would show events its peers keep hidden until replicated.
 pub(super) async fn agree_on_settings(conn: &mut Conn, config: &RedisConfig) -> Result<(), Error> {
-    agree(conn, HISTORY, "--history", config.history).await?;
+    agree(conn, HISTORY, "--history", config.rooms.history).await?;
     agree(
         conn,
         WAIT_REPLICAS,

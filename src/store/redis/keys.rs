@@ -34,6 +34,10 @@ pub struct StoredAnswer {
     /// The answer.
     #[prost(oneof = "StoredReply", tags = "2, 3, 4, 5, 6")]
     pub reply: Option<StoredReply>,
+    /// The [`crate::engine::Command::fingerprint`] of the request it answered (0 in answers
+    /// stored before fingerprints were: any retry matches those).
+    #[prost(fixed64, tag = "7")]
+    pub fingerprint: u64,
 }
 
 /// The kinds of answer a room remembers.
@@ -75,10 +79,13 @@ impl StoredAnswer {
         Some(Self {
             expires_at_ms: millis(answer.expires_at),
             reply: Some(reply),
+            fingerprint: answer.fingerprint,
         })
     }
 
-    pub(super) fn into_remembered(self, key: String) -> Result<Remembered, Error> {
+    /// The answer as the engine remembers it; `request` is the fingerprint of the request
+    /// looking it up, which an answer stored without one is taken to match.
+    pub(super) fn into_remembered(self, key: String, request: u64) -> Result<Remembered, Error> {
         let reply = match self.reply.ok_or_else(|| corrupt("answer"))? {
             StoredReply::Joined(joined) => Reply::Joined(joined),
             StoredReply::Dropped(dropped) => Reply::Dropped(dropped),
@@ -89,6 +96,11 @@ impl StoredAnswer {
         Ok(Remembered {
             key,
             expires_at: UNIX_EPOCH + Duration::from_millis(self.expires_at_ms),
+            fingerprint: if self.fingerprint == 0 {
+                request
+            } else {
+                self.fingerprint
+            },
             reply,
         })
     }
@@ -185,7 +197,8 @@ impl Meta {
 /// has a lapsed lease (none came back meanwhile). Then it appends the events, applies membership
 /// changes (with presence on, a joined client gets a lease in its grace period, a departed one
 /// loses its lease), the lock, the bans (purging ended ones), remembers the new answers
-/// (forgetting expired ones and the oldest past the cap), sets or clears the empty-room expiry,
+/// (forgetting expired ones and, past the byte budget, the oldest; what they weigh is kept in
+/// `meta` as `answers_bytes`), sets or clears the empty-room expiry,
 /// publishes (unless the publish command is empty: with `--redis-wait-replicas`, [`CONFIRM`]
 /// publishes once replicas hold the commit), and returns 1, or, when the room is left empty, the
 /// time (ms) its keys expire. Each commit records the Redis process that made it (`run`, its
@@ -198,7 +211,7 @@ impl Meta {
 /// room of the same id left behind: answers, like the log, belong to their epoch.
 ///
 /// `ARGV`: expected seq (empty: the room must not exist), epoch, history, TTL (ms), channel,
-/// notice, now (ms), most answers, presence timeout (ms, 0: off), lock ('' unchanged, '1', '0'),
+/// notice, now (ms), the answers' budget (bytes), presence timeout (ms, 0: off), lock ('' unchanged, '1', '0'),
 /// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster; empty: do not publish), the epoch
 /// to start if one must be, whether commits wait for replicas ('1' or '0'); then counted lists:
 /// assumed-absent member ids; assumed-absent answer keys; clients timed out; assumed-unbanned
@@ -209,7 +222,7 @@ pub(super) const COMMIT: &str = r#"
 local meta, members, departed, owners, log, answers, answered, leases, bans, banned =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local now, max_answers, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local now, answer_budget, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local lock, publish, fresh, waiting = ARGV[10], ARGV[11], ARGV[12], ARGV[13] == '1'
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
 -- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
@@ -311,21 +324,30 @@ for _ = 1, tonumber(ARGV[i]) do
 end
 i = i + 1
 local added = tonumber(ARGV[i])
-for _ = 1, added do
-  redis.call('HSET', answers, ARGV[i + 1], ARGV[i + 2])
-  redis.call('ZADD', answered, ARGV[i + 3], ARGV[i + 1])
-  i = i + 3
-end
 if added > 0 then
-  for _, key in ipairs(redis.call('ZRANGEBYSCORE', answered, '-inf', now)) do
+  -- What the answers weigh (keys and values), kept in meta: expired ones and, past the budget,
+  -- the oldest are forgotten.
+  local weight = tonumber(redis.call('HGET', meta, 'answers_bytes') or '0')
+  local function forget(key)
+    local held = redis.call('HSTRLEN', answers, key)
+    if held > 0 then weight = weight - #key - held end
     redis.call('HDEL', answers, key)
   end
-  redis.call('ZREMRANGEBYSCORE', answered, '-inf', now)
-  local excess = redis.call('ZCARD', answered) - max_answers
-  if excess > 0 then
-    local oldest = redis.call('ZPOPMIN', answered, excess)
-    for n = 1, #oldest, 2 do redis.call('HDEL', answers, oldest[n]) end
+  for _ = 1, added do
+    forget(ARGV[i + 1])
+    redis.call('HSET', answers, ARGV[i + 1], ARGV[i + 2])
+    redis.call('ZADD', answered, ARGV[i + 3], ARGV[i + 1])
+    weight = weight + #ARGV[i + 1] + #ARGV[i + 2]
+    i = i + 3
   end
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', answered, '-inf', now)) do forget(key) end
+  redis.call('ZREMRANGEBYSCORE', answered, '-inf', now)
+  while weight > answer_budget do
+    local oldest = redis.call('ZPOPMIN', answered)
+    if not oldest[1] then break end
+    forget(oldest[1])
+  end
+  redis.call('HSET', meta, 'answers_bytes', math.max(weight, 0))
 end
 i = i + 1
 local banning, unbanned = tonumber(ARGV[i]), 0

@@ -153,7 +153,7 @@ impl Shared {
                     Arc::new(Feed {
                         head: watch::Sender::new(Head::default()),
                         cache: Mutex::new(VecDeque::new()),
-                        capacity: self.config.history.min(CACHE_EVENTS),
+                        capacity: self.config.rooms.history.min(CACHE_EVENTS),
                         subscribed: OnceCell::new(),
                     })
                 })

@@ -7,7 +7,8 @@
 //! id to [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended
 //! them) with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`,
 //! trimmed to exactly `--history` entries), the remembered answers: `answers` (hash: answer key
-//! to [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, at most 1,024),
+//! to [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, within a budget of
+//! bytes kept in `meta` as `answers_bytes`),
 //! the presence `leases` (sorted set of client id by lease end), and the bans: `bans` (hash:
 //! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
 //! ended bans are purged by the next commit). An empty room's keys expire together after
@@ -64,14 +65,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use redis::{RedisResult, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Head, Lease, LoggedEvent, Opening, RoomStore, Snapshot, READ_BATCH};
+use super::{Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot, READ_BATCH};
 use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
 use crate::error::Error;
 use crate::pb;
@@ -91,18 +92,11 @@ pub struct RedisConfig {
     pub url: RedisUrl,
     /// PEM file of the CA to trust for `rediss://` instead of the system's trust store.
     pub ca_file: Option<std::path::PathBuf>,
-    /// Events kept per room.
-    pub history: usize,
-    /// How long an empty room is kept.
-    pub empty_room_ttl: Duration,
-    /// Most participants per room.
-    pub max_room_members: usize,
-    /// How long a client may be without an open stream on any node before it is removed;
-    /// None: presence is off.
-    pub presence_timeout: Option<Duration>,
     /// Replicas that must hold a commit before it is answered and shown to anyone (`WAIT`);
     /// 0: commits are answered and shown at once.
     pub wait_replicas: usize,
+    /// What is kept of each room.
+    pub rooms: RoomSettings,
 }
 
 struct Shared {
@@ -171,10 +165,11 @@ impl RedisStore {
         let listener = tokio::spawn(listen(shared.clone(), notifier, requests));
         let presence = shared
             .config
+            .rooms
             .presence_timeout
             .map(|timeout| tokio::spawn(presence::keep_presence(Arc::downgrade(&shared), timeout)))
             .map(AbortOnDropHandle::new);
-        let ttl = shared.config.empty_room_ttl;
+        let ttl = shared.config.rooms.empty_room_ttl;
         let rooms = tokio::spawn(rooms::keep_rooms(Arc::downgrade(&shared), ttl));
         Ok(Self {
             shared,
@@ -231,7 +226,7 @@ impl Shared {
 
 impl RedisStore {
     fn window(&self, epoch: &str, seq: u64) -> LogWindow {
-        LogWindow::of(epoch, seq, self.shared.config.history)
+        LogWindow::of(epoch, seq, self.shared.config.rooms.history)
     }
 }
 
@@ -360,7 +355,11 @@ impl RoomStore for RedisStore {
             (None, Some(end_seq), Some(identity)) => ClientStatus::Departed { identity, end_seq },
             _ => ClientStatus::Unknown,
         };
-        let lease = match (&client, client_id, self.shared.config.presence_timeout) {
+        let lease = match (
+            &client,
+            client_id,
+            self.shared.config.rooms.presence_timeout,
+        ) {
             (ClientStatus::Present { .. }, Some(client_id), Some(_)) => {
                 Lease::new(self.shared.hold(room_id, client_id))
             }

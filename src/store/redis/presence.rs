@@ -120,7 +120,7 @@ impl Shared {
     /// Adds to `pipe` the renewal of `client_id`'s lease in `keys`'s room (an existing lease
     /// only, and only later).
     pub(super) fn renew(&self, pipe: &mut redis::Pipeline, keys: &Keys, client_id: &str) {
-        if let Some(timeout) = self.config.presence_timeout {
+        if let Some(timeout) = self.config.rooms.presence_timeout {
             pipe.cmd("ZADD")
                 .arg(&keys.leases)
                 .arg("XX")
@@ -135,7 +135,7 @@ impl Shared {
     /// lease renewed (whole milliseconds, not a `.5` grace) within the last two renewal rounds,
     /// so a client whose node died shows as not connected after two thirds of the timeout.
     pub(super) fn connected(&self, leases: Value, now: SystemTime) -> HashSet<String> {
-        let Some(timeout) = self.config.presence_timeout else {
+        let Some(timeout) = self.config.rooms.presence_timeout else {
             return HashSet::new();
         };
         let recent = (millis(now) + timeout.as_millis() as u64 / 3) as f64;
@@ -151,7 +151,7 @@ impl Shared {
     /// the commit that gives an empty room its first lease. Overwrites (rather than lowers) a
     /// stale entry, so a concurrent reschedule that read it yields.
     pub(super) async fn watch_presence(&self, room_id: &str, now: SystemTime) -> Result<(), Error> {
-        let Some(timeout) = self.config.presence_timeout else {
+        let Some(timeout) = self.config.rooms.presence_timeout else {
             return Ok(());
         };
         let first = millis(now) + timeout.as_millis() as u64;

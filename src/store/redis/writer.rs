@@ -17,10 +17,7 @@ use super::keys::{
 };
 use super::listener::{channel, Notice};
 use super::{RedisConfig, Shared};
-use crate::engine::{
-    self, Applied, Ban, Caller, Change, Command, Remembered, Reply, RoomState,
-    MAX_REMEMBERED_ANSWERS,
-};
+use crate::engine::{self, Applied, Ban, Caller, Change, Command, Remembered, Reply, RoomState};
 use crate::error::Error;
 use crate::pb;
 
@@ -90,6 +87,9 @@ pub(super) struct Loaded {
 pub(super) struct Wanted<'a> {
     pub(super) ids: Vec<&'a str>,
     pub(super) answers: Vec<String>,
+    /// For each of `answers`, the fingerprint of the first request looking it up: what an
+    /// answer stored without a fingerprint of its own is taken to answer.
+    pub(super) fingerprints: Vec<u64>,
     pub(super) identities: Vec<String>,
     pub(super) timing_out: Vec<&'a str>,
     pub(super) every_member: bool,
@@ -122,12 +122,15 @@ pub(super) fn wanted(jobs: &[Job]) -> Wanted<'_> {
         }
         wanted.every_member |= job.cmd.needs_every_member();
         wanted.identities.extend(job.cmd.ban_identity(&job.caller));
-        wanted.answers.extend(job.cmd.answer_key(&job.caller));
+        if let Some(key) = job.cmd.answer_key(&job.caller) {
+            if !wanted.answers.contains(&key) {
+                wanted.answers.push(key);
+                wanted.fingerprints.push(job.cmd.fingerprint());
+            }
+        }
     }
     let mut seen = HashSet::new();
     wanted.ids.retain(|id| seen.insert(*id));
-    let mut seen = HashSet::new();
-    wanted.answers.retain(|key| seen.insert(key.clone()));
     let mut seen = HashSet::new();
     wanted.identities.retain(|id| seen.insert(id.clone()));
     wanted
@@ -222,10 +225,11 @@ impl Shared {
         let mut remembered = Vec::new();
         if !wanted.answers.is_empty() {
             let values = array(replies.next().unwrap_or(Value::Nil));
-            for (key, value) in wanted.answers.iter().zip(values) {
+            let looked_up = wanted.answers.iter().zip(&wanted.fingerprints);
+            for ((key, fingerprint), value) in looked_up.zip(values) {
                 if let Some(raw) = bytes(&value) {
                     let stored = StoredAnswer::decode(raw).map_err(|_| corrupt("answer"))?;
-                    remembered.push(stored.into_remembered(key.clone())?);
+                    remembered.push(stored.into_remembered(key.clone(), *fingerprint)?);
                 }
             }
         }
@@ -329,7 +333,7 @@ impl Shared {
                                 loaded.members,
                                 loaded.answers,
                             )
-                            .with_max_members(self.config.max_room_members)
+                            .with_limits(self.config.rooms.limits)
                             .with_lock(meta.locked)
                             .with_bans(
                                 loaded.bans.iter().cloned(),
@@ -442,7 +446,7 @@ impl Shared {
                 }
                 seen.answers.extend(wanted.answers.iter().cloned());
                 seen.bans.extend(wanted.identities.iter().cloned());
-                let oldest = state.seq().saturating_sub(self.config.history as u64) + 1;
+                let oldest = state.seq().saturating_sub(self.config.rooms.history as u64) + 1;
                 state.forget_departed_before(oldest);
                 *known = Some(seen);
                 return Ok(results);
@@ -518,14 +522,15 @@ impl Shared {
         }
         call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
             .arg(state.epoch())
-            .arg(self.config.history)
-            .arg(self.config.empty_room_ttl.as_millis().max(1) as u64)
+            .arg(self.config.rooms.history)
+            .arg(self.config.rooms.empty_room_ttl.as_millis().max(1) as u64)
             .arg(channel(room_id))
             .arg(if waiting { &[][..] } else { &notice[..] })
             .arg(millis(now))
-            .arg(MAX_REMEMBERED_ANSWERS)
+            .arg(self.config.rooms.limits.answer_bytes)
             .arg(
                 self.config
+                    .rooms
                     .presence_timeout
                     .map_or(0, |t| t.as_millis() as u64),
             )
@@ -735,8 +740,7 @@ pub(super) fn run(
         Some(state) => engine::apply(state, caller, cmd, now),
         None if cmd.creates_room() => {
             let epoch = uuid::Uuid::new_v4().simple().to_string();
-            let mut fresh =
-                RoomState::new(room_id, epoch).with_max_members(config.max_room_members);
+            let mut fresh = RoomState::new(room_id, epoch).with_limits(config.rooms.limits);
             let applied = engine::apply(&mut fresh, caller, cmd, now)?;
             *state = Some(fresh);
             Ok(applied)
