@@ -26,7 +26,7 @@ use crate::engine::{Audience, Caller};
 use crate::error::Error;
 use crate::limits::StreamSlot;
 use crate::pb;
-use crate::store::{Head, Lease, LoggedEvent, RoomStore, READ_BATCH};
+use crate::store::{self, Head, Lease, LoggedEvent, RoomStore};
 use crate::telemetry::Telemetry;
 use crate::validate;
 
@@ -255,7 +255,7 @@ impl Follow {
                 {
                     Err(err) => return self.finish(err),
                     Ok(batch) => {
-                        self.read_all = batch.len() < READ_BATCH;
+                        self.read_all = store::is_whole(&batch);
                         if !batch.is_empty() {
                             self.pending = Batch {
                                 events: Some(batch.into()),

@@ -465,6 +465,7 @@ async fn every_key_of_a_room_shares_its_hash_tag() {
         fleet,
         [
             "roomctl:history",
+            "roomctl:history-bytes",
             "roomctl:presence",
             "roomctl:rooms",
             "roomctl:rooms:expiring",

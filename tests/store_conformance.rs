@@ -25,6 +25,9 @@ const HISTORY: usize = 5;
 const MAX_MEMBERS: usize = 250;
 /// Bytes of remembered answers per room in the conformance stores.
 const ANSWER_BYTES: usize = 128 * 1024;
+/// Bytes of events (encoded) per room's history in the conformance stores: far more than
+/// [`HISTORY`] small events weigh, so only large ones meet it.
+const HISTORY_BYTES: usize = 8 * 1024;
 
 /// Two handles on one store, and the Redis behind them if any.
 struct Stores {
@@ -46,13 +49,13 @@ const EMPTY_ROOM_TTL: Duration = Duration::from_millis(300);
 async fn stores(kind: Kind) -> Stores {
     let rooms = RoomSettings {
         history: HISTORY,
+        history_bytes: HISTORY_BYTES,
         empty_room_ttl: EMPTY_ROOM_TTL,
         presence_timeout: None,
         limits: RoomLimits {
             max_members: MAX_MEMBERS,
             answer_bytes: ANSWER_BYTES,
         },
-        ..RoomSettings::default()
     };
     match kind {
         Kind::Memory => {
@@ -257,6 +260,51 @@ async fn reads_follow_the_retained_window(s: Stores) {
             "{err:?}"
         );
     }
+}
+
+/// A history is bounded in bytes as well as in events, on every store: large events (acks of
+/// drops naming many long ids) push the oldest out before the count would, the newest is always
+/// kept however large, every handle sees the same window, cursors inside it read on and older
+/// ones get OUT_OF_RANGE with the window that is really held.
+async fn the_history_is_bounded_in_bytes(s: Stores) {
+    let epoch = join(&s.a, "r", "c").await.epoch;
+    let long: Vec<String> = (0..30).map(|i| format!("{i:0>100}")).collect();
+    let long: Vec<&str> = long.iter().map(String::as_str).collect();
+    // Each ack weighs about 3.2 KB: the third pushes the oldest events out.
+    for i in 0..3 {
+        s.a.execute("r", &service(), drop_cmd(&long, &format!("big{i}")))
+            .await
+            .unwrap();
+    }
+    let window = s.b.snapshot("r").await.unwrap().window;
+    assert_eq!(window.newest_seq, 4);
+    assert!(
+        window.oldest_seq > 1,
+        "{window:?}: trimmed by bytes, not by count (5)"
+    );
+    let held = s.b.read("r", &epoch, window.oldest_seq - 1).await.unwrap();
+    assert_eq!(seqs(&held).first(), Some(&window.oldest_seq));
+    assert_eq!(seqs(&held).last(), Some(&4));
+    let weight: usize = held.iter().map(|e| e.encoded_len()).sum();
+    assert!(weight <= HISTORY_BYTES, "{weight} bytes held");
+    assert_eq!(s.a.snapshot("r").await.unwrap().window, window);
+    let err =
+        s.b.read("r", &epoch, window.oldest_seq - 2)
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(&err, Error::CursorOutOfRange { oldest_seq, newest_seq: 4, .. } if *oldest_seq == window.oldest_seq),
+        "{err:?}"
+    );
+    // One event heavier than the whole budget is still kept: the newest always is.
+    let huge: Vec<String> = (0..100).map(|i| format!("{i:0>100}")).collect();
+    let huge: Vec<&str> = huge.iter().map(String::as_str).collect();
+    s.a.execute("r", &service(), drop_cmd(&huge, "huge"))
+        .await
+        .unwrap();
+    let window = s.b.snapshot("r").await.unwrap().window;
+    assert_eq!((window.oldest_seq, window.newest_seq), (5, 5));
+    assert_eq!(seqs(&s.b.read("r", &epoch, 4).await.unwrap()), [5]);
 }
 
 /// `open` reports where a client stands: present with its identity, departed with the seq that
@@ -858,6 +906,7 @@ async fn health_turns_serving(s: Stores) {
 conformance! {
     only_join_creates_rooms,
     reads_follow_the_retained_window,
+    the_history_is_bounded_in_bytes,
     open_reports_client_status,
     concurrent_commands_get_contiguous_seqs,
     writes_wake_subscribers_of_every_handle,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot, READ_BATCH};
+use super::{batch_of, Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot};
 use crate::engine::{
     self, Applied, Ban, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
 };
@@ -36,6 +36,8 @@ struct Room {
 struct Inner {
     state: RoomState,
     log: VecDeque<Arc<LoggedEvent>>,
+    /// What the events of `log` weigh (their encoded size), held to `--history-bytes`.
+    log_bytes: usize,
     empty_since: Option<Instant>,
     /// Set when the room is forgotten, so a caller that looked it up just before sees it.
     gone: bool,
@@ -173,6 +175,7 @@ impl Rooms {
                     inner: Mutex::new(Inner {
                         state: RoomState::new(room_id, epoch).with_limits(self.config.limits),
                         log: VecDeque::new(),
+                        log_bytes: 0,
                         empty_since: Some(Instant::now()),
                         gone: false,
                         presence: HashMap::new(),
@@ -287,18 +290,22 @@ impl Rooms {
             return;
         }
         let appended = inner.log.len();
-        inner.log.extend(
-            applied
-                .events
-                .iter()
-                .map(|event| Arc::new(LoggedEvent::new(event.clone()))),
-        );
+        for event in &applied.events {
+            let event = Arc::new(LoggedEvent::new(event.clone()));
+            inner.log_bytes += event.size();
+            inner.log.push_back(event);
+        }
         // The commit travels with the wake-up only when someone is woken: a subscriber that
         // comes later starts from the log. Checked under the room's lock, as subscribing is.
         let commit = (head.receiver_count() > 0)
             .then(|| inner.log.range(appended..).cloned().collect::<Arc<[_]>>());
-        while inner.log.len() > self.config.history {
-            inner.log.pop_front();
+        // Trimmed to both bounds, the newest event always kept.
+        while inner.log.len() > self.config.history
+            || (inner.log_bytes > self.config.history_bytes && inner.log.len() > 1)
+        {
+            if let Some(gone) = inner.log.pop_front() {
+                inner.log_bytes -= gone.size();
+            }
         }
         let oldest = inner.log.front().map_or(inner.state.seq() + 1, |e| e.seq);
         inner.state.forget_departed_before(oldest);
@@ -325,9 +332,10 @@ impl Rooms {
             (true, None) => Some(Instant::now()),
             (false, _) => None,
         };
-        head.send_replace(Head {
-            seq: inner.state.seq(),
-            commit,
+        let seq = inner.state.seq();
+        head.send_replace(match commit {
+            Some(events) => Head::committed(seq, events),
+            None => Head { seq, commit: None },
         });
         self.telemetry.events_appended(applied.events.len());
     }
@@ -344,8 +352,14 @@ impl Rooms {
         (rooms, participants)
     }
 
+    /// The log's window: what it holds, trimmed by count or by bytes.
     fn window(&self, inner: &Inner) -> LogWindow {
-        LogWindow::of(inner.state.epoch(), inner.state.seq(), self.config.history)
+        let newest_seq = inner.state.seq();
+        LogWindow {
+            epoch: inner.state.epoch().to_owned(),
+            oldest_seq: inner.log.front().map_or(newest_seq + 1, |event| event.seq),
+            newest_seq,
+        }
     }
 }
 
@@ -496,13 +510,7 @@ impl RoomStore for MemoryStore {
             }
             window.check_readable(after)?;
             let skip = after.saturating_add(1).saturating_sub(window.oldest_seq) as usize;
-            Ok(inner
-                .log
-                .iter()
-                .skip(skip)
-                .take(READ_BATCH)
-                .cloned()
-                .collect())
+            Ok(batch_of(inner.log.iter().skip(skip).cloned()))
         })?
     }
 

@@ -176,12 +176,16 @@ impl std::fmt::Debug for Lease {
 pub struct LoggedEvent {
     event: pb::Event,
     encoded: OnceLock<EncodedEvent>,
+    /// The size of its encoding: what it weighs against a room's `--history-bytes` and a
+    /// reader's batch.
+    size: usize,
 }
 
 impl LoggedEvent {
     /// `event`, to be encoded when a stream first delivers it.
     pub fn new(event: pb::Event) -> Self {
         Self {
+            size: prost::Message::encoded_len(&event),
             event,
             encoded: OnceLock::new(),
         }
@@ -193,7 +197,13 @@ impl LoggedEvent {
         Ok(Self {
             event,
             encoded: OnceLock::from(encoded),
+            size: bytes.len(),
         })
+    }
+
+    /// The size of the event's encoding, in bytes.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// The event's encoding.
@@ -224,11 +234,14 @@ pub struct Head {
 }
 
 impl Head {
-    /// A head moved by the commit of `events` (not empty), ending at `seq`.
+    /// A head moved by the commit of `events` (not empty), ending at `seq`. A commit heavier
+    /// than a reader's batch ([`READ_BATCH_BYTES`]) does not travel with the wake-up: its
+    /// subscribers read it from the log in batches, so a stalled one never holds more.
     pub fn committed(seq: u64, events: Arc<[Arc<LoggedEvent>]>) -> Self {
+        let light = events.iter().map(|e| e.size()).sum::<usize>() <= READ_BATCH_BYTES;
         Self {
             seq,
-            commit: Some(events),
+            commit: light.then_some(events),
         }
     }
 
@@ -247,8 +260,36 @@ impl Head {
     }
 }
 
-/// How many events one [`RoomStore::read`] returns at most: bounds what a subscriber holds.
-pub const READ_BATCH: usize = 256;
+/// How many events one [`RoomStore::read`] returns at most: few enough that a read of the
+/// largest events (about 140 KB each, an ack of 1,000 long ids) is a few MiB before
+/// [`READ_BATCH_BYTES`] cuts it, many enough that a replay of small events takes few reads.
+pub const READ_BATCH: usize = 64;
+
+/// How many bytes of events (encoded) one [`RoomStore::read`] returns: once a batch reaches
+/// this it ends, so it holds at most this plus one event. A subscriber that stops reading holds
+/// one batch beyond the room's history, and no more.
+pub const READ_BATCH_BYTES: usize = 256 * 1024;
+
+/// A reader's batch of `events`, oldest first: at most [`READ_BATCH`] of them, ending once it
+/// reaches [`READ_BATCH_BYTES`] (always at least one event, however large).
+pub fn batch_of(events: impl IntoIterator<Item = Arc<LoggedEvent>>) -> Vec<Arc<LoggedEvent>> {
+    let mut bytes = 0;
+    events
+        .into_iter()
+        .take(READ_BATCH)
+        .take_while(|event| {
+            let under = bytes < READ_BATCH_BYTES;
+            bytes += event.size();
+            under
+        })
+        .collect()
+}
+
+/// Whether a batch made by [`batch_of`] holds every event there was to read (it ended neither
+/// at its count nor at its bytes).
+pub fn is_whole(batch: &[Arc<LoggedEvent>]) -> bool {
+    batch.len() < READ_BATCH && batch.iter().map(|e| e.size()).sum::<usize>() < READ_BATCH_BYTES
+}
 
 /// A page of up to `limit` rooms with ids after `after`, in id order, read from a store's room
 /// index by `read(cursor, want)`: the next (at most `want`) listed ids after the cursor, and the
@@ -301,8 +342,8 @@ pub trait RoomStore: Send + Sync + 'static {
     /// Everything a new subscription of `client_id` (None: observer) needs, read atomically.
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error>;
 
-    /// Up to [`READ_BATCH`] events of log `epoch` with `seq > after`, oldest first; empty when
-    /// there are none yet. `CursorOutOfRange` when `after` fell out of the history or the log is
+    /// A batch ([`batch_of`]) of the events of log `epoch` with `seq > after`, oldest first;
+    /// empty when there are none yet. `CursorOutOfRange` when `after` fell out of the history or the log is
     /// no longer `epoch`; `RoomNotFound` when the room is gone.
     async fn read(
         &self,

@@ -18,6 +18,8 @@ use crate::error::Error;
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The fleet's `--history`, recorded by the first node to start on this Redis.
 pub(super) const HISTORY: &str = "roomctl:history";
+/// Where the first node records its `--history-bytes`, which every node must share.
+pub(super) const HISTORY_BYTES: &str = "roomctl:history-bytes";
 /// The fleet's `--redis-wait-replicas`, recorded likewise.
 pub(super) const WAIT_REPLICAS: &str = "roomctl:wait-replicas";
 /// How long a commit waits for its replicas before it is answered `OUTCOME_UNKNOWN`.
@@ -28,6 +30,13 @@ pub(super) const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// that does not wait for replicas would show events its peers keep hidden until replicated.
 pub(super) async fn agree_on_settings(conn: &mut Conn, config: &RedisConfig) -> Result<(), Error> {
     agree(conn, HISTORY, "--history", config.rooms.history).await?;
+    agree(
+        conn,
+        HISTORY_BYTES,
+        "--history-bytes",
+        config.rooms.history_bytes,
+    )
+    .await?;
     agree(
         conn,
         WAIT_REPLICAS,

@@ -169,7 +169,7 @@ impl Keys {
 }
 
 /// The fields of `meta` that [`meta`] decodes.
-const META_FIELDS: [&str; 4] = ["epoch", "seq", "locked", "confirmed"];
+const META_FIELDS: [&str; 5] = ["epoch", "seq", "locked", "confirmed", "oldest"];
 
 /// A room's `meta` hash: its log's epoch and newest seq, whether it is locked, and, with
 /// `--redis-wait-replicas`, the newest seq its replicas are known to hold.
@@ -179,6 +179,8 @@ pub(super) struct Meta {
     pub(super) seq: u64,
     pub(super) locked: bool,
     pub(super) confirmed: Option<u64>,
+    /// The oldest seq the log holds, once a commit has recorded it (trimmed by count or bytes).
+    pub(super) oldest: Option<u64>,
 }
 
 impl Meta {
@@ -194,7 +196,9 @@ impl Meta {
 /// The commit of a batch. Returns 0, changing nothing, unless the room is still at the `seq` and
 /// `epoch` the batch ran on, every member id and answer key the batch assumed absent is absent,
 /// every identity it assumed unbanned has no ban in force, and every client it times out still
-/// has a lapsed lease (none came back meanwhile). Then it appends the events, applies membership
+/// has a lapsed lease (none came back meanwhile). Then it appends the events (trimming the log to
+/// `--history` events and `--history-bytes` of them, and keeping in `meta` its `oldest` seq and
+/// what it weighs as `log_bytes`), applies membership
 /// changes (with presence on, a joined client gets a lease in its grace period, a departed one
 /// loses its lease), the lock, the bans (purging ended ones), remembers the new answers
 /// (forgetting expired ones and, past the byte budget, the oldest; what they weigh is kept in
@@ -213,7 +217,8 @@ impl Meta {
 /// `ARGV`: expected seq (empty: the room must not exist), epoch, history, TTL (ms), channel,
 /// notice, now (ms), the answers' budget (bytes), presence timeout (ms, 0: off), lock ('' unchanged, '1', '0'),
 /// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster; empty: do not publish), the epoch
-/// to start if one must be, whether commits wait for replicas ('1' or '0'); then counted lists:
+/// to start if one must be, whether commits wait for replicas ('1' or '0'), history bytes; then
+/// counted lists:
 /// assumed-absent member ids; assumed-absent answer keys; clients timed out; assumed-unbanned
 /// identities; events (seq, bytes); joins (id, member); departures (id, identity, end seq);
 /// answers (key, bytes, expiry); bans set and lifted, in order (identity, end, bytes; end 0 lifts
@@ -224,6 +229,7 @@ local meta, members, departed, owners, log, answers, answered, leases, bans, ban
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, answer_budget, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local lock, publish, fresh, waiting = ARGV[10], ARGV[11], ARGV[12], ARGV[13] == '1'
+local history_bytes = tonumber(ARGV[14])
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
 -- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
 -- the commit. Run and replication ids are 40 hex characters.
@@ -236,7 +242,8 @@ local replid = field('master_replid:')
 local clustered = string.find(info, 'cluster_enabled:1', 1, true) ~= nil
 local node = run
 if clustered then node = redis.call('CLUSTER', 'MYID') end
-local current = redis.call('HMGET', meta, 'epoch', 'seq', 'run', 'replid', 'confirmed', 'node')
+local current = redis.call('HMGET', meta, 'epoch', 'seq', 'run', 'replid', 'confirmed', 'node',
+  'oldest', 'log_bytes')
 if current[1] and current[3] ~= run then
   -- Another Redis process made the room's last commit. If this one restarted (from an AOF or
   -- RDB that may lack the log's tail) or was promoted from a replica (which may lack it too),
@@ -247,6 +254,7 @@ if current[1] and current[3] ~= run then
   local migrated = clustered and current[6] ~= node and not promoted
   if not migrated and not (waiting and promoted) then
     redis.call('DEL', log)
+    redis.call('HDEL', meta, 'oldest', 'log_bytes')
     redis.call('HSET', meta, 'epoch', fresh, 'run', run, 'replid', replid, 'node', node)
     if waiting then redis.call('HSET', meta, 'confirmed', current[2]) end
     return -1
@@ -257,7 +265,7 @@ if expected == '' then
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 14
+local i = 15
 for _ = 1, tonumber(ARGV[i]) do
   i = i + 1
   if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
@@ -283,7 +291,7 @@ local room = {meta, members, departed, owners, log, answers, answered, leases, b
 if expected == '' then
   redis.call('DEL', unpack(room))
   redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
-  current[5] = false
+  current[5], current[7], current[8] = false, false, false
 end
 if not waiting then
   -- Left by nodes that waited for replicas before: it would hide what this commit shows.
@@ -294,13 +302,42 @@ elseif not current[5] then
 end
 i = i + 1
 local last = nil
+local log_bytes = tonumber(current[8] or '0')
 for _ = 1, tonumber(ARGV[i]) do
-  redis.call('XADD', log, 'MAXLEN', history, '0-' .. ARGV[i + 1], 'e', ARGV[i + 2])
+  redis.call('XADD', log, '0-' .. ARGV[i + 1], 'e', ARGV[i + 2])
+  log_bytes = log_bytes + #ARGV[i + 2]
   last = ARGV[i + 1]
   i = i + 2
 end
 i = i + 1
-redis.call('HSET', meta, 'seq', last, 'run', run, 'replid', replid, 'node', node)
+-- The log holds the last `history` events and at most `history_bytes` of them (their encoding),
+-- the newest always: walk the oldest entries, weighing each, until both bounds hold. A room
+-- logged before the bounds were kept in meta learns its oldest from the stream's length.
+local oldest = tonumber(current[7] or '0')
+if oldest == 0 then oldest = tonumber(last) - redis.call('XLEN', log) + 1 end
+local length = tonumber(last) - oldest + 1
+local must = length - history
+if must > 0 or log_bytes > history_bytes then
+  local from, gone, kept = '-', 0, nil
+  repeat
+    local entries = redis.call('XRANGE', log, from, '+', 'COUNT', math.max(must - gone, 0) + 1)
+    for _, entry in ipairs(entries) do
+      if (gone >= must and log_bytes <= history_bytes) or length - gone <= 1 then
+        kept = entry[1]
+        break
+      end
+      log_bytes = log_bytes - #entry[2][2]
+      gone = gone + 1
+      from = '(' .. entry[1]
+    end
+  until kept or #entries == 0
+  if gone > 0 then
+    oldest = oldest + gone
+    redis.call('XTRIM', log, 'MINID', kept or ('0-' .. oldest))
+  end
+end
+redis.call('HSET', meta, 'seq', last, 'run', run, 'replid', replid, 'node', node,
+  'oldest', oldest, 'log_bytes', math.max(log_bytes, 0))
 if lock == '1' then
   redis.call('HSET', meta, 'locked', '1')
 elseif lock == '0' then
@@ -368,7 +405,6 @@ if banning > 0 then
   end
   redis.call('ZREMRANGEBYSCORE', banned, '-inf', now)
 end
-local oldest = tonumber(last) - history + 1
 if oldest > 1 then
   for _, gone in ipairs(redis.call('ZRANGEBYSCORE', departed, '-inf', '(' .. oldest)) do
     redis.call('HDEL', owners, gone)
@@ -461,6 +497,7 @@ pub(super) fn meta(value: Value) -> Result<Option<Meta>, Error> {
             seq,
             locked: fields.get(2).and_then(number) == Some(1),
             confirmed: fields.get(3).and_then(number),
+            oldest: fields.get(4).and_then(number),
         })),
         (None, None) => Ok(None),
         _ => Err(corrupt("room meta")),

@@ -23,7 +23,7 @@ use super::keys::Keys;
 use super::Shared;
 use crate::error::Error;
 use crate::pb;
-use crate::store::{Head, LoggedEvent, READ_BATCH};
+use crate::store::{batch_of, Head, LoggedEvent};
 
 /// The channel a room's commits publish their events on; in the room's hash tag, so it shares
 /// the room's Redis Cluster slot.
@@ -51,6 +51,9 @@ pub(super) const BACKOFF: (Duration, Duration) =
 /// Most recent events cached per room with local subscribers (never more than the history, so
 /// a subscriber the history has left behind is not served from the cache).
 pub(super) const CACHE_EVENTS: usize = 1024;
+/// Most bytes of events (encoded) cached per room with local subscribers (never more than the
+/// history's bytes, for the same reason).
+pub(super) const CACHE_BYTES: usize = 1024 * 1024;
 
 /// The events a commit publishes, after `<room_id>\n` (room ids hold no newline), so a node
 /// without subscribers of that room skips the message without decoding it.
@@ -79,14 +82,22 @@ impl Notice {
 /// Recent events of a room with local subscribers, and their wake-up channel.
 pub(super) struct Feed {
     pub(super) head: watch::Sender<Head>,
-    pub(super) cache: Mutex<VecDeque<Arc<LoggedEvent>>>,
-    pub(super) capacity: usize,
+    pub(super) cache: Mutex<Cache>,
+    /// The most events, and bytes of them, the cache holds.
+    pub(super) capacity: (usize, usize),
     /// Set once the listener has subscribed to the room's channel for this feed.
     pub(super) subscribed: OnceCell<()>,
 }
 
+/// A feed's recent events, one contiguous run of one log, and what they weigh.
+#[derive(Default)]
+pub(super) struct Cache {
+    events: VecDeque<Arc<LoggedEvent>>,
+    bytes: usize,
+}
+
 impl Feed {
-    pub(super) fn cache(&self) -> MutexGuard<'_, VecDeque<Arc<LoggedEvent>>> {
+    pub(super) fn cache(&self) -> MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -95,20 +106,25 @@ impl Feed {
     pub(super) fn append(&self, events: Vec<pb::Event>) {
         let Some(first) = events.first() else { return };
         let mut cache = self.cache();
-        match cache.back() {
+        match cache.events.back() {
             Some(last) if last.epoch == first.epoch && last.seq >= first.seq => return,
             Some(last)
                 if last.epoch == first.epoch && last.seq.checked_add(1) == Some(first.seq) => {}
-            _ => cache.clear(),
+            _ => *cache = Cache::default(),
         }
         let newest = events.last().map_or(first.seq, |e| e.seq);
         let commit: Arc<[Arc<LoggedEvent>]> = events
             .into_iter()
             .map(|e| Arc::new(LoggedEvent::new(e)))
             .collect();
-        cache.extend(commit.iter().cloned());
-        while cache.len() > self.capacity {
-            cache.pop_front();
+        cache.bytes += commit.iter().map(|e| e.size()).sum::<usize>();
+        cache.events.extend(commit.iter().cloned());
+        let (most, most_bytes) = self.capacity;
+        while cache.events.len() > most || cache.bytes > most_bytes {
+            match cache.events.pop_front() {
+                Some(gone) => cache.bytes -= gone.size(),
+                None => break,
+            }
         }
         drop(cache);
         self.head.send_replace(Head::committed(newest, commit));
@@ -117,7 +133,7 @@ impl Feed {
     /// Events after `after` from the cache, when it can answer: `Some(empty)` means the
     /// subscriber is caught up with everything published.
     pub(super) fn read(&self, epoch: &str, after: u64) -> Option<Vec<Arc<LoggedEvent>>> {
-        let cache = self.cache();
+        let cache = &self.cache().events;
         let (first, last) = (cache.front()?, cache.back()?);
         // The oldest cursor the cache serves (saturating: notices come from outside the process).
         let oldest_cursor = first.seq.saturating_sub(1);
@@ -125,7 +141,7 @@ impl Feed {
             return None;
         }
         let skip = (after - oldest_cursor) as usize;
-        Some(cache.iter().skip(skip).take(READ_BATCH).cloned().collect())
+        Some(batch_of(cache.iter().skip(skip).cloned()))
     }
 }
 
@@ -152,8 +168,11 @@ impl Shared {
                 .or_insert_with(|| {
                     Arc::new(Feed {
                         head: watch::Sender::new(Head::default()),
-                        cache: Mutex::new(VecDeque::new()),
-                        capacity: self.config.rooms.history.min(CACHE_EVENTS),
+                        cache: Mutex::default(),
+                        capacity: (
+                            self.config.rooms.history.min(CACHE_EVENTS),
+                            self.config.rooms.history_bytes.min(CACHE_BYTES),
+                        ),
                         subscribed: OnceCell::new(),
                     })
                 })

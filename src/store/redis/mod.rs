@@ -72,7 +72,9 @@ use redis::{RedisResult, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot, READ_BATCH};
+use super::{
+    batch_of, Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot, READ_BATCH,
+};
 use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
 use crate::error::Error;
 use crate::pb;
@@ -225,8 +227,18 @@ impl Shared {
 }
 
 impl RedisStore {
-    fn window(&self, epoch: &str, seq: u64) -> LogWindow {
-        LogWindow::of(epoch, seq, self.shared.config.rooms.history)
+    /// The window readers see of the room `meta` describes: up to its visible seq, from the
+    /// oldest event its log holds (trimmed by count or by bytes).
+    fn window(&self, meta: &keys::Meta) -> LogWindow {
+        let mut window = LogWindow::of(
+            &meta.epoch,
+            meta.visible(),
+            self.shared.config.rooms.history,
+        );
+        if let Some(oldest) = meta.oldest {
+            window.oldest_seq = window.oldest_seq.max(oldest.min(window.newest_seq + 1));
+        }
+        window
     }
 }
 
@@ -272,7 +284,7 @@ impl RoomStore for RedisStore {
                     p
                 })
                 .collect(),
-            window: self.window(&meta.epoch, meta.visible()),
+            window: self.window(&meta),
             locked: meta.locked,
         })
     }
@@ -366,7 +378,7 @@ impl RoomStore for RedisStore {
             _ => Lease::none(),
         };
         Ok(Opening {
-            window: self.window(&meta.epoch, meta.visible()),
+            window: self.window(&meta),
             client,
             head,
             lease,
@@ -397,15 +409,16 @@ impl RoomStore for RedisStore {
         let Some(meta) = meta(meta_reply)? else {
             return Err(Error::room_not_found(room_id));
         };
-        let window = self.window(&meta.epoch, meta.visible());
+        let window = self.window(&meta);
         if meta.epoch != epoch {
             return Err(window.out_of_range());
         }
         window.check_readable(after)?;
-        let mut events = entries(range)?;
         // Events past the confirmed seq are still waiting for their replicas.
         let visible = window.newest_seq;
+        let mut events = entries(range)?;
         events.retain(|event| event.seq <= visible);
+        let events = batch_of(events);
         // The log may hold less than this node's history says (a tail lost by Redis, a log
         // trimmed by hand): a read that does not start right after the cursor is a gap, never
         // passed off as complete.

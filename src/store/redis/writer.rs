@@ -545,7 +545,8 @@ impl Shared {
                 self.conn.publish_command()
             })
             .arg(uuid::Uuid::new_v4().simple().to_string())
-            .arg(if waiting { "1" } else { "0" });
+            .arg(if waiting { "1" } else { "0" })
+            .arg(self.config.rooms.history_bytes);
         let timed_out: Vec<&String> = applied
             .iter()
             .filter_map(|a| match &a.reply {
