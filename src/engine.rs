@@ -210,10 +210,21 @@ impl Caller {
         }
     }
 
-    /// Moderators of the room and services may drop, end the session and manage bans; a
-    /// participant gets the vendor's 5116.
+    /// Moderators of the room and services may drop; a participant gets the vendor's 5116.
     pub fn check_may_drop(&self, room_id: &str) -> Result<(), Error> {
         self.check_moderator(room_id, UNAUTHORIZED_ACCESS_CODE, "drop users")
+    }
+
+    /// Moderators of the room and services may end its session; a participant gets the
+    /// vendor's 5116.
+    pub fn check_may_end_session(&self, room_id: &str) -> Result<(), Error> {
+        self.check_moderator(room_id, UNAUTHORIZED_ACCESS_CODE, "end sessions")
+    }
+
+    /// Moderators of the room and services may list and lift bans; a participant gets the
+    /// vendor's 5116.
+    pub fn check_may_manage_bans(&self, room_id: &str) -> Result<(), Error> {
+        self.check_moderator(room_id, UNAUTHORIZED_ACCESS_CODE, "list or lift bans")
     }
 
     /// Moderators of the room and services may lock and unlock it; a participant gets the
@@ -840,9 +851,9 @@ pub fn apply(
     // Who may moderate is checked before any remembered answer is looked up: a retry never
     // lets a caller past the rule that would refuse it.
     match &cmd {
-        Command::Drop(_) | Command::Destroy(_) | Command::Unban { .. } => {
-            caller.check_may_drop(&state.room_id)?
-        }
+        Command::Drop(_) => caller.check_may_drop(&state.room_id)?,
+        Command::Destroy(_) => caller.check_may_end_session(&state.room_id)?,
+        Command::Unban { .. } => caller.check_may_manage_bans(&state.room_id)?,
         Command::Lock { .. } | Command::Unlock { .. } => caller.check_may_lock(&state.room_id)?,
         Command::Join { .. } | Command::Leave { .. } | Command::TimeOut { .. } => {}
     }

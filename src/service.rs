@@ -249,7 +249,7 @@ impl RoomControl for RoomControlService {
         let req = request.into_inner();
         let room_id = req.room_id.clone();
         let cmd = validate::destroy_session(req)?;
-        caller.check_may_drop(&room_id)?;
+        caller.check_may_end_session(&room_id)?;
         match self
             .moderate(&room_id, &caller, note, Command::Destroy(cmd))
             .await?
@@ -268,7 +268,7 @@ impl RoomControl for RoomControlService {
         let room_id = &request.get_ref().room_id;
         note(&request, room_id, &caller);
         validate::room_id(room_id)?;
-        caller.check_may_drop(room_id)?;
+        caller.check_may_manage_bans(room_id)?;
         let bans = self.store.bans(room_id).await?;
         Ok(Response::new(pb::ListBansResponse {
             bans: bans.iter().map(engine::Ban::to_pb).collect(),
@@ -284,7 +284,7 @@ impl RoomControl for RoomControlService {
         let note = note(&request, &request.get_ref().room_id, &caller);
         let req = request.into_inner();
         validate::unban(&req)?;
-        caller.check_may_drop(&req.room_id)?;
+        caller.check_may_manage_bans(&req.room_id)?;
         let cmd = Command::Unban {
             identity: req.identity,
         };

@@ -243,7 +243,8 @@ async fn serve_uses_the_configured_secret() {
 }
 
 /// A Redis password never reaches the operator's terminal or logs: serve against an unreachable
-/// or unreadable Redis URL that carries one says what failed, with the password as `***`.
+/// or unreadable Redis URL that carries one says what failed, with the password as `***`, and
+/// never that it was listening.
 #[tokio::test]
 async fn redis_passwords_are_redacted_from_errors() {
     for url in [
@@ -263,6 +264,8 @@ async fn redis_passwords_are_redacted_from_errors() {
         );
         assert!(said.contains("cannot open the store"), "{said}");
         assert!(!said.contains("hunter2"), "{said}");
+        // The node never said it was listening: it opens its store first.
+        assert!(!said.contains("listening on"), "{said}");
     }
 }
 

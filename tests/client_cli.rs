@@ -1,7 +1,8 @@
 //! The client commands of the `roomctl` binary against real servers: join, participants, drop
 //! and the moderator commands as an operator types them (text and `--json`), errors with their
 //! exit codes, and `watch` following a room across a node killed and restarted on the Redis
-//! store, printing every event exactly once.
+//! store, printing every event exactly once, and across a restarted memory node, waiting for
+//! the room and showing the new epoch.
 
 mod common;
 
@@ -211,6 +212,7 @@ async fn moderate_a_room_from_the_command_line() {
     let forbidden = run(&url, &alice, &["rooms"]).await;
     assert_eq!(forbidden.status.code(), Some(3));
     assert!(stderr(&forbidden).contains("FORBIDDEN"));
+    assert_eq!(stdout(&forbidden), "", "no table header before a refusal");
 }
 
 /// A `roomctl serve` node on the Redis at `redis`, listening on `listen`.
@@ -309,4 +311,77 @@ async fn watch_resumes_across_a_node_restart_on_redis() {
         said.contains("reconnecting"),
         "a progress line while reconnecting: {said}"
     );
+}
+
+/// The next line the watch prints, as text.
+async fn next_text(
+    printed: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) -> String {
+    tokio::time::timeout(PATIENCE, printed.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("watch printed a line")
+}
+
+/// `watch` on the memory store across a restart of its node: the room is gone with the node,
+/// so the watch says so and waits for the room instead of exiting; once the room is joined
+/// again (a new log, a new epoch) it resyncs and goes on, and its text shows the change of
+/// epoch on a line of its own, so the new log's `#2` is not taken for the old one's.
+#[tokio::test]
+async fn watch_waits_for_a_room_lost_with_a_memory_node() {
+    let memory_node = |listen: String| {
+        node_process::start_quiet(node_process::serve(&[
+            "--listen",
+            &listen,
+            "--presence-timeout",
+            "0",
+        ]))
+    };
+    let (mut first, addr) = memory_node("127.0.0.1:0".into()).await;
+    let ops = token("ops", "*", "service");
+    let mut client = client_with_token(addr, &ops).await;
+    join(&mut client, "r", "before").await;
+    let mut watch = roomctl(&format!("http://{addr}"), &ops, &["watch", "r"])
+        .spawn()
+        .unwrap();
+    let mut printed = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut said = BufReader::new(watch.stderr.take().unwrap()).lines();
+    // The watch has its snapshot once it says so.
+    let snapshot = tokio::time::timeout(PATIENCE, said.next_line())
+        .await
+        .unwrap();
+    assert!(snapshot.unwrap().unwrap().contains("participants at seq 1"));
+    join(&mut client, "r", "old-two").await;
+    let old = next_text(&mut printed).await;
+    assert!(old.contains("#2") && old.contains("old-two"), "{old}");
+
+    first.kill().await.unwrap();
+    let (_second, _) = memory_node(addr.to_string()).await;
+    let waiting = async {
+        while let Some(line) = said.next_line().await.unwrap() {
+            if line.contains("is gone") && line.contains("waiting") {
+                return;
+            }
+        }
+        panic!("the watch ended instead of waiting");
+    };
+    tokio::time::timeout(PATIENCE, waiting).await.unwrap();
+    let mut client = client_with_token(addr, &ops).await;
+    join(&mut client, "r", "new-one").await;
+    let resynced = async {
+        while let Some(line) = said.next_line().await.unwrap() {
+            if line.contains("exists again") {
+                return;
+            }
+        }
+        panic!("the watch ended instead of resyncing");
+    };
+    tokio::time::timeout(PATIENCE, resynced).await.unwrap();
+    join(&mut client, "r", "new-two").await;
+    let marker = next_text(&mut printed).await;
+    assert!(marker.starts_with("-- epoch "), "{marker}");
+    let new = next_text(&mut printed).await;
+    assert!(new.contains("#2") && new.contains("new-two"), "{new}");
+    watch.kill().await.unwrap();
 }

@@ -191,15 +191,26 @@ async fn participants_get_the_vendor_errors(backend: Backend) {
         "5115",
     );
     let refusals = [
-        bob.destroy_session(destroy("r", "", "")).await.unwrap_err(),
-        bob.list_bans(bans("r")).await.unwrap_err(),
-        bob.unban(unban("r", "carol")).await.unwrap_err(),
+        (
+            bob.destroy_session(destroy("r", "", "")).await.unwrap_err(),
+            "may not end sessions",
+        ),
+        (
+            bob.list_bans(bans("r")).await.unwrap_err(),
+            "may not list or lift bans",
+        ),
+        (
+            bob.unban(unban("r", "carol")).await.unwrap_err(),
+            "may not list or lift bans",
+        ),
     ];
-    for status in refusals {
+    for (status, what) in refusals {
         assert!(
             status.message().starts_with("5116: Unauthorized Access"),
             "{status:?}"
         );
+        // Each refusal names what was refused, not another command's words.
+        assert!(status.message().contains(what), "{what}: {status:?}");
         assert_numbered(
             &status,
             Code::PermissionDenied,

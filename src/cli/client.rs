@@ -15,7 +15,9 @@
 //! shutting down or a reset mid-stream it reconnects with capped, jittered backoff and resumes
 //! from the last seq and epoch, so nothing is missed or repeated; when its cursor falls out of
 //! the history (or the log was lost) it says so, resyncs from a `ListParticipants` snapshot and
-//! goes on from there.
+//! goes on from there; when the room itself is gone (forgotten, or lost with a restarted
+//! in-memory server) it says so and waits for the room to be joined again. In text, a change of
+//! epoch is a line of its own, so events of two logs are never told apart by `seq` alone.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -534,6 +536,7 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
             None => snapshot(&mut client, &args.room, &args.connection).await?,
         };
         let mut backoff = BACKOFF.0;
+        let mut shown_epoch = epoch.clone();
         loop {
             let request = pb::EventsRequest {
                 room_id: args.room.clone(),
@@ -550,6 +553,14 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
                                 backoff = BACKOFF.0;
                                 cursor = event.seq;
                                 epoch.clone_from(&event.epoch);
+                                if !args.connection.json && event.epoch != shown_epoch {
+                                    println!(
+                                        "-- epoch {}: the room's log began anew (a lost or \
+                                         restarted store); seqs count from here",
+                                        event.epoch
+                                    );
+                                }
+                                shown_epoch.clone_from(&event.epoch);
                                 args.connection.print(&event, || line(&event));
                             }
                             Ok(None) => return Ok(()),
@@ -566,6 +577,16 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
                     ended.message()
                 );
                 (cursor, epoch) = snapshot(&mut client, &args.room, &args.connection).await?;
+                continue;
+            }
+            if room_gone(&ended) {
+                eprintln!(
+                    "roomctl watch: room {:?} is gone (forgotten once empty, or lost with a \
+                     restarted server: the memory store keeps rooms only while it runs); waiting \
+                     for it to be joined again",
+                    args.room
+                );
+                (cursor, epoch) = wait_for_room(&mut client, &args.room, &args.connection).await?;
                 continue;
             }
             if ended.code() != Code::Unavailable && from_roomctl(&ended) {
@@ -587,6 +608,42 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
     })
 }
 
+/// Whether roomctl answered that the room does not exist (`ROOM_NOT_FOUND`).
+fn room_gone(status: &Status) -> bool {
+    status
+        .get_error_details()
+        .error_info()
+        .is_some_and(|info| info.domain == DOMAIN && info.reason == "ROOM_NOT_FOUND")
+}
+
+/// Waits, with capped and jittered backoff, until `room` exists again, and returns the position
+/// of a snapshot of it, to follow from.
+async fn wait_for_room(
+    client: &mut Client,
+    room: &str,
+    connection: &Connection,
+) -> Result<(u64, String), Failure> {
+    let mut backoff = BACKOFF.0;
+    loop {
+        tokio::time::sleep(jittered(backoff)).await;
+        backoff = (backoff * 2).min(BACKOFF.1);
+        let request = pb::ListParticipantsRequest {
+            room_id: room.to_owned(),
+        };
+        match client.list_participants(request).await {
+            Ok(snapshot) => {
+                let snapshot = snapshot.into_inner();
+                eprintln!("roomctl watch: room {room:?} exists again; resyncing");
+                return Ok(show_snapshot(snapshot, connection));
+            }
+            Err(status) if room_gone(&status) => {}
+            // The server may be coming back: keep waiting, as for the room.
+            Err(status) if !from_roomctl(&status) || status.code() == Code::Unavailable => {}
+            Err(status) => return Err(connection.failure(&status).await),
+        }
+    }
+}
+
 /// Takes a snapshot of the room (printed with `--json`, summed up on stderr otherwise) and
 /// returns the position it was taken at, to follow from.
 async fn snapshot(
@@ -597,10 +654,14 @@ async fn snapshot(
     let request = pb::ListParticipantsRequest {
         room_id: room.to_owned(),
     };
-    let snapshot = match client.list_participants(request).await {
-        Ok(snapshot) => snapshot.into_inner(),
-        Err(status) => return Err(connection.failure(&status).await),
-    };
+    match client.list_participants(request).await {
+        Ok(snapshot) => Ok(show_snapshot(snapshot.into_inner(), connection)),
+        Err(status) => Err(connection.failure(&status).await),
+    }
+}
+
+/// Shows `snapshot` as [`snapshot`] does and returns its position.
+fn show_snapshot(snapshot: pb::ListParticipantsResponse, connection: &Connection) -> (u64, String) {
     if connection.json {
         println!("{}", json(&snapshot));
     } else {
@@ -611,7 +672,7 @@ async fn snapshot(
             snapshot.epoch
         );
     }
-    Ok((snapshot.seq, snapshot.epoch))
+    (snapshot.seq, snapshot.epoch)
 }
 
 /// One readable line for an event: time, seq, kind, who, and why.

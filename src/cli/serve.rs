@@ -341,13 +341,21 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
-        let presence_timeout = config
-            .rooms
+        let (rooms, tls) = (config.rooms, config.tls.clone());
+        // Opened before the node says it listens: a start refused by the store never says so.
+        let server = Server::new(config).await.map_err(|e| e.to_string())?;
+        server
+            .telemetry()
+            .on_scrape(move |t| t.log_lines_dropped(log.dropped_lines()));
+        if let Some(metrics) = server.metrics_addr() {
+            tracing::info!(%metrics, "metrics at http://{metrics}/metrics");
+        }
+        let presence_timeout = rooms
             .presence_timeout
             .map_or_else(|| "off".to_owned(), |t| format!("{t:?}"));
         tracing::info!(
             %addr,
-            history = config.rooms.history,
+            history = rooms.history,
             %presence_timeout,
             "roomctl listening on {addr}"
         );
@@ -357,15 +365,8 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
                  never use --dev in production"
             );
             // Like the logs, a closed stdout must not stop the server.
-            let banner = dev_banner(addr, config.rooms.presence_timeout, config.tls.as_ref());
+            let banner = dev_banner(addr, rooms.presence_timeout, tls.as_ref());
             let _ = writeln!(std::io::stdout(), "{banner}");
-        }
-        let server = Server::new(config).await.map_err(|e| e.to_string())?;
-        server
-            .telemetry()
-            .on_scrape(move |t| t.log_lines_dropped(log.dropped_lines()));
-        if let Some(metrics) = server.metrics_addr() {
-            tracing::info!(%metrics, "metrics at http://{metrics}/metrics");
         }
         let reloads = tokio::spawn(reload_on_sighup(args.secret, server.reloader()));
         let served = server.run(listener, shutdown_signal()).await;
