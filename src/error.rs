@@ -197,6 +197,18 @@ pub enum Error {
         /// Epoch of the log the stream followed.
         epoch: String,
     },
+    /// The Redis master holding the room has fewer online replicas than every commit must wait
+    /// for (`--redis-wait-replicas`): the command was refused before anything changed.
+    #[error(
+        "the store cannot confirm changes: its master has {online} online replicas and \
+         --redis-wait-replicas needs {needed}; nothing was applied, retry later or elsewhere"
+    )]
+    NotEnoughReplicas {
+        /// The master's online replicas.
+        online: usize,
+        /// What every commit waits for.
+        needed: usize,
+    },
     /// The store (Redis) cannot be reached; the detail is logged, not sent. Nothing was
     /// applied, so the call is safe to retry.
     #[error("store unavailable")]
@@ -267,7 +279,9 @@ impl Error {
             | Error::RoomNotLocked { .. } => Code::FailedPrecondition,
             Error::Banned { .. } => Code::PermissionDenied,
             Error::CursorOutOfRange { .. } => Code::OutOfRange,
-            Error::ShuttingDown { .. } | Error::StoreUnavailable(_) => Code::Unavailable,
+            Error::ShuttingDown { .. }
+            | Error::StoreUnavailable(_)
+            | Error::NotEnoughReplicas { .. } => Code::Unavailable,
             // gRPC's code for "the deadline passed; the change may have happened".
             Error::OutcomeUnknown { .. } => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
@@ -306,6 +320,7 @@ impl Error {
             Error::CursorOutOfRange { .. } => "CURSOR_OUT_OF_RANGE",
             Error::ShuttingDown { .. } => "SHUTTING_DOWN",
             Error::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            Error::NotEnoughReplicas { .. } => "NOT_ENOUGH_REPLICAS",
             Error::OutcomeUnknown { .. } => "OUTCOME_UNKNOWN",
             Error::Internal(_) => "INTERNAL",
         }
@@ -362,6 +377,10 @@ impl Error {
             Error::ShuttingDown { last_seq, epoch } | Error::TokenExpired { last_seq, epoch } => {
                 vec![("last_seq", last_seq.to_string()), ("epoch", epoch.clone())]
             }
+            Error::NotEnoughReplicas { online, needed } => vec![
+                ("replicas", online.to_string()),
+                ("needed", needed.to_string()),
+            ],
             Error::OutcomeUnknown { request_id } => request_id
                 .iter()
                 .map(|id| ("request_id", id.clone()))
@@ -579,6 +598,21 @@ mod tests {
                 },
                 Code::DeadlineExceeded,
                 "DEADLINE_EXCEEDED",
+            ),
+            (
+                Error::RequestIdReused {
+                    request_id: "k".into(),
+                },
+                Code::InvalidArgument,
+                "REQUEST_ID_REUSED",
+            ),
+            (
+                Error::NotEnoughReplicas {
+                    online: 0,
+                    needed: 1,
+                },
+                Code::Unavailable,
+                "NOT_ENOUGH_REPLICAS",
             ),
             (Error::Internal("bug".into()), Code::Internal, "INTERNAL"),
         ];

@@ -22,6 +22,9 @@ const MIB: u64 = 1024 * 1024;
 /// What README's worst case allows a room's history, remembered answers and a stalled reader's
 /// batch to take, measured over the node's RSS before the room existed.
 const ROOM_BOUND: u64 = 64 * MIB;
+/// What README allows a room's keys in Redis: its history's and answers' budgets (16 + 8 MiB
+/// encoded) and their bookkeeping.
+const REDIS_ROOM_BOUND: u64 = 36 * MIB;
 /// What README allows each stalled stream beyond the room (its batch and HTTP/2 buffers).
 const STREAM_BOUND: u64 = 2 * MIB;
 /// What README allows the log's queue and the calls in flight here.
@@ -88,6 +91,54 @@ async fn a_hostile_moderator_fills_a_room_within_its_bound() {
     assert!(window.seq > 300, "every drop was logged");
     drop(stalled);
     child.kill().await.unwrap();
+}
+
+/// The same room on the Redis store: its keys in Redis hold at most the history's and the
+/// answers' budgets, whatever the drops (it took 953 MB of Redis before the history was bounded
+/// in bytes).
+#[tokio::test]
+async fn a_hostile_moderator_fills_a_room_within_its_bound_in_redis() {
+    if !redis_server::redis_available() {
+        return;
+    }
+    let redis = redis_server::RedisServer::start().await;
+    let mut config = roomctl::server::ServerConfig::new(SECRET);
+    config.store = roomctl::server::StoreConfig::redis(redis.url());
+    config.rooms.presence_timeout = None;
+    let node = Node::start(config).await;
+    let mut ops = node.client("ops", "*", "service").await;
+    join(&mut ops, "r", "someone").await;
+    for n in 0..300 {
+        ops.drop_user(largest_drop(n)).await.unwrap();
+    }
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("roomctl:{r}:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut used = 0;
+    for key in &keys {
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        used += bytes;
+    }
+    eprintln!(
+        "a full room in Redis: {} KiB in {} keys",
+        used / 1024,
+        keys.len()
+    );
+    assert!(
+        used <= REDIS_ROOM_BOUND,
+        "the room takes {} MiB of Redis",
+        used / MIB
+    );
 }
 
 /// 500 calls with a 4 MiB room id, refused by validation, while nobody reads the node's stderr:

@@ -114,6 +114,40 @@ async fn a_redis_restarted_without_its_last_writes_starts_a_new_epoch() {
     assert_eq!(names, ["a", "u3"]);
 }
 
+/// With `--redis-wait-replicas 1` and a master that has no replica (as a promoted replica has,
+/// after a failover in a cluster of one replica per master), commits are refused at once with
+/// UNAVAILABLE / NOT_ENOUGH_REPLICAS, naming the replicas the master has and needs, and change
+/// nothing: a definite answer instead of OUTCOME_UNKNOWN after every deadline. Once a replica
+/// is online, commits apply again.
+#[tokio::test]
+async fn commits_a_master_cannot_confirm_are_refused() {
+    if !redis_available() {
+        return;
+    }
+    let master = RedisServer::start().await;
+    let node = Node::start(store(master.url(), 1)).await;
+    let mut ops = node.client("ops", "r", "service").await;
+    for n in 0..3 {
+        let status = ops.join(join_request("r", n)).await.unwrap_err();
+        let meta = assert_error(&status, Code::Unavailable, "NOT_ENOUGH_REPLICAS");
+        assert_eq!(
+            (meta["replicas"].as_str(), meta["needed"].as_str()),
+            ("0", "1")
+        );
+    }
+    let status = ops
+        .list_participants(pb::ListParticipantsRequest {
+            room_id: "r".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::NotFound, "ROOM_NOT_FOUND");
+
+    let _replica = RedisServer::start_replica_of(&master).await;
+    let joined = join_until_ok(&mut ops, join_request("r", 9)).await;
+    assert_eq!(joined.seq, 1, "nothing refused was applied");
+}
+
 /// With `--redis-wait-replicas 1`, a commit the replica has not confirmed is answered
 /// DEADLINE_EXCEEDED / OUTCOME_UNKNOWN and shown to nobody (a failover could still lose it),
 /// while the node goes on serving reads; once a later commit is confirmed, both are shown in

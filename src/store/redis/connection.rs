@@ -191,48 +191,55 @@ impl Conn {
         ))
     }
 
-    /// Runs `commit` (a script on the keys of one room, whose meta key is `meta`), then `WAIT
-    /// replicas` on the same connection to the same master, so the count answered covers the
-    /// commit. Answers the script's reply and how many replicas acknowledged it within
-    /// [`WAIT_TIMEOUT`]. Loads the script first if Redis lacks it (restarted, failed over).
+    /// Runs `commit` (a script on the keys of one room, whose meta key is `meta`), then, if it
+    /// applied (answered 1 or more), `WAIT replicas` on the same connection to the same master,
+    /// so the count answered covers the commit. Answers the script's reply and how many
+    /// replicas acknowledged it within [`WAIT_TIMEOUT`]. `pipelined` sends both at once, saving
+    /// a round trip when the commit is expected to apply; a `WAIT` after a commit the script
+    /// refused waits out its timeout for nothing, so a writer that expects refusals (its master
+    /// short of replicas) sends the script alone. Loads the script first if Redis lacks it
+    /// (restarted, failed over).
     pub(super) async fn commit_and_wait(
         &mut self,
         commit: &ScriptInvocation<'_>,
         meta: &str,
         replicas: usize,
+        pipelined: bool,
     ) -> RedisResult<(i64, i64)> {
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(commit)
-            .cmd("WAIT")
+        let mut wait = redis::pipe();
+        wait.cmd("WAIT")
             .arg(replicas)
             .arg(WAIT_TIMEOUT.as_millis() as u64);
+        let mut alone = redis::pipe();
+        alone.invoke_script(commit);
+        let mut pipe = alone.clone();
+        if pipelined {
+            pipe.cmd("WAIT")
+                .arg(replicas)
+                .arg(WAIT_TIMEOUT.as_millis() as u64);
+        }
+        let unexpected = || {
+            redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply to a commit",
+            ))
+        };
         let mut loaded = false;
         loop {
-            let replies = match self {
-                Conn::Single(conn) => conn.req_packed_commands(&pipe, 0, 2).await,
-                // WAIT would go to every master: send both to the room's, in order.
-                Conn::Cluster(conn) => {
-                    let master = Route::with_key(meta, SlotAddr::Master);
-                    let route = SingleNodeRoutingInfo::SpecificNode(master);
-                    conn.route_pipeline(pipe.clone(), 0, 2, route).await
-                }
-            }
-            .and_then(|replies| {
-                replies
-                    .into_iter()
-                    .map(Value::extract_error)
-                    .collect::<RedisResult<Vec<Value>>>()
-            });
-            match replies {
-                Ok(replies) => match replies.as_slice() {
-                    [Value::Int(done), Value::Int(acked)] => return Ok((*done, *acked)),
-                    _ => {
-                        return Err(redis::RedisError::from((
-                            redis::ErrorKind::UnexpectedReturnType,
-                            "unexpected reply to a commit",
-                        )))
+            match self.on_master(meta, &pipe).await {
+                Ok(replies) => {
+                    return match replies.as_slice() {
+                        [Value::Int(done), Value::Int(acked)] => Ok((*done, *acked)),
+                        [Value::Int(done)] if *done >= 1 => {
+                            match self.on_master(meta, &wait).await?.as_slice() {
+                                [Value::Int(acked)] => Ok((*done, *acked)),
+                                _ => Err(unexpected()),
+                            }
+                        }
+                        [Value::Int(done)] => Ok((*done, 0)),
+                        _ => Err(unexpected()),
                     }
-                },
+                }
                 Err(err)
                     if !loaded
                         && err.kind()
@@ -240,10 +247,34 @@ impl Conn {
                 {
                     commit.load_async(self).await?;
                     loaded = true;
+                    // The WAIT that followed the unknown script waited for nothing; the retry
+                    // waits only if the script applies.
+                    pipe = alone.clone();
                 }
                 Err(err) => return Err(err),
             }
         }
+    }
+
+    /// Runs `pipe` on the master holding `key`, in order, and answers its replies (an error
+    /// reply as an error).
+    async fn on_master(&mut self, key: &str, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        let count = pipe.len();
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipe, 0, count).await,
+            // WAIT would go to every master: send it, and what it waits for, to the key's.
+            Conn::Cluster(conn) => {
+                let master = Route::with_key(key, SlotAddr::Master);
+                let route = SingleNodeRoutingInfo::SpecificNode(master);
+                conn.route_pipeline(pipe.clone(), 0, count, route).await
+            }
+        }
+        .and_then(|replies| {
+            replies
+                .into_iter()
+                .map(Value::extract_error)
+                .collect::<RedisResult<Vec<Value>>>()
+        })
     }
 
     /// The command commits publish their events with: sharded on a cluster, so a room's

@@ -207,7 +207,9 @@ impl Meta {
 /// publishes once replicas hold the commit), and returns 1, or, when the room is left empty, the
 /// time (ms) its keys expire. Each commit records the Redis process that made it (`run`, its
 /// replication id `replid`, and on a cluster its node id `node`); a commit made by another
-/// process that may lack the log's tail starts a new epoch and returns -1 (see the script).
+/// process that may lack the log's tail starts a new epoch and returns -1 (see the script). With
+/// replicas to wait for, a master with fewer online replicas than that changes nothing and
+/// returns -2 minus how many it has.
 ///
 /// An empty room's keys expire together once it has been empty for the TTL and no ban has been
 /// in force for as long: at the latest of its first empty commit, the end of its longest ban,
@@ -217,7 +219,7 @@ impl Meta {
 /// `ARGV`: expected seq (empty: the room must not exist), epoch, history, TTL (ms), channel,
 /// notice, now (ms), the answers' budget (bytes), presence timeout (ms, 0: off), lock ('' unchanged, '1', '0'),
 /// the publish command (`PUBLISH`, or `SPUBLISH` on a cluster; empty: do not publish), the epoch
-/// to start if one must be, whether commits wait for replicas ('1' or '0'), history bytes; then
+/// to start if one must be, the replicas commits wait for (0: none), history bytes; then
 /// counted lists:
 /// assumed-absent member ids; assumed-absent answer keys; clients timed out; assumed-unbanned
 /// identities; events (seq, bytes); joins (id, member); departures (id, identity, end seq);
@@ -228,7 +230,8 @@ local meta, members, departed, owners, log, answers, answered, leases, bans, ban
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, answer_budget, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local lock, publish, fresh, waiting = ARGV[10], ARGV[11], ARGV[12], ARGV[13] == '1'
+local lock, publish, fresh, needed = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
+local waiting = needed > 0
 local history_bytes = tonumber(ARGV[14])
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
 -- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
@@ -236,6 +239,17 @@ local info = redis.call('INFO', 'server', 'replication', 'cluster')
 local function field(name)
   local _, at = string.find(info, name, 1, true)
   return at and string.sub(info, at + 1, at + 40)
+end
+if waiting then
+  -- A master with fewer online replicas than the commit must wait for could never confirm
+  -- it: refuse it before anything changes, so its callers get a definite answer (as Redis's
+  -- own min-replicas-to-write refuses writes).
+  local online, at = 0, 1
+  repeat
+    local found = string.find(info, 'state=online', at, true)
+    if found then online, at = online + 1, found + 12 end
+  until not found
+  if online < needed then return -2 - online end
 end
 local run = field('run_id:')
 local replid = field('master_replid:')

@@ -63,7 +63,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -107,6 +107,10 @@ struct Shared {
     /// `WAIT` holds its connection until the replicas answer (up to a second when they do not),
     /// and reads and the health ping must not queue behind it.
     pub(super) waiting: Option<Conn>,
+    /// Whether the last commit found its master with fewer replicas than it waits for: then
+    /// commits go without their `WAIT` in the same round trip, which would wait out its
+    /// timeout after a refusal (a hint: a cluster's masters may differ; both ways are correct).
+    pub(super) short_of_replicas: AtomicBool,
     pub(super) config: RedisConfig,
     pub(super) commit: redis::Script,
     pub(super) confirm: redis::Script,
@@ -150,6 +154,7 @@ impl RedisStore {
         let shared = Arc::new(Shared {
             conn,
             waiting,
+            short_of_replicas: AtomicBool::new(false),
             control,
             config,
             commit: redis::Script::new(COMMIT),

@@ -545,7 +545,7 @@ impl Shared {
                 self.conn.publish_command()
             })
             .arg(uuid::Uuid::new_v4().simple().to_string())
-            .arg(if waiting { "1" } else { "0" })
+            .arg(self.config.wait_replicas)
             .arg(self.config.rooms.history_bytes);
         let timed_out: Vec<&String> = applied
             .iter()
@@ -604,7 +604,11 @@ impl Shared {
         let replicas = self.config.wait_replicas;
         let committing = async {
             match self.waiting.clone() {
-                Some(mut conn) => conn.commit_and_wait(&call, &keys.meta, replicas).await,
+                Some(mut conn) => {
+                    let pipelined = !self.short_of_replicas.load(Ordering::Relaxed);
+                    conn.commit_and_wait(&call, &keys.meta, replicas, pipelined)
+                        .await
+                }
                 None => call
                     .invoke_async(&mut self.conn())
                     .await
@@ -614,12 +618,31 @@ impl Shared {
         let answer = tokio::time::timeout(OP_TIMEOUT, committing).await;
         let ok = matches!(answer, Ok(Ok(_)));
         self.telemetry.store_op("commit", ok, started.elapsed());
+        let answer = answer.map(|reply| reply.map(|(done, acked)| (Committed::of(done), acked)));
+        if let Ok(Ok((committed, _))) = &answer {
+            let short = matches!(committed, Committed::ShortOfReplicas { .. });
+            self.short_of_replicas.store(short, Ordering::Relaxed);
+        }
         match answer {
-            Ok(Ok((0, _))) => {
+            Ok(Ok((Committed::Conflict, _))) => {
                 self.telemetry.commit_conflict();
                 Ok(None)
             }
-            Ok(Ok((NEW_EPOCH, _))) => {
+            Ok(Ok((Committed::ShortOfReplicas { online }, _))) => {
+                tracing::warn!(
+                    room_id,
+                    online,
+                    replicas,
+                    "the Redis master of this room has fewer online replicas than \
+                     --redis-wait-replicas: its commits are refused (UNAVAILABLE, not applied) \
+                     until it has them"
+                );
+                Err(Error::NotEnoughReplicas {
+                    online,
+                    needed: replicas,
+                })
+            }
+            Ok(Ok((Committed::NewEpoch, _))) => {
                 tracing::warn!(
                     room_id,
                     "the Redis holding this room restarted or failed over since its last commit, \
@@ -629,7 +652,7 @@ impl Shared {
                 self.telemetry.commit_conflict();
                 Ok(None)
             }
-            Ok(Ok((done, acked))) => {
+            Ok(Ok((Committed::Applied { empty_until }, acked))) => {
                 self.telemetry.events_appended(events.len());
                 if waiting {
                     if acked < replicas as i64 {
@@ -645,7 +668,7 @@ impl Shared {
                     }
                     self.confirm(keys, room_id, state, notice).await?;
                 }
-                Ok(Some((done > 1).then_some(done as u64)))
+                Ok(Some(empty_until))
             }
             // Refused before anything was sent, or refused by Redis: nothing was applied.
             Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
@@ -679,8 +702,42 @@ impl Shared {
     }
 }
 
-/// What the commit script answers when it started the room's log anew under a new epoch.
-const NEW_EPOCH: i64 = -1;
+/// What the commit script answered (see [`super::keys::COMMIT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Committed {
+    /// Nothing changed: the room moved on since the batch read it, or an assumption failed.
+    Conflict,
+    /// Nothing of the batch changed: the room's log began anew under a new epoch (the Redis
+    /// holding it restarted or failed over), and the batch must run again on it.
+    NewEpoch,
+    /// Nothing changed: the master has `online` replicas, fewer than commits wait for.
+    ShortOfReplicas {
+        /// Its online replicas.
+        online: usize,
+    },
+    /// Applied; when the commit left the room empty, when its keys expire (ms since 1970).
+    Applied {
+        /// The keys' expiry, for a room left empty.
+        empty_until: Option<u64>,
+    },
+}
+
+impl Committed {
+    /// The script's integer reply: 0, -1, -2 minus the online replicas, 1, or an expiry.
+    fn of(reply: i64) -> Self {
+        match reply {
+            0 => Committed::Conflict,
+            -1 => Committed::NewEpoch,
+            n if n <= -2 => Committed::ShortOfReplicas {
+                online: usize::try_from(-2 - n).unwrap_or(0),
+            },
+            1 => Committed::Applied { empty_until: None },
+            at => Committed::Applied {
+                empty_until: Some(at as u64),
+            },
+        }
+    }
+}
 
 /// What a batch assumed absent without having read it: member ids, answer keys, and identities
 /// without a ban in force. The commit script checks each.
@@ -789,9 +846,13 @@ pub(super) async fn write_room(
             }
         }
         if let Some(err) = apply(&shared, &room_id, batch, &mut known).await {
-            // Redis is failing: answer everything already queued now, instead of letting each
-            // batch wait out its own timeout. None of it was sent, so it is safe to retry.
-            let err = Error::StoreUnavailable(format!("redis is failing: {}", err.detail()));
+            // Redis is failing (or its master is short of replicas): answer everything already
+            // queued now, instead of letting each batch wait out its own timeout. None of it
+            // was sent, so it is safe to retry.
+            let err = match err {
+                short @ Error::NotEnoughReplicas { .. } => short,
+                other => Error::StoreUnavailable(format!("redis is failing: {}", other.detail())),
+            };
             while let Ok(job) = jobs.try_recv() {
                 let _ = job.reply.send(Err(err.clone()));
             }
