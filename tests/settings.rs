@@ -322,6 +322,16 @@ async fn every_setting_works_through_every_channel() {
     }
 }
 
+/// `roomctl config check FILE` in the test's environment.
+async fn config_check(file: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .await
+        .unwrap()
+}
+
 /// README's sample configuration file, with its `/etc/roomctl/` files made in a directory of the
 /// test's, passes `config check`, which shows every setting as coming from the file.
 #[tokio::test]
@@ -342,12 +352,7 @@ async fn the_readme_sample_file_is_accepted() {
     dir.write("tls/clients-ca.crt", &ca.pem());
     let here = format!("{}/", dir.path().display());
     let file = dir.write("roomctl.toml", &sample.replace("/etc/roomctl/", &here));
-    let output = Command::new(BIN)
-        .args(["config", "check"])
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
+    let output = config_check(&file).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{output:?}");
     for line in sample
@@ -367,12 +372,7 @@ async fn keys_that_no_file_may_hold_are_refused() {
     for long in NOT_IN_FILES {
         let key = long.replace('-', "_");
         let file = dir.write("c.toml", &format!("{key} = \"x\"\n"));
-        let output = Command::new(BIN)
-            .args(["config", "check"])
-            .arg(&file)
-            .output()
-            .await
-            .unwrap();
+        let output = config_check(&file).await;
         assert_eq!(output.status.code(), Some(2), "{key}: {output:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(&format!("unknown key `{key}`")), "{stderr}");
@@ -402,12 +402,7 @@ async fn config_file_failures_have_their_exit_codes() {
         assert!(stderr.contains("cannot read the config file"), "{stderr}");
     }
     let half = dir.write("half.toml", "tls_cert = \"/nowhere/server.crt\"\n");
-    let output = Command::new(BIN)
-        .args(["config", "check"])
-        .arg(&half)
-        .output()
-        .await
-        .unwrap();
+    let output = config_check(&half).await;
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     for named in ["tls_key", "--tls-key", "ROOMCTL_TLS_KEY"] {

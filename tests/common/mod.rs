@@ -465,11 +465,16 @@ pub mod bare {
 /// The metrics text a node serves at `GET /metrics` (a plain HTTP/1.1 request, as Prometheus
 /// makes).
 pub async fn scrape(addr: SocketAddr) -> String {
+    metrics_request(addr, "GET").await
+}
+
+/// The body of the answer to `METHOD /metrics`, which must be the metrics' 200.
+pub async fn metrics_request(addr: SocketAddr, method: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: roomctl\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let request =
+        format!("{method} /metrics HTTP/1.1\r\nHost: roomctl\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tcp.read_to_string(&mut response).await.unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
