@@ -36,11 +36,12 @@ pub const MAX_BAN: Duration = Duration::from_secs(2_592_000);
 /// any meeting, and a `ListParticipants` answer of that many stays far under the 4 MiB limit.
 pub const DEFAULT_MAX_MEMBERS: usize = 10_000;
 
-/// The key a remembered answer is filed under: request ids are scoped to the kind of command
-/// (`join`, `drop`, `lock`, `unlock`, `destroy`) and the caller's identity. Lengths come first, as
-/// both are free text.
-pub fn answer_key(kind: &str, identity: &str, request_id: &str) -> String {
-    format!("{kind}:{}:{identity}:{request_id}", identity.len())
+/// The key a remembered answer is filed under: request ids are one space per caller identity
+/// (and room), whatever the command, as an idempotency key is one space per account in payment
+/// APIs: the same id for another kind of command is another request, refused by its
+/// [`Command::fingerprint`]. The identity's length comes first, as it is free text.
+pub fn answer_key(identity: &str, request_id: &str) -> String {
+    format!("{}:{identity}:{request_id}", identity.len())
 }
 
 /// An answer a room remembers, as a store persists it.
@@ -413,15 +414,7 @@ impl Command {
 
     /// The key `caller`'s answer to this command is remembered under, if it is remembered.
     pub fn answer_key(&self, caller: &Caller) -> Option<String> {
-        let kind = match self {
-            Command::Join { .. } => "join",
-            Command::Drop(_) => "drop",
-            Command::Lock { .. } => "lock",
-            Command::Unlock { .. } => "unlock",
-            Command::Destroy(_) => "destroy",
-            Command::Leave { .. } | Command::TimeOut { .. } | Command::Unban { .. } => return None,
-        };
-        Some(answer_key(kind, &caller.identity, self.request_id()?))
+        Some(answer_key(&caller.identity, self.request_id()?))
     }
 
     /// Whether the command needs every member of the room, not only those it names.
@@ -1626,7 +1619,7 @@ mod tests {
             1,
             [(bob, 7)],
             Some(Remembered {
-                key: answer_key("drop", "alice", "q"),
+                key: answer_key("alice", "q"),
                 expires_at: now() + Duration::from_secs(5),
                 fingerprint: drop_cmd(&["a"], "q").fingerprint(),
                 reply: remembered.clone(),
@@ -1644,7 +1637,7 @@ mod tests {
         );
         assert_eq!(
             fresh.remembered.map(|r| (r.key, r.expires_at)),
-            Some((answer_key("drop", "alice", "q"), late + IDEMPOTENCY_WINDOW))
+            Some((answer_key("alice", "q"), late + IDEMPOTENCY_WINDOW))
         );
     }
 
@@ -2122,8 +2115,12 @@ mod tests {
         apply(&mut state, &alice, unlock_cmd("u1"), now()).unwrap();
         let again = apply(&mut state, &alice, unlock_cmd("u2"), now()).unwrap_err();
         assert!(matches!(again, Error::RoomNotLocked { .. }), "{again:?}");
-        // The same key for a lock and an unlock names two requests.
-        assert!(apply(&mut state, &alice, lock_cmd("u1"), now()).is_ok());
+        // The same key for a lock after an unlock is another request under a used key.
+        assert!(matches!(
+            apply(&mut state, &alice, lock_cmd("u1"), now()),
+            Err(Error::RequestIdReused { .. })
+        ));
+        assert!(apply(&mut state, &alice, lock_cmd("l3"), now()).is_ok());
     }
 
     #[test]

@@ -387,7 +387,8 @@ async fn malformed_bodies_are_invalid_arguments(backend: Backend) {
 /// A request id reused by a caller for a different request is refused, as payment APIs refuse an
 /// idempotency key reused with another body: a service's join for `y` reusing the id of its join
 /// for `x` gets INVALID_ARGUMENT / REQUEST_ID_REUSED naming `request_id`, not `x`'s answer; the
-/// same for a drop of other clients; the very same request again still gets its first answer.
+/// same for a drop of other clients, and for a lock under the drop's id (ids are one space per
+/// caller); the very same request again still gets its first answer.
 async fn reused_request_ids_are_refused(backend: Backend) {
     let server = TestServer::start(backend).await;
     let mut ops = server.client("ops", "*", "service").await;
@@ -420,6 +421,15 @@ async fn reused_request_ids_are_refused(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(participants.participants.len(), 1, "nobody was dropped");
+    // Ids are one space per caller, whatever the command: the drop's id for a lock is refused.
+    let status = ops
+        .lock_room(pb::LockRoomRequest {
+            room_id: "r".into(),
+            request_id: "d".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&status, Code::InvalidArgument, "REQUEST_ID_REUSED");
 }
 
 acceptance! {

@@ -78,7 +78,7 @@ fn command(
     op: u8,
     joined: usize,
     now: &mut SystemTime,
-) -> Option<Option<(&'static str, Command)>> {
+) -> Option<Option<Command>> {
     let client = |b: u8| match b as usize % (joined + 2) {
         n if n < joined => format!("c{n}"),
         _ => "ghost".to_owned(),
@@ -100,14 +100,11 @@ fn command(
                 request_id,
             };
             let client_id = format!("c{joined}");
-            ("join", Command::Join { client_id, cmd })
+            Command::Join { client_id, cmd }
         }
-        1 => (
-            "leave",
-            Command::Leave {
-                client_id: client(input.next()?),
-            },
-        ),
+        1 => Command::Leave {
+            client_id: client(input.next()?),
+        },
         2 => {
             let key = input.next()?;
             let client_ids = ids(input)?;
@@ -117,20 +114,17 @@ fn command(
                 request_id: format!("d{}", key % 4),
                 ban: (key % 3 == 0).then(|| Duration::from_secs(60 * (1 + u64::from(key % 5)))),
             };
-            ("drop", Command::Drop(cmd))
+            Command::Drop(cmd)
         }
-        3 => (
-            "time-out",
-            Command::TimeOut {
-                client_ids: ids(input)?,
-            },
-        ),
+        3 => Command::TimeOut {
+            client_ids: ids(input)?,
+        },
         4 | 5 => {
             let request_id = format!("l{}", input.next()? % 3);
             if op % 9 == 4 {
-                ("lock", Command::Lock { request_id })
+                Command::Lock { request_id }
             } else {
-                ("unlock", Command::Unlock { request_id })
+                Command::Unlock { request_id }
             }
         }
         6 => {
@@ -139,12 +133,12 @@ fn command(
                 reason: "bye".into(),
                 request_id,
             };
-            ("destroy", Command::Destroy(cmd))
+            Command::Destroy(cmd)
         }
         7 => {
             let identity = ["alice", "ann", "bob", "nobody"][input.next()? as usize % 4];
             let identity = identity.to_owned();
-            ("unban", Command::Unban { identity })
+            Command::Unban { identity }
         }
         _ => {
             *now += Duration::from_secs(u64::from(input.next()?) * 10);
@@ -166,14 +160,14 @@ pub fn check(bytes: &[u8]) {
     let mut log: Vec<pb::Event> = Vec::new();
     let mut joined = 0usize;
     let mut rules = Rules::default();
-    let mut remembered: HashMap<(&'static str, String, String), (SystemTime, Command, Reply)> =
-        HashMap::new();
+    // Request ids are one space per identity, whatever the command.
+    let mut remembered: HashMap<(String, String), (SystemTime, Command, Reply)> = HashMap::new();
     while let Some(op) = input.next() {
         let Some(who) = input.next() else { return };
         let Some(next) = command(&mut input, op, joined, &mut now) else {
             return;
         };
-        let Some((kind, cmd)) = next else { continue };
+        let Some(cmd) = next else { continue };
         // Only the store times clients out, as roomctl itself.
         let system = Caller::system();
         let caller = match cmd {
@@ -182,7 +176,7 @@ pub fn check(bytes: &[u8]) {
         };
         let key = cmd
             .request_id()
-            .map(|id| (kind, caller.identity.clone(), id.to_owned()));
+            .map(|id| (caller.identity.clone(), id.to_owned()));
         let before_seq = state.seq();
         let before: BTreeSet<String> = members(&state);
         let owners: HashMap<String, String> = state
