@@ -563,10 +563,18 @@ async fn settings_come_from_flags_then_variables_then_the_file() {
     assert_eq!(oldest_kept(&flags, &env).await, "6", "the flag: 5");
 
     let output = roomctl(&["config", "check", config])
+        .env("ROOMCTL_JWT_SECRET", ENV_SECRET)
         .output()
         .await
         .unwrap();
     assert!(output.status.success(), "{output:?}");
+    // What it prints can be pasted back into a file.
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("history = 3   # file"), "{printed}");
+    assert!(
+        printed.contains("empty_room_ttl = \"1h\"   # file"),
+        "{printed}"
+    );
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "histroy = 3\n").unwrap();
     let bad = bad.to_str().unwrap();

@@ -242,10 +242,13 @@ impl Run {
                 Channel::Variable => setting.env.clone().unwrap(),
                 Channel::Flag => unreachable!("config check takes no flags"),
             };
+            // As a file would hold it: whole numbers bare, the rest quoted.
             let shown = if setting.long == "jwt-secret" {
-                "(hidden)"
+                "\"(hidden)\"".to_owned()
+            } else if value.parse::<i64>().is_ok() {
+                value.clone()
             } else {
-                value
+                format!("{value:?}")
             };
             let line = format!("{} = {shown}   # {from}", setting.key());
             assert!(stdout.contains(&line), "{line:?} missing from\n{stdout}");

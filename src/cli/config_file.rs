@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 
+use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Command as ClapCommand, CommandFactory, FromArgMatches};
 
@@ -60,15 +61,24 @@ fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
             .get_arguments()
             .filter(|arg| arg.get_long().is_some_and(|f| !NOT_IN_FILES.contains(&f)))
     };
+    // Each value is checked alone, so the variables set now (which the real parse reads) must
+    // not be read here: a bad one would be blamed on whatever key is checked.
+    let alone = Cli::command().mut_subcommand("serve", |serve| serve.mut_args(|arg| arg.env(None)));
     let mut settings = Vec::new();
     for (key, value) in table {
         let flag = key.replace('_', "-");
-        let Some(arg) = in_files().find(|arg| arg.get_long() == Some(flag.as_str())) else {
+        let found = in_files().find(|arg| arg.get_long() == Some(flag.as_str()));
+        let Some(arg) = found.filter(|_| !key.contains('-')) else {
             let known: Vec<String> = in_files()
                 .filter_map(|arg| Some(arg.get_long()?.replace('-', "_")))
                 .collect();
+            let hint = if found.is_some() {
+                format!(" (keys are written with `_`: `{}`)", key.replace('-', "_"))
+            } else {
+                String::new()
+            };
             return Err(Failure::Usage(format!(
-                "{shown}: unknown key `{key}`; the keys are {}",
+                "{shown}: unknown key `{key}`{hint}; the keys are {}",
                 known.join(", ")
             )));
         };
@@ -83,8 +93,8 @@ fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
             }
         };
         // The value alone, through the flag's parser, so an error names the key.
-        let alone = ["roomctl", "serve", &format!("--{flag}"), &value];
-        if let Err(err) = Cli::command().try_get_matches_from(alone) {
+        let argv = ["roomctl", "serve", &format!("--{flag}"), &value];
+        if let Err(err) = alone.clone().try_get_matches_from(argv) {
             let reason = explain(&err);
             return Err(Failure::Usage(format!("{shown}: key `{key}`: {reason}")));
         }
@@ -97,7 +107,9 @@ fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
     Ok(settings)
 }
 
-/// A clap error as one line, without the usage and help hints meant for a command line.
+/// A clap error as one line, without the usage and help hints meant for a command line, and
+/// naming every way the setting it is about may have been given (a bad value may come from a
+/// variable the user forgot, not from a flag they typed).
 fn explain(err: &clap::Error) -> String {
     let text = err.render().to_string();
     let lines: Vec<&str> = text
@@ -106,7 +118,31 @@ fn explain(err: &clap::Error) -> String {
         .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
         .filter(|line| !line.is_empty() && !line.starts_with("tip:"))
         .collect();
-    lines.join(" ").trim_start_matches("error: ").to_owned()
+    let said = lines.join(" ").trim_start_matches("error: ").to_owned();
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return said;
+    };
+    let flag = arg.split_whitespace().next().unwrap_or_default();
+    let serve = serve_command();
+    let Some(setting) = serve
+        .get_arguments()
+        .find(|a| a.get_long().is_some_and(|long| format!("--{long}") == flag))
+    else {
+        return said;
+    };
+    let mut ways = vec![flag.to_owned()];
+    ways.extend(
+        setting
+            .get_env()
+            .map(|env| env.to_string_lossy().into_owned()),
+    );
+    if let Some(long) = setting
+        .get_long()
+        .filter(|long| !NOT_IN_FILES.contains(long))
+    {
+        ways.push(format!("`{}` in the config file", long.replace('-', "_")));
+    }
+    format!("{said} (set by {})", ways.join(", or "))
 }
 
 /// Parses `serve` with `args` as its arguments; returns the settings and how they were given.
@@ -191,12 +227,18 @@ pub fn check(path: Option<&Path>) -> Result<(), Failure> {
             _ => continue,
         };
         let value = if arg.is_hide_env_values_set() {
-            "(hidden)".to_owned()
+            "\"(hidden)\"".to_owned()
         } else {
-            values
+            let text = values
                 .map(|v| v.to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
-                .join(",")
+                .join(",");
+            // As a file would hold it: whole numbers bare, the rest quoted (a JSON string is a
+            // TOML basic string).
+            match text.parse::<i64>() {
+                Ok(n) => n.to_string(),
+                Err(_) => serde_json::Value::String(text).to_string(),
+            }
         };
         println!("{} = {value}   # {from}", long.replace('-', "_"));
     }

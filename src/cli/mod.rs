@@ -137,7 +137,7 @@ struct SecretArgs {
     jwt_secret: Option<String>,
     /// A file holding the secret, or `kid=secret` lines for several keys at once (key rotation);
     /// re-read on SIGHUP.
-    #[arg(long, env = "ROOMCTL_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
+    #[arg(long, env = "ROOMCTL_JWT_SECRET_FILE")]
     jwt_secret_file: Option<PathBuf>,
     /// Use the fixed, public development secret instead.
     #[arg(long)]
@@ -150,7 +150,17 @@ impl SecretArgs {
             return Ok(KeySet::single(DEV_SECRET));
         }
         let text = match (&self.jwt_secret, &self.jwt_secret_file) {
-            (Some(secret), _) => secret.clone(),
+            // Judged here, not by clap: one may come from the config file, read after clap.
+            (Some(_), Some(_)) => {
+                return Err(Failure::Usage(
+                    "the JWT secret is given twice: as jwt_secret (--jwt-secret or \
+                     ROOMCTL_JWT_SECRET) and as jwt_secret_file (--jwt-secret-file, \
+                     ROOMCTL_JWT_SECRET_FILE or `jwt_secret_file` in the config file); give it \
+                     one way"
+                        .into(),
+                ))
+            }
+            (Some(secret), None) => secret.clone(),
             (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| {
                 Failure::Other(format!(
                     "cannot read --jwt-secret-file {}: {e}",

@@ -163,9 +163,7 @@ impl ServeArgs {
     /// runs them.
     pub(super) fn check_without_serving(&self) -> Result<(), Failure> {
         self.store_config()?;
-        if self.secret.jwt_secret.is_some() || self.secret.jwt_secret_file.is_some() {
-            self.secret.load()?;
-        }
+        self.secret.load()?;
         if let Some(tls) = self.tls_files() {
             tls.load().map_err(Failure::Other)?;
         }
