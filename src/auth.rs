@@ -19,6 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 use tonic::{service::Interceptor, Request, Status};
 
 use crate::engine::{Caller, RoomScope, TokenRole};
@@ -312,6 +314,8 @@ pub struct Verified {
     pub expires_at: SystemTime,
     /// The instant it starts being valid (its `nbf`), if it names one.
     pub not_before: Option<SystemTime>,
+    /// The key that verified it.
+    pub key: KeyTag,
 }
 
 /// How many bytes of verified tokens are remembered (about 16,000 tokens of typical size).
@@ -336,28 +340,84 @@ pub struct Authenticator {
     inner: Arc<Verifier>,
 }
 
+/// Which key of a [`KeySet`] verified a token: a digest of its kid and its secret, so a key
+/// that a reload removes (or replaces under the same kid) is told from one it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyTag(u64);
+
+impl KeyTag {
+    fn of(kid: Option<&str>, secret: &[u8]) -> Self {
+        let mut hash = Sha256::new();
+        hash.update([u8::from(kid.is_some())]);
+        hash.update(kid.unwrap_or_default().as_bytes());
+        hash.update([0]);
+        hash.update(secret);
+        let digest = hash.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Self(u64::from_le_bytes(first))
+    }
+}
+
+/// One key a server verifies with.
+struct Key {
+    decoding: DecodingKey,
+    tag: KeyTag,
+    /// Cancelled when a reload removes the key: the `Events` streams of its tokens end then.
+    retired: CancellationToken,
+}
+
 /// The decoding keys of a [`KeySet`].
 struct Keys {
-    /// For tokens without a `kid`.
-    default: DecodingKey,
+    /// For tokens without a `kid`: the first key.
+    default: Arc<Key>,
     /// By `kid`; empty for a bare secret, which no `kid` may name.
-    by_kid: Vec<(String, DecodingKey)>,
+    by_kid: Vec<(String, Arc<Key>)>,
 }
 
 impl Keys {
-    fn of(set: &KeySet) -> Self {
-        Self {
-            default: DecodingKey::from_secret(&set.keys[0].1),
-            by_kid: set
-                .keys
+    /// The keys of `set`, keeping the retirement of those `before` held too.
+    fn of(set: &KeySet, before: Option<&Keys>) -> Self {
+        let key = |kid: Option<&String>, secret: &[u8]| {
+            let tag = KeyTag::of(kid.map(String::as_str), secret);
+            let retired = before
+                .and_then(|keys| keys.held(tag))
+                .map_or_else(CancellationToken::new, |key| key.retired.clone());
+            Arc::new(Key {
+                decoding: DecodingKey::from_secret(secret),
+                tag,
+                retired,
+            })
+        };
+        let by_kid: Vec<(String, Arc<Key>)> = set
+            .keys
+            .iter()
+            .filter_map(|(kid, secret)| Some((kid.clone()?, key(kid.as_ref(), secret))))
+            .collect();
+        let default = match by_kid.first() {
+            Some((_, first)) => first.clone(),
+            None => key(None, &set.keys[0].1),
+        };
+        Self { default, by_kid }
+    }
+
+    /// Every key, each once.
+    fn all(&self) -> impl Iterator<Item = &Arc<Key>> {
+        std::iter::once(&self.default).chain(
+            self.by_kid
                 .iter()
-                .filter_map(|(kid, secret)| Some((kid.clone()?, DecodingKey::from_secret(secret))))
-                .collect(),
-        }
+                .map(|(_, key)| key)
+                .filter(|key| key.tag != self.default.tag),
+        )
+    }
+
+    /// The key `tag` names, if it is one of these.
+    fn held(&self, tag: KeyTag) -> Option<&Arc<Key>> {
+        self.all().find(|key| key.tag == tag)
     }
 
     /// The key a token's header names, or why there is none.
-    fn for_kid(&self, kid: Option<&str>) -> Result<&DecodingKey, Error> {
+    fn for_kid(&self, kid: Option<&str>) -> Result<&Arc<Key>, Error> {
         let Some(kid) = kid else {
             return Ok(&self.default);
         };
@@ -451,7 +511,7 @@ impl Authenticator {
         validation.set_required_spec_claims(&required);
         Self {
             inner: Arc::new(Verifier {
-                keys: RwLock::new(Arc::new(Keys::of(keys))),
+                keys: RwLock::new(Arc::new(Keys::of(keys, None))),
                 validation,
                 verified: quick_cache::sync::Cache::with_weighter(
                     16_384,
@@ -489,8 +549,9 @@ impl Authenticator {
                     ));
                 }
                 let key = keys.for_kid(header.kid.as_deref())?;
-                let data = jsonwebtoken::decode::<Presented>(token, key, &verifier.validation)
-                    .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
+                let data =
+                    jsonwebtoken::decode::<Presented>(token, &key.decoding, &verifier.validation)
+                        .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
                 let malformed = |claim: &str| {
                     Error::Unauthenticated(format!("the token's {claim:?} claim is malformed"))
                 };
@@ -503,6 +564,7 @@ impl Authenticator {
                     caller: data.claims.into_caller()?,
                     expires_at,
                     not_before,
+                    key: key.tag,
                 };
                 verifier.verified.insert(token.to_owned(), verified.clone());
                 verified
@@ -513,10 +575,31 @@ impl Authenticator {
     }
 
     /// Verifies from now on with `keys` (a rotation). Tokens remembered as verified are
-    /// verified again, so the tokens of a removed key stop working at once.
+    /// verified again, so the tokens of a removed key stop working at once, and the `Events`
+    /// streams they opened end (see [`TokenGrant::retired`]).
     pub fn reload(&self, keys: &KeySet) {
-        *self.inner.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Keys::of(keys));
+        let mut current = self.inner.keys.write().unwrap_or_else(|p| p.into_inner());
+        let next = Keys::of(keys, Some(&current));
+        for gone in current.all().filter(|key| next.held(key.tag).is_none()) {
+            gone.retired.cancel();
+        }
+        *current = Arc::new(next);
+        drop(current);
         self.inner.verified.clear();
+    }
+
+    /// What ends the streams of tokens verified by `key`: cancelled when a reload removes it
+    /// (already cancelled if one did since the token was verified).
+    fn retirement(&self, key: KeyTag) -> CancellationToken {
+        let keys = self.inner.keys.read().unwrap_or_else(|p| p.into_inner());
+        keys.held(key).map_or_else(
+            || {
+                let retired = CancellationToken::new();
+                retired.cancel();
+                retired
+            },
+            |key| key.retired.clone(),
+        )
     }
 
     /// Reads `authorization: Bearer <token>` from request metadata and verifies it. A call with
@@ -546,16 +629,25 @@ impl Authenticator {
     }
 }
 
-/// When the token of a call stops being valid; `Events` streams end then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TokenExpiry(pub SystemTime);
+/// What ends the `Events` streams of a call's token: its expiry, and the removal of the key
+/// that verified it (a key rotation revokes its tokens, open streams included).
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    /// When the token stops being valid.
+    pub expires_at: SystemTime,
+    /// Cancelled when a reload removes the token's key.
+    pub retired: CancellationToken,
+}
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let verified = self.authenticate(request.metadata())?;
-        let expiry = TokenExpiry(verified.expires_at);
+        let grant = TokenGrant {
+            expires_at: verified.expires_at,
+            retired: self.retirement(verified.key),
+        };
         request.extensions_mut().insert(verified.caller);
-        request.extensions_mut().insert(expiry);
+        request.extensions_mut().insert(grant);
         Ok(request)
     }
 }
@@ -873,6 +965,30 @@ mod tests {
         assert!(unauthenticated(auth.verify(&old)).contains("kid"));
         let new = mint_with(&both, Some("new"), &claims).unwrap();
         assert!(auth.verify(&new).is_ok());
+    }
+
+    #[test]
+    fn a_reload_retires_removed_keys_only() {
+        let both = KeySet::parse(&format!("new={NEW}\nold={OLD}")).unwrap();
+        let auth = Authenticator::with_rules(&both, &TokenRules::default());
+        let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
+        let grant = |kid| {
+            auth.retirement(
+                auth.verify(&mint_with(&both, Some(kid), &claims).unwrap())
+                    .unwrap()
+                    .key,
+            )
+        };
+        let (old, new) = (grant("old"), grant("new"));
+        // Reloading the same keys, reordered, retires nothing.
+        auth.reload(&KeySet::parse(&format!("old={OLD}\nnew={NEW}")).unwrap());
+        assert!(!old.is_cancelled() && !new.is_cancelled());
+        auth.reload(&KeySet::parse(&format!("new={NEW}")).unwrap());
+        assert!(old.is_cancelled(), "the removed key's streams end");
+        assert!(!new.is_cancelled(), "the kept key's go on");
+        // A secret replaced under the same kid is another key.
+        auth.reload(&KeySet::parse(&format!("new={OLD}")).unwrap());
+        assert!(new.is_cancelled());
     }
 
     #[test]

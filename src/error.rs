@@ -189,6 +189,18 @@ pub enum Error {
         /// Epoch of the log the stream followed.
         epoch: String,
     },
+    /// The key that verified the stream's token was removed (a key rotation); resume from
+    /// `last_seq` with a token of a current key.
+    #[error(
+        "unauthenticated: the key that signed this stream's token was removed (a key \
+         rotation); resubscribe with a token of a current key after seq {last_seq}"
+    )]
+    TokenRevoked {
+        /// Every visible event up to this seq was delivered on the stream.
+        last_seq: u64,
+        /// Epoch of the log the stream followed.
+        epoch: String,
+    },
     /// The server is shutting down; resume from `last_seq` on this node or another.
     #[error("server shutting down; resume after seq {last_seq}")]
     ShuttingDown {
@@ -261,7 +273,9 @@ impl Error {
     /// The gRPC code of this error, per DESIGN.md's table.
     pub fn code(&self) -> Code {
         match self {
-            Error::Unauthenticated(_) | Error::TokenExpired { .. } => Code::Unauthenticated,
+            Error::Unauthenticated(_) | Error::TokenExpired { .. } | Error::TokenRevoked { .. } => {
+                Code::Unauthenticated
+            }
             Error::UnauthorizedAccess { .. } | Error::Forbidden(_) => Code::PermissionDenied,
             Error::InvalidArgument(_)
             | Error::MalformedRequest(_)
@@ -291,7 +305,9 @@ impl Error {
     /// The `ErrorInfo.reason` of this error, per DESIGN.md's table.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::Unauthenticated(_) | Error::TokenExpired { .. } => "UNAUTHENTICATED",
+            Error::Unauthenticated(_) | Error::TokenExpired { .. } | Error::TokenRevoked { .. } => {
+                "UNAUTHENTICATED"
+            }
             Error::UnauthorizedAccess { .. } => "UNAUTHORIZED_ACCESS",
             Error::Forbidden(_) => "FORBIDDEN",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
@@ -374,7 +390,9 @@ impl Error {
                 ("newest_seq", newest_seq.to_string()),
                 ("epoch", epoch.clone()),
             ],
-            Error::ShuttingDown { last_seq, epoch } | Error::TokenExpired { last_seq, epoch } => {
+            Error::ShuttingDown { last_seq, epoch }
+            | Error::TokenExpired { last_seq, epoch }
+            | Error::TokenRevoked { last_seq, epoch } => {
                 vec![("last_seq", last_seq.to_string()), ("epoch", epoch.clone())]
             }
             Error::NotEnoughReplicas { online, needed } => vec![

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{caller, TokenExpiry};
+use crate::auth::{caller, TokenGrant};
 use crate::engine::{self, Command, Reply};
 use crate::error::Error;
 use crate::limits::{Limit, Limits, RateLimiter, StreamBudget};
@@ -336,7 +336,7 @@ impl RoomControl for RoomControlService {
         let tenancy = Tenancy {
             slot: self.streams.take(kind, connection.map(|c| &c.streams))?,
             shutdown: self.shutdown.clone(),
-            expires_at: request.extensions().get::<TokenExpiry>().map(|e| e.0),
+            grant: request.extensions().get::<TokenGrant>().cloned(),
             telemetry: self.telemetry.clone(),
         };
         let stream =

@@ -21,6 +21,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
+use crate::auth::TokenGrant;
 use crate::codec::EncodedEvent;
 use crate::engine::{Audience, Caller};
 use crate::error::Error;
@@ -34,15 +35,16 @@ use crate::validate;
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvent, Status>> + Send>>;
 
 /// What a subscription holds beside its cursor: its place in the node's stream budget (given
-/// back when it is dropped, whatever ended it), the server's shutdown signal, and when its
-/// caller's token expires (the stream ends `UNAUTHENTICATED` then, resumable with a new token).
+/// back when it is dropped, whatever ended it), the server's shutdown signal, and what ends its
+/// caller's token: its expiry, or the removal of the key that verified it (the stream ends
+/// `UNAUTHENTICATED` then, resumable with a new token).
 pub struct Tenancy {
     /// The stream's slot.
     pub slot: StreamSlot,
     /// Ends the stream with `UNAVAILABLE` / `SHUTTING_DOWN`.
     pub shutdown: CancellationToken,
-    /// When the caller's token stops being valid.
-    pub expires_at: Option<SystemTime>,
+    /// When the caller's token stops being valid, and what retires its key.
+    pub grant: Option<TokenGrant>,
     /// Counts the events delivered and the streams that fall behind.
     pub telemetry: Telemetry,
 }
@@ -60,13 +62,21 @@ pub async fn subscribe(
     let opening = store.open(&req.room_id, client_id).await?;
     let start = opening.window.start(req.after_seq, &req.epoch)?;
     let audience = Audience::admit(caller, client_id, opening.client, start)?;
-    let expiry = tenancy.expires_at.map(|at| {
-        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    let expiry = tenancy.grant.as_ref().map(|grant| {
+        let left = grant
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
         Box::pin(tokio::time::sleep(left))
     });
+    let retired = tenancy.grant.map(|grant| grant.retired);
     let ends = Ends {
         cancelled: Box::pin(tenancy.shutdown.clone().cancelled_owned()),
         shutdown: tenancy.shutdown,
+        retiring: retired
+            .as_ref()
+            .map(|retired| Box::pin(retired.clone().cancelled_owned())),
+        retired,
         expiry,
         armed: None,
     };
@@ -135,6 +145,8 @@ impl Batch {
 enum End {
     Shutdown,
     Expired,
+    /// A reload removed the key that verified the caller's token.
+    Revoked,
 }
 
 /// What ends a subscription besides its log: the server's shutdown and the caller's token
@@ -144,6 +156,9 @@ enum End {
 struct Ends {
     shutdown: CancellationToken,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Cancelled when the key of the caller's token is removed.
+    retired: Option<CancellationToken>,
+    retiring: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Never without an expiry.
     expiry: Option<Pin<Box<Sleep>>>,
     /// The waker both waits are registered with.
@@ -156,6 +171,13 @@ impl Ends {
     fn reached(&self) -> Option<End> {
         if self.shutdown.is_cancelled() {
             return Some(End::Shutdown);
+        }
+        if self
+            .retired
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            return Some(End::Revoked);
         }
         self.expiry
             .as_ref()
@@ -174,6 +196,11 @@ impl Ends {
         }
         if self.cancelled.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
+        }
+        if let Some(retiring) = &mut self.retiring {
+            if retiring.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Revoked);
+            }
         }
         if let Some(expiry) = &mut self.expiry {
             if expiry.as_mut().poll(cx).is_ready() {
@@ -200,6 +227,7 @@ impl Follow {
         let err = match end {
             End::Shutdown => Error::ShuttingDown { last_seq, epoch },
             End::Expired => Error::TokenExpired { last_seq, epoch },
+            End::Revoked => Error::TokenRevoked { last_seq, epoch },
         };
         self.finish(err)
     }
@@ -333,7 +361,7 @@ mod tests {
         let tenancy = Tenancy {
             slot: budget.take(StreamKind::Observer, None).unwrap(),
             shutdown: CancellationToken::new(),
-            expires_at: None,
+            grant: None,
             telemetry: Telemetry::off(),
         };
         let request = pb::EventsRequest {

@@ -439,8 +439,9 @@ async fn minted(args: &[&str]) -> String {
 
 /// Key rotation: with `kid=secret` lines two keys are valid at once, chosen by the token's kid,
 /// and an unknown kid is refused. After the old key is removed from the file and the server
-/// gets SIGHUP, the old key's tokens are refused and the new key's still work: no restart, no
-/// live token of the new key refused.
+/// gets SIGHUP, the old key's tokens are refused, and the `Events` streams they opened end
+/// UNAUTHENTICATED with their resume position, while the new key's tokens and streams go on: no
+/// restart, no live token of the new key refused.
 #[tokio::test]
 async fn keys_rotate_by_kid_on_sighup() {
     let dir = std::env::temp_dir().join(format!("roomctl-keys-{}", std::process::id()));
@@ -482,9 +483,20 @@ async fn keys_rotate_by_kid_on_sighup() {
         .await
         .unwrap_err();
     assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+    // Streams opened with each key, before the rotation.
+    let mut old_stream = subscribe(&mut by_old, "r", "", None).await.unwrap();
+    let mut new_stream = subscribe(&mut by_new, "r", "", None).await.unwrap();
+    let seen = join(&mut by_new, "r", "y").await;
+    assert_eq!(next_event(&mut old_stream).await.seq, seen.seq);
+    assert_eq!(next_event(&mut new_stream).await.seq, seen.seq);
 
     std::fs::write(&file, format!("{new}\n")).unwrap();
     sighup(&child);
+    // The removed key's stream ends at once, resumable with a current key's token.
+    let status = stream_end(&mut old_stream).await.unwrap_err();
+    let meta = assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
+    assert_eq!(meta["last_seq"], seen.seq.to_string());
+    assert!(status.message().contains("was removed"), "{status:?}");
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while by_old.list_participants(list()).await.is_ok() {
         assert!(
@@ -494,6 +506,12 @@ async fn keys_rotate_by_kid_on_sighup() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     by_new.list_participants(list()).await.unwrap();
+    let after = join(&mut by_new, "r", "z").await;
+    assert_eq!(
+        next_event(&mut new_stream).await.seq,
+        after.seq,
+        "a kept key's stream goes on"
+    );
     sigterm(&child);
     tokio::time::timeout(PATIENCE, child.wait())
         .await
