@@ -371,10 +371,12 @@ impl Command {
         }
     }
 
-    /// What a retry must repeat to be the same request: a stable hash (SHA-256, the same on
-    /// every node and build) of the command's kind and the fields the caller chose, without the
-    /// request id and without what the server chose (a join's client id). Never 0.
-    pub fn fingerprint(&self) -> u64 {
+    /// What a retry by `caller` must repeat to be the same request: a stable hash (SHA-256, the
+    /// same on every node and build) of the command's kind and what the caller asked for,
+    /// without the request id and without what the server chose (a join's client id). A join is
+    /// taken by the role and identity it grants, so spelling out one's own (or leaving them
+    /// unset) asks the same. Never 0.
+    pub fn fingerprint(&self, caller: &Caller) -> u64 {
         let mut hash = Sha256::new();
         let mut field = |bytes: &[u8]| {
             hash.update((bytes.len() as u64).to_le_bytes());
@@ -384,8 +386,10 @@ impl Command {
             Command::Join { cmd, .. } => {
                 field(b"join");
                 field(cmd.name.as_bytes());
-                field(&(cmd.role as i32).to_le_bytes());
-                field(cmd.identity.as_bytes());
+                let (role, identity) =
+                    join_grant(caller, cmd).unwrap_or_else(|_| (cmd.role, cmd.identity.clone()));
+                field(&(role as i32).to_le_bytes());
+                field(identity.as_bytes());
             }
             Command::Drop(cmd) => {
                 field(b"drop");
@@ -851,7 +855,7 @@ pub fn apply(
         Command::Join { .. } | Command::Leave { .. } | Command::TimeOut { .. } => {}
     }
     let key = cmd.answer_key(caller);
-    let fingerprint = cmd.fingerprint();
+    let fingerprint = cmd.fingerprint(caller);
     if let (Some(key), Some(request_id)) = (&key, cmd.request_id()) {
         if let Some(reply) = state.answers.recall(key, fingerprint, request_id, now)? {
             return Ok(Applied::retry(reply));
@@ -1621,7 +1625,8 @@ mod tests {
             Some(Remembered {
                 key: answer_key("alice", "q"),
                 expires_at: now() + Duration::from_secs(5),
-                fingerprint: drop_cmd(&["a"], "q").fingerprint(),
+                fingerprint: drop_cmd(&["a"], "q")
+                    .fingerprint(&caller("alice", TokenRole::Moderator)),
                 reply: remembered.clone(),
             }),
         );
@@ -1810,8 +1815,19 @@ mod tests {
                 request_id: Some("k".into()),
             },
         };
-        let base = join("c1", "x", Role::Participant, "u").fingerprint();
-        assert_eq!(base, join("c2", "x", Role::Participant, "u").fingerprint());
+        let ops = caller("ops", TokenRole::Service);
+        let base = join("c1", "x", Role::Participant, "u").fingerprint(&ops);
+        assert_eq!(
+            base,
+            join("c2", "x", Role::Participant, "u").fingerprint(&ops)
+        );
+        // What a join grants, not how it is spelled: a participant's own role and identity, or
+        // nothing, ask the same.
+        let bob = caller("bob", TokenRole::Participant);
+        assert_eq!(
+            join("c1", "x", Role::Unspecified, "").fingerprint(&bob),
+            join("c2", "x", Role::Participant, "bob").fingerprint(&bob)
+        );
         for other in [
             join("c1", "y", Role::Participant, "u"),
             join("c1", "x", Role::Moderator, "u"),
@@ -1819,11 +1835,11 @@ mod tests {
             // Field boundaries count: "xu" + "" is not "x" + "u".
             join("c1", "xu", Role::Participant, ""),
         ] {
-            assert_ne!(base, other.fingerprint(), "{other:?}");
+            assert_ne!(base, other.fingerprint(&ops), "{other:?}");
         }
         assert_ne!(
-            drop_cmd(&["a", "b"], "q").fingerprint(),
-            drop_cmd(&["ab"], "q").fingerprint()
+            drop_cmd(&["a", "b"], "q").fingerprint(&ops),
+            drop_cmd(&["ab"], "q").fingerprint(&ops)
         );
     }
 

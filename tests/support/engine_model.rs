@@ -188,7 +188,7 @@ pub fn check(bytes: &[u8]) {
             .as_ref()
             .and_then(|key| remembered.get(key))
             .filter(|(expires_at, _, _)| *expires_at > now);
-        let reused = fresh.is_some_and(|(_, first, _)| !same_request(first, &cmd));
+        let reused = fresh.is_some_and(|(_, first, _)| !same_request(caller, first, &cmd));
         let outcome = apply(&mut state, caller, cmd.clone(), now);
         let Ok(applied) = outcome else {
             check_refusal(&cmd, caller, &outcome, &rules, &before, reused, now);
@@ -300,13 +300,30 @@ pub fn check(bytes: &[u8]) {
     }
 }
 
-/// Whether `retry` repeats the request `first` (with its request id): the same fields the
-/// caller chose, whatever the server chose (a join's client id).
-fn same_request(first: &Command, retry: &Command) -> bool {
+/// Whether `retry` repeats the request `first` (with its request id) of `caller`: the same
+/// fields the caller chose, whatever the server chose (a join's client id), a join's role and
+/// identity as they are granted (unset means the caller's own).
+fn same_request(caller: &Caller, first: &Command, retry: &Command) -> bool {
+    let granted = |cmd: &JoinCmd| {
+        let own = match caller.role {
+            TokenRole::Participant => Role::Participant,
+            TokenRole::Moderator => Role::Moderator,
+            TokenRole::Service => Role::Participant,
+        };
+        let role = if cmd.role == Role::Unspecified {
+            own
+        } else {
+            cmd.role
+        };
+        let identity = if cmd.identity.is_empty() {
+            caller.identity.clone()
+        } else {
+            cmd.identity.clone()
+        };
+        (cmd.name.clone(), role, identity)
+    };
     match (first, retry) {
-        (Command::Join { cmd: a, .. }, Command::Join { cmd: b, .. }) => {
-            (&a.name, a.role, &a.identity) == (&b.name, b.role, &b.identity)
-        }
+        (Command::Join { cmd: a, .. }, Command::Join { cmd: b, .. }) => granted(a) == granted(b),
         (Command::Drop(a), Command::Drop(b)) => {
             (&a.client_ids, &a.reason, a.ban) == (&b.client_ids, &b.reason, b.ban)
         }

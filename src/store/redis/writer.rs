@@ -125,7 +125,7 @@ pub(super) fn wanted(jobs: &[Job]) -> Wanted<'_> {
         if let Some(key) = job.cmd.answer_key(&job.caller) {
             if !wanted.answers.contains(&key) {
                 wanted.answers.push(key);
-                wanted.fingerprints.push(job.cmd.fingerprint());
+                wanted.fingerprints.push(job.cmd.fingerprint(&job.caller));
             }
         }
     }
