@@ -385,7 +385,7 @@ where
         let timeout = grpc_timeout(request.headers()).map_or(self.layer.request_timeout, |t| {
             t.min(self.layer.request_timeout)
         });
-        let answer = inner.call(request);
+        let answer = inner.call(note.watch(request));
         Box::pin(async move {
             let _permit = permit;
             let response = match tokio::time::timeout(timeout, answer).await {

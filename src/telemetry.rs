@@ -566,6 +566,9 @@ pub struct CallNote(Arc<Noted>);
 struct Noted {
     call: OnceLock<(String, String)>,
     request_id: OnceLock<String>,
+    /// The client's request broke off (a reset stream, a closed connection) before it was
+    /// read whole: whatever the handler answers, the call was cancelled by its client.
+    broke_off: std::sync::atomic::AtomicBool,
 }
 
 impl CallNote {
@@ -580,6 +583,43 @@ impl CallNote {
     pub fn record_request_id(&self, request_id: &str) {
         let _ = self.0.request_id.set(Clipped(request_id).to_string());
     }
+
+    /// `request` with its body watched: if the client breaks it off, the call is counted and
+    /// logged `CANCELLED`, not as the error the handler made of the broken body.
+    pub fn watch(&self, request: http::Request<Body>) -> http::Request<Body> {
+        let note = self.clone();
+        request.map(|body| Body::new(Watched { body, note }))
+    }
+}
+
+/// A request body that notes in its call's [`CallNote`] when the client breaks it off.
+struct Watched {
+    body: Body,
+    note: CallNote,
+}
+
+impl HttpBody for Watched {
+    type Data = <Body as HttpBody>::Data;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.note.0.broke_off.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A call being observed: recorded in the metrics and logged once, when its code is known.
@@ -592,6 +632,13 @@ struct Observation {
 
 impl Observation {
     fn finish(self, code: Code) {
+        // The handler's error about a request its client broke off is the client's cancel.
+        let code = match code {
+            Code::Internal | Code::Unknown if self.note.0.broke_off.load(Ordering::Relaxed) => {
+                Code::Cancelled
+            }
+            code => code,
+        };
         let elapsed = self.started.elapsed();
         self.telemetry.rpc(self.method, code, elapsed);
         let (room, identity) = self

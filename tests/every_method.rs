@@ -103,3 +103,52 @@ async fn every_method_is_shed_timed_counted_and_audited() {
         );
     }
 }
+
+/// Every method of the descriptor, called by clients that break their request off half-way
+/// (a reset stream, then a closed connection) while the node reads it: each such call is
+/// counted and logged `CANCELLED`, what it is, not `INTERNAL` or `UNKNOWN`, which operators
+/// alert on.
+#[tokio::test]
+async fn calls_their_clients_break_off_are_cancelled() {
+    let node = LoggedNode::start(node_process::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]))
+    .await;
+    let metrics = node.metrics.unwrap();
+    let bearer = format!("Bearer {}", token("ops", "*", "service"));
+    let methods = methods();
+    for method in &methods {
+        let path = format!("/roomcontrol.v1.RoomControl/{method}");
+        for close_connection in [false, true] {
+            let mut h2 = bare::connect(node.addr).await;
+            let (head, _) = bare::request(&path, &[("authorization", bearer.as_str())], &());
+            let (_answer, mut body) = h2.send_request(head, false).unwrap();
+            // A frame that announces 100 bytes of message, and brings 3.
+            body.send_data(vec![0, 0, 0, 0, 100, 1, 2, 3].into(), false)
+                .unwrap();
+            calls_in_progress(metrics, 1).await;
+            if close_connection {
+                drop((h2, body, _answer));
+            } else {
+                body.send_reset(h2::Reason::CANCEL);
+            }
+            calls_in_progress(metrics, 0).await;
+        }
+    }
+    let text = scrape(metrics).await;
+    for method in &methods {
+        let series = format!("roomctl_rpcs_total{{method=\"{method}\",code=\"CANCELLED\"}}");
+        assert_eq!(metric(&text, &series), 2.0, "{series} in\n{text}");
+    }
+    let lines = node.stop().await;
+    for method in &methods {
+        assert_eq!(
+            access_codes(&lines, method),
+            ["CANCELLED", "CANCELLED"],
+            "{method}"
+        );
+    }
+}
