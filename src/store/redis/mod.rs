@@ -107,9 +107,10 @@ struct Shared {
     /// `WAIT` holds its connection until the replicas answer (up to a second when they do not),
     /// and reads and the health ping must not queue behind it.
     pub(super) waiting: Option<Conn>,
-    /// Whether the last commit found its master with fewer replicas than it waits for: then
-    /// commits go without their `WAIT` in the same round trip, which would wait out its
-    /// timeout after a refusal (a hint: a cluster's masters may differ; both ways are correct).
+    /// Whether the last commit found its master with fewer replicas than it waits for (or no
+    /// commit has shown it yet): then commits go without their `WAIT` in the same round trip,
+    /// which would wait out its timeout after a refusal (a hint: a cluster's masters may
+    /// differ; both ways are correct).
     pub(super) short_of_replicas: AtomicBool,
     pub(super) config: RedisConfig,
     pub(super) commit: redis::Script,
@@ -154,7 +155,9 @@ impl RedisStore {
         let shared = Arc::new(Shared {
             conn,
             waiting,
-            short_of_replicas: AtomicBool::new(false),
+            // Until a commit shows the replicas are there: a node started on a master without
+            // them answers its very first commit at once too.
+            short_of_replicas: AtomicBool::new(true),
             control,
             config,
             commit: redis::Script::new(COMMIT),
