@@ -516,21 +516,27 @@ pub async fn serve(
 }
 
 /// The answer to one request of the metrics listener: the metrics for `GET` and `HEAD` of
-/// `/metrics` (hyper sends no body for `HEAD`), 404 otherwise.
+/// `/metrics` (hyper sends no body for `HEAD`), 405 for another method there, 404 elsewhere.
 fn scrape(telemetry: &Telemetry, request: &http::Request<Incoming>) -> http::Response<Full<Bytes>> {
-    let asked = matches!(*request.method(), http::Method::GET | http::Method::HEAD)
-        && request.uri().path() == "/metrics";
-    let text = asked.then(|| telemetry.encode()).flatten();
-    match text {
-        Some(text) => http::Response::builder()
-            .header(
-                http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(text))),
-        None => http::Response::builder()
-            .status(http::StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::from_static(b"GET /metrics\n"))),
+    let readable = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+    let refusal = |status, text: &'static [u8]| {
+        http::Response::builder()
+            .status(status)
+            .header(http::header::ALLOW, "GET, HEAD")
+            .body(Full::new(Bytes::from_static(text)))
+    };
+    match (request.uri().path() == "/metrics", readable) {
+        (true, true) => match telemetry.encode() {
+            Some(text) => http::Response::builder()
+                .header(
+                    http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(Full::new(Bytes::from(text))),
+            None => refusal(http::StatusCode::NOT_FOUND, b"metrics are off\n"),
+        },
+        (true, false) => refusal(http::StatusCode::METHOD_NOT_ALLOWED, b"GET /metrics\n"),
+        (false, _) => refusal(http::StatusCode::NOT_FOUND, b"GET /metrics\n"),
     }
     .expect("a response of static parts")
 }

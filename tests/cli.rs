@@ -613,7 +613,8 @@ async fn settings_come_from_flags_then_variables_then_the_file() {
 }
 
 /// Settings out of their range are usage errors (exit 2) that say what is allowed, before
-/// anything starts.
+/// anything starts: a timeout of 0 would refuse everything, a keepalive interval of 0 would
+/// ping without pause.
 #[tokio::test]
 async fn settings_out_of_range_are_refused() {
     for (flag, value, allowed) in [
@@ -621,6 +622,11 @@ async fn settings_out_of_range_are_refused() {
         ("--presence-timeout", "2d", "from 100ms to 24h"),
         ("--history", "0", "1..=10000000"),
         ("--max-message-bytes", "0", "at least 1"),
+        ("--http2-keepalive-interval", "0s", "at least 1s"),
+        ("--request-timeout", "0s", "at least 10ms"),
+        ("--handshake-timeout", "1ms", "at least 100ms"),
+        ("--http2-keepalive-timeout", "0s", "at least 100ms"),
+        ("--history-bytes", "1000", "1048576"),
     ] {
         let output = roomctl(&["serve", "--listen", "127.0.0.1:0", flag, value])
             .env("ROOMCTL_JWT_SECRET", ENV_SECRET)

@@ -198,6 +198,18 @@ async fn the_metrics_listener_cannot_exhaust_the_node() {
     assert!(scrape(metrics).await.contains("roomctl_rpcs"));
     let body = metrics_request(metrics, "HEAD").await;
     assert!(body.is_empty(), "HEAD has no body: {body:?}");
+    let mut tcp = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(b"POST /metrics HTTP/1.1\r\nHost: roomctl\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("allow: get, head"),
+        "{answer}"
+    );
     node.stop().await;
 }
 

@@ -97,12 +97,13 @@ pub struct ServeArgs {
     /// How log lines are written (`ROOMCTL_LOG` sets which are).
     #[arg(long, env = "ROOMCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// How long a new connection may take to send the HTTP/2 preface before it is closed.
-    #[arg(long, env = "ROOMCTL_HANDSHAKE_TIMEOUT", default_value_t = Limits::default().handshake_timeout.into())]
+    /// How long a new connection may take to send the HTTP/2 preface before it is closed (at
+    /// least 100ms).
+    #[arg(long, env = "ROOMCTL_HANDSHAKE_TIMEOUT", default_value_t = Limits::default().handshake_timeout.into(), value_parser = at_least_ms::<100>)]
     handshake_timeout: humantime::Duration,
     /// The longest a unary call (or opening a stream) may take; a shorter client
-    /// `grpc-timeout` wins. Past it: DEADLINE_EXCEEDED.
-    #[arg(long, env = "ROOMCTL_REQUEST_TIMEOUT", default_value_t = Limits::default().request_timeout.into())]
+    /// `grpc-timeout` wins. Past it: DEADLINE_EXCEEDED. At least 10ms.
+    #[arg(long, env = "ROOMCTL_REQUEST_TIMEOUT", default_value_t = Limits::default().request_timeout.into(), value_parser = at_least_ms::<10>)]
     request_timeout: humantime::Duration,
     /// RoomControl calls in progress at once; more fail at once with UNAVAILABLE (OVERLOADED).
     #[arg(long, env = "ROOMCTL_MAX_CONCURRENT_CALLS", default_value_t = Limits::default().max_concurrent_calls, value_parser = at_least_one)]
@@ -131,11 +132,12 @@ pub struct ServeArgs {
     /// (default: twice the rate).
     #[arg(long, env = "ROOMCTL_SERVICE_BURST", value_parser = clap::value_parser!(u32).range(1..))]
     service_burst: Option<u32>,
-    /// How often an idle connection is pinged (HTTP/2 keepalive).
-    #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_INTERVAL", default_value_t = Limits::default().keepalive_interval.into())]
+    /// How often an idle connection is pinged (HTTP/2 keepalive), at least 1s.
+    #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_INTERVAL", default_value_t = Limits::default().keepalive_interval.into(), value_parser = at_least_ms::<1000>)]
     http2_keepalive_interval: humantime::Duration,
-    /// How long a keepalive ping may go unanswered before the connection is closed.
-    #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = Limits::default().keepalive_timeout.into())]
+    /// How long a keepalive ping may go unanswered before the connection is closed, at least
+    /// 100ms.
+    #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = Limits::default().keepalive_timeout.into(), value_parser = at_least_ms::<100>)]
     http2_keepalive_timeout: humantime::Duration,
     #[command(flatten)]
     secret: SecretArgs,
@@ -191,6 +193,15 @@ impl ServeArgs {
         }
         if self.service_burst.is_some() && self.service_rate.is_none() {
             return needs("service_burst", "service_rate");
+        }
+        if self
+            .metrics_listen
+            .is_some_and(|metrics| metrics == self.listen && metrics.port() != 0)
+        {
+            return Err(Failure::Usage(format!(
+                "metrics_listen and listen are both {}: metrics need an address of their own",
+                self.listen
+            )));
         }
         Ok(())
     }
@@ -258,6 +269,17 @@ impl ServeArgs {
             tls: self.tls_files(),
         })
     }
+}
+
+/// A duration of at least `MIN` milliseconds: a timeout of 0 would refuse everything, and a
+/// keepalive interval of 0 would ping without pause.
+fn at_least_ms<const MIN: u64>(value: &str) -> Result<humantime::Duration, String> {
+    let duration: humantime::Duration = value.parse().map_err(|e| format!("{e}"))?;
+    let min = Duration::from_millis(MIN);
+    if *duration < min {
+        return Err(format!("at least {}", humantime::format_duration(min)));
+    }
+    Ok(duration)
 }
 
 fn at_least_one(value: &str) -> Result<usize, String> {
