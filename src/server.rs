@@ -136,7 +136,7 @@ impl Reloader {
         let Some((files, acceptor)) = &self.tls else {
             return Ok(false);
         };
-        acceptor.reload(files.load()?);
+        acceptor.reload(files.load().map_err(|e| e.to_string())?);
         Ok(true)
     }
 }
@@ -166,7 +166,11 @@ impl Server {
         let authenticator = Authenticator::with_rules(&config.jwt_keys, &config.token_rules);
         let pages = PageTokens::new(&config.jwt_keys);
         let tls = match &config.tls {
-            Some(files) => Some(TlsAcceptor::new(files.load().map_err(ServeError::Config)?)),
+            Some(files) => Some(TlsAcceptor::new(
+                files
+                    .load()
+                    .map_err(|e| ServeError::Config(e.to_string()))?,
+            )),
             None => None,
         };
         Ok(Self {

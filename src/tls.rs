@@ -26,24 +26,43 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+/// Why TLS files could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The files were read but do not make a TLS configuration (no certificate, a key that is
+    /// not the certificate's, a bad client CA).
+    #[error("{0}")]
+    Invalid(String),
+}
+
 impl TlsFiles {
     /// Reads the files into a rustls configuration that speaks HTTP/2 only.
-    pub fn load(&self) -> Result<rustls::ServerConfig, String> {
+    pub fn load(&self) -> Result<rustls::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let read = |what: &str, path: &PathBuf, err: &dyn std::fmt::Display| {
-            format!("cannot read the TLS {what} {}: {err}", path.display())
+        let read = |what: &str, path: &PathBuf, err: &rustls::pki_types::pem::Error| {
+            let said = format!("cannot read the TLS {what} {}: {err}", path.display());
+            match err {
+                rustls::pki_types::pem::Error::Io(_) => TlsError::Unreadable(said),
+                _ => TlsError::Invalid(said),
+            }
         };
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
             .and_then(|certs| certs.collect::<Result<_, _>>())
             .map_err(|e| read("certificate", &self.cert, &e))?;
         if chain.is_empty() {
-            return Err(format!("no certificate in {}", self.cert.display()));
+            return Err(TlsError::Invalid(format!(
+                "no certificate in {}",
+                self.cert.display()
+            )));
         }
         let key =
             PrivateKeyDer::from_pem_file(&self.key).map_err(|e| read("key", &self.key, &e))?;
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?;
+            .map_err(|e| TlsError::Invalid(format!("TLS setup: {e}")))?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(path) => {
@@ -52,20 +71,22 @@ impl TlsFiles {
                     CertificateDer::pem_file_iter(path).map_err(|e| read("client CA", path, &e))?
                 {
                     let cert = cert.map_err(|e| read("client CA", path, &e))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("bad client CA in {}: {e}", path.display()))?;
+                    roots.add(cert).map_err(|e| {
+                        TlsError::Invalid(format!("bad client CA in {}: {e}", path.display()))
+                    })?;
                 }
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
-                        .map_err(|e| format!("client CA {}: {e}", path.display()))?;
+                        .map_err(|e| {
+                            TlsError::Invalid(format!("client CA {}: {e}", path.display()))
+                        })?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
         let mut config = builder
             .with_single_cert(chain, key)
-            .map_err(|e| format!("TLS certificate and key do not fit: {e}"))?;
+            .map_err(|e| TlsError::Invalid(format!("TLS certificate and key do not fit: {e}")))?;
         // gRPC is HTTP/2; clients (grpc-go in grpcurl among them) ask for it by ALPN.
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)

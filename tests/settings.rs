@@ -384,7 +384,8 @@ async fn keys_that_no_file_may_hold_are_refused() {
 
 /// A missing config file is "cannot read a file", exit code 1 as README's table of exit codes
 /// says, from `config check` and from `serve` alike; a file whose pair is incomplete is a
-/// configuration error (2) that names what is missing and every way to give it.
+/// configuration error (2) that names what is missing and every way to give it; so are TLS
+/// files that cannot be read (1) or do not fit together (2).
 #[tokio::test]
 async fn config_file_failures_have_their_exit_codes() {
     let dir = Dir::new("settings-exit-codes");
@@ -410,5 +411,33 @@ async fn config_file_failures_have_their_exit_codes() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     for named in ["tls_key", "--tls-key", "ROOMCTL_TLS_KEY"] {
         assert!(stderr.contains(named), "{named} missing from {stderr}");
+    }
+    // TLS files: one that cannot be read is 1, a certificate with another's key is 2, from
+    // config check and serve alike.
+    let ca = Ca::new();
+    let (cert, _) = ca.issue(&["localhost"]);
+    let (_, other_key) = ca.issue(&["localhost"]);
+    let cert = dir.write("server.crt", &cert);
+    let other_key = dir.write("other.key", &other_key);
+    for (key, code) in [(dir.path().join("missing.key"), 1), (other_key, 2)] {
+        let file = dir.write(
+            "tls.toml",
+            &format!("tls_cert = {:?}\ntls_key = {:?}\n", cert, key),
+        );
+        for serve in [false, true] {
+            let mut command = Command::new(BIN);
+            if serve {
+                command.args(["serve", "--listen", "127.0.0.1:0", "--config"]);
+            } else {
+                command.args(["config", "check"]);
+            }
+            let output = command
+                .arg(&file)
+                .env("ROOMCTL_JWT_SECRET", SECRET_TEXT)
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(output.status.code(), Some(code), "{key:?}: {output:?}");
+        }
     }
 }

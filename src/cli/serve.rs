@@ -15,7 +15,7 @@ use crate::engine::RoomLimits;
 use crate::limits::Limits;
 use crate::server::{Reloader, Server, ServerConfig, StoreConfig, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::store::RoomSettings;
-use crate::tls::TlsFiles;
+use crate::tls::{TlsError, TlsFiles};
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
 pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
@@ -166,10 +166,17 @@ impl ServeArgs {
     pub(super) fn check_without_serving(&self) -> Result<(), Failure> {
         self.store_config()?;
         self.secret.load()?;
-        if let Some(tls) = self.tls_files() {
-            tls.load().map_err(Failure::Other)?;
+        self.check_tls()
+    }
+
+    /// The TLS files read, as `serve` reads them: one that cannot be read is exit 1, files that
+    /// do not make a TLS configuration (no certificate, a key of another) a configuration error.
+    fn check_tls(&self) -> Result<(), Failure> {
+        match self.tls_files().map(|tls| tls.load()) {
+            Some(Err(TlsError::Unreadable(said))) => Err(Failure::Other(said)),
+            Some(Err(TlsError::Invalid(said))) => Err(Failure::Usage(said)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The rules between settings, judged once flags, variables and the file are merged, so
@@ -244,6 +251,7 @@ impl ServeArgs {
     /// The server configuration these settings make, with its secrets loaded.
     fn server_config(&self) -> Result<ServerConfig, Failure> {
         let store = self.store_config()?;
+        self.check_tls()?;
         Ok(ServerConfig {
             jwt_keys: self.secret.load()?,
             token_rules: TokenRules {
