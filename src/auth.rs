@@ -473,7 +473,9 @@ fn refusal(token: &str, kind: &ErrorKind) -> String {
         ErrorKind::ExpiredSignature => "the token has expired".into(),
         ErrorKind::InvalidAudience => "the token's aud does not name this server".into(),
         ErrorKind::InvalidIssuer => "the token's iss is not the issuer this server trusts".into(),
-        ErrorKind::MissingRequiredClaim(claim) => format!("the token lacks the {claim:?} claim"),
+        ErrorKind::MissingRequiredClaim(claim) => {
+            format!("the token lacks a valid {claim:?} claim (exp and nbf are seconds since 1970)")
+        }
         ErrorKind::InvalidClaimFormat(claim) => format!("the token's {claim:?} claim is malformed"),
         _ if jsonwebtoken::decode_header(token).is_err() => {
             "malformed token: expected a JWT whose header is {\"alg\":\"HS256\"}".into()

@@ -1,7 +1,8 @@
 //! `ListRooms` page tokens: opaque, tamper-evident cursors.
 //!
-//! A token names the room id a page ended at, with an HMAC-SHA256 tag of it, so a client can
-//! neither read a cursor into it nor forge one (a forged `after:ROOM` used to be accepted). The
+//! A token names the room id a page ended at (base64, readable by anyone: a room id is no secret
+//! to a caller allowed to list every room), with an HMAC-SHA256 tag of it, so a client cannot
+//! forge one (a forged `after:ROOM` used to be accepted), and should not parse one. The
 //! tag's key is derived from the node's JWT secrets, which every node of a fleet shares: a token
 //! from one node works on any other. Tokens are tagged with the first key and accepted with any
 //! key of the set, so a key rotation does not break a listing in progress until the old key is

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::{Output, Stdio};
 
-use common::certs::Dir;
+use common::certs::{Ca, Dir};
 use common::grpcurl::grpcurl;
 use common::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -257,6 +257,88 @@ async fn tls_mistakes_are_told_as_what_they_are() {
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     assert!(
         stderr(&output).contains("does not speak TLS"),
+        "{}",
+        stderr(&output)
+    );
+
+    // A --ca that holds no certificate (a key given by mistake), or cannot be read.
+    let output = call(format!("https://127.0.0.1:{port}"), Some("ca.key")).await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr(&output).contains("holds no PEM certificate"),
+        "{output:?}"
+    );
+    let output = call(format!("https://127.0.0.1:{port}"), Some("missing.crt")).await;
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "cannot read a file: {output:?}"
+    );
+
+    // A certificate for another host than the one called.
+    let other = Ca::new();
+    let (cert, key) = other.issue(&["other.internal"]);
+    dir.write("other.crt", &cert);
+    dir.write("other.key", &key);
+    dir.write("other-ca.crt", &other.pem());
+    let (_elsewhere, addr) = tls_node("other.crt", "other.key").await;
+    let output = call(
+        format!("https://127.0.0.1:{}", addr.port()),
+        Some("other-ca.crt"),
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(stderr(&output).contains("does not name"), "{output:?}");
+}
+
+/// A server that asks for client certificates (mutual TLS) and a client that brings none, or
+/// one signed by another CA: each is told what the server wants, not a bare transport error.
+#[tokio::test]
+async fn mutual_tls_mistakes_are_told_as_what_they_are() {
+    let dir = Dir::new("certificates-mtls-mistakes");
+    run_recipe(dir.path()).await;
+    let mut command = node_process::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        "server.crt",
+        "--tls-key",
+        "server.key",
+        "--tls-client-ca",
+        "ca.crt",
+    ]);
+    command.current_dir(dir.path());
+    let (_node, addr) = node_process::start_quiet(command).await;
+    let server = format!("https://127.0.0.1:{}", addr.port());
+    let ops = token("ops", "*", "service");
+    let base = [
+        "participants",
+        "demo",
+        "--server",
+        &server,
+        "--token",
+        &ops,
+        "--ca",
+        "ca.crt",
+    ];
+    let output = roomctl(&base, dir.path()).await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr(&output).contains("asks for a client certificate"),
+        "{}",
+        stderr(&output)
+    );
+    // A client certificate of another CA.
+    let other = Ca::new();
+    let (cert, key) = other.issue(&["stranger"]);
+    dir.write("stranger.crt", &cert);
+    dir.write("stranger.key", &key);
+    let mut args = base.to_vec();
+    args.extend(["--cert", "stranger.crt", "--key", "stranger.key"]);
+    let output = roomctl(&args, dir.path()).await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr(&output).contains("refused this client's certificate"),
         "{}",
         stderr(&output)
     );

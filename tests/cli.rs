@@ -627,6 +627,7 @@ async fn settings_out_of_range_are_refused() {
         ("--handshake-timeout", "1ms", "at least 100ms"),
         ("--http2-keepalive-timeout", "0s", "at least 100ms"),
         ("--history-bytes", "1000", "1048576"),
+        ("--listen", "localhost:0", "a host name"),
     ] {
         let output = roomctl(&["serve", "--listen", "127.0.0.1:0", flag, value])
             .env("ROOMCTL_JWT_SECRET", ENV_SECRET)

@@ -385,3 +385,52 @@ async fn watch_waits_for_a_room_lost_with_a_memory_node() {
     assert!(new.contains("#2") && new.contains("new-two"), "{new}");
     watch.kill().await.unwrap();
 }
+
+/// What a newcomer gets wrong with the client is told plainly: a server that is not there
+/// (exit 5, naming the address and asking whether it runs), no token (exit 2, naming
+/// `ROOMCTL_TOKEN`), and a pipe closed by its reader (`| head`) ends the command quietly, with
+/// no panic.
+#[tokio::test]
+async fn client_mistakes_are_told_plainly() {
+    // A port nothing listens on: bound, then let go.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", free.local_addr().unwrap());
+    drop(free);
+    let ops = token("ops", "*", "service");
+    let output = run(&nowhere, &ops, &["participants", "demo"]).await;
+    assert_eq!(output.status.code(), Some(5), "{output:?}");
+    assert!(stderr(&output).contains(&nowhere), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is the server running"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = Command::new(BIN)
+        .args(["participants", "demo", "--server", &nowhere])
+        .env_remove("ROOMCTL_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr(&output).contains("ROOMCTL_TOKEN"),
+        "{}",
+        stderr(&output)
+    );
+
+    let server = TestServer::start(Backend::Memory).await;
+    let url = format!("http://{}", server.addr);
+    for room in ["a1", "a2", "a3"] {
+        let output = run(&url, &ops, &["join", room, "--identity", "u"]).await;
+        assert!(output.status.success(), "{output:?}");
+    }
+    let mut rooms = roomctl(&url, &ops, &["rooms", "--page-size", "1"])
+        .spawn()
+        .unwrap();
+    // The reader goes away before the command prints.
+    drop(rooms.stdout.take());
+    let output = rooms.wait_with_output().await.unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+}

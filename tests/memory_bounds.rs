@@ -26,7 +26,7 @@ const ROOM_BOUND: u64 = 64 * MIB;
 /// encoded) and their bookkeeping.
 const REDIS_ROOM_BOUND: u64 = 36 * MIB;
 /// What README allows each stalled stream beyond the room (its batch and HTTP/2 buffers).
-const STREAM_BOUND: u64 = 2 * MIB;
+const STREAM_BOUND: u64 = 3 * MIB / 2;
 /// What README allows the log's queue and the calls in flight here.
 const LOG_BOUND: u64 = 16 * MIB;
 

@@ -441,3 +441,27 @@ async fn config_file_failures_have_their_exit_codes() {
         }
     }
 }
+
+/// README's "Settings" section names every setting of `serve`, its flag and its variable, read
+/// from the clap definitions: a new setting cannot go undocumented.
+#[test]
+fn readme_names_every_setting() {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("### Settings")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("README has a Settings section");
+    for setting in settings() {
+        let flag = format!("`--{}`", setting.long);
+        assert!(section.contains(&flag), "README's settings lack {flag}");
+        if let Some(env) = &setting.env {
+            let env = format!("`{env}`");
+            assert!(section.contains(&env), "README's settings lack {env}");
+        }
+        if !NOT_IN_FILES.contains(&setting.long.as_str()) {
+            let key = format!("`{}`", setting.key());
+            assert!(section.contains(&key), "README's settings lack {key}");
+        }
+    }
+}

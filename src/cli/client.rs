@@ -30,7 +30,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-use super::Failure;
+use super::{diagnose, say, Failure};
 use crate::client::{self, Client};
 use crate::error::DOMAIN;
 use crate::pb::{self, event::Payload};
@@ -43,7 +43,7 @@ pub struct Connection {
     server: String,
     /// The bearer token to call with (see `roomctl token`).
     #[arg(long, env = "ROOMCTL_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     /// For https: the PEM CA to trust (default: the usual public CAs).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -60,7 +60,19 @@ pub struct Connection {
 
 fn read(path: &PathBuf) -> Result<String, Failure> {
     std::fs::read_to_string(path)
-        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))
+        .map_err(|e| Failure::Other(format!("cannot read {}: {e}", path.display())))
+}
+
+/// A PEM file that must hold a certificate (`--ca`, `--cert`).
+fn read_certificate(flag: &str, path: &PathBuf) -> Result<String, Failure> {
+    let text = read(path)?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(Failure::Usage(format!(
+            "{flag} {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(text)
 }
 
 impl Connection {
@@ -72,14 +84,15 @@ impl Connection {
         if self.server.starts_with("https://") {
             let mut tls = ClientTlsConfig::new().with_webpki_roots();
             if let Some(ca) = &self.ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+                tls = tls.ca_certificate(Certificate::from_pem(read_certificate("--ca", ca)?));
             }
             if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                let cert = read_certificate("--cert", cert)?;
+                tls = tls.identity(Identity::from_pem(cert, read(key)?));
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| {
                 let text = with_causes(&e);
-                let why = certificate_refused(&text, "")
+                let why = diagnose::certificate_refused(&text, "")
                     .map_or_else(String::new, |why| format!("\n  {why}"));
                 Failure::Usage(format!("--ca, --cert, --key: {text}{why}"))
             })?;
@@ -91,49 +104,41 @@ impl Connection {
         let channel: Channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .connect_lazy();
-        client::with_token(channel, &self.token).map_err(|s| Failure::Usage(s.message().into()))
+        let token = self.token.as_deref().ok_or_else(|| {
+            Failure::Usage(
+                "no token: pass --token TOKEN or set ROOMCTL_TOKEN (`roomctl token` mints one)"
+                    .into(),
+            )
+        })?;
+        client::with_token(channel, token).map_err(|s| Failure::Usage(s.message().into()))
     }
 
-    /// A failed call as the operator sees it ([`failure`]); when the transport failed for a
-    /// reason on this side that no retry fixes, a configuration error saying what to change.
+    /// A failed call as the operator sees it ([`failure`]). When the transport failed, it says
+    /// which server and why (the causes tonic keeps behind "transport error"), and, for a
+    /// reason on this side that no retry fixes, it is a configuration error saying what to
+    /// change.
     pub(super) async fn failure(&self, status: &Status) -> Failure {
         if from_roomctl(status) {
             return failure(status);
         }
-        match self.misconfigured(status).await {
-            Some(why) => Failure::Usage(format!(
-                "{}: {}\n  {why}",
-                crate::telemetry::code_name(status.code()),
-                status.message()
-            )),
-            None => failure(status),
+        let said = format!(
+            "{}: {}",
+            crate::telemetry::code_name(status.code()),
+            with_causes(status)
+        );
+        let asked = diagnose::Asked {
+            server: &self.server,
+            with_certificate: self.cert.is_some(),
+        };
+        if let Some(why) = diagnose::misconfigured(&asked, &said).await {
+            return Failure::Usage(format!("{said}\n  {why}"));
         }
-    }
-
-    /// What is wrong with how this client speaks to the server, when the transport's refusal
-    /// (`status`) says so, or a probe of the server's port does.
-    async fn misconfigured(&self, status: &Status) -> Option<String> {
-        let message = status.message();
-        let uri: http::Uri = self.server.parse().ok()?;
-        let host = uri.host()?.to_owned();
-        let port = uri.port_u16()?;
-        if let Some(why) = certificate_refused(message, &host) {
-            return Some(why);
-        }
-        if message.contains("InvalidContentType") && uri.scheme_str() == Some("https") {
-            return Some(format!(
-                "the server at {host}:{port} does not speak TLS: use --server \
-                 http://{host}:{port}"
-            ));
-        }
-        if uri.scheme_str() == Some("http") && speaks_tls(&host, port).await {
-            return Some(format!(
-                "the server at {host}:{port} speaks TLS: use --server https://{host}:{port} \
-                 (with --ca for a certificate from a private CA, and --cert and --key if it \
-                 asks for a client certificate); {RECIPE}"
-            ));
-        }
-        None
+        let hint = if said.contains("connect") {
+            "\n  is the server running there, and is --server (or ROOMCTL_SERVER) its address?"
+        } else {
+            ""
+        };
+        Failure::Unreachable(format!("the server at {}: {said}{hint}", self.server))
     }
 
     /// Whether answers are printed as JSON.
@@ -144,75 +149,26 @@ impl Connection {
     /// Prints `message`: its proto3 JSON with `--json`, else `text`.
     pub(super) fn print<M: Message + Default>(&self, message: &M, text: impl FnOnce() -> String) {
         if self.json {
-            println!("{}", json(message));
+            say(json(message));
         } else {
-            println!("{}", text());
+            say(text());
         }
     }
 }
 
-/// `err` with its causes: tonic's errors say "transport error" and keep the cause in their
-/// source.
-fn with_causes(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
+/// A status's message, or an error, with its causes: tonic's errors say "transport error" and
+/// keep the cause in their source.
+fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = match err.downcast_ref::<Status>() {
+        Some(status) => status.message().to_owned(),
+        None => err.to_string(),
+    };
     let mut cause = err.source();
     while let Some(inner) = cause {
         text.push_str(&format!(": {inner}"));
         cause = inner.source();
     }
     text
-}
-
-/// Where README shows how to make certificates roomctl accepts.
-const RECIPE: &str = "README, \"Certificates for TLS\", has a recipe";
-
-/// What is wrong with a certificate, when rustls's refusal (`message`, as tonic words it) names
-/// a mistake of how it was made or given; `host` is the one the client connects to.
-fn certificate_refused(message: &str, host: &str) -> Option<String> {
-    let why = if message.contains("CaUsedAsEndEntity") {
-        "the server's certificate is a CA certificate (basicConstraints CA:TRUE, as `openssl \
-         req -x509` makes by default) presented as the server's own, which roomctl's TLS \
-         (rustls, like browsers) refuses: give the server a certificate signed by a CA and \
-         pass that CA with --ca"
-            .to_owned()
-    } else if message.contains("UnsupportedCertVersion") {
-        "a certificate is X.509 version 1 (`openssl x509 -req` without `-copy_extensions copy` \
-         or `-extfile` makes one), which TLS refuses: reissue it with extensions"
-            .to_owned()
-    } else if message.contains("UnknownIssuer") {
-        "the server's certificate is not signed by a CA this client trusts: pass the PEM of \
-         the CA that signed it with --ca"
-            .to_owned()
-    } else if message.contains("NotValidForName") {
-        format!(
-            "the server's certificate does not name {host:?}, the host of --server: call it by \
-             a name the certificate holds, or give the certificate that name as a \
-             subjectAltName"
-        )
-    } else {
-        return None;
-    };
-    Some(format!("{why}; {RECIPE}"))
-}
-
-/// Whether the server at `host:port` answers the HTTP/2 preface of a plaintext client with a
-/// TLS alert record (content type 21, version 3.x), as a TLS-only listener does.
-async fn speaks_tls(host: &str, port: u16) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let probe = async {
-        let mut tcp = tokio::net::TcpStream::connect((host, port)).await.ok()?;
-        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-            .await
-            .ok()?;
-        let mut head = [0u8; 2];
-        tcp.read_exact(&mut head).await.ok()?;
-        Some(head == [21, 3])
-    };
-    tokio::time::timeout(Duration::from_secs(2), probe)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
 }
 
 /// The descriptors of roomcontrol.v1, for proto3 JSON.
@@ -554,11 +510,11 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
                                 cursor = event.seq;
                                 epoch.clone_from(&event.epoch);
                                 if !args.connection.json && event.epoch != shown_epoch {
-                                    println!(
+                                    say(format_args!(
                                         "-- epoch {}: the room's log began anew (a lost or \
                                          restarted store); seqs count from here",
                                         event.epoch
-                                    );
+                                    ));
                                 }
                                 shown_epoch.clone_from(&event.epoch);
                                 args.connection.print(&event, || line(&event));
@@ -663,7 +619,7 @@ async fn snapshot(
 /// Shows `snapshot` as [`snapshot`] does and returns its position.
 fn show_snapshot(snapshot: pb::ListParticipantsResponse, connection: &Connection) -> (u64, String) {
     if connection.json {
-        println!("{}", json(&snapshot));
+        say(json(&snapshot));
     } else {
         eprintln!(
             "roomctl watch: {} participants at seq {} (epoch {})",

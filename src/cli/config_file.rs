@@ -18,7 +18,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Command as ClapCommand, CommandFactory, FromArgMatches};
 
 use super::serve::ServeArgs;
-use super::{Cli, Command, Failure};
+use super::{say, Cli, Command, Failure};
 
 /// Flags of `serve` that have no place in a file: secrets stay out of configuration files (a
 /// file names the secret file instead), and `--dev` and `--config` itself.
@@ -240,9 +240,12 @@ pub fn check(path: Option<&Path>) -> Result<(), Failure> {
                 Err(_) => serde_json::Value::String(text).to_string(),
             }
         };
-        println!("{} = {value}   # {from}", long.replace('-', "_"));
+        say(format_args!(
+            "{} = {value}   # {from}",
+            long.replace('-', "_")
+        ));
     }
     let shown = path.map_or_else(|| "the environment".to_owned(), |p| p.display().to_string());
-    println!("{shown}: ok");
+    say(format_args!("{shown}: ok"));
     Ok(())
 }

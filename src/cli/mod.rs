@@ -9,6 +9,7 @@
 
 mod client;
 mod config_file;
+mod diagnose;
 mod log_format;
 mod log_writer;
 mod moderate;
@@ -239,6 +240,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Prints `line` on stdout. A reader that stopped reading (`roomctl rooms | head`) ends the
+/// command quietly, as Unix tools end, instead of a panic: Rust ignores SIGPIPE, which must stay
+/// ignored, since a client's own sockets may meet a closed peer too.
+pub(crate) fn say(line: impl std::fmt::Display) {
+    use std::io::Write;
+    if let Err(err) = writeln!(std::io::stdout().lock(), "{line}") {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
 fn token(args: TokenArgs) -> Result<(), Failure> {
     if args.room == "*" && args.role != "service" {
         return Err(Failure::Usage(
@@ -263,6 +276,6 @@ fn token(args: TokenArgs) -> Result<(), Failure> {
         ..Claims::new(&args.identity, &args.room, &args.role, args.ttl)
     };
     let token = mint_with(&keys, args.kid.as_deref(), &claims).map_err(Failure::Usage)?;
-    println!("{token}");
+    say(token);
     Ok(())
 }

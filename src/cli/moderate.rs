@@ -5,7 +5,7 @@
 use clap::Args;
 
 use super::client::{call, on_runtime, time, Connection};
-use super::Failure;
+use super::{say, Failure};
 use crate::pb;
 
 /// `roomctl lock ROOM` and `roomctl unlock ROOM`.
@@ -183,10 +183,10 @@ pub fn rooms(args: RoomsArgs) -> Result<(), Failure> {
             // The header only once the first page is in: a refused call prints nothing on
             // stdout.
             if std::mem::take(&mut first) && !connection.json() {
-                println!(
+                say(format_args!(
                     "{:<32}  {:>12}  {:<6}  {:>10}  EPOCH",
                     "ROOM", "PARTICIPANTS", "LOCKED", "SEQ"
-                );
+                ));
             }
             for room in &page.rooms {
                 connection.print(room, || {
@@ -207,7 +207,7 @@ pub fn rooms(args: RoomsArgs) -> Result<(), Failure> {
             page_token = page.next_page_token;
         }
         if !connection.json() {
-            println!("({count} rooms)");
+            say(format_args!("({count} rooms)"));
         }
         Ok(())
     })

@@ -40,7 +40,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMCTL_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on.
-    #[arg(long, env = "ROOMCTL_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "ROOMCTL_LISTEN", default_value = "127.0.0.1:50051", value_parser = socket_address)]
     listen: SocketAddr,
     /// Events kept per room; older cursors get OUT_OF_RANGE.
     #[arg(long, env = "ROOMCTL_HISTORY", default_value_t = RoomSettings::default().history, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
@@ -92,7 +92,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMCTL_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (off without it).
-    #[arg(long, env = "ROOMCTL_METRICS_LISTEN")]
+    #[arg(long, env = "ROOMCTL_METRICS_LISTEN", value_parser = socket_address)]
     metrics_listen: Option<SocketAddr>,
     /// How log lines are written (`ROOMCTL_LOG` sets which are).
     #[arg(long, env = "ROOMCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -290,6 +290,15 @@ fn at_least_ms<const MIN: u64>(value: &str) -> Result<humantime::Duration, Strin
     Ok(duration)
 }
 
+/// An `IP:PORT` to listen on; a host name is refused saying so, since none is resolved.
+fn socket_address(value: &str) -> Result<SocketAddr, String> {
+    value.parse().map_err(|_| {
+        "expected IP:PORT, such as 127.0.0.1:50051, 0.0.0.0:50051 or [::]:50051 (a host name \
+         such as localhost is not resolved)"
+            .to_owned()
+    })
+}
+
 fn at_least_one(value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(n),
@@ -381,10 +390,18 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
         let presence_timeout = rooms
             .presence_timeout
             .map_or_else(|| "off".to_owned(), |t| format!("{t:?}"));
+        let tls_mode = match &tls {
+            None => "off",
+            Some(TlsFiles {
+                client_ca: None, ..
+            }) => "on",
+            Some(_) => "mutual",
+        };
         tracing::info!(
             %addr,
             history = rooms.history,
             %presence_timeout,
+            tls = tls_mode,
             "roomctl listening on {addr}"
         );
         if args.secret.dev {
@@ -407,8 +424,16 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
 /// a queue bounded in bytes ([`log_writer`]); the returned guard writes what is queued when
 /// `serve` returns, and the writer counts the lines it had to drop.
 fn init_tracing(format: LogFormat) -> Result<(log_writer::Flush, log_writer::LogWriter), Failure> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOMCTL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match std::env::var("ROOMCTL_LOG") {
+        Ok(wanted) => tracing_subscriber::EnvFilter::try_new(&wanted).unwrap_or_else(|err| {
+            // Said before the log exists, on stderr as the log would be.
+            eprintln!(
+                "roomctl: ROOMCTL_LOG={wanted:?} is not a log filter ({err}); logging at info"
+            );
+            tracing_subscriber::EnvFilter::new("info")
+        }),
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+    };
     let (writer, flush) = log_writer::spawn(std::io::stderr())
         .map_err(|e| Failure::Other(format!("cannot start the log's writer: {e}")))?;
     let builder = tracing_subscriber::fmt()
