@@ -12,7 +12,36 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::limits::Limit;
+/// A limit on what a node, a connection or a room holds, named as its flag is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-streams`.
+    Streams,
+    /// `--max-streams-per-connection`.
+    StreamsPerConnection,
+    /// `--max-room-members`.
+    RoomMembers,
+    /// Bans in force in one room ([`crate::engine::MAX_BANS`]).
+    RoomBans,
+    /// `--moderator-rate`.
+    ModeratorRate,
+    /// `--service-rate`.
+    ServiceRate,
+}
+
+impl Limit {
+    /// The limit's name in ErrorInfo metadata: its flag without dashes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Streams => "max_streams",
+            Limit::StreamsPerConnection => "max_streams_per_connection",
+            Limit::RoomMembers => "max_room_members",
+            Limit::RoomBans => "max_room_bans",
+            Limit::ModeratorRate => "moderator_rate",
+            Limit::ServiceRate => "service_rate",
+        }
+    }
+}
 
 /// The `ErrorInfo.domain` of every error roomctl raises.
 pub const DOMAIN: &str = "roomcontrol.v1";

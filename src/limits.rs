@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
-use crate::error::Error;
+use crate::error::{Error, Limit};
 use crate::telemetry::{self, CallNote, OpenStream, StreamKind, Telemetry};
 
 /// Every limit of a node, configurable on `serve`.
@@ -71,37 +71,6 @@ impl Default for Limits {
             service_burst: None,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// A limit on what a node, a connection or a room holds, named as its flag is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    /// `--max-streams`.
-    Streams,
-    /// `--max-streams-per-connection`.
-    StreamsPerConnection,
-    /// `--max-room-members`.
-    RoomMembers,
-    /// Bans in force in one room ([`crate::engine::MAX_BANS`]).
-    RoomBans,
-    /// `--moderator-rate`.
-    ModeratorRate,
-    /// `--service-rate`.
-    ServiceRate,
-}
-
-impl Limit {
-    /// The limit's name in ErrorInfo metadata: its flag without dashes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Limit::Streams => "max_streams",
-            Limit::StreamsPerConnection => "max_streams_per_connection",
-            Limit::RoomMembers => "max_room_members",
-            Limit::RoomBans => "max_room_bans",
-            Limit::ModeratorRate => "moderator_rate",
-            Limit::ServiceRate => "service_rate",
         }
     }
 }

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{batch_of, Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot};
-use crate::engine::{
-    self, Applied, Ban, Caller, Change, ClientStatus, Command, LogWindow, Reply, RoomState,
+use super::{
+    batch_of, Head, Lease, LogWindow, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot,
 };
+use crate::engine::{self, Applied, Ban, Caller, Change, ClientStatus, Command, Reply, RoomState};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;

@@ -8,6 +8,9 @@
 
 pub mod memory;
 pub mod redis;
+mod window;
+
+pub use window::LogWindow;
 
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
@@ -17,7 +20,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::codec::EncodedEvent;
-use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow, RoomLimits};
+use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, RoomLimits};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;

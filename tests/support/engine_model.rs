@@ -19,7 +19,7 @@ use roomctl::engine::{
     TokenRole, IDEMPOTENCY_WINDOW,
 };
 use roomctl::error::Error;
-use roomctl::limits::Limit;
+use roomctl::error::Limit;
 use roomctl::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
 
 /// Participants the room admits, small so that full rooms happen.

@@ -73,9 +73,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{
-    batch_of, Head, Lease, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot, READ_BATCH,
+    batch_of, Head, Lease, LogWindow, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot,
+    READ_BATCH,
 };
-use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, LogWindow};
+use crate::engine::{Applied, Ban, Caller, ClientStatus, Command};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;

@@ -21,9 +21,13 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
+mod audience;
+
+pub use audience::Audience;
+
 use crate::auth::TokenGrant;
 use crate::codec::EncodedEvent;
-use crate::engine::{Audience, Caller};
+use crate::engine::Caller;
 use crate::error::Error;
 use crate::limits::StreamSlot;
 use crate::pb;

@@ -1,0 +1,153 @@
+//! A room's remembered answers: what a retry with the same `request_id` gets back, kept for
+//! [`IDEMPOTENCY_WINDOW`] within a budget of bytes, and refused when the id is reused for a
+//! different request. Pure; may depend on the commands and errors only.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use super::command::Reply;
+use crate::error::Error;
+
+/// How long an answer is remembered for retries with the same `request_id`.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
+
+/// What one room's remembered answers may weigh at most, in bytes of their encoding (all kinds
+/// together), unless told otherwise. Bounds memory against a caller that invents a new
+/// `request_id` per call: past it the oldest answers are forgotten before their window ends
+/// (at 200 to 300 bytes a join's answer, a room remembers some 30,000 joins). Answers belong
+/// to the room's epoch: a room that is forgotten forgets them too.
+pub const DEFAULT_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+/// An answer a room remembers, as a store persists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remembered {
+    /// See [`super::answer_key`].
+    pub key: String,
+    /// When the answer is forgotten.
+    pub expires_at: SystemTime,
+    /// The [`Command::fingerprint`] of the request it answered: a retry must repeat it.
+    pub fingerprint: u64,
+    /// The answer retries get.
+    pub reply: Reply,
+}
+
+impl Remembered {
+    /// What the answer weighs against the room's budget: its key and its reply, encoded.
+    pub fn weight(&self) -> usize {
+        self.key.len() + self.reply.encoded_len()
+    }
+}
+
+/// A room's remembered answers, for idempotent retries: each kept for [`IDEMPOTENCY_WINDOW`]
+/// within a byte budget, past which the oldest go early.
+#[derive(Debug, Clone, Default)]
+pub(super) struct AnswerCache {
+    /// By [`super::answer_key`].
+    answers: HashMap<String, Remembered>,
+    /// The same keys in expiry order, so expiring and capping walk from the front.
+    order: VecDeque<(SystemTime, String)>,
+    /// The weight of every answer held.
+    bytes: usize,
+    /// The most that `bytes` may be.
+    budget: usize,
+}
+
+impl AnswerCache {
+    pub(super) fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            ..Self::default()
+        }
+    }
+
+    /// Holds the answers to at most `budget` bytes from now on.
+    pub(super) fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
+    }
+
+    /// Takes back answers as a store read them. None is forgotten here however old: recalling
+    /// forgets what has expired.
+    pub(super) fn restore(&mut self, answers: impl IntoIterator<Item = Remembered>) {
+        let mut answers: Vec<Remembered> = answers.into_iter().collect();
+        answers.sort_by_key(|a| a.expires_at);
+        for answer in answers {
+            self.order
+                .push_back((answer.expires_at, answer.key.clone()));
+            self.bytes += answer.weight();
+            self.answers.insert(answer.key.clone(), answer);
+        }
+    }
+
+    /// Remembers `reply` to the request `fingerprint` under `key` for [`IDEMPOTENCY_WINDOW`].
+    pub(super) fn remember(
+        &mut self,
+        key: String,
+        fingerprint: u64,
+        reply: &Reply,
+        now: SystemTime,
+    ) -> Remembered {
+        let answer = Remembered {
+            key,
+            expires_at: now + IDEMPOTENCY_WINDOW,
+            fingerprint,
+            reply: reply.clone(),
+        };
+        self.keep(answer.clone(), now);
+        answer
+    }
+
+    /// What the answers held weigh, and how many there are.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> (usize, usize) {
+        (self.bytes, self.answers.len())
+    }
+
+    /// Keeps `answer` (replacing one under its key), then forgets what is expired at `now` or
+    /// over the budget, oldest first.
+    fn keep(&mut self, answer: Remembered, now: SystemTime) {
+        self.order
+            .push_back((answer.expires_at, answer.key.clone()));
+        self.bytes += answer.weight();
+        if let Some(old) = self.answers.insert(answer.key.clone(), answer) {
+            self.bytes -= old.weight();
+        }
+        self.forget_expired(now);
+    }
+
+    fn forget_expired(&mut self, now: SystemTime) {
+        while let Some((expires_at, key)) = self.order.front() {
+            let current = self.answers.get(key);
+            // An entry of the order whose answer was replaced since says nothing.
+            let stale = current.is_none_or(|answer| answer.expires_at != *expires_at);
+            if !stale && *expires_at > now && self.bytes <= self.budget {
+                break;
+            }
+            if let Some((_, key)) = self.order.pop_front() {
+                if !stale {
+                    if let Some(answer) = self.answers.remove(&key) {
+                        self.bytes -= answer.weight();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The answer to a retry of the request `fingerprint` under `key`, if one is remembered;
+    /// `REQUEST_ID_REUSED` if the key answered another request.
+    pub(super) fn recall(
+        &mut self,
+        key: &str,
+        fingerprint: u64,
+        request_id: &str,
+        now: SystemTime,
+    ) -> Result<Option<Reply>, Error> {
+        self.forget_expired(now);
+        match self.answers.get(key) {
+            None => Ok(None),
+            Some(answer) if answer.fingerprint == fingerprint => Ok(Some(answer.reply.clone())),
+            Some(_) => Err(Error::RequestIdReused {
+                request_id: request_id.to_owned(),
+            }),
+        }
+    }
+}
