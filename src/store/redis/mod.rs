@@ -53,6 +53,7 @@
 //! same connection, and only then is it published and the room's `confirmed` seq raised; reads
 //! never go past `confirmed`. A slot migrated whole to another cluster master keeps its epoch.
 
+mod commit;
 mod connection;
 mod keys;
 mod listener;
@@ -80,9 +81,10 @@ use crate::engine::{Applied, Ban, Caller, ClientStatus, Command};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;
+use commit::{COMMIT, CONFIRM};
 pub use connection::RedisUrl;
 use connection::{timed, Conn};
-use keys::{array, ban, entries, member, meta, millis, number, text, Keys, COMMIT, CONFIRM};
+use keys::{array, ban, entries, member, meta, millis, number, text, Keys};
 pub use keys::{StoredAnswer, StoredMember, StoredReply};
 pub use listener::Notice;
 use listener::{listen, Control, Feed, Notifier, CONTROL_QUEUE};

@@ -10,14 +10,14 @@ use prost::Message;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use super::commit::{self, Assumed, Bounds, Changes, Commit, Committed};
 use super::connection::{unavailable, OP_TIMEOUT};
 use super::keys::{
     array, ban, bytes, corrupt, member, meta, millis, number, score_of, Keys, Meta, StoredAnswer,
-    StoredMember,
 };
 use super::listener::{channel, Notice};
 use super::{RedisConfig, Shared};
-use crate::engine::{self, Applied, Ban, Caller, Change, Command, Remembered, Reply, RoomState};
+use crate::engine::{self, Applied, Ban, Caller, Change, Command, Remembered, RoomState};
 use crate::error::Error;
 use crate::pb;
 
@@ -291,172 +291,17 @@ impl Shared {
         })
     }
 
-    /// Runs every job of the batch through the engine, on what the writer knows of the room or
-    /// else on a fresh read, then commits all their events at once; on a conflict (another node
-    /// wrote, or an assumption was wrong) reads the room and runs them again. Returns the error
-    /// that failed the whole batch (Redis unreachable), if one did.
+    /// Runs every job of the batch through the engine and commits all their events at once
+    /// (see [`Shared::settle`]), then answers each job. Returns the error that failed the whole
+    /// batch (Redis unreachable), if one did.
     pub(super) async fn apply_batch(
         &self,
         room_id: &str,
         jobs: Vec<Job>,
         known: &mut Option<Known>,
     ) -> Option<Error> {
-        let keys = Keys::new(room_id);
-        let wanted = wanted(&jobs);
-        let drops: Vec<&[String]> = jobs
-            .iter()
-            .filter_map(|job| match &job.cmd {
-                Command::Drop(drop) if drop.ban.is_some() => Some(drop.client_ids.as_slice()),
-                _ => None,
-            })
-            .collect();
         self.telemetry.batch(jobs.len());
-        let outcome = async {
-            for _ in 0..MAX_ATTEMPTS {
-                let now = SystemTime::now();
-                let known_view = known
-                    .take()
-                    .filter(|k| k.usable() && !wanted.needs_fresh_read());
-                let fresh = known_view.is_none();
-                let mut lapsed = HashSet::new();
-                let mut seen = match known_view {
-                    Some(k) => k,
-                    None => {
-                        let loaded = self.load(&keys, &wanted, &drops, now).await?;
-                        lapsed = loaded.lapsed;
-                        let state = loaded.meta.map(|meta| {
-                            RoomState::restore(
-                                room_id,
-                                meta.epoch,
-                                meta.seq,
-                                loaded.population,
-                                loaded.members,
-                                loaded.answers,
-                            )
-                            .with_limits(self.config.rooms.limits)
-                            .with_lock(meta.locked)
-                            .with_bans(
-                                loaded.bans.iter().cloned(),
-                                loaded.bans_in_force,
-                                now,
-                            )
-                        });
-                        let mut bans: HashSet<String> = wanted.identities.iter().cloned().collect();
-                        bans.extend(loaded.bans.into_iter().map(|ban| ban.identity));
-                        Known {
-                            state,
-                            ids: wanted.ids.iter().map(|id| id.to_string()).collect(),
-                            answers: wanted.answers.iter().cloned().collect(),
-                            bans,
-                            read_at: Instant::now(),
-                        }
-                    }
-                };
-                let assumed_ids = unseen(wanted.ids.iter().copied(), &seen.ids);
-                let assumed_answers =
-                    unseen(wanted.answers.iter().map(String::as_str), &seen.answers);
-                let assumed_bans = unseen(wanted.identities.iter().map(String::as_str), &seen.bans);
-                let expected = seen.state.as_ref().map(RoomState::seq);
-                let was_empty = seen.state.as_ref().is_none_or(RoomState::is_empty);
-                let results: Vec<Result<Applied, Error>> = jobs
-                    .iter()
-                    .map(|job| {
-                        // Only the clients whose leases have lapsed by now are timed out.
-                        let cmd = match &job.cmd {
-                            Command::TimeOut { client_ids } => Command::TimeOut {
-                                client_ids: client_ids
-                                    .iter()
-                                    .filter(|id| lapsed.contains(*id))
-                                    .cloned()
-                                    .collect(),
-                            },
-                            cmd => cmd.clone(),
-                        };
-                        run(
-                            &mut seen.state,
-                            room_id,
-                            &job.caller,
-                            cmd,
-                            &self.config,
-                            now,
-                        )
-                    })
-                    .collect();
-                let writes = results.iter().flatten().any(|a| !a.events.is_empty());
-                let Some(state) = seen.state.as_mut() else {
-                    return Ok(results);
-                };
-                if !writes {
-                    let guessed = !(assumed_ids.is_empty()
-                        && assumed_answers.is_empty()
-                        && assumed_bans.is_empty());
-                    // A refusal on a remembered view (a full room another node has since
-                    // emptied) is as unchecked as a guess: no commit will vouch for either.
-                    let refused_on_memory = !fresh && results.iter().any(Result::is_err);
-                    if guessed || refused_on_memory {
-                        continue;
-                    }
-                    *known = Some(seen);
-                    return Ok(results);
-                }
-                let joined = results
-                    .iter()
-                    .flatten()
-                    .any(|a| a.changes.iter().any(|c| matches!(c, Change::Joined { .. })));
-                if joined && was_empty {
-                    // The room's first lease: its time-out must be checked from now on.
-                    self.watch_presence(room_id, now).await?;
-                }
-                if expected.is_none() {
-                    // Listed before it exists, so that a crash cannot leave it unlisted.
-                    self.index_room(room_id).await?;
-                }
-                let assumed = Assumed {
-                    ids: &assumed_ids,
-                    answers: &assumed_answers,
-                    bans: &assumed_bans,
-                };
-                let Some(empty_until) = self
-                    .commit(&keys, room_id, state, expected, &results, assumed, now)
-                    .await?
-                else {
-                    // Another node changed the room, or a guess was wrong: read again and redo.
-                    tokio::task::yield_now().await;
-                    continue;
-                };
-                if expected.is_none() {
-                    self.index_room(room_id).await?;
-                }
-                if let Some(at) = empty_until {
-                    self.room_emptied(room_id, at).await;
-                }
-                // Everything the batch looked at, joined or banned is known now (the answers
-                // it remembered are among the keys it looked at).
-                seen.ids.extend(wanted.ids.iter().map(|id| id.to_string()));
-                for change in results.iter().flatten().flat_map(|a| &a.changes) {
-                    match change {
-                        Change::Joined { participant, .. } => {
-                            seen.ids.insert(participant.client_id.clone());
-                        }
-                        Change::Banned(ban) => {
-                            seen.bans.insert(ban.identity.clone());
-                        }
-                        _ => {}
-                    }
-                }
-                seen.answers.extend(wanted.answers.iter().cloned());
-                seen.bans.extend(wanted.identities.iter().cloned());
-                let oldest = state.seq().saturating_sub(self.config.rooms.history as u64) + 1;
-                state.forget_departed_before(oldest);
-                *known = Some(seen);
-                return Ok(results);
-            }
-            Err(Error::StoreUnavailable(format!(
-                "room {room_id:?} changed under {MAX_ATTEMPTS} attempts in a row"
-            )))
-        }
-        .await;
-        match outcome {
+        match self.settle(room_id, &jobs, known).await {
             Ok(results) => {
                 for (job, result) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(result);
@@ -479,127 +324,244 @@ impl Shared {
         }
     }
 
-    /// Commits the batch's events and changes if the room is still at `expected` (None: the
-    /// room must not exist yet) and its assumptions hold. None on a conflict; else when the
-    /// room's keys expire if the commit left it empty. A commit sent whose answer never came is
-    /// `OutcomeUnknown`: it may have been applied, and its callers must be told so.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn commit(
+    /// The batch's results, once they hold in Redis: each attempt takes a view of the room
+    /// (what the writer knows of it, or a fresh read), runs the jobs on it, and commits; a
+    /// conflict (another node wrote, or an assumption was wrong) starts the next attempt.
+    async fn settle(
         &self,
-        keys: &Keys,
         room_id: &str,
-        state: &RoomState,
-        expected: Option<u64>,
-        results: &[Result<Applied, Error>],
-        assumed: Assumed<'_>,
+        jobs: &[Job],
+        known: &mut Option<Known>,
+    ) -> Result<Vec<Result<Applied, Error>>, Error> {
+        let batch = Batch {
+            room_id,
+            keys: Keys::new(room_id),
+            jobs,
+            wanted: wanted(jobs),
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let now = SystemTime::now();
+            let mut view = self.view(&batch, known, now).await?;
+            let results = self.run_jobs(&batch, &mut view.known.state, &view.lapsed, now);
+            match self
+                .commit_or_retry(&batch, view, &results, known, now)
+                .await?
+            {
+                Attempt::Done => return Ok(results),
+                // Another node changed the room, or a guess was wrong: read again and redo.
+                Attempt::Retry => tokio::task::yield_now().await,
+            }
+        }
+        Err(Error::StoreUnavailable(format!(
+            "room {room_id:?} changed under {MAX_ATTEMPTS} attempts in a row"
+        )))
+    }
+
+    /// The view of the room a batch runs on: what the writer knows of it, if that is recent and
+    /// enough for the batch, or else a fresh read of what the batch looks at.
+    async fn view(
+        &self,
+        batch: &Batch<'_>,
+        known: &mut Option<Known>,
         now: SystemTime,
-    ) -> Result<Option<Option<u64>>, Error> {
+    ) -> Result<View, Error> {
+        let Batch {
+            room_id,
+            keys,
+            jobs,
+            wanted,
+        } = batch;
+        if let Some(known) = known
+            .take()
+            .filter(|k| k.usable() && !wanted.needs_fresh_read())
+        {
+            return Ok(View::of(known, false, HashSet::new()));
+        }
+        // Whom a drop bans is known once its clients are: their identities' bans are read too.
+        let banning: Vec<&[String]> = jobs
+            .iter()
+            .filter_map(|job| match &job.cmd {
+                Command::Drop(drop) if drop.ban.is_some() => Some(drop.client_ids.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let loaded = self.load(keys, wanted, &banning, now).await?;
+        let state = loaded.meta.map(|meta| {
+            RoomState::restore(
+                *room_id,
+                meta.epoch,
+                meta.seq,
+                loaded.population,
+                loaded.members,
+                loaded.answers,
+            )
+            .with_limits(self.config.rooms.limits)
+            .with_lock(meta.locked)
+            .with_bans(loaded.bans.iter().cloned(), loaded.bans_in_force, now)
+        });
+        let mut bans: HashSet<String> = wanted.identities.iter().cloned().collect();
+        bans.extend(loaded.bans.into_iter().map(|ban| ban.identity));
+        let known = Known {
+            state,
+            ids: wanted.ids.iter().map(|id| id.to_string()).collect(),
+            answers: wanted.answers.iter().cloned().collect(),
+            bans,
+            read_at: Instant::now(),
+        };
+        Ok(View::of(known, true, loaded.lapsed))
+    }
+
+    /// Runs each job on `state` in turn, as of `now`; a time-out removes only the clients whose
+    /// lease had `lapsed` when the room was read.
+    fn run_jobs(
+        &self,
+        batch: &Batch<'_>,
+        state: &mut Option<RoomState>,
+        lapsed: &HashSet<String>,
+        now: SystemTime,
+    ) -> Vec<Result<Applied, Error>> {
+        batch
+            .jobs
+            .iter()
+            .map(|job| {
+                let cmd = match &job.cmd {
+                    Command::TimeOut { client_ids } => Command::TimeOut {
+                        client_ids: client_ids
+                            .iter()
+                            .filter(|id| lapsed.contains(*id))
+                            .cloned()
+                            .collect(),
+                    },
+                    cmd => cmd.clone(),
+                };
+                run(state, batch.room_id, &job.caller, cmd, &self.config, now)
+            })
+            .collect()
+    }
+
+    /// Commits what the jobs did to the view, unless that needs nothing or the view cannot vouch
+    /// for it: Done, leaving in `known` what the writer knows of the room afterwards, or Retry
+    /// when the room changed under the batch or a guess of the view was wrong.
+    async fn commit_or_retry(
+        &self,
+        batch: &Batch<'_>,
+        view: View,
+        results: &[Result<Applied, Error>],
+        known: &mut Option<Known>,
+        now: SystemTime,
+    ) -> Result<Attempt, Error> {
+        let Batch {
+            room_id,
+            keys,
+            wanted,
+            ..
+        } = batch;
+        let View {
+            known: mut seen,
+            fresh,
+            expected,
+            was_empty,
+            ..
+        } = view;
+        let assumed = Assumed {
+            ids: unseen(wanted.ids.iter().copied(), &seen.ids),
+            answers: unseen(wanted.answers.iter().map(String::as_str), &seen.answers),
+            bans: unseen(wanted.identities.iter().map(String::as_str), &seen.bans),
+        };
         let applied: Vec<&Applied> = results
             .iter()
             .flatten()
             .filter(|applied| !applied.events.is_empty())
             .collect();
-        let events: Vec<&pb::Event> = applied.iter().flat_map(|a| &a.events).collect();
-        let remembered: Vec<(&str, Vec<u8>, u64)> = applied
-            .iter()
-            .filter_map(|a| a.remembered.as_ref())
-            .filter_map(|answer| {
-                let stored = StoredAnswer::of(answer)?;
-                Some((
-                    answer.key.as_str(),
-                    stored.encode_to_vec(),
-                    stored.expires_at_ms,
-                ))
-            })
-            .collect();
-        let changes = Changes::of(&applied);
-        let notice = Notice::publish(room_id, &events);
-        // With replicas to wait for, the notice goes out once they hold the commit.
-        let waiting = self.waiting.is_some();
-        let mut call = self.commit.prepare_invoke();
-        for key in keys.room() {
-            call.key(key);
+        let Some(state) = seen.state.as_ref() else {
+            return Ok(Attempt::Done);
+        };
+        if applied.is_empty() {
+            // A refusal on a remembered view (a full room another node has since emptied) is as
+            // unchecked as a guess: no commit will vouch for either.
+            let refused_on_memory = !fresh && results.iter().any(Result::is_err);
+            if !assumed.is_empty() || refused_on_memory {
+                return Ok(Attempt::Retry);
+            }
+            *known = Some(seen);
+            return Ok(Attempt::Done);
         }
-        call.arg(expected.map_or(String::new(), |seq| seq.to_string()))
-            .arg(state.epoch())
-            .arg(self.config.rooms.history)
-            .arg(self.config.rooms.empty_room_ttl.as_millis().max(1) as u64)
-            .arg(channel(room_id))
-            .arg(if waiting { &[][..] } else { &notice[..] })
-            .arg(millis(now))
-            .arg(self.config.rooms.limits.answer_bytes)
-            .arg(
-                self.config
-                    .rooms
-                    .presence_timeout
-                    .map_or(0, |t| t.as_millis() as u64),
-            )
-            .arg(match changes.locked {
-                None => "",
-                Some(true) => "1",
-                Some(false) => "0",
-            })
-            .arg(if waiting {
-                ""
-            } else {
-                self.conn.publish_command()
-            })
-            .arg(uuid::Uuid::new_v4().simple().to_string())
-            .arg(self.config.wait_replicas)
-            .arg(self.config.rooms.history_bytes);
-        let timed_out: Vec<&String> = applied
+        let joined = applied
             .iter()
-            .filter_map(|a| match &a.reply {
-                Reply::TimedOut(removed) => Some(removed),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        for list in [assumed.ids, assumed.answers] {
-            call.arg(list.len());
-            for item in list {
-                call.arg(*item);
+            .any(|a| a.changes.iter().any(|c| matches!(c, Change::Joined { .. })));
+        if joined && was_empty {
+            // The room's first lease: its time-out must be checked from now on.
+            self.watch_presence(room_id, now).await?;
+        }
+        if expected.is_none() {
+            // Listed before it exists, so that a crash cannot leave it unlisted.
+            self.index_room(room_id).await?;
+        }
+        let changes = Changes::of(&applied);
+        let notice = Notice::publish(room_id, &changes.events);
+        // With replicas to wait for, the notice goes out once they hold the commit.
+        let (publish, held) = match self.waiting {
+            Some(_) => (None, Some(notice)),
+            None => (Some((self.conn.publish_command(), notice)), None),
+        };
+        let commit = Commit {
+            bounds: Bounds::of(&self.config),
+            expected,
+            epoch: state.epoch(),
+            fresh_epoch: uuid::Uuid::new_v4().simple().to_string(),
+            channel: channel(room_id),
+            publish,
+            now,
+            assumed,
+            changes,
+        };
+        let Committed::Applied { empty_until } = self.commit(keys, room_id, &commit).await? else {
+            return Ok(Attempt::Retry);
+        };
+        if let Some(notice) = held {
+            self.confirm(keys, room_id, state, notice).await?;
+        }
+        if expected.is_none() {
+            self.index_room(room_id).await?;
+        }
+        if let Some(at) = empty_until {
+            self.room_emptied(room_id, at).await;
+        }
+        // Everything the batch looked at, joined or banned is known now (the answers it
+        // remembered are among the keys it looked at).
+        seen.ids.extend(wanted.ids.iter().map(|id| id.to_string()));
+        for change in applied.iter().flat_map(|a| &a.changes) {
+            match change {
+                Change::Joined { participant, .. } => {
+                    seen.ids.insert(participant.client_id.clone());
+                }
+                Change::Banned(ban) => {
+                    seen.bans.insert(ban.identity.clone());
+                }
+                _ => {}
             }
         }
-        call.arg(timed_out.len());
-        for id in timed_out {
-            call.arg(id);
+        seen.answers.extend(wanted.answers.iter().cloned());
+        seen.bans.extend(wanted.identities.iter().cloned());
+        if let Some(state) = seen.state.as_mut() {
+            let oldest = state.seq().saturating_sub(self.config.rooms.history as u64) + 1;
+            state.forget_departed_before(oldest);
         }
-        call.arg(assumed.bans.len());
-        for identity in assumed.bans {
-            call.arg(*identity);
-        }
-        call.arg(events.len());
-        for event in &events {
-            call.arg(event.seq).arg(event.encode_to_vec());
-        }
-        call.arg(changes.joins.len());
-        for (participant, join_seq) in changes.joins {
-            let stored = StoredMember {
-                join_seq,
-                participant: Some(participant.clone()),
-            };
-            call.arg(&participant.client_id).arg(stored.encode_to_vec());
-        }
-        call.arg(changes.departures.len());
-        for (client_id, identity, end_seq) in changes.departures {
-            call.arg(client_id).arg(identity).arg(end_seq);
-        }
-        call.arg(remembered.len());
-        for (key, value, expires_at_ms) in &remembered {
-            call.arg(*key).arg(value).arg(*expires_at_ms);
-        }
-        call.arg(changes.bans.len());
-        for (identity, ban) in changes.bans {
-            match ban {
-                Some(ban) => call
-                    .arg(identity)
-                    .arg(millis(ban.until))
-                    .arg(ban.to_pb().encode_to_vec()),
-                // An unban: no end, no ban.
-                None => call.arg(identity).arg(0).arg(""),
-            };
-        }
+        *known = Some(seen);
+        Ok(Attempt::Done)
+    }
+
+    /// Runs `commit` on the room's master (with its `WAIT`, when commits wait for replicas).
+    /// Answers Conflict or NewEpoch when nothing was applied and the batch must run again;
+    /// refuses with NOT_ENOUGH_REPLICAS a master short of replicas. A commit sent whose answer
+    /// never came is `OutcomeUnknown`: it may have been applied, and its callers must be told so.
+    async fn commit(
+        &self,
+        keys: &Keys,
+        room_id: &str,
+        commit: &Commit<'_>,
+    ) -> Result<Committed, Error> {
+        let call = commit.invoke(&self.commit, keys);
         let started = Instant::now();
         let replicas = self.config.wait_replicas;
         let committing = async {
@@ -618,17 +580,19 @@ impl Shared {
         let answer = tokio::time::timeout(OP_TIMEOUT, committing).await;
         let ok = matches!(answer, Ok(Ok(_)));
         self.telemetry.store_op("commit", ok, started.elapsed());
-        let answer = answer.map(|reply| reply.map(|(done, acked)| (Committed::of(done), acked)));
-        if let Ok(Ok((committed, _))) = &answer {
-            let short = matches!(committed, Committed::ShortOfReplicas { .. });
-            self.short_of_replicas.store(short, Ordering::Relaxed);
-        }
-        match answer {
-            Ok(Ok((Committed::Conflict, _))) => {
-                self.telemetry.commit_conflict();
-                Ok(None)
+        let (committed, acked) = match answer {
+            Ok(Ok((reply, acked))) => (Committed::of(reply), acked),
+            // Refused before anything was sent, or refused by Redis: nothing was applied.
+            Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
+                return Err(unavailable(err))
             }
-            Ok(Ok((Committed::ShortOfReplicas { online }, _))) => {
+            Ok(Err(_)) | Err(_) => return Err(Error::OutcomeUnknown { request_id: None }),
+        };
+        let short = matches!(committed, Committed::ShortOfReplicas { .. });
+        self.short_of_replicas.store(short, Ordering::Relaxed);
+        match committed {
+            Committed::Conflict => self.telemetry.commit_conflict(),
+            Committed::ShortOfReplicas { online } => {
                 tracing::warn!(
                     room_id,
                     online,
@@ -637,12 +601,12 @@ impl Shared {
                      --redis-wait-replicas: its commits are refused (UNAVAILABLE, not applied) \
                      until it has them"
                 );
-                Err(Error::NotEnoughReplicas {
+                return Err(Error::NotEnoughReplicas {
                     online,
                     needed: replicas,
-                })
+                });
             }
-            Ok(Ok((Committed::NewEpoch, _))) => {
+            Committed::NewEpoch => {
                 tracing::warn!(
                     room_id,
                     "the Redis holding this room restarted or failed over since its last commit, \
@@ -650,32 +614,23 @@ impl Shared {
                      epoch, and older cursors get OUT_OF_RANGE"
                 );
                 self.telemetry.commit_conflict();
-                Ok(None)
             }
-            Ok(Ok((Committed::Applied { empty_until }, acked))) => {
-                self.telemetry.events_appended(events.len());
-                if waiting {
-                    if acked < replicas as i64 {
-                        tracing::warn!(
-                            room_id,
-                            acked,
-                            replicas,
-                            "a commit was not confirmed by enough replicas in time: its callers \
-                             are answered OUTCOME_UNKNOWN, and its events stay hidden until a \
-                             later commit of the room is confirmed"
-                        );
-                        return Err(Error::OutcomeUnknown { request_id: None });
-                    }
-                    self.confirm(keys, room_id, state, notice).await?;
+            Committed::Applied { .. } => {
+                self.telemetry.events_appended(commit.changes.events.len());
+                if self.waiting.is_some() && acked < replicas as i64 {
+                    tracing::warn!(
+                        room_id,
+                        acked,
+                        replicas,
+                        "a commit was not confirmed by enough replicas in time: its callers are \
+                         answered OUTCOME_UNKNOWN, and its events stay hidden until a later \
+                         commit of the room is confirmed"
+                    );
+                    return Err(Error::OutcomeUnknown { request_id: None });
                 }
-                Ok(Some(empty_until))
             }
-            // Refused before anything was sent, or refused by Redis: nothing was applied.
-            Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
-                Err(unavailable(err))
-            }
-            Ok(Err(_)) | Err(_) => Err(Error::OutcomeUnknown { request_id: None }),
         }
+        Ok(committed)
     }
 
     /// Shows a commit its replicas hold: raises the room's confirmed seq to `state`'s and
@@ -688,13 +643,12 @@ impl Shared {
         state: &RoomState,
         notice: Vec<u8>,
     ) -> Result<(), Error> {
-        let mut call = self.confirm.prepare_invoke();
-        call.key(&keys.meta)
-            .arg(state.epoch())
-            .arg(state.seq())
-            .arg(self.conn.publish_command())
-            .arg(channel(room_id))
-            .arg(notice);
+        let call = commit::confirm(
+            &self.confirm,
+            keys,
+            (state.epoch(), state.seq()),
+            (self.conn.publish_command(), &channel(room_id), &notice),
+        );
         self.timed("confirm", call.invoke_async::<i64>(&mut self.conn()))
             .await
             .map(drop)
@@ -702,87 +656,47 @@ impl Shared {
     }
 }
 
-/// What the commit script answered (see [`super::keys::COMMIT`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Committed {
-    /// Nothing changed: the room moved on since the batch read it, or an assumption failed.
-    Conflict,
-    /// Nothing of the batch changed: the room's log began anew under a new epoch (the Redis
-    /// holding it restarted or failed over), and the batch must run again on it.
-    NewEpoch,
-    /// Nothing changed: the master has `online` replicas, fewer than commits wait for.
-    ShortOfReplicas {
-        /// Its online replicas.
-        online: usize,
-    },
-    /// Applied; when the commit left the room empty, when its keys expire (ms since 1970).
-    Applied {
-        /// The keys' expiry, for a room left empty.
-        empty_until: Option<u64>,
-    },
+/// A batch of jobs for one room, and what they look at.
+struct Batch<'a> {
+    room_id: &'a str,
+    keys: Keys,
+    jobs: &'a [Job],
+    wanted: Wanted<'a>,
 }
 
-impl Committed {
-    /// The script's integer reply: 0, -1, -2 minus the online replicas, 1, or an expiry.
-    fn of(reply: i64) -> Self {
-        match reply {
-            0 => Committed::Conflict,
-            -1 => Committed::NewEpoch,
-            n if n <= -2 => Committed::ShortOfReplicas {
-                online: usize::try_from(-2 - n).unwrap_or(0),
-            },
-            1 => Committed::Applied { empty_until: None },
-            at => Committed::Applied {
-                empty_until: Some(at as u64),
-            },
+/// The view of its room a batch runs on.
+struct View {
+    known: Known,
+    /// Read from Redis for this batch, not remembered.
+    fresh: bool,
+    /// Of the clients the batch times out, those whose lease had lapsed when it was read.
+    lapsed: HashSet<String>,
+    /// The seq the batch runs on (None: the room does not exist).
+    expected: Option<u64>,
+    /// Whether the room had no member before the batch.
+    was_empty: bool,
+}
+
+impl View {
+    fn of(known: Known, fresh: bool, lapsed: HashSet<String>) -> Self {
+        let expected = known.state.as_ref().map(RoomState::seq);
+        let was_empty = known.state.as_ref().is_none_or(RoomState::is_empty);
+        View {
+            known,
+            fresh,
+            lapsed,
+            expected,
+            was_empty,
         }
     }
 }
 
-/// What a batch assumed absent without having read it: member ids, answer keys, and identities
-/// without a ban in force. The commit script checks each.
-pub(super) struct Assumed<'a> {
-    pub(super) ids: &'a [&'a str],
-    pub(super) answers: &'a [&'a str],
-    pub(super) bans: &'a [&'a str],
-}
-
-/// A batch's changes, sorted by what the commit script does with them.
-struct Changes<'a> {
-    joins: Vec<(&'a pb::Participant, u64)>,
-    departures: Vec<(&'a String, &'a String, u64)>,
-    /// The room's lock after the batch, if the batch changed it.
-    locked: Option<bool>,
-    /// Bans set (Some) and lifted (None), in order.
-    bans: Vec<(&'a String, Option<&'a Ban>)>,
-}
-
-impl<'a> Changes<'a> {
-    fn of(applied: &[&'a Applied]) -> Self {
-        let mut changes = Self {
-            joins: Vec::new(),
-            departures: Vec::new(),
-            locked: None,
-            bans: Vec::new(),
-        };
-        for change in applied.iter().flat_map(|a| &a.changes) {
-            match change {
-                Change::Joined {
-                    participant,
-                    join_seq,
-                } => changes.joins.push((participant, *join_seq)),
-                Change::Departed {
-                    client_id,
-                    identity,
-                    end_seq,
-                } => changes.departures.push((client_id, identity, *end_seq)),
-                Change::Locked(locked) => changes.locked = Some(*locked),
-                Change::Banned(ban) => changes.bans.push((&ban.identity, Some(ban))),
-                Change::Unbanned { identity } => changes.bans.push((identity, None)),
-            }
-        }
-        changes
-    }
+/// How an attempt at a batch ended.
+enum Attempt {
+    /// The results hold.
+    Done,
+    /// Nothing was committed: the batch runs again on a fresh read.
+    Retry,
 }
 
 /// Applies one command to the batch's view of the room; a join may create the room.

@@ -1,0 +1,247 @@
+-- commit.lua: the commit of a room's batch, atomic on the room's master (every key shares the
+-- room's hash tag). Packed and read by `commit.rs` (`Commit::invoke`, `Committed::of`) alone.
+--
+-- Changes nothing and returns 0 unless the room is still at the seq and epoch the batch ran on,
+-- every member id and answer key the batch assumed absent is absent, every identity it assumed
+-- unbanned has no ban in force, and every client it times out still has a lapsed lease. Then it
+-- appends the events (trimming the log to the history's count and bytes, keeping in meta its
+-- `oldest` seq and what it weighs as `log_bytes`), applies membership changes (with presence on,
+-- a joined client gets a lease in its grace period, a departed one loses its lease), the lock,
+-- the bans (purging ended ones), remembers the new answers (forgetting expired ones and, past
+-- the byte budget, the oldest; their weight kept in meta as `answers_bytes`), sets or clears the
+-- empty-room expiry, publishes (unless told not to: with replicas to wait for, confirm.lua
+-- publishes once they hold the commit), and returns 1, or, when the room is left empty, the time
+-- (ms) its keys expire.
+--
+-- Each commit records the Redis process that made it (`run`, its replication id `replid`, on a
+-- cluster its node id `node`); a commit made by another process that may lack the log's tail
+-- starts a new epoch and returns -1. With replicas to wait for, a master with fewer online
+-- replicas than that changes nothing and returns -2 minus how many it has.
+--
+-- An empty room's keys expire together once it has been empty for the TTL and no ban has been in
+-- force for as long. A room created anew first deletes whatever a forgotten one of the same id
+-- left behind: answers, like the log, belong to their epoch.
+--
+-- KEYS (10): meta, members, departed, owners, log, answers, answered, leases, bans, banned.
+-- ARGV: 1 expected seq ('' : the room must not exist), 2 epoch, 3 history (events), 4 empty-room
+-- TTL (ms), 5 channel, 6 notice, 7 now (ms), 8 answers' budget (bytes), 9 presence timeout (ms,
+-- 0: off), 10 lock ('' unchanged, '1', '0'), 11 publish command (PUBLISH, SPUBLISH, or '': do not
+-- publish), 12 the epoch to start if one must be, 13 replicas to wait for (0: none), 14 history
+-- (bytes); then counted lists, each a count followed by its items: assumed-absent member ids;
+-- assumed-absent answer keys; clients timed out; assumed-unbanned identities; events (seq,
+-- bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes, expiry
+-- ms); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
+local meta, members, departed, owners, log, answers, answered, leases, bans, banned =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local now, answer_budget, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local lock, publish, fresh, needed = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
+local waiting = needed > 0
+local history_bytes = tonumber(ARGV[14])
+local info = redis.call('INFO', 'server', 'replication', 'cluster')
+-- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
+-- the commit. Run and replication ids are 40 hex characters.
+local function field(name)
+  local _, at = string.find(info, name, 1, true)
+  return at and string.sub(info, at + 1, at + 40)
+end
+if waiting then
+  -- A master with fewer online replicas than the commit must wait for could never confirm
+  -- it: refuse it before anything changes, so its callers get a definite answer (as Redis's
+  -- own min-replicas-to-write refuses writes).
+  local online, at = 0, 1
+  repeat
+    local found = string.find(info, 'state=online', at, true)
+    if found then online, at = online + 1, found + 12 end
+  until not found
+  if online < needed then return -2 - online end
+end
+local run = field('run_id:')
+local replid = field('master_replid:')
+local clustered = string.find(info, 'cluster_enabled:1', 1, true) ~= nil
+local node = run
+if clustered then node = redis.call('CLUSTER', 'MYID') end
+local current = redis.call('HMGET', meta, 'epoch', 'seq', 'run', 'replid', 'confirmed', 'node',
+  'oldest', 'log_bytes')
+if current[1] and current[3] ~= run then
+  -- Another Redis process made the room's last commit. If this one restarted (from an AOF or
+  -- RDB that may lack the log's tail) or was promoted from a replica (which may lack it too),
+  -- seqs clients have seen could be reused: the log starts anew under a new epoch, so their
+  -- cursors get OUT_OF_RANGE. A promoted replica keeps the epoch when every visible event was
+  -- confirmed by replicas; so does a cluster master the room's slot migrated to (whole).
+  local promoted = current[4] == field('master_replid2:')
+  local migrated = clustered and current[6] ~= node and not promoted
+  if not migrated and not (waiting and promoted) then
+    redis.call('DEL', log)
+    redis.call('HDEL', meta, 'oldest', 'log_bytes')
+    redis.call('HSET', meta, 'epoch', fresh, 'run', run, 'replid', replid, 'node', node)
+    if waiting then redis.call('HSET', meta, 'confirmed', current[2]) end
+    return -1
+  end
+end
+if expected == '' then
+  if current[1] then return 0 end
+elseif current[1] ~= epoch or current[2] ~= expected then
+  return 0
+end
+local i = 15
+for _ = 1, tonumber(ARGV[i]) do
+  i = i + 1
+  if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  i = i + 1
+  if redis.call('HEXISTS', answers, ARGV[i]) == 1 then return 0 end
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  i = i + 1
+  local lease = redis.call('ZSCORE', leases, ARGV[i])
+  if lease and tonumber(lease) > now then return 0 end
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  i = i + 1
+  local ban = redis.call('ZSCORE', banned, ARGV[i])
+  if ban and tonumber(ban) > now then return 0 end
+end
+local room = {meta, members, departed, owners, log, answers, answered, leases, bans, banned}
+if expected == '' then
+  redis.call('DEL', unpack(room))
+  redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
+  current[5], current[7], current[8] = false, false, false
+end
+if not waiting then
+  -- Left by nodes that waited for replicas before: it would hide what this commit shows.
+  if current[5] then redis.call('HDEL', meta, 'confirmed') end
+elseif not current[5] then
+  -- Newly created, or first written since waiting was turned on.
+  redis.call('HSET', meta, 'confirmed', expected == '' and '0' or expected)
+end
+i = i + 1
+local last = nil
+local log_bytes = tonumber(current[8] or '0')
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('XADD', log, '0-' .. ARGV[i + 1], 'e', ARGV[i + 2])
+  log_bytes = log_bytes + #ARGV[i + 2]
+  last = ARGV[i + 1]
+  i = i + 2
+end
+i = i + 1
+-- The log holds the last `history` events and at most `history_bytes` of them (their encoding),
+-- the newest always: walk the oldest entries, weighing each, until both bounds hold. A room
+-- logged before the bounds were kept in meta learns its oldest from the stream's length.
+local oldest = tonumber(current[7] or '0')
+if oldest == 0 then oldest = tonumber(last) - redis.call('XLEN', log) + 1 end
+local length = tonumber(last) - oldest + 1
+local must = length - history
+if must > 0 or log_bytes > history_bytes then
+  local from, gone, kept = '-', 0, nil
+  repeat
+    local entries = redis.call('XRANGE', log, from, '+', 'COUNT', math.max(must - gone, 0) + 1)
+    for _, entry in ipairs(entries) do
+      if (gone >= must and log_bytes <= history_bytes) or length - gone <= 1 then
+        kept = entry[1]
+        break
+      end
+      log_bytes = log_bytes - #entry[2][2]
+      gone = gone + 1
+      from = '(' .. entry[1]
+    end
+  until kept or #entries == 0
+  if gone > 0 then
+    oldest = oldest + gone
+    redis.call('XTRIM', log, 'MINID', kept or ('0-' .. oldest))
+  end
+end
+redis.call('HSET', meta, 'seq', last, 'run', run, 'replid', replid, 'node', node,
+  'oldest', oldest, 'log_bytes', math.max(log_bytes, 0))
+if lock == '1' then
+  redis.call('HSET', meta, 'locked', '1')
+elseif lock == '0' then
+  redis.call('HDEL', meta, 'locked')
+end
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('HSET', members, ARGV[i + 1], ARGV[i + 2])
+  if presence > 0 then
+    -- In its grace period (the .5) until it opens a stream.
+    redis.call('ZADD', leases, now + presence + 0.5, ARGV[i + 1])
+  end
+  i = i + 2
+end
+i = i + 1
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('HDEL', members, ARGV[i + 1])
+  redis.call('ZREM', leases, ARGV[i + 1])
+  redis.call('ZADD', departed, ARGV[i + 3], ARGV[i + 1])
+  redis.call('HSET', owners, ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
+end
+i = i + 1
+local added = tonumber(ARGV[i])
+if added > 0 then
+  -- What the answers weigh (keys and values), kept in meta: expired ones and, past the budget,
+  -- the oldest are forgotten.
+  local weight = tonumber(redis.call('HGET', meta, 'answers_bytes') or '0')
+  local function forget(key)
+    local held = redis.call('HSTRLEN', answers, key)
+    if held > 0 then weight = weight - #key - held end
+    redis.call('HDEL', answers, key)
+  end
+  for _ = 1, added do
+    forget(ARGV[i + 1])
+    redis.call('HSET', answers, ARGV[i + 1], ARGV[i + 2])
+    redis.call('ZADD', answered, ARGV[i + 3], ARGV[i + 1])
+    weight = weight + #ARGV[i + 1] + #ARGV[i + 2]
+    i = i + 3
+  end
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', answered, '-inf', now)) do forget(key) end
+  redis.call('ZREMRANGEBYSCORE', answered, '-inf', now)
+  while weight > answer_budget do
+    local oldest = redis.call('ZPOPMIN', answered)
+    if not oldest[1] then break end
+    forget(oldest[1])
+  end
+  redis.call('HSET', meta, 'answers_bytes', math.max(weight, 0))
+end
+i = i + 1
+local banning, unbanned = tonumber(ARGV[i]), 0
+for _ = 1, banning do
+  if ARGV[i + 2] == '0' then
+    redis.call('HDEL', bans, ARGV[i + 1])
+    redis.call('ZREM', banned, ARGV[i + 1])
+    unbanned = unbanned + 1
+  else
+    redis.call('HSET', bans, ARGV[i + 1], ARGV[i + 3])
+    redis.call('ZADD', banned, ARGV[i + 2], ARGV[i + 1])
+  end
+  i = i + 3
+end
+if banning > 0 then
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', banned, '-inf', now)) do
+    redis.call('HDEL', bans, gone)
+  end
+  redis.call('ZREMRANGEBYSCORE', banned, '-inf', now)
+end
+if oldest > 1 then
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', departed, '-inf', '(' .. oldest)) do
+    redis.call('HDEL', owners, gone)
+  end
+  redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
+end
+local result = 1
+if redis.call('HLEN', members) == 0 then
+  local at = redis.call('PEXPIRETIME', meta)
+  if at < 0 then at = now + ttl end
+  local longest = redis.call('ZRANGE', banned, -1, -1, 'WITHSCORES')
+  if longest[2] then at = math.max(at, tonumber(longest[2]) + ttl) end
+  if unbanned > 0 then at = math.max(at, now + ttl) end
+  at = string.format('%.0f', at)
+  for _, key in ipairs(room) do redis.call('PEXPIREAT', key, at) end
+  result = tonumber(at)
+elseif redis.call('PTTL', meta) ~= -1 then
+  for _, key in ipairs(room) do redis.call('PERSIST', key) end
+end
+if publish ~= '' then redis.call(publish, ARGV[5], ARGV[6]) end
+return result

@@ -1,0 +1,478 @@
+//! `commit.lua` and `confirm.lua` run against a real `redis-server`, one test per outcome, with
+//! arguments packed by [`Commit::invoke`] and replies read by [`Committed::of`]: the only place
+//! the scripts' argument order is checked apart from the store's integration tests.
+
+#[allow(dead_code)]
+#[path = "../../../tests/common/redis_server.rs"]
+mod redis_server;
+#[path = "../../../tests/common/tools.rs"]
+mod tools;
+
+use std::time::{Duration, SystemTime};
+
+use prost::Message;
+use redis::aio::MultiplexedConnection;
+use redis::AsyncCommands;
+
+use super::*;
+use redis_server::{redis_available, RedisServer};
+
+const ROOM: &str = "r1";
+const EPOCH: &str = "e1";
+
+/// A private redis-server and a connection to it; None (after a loud line) when skipping.
+async fn redis() -> Option<(RedisServer, MultiplexedConnection)> {
+    if !redis_available() {
+        return None;
+    }
+    let server = RedisServer::start().await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    Some((server, conn))
+}
+
+fn bounds() -> Bounds {
+    Bounds {
+        history: 100,
+        history_bytes: 1 << 20,
+        empty_room_ttl_ms: 60_000,
+        answer_bytes: 1 << 20,
+        presence_ms: 0,
+        wait_replicas: 0,
+    }
+}
+
+fn event(seq: u64, payload: usize) -> pb::Event {
+    pb::Event {
+        seq,
+        epoch: EPOCH.into(),
+        room_id: "x".repeat(payload),
+        ..Default::default()
+    }
+}
+
+fn participant(client_id: &str) -> pb::Participant {
+    pb::Participant {
+        client_id: client_id.into(),
+        identity: format!("id-{client_id}"),
+        ..Default::default()
+    }
+}
+
+/// A commit of `changes` on a room expected at `expected`, publishing nothing.
+fn commit(expected: Option<u64>, changes: Changes<'_>) -> Commit<'_> {
+    Commit {
+        bounds: bounds(),
+        expected,
+        epoch: EPOCH,
+        fresh_epoch: "e2".into(),
+        channel: format!("roomctl:{ROOM}"),
+        publish: None,
+        now: SystemTime::now(),
+        assumed: Assumed::default(),
+        changes,
+    }
+}
+
+async fn run(conn: &mut MultiplexedConnection, commit: &Commit<'_>) -> Committed {
+    let script = redis::Script::new(COMMIT);
+    let reply: i64 = commit
+        .invoke(&script, &Keys::new(ROOM))
+        .invoke_async(conn)
+        .await
+        .expect("the commit script runs");
+    Committed::of(reply)
+}
+
+async fn meta_field(conn: &mut MultiplexedConnection, field: &str) -> Option<String> {
+    conn.hget(&Keys::new(ROOM).meta, field).await.unwrap()
+}
+
+/// Creates the room with `events` (seqs 1..) and a member `c1`; answers its seq.
+async fn create(conn: &mut MultiplexedConnection, events: &[pb::Event]) -> u64 {
+    let joined = participant("c1");
+    let changes = Changes {
+        events: events.iter().collect(),
+        joins: vec![(&joined, 1)],
+        ..Changes::default()
+    };
+    let applied = run(conn, &commit(None, changes)).await;
+    assert_eq!(applied, Committed::Applied { empty_until: None });
+    events.len() as u64
+}
+
+#[tokio::test]
+async fn a_new_room_is_created_with_its_events_and_members() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10), event(2, 10)]).await;
+    assert_eq!(meta_field(&mut conn, "epoch").await.as_deref(), Some(EPOCH));
+    assert_eq!(meta_field(&mut conn, "seq").await, Some(seq.to_string()));
+    assert_eq!(meta_field(&mut conn, "oldest").await.as_deref(), Some("1"));
+    let keys = Keys::new(ROOM);
+    let stored: Vec<u8> = conn.hget(&keys.members, "c1").await.unwrap();
+    let member = StoredMember::decode(&stored[..]).unwrap();
+    assert_eq!(member.join_seq, 1);
+    assert_eq!(member.participant.unwrap().identity, "id-c1");
+    let logged: usize = conn.xlen(&keys.log).await.unwrap();
+    assert_eq!(logged, 2);
+}
+
+#[tokio::test]
+async fn a_room_that_moved_on_or_exists_already_is_a_conflict() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let next = [event(seq + 1, 10)];
+    let again = Changes {
+        events: next.iter().collect(),
+        ..Changes::default()
+    };
+    assert_eq!(
+        run(&mut conn, &commit(None, again)).await,
+        Committed::Conflict
+    );
+    let stale = Changes {
+        events: next.iter().collect(),
+        ..Changes::default()
+    };
+    let stale = run(&mut conn, &commit(Some(seq + 5), stale)).await;
+    assert_eq!(stale, Committed::Conflict);
+    let mut other_epoch = commit(Some(seq), Changes::default());
+    other_epoch.epoch = "not-the-epoch";
+    assert_eq!(run(&mut conn, &other_epoch).await, Committed::Conflict);
+    // Nothing of the refused commits was applied.
+    assert_eq!(meta_field(&mut conn, "seq").await, Some(seq.to_string()));
+}
+
+#[tokio::test]
+async fn a_wrong_assumption_is_a_conflict_and_a_right_one_applies() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let now = SystemTime::now();
+    let keys = Keys::new(ROOM);
+    let _: () = conn.hset(&keys.answers, "a1", "x").await.unwrap();
+    let until = millis(now + Duration::from_secs(60));
+    let _: () = conn.zadd(&keys.banned, "banned", until).await.unwrap();
+    let _: () = conn.zadd(&keys.leases, "c1", until).await.unwrap();
+    let next = [event(seq + 1, 10)];
+    let wrong = [
+        Assumed {
+            ids: vec!["c1"],
+            ..Assumed::default()
+        },
+        Assumed {
+            answers: vec!["a1"],
+            ..Assumed::default()
+        },
+        Assumed {
+            bans: vec!["banned"],
+            ..Assumed::default()
+        },
+    ];
+    for assumed in wrong {
+        let mut wrong = commit(
+            Some(seq),
+            Changes {
+                events: next.iter().collect(),
+                ..Changes::default()
+            },
+        );
+        wrong.assumed = assumed;
+        assert_eq!(
+            run(&mut conn, &wrong).await,
+            Committed::Conflict,
+            "{wrong:?}"
+        );
+    }
+    // A client whose lease is still running cannot be timed out.
+    let timing_out = Changes {
+        events: next.iter().collect(),
+        timed_out: vec!["c1"],
+        ..Changes::default()
+    };
+    let early = run(&mut conn, &commit(Some(seq), timing_out)).await;
+    assert_eq!(early, Committed::Conflict);
+    let mut right = commit(
+        Some(seq),
+        Changes {
+            events: next.iter().collect(),
+            ..Changes::default()
+        },
+    );
+    right.assumed = Assumed {
+        ids: vec!["c2"],
+        answers: vec!["a2"],
+        bans: vec!["not-banned"],
+    };
+    let applied = run(&mut conn, &right).await;
+    assert_eq!(applied, Committed::Applied { empty_until: None });
+    assert_eq!(
+        meta_field(&mut conn, "seq").await,
+        Some((seq + 1).to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_commit_that_empties_the_room_answers_when_its_keys_expire() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let left = [event(seq + 1, 10)];
+    let leaving = Changes {
+        events: left.iter().collect(),
+        departures: vec![("c1", "id-c1", seq + 1)],
+        ..Changes::default()
+    };
+    let commit = commit(Some(seq), leaving);
+    let Committed::Applied {
+        empty_until: Some(at),
+    } = run(&mut conn, &commit).await
+    else {
+        panic!("an emptied room answers its keys' expiry");
+    };
+    let now = millis(commit.now);
+    assert_eq!(at, now + commit.bounds.empty_room_ttl_ms);
+    let keys = Keys::new(ROOM);
+    let ttl: i64 = conn.pttl(&keys.meta).await.unwrap();
+    assert!(
+        ttl > 0 && ttl <= 60_000,
+        "meta expires with the room: {ttl}"
+    );
+    let owner: Option<String> = conn.hget(&keys.owners, "c1").await.unwrap();
+    assert_eq!(owner.as_deref(), Some("id-c1"));
+}
+
+#[tokio::test]
+async fn the_log_keeps_its_history_in_events_and_in_bytes() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let events: Vec<pb::Event> = (1..=5).map(|seq| event(seq, 100)).collect();
+    let seq = create(&mut conn, &events).await;
+    let by_count = [event(seq + 1, 100)];
+    let mut short = commit(
+        Some(seq),
+        Changes {
+            events: by_count.iter().collect(),
+            ..Changes::default()
+        },
+    );
+    short.bounds.history = 3;
+    assert!(matches!(
+        run(&mut conn, &short).await,
+        Committed::Applied { .. }
+    ));
+    let keys = Keys::new(ROOM);
+    let logged: usize = conn.xlen(&keys.log).await.unwrap();
+    assert_eq!(logged, 3);
+    assert_eq!(meta_field(&mut conn, "oldest").await.as_deref(), Some("4"));
+    // Bytes: room for about two events of this size; the newest is always kept.
+    let by_bytes = [event(seq + 2, 100)];
+    let mut light = commit(
+        Some(seq + 1),
+        Changes {
+            events: by_bytes.iter().collect(),
+            ..Changes::default()
+        },
+    );
+    light.bounds.history_bytes = 2 * by_bytes[0].encoded_len() + 10;
+    assert!(matches!(
+        run(&mut conn, &light).await,
+        Committed::Applied { .. }
+    ));
+    let logged: usize = conn.xlen(&keys.log).await.unwrap();
+    assert_eq!(logged, 2);
+    assert_eq!(meta_field(&mut conn, "oldest").await.as_deref(), Some("6"));
+    let weight: usize = meta_field(&mut conn, "log_bytes")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(weight, 2 * by_bytes[0].encoded_len());
+}
+
+#[tokio::test]
+async fn remembered_answers_keep_within_their_budget_oldest_out_first() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let mut seq = create(&mut conn, &[event(1, 10)]).await;
+    let expiry = millis(SystemTime::now() + Duration::from_secs(600));
+    let value = vec![7u8; 100];
+    for key in ["a1", "a2", "a3"] {
+        let next = [event(seq + 1, 10)];
+        let mut remembering = commit(
+            Some(seq),
+            Changes {
+                events: next.iter().collect(),
+                answers: vec![(key, value.clone(), expiry + seq)],
+                ..Changes::default()
+            },
+        );
+        // Room for two answers of this size.
+        remembering.bounds.answer_bytes = 2 * (2 + value.len()) + 1;
+        assert!(matches!(
+            run(&mut conn, &remembering).await,
+            Committed::Applied { .. }
+        ));
+        seq += 1;
+    }
+    let keys = Keys::new(ROOM);
+    let kept: Vec<String> = conn.hkeys(&keys.answers).await.unwrap();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(kept, ["a2", "a3"]);
+    let weight = meta_field(&mut conn, "answers_bytes").await;
+    assert_eq!(weight, Some((2 * (2 + value.len())).to_string()));
+}
+
+#[tokio::test]
+async fn bans_set_and_lifted_are_stored_with_their_end() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let ban = Ban {
+        identity: "id-c1".into(),
+        until: SystemTime::now() + Duration::from_secs(60),
+        moderator: "mod".into(),
+    };
+    let next = [event(seq + 1, 10)];
+    let banning = Changes {
+        events: next.iter().collect(),
+        bans: vec![("id-c1", Some(&ban))],
+        locked: Some(true),
+        ..Changes::default()
+    };
+    assert!(matches!(
+        run(&mut conn, &commit(Some(seq), banning)).await,
+        Committed::Applied { .. }
+    ));
+    let keys = Keys::new(ROOM);
+    let end: Option<f64> = conn.zscore(&keys.banned, "id-c1").await.unwrap();
+    assert_eq!(end, Some(millis(ban.until) as f64));
+    let stored: Vec<u8> = conn.hget(&keys.bans, "id-c1").await.unwrap();
+    assert_eq!(pb::Ban::decode(&stored[..]).unwrap().moderator, "mod");
+    assert_eq!(meta_field(&mut conn, "locked").await.as_deref(), Some("1"));
+    let later = [event(seq + 2, 10)];
+    let lifting = Changes {
+        events: later.iter().collect(),
+        bans: vec![("id-c1", None)],
+        locked: Some(false),
+        ..Changes::default()
+    };
+    assert!(matches!(
+        run(&mut conn, &commit(Some(seq + 1), lifting)).await,
+        Committed::Applied { .. }
+    ));
+    let end: Option<f64> = conn.zscore(&keys.banned, "id-c1").await.unwrap();
+    assert_eq!(end, None);
+    assert_eq!(meta_field(&mut conn, "locked").await, None);
+}
+
+#[tokio::test]
+async fn a_commit_publishes_its_notice_on_the_room_channel_when_asked() {
+    let Some((server, mut conn)) = redis().await else {
+        return;
+    };
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut subscriber = client.get_async_pubsub().await.unwrap();
+    let channel = format!("roomctl:{ROOM}");
+    subscriber.subscribe(&channel).await.unwrap();
+    let joined = participant("c1");
+    let first = [event(1, 10)];
+    let mut published = commit(
+        None,
+        Changes {
+            events: first.iter().collect(),
+            joins: vec![(&joined, 1)],
+            ..Changes::default()
+        },
+    );
+    published.publish = Some(("PUBLISH", b"notice".to_vec()));
+    assert!(matches!(
+        run(&mut conn, &published).await,
+        Committed::Applied { .. }
+    ));
+    let message = futures_util::StreamExt::next(&mut subscriber.on_message())
+        .await
+        .unwrap();
+    assert_eq!(message.get_channel_name(), channel);
+    assert_eq!(message.get_payload_bytes(), b"notice");
+}
+
+#[tokio::test]
+async fn a_master_short_of_replicas_changes_nothing() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let first = [event(1, 10)];
+    let mut waiting = commit(
+        None,
+        Changes {
+            events: first.iter().collect(),
+            ..Changes::default()
+        },
+    );
+    waiting.bounds.wait_replicas = 2;
+    let refused = run(&mut conn, &waiting).await;
+    assert_eq!(refused, Committed::ShortOfReplicas { online: 0 });
+    assert_eq!(meta_field(&mut conn, "epoch").await, None);
+}
+
+#[tokio::test]
+async fn a_room_last_written_by_another_redis_process_begins_a_new_epoch() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let keys = Keys::new(ROOM);
+    // As if the process that made the last commit had restarted.
+    let _: () = conn.hset(&keys.meta, "run", "0".repeat(40)).await.unwrap();
+    let next = [event(seq + 1, 10)];
+    let after_restart = commit(
+        Some(seq),
+        Changes {
+            events: next.iter().collect(),
+            ..Changes::default()
+        },
+    );
+    assert_eq!(run(&mut conn, &after_restart).await, Committed::NewEpoch);
+    assert_eq!(meta_field(&mut conn, "epoch").await.as_deref(), Some("e2"));
+    let logged: usize = conn.xlen(&keys.log).await.unwrap();
+    assert_eq!(logged, 0, "the log begins anew");
+}
+
+#[tokio::test]
+async fn a_confirmation_raises_the_confirmed_seq_and_publishes_within_its_epoch() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let keys = Keys::new(ROOM);
+    let script = redis::Script::new(CONFIRM);
+    let shown: i64 = confirm(&script, &keys, (EPOCH, seq), ("PUBLISH", "c", b"n"))
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(shown, 1);
+    assert_eq!(
+        meta_field(&mut conn, "confirmed").await,
+        Some(seq.to_string())
+    );
+    let other: i64 = confirm(&script, &keys, ("old", seq + 1), ("PUBLISH", "c", b"n"))
+        .invoke_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(other, 0, "a commit of another epoch is not shown");
+    assert_eq!(
+        meta_field(&mut conn, "confirmed").await,
+        Some(seq.to_string())
+    );
+}
