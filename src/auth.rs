@@ -25,7 +25,7 @@ use tonic::{service::Interceptor, Request, Status};
 
 use crate::engine::{Caller, RoomScope, TokenRole};
 use crate::error::Error;
-use crate::validate;
+use crate::ids;
 
 /// Shortest secret `serve` accepts: HS256 needs 256 bits of key.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -238,10 +238,10 @@ impl Presented {
         if self.sub.is_empty() {
             return Err(Error::Unauthenticated("the token's sub is empty".into()));
         }
-        if self.sub.chars().count() > validate::MAX_ID_CHARS {
+        if self.sub.chars().count() > ids::MAX_ID_CHARS {
             return Err(Error::Unauthenticated(format!(
                 "the token's sub is longer than {} characters",
-                validate::MAX_ID_CHARS
+                ids::MAX_ID_CHARS
             )));
         }
         let scope = match self.room.as_str() {
@@ -251,7 +251,7 @@ impl Presented {
                     "room \"*\" is for service tokens only".into(),
                 ))
             }
-            room if validate::is_room_id(room) => RoomScope::One(room.to_owned()),
+            room if ids::is_room_id(room) => RoomScope::One(room.to_owned()),
             _ => {
                 return Err(Error::Unauthenticated(
                     "the token's room is not a room id (1..128 characters of A-Za-z0-9._:-)".into(),

@@ -33,6 +33,7 @@ pub mod client;
 pub mod codec;
 pub mod engine;
 pub mod error;
+pub mod ids;
 pub mod limits;
 pub mod listener;
 pub mod page_token;

@@ -16,7 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::auth::KeySet;
-use crate::validate;
+use crate::ids;
 
 /// What the key of page tokens is derived for: no other use of the JWT secrets shares it.
 const CONTEXT: &[u8] = b"roomctl ListRooms page token v1";
@@ -76,7 +76,7 @@ impl PageTokens {
         let (room, tag) = token.split_once('.')?;
         let room = String::from_utf8(URL_SAFE_NO_PAD.decode(room).ok()?).ok()?;
         let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
-        if tag.len() != TAG_BYTES || !validate::is_room_id(&room) {
+        if tag.len() != TAG_BYTES || !ids::is_room_id(&room) {
             return None;
         }
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());

@@ -136,7 +136,7 @@ impl RoomControl for RoomControlService {
         let cmd = validate::join(req)?;
         caller.check_room(&room_id)?;
         // Checked before the store too, so a refused join never creates a room.
-        engine::join_grant(&caller, &cmd)?;
+        caller.join_grant(cmd.role, &cmd.identity)?;
         let client_id = uuid::Uuid::new_v4().simple().to_string();
         let applied = self
             .store

@@ -5,13 +5,10 @@ use std::time::Duration;
 
 use crate::engine::{DestroyCmd, DropCmd, JoinCmd, MAX_BAN};
 use crate::error::{Error, Violation};
+use crate::ids::{room_id_char, MAX_ID_CHARS, MAX_ROOM_ID_CHARS};
 use crate::page_token::PageTokens;
 use crate::pb::{self, Role};
 
-/// Longest room id, in characters.
-pub const MAX_ROOM_ID_CHARS: usize = 128;
-/// Longest client id, request id, display name or identity, in characters.
-pub const MAX_ID_CHARS: usize = 128;
 /// Most client ids in one `DropUser`, counted as sent (duplicates included).
 pub const MAX_DROP_IDS: usize = 1000;
 /// Longest drop or destroy reason, in bytes (UTF-8).
@@ -20,15 +17,6 @@ pub const MAX_REASON_BYTES: usize = 256;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Most rooms per `ListRooms` page.
 pub const MAX_PAGE_SIZE: usize = 1000;
-
-fn room_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
-}
-
-/// Whether `room_id` follows the contract's rules (1..128 characters of `A-Za-z0-9._:-`).
-pub fn is_room_id(room_id: &str) -> bool {
-    (1..=MAX_ROOM_ID_CHARS).contains(&room_id.len()) && room_id.chars().all(room_id_char)
-}
 
 /// Collects violations so that one answer names every bad field.
 #[derive(Default)]

@@ -17,7 +17,7 @@ use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Command as ClapCommand, CommandFactory, FromArgMatches};
 
-use super::serve::ServeArgs;
+use super::settings::ServeArgs;
 use super::{say, Cli, Command, Failure};
 
 /// Flags of `serve` that have no place in a file: secrets stay out of configuration files (a

@@ -14,6 +14,7 @@ mod log_format;
 mod log_writer;
 mod moderate;
 mod serve;
+mod settings;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,9 +23,9 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::auth::{mint_with, Claims, KeySet};
-use crate::validate;
+use crate::ids;
 
-pub use serve::DEV_SECRET;
+pub use settings::DEV_SECRET;
 
 /// roomctl: a gRPC control plane for real-time conferencing rooms.
 #[derive(Debug, Parser)]
@@ -39,7 +40,7 @@ enum Command {
     /// Run the gRPC server.
     // A later flag overrides an earlier one: how a config file's settings give way to flags.
     #[command(args_override_self = true)]
-    Serve(Box<serve::ServeArgs>),
+    Serve(Box<settings::ServeArgs>),
     /// Print a signed token for a caller.
     Token(TokenArgs),
     /// Work with configuration files.
@@ -258,15 +259,15 @@ fn token(args: TokenArgs) -> Result<(), Failure> {
             "room \"*\" is for service tokens only".into(),
         ));
     }
-    if args.room != "*" && !validate::is_room_id(&args.room) {
+    if args.room != "*" && !ids::is_room_id(&args.room) {
         return Err(Failure::Usage(
             "--room must be 1..128 characters of A-Za-z0-9._:- (or * for services)".into(),
         ));
     }
-    if args.identity.is_empty() || args.identity.chars().count() > validate::MAX_ID_CHARS {
+    if args.identity.is_empty() || args.identity.chars().count() > ids::MAX_ID_CHARS {
         return Err(Failure::Usage(format!(
             "--identity must be 1..{} characters",
-            validate::MAX_ID_CHARS
+            ids::MAX_ID_CHARS
         )));
     }
     let keys = args.secret.load()?;

@@ -3,6 +3,7 @@
 //! may depend on errors only.
 
 use crate::error::{Error, LOCK_UNAUTHORIZED_CODE, UNAUTHORIZED_ACCESS_CODE};
+use crate::pb::Role;
 
 /// The role a token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,40 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The role and identity a join asking for `role` as `identity` gets (Unspecified, empty:
+    /// whatever is the caller's own): services choose both, others may only repeat their own.
+    pub fn join_grant(&self, role: Role, identity: &str) -> Result<(Role, String), Error> {
+        let own_role = match self.role {
+            TokenRole::Participant => Role::Participant,
+            TokenRole::Moderator => Role::Moderator,
+            TokenRole::Service => {
+                let role = match role {
+                    Role::Unspecified => Role::Participant,
+                    role => role,
+                };
+                let identity = if identity.is_empty() {
+                    self.identity.clone()
+                } else {
+                    identity.to_owned()
+                };
+                return Ok((role, identity));
+            }
+        };
+        if role != Role::Unspecified && role != own_role {
+            return Err(Error::Forbidden(format!(
+                "a {} token cannot join as {}; only service tokens choose the role",
+                own_role.as_str_name(),
+                role.as_str_name()
+            )));
+        }
+        if !identity.is_empty() && identity != self.identity {
+            return Err(Error::Forbidden(
+                "only service tokens join on behalf of another identity".into(),
+            ));
+        }
+        Ok((own_role, self.identity.clone()))
+    }
+
     /// roomctl itself, for what no one calls: removing clients whose presence ran out.
     pub fn system() -> Self {
         Self {

@@ -7,10 +7,8 @@ use std::time::Duration;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use super::answers::Remembered;
 use super::bans::Ban;
 use super::caller::Caller;
-use super::rules::join_grant;
 use crate::pb::{self, Role};
 
 /// The key a remembered answer is filed under: request ids are one space per caller identity
@@ -131,8 +129,9 @@ impl Command {
             Command::Join { cmd, .. } => {
                 field(b"join");
                 field(cmd.name.as_bytes());
-                let (role, identity) =
-                    join_grant(caller, cmd).unwrap_or_else(|_| (cmd.role, cmd.identity.clone()));
+                let (role, identity) = caller
+                    .join_grant(cmd.role, &cmd.identity)
+                    .unwrap_or_else(|_| (cmd.role, cmd.identity.clone()));
                 field(&(role as i32).to_le_bytes());
                 field(identity.as_bytes());
             }
@@ -172,10 +171,13 @@ impl Command {
     }
 
     /// The identities whose bans the command looks at before it runs: a join's (as
-    /// [`join_grant`] decides it) and an unban's. A drop's are known only once its clients are.
+    /// [`Caller::join_grant`] decides it) and an unban's. A drop's are known only once its clients are.
     pub fn ban_identity(&self, caller: &Caller) -> Option<String> {
         match self {
-            Command::Join { cmd, .. } => join_grant(caller, cmd).ok().map(|(_, id)| id),
+            Command::Join { cmd, .. } => caller
+                .join_grant(cmd.role, &cmd.identity)
+                .ok()
+                .map(|(_, id)| id),
             Command::Unban { identity } => Some(identity.clone()),
             _ => None,
         }
@@ -248,30 +250,4 @@ pub enum Change {
         /// The identity.
         identity: String,
     },
-}
-
-/// A command's outcome: the answer, the events it logged, the membership changes behind them
-/// and the answer to remember (all empty for an idempotent retry).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Applied {
-    /// The answer for the caller.
-    pub reply: Reply,
-    /// The new events, numbered from the room's previous `seq + 1`.
-    pub events: Vec<pb::Event>,
-    /// The membership changes, in order.
-    pub changes: Vec<Change>,
-    /// The answer the room now remembers for retries, if the command has a request id.
-    pub remembered: Option<Remembered>,
-}
-
-impl Applied {
-    /// The answer to a retry: the remembered reply, nothing logged.
-    pub(super) fn retry(reply: Reply) -> Self {
-        Self {
-            reply,
-            events: Vec::new(),
-            changes: Vec::new(),
-            remembered: None,
-        }
-    }
 }

@@ -25,6 +25,6 @@ mod tests;
 pub use answers::{Remembered, DEFAULT_ANSWER_BYTES, IDEMPOTENCY_WINDOW};
 pub use bans::{Ban, MAX_BAN, MAX_BANS};
 pub use caller::{Caller, RoomScope, TokenRole};
-pub use command::{answer_key, Applied, Change, Command, DestroyCmd, DropCmd, JoinCmd, Reply};
+pub use command::{answer_key, Change, Command, DestroyCmd, DropCmd, JoinCmd, Reply};
 pub use room::{ClientStatus, RoomLimits, RoomState, DEFAULT_MAX_MEMBERS};
-pub use rules::{apply, join_grant};
+pub use rules::{apply, Applied};

@@ -5,11 +5,38 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
+use super::answers::Remembered;
 use super::caller::{Caller, TokenRole};
-use super::command::{Applied, Change, Command, DestroyCmd, DropCmd, JoinCmd, Reply};
+use super::command::{Change, Command, DestroyCmd, DropCmd, JoinCmd, Reply};
 use super::room::{Member, RoomState};
 use crate::error::{Error, Limit};
 use crate::pb::{self, event::Payload, DisconnectReason, DropOutcome, Role};
+
+/// A command's outcome: the answer, the events it logged, the membership changes behind them
+/// and the answer to remember (all empty for an idempotent retry).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The answer for the caller.
+    pub reply: Reply,
+    /// The new events, numbered from the room's previous `seq + 1`.
+    pub events: Vec<pb::Event>,
+    /// The membership changes, in order.
+    pub changes: Vec<Change>,
+    /// The answer the room now remembers for retries, if the command has a request id.
+    pub remembered: Option<Remembered>,
+}
+
+impl Applied {
+    /// The answer to a retry: the remembered reply, nothing logged.
+    pub(super) fn retry(reply: Reply) -> Self {
+        Self {
+            reply,
+            events: Vec::new(),
+            changes: Vec::new(),
+            remembered: None,
+        }
+    }
+}
 
 /// Applies `cmd` by `caller` to `state` at time `now`: checks the room-level rules, changes the
 /// state and returns the answer with the events to log. A command with a request id that was
@@ -54,40 +81,6 @@ pub fn apply(
     Ok(applied)
 }
 
-/// Decides the role and identity a join gets: services choose both, others may only repeat their
-/// own.
-pub fn join_grant(caller: &Caller, cmd: &JoinCmd) -> Result<(Role, String), Error> {
-    let own_role = match caller.role {
-        TokenRole::Participant => Role::Participant,
-        TokenRole::Moderator => Role::Moderator,
-        TokenRole::Service => {
-            let role = match cmd.role {
-                Role::Unspecified => Role::Participant,
-                role => role,
-            };
-            let identity = if cmd.identity.is_empty() {
-                caller.identity.clone()
-            } else {
-                cmd.identity.clone()
-            };
-            return Ok((role, identity));
-        }
-    };
-    if cmd.role != Role::Unspecified && cmd.role != own_role {
-        return Err(Error::Forbidden(format!(
-            "a {} token cannot join as {}; only service tokens choose the role",
-            own_role.as_str_name(),
-            cmd.role.as_str_name()
-        )));
-    }
-    if !cmd.identity.is_empty() && cmd.identity != caller.identity {
-        return Err(Error::Forbidden(
-            "only service tokens join on behalf of another identity".into(),
-        ));
-    }
-    Ok((own_role, caller.identity.clone()))
-}
-
 fn join(
     state: &mut RoomState,
     caller: &Caller,
@@ -95,7 +88,7 @@ fn join(
     cmd: JoinCmd,
     now: SystemTime,
 ) -> Result<Applied, Error> {
-    let (role, identity) = join_grant(caller, &cmd)?;
+    let (role, identity) = caller.join_grant(cmd.role, &cmd.identity)?;
     // A ban comes before the lock: a banned identity learns it is banned.
     if let Some(ban) = state.bans.of(&identity, now) {
         return Err(Error::Banned {

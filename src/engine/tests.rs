@@ -469,41 +469,35 @@ fn leave_is_for_the_owner_moderators_and_services() {
 
 #[test]
 fn join_roles_are_chosen_by_services_only() {
-    let cmd = |role, identity: &str| JoinCmd {
-        name: String::new(),
-        role,
-        identity: identity.into(),
-        request_id: None,
-    };
     let bob = caller("bob", TokenRole::Participant);
     let svc = caller("gw", TokenRole::Service);
     let alice = caller("alice", TokenRole::Moderator);
     assert_eq!(
-        join_grant(&bob, &cmd(Role::Unspecified, "")).unwrap(),
+        bob.join_grant(Role::Unspecified, "").unwrap(),
         (Role::Participant, "bob".into())
     );
     assert_eq!(
-        join_grant(&bob, &cmd(Role::Participant, "bob")).unwrap().0,
+        bob.join_grant(Role::Participant, "bob").unwrap().0,
         Role::Participant
     );
     assert!(matches!(
-        join_grant(&bob, &cmd(Role::Moderator, "")),
+        bob.join_grant(Role::Moderator, ""),
         Err(Error::Forbidden(_))
     ));
     assert!(matches!(
-        join_grant(&bob, &cmd(Role::Unspecified, "eve")),
+        bob.join_grant(Role::Unspecified, "eve"),
         Err(Error::Forbidden(_))
     ));
     assert_eq!(
-        join_grant(&alice, &cmd(Role::Unspecified, "")).unwrap().0,
+        alice.join_grant(Role::Unspecified, "").unwrap().0,
         Role::Moderator
     );
     assert_eq!(
-        join_grant(&svc, &cmd(Role::Unspecified, "")).unwrap(),
+        svc.join_grant(Role::Unspecified, "").unwrap(),
         (Role::Participant, "gw".into())
     );
     assert_eq!(
-        join_grant(&svc, &cmd(Role::Moderator, "ann")).unwrap(),
+        svc.join_grant(Role::Moderator, "ann").unwrap(),
         (Role::Moderator, "ann".into())
     );
 }

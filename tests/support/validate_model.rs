@@ -8,11 +8,10 @@ use base64::Engine;
 use prost::Message;
 use roomctl::auth::KeySet;
 use roomctl::error::Error;
+use roomctl::ids::{is_room_id, MAX_ID_CHARS};
 use roomctl::page_token::PageTokens;
 use roomctl::pb;
-use roomctl::validate::{
-    self, is_room_id, MAX_DROP_IDS, MAX_ID_CHARS, MAX_PAGE_SIZE, MAX_REASON_BYTES,
-};
+use roomctl::validate::{self, MAX_DROP_IDS, MAX_PAGE_SIZE, MAX_REASON_BYTES};
 
 /// The JWT secret whose derived key seals the page tokens the model and its generators use.
 pub const PAGE_SECRET: &str = "the-validation-model-secret-0123456789";
