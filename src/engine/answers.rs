@@ -25,7 +25,7 @@ pub struct Remembered {
     pub key: String,
     /// When the answer is forgotten.
     pub expires_at: SystemTime,
-    /// The [`Command::fingerprint`] of the request it answered: a retry must repeat it.
+    /// The [`Command::fingerprint`](super::Command::fingerprint) of the request it answered: a retry must repeat it.
     pub fingerprint: u64,
     /// The answer retries get.
     pub reply: Reply,

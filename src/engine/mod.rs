@@ -6,12 +6,12 @@
 //! and every store (memory, Redis) applies exactly the same rules. It may depend on the errors
 //! and the generated types, and nothing else of roomctl.
 //!
-//! - [`caller`]: who calls, and what they may do whatever the room holds.
-//! - [`command`]: what they ask (commands), what they get (replies), what changed.
-//! - [`room`]: a room's state apart from its log.
-//! - [`answers`]: the answers a room remembers for idempotent retries, bounded in time and bytes.
-//! - [`bans`]: who a room keeps out, until when.
-//! - [`rules`]: [`apply`], the rules themselves.
+//! - `caller`: who calls, and what they may do whatever the room holds.
+//! - `command`: what they ask (commands), what they get (replies), what changed.
+//! - `room`: a room's state apart from its log.
+//! - `answers`: the answers a room remembers for idempotent retries, bounded in time and bytes.
+//! - `bans`: who a room keeps out, until when.
+//! - `rules`: [`apply`], the rules themselves.
 
 mod answers;
 mod bans;

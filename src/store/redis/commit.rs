@@ -1,22 +1,192 @@
 //! The commit of a batch as the Redis scripts see it: `commit.lua` (the compare-and-set that
-//! applies a batch atomically) and `confirm.lua` (which shows it once replicas hold it), and the
+//! applies a batch atomically) and `confirm.lua` (which shows it once replicas hold it), the
 //! one typed pair that packs a commit's arguments ([`Commit::invoke`]) and reads its reply
-//! ([`Committed::of`]). The scripts' argument order lives here and at the top of each script,
-//! nowhere else.
+//! ([`Committed::of`]), and the [`Committer`] that sends them and waits for replicas. The
+//! scripts' argument order lives here and at the top of each script, nowhere else; what a batch
+//! commits is decided by the writer, never here.
 
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
 
 use prost::Message;
 
-use super::keys::{millis, Keys, StoredAnswer, StoredMember};
+use super::connection::{recorded, unavailable, Conn, OP_TIMEOUT};
+use super::keys::{channel, millis, Keys, StoredAnswer, StoredMember};
 use super::RedisConfig;
 use crate::engine::{Applied, Ban, Change, Reply};
+use crate::error::Error;
 use crate::pb;
+use crate::telemetry::Telemetry;
 
 /// `commit.lua`.
 pub(super) const COMMIT: &str = include_str!("commit.lua");
 /// `confirm.lua`.
 pub(super) const CONFIRM: &str = include_str!("confirm.lua");
+
+/// Where commits go and what they wait for. Commits go to the room's master; with
+/// `--redis-wait-replicas` each is followed by its `WAIT` on a connection of their own.
+pub(super) struct Committer {
+    conn: Conn,
+    /// With `--redis-wait-replicas`, the connection commits and their `WAIT`s go through: a
+    /// `WAIT` holds its connection until the replicas answer (up to a second when they do not),
+    /// and reads and the health ping must not queue behind it.
+    waiting: Option<Conn>,
+    /// Replicas each commit waits for (`--redis-wait-replicas`).
+    wait_replicas: usize,
+    /// Whether the last commit found its master with fewer replicas than it waits for (or no
+    /// commit has shown it yet): then commits go without their `WAIT` in the same round trip,
+    /// which would wait out its timeout after a refusal (a hint: a cluster's masters may
+    /// differ; both ways are correct).
+    short_of_replicas: AtomicBool,
+    commit: redis::Script,
+    confirm: redis::Script,
+    telemetry: Telemetry,
+}
+
+impl Committer {
+    /// Commits through `conn`, or with `wait_replicas` through `waiting` with their `WAIT`s.
+    pub(super) fn new(
+        conn: Conn,
+        waiting: Option<Conn>,
+        wait_replicas: usize,
+        telemetry: Telemetry,
+    ) -> Self {
+        Self {
+            conn,
+            waiting,
+            wait_replicas,
+            // Until a commit shows the replicas are there: a node started on a master without
+            // them answers its very first commit at once too.
+            short_of_replicas: AtomicBool::new(true),
+            commit: redis::Script::new(COMMIT),
+            confirm: redis::Script::new(CONFIRM),
+            telemetry,
+        }
+    }
+
+    /// How a commit's `notice` goes out: with the commit (the publish command and the notice),
+    /// or, when commits wait for replicas, held back for [`Committer::confirm`] to publish once
+    /// they hold it.
+    pub(super) fn publishing(&self, notice: Vec<u8>) -> (Publish, Option<Vec<u8>>) {
+        match self.waiting {
+            Some(_) => (None, Some(notice)),
+            None => (Some((self.conn.publish_command(), notice)), None),
+        }
+    }
+
+    /// Runs `commit` on the room's master (with its `WAIT`, when commits wait for replicas).
+    /// Answers Conflict or NewEpoch when nothing was applied and the batch must run again;
+    /// refuses with NOT_ENOUGH_REPLICAS a master short of replicas. A commit sent whose answer
+    /// never came is `OutcomeUnknown`: it may have been applied, and its callers must be told so.
+    pub(super) async fn commit(
+        &self,
+        keys: &Keys,
+        room_id: &str,
+        commit: &Commit<'_>,
+    ) -> Result<Committed, Error> {
+        let call = commit.invoke(&self.commit, keys);
+        let started = Instant::now();
+        let replicas = self.wait_replicas;
+        let committing = async {
+            match self.waiting.clone() {
+                Some(mut conn) => {
+                    let pipelined = !self.short_of_replicas.load(Ordering::Relaxed);
+                    conn.commit_and_wait(&call, &keys.meta, replicas, pipelined)
+                        .await
+                }
+                None => call
+                    .invoke_async(&mut self.conn.clone())
+                    .await
+                    .map(|done| (done, 0)),
+            }
+        };
+        let answer = tokio::time::timeout(OP_TIMEOUT, committing).await;
+        let ok = matches!(answer, Ok(Ok(_)));
+        self.telemetry.store_op("commit", ok, started.elapsed());
+        let (committed, acked) = match answer {
+            Ok(Ok((reply, acked))) => (Committed::of(reply), acked),
+            // Refused before anything was sent, or refused by Redis: nothing was applied.
+            Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
+                return Err(unavailable(err))
+            }
+            Ok(Err(_)) | Err(_) => return Err(Error::OutcomeUnknown { request_id: None }),
+        };
+        let short = matches!(committed, Committed::ShortOfReplicas { .. });
+        self.short_of_replicas.store(short, Ordering::Relaxed);
+        match committed {
+            Committed::Conflict => self.telemetry.commit_conflict(),
+            Committed::ShortOfReplicas { online } => {
+                tracing::warn!(
+                    room_id,
+                    online,
+                    replicas,
+                    "the Redis master of this room has fewer online replicas than \
+                     --redis-wait-replicas: its commits are refused (UNAVAILABLE, not applied) \
+                     until it has them"
+                );
+                return Err(Error::NotEnoughReplicas {
+                    online,
+                    needed: replicas,
+                });
+            }
+            Committed::NewEpoch => {
+                tracing::warn!(
+                    room_id,
+                    "the Redis holding this room restarted or failed over since its last commit, \
+                     so its log may have lost its newest events: the room continues under a new \
+                     epoch, and older cursors get OUT_OF_RANGE"
+                );
+                self.telemetry.commit_conflict();
+            }
+            Committed::Applied { .. } => {
+                self.telemetry.events_appended(commit.changes.events.len());
+                if self.waiting.is_some() && acked < replicas as i64 {
+                    tracing::warn!(
+                        room_id,
+                        acked,
+                        replicas,
+                        "a commit was not confirmed by enough replicas in time: its callers are \
+                         answered OUTCOME_UNKNOWN, and its events stay hidden until a later \
+                         commit of the room is confirmed"
+                    );
+                    return Err(Error::OutcomeUnknown { request_id: None });
+                }
+            }
+        }
+        Ok(committed)
+    }
+
+    /// Shows a commit its replicas hold: raises the room's confirmed seq to `newest` and
+    /// publishes the commit's notice. A commit whose confirmation fails is durable but hidden
+    /// until a later one of the room is confirmed; its callers are told the outcome is unknown.
+    pub(super) async fn confirm(
+        &self,
+        keys: &Keys,
+        room_id: &str,
+        newest: (&str, u64),
+        notice: Vec<u8>,
+    ) -> Result<(), Error> {
+        let call = confirm(
+            &self.confirm,
+            keys,
+            newest,
+            (self.conn.publish_command(), &channel(room_id), &notice),
+        );
+        let mut conn = self.conn.clone();
+        recorded(
+            &self.telemetry,
+            "confirm",
+            call.invoke_async::<i64>(&mut conn),
+        )
+        .await
+        .map(drop)
+        .map_err(|_| Error::OutcomeUnknown { request_id: None })
+    }
+}
+
+/// The command that publishes a commit's notice, and the notice, for the commit script to
+/// publish with the commit (None: not now; confirm.lua publishes it once replicas hold it).
+pub(super) type Publish = Option<(&'static str, Vec<u8>)>;
 
 /// What a batch assumed absent without having read it: member ids, answer keys, and identities
 /// without a ban in force. The commit script checks each.
@@ -80,7 +250,7 @@ pub(super) struct Commit<'a> {
     pub(super) channel: String,
     /// The notice of the commit's events and the command that publishes it (None: not now;
     /// confirm.lua publishes it once replicas hold the commit).
-    pub(super) publish: Option<(&'static str, Vec<u8>)>,
+    pub(super) publish: Publish,
     pub(super) now: SystemTime,
     pub(super) assumed: Assumed<'a>,
     pub(super) changes: Changes<'a>,

@@ -3,7 +3,7 @@
 //! under, and the settings every node sharing a Redis must agree on.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -13,6 +13,7 @@ use redis::{Cmd, Pipeline, RedisFuture, RedisResult, ScriptInvocation, Value};
 
 use super::RedisConfig;
 use crate::error::Error;
+use crate::telemetry::Telemetry;
 
 /// Longest any single Redis operation may take before the call fails `STORE_UNAVAILABLE`.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -156,6 +157,18 @@ pub(super) async fn timed<T>(op: impl Future<Output = RedisResult<T>>) -> Result
             "redis did not answer within {OP_TIMEOUT:?}"
         ))),
     }
+}
+
+/// [`timed`], with the operation recorded in `telemetry` as `op`.
+pub(super) async fn recorded<T>(
+    telemetry: &Telemetry,
+    op: &'static str,
+    run: impl Future<Output = RedisResult<T>>,
+) -> Result<T, Error> {
+    let started = Instant::now();
+    let result = timed(run).await;
+    telemetry.store_op(op, result.is_ok(), started.elapsed());
+    result
 }
 
 /// A connection to one Redis server or to a Redis Cluster. On a cluster each command goes to the

@@ -1,5 +1,5 @@
-//! How a room lives in Redis: its keys, what is stored in them, the commit script that changes
-//! them atomically, and the decoding of what Redis answers.
+//! How a room lives in Redis: its keys and channel, what is stored in them, and the decoding of
+//! what Redis answers. Layout only: nothing here talks to Redis.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +11,20 @@ use crate::engine::{Ban, Remembered, Reply};
 use crate::error::Error;
 use crate::pb;
 use crate::store::LoggedEvent;
+
+/// The channel a room's commits publish their events on; in the room's hash tag, so it shares
+/// the room's Redis Cluster slot.
+pub(super) fn channel(room_id: &str) -> String {
+    format!("roomctl:{{{room_id}}}:events")
+}
+
+/// The room whose channel is `channel`.
+pub(super) fn room_of(channel: &str) -> Option<String> {
+    let room_id = channel
+        .strip_prefix("roomctl:{")?
+        .strip_suffix("}:events")?;
+    Some(room_id.to_owned())
+}
 
 /// A member as stored in the `members` hash: the participant and the seq it joined at, which
 /// orders `ListParticipants`.

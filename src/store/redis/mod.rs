@@ -18,21 +18,21 @@
 //! (`presence`), and `roomctl:rooms` with `roomctl:rooms:expiring` (`rooms`, the index behind
 //! `ListRooms`).
 //!
-//! **Atomicity** (`writer`). Commands for a room queue to that room's writer on the node, which
-//! takes them in batches: it reads what the batch needs (one MULTI), runs the room engine in Rust
-//! over the batch, and commits with a Lua script that applies the membership changes and appends
-//! the events only if the room's `seq` and `epoch` are still the ones read: a compare-and-set,
-//! retried on conflict. Two nodes racing on a room therefore never lose an update nor reuse a
-//! `seq`, and one node never races itself. A writer keeps what it last read or wrote (`Known`) for
-//! a second and runs the next batch on it without a read: what it has not seen is assumed absent,
-//! and the commit script checks those assumptions too, so a busy room costs one round trip per
-//! batch.
+//! **Atomicity** (`writer`, `commit`). Commands for a room queue to that room's writer on the
+//! node, which takes them in batches: it reads what the batch needs (one MULTI), runs the room
+//! engine in Rust over the batch, and commits with a Lua script (`commit.lua`) that applies the
+//! membership changes and appends the events only if the room's `seq` and `epoch` are still the
+//! ones read: a compare-and-set, retried on conflict. Two nodes racing on a room therefore never
+//! lose an update nor reuse a `seq`, and one node never races itself. A writer keeps what it last
+//! read or wrote (`Known`) for a second and runs the next batch on it without a read: what it has
+//! not seen is assumed absent, and the commit script checks those assumptions too, so a busy room
+//! costs one round trip per batch.
 //!
-//! **Live delivery** (`listener`). The commit script also publishes the new events on the room's
-//! own channel. Each node runs a single listener, subscribed to the channels of the rooms it has
-//! local subscribers in (and no others): it keeps a small cache of recent events per such room
-//! (a `Feed`) and wakes them; subscribers read from that cache, and only a subscriber behind the
-//! cache (replaying an old cursor) reads the stream itself. No connection or poll loop per
+//! **Live delivery** (`pubsub`, `feeds`). The commit script also publishes the new events on the
+//! room's own channel. Each node runs a single listener, subscribed to the channels of the rooms
+//! it has local subscribers in (and no others): it keeps a small cache of recent events per such
+//! room (a `Feed`) and wakes them; subscribers read from that cache, and only a subscriber behind
+//! the cache (replaying an old cursor) reads the stream itself. No connection or poll loop per
 //! subscriber.
 //!
 //! **Faults** (`connection`). Every Redis operation has a deadline and fails with
@@ -44,7 +44,7 @@
 //! and a read that finds the log shorter than expected answers `OUT_OF_RANGE` rather than skip the
 //! gap.
 //!
-//! **Durability** (`keys`, `writer`). Redis can lose a log's tail (a restart from an AOF synced
+//! **Durability** (`keys`, `commit`). Redis can lose a log's tail (a restart from an AOF synced
 //! every second, a promoted replica that had not received it) after clients saw it; new events
 //! must then never reuse those seqs under the same epoch. Each commit records the Redis process
 //! that made it, and the first commit made by another one (restarted, or promoted) starts a new
@@ -52,25 +52,31 @@
 //! confirmed by replicas: with `--redis-wait-replicas N`, a commit is followed by `WAIT N` on the
 //! same connection, and only then is it published and the room's `confirmed` seq raised; reads
 //! never go past `confirmed`. A slot migrated whole to another cluster master keeps its epoch.
+//!
+//! **Parts.** `Shared` holds what every part uses (the connection, the settings, telemetry,
+//! health) and the parts that own the rest, each keeping its fields to itself: `Writers` (the
+//! room writers of this node), `Committer` (the scripts and the connection that waits for
+//! replicas), `Feeds` (the rooms this node has subscribers in), `Presence` (this node's open
+//! streams). `rooms` keeps the index behind `ListRooms` and `schedule` the due-time sets that
+//! presence and the index share; neither holds state of its own.
 
 mod commit;
 mod connection;
+mod feeds;
 mod keys;
-mod listener;
 mod presence;
+mod pubsub;
 mod rooms;
 mod schedule;
 mod writer;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use redis::{RedisResult, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{
@@ -81,14 +87,16 @@ use crate::engine::{Applied, Ban, Caller, ClientStatus, Command};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;
-use commit::{COMMIT, CONFIRM};
+use commit::Committer;
 pub use connection::RedisUrl;
-use connection::{timed, Conn};
+use connection::{recorded, Conn};
+use feeds::Feeds;
+pub use feeds::Notice;
 use keys::{array, ban, entries, member, meta, millis, number, text, Keys};
 pub use keys::{StoredAnswer, StoredMember, StoredReply};
-pub use listener::Notice;
-use listener::{listen, Control, Feed, Notifier, CONTROL_QUEUE};
-use writer::Job;
+use presence::Presence;
+use pubsub::{listen, Notifier};
+use writer::Writers;
 
 /// Tuning of the Redis store; every node sharing a Redis must use the same values.
 #[derive(Debug, Clone)]
@@ -104,31 +112,22 @@ pub struct RedisConfig {
     pub rooms: RoomSettings,
 }
 
+/// What every part of the store shares: the connection, the settings, the telemetry and the
+/// health, and the parts that own the rest (each keeps its fields to itself).
 struct Shared {
-    pub(super) conn: Conn,
-    /// With `--redis-wait-replicas`, the connection commits and their `WAIT`s go through: a
-    /// `WAIT` holds its connection until the replicas answer (up to a second when they do not),
-    /// and reads and the health ping must not queue behind it.
-    pub(super) waiting: Option<Conn>,
-    /// Whether the last commit found its master with fewer replicas than it waits for (or no
-    /// commit has shown it yet): then commits go without their `WAIT` in the same round trip,
-    /// which would wait out its timeout after a refusal (a hint: a cluster's masters may
-    /// differ; both ways are correct).
-    pub(super) short_of_replicas: AtomicBool,
-    pub(super) config: RedisConfig,
-    pub(super) commit: redis::Script,
-    pub(super) confirm: redis::Script,
-    pub(super) feeds: Mutex<HashMap<String, Arc<Feed>>>,
-    /// Asks this node's listener to subscribe to a room's channel.
-    pub(super) control: mpsc::Sender<Control>,
-    /// Each busy room's writer on this node, with the id that tells a retiring writer whether
-    /// it was replaced.
-    pub(super) writers: Mutex<HashMap<String, (u64, mpsc::Sender<Job>)>>,
-    pub(super) next_writer: AtomicU64,
-    pub(super) healthy: watch::Sender<bool>,
-    pub(super) telemetry: Telemetry,
-    /// This node's share of presence: its open client streams and their closes.
-    pub(super) presence: Mutex<presence::Local>,
+    conn: Conn,
+    config: RedisConfig,
+    telemetry: Telemetry,
+    /// Whether Redis answers, as this node's listener last saw.
+    healthy: watch::Sender<bool>,
+    /// Each busy room's writer on this node.
+    writers: Writers,
+    /// Sends commits and waits for their replicas.
+    committer: Committer,
+    /// The rooms this node has subscribers in, with their recent events.
+    feeds: Feeds,
+    /// This node's open client streams and their closes.
+    presence: Arc<Presence>,
 }
 
 /// The Redis [`RoomStore`].
@@ -154,23 +153,22 @@ impl RedisStore {
             0 => None,
             _ => Some(Conn::connect(&config).await.map_err(at)?),
         };
-        let (control, requests) = mpsc::channel(CONTROL_QUEUE);
+        let committer = Committer::new(
+            conn.clone(),
+            waiting,
+            config.wait_replicas,
+            telemetry.clone(),
+        );
+        let (feeds, requests) = Feeds::new(&config.rooms);
         let shared = Arc::new(Shared {
             conn,
-            waiting,
-            // Until a commit shows the replicas are there: a node started on a master without
-            // them answers its very first commit at once too.
-            short_of_replicas: AtomicBool::new(true),
-            control,
+            presence: Arc::new(Presence::new(config.rooms.presence_timeout)),
             config,
-            commit: redis::Script::new(COMMIT),
-            confirm: redis::Script::new(CONFIRM),
-            feeds: Mutex::new(HashMap::new()),
-            writers: Mutex::new(HashMap::new()),
-            next_writer: AtomicU64::new(0),
-            healthy: watch::Sender::new(false),
             telemetry,
-            presence: Mutex::default(),
+            healthy: watch::Sender::new(false),
+            writers: Writers::default(),
+            committer,
+            feeds,
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
         let notifier = Notifier::open(&shared).await?;
@@ -194,46 +192,17 @@ impl RedisStore {
 }
 
 impl Shared {
-    /// Runs `cmd` by `caller` through the room's writer on this node and waits for its answer.
-    pub(super) async fn submit(
-        self: &Arc<Self>,
-        room_id: &str,
-        caller: &Caller,
-        cmd: Command,
-    ) -> Result<Applied, Error> {
-        let (reply, answer) = oneshot::channel();
-        let mut job = Job {
-            caller: caller.clone(),
-            cmd,
-            reply,
-        };
-        loop {
-            match self.writer(room_id).send(job).await {
-                Ok(()) => break,
-                // That writer retired just now; the next call starts a new one.
-                Err(mpsc::error::SendError(returned)) => job = returned,
-            }
-        }
-        answer
-            .await
-            .map_err(|_| Error::Internal(format!("the writer of room {room_id:?} stopped")))?
-    }
-
-    pub(super) fn conn(&self) -> Conn {
+    fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
     /// Runs Redis operation `op` with the store's deadline, and records it.
-    pub(super) async fn timed<T>(
+    async fn timed<T>(
         &self,
         op: &'static str,
         run: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, Error> {
-        let started = Instant::now();
-        let result = timed(run).await;
-        self.telemetry
-            .store_op(op, result.is_ok(), started.elapsed());
-        result
+        recorded(&self.telemetry, op, run).await
     }
 }
 
@@ -286,7 +255,7 @@ impl RoomStore for RedisStore {
             members.extend(member(&value)?);
         }
         members.sort_unstable_by_key(|(_, join_seq)| *join_seq);
-        let connected = self.shared.connected(leases, SystemTime::now());
+        let connected = self.shared.presence.connected(leases, SystemTime::now());
         Ok(Snapshot {
             participants: members
                 .into_iter()
@@ -344,7 +313,7 @@ impl RoomStore for RedisStore {
     }
 
     async fn open(&self, room_id: &str, client_id: Option<&str>) -> Result<Opening, Error> {
-        let head = self.shared.subscribe_feed(room_id).await?;
+        let head = self.shared.feeds.subscribe(room_id).await?;
         let keys = Keys::new(room_id);
         let mut pipe = keys.read_meta();
         if let Some(client_id) = client_id {
@@ -358,7 +327,7 @@ impl RoomStore for RedisStore {
                 .arg(&keys.owners)
                 .arg(client_id);
             // A client that comes back renews its lease at once, before a round could miss it.
-            self.shared.renew(&mut pipe, &keys, client_id);
+            self.shared.presence.renew(&mut pipe, &keys, client_id);
         }
         let replies: Vec<Value> = self
             .shared
@@ -384,7 +353,7 @@ impl RoomStore for RedisStore {
             self.shared.config.rooms.presence_timeout,
         ) {
             (ClientStatus::Present { .. }, Some(client_id), Some(_)) => {
-                Lease::new(self.shared.hold(room_id, client_id))
+                Lease::new(self.shared.presence.hold(room_id, client_id))
             }
             _ => Lease::none(),
         };
@@ -402,7 +371,12 @@ impl RoomStore for RedisStore {
         epoch: &str,
         after: u64,
     ) -> Result<Vec<Arc<LoggedEvent>>, Error> {
-        if let Some(cached) = self.shared.feed(room_id).and_then(|f| f.read(epoch, after)) {
+        if let Some(cached) = self
+            .shared
+            .feeds
+            .get(room_id)
+            .and_then(|f| f.read(epoch, after))
+        {
             return Ok(cached);
         }
         let keys = Keys::new(room_id);
@@ -445,7 +419,7 @@ impl RoomStore for RedisStore {
     }
 
     async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<Head>, Error> {
-        let head = self.shared.subscribe_feed(room_id).await?;
+        let head = self.shared.feeds.subscribe(room_id).await?;
         let exists: bool = self
             .shared
             .timed(

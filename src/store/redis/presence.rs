@@ -21,7 +21,7 @@
 //! room's next lease with a compare-and-set that yields to any concurrent change.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use redis::Value;
@@ -42,9 +42,17 @@ const DUE_PER_BATCH: usize = 64;
 /// Most batches of due rooms one node checks per round.
 const BATCHES_PER_ROUND: usize = 32;
 
+/// This node's share of presence: the client streams open on it, and the closes not yet
+/// written to their leases.
+pub(super) struct Presence {
+    /// `--presence-timeout`; None: presence is off.
+    timeout: Option<Duration>,
+    local: Mutex<Local>,
+}
+
 /// The stream counts and pending closes of this node's clients.
 #[derive(Default)]
-pub(super) struct Local {
+struct Local {
     /// Streams open on this node, by room and client.
     streams: HashMap<String, HashMap<String, u32>>,
     /// Clients whose last stream on this node closed, and when, not yet written.
@@ -53,17 +61,17 @@ pub(super) struct Local {
 
 /// One stream's share in its client's presence on this node.
 pub(super) struct Release {
-    shared: Weak<Shared>,
+    presence: Weak<Presence>,
     room_id: String,
     client_id: String,
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let Some(shared) = self.shared.upgrade() else {
+        let Some(presence) = self.presence.upgrade() else {
             return;
         };
-        let mut local = shared.local();
+        let mut local = presence.local();
         let Some(clients) = local.streams.get_mut(&self.room_id) else {
             return;
         };
@@ -92,9 +100,17 @@ fn score(at: SystemTime, timeout: Duration, grace: bool) -> String {
     }
 }
 
-impl Shared {
-    fn local(&self) -> std::sync::MutexGuard<'_, Local> {
-        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+impl Presence {
+    /// No streams yet; `timeout` None: presence is off.
+    pub(super) fn new(timeout: Option<Duration>) -> Self {
+        Self {
+            timeout,
+            local: Mutex::default(),
+        }
+    }
+
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts a stream as `client_id` of `room_id` on this node until the returned guard is
@@ -111,7 +127,7 @@ impl Shared {
             .closed
             .remove(&(room_id.to_owned(), client_id.to_owned()));
         Release {
-            shared: Arc::downgrade(self),
+            presence: Arc::downgrade(self),
             room_id: room_id.to_owned(),
             client_id: client_id.to_owned(),
         }
@@ -120,7 +136,7 @@ impl Shared {
     /// Adds to `pipe` the renewal of `client_id`'s lease in `keys`'s room (an existing lease
     /// only, and only later).
     pub(super) fn renew(&self, pipe: &mut redis::Pipeline, keys: &Keys, client_id: &str) {
-        if let Some(timeout) = self.config.rooms.presence_timeout {
+        if let Some(timeout) = self.timeout {
             pipe.cmd("ZADD")
                 .arg(&keys.leases)
                 .arg("XX")
@@ -135,7 +151,7 @@ impl Shared {
     /// lease renewed (whole milliseconds, not a `.5` grace) within the last two renewal rounds,
     /// so a client whose node died shows as not connected after two thirds of the timeout.
     pub(super) fn connected(&self, leases: Value, now: SystemTime) -> HashSet<String> {
-        let Some(timeout) = self.config.rooms.presence_timeout else {
+        let Some(timeout) = self.timeout else {
             return HashSet::new();
         };
         let recent = (millis(now) + timeout.as_millis() as u64 / 3) as f64;
@@ -147,6 +163,38 @@ impl Shared {
             .collect()
     }
 
+    /// Adds to `pipe` what this node owes the leases at `now`: the renewal of every client with
+    /// a stream open here (one `ZADD` per room), and the grace of every client whose last stream
+    /// here closed since the last call. Answers whether `pipe` has anything to send.
+    fn write_leases(&self, pipe: &mut redis::Pipeline, timeout: Duration, now: SystemTime) -> bool {
+        let renewed = score(now, timeout, false);
+        let mut local = self.local();
+        for (room_id, clients) in &local.streams {
+            let cmd = pipe
+                .cmd("ZADD")
+                .arg(Keys::new(room_id).leases)
+                .arg("XX")
+                .arg("GT");
+            for client_id in clients.keys() {
+                cmd.arg(&renewed).arg(client_id);
+            }
+            cmd.ignore();
+        }
+        let anything = !local.streams.is_empty() || !local.closed.is_empty();
+        for ((room_id, client_id), at) in std::mem::take(&mut local.closed) {
+            pipe.cmd("ZADD")
+                .arg(Keys::new(&room_id).leases)
+                .arg("XX")
+                .arg("GT")
+                .arg(score(at, timeout, true))
+                .arg(client_id)
+                .ignore();
+        }
+        anything
+    }
+}
+
+impl Shared {
     /// Puts `room_id` in the index of rooms to check, at its first lease's end: called before
     /// the commit that gives an empty room its first lease. Overwrites (rather than lowers) a
     /// stale entry, so a concurrent reschedule that read it yields.
@@ -162,38 +210,8 @@ impl Shared {
     /// those of open streams, then time out the lapsed clients of due rooms.
     async fn presence_round(self: &Arc<Self>, timeout: Duration) -> Result<(), Error> {
         let now = SystemTime::now();
-        let (renewals, closes) = {
-            let mut local = self.local();
-            let renewals: Vec<(String, Vec<String>)> = local
-                .streams
-                .iter()
-                .map(|(room, clients)| (room.clone(), clients.keys().cloned().collect()))
-                .collect();
-            (renewals, std::mem::take(&mut local.closed))
-        };
-        if !renewals.is_empty() || !closes.is_empty() {
-            let mut pipe = redis::pipe();
-            for (room_id, clients) in &renewals {
-                let renewed = score(now, timeout, false);
-                let cmd = pipe
-                    .cmd("ZADD")
-                    .arg(Keys::new(room_id).leases)
-                    .arg("XX")
-                    .arg("GT");
-                for client_id in clients {
-                    cmd.arg(&renewed).arg(client_id);
-                }
-                cmd.ignore();
-            }
-            for ((room_id, client_id), at) in &closes {
-                pipe.cmd("ZADD")
-                    .arg(Keys::new(room_id).leases)
-                    .arg("XX")
-                    .arg("GT")
-                    .arg(score(*at, timeout, true))
-                    .arg(client_id)
-                    .ignore();
-            }
+        let mut pipe = redis::pipe();
+        if self.presence.write_leases(&mut pipe, timeout, now) {
             self.timed("presence", pipe.query_async::<()>(&mut self.conn()))
                 .await?;
         }

@@ -2,20 +2,20 @@
 //! engine on what it knows or reads, and committing with the compare-and-set script.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::commit::{self, Assumed, Bounds, Changes, Commit, Committed};
-use super::connection::{unavailable, OP_TIMEOUT};
+use super::commit::{Assumed, Bounds, Changes, Commit, Committed};
+use super::feeds::Notice;
 use super::keys::{
-    array, ban, bytes, corrupt, member, meta, millis, number, score_of, Keys, Meta, StoredAnswer,
+    array, ban, bytes, channel, corrupt, member, meta, millis, number, score_of, Keys, Meta,
+    StoredAnswer,
 };
-use super::listener::{channel, Notice};
 use super::{RedisConfig, Shared};
 use crate::engine::{self, Applied, Ban, Caller, Change, Command, Remembered, RoomState};
 use crate::error::Error;
@@ -145,38 +145,77 @@ impl Wanted<'_> {
     }
 }
 
-impl Shared {
-    pub(super) fn writers(&self) -> MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<Job>)>> {
-        self.writers.lock().unwrap_or_else(|p| p.into_inner())
+/// Each busy room's writer on this node, with the id that tells a retiring writer whether it
+/// was replaced.
+#[derive(Default)]
+pub(super) struct Writers {
+    queues: Mutex<HashMap<String, (u64, mpsc::Sender<Job>)>>,
+    next: AtomicU64,
+}
+
+impl Writers {
+    fn queues(&self) -> MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<Job>)>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The queue of `room_id`'s writer on this node, starting one if it has none.
-    pub(super) fn writer(self: &Arc<Self>, room_id: &str) -> mpsc::Sender<Job> {
-        let mut writers = self.writers();
-        if let Some((_, queue)) = writers.get(room_id).filter(|(_, q)| !q.is_closed()) {
+    /// The queue of `room_id`'s writer on this node; when it has none, a new queue, whose
+    /// receiving end and id go to `start` to run the writer.
+    fn queue(
+        &self,
+        room_id: &str,
+        start: impl FnOnce(u64, mpsc::Receiver<Job>),
+    ) -> mpsc::Sender<Job> {
+        let mut queues = self.queues();
+        if let Some((_, queue)) = queues.get(room_id).filter(|(_, q)| !q.is_closed()) {
             return queue.clone();
         }
-        let id = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (queue, jobs) = mpsc::channel(QUEUE);
-        writers.insert(room_id.to_owned(), (id, queue.clone()));
-        tokio::spawn(write_room(
-            Arc::downgrade(self),
-            room_id.to_owned(),
-            id,
-            jobs,
-        ));
+        queues.insert(room_id.to_owned(), (id, queue.clone()));
+        start(id, jobs);
         queue
     }
 
     /// Forgets writer `id` of `room_id`, unless another has replaced it already.
-    pub(super) fn retire(&self, room_id: &str, id: u64) {
-        let mut writers = self.writers();
-        if writers
+    fn retire(&self, room_id: &str, id: u64) {
+        let mut queues = self.queues();
+        if queues
             .get(room_id)
             .is_some_and(|(current, _)| *current == id)
         {
-            writers.remove(room_id);
+            queues.remove(room_id);
         }
+    }
+}
+
+impl Shared {
+    /// Runs `cmd` by `caller` through the room's writer on this node and waits for its answer.
+    pub(super) async fn submit(
+        self: &Arc<Self>,
+        room_id: &str,
+        caller: &Caller,
+        cmd: Command,
+    ) -> Result<Applied, Error> {
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job {
+            caller: caller.clone(),
+            cmd,
+            reply,
+        };
+        loop {
+            let start = |id, jobs| {
+                let shared = Arc::downgrade(self);
+                tokio::spawn(write_room(shared, room_id.to_owned(), id, jobs));
+            };
+            match self.writers.queue(room_id, start).send(job).await {
+                Ok(()) => break,
+                // That writer retired just now; the next call starts a new one.
+                Err(mpsc::error::SendError(returned)) => job = returned,
+            }
+        }
+        answer
+            .await
+            .map_err(|_| Error::Internal(format!("the writer of room {room_id:?} stopped")))?
     }
 
     pub(super) async fn load(
@@ -499,11 +538,7 @@ impl Shared {
         }
         let changes = Changes::of(&applied);
         let notice = Notice::publish(room_id, &changes.events);
-        // With replicas to wait for, the notice goes out once they hold the commit.
-        let (publish, held) = match self.waiting {
-            Some(_) => (None, Some(notice)),
-            None => (Some((self.conn.publish_command(), notice)), None),
-        };
+        let (publish, held) = self.committer.publishing(notice);
         let commit = Commit {
             bounds: Bounds::of(&self.config),
             expected,
@@ -515,11 +550,15 @@ impl Shared {
             assumed,
             changes,
         };
-        let Committed::Applied { empty_until } = self.commit(keys, room_id, &commit).await? else {
+        let committing = self.committer.commit(keys, room_id, &commit);
+        let Committed::Applied { empty_until } = committing.await? else {
             return Ok(Attempt::Retry);
         };
         if let Some(notice) = held {
-            self.confirm(keys, room_id, state, notice).await?;
+            let newest = (state.epoch(), state.seq());
+            self.committer
+                .confirm(keys, room_id, newest, notice)
+                .await?;
         }
         if expected.is_none() {
             self.index_room(room_id).await?;
@@ -549,110 +588,6 @@ impl Shared {
         }
         *known = Some(seen);
         Ok(Attempt::Done)
-    }
-
-    /// Runs `commit` on the room's master (with its `WAIT`, when commits wait for replicas).
-    /// Answers Conflict or NewEpoch when nothing was applied and the batch must run again;
-    /// refuses with NOT_ENOUGH_REPLICAS a master short of replicas. A commit sent whose answer
-    /// never came is `OutcomeUnknown`: it may have been applied, and its callers must be told so.
-    async fn commit(
-        &self,
-        keys: &Keys,
-        room_id: &str,
-        commit: &Commit<'_>,
-    ) -> Result<Committed, Error> {
-        let call = commit.invoke(&self.commit, keys);
-        let started = Instant::now();
-        let replicas = self.config.wait_replicas;
-        let committing = async {
-            match self.waiting.clone() {
-                Some(mut conn) => {
-                    let pipelined = !self.short_of_replicas.load(Ordering::Relaxed);
-                    conn.commit_and_wait(&call, &keys.meta, replicas, pipelined)
-                        .await
-                }
-                None => call
-                    .invoke_async(&mut self.conn())
-                    .await
-                    .map(|done| (done, 0)),
-            }
-        };
-        let answer = tokio::time::timeout(OP_TIMEOUT, committing).await;
-        let ok = matches!(answer, Ok(Ok(_)));
-        self.telemetry.store_op("commit", ok, started.elapsed());
-        let (committed, acked) = match answer {
-            Ok(Ok((reply, acked))) => (Committed::of(reply), acked),
-            // Refused before anything was sent, or refused by Redis: nothing was applied.
-            Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
-                return Err(unavailable(err))
-            }
-            Ok(Err(_)) | Err(_) => return Err(Error::OutcomeUnknown { request_id: None }),
-        };
-        let short = matches!(committed, Committed::ShortOfReplicas { .. });
-        self.short_of_replicas.store(short, Ordering::Relaxed);
-        match committed {
-            Committed::Conflict => self.telemetry.commit_conflict(),
-            Committed::ShortOfReplicas { online } => {
-                tracing::warn!(
-                    room_id,
-                    online,
-                    replicas,
-                    "the Redis master of this room has fewer online replicas than \
-                     --redis-wait-replicas: its commits are refused (UNAVAILABLE, not applied) \
-                     until it has them"
-                );
-                return Err(Error::NotEnoughReplicas {
-                    online,
-                    needed: replicas,
-                });
-            }
-            Committed::NewEpoch => {
-                tracing::warn!(
-                    room_id,
-                    "the Redis holding this room restarted or failed over since its last commit, \
-                     so its log may have lost its newest events: the room continues under a new \
-                     epoch, and older cursors get OUT_OF_RANGE"
-                );
-                self.telemetry.commit_conflict();
-            }
-            Committed::Applied { .. } => {
-                self.telemetry.events_appended(commit.changes.events.len());
-                if self.waiting.is_some() && acked < replicas as i64 {
-                    tracing::warn!(
-                        room_id,
-                        acked,
-                        replicas,
-                        "a commit was not confirmed by enough replicas in time: its callers are \
-                         answered OUTCOME_UNKNOWN, and its events stay hidden until a later \
-                         commit of the room is confirmed"
-                    );
-                    return Err(Error::OutcomeUnknown { request_id: None });
-                }
-            }
-        }
-        Ok(committed)
-    }
-
-    /// Shows a commit its replicas hold: raises the room's confirmed seq to `state`'s and
-    /// publishes the commit's notice. A commit whose confirmation fails is durable but hidden
-    /// until a later one of the room is confirmed; its callers are told the outcome is unknown.
-    async fn confirm(
-        &self,
-        keys: &Keys,
-        room_id: &str,
-        state: &RoomState,
-        notice: Vec<u8>,
-    ) -> Result<(), Error> {
-        let call = commit::confirm(
-            &self.confirm,
-            keys,
-            (state.epoch(), state.seq()),
-            (self.conn.publish_command(), &channel(room_id), &notice),
-        );
-        self.timed("confirm", call.invoke_async::<i64>(&mut self.conn()))
-            .await
-            .map(drop)
-            .map_err(|_| Error::OutcomeUnknown { request_id: None })
     }
 }
 
@@ -737,7 +672,7 @@ pub(super) async fn write_room(
             Ok(None) => return,
             Err(_idle) => {
                 if let Some(shared) = shared.upgrade() {
-                    shared.retire(&room_id, id);
+                    shared.writers.retire(&room_id, id);
                 }
                 jobs.close();
                 // Whatever was queued before the close is still done.
