@@ -672,7 +672,7 @@ enum Size {
     Smoke,
     /// Short rounds.
     Quick,
-    /// The figures README and BENCHMARKS.md report.
+    /// The figures docs/performance.md and BENCHMARKS.md report.
     Full,
 }
 
