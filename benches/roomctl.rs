@@ -1,6 +1,6 @@
-//! roomctl's load benchmark: measures DESIGN.md's performance targets as ratios against
-//! baselines taken in the same run, on the built `roomctl` binary (a separate process, so its
-//! memory is its own), with real gRPC clients on loopback.
+//! roomctl's load benchmark: measures the performance targets of docs/performance.md as ratios
+//! against baselines taken in the same run, on the built `roomctl` binary (a separate process, so
+//! its memory is its own), with real gRPC clients on loopback.
 //!
 //! `cargo bench --bench roomctl` (add `-- --quick` for a short run, `-- --smoke` to run every
 //! section for a moment, as CI does to keep it working, `-- --broadcast-only` to
@@ -672,7 +672,7 @@ enum Size {
     Smoke,
     /// Short rounds.
     Quick,
-    /// The figures README and BENCHMARKS.md report.
+    /// The figures docs/performance.md and BENCHMARKS.md report.
     Full,
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Every layer (auth, validation, engine, store) reports a domain cause from this closed enum; the
 //! service turns it into a [`Status`] with a `google.rpc.ErrorInfo` (domain `roomcontrol.v1`) and,
-//! for invalid arguments, a `google.rpc.BadRequest`, following DESIGN.md's error table. Internal
+//! for invalid arguments, a `google.rpc.BadRequest`, following docs/api.md's error table. Internal
 //! causes (a store fault) are logged with their detail and reach clients only as a reason code.
 
 use std::collections::HashMap;
@@ -299,7 +299,7 @@ impl Error {
         }
     }
 
-    /// The gRPC code of this error, per DESIGN.md's table.
+    /// The gRPC code of this error, per docs/api.md's table ("Errors").
     pub fn code(&self) -> Code {
         match self {
             Error::Unauthenticated(_) | Error::TokenExpired { .. } | Error::TokenRevoked { .. } => {
@@ -331,7 +331,7 @@ impl Error {
         }
     }
 
-    /// The `ErrorInfo.reason` of this error, per DESIGN.md's table.
+    /// The `ErrorInfo.reason` of this error, per docs/api.md's table ("Errors").
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Unauthenticated(_) | Error::TokenExpired { .. } | Error::TokenRevoked { .. } => {

@@ -65,7 +65,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// The defaults of DESIGN.md with the given secret.
+    /// The documented defaults (docs/operations.md, "Settings") with the given secret.
     pub fn new(jwt_secret: impl Into<Vec<u8>>) -> Self {
         Self {
             jwt_keys: KeySet::single(jwt_secret),

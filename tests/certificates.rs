@@ -1,8 +1,8 @@
-//! Certificates as a newcomer makes them: README's openssl recipe, run as written, gives a
-//! server certificate and a client certificate that `serve`, roomctl's client and grpcurl all
-//! accept, over TLS and mutual TLS; `serve --dev` prints grpcurl commands that work over TLS; and
-//! the usual mistakes (a lone self-signed certificate, http:// to a TLS port, https:// to a
-//! plaintext one) are told as what they are, with where README shows the fix.
+//! Certificates as a newcomer makes them: the openssl recipe of docs/operations.md, run as
+//! written, gives a server certificate and a client certificate that `serve`, roomctl's client
+//! and grpcurl all accept, over TLS and mutual TLS; `serve --dev` prints grpcurl commands that
+//! work over TLS; and the usual mistakes (a lone self-signed certificate, http:// to a TLS port,
+//! https:// to a plaintext one) are told as what they are, with where the docs show the fix.
 
 mod common;
 
@@ -17,13 +17,13 @@ use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_roomctl");
 
-/// README's recipe: the shell block of its "Certificates for TLS" section.
+/// The recipe: the shell block of the "Certificates for TLS" section of docs/operations.md.
 fn recipe() -> &'static str {
-    let readme = include_str!("../README.md");
-    let section = readme
-        .split("### Certificates for TLS")
+    let operations = include_str!("../docs/operations.md");
+    let section = operations
+        .split("\n## Certificates for TLS\n")
         .nth(1)
-        .expect("README has a \"Certificates for TLS\" section");
+        .expect("docs/operations.md has a \"Certificates for TLS\" section");
     section
         .split("```sh\n")
         .nth(1)
@@ -31,7 +31,7 @@ fn recipe() -> &'static str {
         .expect("the section has a shell recipe")
 }
 
-/// Runs README's recipe in `dir`, as a reader pastes it into a shell.
+/// Runs the recipe in `dir`, as a reader pastes it into a shell.
 async fn run_recipe(dir: &Path) {
     let output = Command::new("sh")
         .args(["-e", "-c", recipe()])
@@ -58,11 +58,11 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// README's recipe makes a CA, a server certificate and a client certificate with which a node
-/// serves mutual TLS: roomctl's client and grpcurl reach it with the CA and the client
+/// The documented recipe makes a CA, a server certificate and a client certificate with which a
+/// node serves mutual TLS: roomctl's client and grpcurl reach it with the CA and the client
 /// certificate (the room does not exist, so roomctl answers NOT_FOUND: the call got through).
 #[tokio::test]
-async fn the_readme_recipe_makes_certificates_that_work() {
+async fn the_documented_recipe_makes_certificates_that_work() {
     let dir = Dir::new("certificates-recipe");
     run_recipe(dir.path()).await;
     let mut command = node_process::serve(&[

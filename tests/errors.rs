@@ -1,5 +1,5 @@
-//! Every row of DESIGN.md's error table over the wire, with its ErrorInfo, and the field limits at
-//! their edges.
+//! Every row of docs/api.md's error table over the wire, with its ErrorInfo, and the field limits
+//! at their edges.
 
 #[macro_use]
 mod common;

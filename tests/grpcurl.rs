@@ -1,5 +1,5 @@
 //! What an operator sees with grpcurl 1.8.6 (v1alpha reflection only): `list`, `describe`, and
-//! the README walkthroughs: join, watch, a participant's 5116, the drop, and the dropped
+//! README's walkthroughs: join, watch, a participant's 5116, the drop, and the dropped
 //! client's stream ending with `roomDisconnected`; lock, the vendor's 5115/5117/5118, bans and
 //! the end of a session on two Redis nodes.
 //!
@@ -81,7 +81,7 @@ async fn list_and_describe() {
     );
 }
 
-/// The README walkthrough with grpcurl: bob joins, a participant's drop gets 5116 with its
+/// README's walkthrough with grpcurl: bob joins, a participant's drop gets 5116 with its
 /// ErrorInfo printed, alice drops bob, bob's watch prints `roomDisconnected` and exits 0, and
 /// alice's watch prints the ack.
 #[tokio::test]
@@ -222,7 +222,7 @@ async fn walkthrough_join_watch_drop() {
 }
 
 /// grpcurl over TLS (`-cacert`) and mutual TLS (`-cert`, `-key`): reflection and a call work,
-/// as README shows; without the client certificate the mTLS server refuses grpcurl.
+/// as docs/operations.md shows; without the client certificate the mTLS server refuses grpcurl.
 #[tokio::test]
 async fn grpcurl_over_tls_and_mtls() {
     let Some(grpcurl) = grpcurl() else { return };
@@ -309,7 +309,7 @@ fn refused(output: &Output, code: &str, said: &[&str]) {
     }
 }
 
-/// The README's moderator walkthrough with grpcurl on two Redis nodes: a lock refuses a
+/// README's moderator walkthrough with grpcurl on two Redis nodes: a lock refuses a
 /// participant's join, a second lock is 5117, an unlock of an unlocked room 5118, a
 /// participant's lock 5115; a user dropped with `ban_seconds` cannot rejoin through either node,
 /// even once the room is empty, until unbanned; ending the session ends every stream.

@@ -1,6 +1,6 @@
-//! A node's memory under hostile but authenticated input stays within what README states: each
-//! case that once took a node to gigabytes, reproduced against the built binary, with its RSS
-//! read from /proc before and after.
+//! A node's memory under hostile but authenticated input stays within what docs/operations.md
+//! states ("Memory: a node's worst case"): each case that once took a node to gigabytes,
+//! reproduced against the built binary, with its RSS read from /proc before and after.
 //!
 //! - a room's history and remembered answers filled with the largest events a moderator can
 //!   make (acks of drops naming 1,000 ids of 128 characters), watched by observers that never
@@ -19,15 +19,15 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const MIB: u64 = 1024 * 1024;
 
-/// What README's worst case allows a room's history, remembered answers and a stalled reader's
-/// batch to take, measured over the node's RSS before the room existed.
+/// What the documented worst case allows a room's history, remembered answers and a stalled
+/// reader's batch to take, measured over the node's RSS before the room existed.
 const ROOM_BOUND: u64 = 64 * MIB;
-/// What README allows a room's keys in Redis: its history's and answers' budgets (16 + 8 MiB
-/// encoded) and their bookkeeping.
+/// What the worst case allows a room's keys in Redis: its history's and answers' budgets (16 +
+/// 8 MiB encoded) and their bookkeeping.
 const REDIS_ROOM_BOUND: u64 = 36 * MIB;
-/// What README allows each stalled stream beyond the room (its batch and HTTP/2 buffers).
+/// What the worst case allows each stalled stream beyond the room (its batch and HTTP/2 buffers).
 const STREAM_BOUND: u64 = 3 * MIB / 2;
-/// What README allows the log's queue and the calls in flight here.
+/// What the worst case allows the log's queue and the calls in flight here.
 const LOG_BOUND: u64 = 16 * MIB;
 
 fn rss(child: &tokio::process::Child) -> u64 {

@@ -21,8 +21,8 @@ use tokio::sync::Semaphore;
 const BIN: &str = env!("CARGO_BIN_EXE_roomctl");
 const SECRET_TEXT: &str = "a-secret-for-the-settings-test-0123456789";
 
-/// The flags README documents as having no key in the file: the secret itself, `--dev`, and
-/// `--config` (the file itself).
+/// The flags docs/operations.md documents as having no key in the file: the secret itself,
+/// `--dev`, and `--config` (the file itself).
 const NOT_IN_FILES: [&str; 3] = ["jwt-secret", "dev", "config"];
 
 /// One setting of `serve` as clap defines it.
@@ -335,17 +335,18 @@ async fn config_check(file: &std::path::Path) -> std::process::Output {
         .unwrap()
 }
 
-/// README's sample configuration file, with its `/etc/roomctl/` files made in a directory of the
-/// test's, passes `config check`, which shows every setting as coming from the file.
+/// The sample configuration file of docs/operations.md, with its `/etc/roomctl/` files made in a
+/// directory of the test's, passes `config check`, which shows every setting as coming from the
+/// file.
 #[tokio::test]
-async fn the_readme_sample_file_is_accepted() {
-    let readme = include_str!("../README.md");
-    let sample = readme
+async fn the_documented_sample_file_is_accepted() {
+    let operations = include_str!("../docs/operations.md");
+    let sample = operations
         .split("```toml\n# /etc/roomctl/roomctl.toml\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
-        .expect("README has its sample roomctl.toml");
-    let dir = Dir::new("settings-readme");
+        .expect("docs/operations.md has its sample roomctl.toml");
+    let dir = Dir::new("settings-sample");
     let ca = Ca::new();
     let (cert, key) = ca.issue(&["roomctl.internal"]);
     dir.write("jwt-keys", SECRET_TEXT);
@@ -368,7 +369,7 @@ async fn the_readme_sample_file_is_accepted() {
 }
 
 /// A key the file cannot hold is refused by name, both by `config check` and by `serve`: the
-/// secret itself stays out of configuration files, as README says.
+/// secret itself stays out of configuration files, as docs/operations.md says.
 #[tokio::test]
 async fn keys_that_no_file_may_hold_are_refused() {
     let dir = Dir::new("settings-not-in-files");
@@ -382,8 +383,8 @@ async fn keys_that_no_file_may_hold_are_refused() {
     }
 }
 
-/// A missing config file is "cannot read a file", exit code 1 as README's table of exit codes
-/// says, from `config check` and from `serve` alike; a file whose pair is incomplete is a
+/// A missing config file is "cannot read a file", exit code 1 as docs/operations.md's exit codes
+/// say, from `config check` and from `serve` alike; a file whose pair is incomplete is a
 /// configuration error (2) that names what is missing and every way to give it; so are TLS
 /// files that cannot be read (1) or do not fit together (2).
 #[tokio::test]
@@ -442,26 +443,26 @@ async fn config_file_failures_have_their_exit_codes() {
     }
 }
 
-/// README's "Settings" section names every setting of `serve`, its flag and its variable, read
-/// from the clap definitions: a new setting cannot go undocumented.
+/// The "Settings" section of docs/operations.md names every setting of `serve`, its flag and its
+/// variable, read from the clap definitions: a new setting cannot go undocumented.
 #[test]
-fn readme_names_every_setting() {
-    let readme = include_str!("../README.md");
-    let section = readme
-        .split("### Settings")
+fn the_operations_doc_names_every_setting() {
+    let operations = include_str!("../docs/operations.md");
+    let section = operations
+        .split("\n## Settings\n")
         .nth(1)
-        .and_then(|rest| rest.split("\n### ").next())
-        .expect("README has a Settings section");
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("docs/operations.md has a Settings section");
     for setting in settings() {
         let flag = format!("`--{}`", setting.long);
-        assert!(section.contains(&flag), "README's settings lack {flag}");
+        assert!(section.contains(&flag), "the Settings section lacks {flag}");
         if let Some(env) = &setting.env {
             let env = format!("`{env}`");
-            assert!(section.contains(&env), "README's settings lack {env}");
+            assert!(section.contains(&env), "the Settings section lacks {env}");
         }
         if !NOT_IN_FILES.contains(&setting.long.as_str()) {
             let key = format!("`{}`", setting.key());
-            assert!(section.contains(&key), "README's settings lack {key}");
+            assert!(section.contains(&key), "the Settings section lacks {key}");
         }
     }
 }

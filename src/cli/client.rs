@@ -9,7 +9,7 @@
 //!
 //! A connection that fails for a reason no retry can fix (TLS spoken to a plaintext port or the
 //! other way round, a server certificate the client refuses) is told as a configuration error
-//! that says what is wrong and where README shows how to fix it.
+//! that says what is wrong and where docs/operations.md shows how to fix it.
 //!
 //! `watch` follows a room through anything short of a refusal: on a broken connection, a node
 //! shutting down or a reset mid-stream it reconnects with capped, jittered backoff and resumes

@@ -2,7 +2,8 @@
 //! plaintext port or the other way round, a server certificate it refuses, a server that asks
 //! for a client certificate it did not bring (or refuses the one it brought). Each is found in
 //! what the transport said, or by a probe of the server's port made only after a call failed,
-//! and told as what to change, pointing at README's recipe where certificates are concerned.
+//! and told as what to change, pointing at the recipe of docs/operations.md where certificates
+//! are concerned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -60,8 +61,8 @@ pub(super) async fn misconfigured(asked: &Asked<'_>, message: &str) -> Option<St
     None
 }
 
-/// Where README shows how to make certificates roomctl accepts.
-const RECIPE: &str = "README, \"Certificates for TLS\", has a recipe";
+/// Where the docs show how to make certificates roomctl accepts.
+const RECIPE: &str = "docs/operations.md, \"Certificates for TLS\", has a recipe";
 
 /// What is wrong with a certificate, when rustls's refusal (`message`, as tonic words it with
 /// its causes) names a mistake of how it was made or given; `host` is the one the client

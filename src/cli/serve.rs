@@ -210,13 +210,13 @@ fn dev_banner(
         }) => (
             r#"-cacert "$CA""#,
             "CA=ca.crt     # it speaks TLS: the PEM of the CA that signed --tls-cert \
-             (README, \"Certificates for TLS\")\n"
+             (docs/operations.md, \"Certificates for TLS\")\n"
                 .to_owned(),
         ),
         Some(_) => (
             r#"-cacert "$CA" -cert "$CERT" -key "$KEY""#,
             "CA=ca.crt     # it speaks TLS: the PEM of the CA that signed --tls-cert \
-             (README, \"Certificates for TLS\")\n\
+             (docs/operations.md, \"Certificates for TLS\")\n\
              CERT=client.crt KEY=client.key   # a client certificate signed by \
              --tls-client-ca, and its key\n"
                 .to_owned(),

@@ -73,7 +73,7 @@ pub struct ServeArgs {
     redis_ca_file: Option<PathBuf>,
     /// With a Redis store: replicas that must hold each commit (Redis `WAIT`) before it is
     /// answered or any client sees its events, so a failover loses nothing acknowledged. 0
-    /// answers at once (see README, "Durability").
+    /// answers at once (see docs/redis.md, "Durability").
     #[arg(long, env = "ROOMCTL_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     redis_wait_replicas: usize,
     /// Require tokens to carry this `iss` claim.
