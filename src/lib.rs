@@ -11,6 +11,7 @@
 //! - [`service`]: thin tonic handlers: caller, validation, store call, error mapping.
 //! - [`subscription`]: `Events` streams: a cursor into a room's log that follows it live.
 //! - [`auth`]: HS256 bearer tokens, verified once per call in an interceptor.
+//! - [`backoff`]: the one capped, jittered backoff every retry loop waits with.
 //! - [`validate`]: the contract's field rules, turning requests into domain values.
 //! - [`page_token`]: `ListRooms` page tokens, opaque and tamper-evident.
 //! - [`engine`]: the pure rules of a room: who may do what, which events a command logs.
@@ -28,6 +29,7 @@
 //! - [`client`]: a RoomControl client that sends a bearer token, for Rust callers.
 
 pub mod auth;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod codec;

@@ -31,6 +31,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::{diagnose, say, Failure};
+use crate::backoff::Backoff;
 use crate::client::{self, Client};
 use crate::error::DOMAIN;
 use crate::pb::{self, event::Payload};
@@ -473,14 +474,10 @@ pub struct WatchArgs {
     connection: Connection,
 }
 
-/// First and longest wait between reconnections.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
-
-/// `wait` with up to half of it added or taken at random, so many watchers of a node that
-/// went away do not all come back at the same instant.
-fn jittered(wait: Duration) -> Duration {
-    let random = uuid::Uuid::new_v4().as_u64_pair().0 % 1000;
-    wait.mul_f64(0.5 + random as f64 / 1000.0)
+/// How watch waits between reconnections: from 50 ms, doubling, jittered (so many watchers of
+/// a node that went away do not all come back at the same instant), always under 5 s.
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_millis(2500))
 }
 
 /// Follows a room's events until its stream ends OK, resuming through broken connections.
@@ -491,7 +488,7 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
             Some(after) => (after, args.epoch.unwrap_or_default()),
             None => snapshot(&mut client, &args.room, &args.connection).await?,
         };
-        let mut backoff = BACKOFF.0;
+        let mut backoff = reconnect_backoff();
         let mut shown_epoch = epoch.clone();
         loop {
             let request = pb::EventsRequest {
@@ -506,7 +503,7 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
                     loop {
                         match stream.message().await {
                             Ok(Some(event)) => {
-                                backoff = BACKOFF.0;
+                                backoff.reset();
                                 cursor = event.seq;
                                 epoch.clone_from(&event.epoch);
                                 if !args.connection.json && event.epoch != shown_epoch {
@@ -552,14 +549,13 @@ pub fn watch(args: WatchArgs) -> Result<(), Failure> {
             if let failed @ Failure::Usage(_) = args.connection.failure(&ended).await {
                 return Err(failed);
             }
-            let wait = jittered(backoff);
+            let wait = backoff.next_delay();
             eprintln!(
                 "roomctl watch: {}: {}; reconnecting in {wait:.1?}, resuming after seq {cursor}",
                 crate::telemetry::code_name(ended.code()),
                 ended.message()
             );
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(BACKOFF.1);
         }
     })
 }
@@ -579,10 +575,9 @@ async fn wait_for_room(
     room: &str,
     connection: &Connection,
 ) -> Result<(u64, String), Failure> {
-    let mut backoff = BACKOFF.0;
+    let mut backoff = reconnect_backoff();
     loop {
-        tokio::time::sleep(jittered(backoff)).await;
-        backoff = (backoff * 2).min(BACKOFF.1);
+        tokio::time::sleep(backoff.next_delay()).await;
         let request = pb::ListParticipantsRequest {
             room_id: room.to_owned(),
         };

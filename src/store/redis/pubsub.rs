@@ -21,12 +21,15 @@ use super::connection::{client, cluster_client, timed, unavailable, OP_TIMEOUT};
 use super::feeds::Control;
 use super::keys::{channel, room_of, Keys};
 use super::Shared;
+use crate::backoff::Backoff;
 use crate::error::Error;
 
 /// How often the listener checks that Redis answers (and sweeps feeds).
 const PING_PERIOD: Duration = Duration::from_millis(500);
-/// Reconnect backoff of the listener.
-const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// The listener's reconnects: from 50 ms, doubling, jittered, always under 2 s.
+fn reconnect_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(1))
+}
 
 /// How many cluster pushes may wait for the listener; past that they are dropped, and every
 /// feed re-reads what it missed from the logs.
@@ -217,7 +220,7 @@ pub(super) async fn listen(
     first: Notifier,
     mut control: mpsc::Receiver<Control>,
 ) {
-    let mut backoff = BACKOFF.0;
+    let mut backoff = reconnect_backoff();
     let mut first = Some(first);
     loop {
         let connected = match first.take() {
@@ -229,7 +232,7 @@ pub(super) async fn listen(
         };
         match connected {
             Ok(mut notifier) => {
-                backoff = BACKOFF.0;
+                backoff.reset();
                 // Events committed while we were not listening were never announced: wake every
                 // subscriber to read them from Redis.
                 shared.feeds.reset();
@@ -280,12 +283,13 @@ pub(super) async fn listen(
                 tracing::warn!(%fault, "redis store unavailable; streams end, health NOT_SERVING");
             }
             Err(err) => {
-                tracing::warn!(err = %err.detail(), ?backoff, "cannot reach redis; retrying")
+                tracing::warn!(err = %err.detail(), "cannot reach redis; retrying")
             }
         }
         shared.healthy.send_replace(false);
         shared.feeds.reset();
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF.1);
+        let wait = backoff.next_delay();
+        tracing::debug!(?wait, "reconnecting to redis");
+        tokio::time::sleep(wait).await;
     }
 }
