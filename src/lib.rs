@@ -19,7 +19,7 @@
 //! - [`error`]: the one error enum and its mapping to gRPC statuses with `google.rpc` details.
 //! - [`limits`]: overload protection: every limit of a node, load shedding, deadlines, stream
 //!   caps and the moderator rate limit.
-//! - [`listener`]: accepting connections: backoff when out of file descriptors, a deadline for
+//! - [`accept`]: the TCP accept loop: backoff when out of file descriptors, a deadline for
 //!   the TLS handshake and the HTTP/2 preface, per-connection info.
 //! - [`tls`]: TLS and mTLS on the listener, reloadable on SIGHUP.
 //! - [`telemetry`]: Prometheus metrics and the one-line-per-RPC access log.
@@ -27,6 +27,7 @@
 //! - [`codec`]: tonic's prost codec with small per-call buffers (idle streams stay cheap).
 //! - [`client`]: a RoomControl client that sends a bearer token, for Rust callers.
 
+pub mod accept;
 pub mod auth;
 pub mod cli;
 pub mod client;
@@ -35,7 +36,6 @@ pub mod engine;
 pub mod error;
 pub mod ids;
 pub mod limits;
-pub mod listener;
 pub mod page_token;
 pub mod pb;
 pub mod server;

@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
+use crate::accept;
 use crate::auth::{Authenticator, KeySet, TokenRules};
 use crate::error::Error;
 use crate::limits::{GuardLayer, Limits, StreamBudget};
-use crate::listener;
 use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
@@ -272,7 +272,7 @@ impl Server {
             let _ = draining_tx.send(());
         };
 
-        let incoming = listener::incoming(listener, limits.handshake_timeout, tls);
+        let incoming = accept::incoming(listener, limits.handshake_timeout, tls);
         let streams_per_connection = limits.max_streams_per_connection + UNARY_HEADROOM;
         let serve = tonic::transport::Server::builder()
             // Gateways multiplex many end-users' subscriptions on one connection; an idle

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::accept::ConnInfo;
 use crate::auth::{caller, TokenGrant};
 use crate::engine::{self, Command, Reply};
 use crate::error::Error;
 use crate::error::Limit;
 use crate::limits::{Limits, RateLimiter, StreamBudget};
-use crate::listener::ConnInfo;
 use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;

@@ -53,14 +53,14 @@ enum Io {
 
 /// An accepted connection that has sent the HTTP/2 preface. The preface was read to check it,
 /// so it is handed to hyper again first.
-pub struct Conn {
+pub struct Accepted {
     io: Io,
     preface: Vec<u8>,
     replayed: usize,
     info: ConnInfo,
 }
 
-impl Connected for Conn {
+impl Connected for Accepted {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
@@ -68,7 +68,7 @@ impl Connected for Conn {
     }
 }
 
-impl AsyncRead for Conn {
+impl AsyncRead for Accepted {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -89,7 +89,7 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for Accepted {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -141,7 +141,7 @@ pub fn incoming(
     listener: TcpListener,
     handshake_timeout: Duration,
     tls: Option<TlsAcceptor>,
-) -> ReceiverStream<io::Result<Conn>> {
+) -> ReceiverStream<io::Result<Accepted>> {
     let (admitted, incoming) = mpsc::channel(ADMITTED);
     tokio::spawn(accept_loop(listener, handshake_timeout, tls, admitted));
     ReceiverStream::new(incoming)
@@ -151,7 +151,7 @@ async fn accept_loop(
     listener: TcpListener,
     handshake_timeout: Duration,
     tls: Option<TlsAcceptor>,
-    admitted: mpsc::Sender<io::Result<Conn>>,
+    admitted: mpsc::Sender<io::Result<Accepted>>,
 ) {
     let mut backoff = ACCEPT_BACKOFF.0;
     let mut starved = false;
@@ -210,7 +210,7 @@ async fn admit(
     handshake: impl std::future::Future<Output = io::Result<(Io, Vec<u8>)>>,
     remote: SocketAddr,
     handshake_timeout: Duration,
-    admitted: mpsc::Sender<io::Result<Conn>>,
+    admitted: mpsc::Sender<io::Result<Accepted>>,
 ) {
     let (io, preface) = match tokio::time::timeout(handshake_timeout, handshake).await {
         Ok(Ok(done)) => done,
@@ -219,7 +219,7 @@ async fn admit(
             return tracing::debug!(%remote, ?handshake_timeout, "no handshake in time; closing")
         }
     };
-    let conn = Conn {
+    let accepted = Accepted {
         io,
         preface,
         replayed: 0,
@@ -229,7 +229,7 @@ async fn admit(
         },
     };
     // Fails only when the server is shutting down; the connection is then dropped.
-    let _ = admitted.send(Ok(conn)).await;
+    let _ = admitted.send(Ok(accepted)).await;
 }
 
 /// TLS (when `tls`), then the HTTP/2 preface: the transport, and the bytes read to check the
