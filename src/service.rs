@@ -335,7 +335,7 @@ impl RoomControl for RoomControlService {
             StreamKind::Client
         };
         let tenancy = Tenancy {
-            slot: self.streams.take(kind, connection.map(|c| &c.streams))?,
+            slot: self.streams.reserve(kind, connection.map(|c| &c.streams))?,
             shutdown: self.shutdown.clone(),
             grant: request.extensions().get::<TokenGrant>().cloned(),
             telemetry: self.telemetry.clone(),

@@ -363,7 +363,7 @@ mod tests {
         store.execute("r", &caller, join).await.unwrap();
         let budget = StreamBudget::new(10, 10, Telemetry::off());
         let tenancy = Tenancy {
-            slot: budget.take(StreamKind::Observer, None).unwrap(),
+            slot: budget.reserve(StreamKind::Observer, None).unwrap(),
             shutdown: CancellationToken::new(),
             grant: None,
             telemetry: Telemetry::off(),
