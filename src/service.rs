@@ -16,7 +16,7 @@ use crate::limits::{Limits, RateLimiter, StreamBudget};
 use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;
-use crate::subscription::{self, EventStream, Tenancy};
+use crate::subscription::{self, EventStream, StreamContext};
 use crate::telemetry::{CallNote, Clipped, StreamKind, Telemetry};
 use crate::validate;
 
@@ -334,14 +334,14 @@ impl RoomControl for RoomControlService {
         } else {
             StreamKind::Client
         };
-        let tenancy = Tenancy {
+        let context = StreamContext {
             slot: self.streams.reserve(kind, connection.map(|c| &c.streams))?,
             shutdown: self.shutdown.clone(),
             grant: request.extensions().get::<TokenGrant>().cloned(),
             telemetry: self.telemetry.clone(),
         };
         let stream =
-            subscription::subscribe(self.store.clone(), &caller, request.into_inner(), tenancy)
+            subscription::subscribe(self.store.clone(), &caller, request.into_inner(), context)
                 .await
                 .map_err(Status::from)?;
         Ok(Response::new(stream))
