@@ -203,10 +203,11 @@ impl Claims {
     }
 }
 
-/// The claims verification reads (`aud` may be a string or a list, so it is left to
-/// jsonwebtoken's own check). `exp` and `nbf` are NumericDates, which may have a fraction.
+/// The claims verification decodes from a token whose signature held (`aud` may be a string or
+/// a list, so it is left to jsonwebtoken's own check); [`Claims`] is what minting writes. `exp`
+/// and `nbf` are NumericDates, which may have a fraction.
 #[derive(Deserialize)]
-struct Presented {
+struct DecodedClaims {
     sub: String,
     room: String,
     role: String,
@@ -222,7 +223,7 @@ fn numeric_date(seconds: f64) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(since)
 }
 
-impl Presented {
+impl DecodedClaims {
     /// Turns verified claims into a caller, rejecting combinations the contract forbids.
     fn into_caller(self) -> Result<Caller, Error> {
         let role = match self.role.as_str() {
@@ -551,9 +552,12 @@ impl Authenticator {
                     ));
                 }
                 let key = keys.for_kid(header.kid.as_deref())?;
-                let data =
-                    jsonwebtoken::decode::<Presented>(token, &key.decoding, &verifier.validation)
-                        .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
+                let data = jsonwebtoken::decode::<DecodedClaims>(
+                    token,
+                    &key.decoding,
+                    &verifier.validation,
+                )
+                .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
                 let malformed = |claim: &str| {
                     Error::Unauthenticated(format!("the token's {claim:?} claim is malformed"))
                 };
