@@ -80,7 +80,7 @@ impl RoomControlService {
     /// Runs a moderator's command (whose permission the caller checked) within the identity's
     /// rate (a moderator's, or a service's when `--service-rate` is set); its request id goes into
     /// the call's access line, which is its audit line.
-    async fn moderate(
+    async fn run_rate_limited(
         &self,
         room_id: &str,
         caller: &engine::Caller,
@@ -118,7 +118,7 @@ impl RoomControlService {
         } else {
             Command::Unlock { request_id }
         };
-        self.moderate(room_id, caller, note, cmd).await
+        self.run_rate_limited(room_id, caller, note, cmd).await
     }
 }
 
@@ -198,7 +198,7 @@ impl RoomControl for RoomControlService {
         let cmd = validate::drop_user(req)?;
         caller.check_may_drop(&room_id)?;
         match self
-            .moderate(&room_id, &caller, note, Command::Drop(cmd))
+            .run_rate_limited(&room_id, &caller, note, Command::Drop(cmd))
             .await?
         {
             Reply::Dropped(response) => Ok(Response::new(response)),
@@ -252,7 +252,7 @@ impl RoomControl for RoomControlService {
         let cmd = validate::destroy_session(req)?;
         caller.check_may_end_session(&room_id)?;
         match self
-            .moderate(&room_id, &caller, note, Command::Destroy(cmd))
+            .run_rate_limited(&room_id, &caller, note, Command::Destroy(cmd))
             .await?
         {
             Reply::Destroyed(response) => Ok(Response::new(response)),
@@ -289,7 +289,10 @@ impl RoomControl for RoomControlService {
         let cmd = Command::Unban {
             identity: req.identity,
         };
-        match self.moderate(&req.room_id, &caller, note, cmd).await? {
+        match self
+            .run_rate_limited(&req.room_id, &caller, note, cmd)
+            .await?
+        {
             Reply::Unbanned(response) => Ok(Response::new(response)),
             other => Err(unexpected(other)),
         }
