@@ -156,11 +156,11 @@ async fn accept_loop(
     let mut backoff = ACCEPT_BACKOFF.0;
     let mut starved = false;
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let attempt = tokio::select! {
+            attempt = listener.accept() => attempt,
             _ = admitted.closed() => return,
         };
-        match accepted {
+        match attempt {
             Ok((stream, remote)) => {
                 if starved {
                     tracing::info!("accepting connections again");

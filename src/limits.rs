@@ -312,7 +312,8 @@ pub struct Guard<S> {
     layer: GuardLayer,
 }
 
-type Answer<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+/// The future a [`Guard`] answers a call with.
+type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
 
 impl<S> tower::Service<http::Request<Body>> for Guard<S>
 where
@@ -325,7 +326,7 @@ where
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Answer<S::Error>;
+    type Future = ResponseFuture<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)

@@ -25,9 +25,10 @@ pub struct RoomControlService {
     store: Arc<dyn RoomStore>,
     shutdown: CancellationToken,
     streams: StreamBudget,
-    moderators: RateLimiter,
+    /// Moderator commands per identity (`--moderator-rate`, `--moderator-burst`).
+    moderator_limiter: RateLimiter,
     /// None: service tokens' commands are not rate-limited (`--service-rate` unset).
-    services: Option<RateLimiter>,
+    service_limiter: Option<RateLimiter>,
     /// Seals and opens `ListRooms` page tokens.
     pages: PageTokens,
     telemetry: Telemetry,
@@ -50,12 +51,12 @@ impl RoomControlService {
             store,
             shutdown,
             streams,
-            moderators: RateLimiter::new(
+            moderator_limiter: RateLimiter::new(
                 Limit::ModeratorRate,
                 limits.moderator_rate,
                 limits.moderator_burst,
             ),
-            services: limits.service_rate.map(|rate| {
+            service_limiter: limits.service_rate.map(|rate| {
                 let burst = limits.service_burst.unwrap_or(rate.saturating_mul(2));
                 RateLimiter::new(Limit::ServiceRate, rate, burst)
             }),
@@ -92,9 +93,9 @@ impl RoomControlService {
             note.record_request_id(request_id);
         }
         let limiter = if caller.is_service() {
-            self.services.as_ref()
+            self.service_limiter.as_ref()
         } else {
-            Some(&self.moderators)
+            Some(&self.moderator_limiter)
         };
         if let Some(limiter) = limiter {
             limiter.check(&caller.identity)?;
