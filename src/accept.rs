@@ -11,6 +11,9 @@
 //!
 //! Each accepted connection carries a [`ConnInfo`] that tonic puts in every request's
 //! extensions: the per-connection stream count lives there.
+//!
+//! It deals in sockets and bytes only: it reads no request and knows nothing of the service; of
+//! roomctl it uses only [`crate::tls`]'s acceptor.
 
 use std::io;
 use std::net::SocketAddr;

@@ -13,6 +13,10 @@
 //! refused unread; a call carries one `authorization` header, whose scheme `Bearer` is matched
 //! without regard to case (RFC 7235). Refusals say what is wrong in plain words and never quote
 //! the JWT parser.
+//!
+//! It turns a token into a [`Caller`] and nothing more: what a caller may do in a room is the
+//! engine's rule, and it holds no room state and touches no store. It depends on the engine's
+//! caller types, the errors and the id rules only.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

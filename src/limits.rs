@@ -12,7 +12,9 @@
 //!   and, when set, service tokens' commands per identity (`--service-rate`, `--service-burst`).
 //!
 //! Members per room are the engine's rule; header and message sizes, keepalive and the HTTP/2
-//! reset and ping defences are set on the transport in [`crate::server`].
+//! reset and ping defences are set on the transport in [`crate::server`]. This module holds no
+//! room state and never calls the store: it counts calls, streams and rates, and depends on the
+//! errors and telemetry only.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -5,6 +5,9 @@
 //! before anything starts, and a shutdown future, so a signal handler or a test decides when to
 //! stop. On shutdown, health turns NOT_SERVING, no new calls are taken, open `Events` streams end
 //! with `UNAVAILABLE` (`SHUTTING_DOWN`), and the drain is cut after `grace`.
+//!
+//! It only assembles: it holds no room state and no room rule (the handlers are
+//! [`crate::service`]'s, the rules the engine's, persistence the store's).
 
 use std::future::Future;
 use std::sync::Arc;

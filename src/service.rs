@@ -1,6 +1,7 @@
 //! The tonic handlers of `roomcontrol.v1.RoomControl`: each takes the verified caller, validates
 //! the request into domain values, checks what needs no room state, calls the store and maps the
-//! result. Rules live in the engine; persistence in the store.
+//! result. Rules live in the engine; persistence in the store: the service holds no room state,
+//! and what depends on a room's state it leaves to them.
 
 use std::sync::Arc;
 

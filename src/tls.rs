@@ -5,6 +5,9 @@
 //! `--handshake-timeout`, with the configuration current at that moment: [`TlsAcceptor::reload`]
 //! (on SIGHUP) swaps in newly read files for the connections that come next, while open
 //! connections and their streams go on with the certificate they started with.
+//!
+//! It loads and swaps TLS configuration only: accepting connections is [`crate::accept`]'s, and
+//! it uses no other module of roomctl.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};

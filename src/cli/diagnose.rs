@@ -3,6 +3,8 @@
 //! for a client certificate it did not bring (or refuses the one it brought). Each is found in
 //! what the transport said, or by a probe of the server's port made only after a call failed,
 //! and told as what to change, pointing at README's recipe where certificates are concerned.
+//!
+//! It only looks: it never retries or changes a setting, and uses no other module of roomctl.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

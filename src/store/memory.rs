@@ -6,6 +6,9 @@
 //! the last `history` events shared by `Arc`, so subscribers hold cursors into it rather than
 //! copies of it. Rooms that stay empty past `empty_room_ttl` are forgotten, lazily on access and
 //! by a sweeper task that stops when the store is dropped.
+//!
+//! It persists what the engine decides and decides nothing itself; it knows nothing of tonic or
+//! of the service and subscriptions that call it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, VecDeque};

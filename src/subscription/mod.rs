@@ -8,6 +8,9 @@
 //! commit take its events from the wake-up itself: a commit costs its room one log append, not
 //! one log read per subscriber. A subscription holds the client's presence lease, so a client is
 //! connected exactly as long as one of its streams is. It works against any [`RoomStore`].
+//!
+//! It applies no command to a room (it opens, reads and watches one) and knows no backend; who
+//! sees what is [`Audience`]'s rule.
 
 use std::future::Future;
 use std::pin::Pin;
