@@ -13,6 +13,10 @@
 //! refused unread; a call carries one `authorization` header, whose scheme `Bearer` is matched
 //! without regard to case (RFC 7235). Refusals say what is wrong in plain words and never quote
 //! the JWT parser.
+//!
+//! It turns a token into a [`Caller`] and nothing more: what a caller may do in a room is the
+//! engine's rule, and it holds no room state and touches no store. It depends on the engine's
+//! caller types, the errors and the id rules only.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -203,10 +207,11 @@ impl Claims {
     }
 }
 
-/// The claims verification reads (`aud` may be a string or a list, so it is left to
-/// jsonwebtoken's own check). `exp` and `nbf` are NumericDates, which may have a fraction.
+/// The claims verification decodes from a token whose signature held (`aud` may be a string or
+/// a list, so it is left to jsonwebtoken's own check); [`Claims`] is what minting writes. `exp`
+/// and `nbf` are NumericDates, which may have a fraction.
 #[derive(Deserialize)]
-struct Presented {
+struct DecodedClaims {
     sub: String,
     room: String,
     role: String,
@@ -222,7 +227,7 @@ fn numeric_date(seconds: f64) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(since)
 }
 
-impl Presented {
+impl DecodedClaims {
     /// Turns verified claims into a caller, rejecting combinations the contract forbids.
     fn into_caller(self) -> Result<Caller, Error> {
         let role = match self.role.as_str() {
@@ -551,9 +556,12 @@ impl Authenticator {
                     ));
                 }
                 let key = keys.for_kid(header.kid.as_deref())?;
-                let data =
-                    jsonwebtoken::decode::<Presented>(token, &key.decoding, &verifier.validation)
-                        .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
+                let data = jsonwebtoken::decode::<DecodedClaims>(
+                    token,
+                    &key.decoding,
+                    &verifier.validation,
+                )
+                .map_err(|err| Error::Unauthenticated(refusal(token, err.kind())))?;
                 let malformed = |claim: &str| {
                     Error::Unauthenticated(format!("the token's {claim:?} claim is malformed"))
                 };

@@ -1,5 +1,8 @@
 //! A RoomControl client that sends a bearer token with every call: what the tests, the
 //! benchmarks and any Rust caller need to talk to roomctl.
+//!
+//! It depends on the generated stubs only, nothing of the server: what it does, any gRPC client
+//! can do.
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;

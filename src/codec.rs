@@ -15,6 +15,9 @@
 //!
 //! An event a room's log holds is sent to every stream that follows the room: [`EncodedEvent`]
 //! carries it encoded, so it is encoded once for all of them and each stream copies its bytes.
+//!
+//! It knows messages as bytes: no room state, no rule, no store. It depends on the generated types
+//! and the errors only.
 
 use std::marker::PhantomData;
 

@@ -4,6 +4,9 @@
 //! service turns it into a [`Status`] with a `google.rpc.ErrorInfo` (domain `roomcontrol.v1`) and,
 //! for invalid arguments, a `google.rpc.BadRequest`, following docs/api.md's error table. Internal
 //! causes (a store fault) are logged with their detail and reach clients only as a reason code.
+//!
+//! Every layer uses it, so it may use none of them: of roomctl it may depend on the generated
+//! types only.
 
 use std::collections::HashMap;
 

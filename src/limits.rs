@@ -12,7 +12,9 @@
 //!   and, when set, service tokens' commands per identity (`--service-rate`, `--service-burst`).
 //!
 //! Members per room are the engine's rule; header and message sizes, keepalive and the HTTP/2
-//! reset and ping defences are set on the transport in [`crate::server`].
+//! reset and ping defences are set on the transport in [`crate::server`]. This module holds no
+//! room state and never calls the store: it counts calls, streams and rates, and depends on the
+//! errors and telemetry only.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -101,14 +103,15 @@ impl StreamBudget {
         self.open.load(Ordering::Acquire)
     }
 
-    /// A slot for one more stream of `kind` on `connection` (None: not counted per
-    /// connection).
-    pub fn take(
+    /// Reserves a slot for one more stream of `kind` on `connection` (None: not counted per
+    /// connection), or says which limit is full.
+    pub fn reserve(
         &self,
         kind: StreamKind,
         connection: Option<&Arc<AtomicUsize>>,
     ) -> Result<StreamSlot, Error> {
-        let mut slot = StreamSlot::take(&self.open, self.max, connection, self.max_per_connection)?;
+        let mut slot =
+            StreamSlot::count_against(&self.open, self.max, connection, self.max_per_connection)?;
         slot.metric = self.telemetry.stream_opened(kind);
         Ok(slot)
     }
@@ -122,8 +125,8 @@ pub struct StreamSlot {
     metric: OpenStream,
 }
 
-/// Takes one unit of `counter` if it is below `max`.
-fn take(counter: &AtomicUsize, max: usize) -> bool {
+/// Adds one to `counter` if it is below `max`; whether it did.
+fn increment_below(counter: &AtomicUsize, max: usize) -> bool {
     counter
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < max).then_some(n + 1)
@@ -132,23 +135,24 @@ fn take(counter: &AtomicUsize, max: usize) -> bool {
 }
 
 impl StreamSlot {
-    /// A slot if both the node (`node`, at most `max_node`) and the connection (`connection`,
-    /// at most `max_connection`) have room; the limit that is full otherwise.
-    fn take(
+    /// Counts one stream against both the node (`node`, at most `max_node`) and the connection
+    /// (`connection`, at most `max_connection`) if both have room; the limit that is full
+    /// otherwise (and then neither counter changes).
+    fn count_against(
         node: &Arc<AtomicUsize>,
         max_node: usize,
         connection: Option<&Arc<AtomicUsize>>,
         max_connection: usize,
     ) -> Result<Self, Error> {
         if let Some(connection) = connection {
-            if !take(connection, max_connection) {
+            if !increment_below(connection, max_connection) {
                 return Err(Error::LimitReached {
                     limit: Limit::StreamsPerConnection,
                     max: max_connection,
                 });
             }
         }
-        if !take(node, max_node) {
+        if !increment_below(node, max_node) {
             if let Some(connection) = connection {
                 connection.fetch_sub(1, Ordering::AcqRel);
             }
@@ -310,7 +314,8 @@ pub struct Guard<S> {
     layer: GuardLayer,
 }
 
-type Answer<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+/// The future a [`Guard`] answers a call with.
+type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
 
 impl<S> tower::Service<http::Request<Body>> for Guard<S>
 where
@@ -323,7 +328,7 @@ where
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = Answer<S::Error>;
+    type Future = ResponseFuture<S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -418,19 +423,19 @@ mod tests {
     fn stream_slots_count_both_limits_and_give_back_on_drop() {
         let node = Arc::new(AtomicUsize::new(0));
         let conn = Arc::new(AtomicUsize::new(0));
-        let a = StreamSlot::take(&node, 3, Some(&conn), 2).unwrap();
-        let b = StreamSlot::take(&node, 3, Some(&conn), 2).unwrap();
+        let a = StreamSlot::count_against(&node, 3, Some(&conn), 2).unwrap();
+        let b = StreamSlot::count_against(&node, 3, Some(&conn), 2).unwrap();
         assert!(matches!(
-            StreamSlot::take(&node, 3, Some(&conn), 2),
+            StreamSlot::count_against(&node, 3, Some(&conn), 2),
             Err(Error::LimitReached {
                 limit: Limit::StreamsPerConnection,
                 max: 2
             })
         ));
         let other = Arc::new(AtomicUsize::new(0));
-        let c = StreamSlot::take(&node, 3, Some(&other), 2).unwrap();
+        let c = StreamSlot::count_against(&node, 3, Some(&other), 2).unwrap();
         assert!(matches!(
-            StreamSlot::take(&node, 3, Some(&other), 2),
+            StreamSlot::count_against(&node, 3, Some(&other), 2),
             Err(Error::LimitReached {
                 limit: Limit::Streams,
                 max: 3

@@ -7,6 +7,9 @@
 //! from one node works on any other. Tokens are tagged with the first key and accepted with any
 //! key of the set, so a key rotation does not break a listing in progress until the old key is
 //! removed; after that, a listing starts again from an empty token.
+//!
+//! It depends on the key set ([`crate::auth::KeySet`]) and the id rules only: it knows nothing of
+//! the store or of which rooms exist.
 
 use std::sync::{Arc, RwLock};
 

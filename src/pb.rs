@@ -1,5 +1,8 @@
 //! The generated Protobuf types and tonic stubs of `roomcontrol.v1`, and the descriptor set
 //! that server reflection serves (so grpcurl can `list` and `describe` without the .proto file).
+//!
+//! Generated code and the constants that name it: no logic lives here, and it depends on no
+//! other module.
 
 #![allow(missing_docs)]
 

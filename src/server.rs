@@ -5,6 +5,9 @@
 //! before anything starts, and a shutdown future, so a signal handler or a test decides when to
 //! stop. On shutdown, health turns NOT_SERVING, no new calls are taken, open `Events` streams end
 //! with `UNAVAILABLE` (`SHUTTING_DOWN`), and the drain is cut after `grace`.
+//!
+//! It only assembles: it holds no room state and no room rule (the handlers are
+//! [`crate::service`]'s, the rules the engine's, persistence the store's).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
+use crate::accept;
 use crate::auth::{Authenticator, KeySet, TokenRules};
 use crate::error::Error;
 use crate::limits::{GuardLayer, Limits, StreamBudget};
-use crate::listener;
 use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
@@ -272,7 +275,7 @@ impl Server {
             let _ = draining_tx.send(());
         };
 
-        let incoming = listener::incoming(listener, limits.handshake_timeout, tls);
+        let incoming = accept::incoming(listener, limits.handshake_timeout, tls);
         let streams_per_connection = limits.max_streams_per_connection + UNARY_HEADROOM;
         let serve = tonic::transport::Server::builder()
             // Gateways multiplex many end-users' subscriptions on one connection; an idle

@@ -1,22 +1,23 @@
 //! The tonic handlers of `roomcontrol.v1.RoomControl`: each takes the verified caller, validates
 //! the request into domain values, checks what needs no room state, calls the store and maps the
-//! result. Rules live in the engine; persistence in the store.
+//! result. Rules live in the engine; persistence in the store: the service holds no room state,
+//! and what depends on a room's state it leaves to them.
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::accept::ConnInfo;
 use crate::auth::{caller, TokenGrant};
 use crate::engine::{self, Command, Reply};
 use crate::error::Error;
 use crate::error::Limit;
 use crate::limits::{Limits, RateLimiter, StreamBudget};
-use crate::listener::ConnInfo;
 use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControl};
 use crate::store::RoomStore;
-use crate::subscription::{self, EventStream, Tenancy};
+use crate::subscription::{self, EventStream, StreamContext};
 use crate::telemetry::{CallNote, Clipped, StreamKind, Telemetry};
 use crate::validate;
 
@@ -25,9 +26,10 @@ pub struct RoomControlService {
     store: Arc<dyn RoomStore>,
     shutdown: CancellationToken,
     streams: StreamBudget,
-    moderators: RateLimiter,
+    /// Moderator commands per identity (`--moderator-rate`, `--moderator-burst`).
+    moderator_limiter: RateLimiter,
     /// None: service tokens' commands are not rate-limited (`--service-rate` unset).
-    services: Option<RateLimiter>,
+    service_limiter: Option<RateLimiter>,
     /// Seals and opens `ListRooms` page tokens.
     pages: PageTokens,
     telemetry: Telemetry,
@@ -50,12 +52,12 @@ impl RoomControlService {
             store,
             shutdown,
             streams,
-            moderators: RateLimiter::new(
+            moderator_limiter: RateLimiter::new(
                 Limit::ModeratorRate,
                 limits.moderator_rate,
                 limits.moderator_burst,
             ),
-            services: limits.service_rate.map(|rate| {
+            service_limiter: limits.service_rate.map(|rate| {
                 let burst = limits.service_burst.unwrap_or(rate.saturating_mul(2));
                 RateLimiter::new(Limit::ServiceRate, rate, burst)
             }),
@@ -80,7 +82,7 @@ impl RoomControlService {
     /// Runs a moderator's command (whose permission the caller checked) within the identity's
     /// rate (a moderator's, or a service's when `--service-rate` is set); its request id goes into
     /// the call's access line, which is its audit line.
-    async fn moderate(
+    async fn run_rate_limited(
         &self,
         room_id: &str,
         caller: &engine::Caller,
@@ -92,9 +94,9 @@ impl RoomControlService {
             note.record_request_id(request_id);
         }
         let limiter = if caller.is_service() {
-            self.services.as_ref()
+            self.service_limiter.as_ref()
         } else {
-            Some(&self.moderators)
+            Some(&self.moderator_limiter)
         };
         if let Some(limiter) = limiter {
             limiter.check(&caller.identity)?;
@@ -118,7 +120,7 @@ impl RoomControlService {
         } else {
             Command::Unlock { request_id }
         };
-        self.moderate(room_id, caller, note, cmd).await
+        self.run_rate_limited(room_id, caller, note, cmd).await
     }
 }
 
@@ -198,7 +200,7 @@ impl RoomControl for RoomControlService {
         let cmd = validate::drop_user(req)?;
         caller.check_may_drop(&room_id)?;
         match self
-            .moderate(&room_id, &caller, note, Command::Drop(cmd))
+            .run_rate_limited(&room_id, &caller, note, Command::Drop(cmd))
             .await?
         {
             Reply::Dropped(response) => Ok(Response::new(response)),
@@ -252,7 +254,7 @@ impl RoomControl for RoomControlService {
         let cmd = validate::destroy_session(req)?;
         caller.check_may_end_session(&room_id)?;
         match self
-            .moderate(&room_id, &caller, note, Command::Destroy(cmd))
+            .run_rate_limited(&room_id, &caller, note, Command::Destroy(cmd))
             .await?
         {
             Reply::Destroyed(response) => Ok(Response::new(response)),
@@ -289,7 +291,10 @@ impl RoomControl for RoomControlService {
         let cmd = Command::Unban {
             identity: req.identity,
         };
-        match self.moderate(&req.room_id, &caller, note, cmd).await? {
+        match self
+            .run_rate_limited(&req.room_id, &caller, note, cmd)
+            .await?
+        {
             Reply::Unbanned(response) => Ok(Response::new(response)),
             other => Err(unexpected(other)),
         }
@@ -334,14 +339,14 @@ impl RoomControl for RoomControlService {
         } else {
             StreamKind::Client
         };
-        let tenancy = Tenancy {
-            slot: self.streams.take(kind, connection.map(|c| &c.streams))?,
+        let context = StreamContext {
+            slot: self.streams.reserve(kind, connection.map(|c| &c.streams))?,
             shutdown: self.shutdown.clone(),
             grant: request.extensions().get::<TokenGrant>().cloned(),
             telemetry: self.telemetry.clone(),
         };
         let stream =
-            subscription::subscribe(self.store.clone(), &caller, request.into_inner(), tenancy)
+            subscription::subscribe(self.store.clone(), &caller, request.into_inner(), context)
                 .await
                 .map_err(Status::from)?;
         Ok(Response::new(stream))

@@ -11,6 +11,9 @@
 //! `--metrics-listen`. Without it, [`Telemetry`] is off and every recording is one branch.
 //! Labels are low-cardinality: RPC method, gRPC code, stream kind, store operation; never a
 //! room or an identity.
+//!
+//! It observes and never decides: it holds no room state and refuses no call, and of roomctl it
+//! may depend on the generated types and the errors only.
 
 use std::convert::Infallible;
 use std::pin::Pin;

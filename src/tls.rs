@@ -1,10 +1,13 @@
 //! TLS on the gRPC listener (rustls): a certificate and key from PEM files, and with a client
 //! CA, mutual TLS (a client without a certificate signed by that CA cannot connect).
 //!
-//! The handshake runs in roomctl's own listener, within `--handshake-timeout`, with the
-//! configuration current at that moment: [`TlsAcceptor::reload`] (on SIGHUP) swaps in newly read
-//! files for the connections that come next, while open connections and their streams go on
-//! with the certificate they started with.
+//! The handshake runs in roomctl's own accept loop ([`crate::accept`]), within
+//! `--handshake-timeout`, with the configuration current at that moment: [`TlsAcceptor::reload`]
+//! (on SIGHUP) swaps in newly read files for the connections that come next, while open
+//! connections and their streams go on with the certificate they started with.
+//!
+//! It loads and swaps TLS configuration only: accepting connections is [`crate::accept`]'s, and
+//! it uses no other module of roomctl.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};

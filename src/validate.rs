@@ -1,5 +1,8 @@
 //! Field rules of the contract: turns raw requests into validated domain values, or into an
 //! `INVALID_ARGUMENT` that lists every offending field at once.
+//!
+//! It checks fields, not rooms: validate knows nothing of the store, of a room's state or of who
+//! calls.
 
 use std::time::Duration;
 

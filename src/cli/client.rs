@@ -18,6 +18,9 @@
 //! goes on from there; when the room itself is gone (forgotten, or lost with a restarted
 //! in-memory server) it says so and waits for the room to be joined again. In text, a change of
 //! epoch is a line of its own, so events of two logs are never told apart by `seq` alone.
+//!
+//! It reaches the server only over gRPC, through [`crate::client`] and the generated types; of the
+//! server's own code it borrows only the error domain and the names of gRPC codes.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

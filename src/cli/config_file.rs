@@ -8,6 +8,9 @@
 //! one, flags win over the file; a setting whose `ROOMCTL_*` variable is set is left out, so
 //! variables win too. Rules that tie settings together (`tls_cert` needs `tls_key`) are checked
 //! on the merged settings, so a pair may be split across the file, the variables and the flags.
+//!
+//! It reads text and merges it into [`super::settings`]'s command line: it knows no setting's
+//! meaning beyond its flag's parser, and starts nothing.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

@@ -4,6 +4,8 @@
 //! what the transport said, or by a probe of the server's port made only after a call failed,
 //! and told as what to change, pointing at the recipe of docs/operations.md where certificates
 //! are concerned.
+//!
+//! It only looks: it never retries or changes a setting, and uses no other module of roomctl.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

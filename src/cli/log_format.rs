@@ -5,6 +5,8 @@
 //! of a `DropUser`'s server CPU): the timer turns the whole time into a calendar date for every
 //! line. Here the part to the second is formatted once a second per thread, and each line adds
 //! only its microseconds.
+//!
+//! It formats time and nothing else, and uses no other module of roomctl.
 
 use std::cell::RefCell;
 use std::fmt;

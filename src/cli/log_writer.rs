@@ -7,6 +7,9 @@
 //! lines. A line that does not fit is dropped and counted (`roomctl_log_lines_dropped_total`); a
 //! line longer than [`MAX_LINE_BYTES`] is cut, saying how long it was. tracing-appender's
 //! non-blocking writer bounds its queue in lines only, which is why this one exists.
+//!
+//! It knows nothing of what the lines say and uses no other module of roomctl: `serve` reads its
+//! drop count into the metrics.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -6,6 +6,9 @@
 //! Secrets come from `ROOMCTL_JWT_SECRET` or a file, so they never have to appear in a process
 //! listing. Exit codes say what failed, so scripts can tell a usage error from a refusal:
 //! see [`Failure`].
+//!
+//! This module defines the arguments, dispatches them and mints tokens; every other command's work
+//! is in its own submodule, and the client commands reach a server only through its gRPC API.
 
 mod client;
 mod config_file;

@@ -1,6 +1,7 @@
 //! The moderator commands: `lock`, `unlock`, `destroy`, `bans` and `unban` act on one room (as
 //! its moderator or a service), and `rooms` lists every room (services of `*` only). They share
-//! the client commands' connection flags, output and exit codes ([`super::client`]).
+//! the client commands' connection flags, output and exit codes ([`super::client`]), and like
+//! them reach the server only through its gRPC API.
 
 use clap::Args;
 

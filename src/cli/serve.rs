@@ -1,5 +1,8 @@
 //! `roomctl serve`: merges a `--config` file into the settings, then runs the server with its
 //! logs, and answers signals: SIGTERM/SIGINT drain it, SIGHUP re-reads the JWT secret file.
+//!
+//! It owns the process's edges only (settings, logs, signals): what the server does is
+//! [`crate::server`]'s, and it holds no room state.
 
 use std::io::Write;
 use std::net::SocketAddr;

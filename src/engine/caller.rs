@@ -1,6 +1,6 @@
 //! Who calls: the verified caller of an RPC as its token describes it, and the permissions that
 //! depend only on the caller and the room named (who may drop, lock, subscribe, list rooms). Pure;
-//! may depend on errors only.
+//! may depend on errors and the generated types only.
 
 use crate::error::{Error, LOCK_UNAUTHORIZED_CODE, UNAUTHORIZED_ACCESS_CODE};
 use crate::pb::Role;

@@ -1,6 +1,6 @@
 //! What a caller asks of a room: the validated commands, the answers they get, the changes they
 //! make, and what identifies a request across retries (its key and fingerprint). Pure; may depend
-//! on the caller, errors and the generated types.
+//! on the caller, the bans and the generated types only.
 
 use std::time::Duration;
 

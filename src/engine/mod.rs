@@ -3,8 +3,8 @@
 //! Given a room's state, who is calling and a validated command, it decides whether the call is
 //! allowed, changes the state and returns the events to log, already numbered. It does no I/O and
 //! knows no clock but the `now` it is given, so every rule here is unit-tested without a runtime,
-//! and every store (memory, Redis) applies exactly the same rules. It may depend on the errors
-//! and the generated types, and nothing else of roomctl.
+//! and every store (memory, Redis) applies exactly the same rules. It may depend on the errors,
+//! the generated types and the id rules, and nothing else of roomctl: no store, no tonic.
 //!
 //! - `caller`: who calls, and what they may do whatever the room holds.
 //! - `command`: what they ask (commands), what they get (replies), what changed.

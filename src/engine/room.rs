@@ -1,6 +1,7 @@
 //! A room's state apart from its log: its members and departed clients, its lock, its bans
 //! ([`super::bans::BanList`]) and remembered answers ([`super::answers::AnswerCache`]), and the
-//! limits it is held to. The rules ([`super::rules`]) change it; stores persist it. Pure.
+//! limits it is held to. The rules ([`super::rules`]) change it; stores persist it. Pure; may
+//! depend on the answers, the bans, the commands and the generated types only.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;

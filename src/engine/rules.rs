@@ -67,7 +67,7 @@ pub fn apply(
         Command::Join { client_id, cmd } => join(state, caller, client_id, cmd, now),
         Command::Leave { client_id } => leave(state, caller, &client_id, now),
         Command::Drop(cmd) => drop_users(state, caller, cmd, now),
-        Command::TimeOut { client_ids } => Ok(time_out(state, client_ids, now)),
+        Command::TimeOut { client_ids } => Ok(remove_timed_out(state, client_ids, now)),
         Command::Lock { request_id } => lock(state, caller, true, request_id, now),
         Command::Unlock { request_id } => lock(state, caller, false, request_id, now),
         Command::Destroy(cmd) => destroy(state, caller, cmd, now),
@@ -184,7 +184,9 @@ fn leave(
     })
 }
 
-fn time_out(state: &mut RoomState, client_ids: Vec<String>, now: SystemTime) -> Applied {
+/// Removes `client_ids` (those still members) as timed out, each with
+/// `user_disconnected{TIMED_OUT}`. Which clients timed out is the store's to say.
+fn remove_timed_out(state: &mut RoomState, client_ids: Vec<String>, now: SystemTime) -> Applied {
     let (mut events, mut changes, mut removed) = (Vec::new(), Vec::new(), Vec::new());
     for client_id in client_ids {
         let Some(member) = state.members.get(&client_id) else {

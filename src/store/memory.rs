@@ -6,6 +6,9 @@
 //! the last `history` events shared by `Arc`, so subscribers hold cursors into it rather than
 //! copies of it. Rooms that stay empty past `empty_room_ttl` are forgotten, lazily on access and
 //! by a sweeper task that stops when the store is dropped.
+//!
+//! It persists what the engine decides and decides nothing itself; it knows nothing of tonic or
+//! of the service and subscriptions that call it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -246,7 +249,7 @@ impl Rooms {
             for (room_id, room) in rooms {
                 let mut inner = lock(&room);
                 if self.config.presence_timeout.is_some() {
-                    self.time_out(&mut inner, &room.head, now);
+                    self.expire_absent_clients(&mut inner, &room.head, now);
                 }
                 let expired = inner.expired(self.config.empty_room_ttl, now);
                 drop(inner);
@@ -259,7 +262,7 @@ impl Rooms {
 
     /// Removes (with `user_disconnected{TIMED_OUT}`) the clients of a room that have had no
     /// open stream since their grace ended.
-    fn time_out(&self, inner: &mut Inner, head: &watch::Sender<Head>, now: Instant) {
+    fn expire_absent_clients(&self, inner: &mut Inner, head: &watch::Sender<Head>, now: Instant) {
         let expired: Vec<String> = inner
             .presence
             .iter()

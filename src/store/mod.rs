@@ -5,6 +5,10 @@
 //! state and the command's events together, or nothing), answers snapshots, reads a room's log
 //! from a cursor, and wakes subscribers through a [`watch`] of the room's [`Head`]. Memory
 //! serves one process ([`memory::MemoryStore`]); Redis serves a fleet ([`redis::RedisStore`]).
+//!
+//! Stores persist; they do not decide: every rule is the engine's. A store may depend only on
+//! the engine, the errors, the generated types, the id rules, the codec and telemetry: never on
+//! the service, subscriptions, auth or limits.
 
 pub mod memory;
 pub mod redis;

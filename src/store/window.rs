@@ -1,5 +1,6 @@
 //! The retained window of a room's log, and what a cursor into it may be: the store's answer to
-//! "which events can I still read", shared by both stores and the subscriptions. Pure.
+//! "which events can I still read", shared by both stores and the subscriptions. Pure; depends
+//! on the errors only.
 
 use crate::error::Error;
 

@@ -1,5 +1,6 @@
 //! Who a subscription delivers to, which decides what it sees and when it ends: the contract's
-//! table of events and their audiences, in one place. Pure.
+//! table of events and their audiences, in one place. Pure; depends on the engine's caller and
+//! client status, the errors and the generated types only.
 
 use crate::engine::{Caller, ClientStatus};
 use crate::error::Error;

@@ -8,6 +8,9 @@
 //! commit take its events from the wake-up itself: a commit costs its room one log append, not
 //! one log read per subscriber. A subscription holds the client's presence lease, so a client is
 //! connected exactly as long as one of its streams is. It works against any [`RoomStore`].
+//!
+//! It applies no command to a room (it opens, reads and watches one) and knows no backend; who
+//! sees what is [`Audience`]'s rule.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -42,7 +45,7 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvent, Status>> +
 /// back when it is dropped, whatever ended it), the server's shutdown signal, and what ends its
 /// caller's token: its expiry, or the removal of the key that verified it (the stream ends
 /// `UNAUTHENTICATED` then, resumable with a new token).
-pub struct Tenancy {
+pub struct StreamContext {
     /// The stream's slot.
     pub slot: StreamSlot,
     /// Ends the stream with `UNAVAILABLE` / `SHUTTING_DOWN`.
@@ -59,24 +62,24 @@ pub async fn subscribe(
     store: Arc<dyn RoomStore>,
     caller: &Caller,
     req: pb::EventsRequest,
-    tenancy: Tenancy,
+    context: StreamContext,
 ) -> Result<EventStream, Error> {
     let client_id = validate::events(&req)?;
     caller.check_may_subscribe(&req.room_id, client_id)?;
     let opening = store.open(&req.room_id, client_id).await?;
     let start = opening.window.start(req.after_seq, &req.epoch)?;
     let audience = Audience::admit(caller, client_id, opening.client, start)?;
-    let expiry = tenancy.grant.as_ref().map(|grant| {
+    let expiry = context.grant.as_ref().map(|grant| {
         let left = grant
             .expires_at
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         Box::pin(tokio::time::sleep(left))
     });
-    let retired = tenancy.grant.map(|grant| grant.retired);
+    let retired = context.grant.map(|grant| grant.retired);
     let ends = Ends {
-        cancelled: Box::pin(tenancy.shutdown.clone().cancelled_owned()),
-        shutdown: tenancy.shutdown,
+        cancelled: Box::pin(context.shutdown.clone().cancelled_owned()),
+        shutdown: context.shutdown,
         retiring: retired
             .as_ref()
             .map(|retired| Box::pin(retired.clone().cancelled_owned())),
@@ -84,7 +87,7 @@ pub async fn subscribe(
         expiry,
         armed: None,
     };
-    let follow = Follow {
+    let subscription = Subscription {
         store,
         room_id: req.room_id,
         epoch: opening.window.epoch,
@@ -95,17 +98,19 @@ pub async fn subscribe(
         ends,
         pending: Batch::default(),
         finished: false,
-        telemetry: tenancy.telemetry,
-        _slot: tenancy.slot,
+        telemetry: context.telemetry,
+        _slot: context.slot,
         _lease: opening.lease,
     };
     Ok(Box::pin(futures_util::stream::unfold(
-        follow,
-        |mut follow| async move { follow.next().await.map(|item| (item, follow)) },
+        subscription,
+        |mut subscription| async move { subscription.next().await.map(|item| (item, subscription)) },
     )))
 }
 
-struct Follow {
+/// One `Events` stream: its cursor into the room's log, what it has yet to deliver, and what
+/// ends it.
+struct Subscription {
     store: Arc<dyn RoomStore>,
     room_id: String,
     epoch: String,
@@ -216,7 +221,7 @@ impl Ends {
     }
 }
 
-impl Follow {
+impl Subscription {
     fn finish(&mut self, err: Error) -> Option<Result<EncodedEvent, Status>> {
         self.finished = true;
         if let Error::CursorOutOfRange { .. } = err {
@@ -362,8 +367,8 @@ mod tests {
         };
         store.execute("r", &caller, join).await.unwrap();
         let budget = StreamBudget::new(10, 10, Telemetry::off());
-        let tenancy = Tenancy {
-            slot: budget.take(StreamKind::Observer, None).unwrap(),
+        let context = StreamContext {
+            slot: budget.reserve(StreamKind::Observer, None).unwrap(),
             shutdown: CancellationToken::new(),
             grant: None,
             telemetry: Telemetry::off(),
@@ -373,7 +378,7 @@ mod tests {
             after_seq: Some(1),
             ..Default::default()
         };
-        let mut events = subscribe(store.clone(), &caller, request, tenancy)
+        let mut events = subscribe(store.clone(), &caller, request, context)
             .await
             .unwrap();
         let leave = Command::Leave {

@@ -11,6 +11,9 @@
 //!
 //! Each accepted connection carries a [`ConnInfo`] that tonic puts in every request's
 //! extensions: the per-connection stream count lives there.
+//!
+//! It deals in sockets and bytes only: it reads no request and knows nothing of the service; of
+//! roomctl it uses only [`crate::tls`]'s acceptor.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,12 +30,16 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use crate::backoff::Backoff;
 use crate::tls::TlsAcceptor;
 
 /// The bytes every HTTP/2 client sends first (RFC 9113, section 3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// First and longest pause after an accept error caused by a lack of resources.
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// How long the accept loop waits while out of file descriptors: from 10 ms, doubling,
+/// jittered, always under a second.
+fn starved_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(10), Duration::from_millis(500))
+}
 /// Admitted connections waiting for tonic to pick them up.
 const ADMITTED: usize = 64;
 
@@ -53,14 +60,14 @@ enum Io {
 
 /// An accepted connection that has sent the HTTP/2 preface. The preface was read to check it,
 /// so it is handed to hyper again first.
-pub struct Conn {
+pub struct Accepted {
     io: Io,
     preface: Vec<u8>,
     replayed: usize,
     info: ConnInfo,
 }
 
-impl Connected for Conn {
+impl Connected for Accepted {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
@@ -68,7 +75,7 @@ impl Connected for Conn {
     }
 }
 
-impl AsyncRead for Conn {
+impl AsyncRead for Accepted {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -89,7 +96,7 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for Accepted {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -141,7 +148,7 @@ pub fn incoming(
     listener: TcpListener,
     handshake_timeout: Duration,
     tls: Option<TlsAcceptor>,
-) -> ReceiverStream<io::Result<Conn>> {
+) -> ReceiverStream<io::Result<Accepted>> {
     let (admitted, incoming) = mpsc::channel(ADMITTED);
     tokio::spawn(accept_loop(listener, handshake_timeout, tls, admitted));
     ReceiverStream::new(incoming)
@@ -151,22 +158,22 @@ async fn accept_loop(
     listener: TcpListener,
     handshake_timeout: Duration,
     tls: Option<TlsAcceptor>,
-    admitted: mpsc::Sender<io::Result<Conn>>,
+    admitted: mpsc::Sender<io::Result<Accepted>>,
 ) {
-    let mut backoff = ACCEPT_BACKOFF.0;
+    let mut backoff = starved_backoff();
     let mut starved = false;
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let attempt = tokio::select! {
+            attempt = listener.accept() => attempt,
             _ = admitted.closed() => return,
         };
-        match accepted {
+        match attempt {
             Ok((stream, remote)) => {
                 if starved {
                     tracing::info!("accepting connections again");
                     starved = false;
                 }
-                backoff = ACCEPT_BACKOFF.0;
+                backoff.reset();
                 let handshake = handshake(stream, tls.as_ref().map(TlsAcceptor::current));
                 tokio::spawn(admit(
                     handshake,
@@ -185,10 +192,9 @@ async fn accept_loop(
                     starved = true;
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = admitted.closed() => return,
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
             }
             // The peer gave up between SYN and accept (ECONNABORTED and the like): nothing to do.
             Err(err) => tracing::debug!(%err, "accept failed"),
@@ -210,7 +216,7 @@ async fn admit(
     handshake: impl std::future::Future<Output = io::Result<(Io, Vec<u8>)>>,
     remote: SocketAddr,
     handshake_timeout: Duration,
-    admitted: mpsc::Sender<io::Result<Conn>>,
+    admitted: mpsc::Sender<io::Result<Accepted>>,
 ) {
     let (io, preface) = match tokio::time::timeout(handshake_timeout, handshake).await {
         Ok(Ok(done)) => done,
@@ -219,7 +225,7 @@ async fn admit(
             return tracing::debug!(%remote, ?handshake_timeout, "no handshake in time; closing")
         }
     };
-    let conn = Conn {
+    let accepted = Accepted {
         io,
         preface,
         replayed: 0,
@@ -229,7 +235,7 @@ async fn admit(
         },
     };
     // Fails only when the server is shutting down; the connection is then dropped.
-    let _ = admitted.send(Ok(conn)).await;
+    let _ = admitted.send(Ok(accepted)).await;
 }
 
 /// TLS (when `tls`), then the HTTP/2 preface: the transport, and the bytes read to check the
