@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::Interceptor, Request, Status};
 
+use crate::clock::Clock;
 use crate::engine::{Caller, RoomScope, TokenRole};
 use crate::error::Error;
 use crate::ids;
@@ -448,6 +449,8 @@ struct Verifier {
     /// Tokens already verified: keyed by the whole token, so a hit is the same signed bytes,
     /// and the expiry is checked again on every hit.
     verified: quick_cache::sync::Cache<String, Verified, TokenBytes>,
+    /// What `exp` and `nbf` are checked against.
+    clock: Clock,
 }
 
 impl Verified {
@@ -493,11 +496,16 @@ fn refusal(token: &str, kind: &ErrorKind) -> String {
 impl Authenticator {
     /// An authenticator for tokens signed with `secret`, with no `iss` or `aud` required.
     pub fn new(secret: &[u8]) -> Self {
-        Self::with_rules(&KeySet::single(secret), &TokenRules::default())
+        Self::with_rules(
+            &KeySet::single(secret),
+            &TokenRules::default(),
+            Clock::system(),
+        )
     }
 
-    /// An authenticator for tokens signed with `keys` that also meet `rules`.
-    pub fn with_rules(keys: &KeySet, rules: &TokenRules) -> Self {
+    /// An authenticator for tokens signed with `keys` that also meet `rules`, at the time
+    /// `clock` tells.
+    pub fn with_rules(keys: &KeySet, rules: &TokenRules, clock: Clock) -> Self {
         // The algorithm is pinned: a token naming any other (none, HS384, RS256...) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         let mut required = vec!["exp", "sub"];
@@ -525,6 +533,7 @@ impl Authenticator {
                     VERIFIED_TOKEN_BYTES,
                     TokenBytes,
                 ),
+                clock,
             }),
         }
     }
@@ -580,7 +589,7 @@ impl Authenticator {
                 verified
             }
         };
-        verified.check_time(SystemTime::now())?;
+        verified.check_time(verifier.clock.now())?;
         Ok(verified)
     }
 
@@ -643,8 +652,8 @@ impl Authenticator {
 /// that verified it (a key rotation revokes its tokens, open streams included).
 #[derive(Debug, Clone)]
 pub struct TokenGrant {
-    /// When the token stops being valid.
-    pub expires_at: SystemTime,
+    /// When the token stops being valid, on tokio's clock (a deadline for a timer).
+    pub expires: tokio::time::Instant,
     /// Cancelled when a reload removes the token's key.
     pub retired: CancellationToken,
 }
@@ -652,8 +661,9 @@ pub struct TokenGrant {
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let verified = self.authenticate(request.metadata())?;
+        let left = verified.expires_at.duration_since(self.inner.clock.now());
         let grant = TokenGrant {
-            expires_at: verified.expires_at,
+            expires: tokio::time::Instant::now() + left.unwrap_or_default(),
             retired: self.retirement(verified.key),
         };
         request.extensions_mut().insert(verified.caller);
@@ -741,16 +751,18 @@ mod tests {
         assert!(auth.verify(&token("moderator", "r", 2)).is_ok());
     }
 
-    #[test]
-    fn a_remembered_token_still_expires() {
-        let auth = Authenticator::new(SECRET);
+    #[tokio::test(start_paused = true)]
+    async fn a_remembered_token_still_expires() {
+        let keys = KeySet::single(SECRET);
+        let auth = Authenticator::with_rules(&keys, &TokenRules::default(), Clock::tokio());
         let token = mint(
             SECRET,
-            &Claims::new("ann", "r", "moderator", Duration::from_secs(1)),
+            &Claims::new("ann", "r", "moderator", Duration::from_secs(60)),
         );
         assert!(auth.verify(&token).is_ok());
+        tokio::time::advance(Duration::from_secs(59)).await;
         assert!(auth.verify(&token).is_ok(), "remembered");
-        std::thread::sleep(Duration::from_millis(1100));
+        tokio::time::advance(Duration::from_secs(1)).await;
         assert!(unauthenticated(auth.verify(&token)).contains("expired"));
     }
 
@@ -887,7 +899,7 @@ mod tests {
             issuer: Some("idp".into()),
             audience: Some("roomctl-prod".into()),
         };
-        let strict = Authenticator::with_rules(&KeySet::single(SECRET), &rules);
+        let strict = Authenticator::with_rules(&KeySet::single(SECRET), &rules, Clock::system());
         let exp = now() + 60;
         let token = |extra: serde_json::Value| {
             let mut claims =
@@ -943,7 +955,7 @@ mod tests {
     #[test]
     fn keys_are_chosen_by_kid_and_tokens_without_one_use_the_first() {
         let keys = KeySet::parse(&format!("new={NEW}\nold={OLD}")).unwrap();
-        let auth = Authenticator::with_rules(&keys, &TokenRules::default());
+        let auth = Authenticator::with_rules(&keys, &TokenRules::default(), Clock::system());
         let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
         for kid in ["new", "old"] {
             let token = mint_with(&keys, Some(kid), &claims).unwrap();
@@ -967,7 +979,7 @@ mod tests {
     #[test]
     fn a_reload_drops_removed_keys_even_for_remembered_tokens() {
         let both = KeySet::parse(&format!("new={NEW}\nold={OLD}")).unwrap();
-        let auth = Authenticator::with_rules(&both, &TokenRules::default());
+        let auth = Authenticator::with_rules(&both, &TokenRules::default(), Clock::system());
         let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
         let old = mint_with(&both, Some("old"), &claims).unwrap();
         assert!(auth.verify(&old).is_ok(), "verified, and remembered");
@@ -980,7 +992,7 @@ mod tests {
     #[test]
     fn a_reload_retires_removed_keys_only() {
         let both = KeySet::parse(&format!("new={NEW}\nold={OLD}")).unwrap();
-        let auth = Authenticator::with_rules(&both, &TokenRules::default());
+        let auth = Authenticator::with_rules(&both, &TokenRules::default(), Clock::system());
         let claims = Claims::new("ann", "r", "moderator", Duration::from_secs(60));
         let grant = |kid| {
             auth.retirement(

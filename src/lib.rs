@@ -28,6 +28,7 @@
 //! - [`cli`]: the `roomctl` command line (`serve`, `token`, `config check`, and the client
 //!   commands that call a running server).
 //! - [`codec`]: tonic's prost codec with small per-call buffers (idle streams stay cheap).
+//! - [`clock`]: the wall clock every time-dependent rule reads, so tests can run on paused time.
 //! - [`client`]: a RoomControl client that sends a bearer token, for Rust callers.
 //!
 //! Each module's own doc says what it may not touch. No two modules depend on each other, and
@@ -39,6 +40,7 @@ pub mod auth;
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod codec;
 pub mod engine;
 pub mod error;

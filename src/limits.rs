@@ -192,7 +192,8 @@ pub struct RateLimiter {
     /// How far ahead of now an identity's arrival time may run (the burst).
     tolerance: u64,
     rate: u32,
-    start: Instant,
+    /// Tokio's clock, which tests can pause: the same instants as the system's otherwise.
+    start: tokio::time::Instant,
     arrivals: quick_cache::sync::Cache<String, Arc<AtomicU64>>,
 }
 
@@ -206,7 +207,7 @@ impl RateLimiter {
             interval,
             tolerance: interval * u64::from(burst.max(1) - 1),
             rate: rate.max(1),
-            start: Instant::now(),
+            start: tokio::time::Instant::now(),
             arrivals: quick_cache::sync::Cache::new(RATED_IDENTITIES),
         }
     }
@@ -485,8 +486,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rates_allow_the_burst_then_the_sustained_rate() {
+    #[tokio::test(start_paused = true)]
+    async fn rates_allow_the_burst_then_the_sustained_rate() {
         let limiter = RateLimiter::new(Limit::ServiceRate, 10, 3);
         for _ in 0..3 {
             limiter.check("alice").unwrap();
@@ -502,7 +503,9 @@ mod tests {
         assert_eq!((limit, rate), (Limit::ServiceRate, 10));
         assert!(retry_after <= Duration::from_millis(100), "{retry_after:?}");
         limiter.check("bob").unwrap();
-        std::thread::sleep(retry_after);
+        tokio::time::advance(retry_after - Duration::from_nanos(1)).await;
+        assert!(limiter.check("alice").is_err(), "not a nanosecond early");
+        tokio::time::advance(Duration::from_nanos(1)).await;
         limiter.check("alice").unwrap();
     }
 }

@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 
 use crate::accept;
 use crate::auth::{Authenticator, KeySet, TokenRules};
+use crate::clock::Clock;
 use crate::error::Error;
 use crate::limits::{GuardLayer, Limits, StreamBudget};
 use crate::page_token::PageTokens;
@@ -65,6 +66,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// TLS (and with a client CA, mTLS) on the gRPC listener; None: plaintext.
     pub tls: Option<TlsFiles>,
+    /// What rooms, presence and tokens read the time from: the system's, except in tests that
+    /// run on tokio's paused time.
+    pub clock: Clock,
 }
 
 impl ServerConfig {
@@ -80,6 +84,7 @@ impl ServerConfig {
             limits: Limits::default(),
             metrics_listen: None,
             tls: None,
+            clock: Clock::system(),
         }
     }
 }
@@ -158,7 +163,7 @@ impl Server {
             }
             None => (Telemetry::off(), None),
         };
-        let store = store::open(&config.store, config.rooms, telemetry.clone())
+        let store = store::open(&config.store, config.rooms, telemetry.clone(), config.clock)
             .await
             .map_err(ServeError::Store)?;
         let streams = StreamBudget::new(
@@ -166,7 +171,8 @@ impl Server {
             config.limits.max_streams_per_connection,
             telemetry.clone(),
         );
-        let authenticator = Authenticator::with_rules(&config.jwt_keys, &config.token_rules);
+        let authenticator =
+            Authenticator::with_rules(&config.jwt_keys, &config.token_rules, config.clock);
         let pages = PageTokens::new(&config.jwt_keys);
         let tls = match &config.tls {
             Some(files) => Some(TlsAcceptor::new(

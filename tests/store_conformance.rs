@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::redis_server::{redis_available, RedisServer};
 use common::PATIENCE;
 use prost::Message;
+use roomctl::clock::Clock;
 use roomctl::engine::RoomLimits;
 use roomctl::engine::{
     Caller, ClientStatus, Command, DestroyCmd, DropCmd, JoinCmd, Reply, RoomScope, TokenRole,
@@ -19,6 +20,7 @@ use roomctl::pb::{self, DropOutcome, Role};
 use roomctl::store::memory::MemoryStore;
 use roomctl::store::redis::{RedisConfig, RedisStore};
 use roomctl::store::{LoggedEvent, RoomSettings, RoomStore};
+use roomctl::telemetry::Telemetry;
 
 const HISTORY: usize = 5;
 /// Participants per room in the conformance stores.
@@ -46,12 +48,24 @@ enum Kind {
 /// forgotten (it waits for that state, never for a time).
 const EMPTY_ROOM_TTL: Duration = Duration::from_millis(300);
 
+/// How long a client may go without a stream in the presence tests (on Redis it passes in real
+/// time, so it is short).
+const PRESENCE: Duration = Duration::from_secs(1);
+
 async fn stores(kind: Kind) -> Stores {
+    stores_of(kind, None).await
+}
+
+async fn stores_with_presence(kind: Kind) -> Stores {
+    stores_of(kind, Some(PRESENCE)).await
+}
+
+async fn stores_of(kind: Kind, presence_timeout: Option<Duration>) -> Stores {
     let rooms = RoomSettings {
         history: HISTORY,
         history_bytes: HISTORY_BYTES,
         empty_room_ttl: EMPTY_ROOM_TTL,
-        presence_timeout: None,
+        presence_timeout,
         limits: RoomLimits {
             max_members: MAX_MEMBERS,
             answer_bytes: ANSWER_BYTES,
@@ -59,7 +73,8 @@ async fn stores(kind: Kind) -> Stores {
     };
     match kind {
         Kind::Memory => {
-            let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(rooms));
+            let store = MemoryStore::open(rooms, Telemetry::off(), Clock::tokio());
+            let store: Arc<dyn RoomStore> = Arc::new(store);
             Stores {
                 a: store.clone(),
                 b: store,
@@ -85,15 +100,21 @@ async fn stores(kind: Kind) -> Stores {
     }
 }
 
+/// Runs each test on both stores. On memory the test runs on tokio's paused time and the store
+/// reads its clock from it, so waiting out a TTL, a ban or a lease takes no real time (and a wait
+/// for what never comes fails at once). On Redis time is real: a real Redis cannot answer on
+/// paused time, and its own clock expires a room's keys.
 macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test] async fn $name() { super::$name(super::stores(super::Kind::Memory).await).await })*
+    ($memory:ident, $redis:ident, $stores:ident: $($name:ident),* $(,)?) => {
+        mod $memory {
+            $(#[tokio::test(start_paused = true)] async fn $name() {
+                super::$name(super::$stores(super::Kind::Memory).await).await
+            })*
         }
-        mod redis {
+        mod $redis {
             $(#[tokio::test] async fn $name() {
                 if super::redis_available() {
-                    super::$name(super::stores(super::Kind::Redis).await).await
+                    super::$name(super::$stores(super::Kind::Redis).await).await
                 }
             })*
         }
@@ -904,6 +925,7 @@ async fn health_turns_serving(s: Stores) {
 }
 
 conformance! {
+    memory, redis, stores:
     only_join_creates_rooms,
     reads_follow_the_retained_window,
     the_history_is_bounded_in_bytes,
@@ -925,4 +947,73 @@ conformance! {
     destroy_removes_every_member,
     rooms_are_listed_once_across_pages,
     health_turns_serving,
+    with_presence_off_clients_stay,
+}
+
+/// Waits until `client_id` is no longer in `room`.
+async fn until_removed(store: &Arc<dyn RoomStore>, room: &str, client_id: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let snapshot = store.snapshot(room).await.unwrap();
+        if !snapshot
+            .participants
+            .iter()
+            .any(|p| p.client_id == client_id)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{client_id} was never timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client that never opens a stream is timed out once the timeout has passed; one with a
+/// stream open (through the other handle) stays however long it lasts, and is timed out once
+/// its stream has been closed for the timeout. Each time-out is logged once, as TIMED_OUT.
+async fn presence_times_out_only_clients_without_a_stream(s: Stores) {
+    let first = join(&s.a, "r", "ghost").await;
+    join(&s.a, "r", "ann").await;
+    let streaming = s.b.open("r", Some("ann")).await.unwrap();
+    until_removed(&s.a, "r", "ghost").await;
+    tokio::time::sleep(PRESENCE * 3).await;
+    let present = s.a.snapshot("r").await.unwrap().participants;
+    assert_eq!(present.len(), 1, "{present:?}");
+    assert!(present[0].connected, "{present:?}");
+    drop(streaming);
+    until_removed(&s.b, "r", "ann").await;
+    let events = s.a.read("r", &first.epoch, first.seq + 1).await.unwrap();
+    let gone: Vec<(String, i32)> = events
+        .iter()
+        .map(|e| match &e.payload {
+            Some(pb::event::Payload::UserDisconnected(gone)) => {
+                (gone.client_id.clone(), gone.reason)
+            }
+            other => panic!("only time-outs are logged: {other:?}"),
+        })
+        .collect();
+    let timed_out = pb::DisconnectReason::TimedOut as i32;
+    assert_eq!(
+        gone,
+        [
+            ("ghost".to_owned(), timed_out),
+            ("ann".to_owned(), timed_out)
+        ]
+    );
+}
+
+/// With presence off, a client without a stream stays however long it waits.
+async fn with_presence_off_clients_stay(s: Stores) {
+    join(&s.a, "r", "ann").await;
+    tokio::time::sleep(PRESENCE * 3).await;
+    let present = s.b.snapshot("r").await.unwrap().participants;
+    assert_eq!(present.len(), 1, "{present:?}");
+    assert!(!present[0].connected, "off: never connected");
+}
+
+conformance! {
+    memory_presence, redis_presence, stores_with_presence:
+    presence_times_out_only_clients_without_a_stream,
 }

@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 
 use super::{Failure, SecretArgs};
 use crate::auth::TokenRules;
+use crate::clock::Clock;
 use crate::engine::RoomLimits;
 use crate::limits::Limits;
 use crate::server::{ServerConfig, StoreConfig, DEFAULT_MAX_MESSAGE_BYTES};
@@ -275,6 +276,7 @@ impl ServeArgs {
             limits: self.limits(),
             metrics_listen: self.metrics_listen,
             tls: self.tls_files(),
+            clock: Clock::system(),
         })
     }
 }

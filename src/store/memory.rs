@@ -15,14 +15,16 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{
     batch_of, Head, Lease, LogWindow, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot,
 };
+use crate::clock::Clock;
 use crate::engine::{self, Applied, Ban, Caller, Change, ClientStatus, Command, Reply, RoomState};
 use crate::error::Error;
 use crate::pb;
@@ -74,16 +76,14 @@ impl Drop for Release {
 }
 
 impl Inner {
-    /// Whether the room has been empty for `ttl`, and has had no ban in force for as long.
-    fn expired(&self, ttl: Duration, now: Instant) -> bool {
+    /// Whether the room has been empty for `ttl`, and has had no ban in force for as long, at
+    /// `now` (on the monotonic clock) and `wall` (the same instant on the wall clock).
+    fn expired(&self, ttl: Duration, now: Instant, wall: SystemTime) -> bool {
         self.state.is_empty()
             && self
                 .empty_since
                 .is_some_and(|t| now.duration_since(t) >= ttl)
-            && self
-                .state
-                .bans_end()
-                .is_none_or(|end| SystemTime::now() >= end + ttl)
+            && self.state.bans_end().is_none_or(|end| wall >= end + ttl)
     }
 }
 
@@ -96,6 +96,7 @@ struct Rooms {
     hasher: RandomState,
     config: RoomSettings,
     telemetry: Telemetry,
+    clock: Clock,
 }
 
 /// The in-memory [`RoomStore`].
@@ -199,7 +200,7 @@ impl Rooms {
             return;
         };
         let mut inner = lock(room);
-        if inner.expired(self.config.empty_room_ttl, Instant::now()) {
+        if inner.expired(self.config.empty_room_ttl, Instant::now(), self.clock.now()) {
             inner.gone = true;
             drop(inner);
             // Dropping the room drops its watch sender, which ends waiting subscribers.
@@ -227,7 +228,9 @@ impl Rooms {
             }
             // A room created for this command is empty until the command fills it: reaping it
             // now would loop forever with `--empty-room-ttl 0`.
-            if !created && inner.expired(self.config.empty_room_ttl, Instant::now()) {
+            if !created
+                && inner.expired(self.config.empty_room_ttl, Instant::now(), self.clock.now())
+            {
                 drop(inner);
                 self.reap(room_id);
                 continue;
@@ -238,7 +241,7 @@ impl Rooms {
 
     /// Removes the clients whose presence ran out, then forgets rooms empty past their TTL.
     fn sweep(&self) {
-        let now = Instant::now();
+        let (now, wall) = (Instant::now(), self.clock.now());
         for shard in &self.shards {
             let rooms: Vec<(String, Arc<Room>)> = shard
                 .read()
@@ -251,7 +254,7 @@ impl Rooms {
                 if self.config.presence_timeout.is_some() {
                     self.expire_absent_clients(&mut inner, &room.head, now);
                 }
-                let expired = inner.expired(self.config.empty_room_ttl, now);
+                let expired = inner.expired(self.config.empty_room_ttl, now, wall);
                 drop(inner);
                 if expired {
                     self.reap(&room_id);
@@ -275,7 +278,7 @@ impl Rooms {
         let cmd = Command::TimeOut {
             client_ids: expired,
         };
-        match engine::apply(&mut inner.state, &Caller::system(), cmd, SystemTime::now()) {
+        match engine::apply(&mut inner.state, &Caller::system(), cmd, self.clock.now()) {
             Ok(applied) => {
                 if let Reply::TimedOut(removed) = &applied.reply {
                     tracing::info!(room_id = %inner.state.room_id(), clients = ?removed, "presence timed out");
@@ -370,17 +373,19 @@ impl MemoryStore {
     /// A store with no rooms. Spawns the sweeper of empty rooms on the current tokio runtime;
     /// it ends when the store is dropped.
     pub fn new(config: RoomSettings) -> Self {
-        Self::with_telemetry(config, Telemetry::off())
+        Self::open(config, Telemetry::off(), Clock::system())
     }
 
-    /// A store with no rooms whose events and census `telemetry` records.
-    pub fn with_telemetry(config: RoomSettings, telemetry: Telemetry) -> Self {
+    /// A store with no rooms whose events and census `telemetry` records, reading the time
+    /// from `clock` (its timers are tokio's).
+    pub fn open(config: RoomSettings, telemetry: Telemetry, clock: Clock) -> Self {
         let rooms = Arc::new(Rooms {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             index: Mutex::default(),
             hasher: RandomState::new(),
             config,
             telemetry: telemetry.clone(),
+            clock,
         });
         let census = Arc::downgrade(&rooms);
         telemetry.on_scrape(move |telemetry| {
@@ -434,7 +439,7 @@ impl RoomStore for MemoryStore {
     ) -> Result<Applied, Error> {
         self.rooms
             .with_room(room_id, cmd.creates_room(), |inner, room| {
-                let applied = engine::apply(&mut inner.state, caller, cmd, SystemTime::now())?;
+                let applied = engine::apply(&mut inner.state, caller, cmd, self.rooms.clock.now())?;
                 self.rooms.record(inner, &room.head, &applied);
                 Ok(applied)
             })?
@@ -459,7 +464,7 @@ impl RoomStore for MemoryStore {
 
     async fn bans(&self, room_id: &str) -> Result<Vec<Ban>, Error> {
         self.rooms.with_room(room_id, false, |inner, _| {
-            inner.state.bans(SystemTime::now())
+            inner.state.bans(self.rooms.clock.now())
         })
     }
 

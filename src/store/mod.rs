@@ -23,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::codec::EncodedEvent;
 use crate::engine::{Applied, Ban, Caller, ClientStatus, Command, RoomLimits};
 use crate::error::Error;
@@ -97,14 +98,16 @@ impl StoreConfig {
 }
 
 /// The store `config` names, connected now (so a bad Redis URL fails here), keeping `rooms` as
-/// they say; `telemetry` records its work. Needs a tokio runtime: stores run background tasks.
+/// they say; `telemetry` records its work; `clock` tells the time. Needs a tokio runtime: stores
+/// run background tasks.
 pub async fn open(
     config: &StoreConfig,
     rooms: RoomSettings,
     telemetry: Telemetry,
+    clock: Clock,
 ) -> Result<Arc<dyn RoomStore>, Error> {
     Ok(match config {
-        StoreConfig::Memory => Arc::new(memory::MemoryStore::with_telemetry(rooms, telemetry)),
+        StoreConfig::Memory => Arc::new(memory::MemoryStore::open(rooms, telemetry, clock)),
         StoreConfig::Redis {
             url,
             ca_file,
@@ -116,7 +119,7 @@ pub async fn open(
                 wait_replicas: *wait_replicas,
                 rooms,
             };
-            Arc::new(redis::RedisStore::connect_with(config, telemetry).await?)
+            Arc::new(redis::RedisStore::connect_with(config, telemetry, clock).await?)
         }
     })
 }

@@ -16,7 +16,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::SystemTime;
 
 use futures_util::Stream;
 use tokio::sync::watch;
@@ -69,13 +68,10 @@ pub async fn subscribe(
     let opening = store.open(&req.room_id, client_id).await?;
     let start = opening.window.start(req.after_seq, &req.epoch)?;
     let audience = Audience::admit(caller, client_id, opening.client, start)?;
-    let expiry = context.grant.as_ref().map(|grant| {
-        let left = grant
-            .expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        Box::pin(tokio::time::sleep(left))
-    });
+    let expiry = context
+        .grant
+        .as_ref()
+        .map(|grant| Box::pin(tokio::time::sleep_until(grant.expires)));
     let retired = context.grant.map(|grant| grant.retired);
     let ends = Ends {
         cancelled: Box::pin(context.shutdown.clone().cancelled_owned()),

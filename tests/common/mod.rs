@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use redis_server::RedisServer;
 use roomctl::auth::{mint, Claims};
+use roomctl::clock::Clock;
 use roomctl::limits::StreamBudget;
 use roomctl::pb::{self, event::Payload};
 use roomctl::server::{Reloader, ServeError, Server, ServerConfig, StoreConfig};
@@ -48,11 +49,31 @@ pub enum Backend {
 /// Runs an acceptance test once per backend: `memory::name`, `redis_two_nodes::name` and
 /// `redis_cluster::name`, so one suite, written once, shows that two nodes on one Redis, or on a
 /// Redis Cluster of three masters, behave as one node.
+///
+/// The tests listed after `paused:` wait for a ban or a token to run out, the node's own timing:
+/// on memory they run on tokio's paused time, which the node's clock follows (see
+/// [`TestServer::start_with`]), so their sleeps take no real time; with Redis time is real, as a
+/// real Redis cannot answer on paused time. Such a test waits by sleeping or polling, never with
+/// `tokio::time::advance`, which only paused time allows.
 macro_rules! acceptance {
-    ($($name:ident),* $(,)?) => {
+    ($($name:ident),* $(,)? $(; paused: $($paused:ident),* $(,)?)?) => {
         mod memory {
-            $(#[tokio::test] async fn $name() { super::$name($crate::common::Backend::Memory).await })*
+            $(#[tokio::test] async fn $name() {
+                super::$name($crate::common::Backend::Memory).await
+            })*
+            $($(#[tokio::test(start_paused = true)] async fn $paused() {
+                super::$paused($crate::common::Backend::Memory).await
+            })*)?
         }
+        redis_acceptance! { $($name),* $($(, $paused)*)? }
+    };
+}
+
+/// Runs an acceptance test on the two Redis backends only: for what the memory store shows at
+/// its own level on paused time (presence, in tests/store_conformance.rs), while a real Redis,
+/// which answers in real time, cannot run on paused time.
+macro_rules! redis_acceptance {
+    ($($name:ident),* $(,)?) => {
         mod redis_two_nodes {
             $(#[tokio::test] async fn $name() {
                 if $crate::common::redis_server::redis_available() {
@@ -152,9 +173,14 @@ impl TestServer {
         Self::start_with(backend, |_| {}).await
     }
 
-    /// Servers whose configuration `tweak` adjusts.
+    /// Servers whose configuration `tweak` adjusts. A memory node reads the time from tokio's
+    /// clock: a test on tokio's paused time moves it (`tokio::time::advance`, or a sleep that
+    /// the idle runtime skips), and otherwise it is the system's time.
     pub async fn start_with(backend: Backend, tweak: impl Fn(&mut ServerConfig)) -> Self {
         let mut config = ServerConfig::new(SECRET);
+        if let Backend::Memory = backend {
+            config.clock = Clock::tokio();
+        }
         tweak(&mut config);
         let (mut redis, mut cluster) = (None, None);
         let nodes = match backend {

@@ -72,7 +72,6 @@ mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use redis::{RedisResult, Value};
@@ -83,6 +82,7 @@ use super::{
     batch_of, Head, Lease, LogWindow, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot,
     READ_BATCH,
 };
+use crate::clock::Clock;
 use crate::engine::{Applied, Ban, Caller, ClientStatus, Command};
 use crate::error::Error;
 use crate::pb;
@@ -118,6 +118,7 @@ struct Shared {
     conn: Conn,
     config: RedisConfig,
     telemetry: Telemetry,
+    clock: Clock,
     /// Whether Redis answers, as this node's listener last saw.
     healthy: watch::Sender<bool>,
     /// Each busy room's writer on this node.
@@ -141,11 +142,17 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects to the Redis at `config.url` and starts this node's listener.
     pub async fn connect(config: RedisConfig) -> Result<Self, Error> {
-        Self::connect_with(config, Telemetry::off()).await
+        Self::connect_with(config, Telemetry::off(), Clock::system()).await
     }
 
-    /// Connects, with `telemetry` recording store operations, commits and the census.
-    pub async fn connect_with(config: RedisConfig, telemetry: Telemetry) -> Result<Self, Error> {
+    /// Connects, with `telemetry` recording store operations, commits and the census, and
+    /// `clock` telling the time (leases, bans, remembered answers; Redis's own clock expires
+    /// keys).
+    pub async fn connect_with(
+        config: RedisConfig,
+        telemetry: Telemetry,
+        clock: Clock,
+    ) -> Result<Self, Error> {
         let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
         let mut conn = Conn::connect(&config).await.map_err(at)?;
         connection::agree_on_settings(&mut conn, &config).await?;
@@ -162,9 +169,10 @@ impl RedisStore {
         let (feeds, requests) = Feeds::new(&config.rooms);
         let shared = Arc::new(Shared {
             conn,
-            presence: Arc::new(Presence::new(config.rooms.presence_timeout)),
+            presence: Arc::new(Presence::new(config.rooms.presence_timeout, clock)),
             config,
             telemetry,
+            clock,
             healthy: watch::Sender::new(false),
             writers: Writers::default(),
             committer,
@@ -255,7 +263,10 @@ impl RoomStore for RedisStore {
             members.extend(member(&value)?);
         }
         members.sort_unstable_by_key(|(_, join_seq)| *join_seq);
-        let connected = self.shared.presence.connected(leases, SystemTime::now());
+        let connected = self
+            .shared
+            .presence
+            .connected(leases, self.shared.clock.now());
         Ok(Snapshot {
             participants: members
                 .into_iter()
@@ -274,7 +285,7 @@ impl RoomStore for RedisStore {
         let mut pipe = keys.read_meta();
         pipe.cmd("ZRANGEBYSCORE")
             .arg(&keys.banned)
-            .arg(format!("({}", millis(SystemTime::now())))
+            .arg(format!("({}", millis(self.shared.clock.now())))
             .arg("+inf");
         let (meta_reply, identities): (Value, Vec<String>) = self
             .shared

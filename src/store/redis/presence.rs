@@ -29,6 +29,7 @@ use redis::Value;
 use super::keys::{array, millis, score_of, text, Keys};
 use super::schedule::{Due, Schedule};
 use super::Shared;
+use crate::clock::Clock;
 use crate::engine::{Applied, Caller, Command, Reply};
 use crate::error::Error;
 
@@ -47,6 +48,7 @@ const BATCHES_PER_ROUND: usize = 32;
 pub(super) struct Presence {
     /// `--presence-timeout`; None: presence is off.
     timeout: Option<Duration>,
+    clock: Clock,
     local: Mutex<Local>,
 }
 
@@ -85,7 +87,7 @@ impl Drop for Release {
                 local.streams.remove(&self.room_id);
             }
             let key = (self.room_id.clone(), self.client_id.clone());
-            local.closed.insert(key, SystemTime::now());
+            local.closed.insert(key, presence.clock.now());
         }
     }
 }
@@ -102,9 +104,10 @@ fn score(at: SystemTime, timeout: Duration, grace: bool) -> String {
 
 impl Presence {
     /// No streams yet; `timeout` None: presence is off.
-    pub(super) fn new(timeout: Option<Duration>) -> Self {
+    pub(super) fn new(timeout: Option<Duration>, clock: Clock) -> Self {
         Self {
             timeout,
+            clock,
             local: Mutex::default(),
         }
     }
@@ -141,7 +144,7 @@ impl Presence {
                 .arg(&keys.leases)
                 .arg("XX")
                 .arg("GT")
-                .arg(score(SystemTime::now(), timeout, false))
+                .arg(score(self.clock.now(), timeout, false))
                 .arg(client_id)
                 .ignore();
         }
@@ -209,7 +212,7 @@ impl Shared {
     /// One round of this node's presence work: write the leases of streams that closed, renew
     /// those of open streams, then time out the lapsed clients of due rooms.
     async fn presence_round(self: &Arc<Self>, timeout: Duration) -> Result<(), Error> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut pipe = redis::pipe();
         if self.presence.write_leases(&mut pipe, timeout, now) {
             self.timed("presence", pipe.query_async::<()>(&mut self.conn()))
@@ -233,7 +236,7 @@ impl Shared {
     /// Times out the lapsed clients of up to [`DUE_PER_BATCH`] due rooms, and reschedules each;
     /// returns how many rooms were due.
     async fn time_out_batch(self: &Arc<Self>, timeout: Duration) -> Result<usize, Error> {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let due = PRESENCE.due(self, now, DUE_PER_BATCH).await?;
         if due.is_empty() {
             return Ok(0);

@@ -12,7 +12,7 @@
 //! sweep, catches entries that lost their schedule (a node that died right after a commit).
 
 use std::sync::Weak;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use redis::Value;
 
@@ -169,7 +169,7 @@ impl Shared {
     /// gone, and reschedules the others to when their keys now expire (or drops their entry if
     /// they are in use again). Returns how many were due.
     async fn sweep_expiring(&self) -> Result<usize, Error> {
-        let due = EXPIRING.due(self, SystemTime::now(), SWEEP_BATCH).await?;
+        let due = EXPIRING.due(self, self.clock.now(), SWEEP_BATCH).await?;
         if due.is_empty() {
             return Ok(0);
         }

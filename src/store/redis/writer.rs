@@ -379,7 +379,7 @@ impl Shared {
             wanted: wanted(jobs),
         };
         for _ in 0..MAX_ATTEMPTS {
-            let now = SystemTime::now();
+            let now = self.clock.now();
             let mut view = self.view(&batch, known, now).await?;
             let results = self.run_jobs(&batch, &mut view.known.state, &view.lapsed, now);
             match self
