@@ -31,6 +31,9 @@ use crate::store::{self, RoomSettings, RoomStore};
 use crate::telemetry::Telemetry;
 use crate::tls::{TlsAcceptor, TlsFiles};
 
+/// Default `--grace`: how long draining may take on shutdown.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
 /// Default largest request accepted, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -78,7 +81,7 @@ impl ServerConfig {
             jwt_keys: KeySet::single(jwt_secret),
             token_rules: TokenRules::default(),
             rooms: RoomSettings::default(),
-            grace: Duration::from_secs(10),
+            grace: DEFAULT_GRACE,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             store: StoreConfig::Memory,
             limits: Limits::default(),

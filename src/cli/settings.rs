@@ -14,7 +14,7 @@ use crate::auth::TokenRules;
 use crate::clock::Clock;
 use crate::engine::RoomLimits;
 use crate::limits::Limits;
-use crate::server::{ServerConfig, StoreConfig, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::server::{ServerConfig, StoreConfig, DEFAULT_GRACE, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::store::RoomSettings;
 use crate::tls::{TlsError, TlsFiles};
 
@@ -51,7 +51,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMCTL_HISTORY_BYTES", default_value_t = RoomSettings::default().history_bytes, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024 * 1024..=(1 << 40)))]
     history_bytes: usize,
     /// Longest drain on SIGTERM/SIGINT before the remaining connections are closed.
-    #[arg(long, env = "ROOMCTL_GRACE", default_value = "10s")]
+    #[arg(long, env = "ROOMCTL_GRACE", default_value_t = DEFAULT_GRACE.into())]
     grace: humantime::Duration,
     /// How long a room is kept after its last participant leaves.
     #[arg(long, env = "ROOMCTL_EMPTY_ROOM_TTL", default_value_t = RoomSettings::default().empty_room_ttl.into())]
