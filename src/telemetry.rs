@@ -597,28 +597,33 @@ impl CallNote {
     /// logged `CANCELLED`, not as the error the handler made of the broken body.
     pub fn watch(&self, request: http::Request<Body>) -> http::Request<Body> {
         let note = self.clone();
-        request.map(|body| Body::new(Watched { body, note }))
+        let inspect = move |polled: &Polled| {
+            if let Poll::Ready(Some(Err(_))) = polled {
+                note.0.broke_off.store(true, Ordering::Relaxed);
+            }
+        };
+        request.map(|body| Body::new(Inspected { body, inspect }))
     }
 }
 
-/// A request body that notes in its call's [`CallNote`] when the client breaks it off.
-struct Watched {
+/// What polling a body gives.
+type Polled = Poll<Option<Result<Frame<<Body as HttpBody>::Data>, <Body as HttpBody>::Error>>>;
+
+/// A body passed on unchanged, each of its polls shown to `inspect` first: a request's, to note
+/// that its client broke it off; a response's, to learn the call's code.
+struct Inspected<F> {
     body: Body,
-    note: CallNote,
+    inspect: F,
 }
 
-impl HttpBody for Watched {
+impl<F: FnMut(&Polled) + Unpin> HttpBody for Inspected<F> {
     type Data = <Body as HttpBody>::Data;
     type Error = <Body as HttpBody>::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.note.0.broke_off.store(true, Ordering::Relaxed);
-        }
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        (this.inspect)(&polled);
         polled
     }
 
@@ -693,64 +698,33 @@ pub fn observe(
         observation.finish(status.code());
         return response;
     }
-    response.map(|body| {
-        Body::new(Observed {
-            body,
-            observation: Some(observation),
-        })
-    })
+    let mut ending = Ending(Some(observation));
+    let inspect = move |polled: &Polled| match polled {
+        Poll::Ready(Some(Ok(frame))) => {
+            if let Some(trailers) = frame.trailers_ref() {
+                ending.finish(Status::from_header_map(trailers).map_or(Code::Ok, |s| s.code()));
+            }
+        }
+        Poll::Ready(Some(Err(status))) => ending.finish(status.code()),
+        Poll::Ready(None) => ending.finish(Code::Ok),
+        Poll::Pending => {}
+    };
+    response.map(|body| Body::new(Inspected { body, inspect }))
 }
 
-/// A response body that reports the call's code when it ends.
-struct Observed {
-    body: Body,
-    observation: Option<Observation>,
-}
+/// A response's observation, finished with the call's code once the body ends, or `CANCELLED`
+/// when the body is dropped before (its client went away).
+struct Ending(Option<Observation>);
 
-impl Observed {
+impl Ending {
     fn finish(&mut self, code: Code) {
-        if let Some(observation) = self.observation.take() {
+        if let Some(observation) = self.0.take() {
             observation.finish(code);
         }
     }
 }
 
-impl HttpBody for Observed {
-    type Data = <Body as HttpBody>::Data;
-    type Error = <Body as HttpBody>::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    let code = Status::from_header_map(trailers).map_or(Code::Ok, |s| s.code());
-                    self.finish(code);
-                }
-            }
-            Poll::Ready(Some(Err(status))) => {
-                let code = status.code();
-                self.finish(code);
-            }
-            Poll::Ready(None) => self.finish(Code::Ok),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Observed {
+impl Drop for Ending {
     fn drop(&mut self) {
         self.finish(Code::Cancelled);
     }

@@ -168,19 +168,21 @@ fn leave(
             "participants may only make their own clients leave".into(),
         ));
     }
-    let event = state.event(
-        now,
-        Payload::UserDisconnected(pb::UserDisconnected {
-            client_id: client_id.to_owned(),
-            reason: DisconnectReason::Left as i32,
-        }),
-    );
+    let event = state.event(now, user_disconnected(client_id, DisconnectReason::Left));
     let departed = state.depart(client_id, owner, event.seq);
     Ok(Applied {
         reply: Reply::Left,
         events: vec![event],
         changes: vec![departed],
         remembered: None,
+    })
+}
+
+/// What every client of the room is told when `client_id` leaves it, for `reason`.
+fn user_disconnected(client_id: &str, reason: DisconnectReason) -> Payload {
+    Payload::UserDisconnected(pb::UserDisconnected {
+        client_id: client_id.to_owned(),
+        reason: reason as i32,
     })
 }
 
@@ -195,10 +197,7 @@ fn remove_timed_out(state: &mut RoomState, client_ids: Vec<String>, now: SystemT
         let owner = member.participant.identity.clone();
         let event = state.event(
             now,
-            Payload::UserDisconnected(pb::UserDisconnected {
-                client_id: client_id.clone(),
-                reason: DisconnectReason::TimedOut as i32,
-            }),
+            user_disconnected(&client_id, DisconnectReason::TimedOut),
         );
         changes.push(state.depart(&client_id, owner, event.seq));
         events.push(event);
@@ -243,13 +242,8 @@ fn drop_users(
                 );
                 changes.push(state.depart(&client_id, owner, told.seq));
                 events.push(told);
-                events.push(state.event(
-                    now,
-                    Payload::UserDisconnected(pb::UserDisconnected {
-                        client_id: client_id.clone(),
-                        reason: DisconnectReason::DroppedByModerator as i32,
-                    }),
-                ));
+                let dropped = DisconnectReason::DroppedByModerator;
+                events.push(state.event(now, user_disconnected(&client_id, dropped)));
                 DropOutcome::Dropped
             }
             None => DropOutcome::NotFound,

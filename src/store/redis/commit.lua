@@ -84,27 +84,28 @@ if expected == '' then
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 15
-for _ = 1, tonumber(ARGV[i]) do
+local i = 14
+-- One assumption of the batch: a count, then that many names, none of which `present` finds.
+local function assumed_absent(present)
   i = i + 1
-  if redis.call('HEXISTS', members, ARGV[i]) == 1 then return 0 end
+  for _ = 1, tonumber(ARGV[i]) do
+    i = i + 1
+    if present(ARGV[i]) then return false end
+  end
+  return true
 end
-i = i + 1
-for _ = 1, tonumber(ARGV[i]) do
-  i = i + 1
-  if redis.call('HEXISTS', answers, ARGV[i]) == 1 then return 0 end
+local function in_hash(key)
+  return function(name) return redis.call('HEXISTS', key, name) == 1 end
 end
-i = i + 1
-for _ = 1, tonumber(ARGV[i]) do
-  i = i + 1
-  local lease = redis.call('ZSCORE', leases, ARGV[i])
-  if lease and tonumber(lease) > now then return 0 end
+local function in_force(key)
+  return function(name)
+    local ends = redis.call('ZSCORE', key, name)
+    return ends and tonumber(ends) > now
+  end
 end
-i = i + 1
-for _ = 1, tonumber(ARGV[i]) do
-  i = i + 1
-  local ban = redis.call('ZSCORE', banned, ARGV[i])
-  if ban and tonumber(ban) > now then return 0 end
+if not (assumed_absent(in_hash(members)) and assumed_absent(in_hash(answers))
+    and assumed_absent(in_force(leases)) and assumed_absent(in_force(banned))) then
+  return 0
 end
 local room = {meta, members, departed, owners, log, answers, answered, leases, bans, banned}
 if expected == '' then
