@@ -1,6 +1,7 @@
 //! Reaching Redis: the URL (whose password never shows), one server or a Redis Cluster behind
 //! one connection type, the clients with their TLS settings, the deadline every operation runs
-//! under, and the settings every node sharing a Redis must agree on.
+//! under, and the settings every node sharing a Redis must agree on. It knows no room and no
+//! key but the fleet's settings: what is read or written is the other parts' business.
 
 use std::future::Future;
 use std::time::{Duration, Instant};

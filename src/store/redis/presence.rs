@@ -19,6 +19,9 @@
 //! each lease is still lapsed, so a client that came back in time stays, and the seq check makes
 //! the removal happen once whichever node gets there first), then moves the entry to the
 //! room's next lease with a compare-and-set that yields to any concurrent change.
+//!
+//! `Presence` holds this node's share (its open streams and closes) and nothing else; a time-out
+//! is a command through the room's writer, never a write of its own to the room's members.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

@@ -10,6 +10,7 @@
 //! from the list and rescheduling the others. Removal re-checks the room afterwards and puts
 //! it back if it was created again meanwhile. A slow walk over the whole list, a page per
 //! sweep, catches entries that lost their schedule (a node that died right after a commit).
+//! It writes only the index and its schedule, never a room's own keys.
 
 use std::sync::Weak;
 use std::time::Duration;

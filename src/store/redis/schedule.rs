@@ -1,7 +1,8 @@
 //! Fleet-wide schedules: sorted sets of room ids scored by when each room is next due for some
 //! work (checking its presence leases, finding out whether it was forgotten). Any node takes the
 //! due rooms, does the work, then moves each entry with a compare-and-set that yields to a
-//! change another node made meanwhile, so no node needs to own a room for this.
+//! change another node made meanwhile, so no node needs to own a room for this. It knows the
+//! schedule's key only, not what the work is.
 
 use std::time::SystemTime;
 

@@ -1,5 +1,7 @@
 //! Writing: one writer per busy room on a node, taking queued commands in batches, running the
-//! engine on what it knows or reads, and committing with the compare-and-set script.
+//! engine on what it knows or reads, and committing with the compare-and-set script. The writer
+//! decides what a batch commits and assumes; how a commit is packed and sent is `commit`'s, and it
+//! touches no feed and no presence count.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
