@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
 
 use common::redis_server::{redis_available, RedisServer};
 use common::*;
@@ -473,6 +474,63 @@ async fn every_key_of_a_room_shares_its_hash_tag() {
         ],
         "{keys:?}"
     );
+}
+
+/// A room emptied, then joined again before its keys expire, leaves the schedule of expiring
+/// rooms once it comes due (it is in use again): the sweep that finds no room gone goes on to
+/// reschedule. (It used to send Redis an empty pipeline there, fail, and keep the entry due
+/// for ever.) Real time: the sweep runs against a real Redis.
+#[tokio::test]
+async fn a_room_in_use_again_leaves_the_expiring_schedule() {
+    if !redis_available() {
+        return;
+    }
+    let server = TestServer::start_with(Backend::RedisTwoNodes, |c| {
+        c.rooms.empty_room_ttl = Duration::from_millis(400);
+        c.rooms.presence_timeout = None;
+    })
+    .await;
+    let mut ops = server.nodes[0].client("ops", "*", "service").await;
+    let a = join(&mut ops, "s1", "a").await.client_id;
+    ops.leave(pb::LeaveRequest {
+        room_id: "s1".into(),
+        client_id: a,
+    })
+    .await
+    .unwrap();
+    let mut conn = server.redis.as_ref().unwrap().connection().await;
+    let scheduled = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("ZSCORE")
+                .arg("roomctl:rooms:expiring")
+                .arg("s1")
+                .query_async::<Option<f64>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        scheduled(&mut conn).await.is_some(),
+        "an emptied room is scheduled"
+    );
+    join(&mut ops, "s1", "b").await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while scheduled(&mut conn).await.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a room in use again stays scheduled to expire"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.nodes[1]
+        .client("ops", "*", "service")
+        .await
+        .list_participants(pb::ListParticipantsRequest {
+            room_id: "s1".into()
+        })
+        .await
+        .is_ok());
 }
 
 /// A node whose `--history` differs from the fleet's refuses to start, saying which the fleet

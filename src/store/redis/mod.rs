@@ -3,12 +3,12 @@
 //! **Layout** (`keys`). Every key of a room carries the hash tag `{room_id}`, so a room lives
 //! in one Redis Cluster slot: `meta` (hash: `epoch`, `seq`, `locked`, the Redis process that
 //! made the last commit as `run`, `replid` and `node`, and with `--redis-wait-replicas` the
-//! `confirmed` seq), `members` (hash: client
-//! id to [`StoredMember`]), `departed` (sorted set of departed client ids by the seq that ended
-//! them) with `owners` (hash: their identities), `log` (a stream whose entry ids are `0-<seq>`,
-//! trimmed to exactly `--history` entries), the remembered answers: `answers` (hash: answer key
-//! to [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, within a budget of
-//! bytes kept in `meta` as `answers_bytes`),
+//! `confirmed` seq), `members` (hash: client id to [`StoredMember`]), `departed` (sorted set of
+//! departed client ids by the seq that ended them) with `owners` (hash: their identities), `log`
+//! (a stream whose entry ids are `0-<seq>`, trimmed to at most `--history` entries and
+//! `--history-bytes`), the remembered answers: `answers` (hash: answer key to [`StoredAnswer`])
+//! with `answered` (sorted set of the same keys by expiry, within a budget of bytes kept in
+//! `meta` as `answers_bytes`),
 //! the presence `leases` (sorted set of client id by lease end), and the bans: `bans` (hash:
 //! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
 //! ended bans are purged by the next commit). An empty room's keys expire together after

@@ -230,7 +230,7 @@ pub(super) async fn listen(
                 Notifier::open(&shared).await
             }
         };
-        match connected {
+        let wait = match connected {
             Ok(mut notifier) => {
                 backoff.reset();
                 // Events committed while we were not listening were never announced: wake every
@@ -281,15 +281,17 @@ pub(super) async fn listen(
                     }
                 };
                 tracing::warn!(%fault, "redis store unavailable; streams end, health NOT_SERVING");
+                backoff.next_delay()
             }
             Err(err) => {
-                tracing::warn!(err = %err.detail(), "cannot reach redis; retrying")
+                let wait = backoff.next_delay();
+                let err = err.detail();
+                tracing::warn!(%err, backoff = ?wait, "cannot reach redis; retrying");
+                wait
             }
-        }
+        };
         shared.healthy.send_replace(false);
         shared.feeds.reset();
-        let wait = backoff.next_delay();
-        tracing::debug!(?wait, "reconnecting to redis");
         tokio::time::sleep(wait).await;
     }
 }
