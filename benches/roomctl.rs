@@ -697,6 +697,15 @@ impl Size {
         }
     }
 
+    /// Rooms the memory section fills a node with.
+    fn rooms(self) -> usize {
+        match self {
+            Size::Smoke => 1_000,
+            Size::Quick => 100_000,
+            Size::Full => 1_000_000,
+        }
+    }
+
     /// Subscribers of the broadcast measurement.
     fn subscribers(self) -> usize {
         match self {
@@ -743,6 +752,9 @@ async fn bench() {
     }
     if std::env::args().any(|a| a == "--fanout-only") {
         return fanout_pinned(size).await;
+    }
+    if std::env::args().any(|a| a == "--rooms-memory-only") {
+        return rooms_memory(size).await;
     }
     if std::env::args().any(|a| a == "--pinned-only") {
         fanout_pinned(size).await;
@@ -829,6 +841,7 @@ async fn bench() {
         same_node.percentile(0.5),
         same_node.percentile(0.99)
     );
+    rooms_memory(size).await;
 
     if !redis_server::redis_available() {
         println!("\nredis-server not found: Redis figures skipped");
@@ -840,6 +853,77 @@ async fn bench() {
     durability(duration).await;
     fanout_pinned(size).await;
     pinned(size).await;
+}
+
+/// What rooms cost a node on the memory store: its RSS before and after it holds
+/// `size.rooms()` rooms of one participant each (with the one event of that join), then what
+/// nine more participants, and then ten more events of history, add to a tenth of them.
+/// Presence is off, so clients without a stream stay.
+async fn rooms_memory(size: Size) {
+    let node = Node::start_with("memory", &["--presence-timeout", "0"]).await;
+    let mut gateways = Vec::new();
+    for _ in 0..16 {
+        gateways.push(node.client("gw", "*", "service").await);
+    }
+    let gateways = Arc::new(tokio::sync::Mutex::new(gateways));
+    let join = |identity: String| {
+        move |mut gateway: Client, room_id: String| {
+            let identity = identity.clone();
+            async move {
+                let request = pb::JoinRequest {
+                    room_id,
+                    identity,
+                    ..Default::default()
+                };
+                gateway.join(request).await.unwrap();
+                (gateway, Vec::<()>::new())
+            }
+        }
+    };
+    let rooms = size.rooms();
+    let tenth = rooms / 10;
+    let empty = node.rss_kib();
+    for_each_gateway(&gateways, rooms, join("u0".into())).await;
+    let filled = node.rss_kib();
+    for n in 1..10 {
+        for_each_gateway(&gateways, tenth, join(format!("u{n}"))).await;
+    }
+    let crowded = node.rss_kib();
+    let lock_unlock = |mut gateway: Client, room_id: String| async move {
+        for _ in 0..5 {
+            let lock = pb::LockRoomRequest {
+                room_id: room_id.clone(),
+                request_id: String::new(),
+            };
+            gateway.lock_room(lock).await.unwrap();
+            let unlock = pb::UnlockRoomRequest {
+                room_id: room_id.clone(),
+                request_id: String::new(),
+            };
+            gateway.unlock_room(unlock).await.unwrap();
+        }
+        (gateway, Vec::<()>::new())
+    };
+    for_each_gateway(&gateways, tenth, lock_unlock).await;
+    let longer = node.rss_kib();
+    let per =
+        |grown: u64, from: u64, count: usize| grown.saturating_sub(from) * 1024 / count as u64;
+    println!(
+        "\nmemory per room, memory store (RSS of the node, {rooms} rooms of one participant, \
+         presence off)"
+    );
+    println!(
+        "  node RSS {} MiB empty, {} MiB with the rooms: {} bytes per room (target <= 1024)",
+        empty / 1024,
+        filled / 1024,
+        per(filled, empty, rooms)
+    );
+    println!(
+        "  each further participant: {} bytes; each further event of history (lock/unlock): {} \
+         bytes",
+        per(crowded, filled, tenth * 9),
+        per(longer, crowded, tenth * 10)
+    );
 }
 
 /// The Redis store against the memory node `memory`: DropUser throughput on a node of two
