@@ -97,10 +97,15 @@ impl EncodedEvent {
         Self(event.encode_to_vec().into())
     }
 
+    /// The encoding `bytes` of an event, copied.
+    pub fn copy_from(bytes: &[u8]) -> Self {
+        Self(Bytes::copy_from_slice(bytes))
+    }
+
     /// Decodes an event from `bytes`, keeping them as its encoding.
-    pub fn decode_event(bytes: &[u8]) -> Result<(pb::Event, Self), DecodeError> {
-        let event = pb::Event::decode(bytes)?;
-        Ok((event, Self(Bytes::copy_from_slice(bytes))))
+    pub fn decode_event(bytes: Bytes) -> Result<(pb::Event, Self), DecodeError> {
+        let event = pb::Event::decode(bytes.clone())?;
+        Ok((event, Self(bytes)))
     }
 }
 

@@ -410,6 +410,26 @@ async fn writes_wake_subscribers_of_every_handle(s: Stores) {
     assert_eq!(**commit[next], **read[0]);
 }
 
+/// A room whose watchers have all gone wakes the next one all the same: from where the room is
+/// when it subscribes, with the commit that follows (the memory store keeps a room's wake-up
+/// channel only while someone watches).
+async fn watchers_come_and_go(s: Stores) {
+    let first = join(&s.a, "r", "c0").await;
+    drop(s.b.open("r", None).await.unwrap().head);
+    join(&s.a, "r", "c1").await;
+    let mut head = s.b.open("r", None).await.unwrap().head;
+    assert_eq!(head.borrow_and_update().seq, 2);
+    join(&s.a, "r", "c2").await;
+    tokio::time::timeout(PATIENCE, head.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    let (commit, next) = head.borrow().continuing(&first.epoch, 2).unwrap();
+    assert_eq!(seqs(&commit[next..]), [3]);
+    let mut again = s.b.rewatch("r").await.unwrap();
+    assert_eq!(again.borrow_and_update().seq, 3);
+}
+
 /// A retried drop through the other handle returns the first answer and writes nothing.
 async fn drops_are_idempotent_across_handles(s: Stores) {
     join(&s.a, "r", "c0").await;
@@ -932,6 +952,7 @@ conformance! {
     open_reports_client_status,
     concurrent_commands_get_contiguous_seqs,
     writes_wake_subscribers_of_every_handle,
+    watchers_come_and_go,
     drops_are_idempotent_across_handles,
     concurrent_retries_apply_once,
     handles_never_act_on_stale_knowledge,

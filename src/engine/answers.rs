@@ -42,22 +42,27 @@ impl Remembered {
 /// within a byte budget, past which the oldest go early.
 #[derive(Debug, Clone, Default)]
 pub(super) struct AnswerCache {
+    /// None while the room remembers nothing, as most rooms do most of the time: a node holds
+    /// a million rooms, and the empty maps would weigh more than many of them.
+    held: Option<Box<Held>>,
+    /// The most that the answers held may weigh.
+    budget: usize,
+}
+
+/// The answers a room holds.
+#[derive(Debug, Clone, Default)]
+struct Held {
     /// By [`super::answer_key`].
     answers: HashMap<String, Remembered>,
     /// The same keys in expiry order, so expiring and capping walk from the front.
     order: VecDeque<(SystemTime, String)>,
     /// The weight of every answer held.
     bytes: usize,
-    /// The most that `bytes` may be.
-    budget: usize,
 }
 
 impl AnswerCache {
     pub(super) fn new(budget: usize) -> Self {
-        Self {
-            budget,
-            ..Self::default()
-        }
+        Self { held: None, budget }
     }
 
     /// Holds the answers to at most `budget` bytes from now on.
@@ -69,12 +74,16 @@ impl AnswerCache {
     /// forgets what has expired.
     pub(super) fn restore(&mut self, answers: impl IntoIterator<Item = Remembered>) {
         let mut answers: Vec<Remembered> = answers.into_iter().collect();
+        if answers.is_empty() {
+            return;
+        }
         answers.sort_by_key(|a| a.expires_at);
+        let held = self.held.get_or_insert_default();
         for answer in answers {
-            self.order
+            held.order
                 .push_back((answer.expires_at, answer.key.clone()));
-            self.bytes += answer.weight();
-            self.answers.insert(answer.key.clone(), answer);
+            held.bytes += answer.weight();
+            held.answers.insert(answer.key.clone(), answer);
         }
     }
 
@@ -99,36 +108,47 @@ impl AnswerCache {
     /// What the answers held weigh, and how many there are.
     #[cfg(test)]
     pub(super) fn held(&self) -> (usize, usize) {
-        (self.bytes, self.answers.len())
+        self.held
+            .as_ref()
+            .map_or((0, 0), |held| (held.bytes, held.answers.len()))
     }
 
     /// Keeps `answer` (replacing one under its key), then forgets what is expired at `now` or
     /// over the budget, oldest first.
     fn keep(&mut self, answer: Remembered, now: SystemTime) {
-        self.order
+        let held = self.held.get_or_insert_default();
+        held.order
             .push_back((answer.expires_at, answer.key.clone()));
-        self.bytes += answer.weight();
-        if let Some(old) = self.answers.insert(answer.key.clone(), answer) {
-            self.bytes -= old.weight();
+        held.bytes += answer.weight();
+        if let Some(old) = held.answers.insert(answer.key.clone(), answer) {
+            held.bytes -= old.weight();
         }
         self.forget_expired(now);
     }
 
+    /// Forgets what is expired at `now` or over the budget, oldest first; the last answer gone,
+    /// the room holds nothing for them.
     fn forget_expired(&mut self, now: SystemTime) {
-        while let Some((expires_at, key)) = self.order.front() {
-            let current = self.answers.get(key);
+        let Some(held) = &mut self.held else {
+            return;
+        };
+        while let Some((expires_at, key)) = held.order.front() {
+            let current = held.answers.get(key);
             // An entry of the order whose answer was replaced since says nothing.
             let stale = current.is_none_or(|answer| answer.expires_at != *expires_at);
-            if !stale && *expires_at > now && self.bytes <= self.budget {
+            if !stale && *expires_at > now && held.bytes <= self.budget {
                 break;
             }
-            if let Some((_, key)) = self.order.pop_front() {
+            if let Some((_, key)) = held.order.pop_front() {
                 if !stale {
-                    if let Some(answer) = self.answers.remove(&key) {
-                        self.bytes -= answer.weight();
+                    if let Some(answer) = held.answers.remove(&key) {
+                        held.bytes -= answer.weight();
                     }
                 }
             }
+        }
+        if held.order.is_empty() {
+            self.held = None;
         }
     }
 
@@ -142,7 +162,7 @@ impl AnswerCache {
         now: SystemTime,
     ) -> Result<Option<Reply>, Error> {
         self.forget_expired(now);
-        match self.answers.get(key) {
+        match self.held.as_ref().and_then(|held| held.answers.get(key)) {
             None => Ok(None),
             Some(answer) if answer.fingerprint == fingerprint => Ok(Some(answer.reply.clone())),
             Some(_) => Err(Error::RequestIdReused {

@@ -40,9 +40,15 @@ impl Ban {
 /// The bans a room knows: every ban on the memory store, those its commands name on Redis (with
 /// the count of all bans in force, which a store reads).
 #[derive(Debug, Clone, Default)]
-pub(super) struct BanList {
+pub(super) struct BanList(
+    /// None until the room has a ban, as most rooms never do: a node holds a million rooms.
+    Option<Box<Bans>>,
+);
+
+#[derive(Debug, Clone, Default)]
+struct Bans {
     /// By identity.
-    bans: HashMap<String, Ban>,
+    known: HashMap<String, Ban>,
     /// How many bans are in force in the room (known or not).
     in_force: usize,
     /// When the last ban ends or ended (an unban ends its ban then).
@@ -56,27 +62,34 @@ impl BanList {
         in_force: usize,
         now: SystemTime,
     ) -> Self {
-        let bans: HashMap<String, Ban> = bans
+        let known: HashMap<String, Ban> = bans
             .into_iter()
             .filter(|ban| ban.until > now)
             .map(|ban| (ban.identity.clone(), ban))
             .collect();
-        Self {
-            in_force: in_force.max(bans.len()),
-            bans,
-            end: None,
-        }
+        let in_force = in_force.max(known.len());
+        Self((in_force > 0).then(|| {
+            Box::new(Bans {
+                known,
+                in_force,
+                end: None,
+            })
+        }))
     }
 
     /// The ban keeping `identity` out at `now`, if any.
     pub(super) fn of(&self, identity: &str, now: SystemTime) -> Option<&Ban> {
-        self.bans.get(identity).filter(|ban| ban.until > now)
+        let ban = self.0.as_ref()?.known.get(identity);
+        ban.filter(|ban| ban.until > now)
     }
 
     /// The bans in force at `now`, soonest to end first.
     pub(super) fn in_force(&self, now: SystemTime) -> Vec<Ban> {
-        let mut bans: Vec<Ban> = self
-            .bans
+        let Some(bans) = &self.0 else {
+            return Vec::new();
+        };
+        let mut bans: Vec<Ban> = bans
+            .known
             .values()
             .filter(|ban| ban.until > now)
             .cloned()
@@ -87,17 +100,20 @@ impl BanList {
 
     /// When the last ban ends or ended; None if there never was one.
     pub(super) fn end(&self) -> Option<SystemTime> {
-        self.end
+        self.0.as_ref()?.end
     }
 
     /// Forgets the known bans that have ended by `now`.
     pub(super) fn forget_ended(&mut self, now: SystemTime) {
-        let before = self.bans.len();
-        self.bans.retain(|_, ban| ban.until > now);
-        self.in_force = self
+        let Some(bans) = &mut self.0 else {
+            return;
+        };
+        let before = bans.known.len();
+        bans.known.retain(|_, ban| ban.until > now);
+        bans.in_force = bans
             .in_force
-            .saturating_sub(before - self.bans.len())
-            .max(self.bans.len());
+            .saturating_sub(before - bans.known.len())
+            .max(bans.known.len());
     }
 
     /// Whether `identities` can be banned at `now` without passing [`MAX_BANS`]; else
@@ -112,7 +128,8 @@ impl BanList {
             .into_iter()
             .filter(|identity| self.of(identity, now).is_none())
             .count();
-        if self.in_force + new > MAX_BANS {
+        let in_force = self.0.as_ref().map_or(0, |bans| bans.in_force);
+        if in_force + new > MAX_BANS {
             return Err(Error::LimitReached {
                 limit: Limit::RoomBans,
                 max: MAX_BANS,
@@ -123,11 +140,12 @@ impl BanList {
 
     /// Bans `identity` until `until`, or keeps its ban if that ends later; returns the ban.
     pub(super) fn ban(&mut self, identity: String, until: SystemTime, moderator: &str) -> Ban {
-        let ban = match self.bans.get(&identity) {
+        let bans = self.0.get_or_insert_default();
+        let ban = match bans.known.get(&identity) {
             Some(ban) if ban.until >= until => ban.clone(),
             existing => {
                 if existing.is_none() {
-                    self.in_force += 1;
+                    bans.in_force += 1;
                 }
                 Ban {
                     identity: identity.clone(),
@@ -136,8 +154,8 @@ impl BanList {
                 }
             }
         };
-        self.bans.insert(identity, ban.clone());
-        self.end = self.end.max(Some(ban.until));
+        bans.known.insert(identity, ban.clone());
+        bans.end = bans.end.max(Some(ban.until));
         ban
     }
 
@@ -145,12 +163,13 @@ impl BanList {
     /// force from then on but those left, whatever the lifted one would have done.
     pub(super) fn lift(&mut self, identity: String, now: SystemTime) -> Result<(), Error> {
         self.forget_ended(now);
-        if self.bans.remove(&identity).is_none() {
+        let Some(bans) = self.0.as_mut().filter(|b| b.known.contains_key(&identity)) else {
             return Err(Error::BanNotFound { identity });
-        }
-        self.in_force = self.in_force.saturating_sub(1);
-        let left = self.bans.values().map(|ban| ban.until).max();
-        self.end = Some(left.map_or(now, |until| until.max(now)));
+        };
+        bans.known.remove(&identity);
+        bans.in_force = bans.in_force.saturating_sub(1);
+        let left = bans.known.values().map(|ban| ban.until).max();
+        bans.end = Some(left.map_or(now, |until| until.max(now)));
         Ok(())
     }
 }

@@ -3,7 +3,10 @@
 //! limits it is held to. The rules ([`super::rules`]) change it; stores persist it. Pure; may
 //! depend on the answers, the bans, the commands and the generated types only.
 
-use std::collections::{HashMap, VecDeque};
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::answers::{AnswerCache, Remembered, DEFAULT_ANSWER_BYTES};
@@ -59,11 +62,83 @@ pub(super) struct Member {
     pub(super) join_seq: u64,
 }
 
+/// A room's members by client id. Each is boxed in a set keyed by its own `client_id`: a map
+/// from client id would hold every id twice, and its buckets (four in a room of one) would each
+/// be a member's size, most of a small room's memory.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Members(HashSet<ByClientId>);
+
+/// A member, hashed and compared by its client id.
+#[derive(Debug, Clone)]
+struct ByClientId(Box<Member>);
+
+impl ByClientId {
+    fn client_id(&self) -> &str {
+        &self.0.participant.client_id
+    }
+}
+
+impl PartialEq for ByClientId {
+    fn eq(&self, other: &Self) -> bool {
+        self.client_id() == other.client_id()
+    }
+}
+
+impl Eq for ByClientId {}
+
+impl Hash for ByClientId {
+    // As `str` hashes, which `Borrow<str>` requires.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.client_id().hash(state);
+    }
+}
+
+impl Borrow<str> for ByClientId {
+    fn borrow(&self) -> &str {
+        self.client_id()
+    }
+}
+
+impl Members {
+    pub(super) fn get(&self, client_id: &str) -> Option<&Member> {
+        self.0.get(client_id).map(|m| &*m.0)
+    }
+
+    /// Adds `member`, replacing the one with its client id.
+    pub(super) fn insert(&mut self, member: Member) {
+        self.0.replace(ByClientId(Box::new(member)));
+    }
+
+    pub(super) fn remove(&mut self, client_id: &str) {
+        self.0.remove(client_id);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Member> {
+        self.0.iter().map(|m| &*m.0)
+    }
+}
+
+/// The clients that left a room, as long as their departure is in the history: their late
+/// streams end with it rather than out of range.
+#[derive(Debug, Clone, Default)]
+struct Departed {
+    /// Each one's identity and the seq of the event that ended its streams.
+    by_client: HashMap<String, (String, u64)>,
+    /// The same clients in departure order, so forgetting those older than the history is a
+    /// walk from the front instead of a scan.
+    order: VecDeque<(u64, String)>,
+}
+
 /// Everything a room knows apart from its log. Its fields are the engine's: the rules read and
 /// change them; outside the engine a room is read through its methods.
 #[derive(Debug, Clone)]
 pub struct RoomState {
-    pub(super) room_id: String,
+    /// Shared with the store that keeps the room, which files it under the same id.
+    pub(super) room_id: Arc<str>,
     pub(super) epoch: String,
     pub(super) seq: u64,
     /// How many participants the room has; a store that restores only some `members` still
@@ -71,11 +146,9 @@ pub struct RoomState {
     pub(super) population: usize,
     /// The most participants it may have.
     pub(super) max_members: usize,
-    pub(super) members: HashMap<String, Member>,
-    departed: HashMap<String, (String, u64)>,
-    /// Departed clients in departure order, so forgetting those older than the history is a
-    /// walk from the front instead of a scan.
-    departed_order: VecDeque<(u64, String)>,
+    pub(super) members: Members,
+    /// None while no departure is in the history: most rooms' members stay.
+    departed: Option<Box<Departed>>,
     /// Recent answers, for idempotent retries.
     pub(super) answers: AnswerCache,
     /// Whether joins as participant are refused.
@@ -87,16 +160,15 @@ pub struct RoomState {
 
 impl RoomState {
     /// A new, empty room whose log is `epoch`.
-    pub fn new(room_id: impl Into<String>, epoch: impl Into<String>) -> Self {
+    pub fn new(room_id: impl Into<Arc<str>>, epoch: impl Into<String>) -> Self {
         Self {
             room_id: room_id.into(),
             epoch: epoch.into(),
             seq: 0,
             population: 0,
             max_members: DEFAULT_MAX_MEMBERS,
-            members: HashMap::new(),
-            departed: HashMap::new(),
-            departed_order: VecDeque::new(),
+            members: Members::default(),
+            departed: None,
             answers: AnswerCache::new(DEFAULT_ANSWER_BYTES),
             locked: false,
             bans: BanList::default(),
@@ -132,7 +204,7 @@ impl RoomState {
     /// and remembered answers. A store may restore only the members and answers its commands
     /// name; commands look at no others.
     pub fn restore(
-        room_id: impl Into<String>,
+        room_id: impl Into<Arc<str>>,
         epoch: impl Into<String>,
         seq: u64,
         population: usize,
@@ -143,13 +215,10 @@ impl RoomState {
         state.seq = seq;
         state.population = population;
         for (participant, join_seq) in members {
-            state.members.insert(
-                participant.client_id.clone(),
-                Member {
-                    participant,
-                    join_seq,
-                },
-            );
+            state.members.insert(Member {
+                participant,
+                join_seq,
+            });
         }
         state.answers.restore(answers);
         state
@@ -157,6 +226,11 @@ impl RoomState {
 
     /// The room's id.
     pub fn room_id(&self) -> &str {
+        &self.room_id
+    }
+
+    /// The room's id, to file the room under without copying it.
+    pub fn shared_room_id(&self) -> &Arc<str> {
         &self.room_id
     }
 
@@ -198,7 +272,7 @@ impl RoomState {
 
     /// Participants in join order.
     pub fn participants(&self) -> Vec<pb::Participant> {
-        let mut members: Vec<&Member> = self.members.values().collect();
+        let mut members: Vec<&Member> = self.members.iter().collect();
         members.sort_unstable_by_key(|m| m.join_seq);
         members.into_iter().map(|m| m.participant.clone()).collect()
     }
@@ -210,7 +284,11 @@ impl RoomState {
                 identity: member.participant.identity.clone(),
             };
         }
-        match self.departed.get(client_id) {
+        match self
+            .departed
+            .as_ref()
+            .and_then(|d| d.by_client.get(client_id))
+        {
             Some((identity, end_seq)) => ClientStatus::Departed {
                 identity: identity.clone(),
                 end_seq: *end_seq,
@@ -222,13 +300,19 @@ impl RoomState {
     /// Forgets departed clients whose departure is older than `oldest_seq`, the oldest event the
     /// history still holds: their late cursors are out of range anyway.
     pub fn forget_departed_before(&mut self, oldest_seq: u64) {
-        while let Some((end_seq, _)) = self.departed_order.front() {
+        let Some(departed) = &mut self.departed else {
+            return;
+        };
+        while let Some((end_seq, _)) = departed.order.front() {
             if *end_seq >= oldest_seq {
                 break;
             }
-            if let Some((_, client_id)) = self.departed_order.pop_front() {
-                self.departed.remove(&client_id);
+            if let Some((_, client_id)) = departed.order.pop_front() {
+                departed.by_client.remove(&client_id);
             }
+        }
+        if departed.order.is_empty() {
+            self.departed = None;
         }
     }
 
@@ -238,7 +322,7 @@ impl RoomState {
         pb::Event {
             seq: self.seq,
             epoch: self.epoch.clone(),
-            room_id: self.room_id.clone(),
+            room_id: self.room_id.to_string(),
             time: Some(now.into()),
             payload: Some(payload),
         }
@@ -248,10 +332,11 @@ impl RoomState {
     pub(super) fn depart(&mut self, client_id: &str, identity: String, end_seq: u64) -> Change {
         self.members.remove(client_id);
         self.population = self.population.saturating_sub(1);
-        self.departed
+        let departed = self.departed.get_or_insert_default();
+        departed
+            .by_client
             .insert(client_id.to_owned(), (identity.clone(), end_seq));
-        self.departed_order
-            .push_back((end_seq, client_id.to_owned()));
+        departed.order.push_back((end_seq, client_id.to_owned()));
         Change::Departed {
             client_id: client_id.to_owned(),
             identity,

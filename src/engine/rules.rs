@@ -98,7 +98,7 @@ fn join(
     }
     if state.locked && role != Role::Moderator {
         return Err(Error::RoomLocked {
-            room_id: state.room_id.clone(),
+            room_id: state.room_id.to_string(),
         });
     }
     if state.population >= state.max_members {
@@ -122,13 +122,10 @@ fn join(
             participant: Some(participant.clone()),
         }),
     );
-    state.members.insert(
-        client_id.clone(),
-        Member {
-            participant: participant.clone(),
-            join_seq: event.seq,
-        },
-    );
+    state.members.insert(Member {
+        participant: participant.clone(),
+        join_seq: event.seq,
+    });
     state.population += 1;
     let participant_for_change = participant.clone();
     let reply = Reply::Joined(pb::JoinResponse {
@@ -314,7 +311,7 @@ fn lock(
     request_id: String,
     now: SystemTime,
 ) -> Result<Applied, Error> {
-    let room_id = state.room_id.clone();
+    let room_id = state.room_id.to_string();
     match (locking, state.locked) {
         (true, true) => return Err(Error::RoomAlreadyLocked { room_id }),
         (false, false) => return Err(Error::RoomNotLocked { room_id }),

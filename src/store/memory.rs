@@ -2,10 +2,15 @@
 //!
 //! Rooms live in a sharded map, so looking a room up never contends on one global lock, and each
 //! room has its own `std::sync::Mutex`: the engine's work under it is short and synchronous and
-//! never crosses an `.await`, which a std mutex makes impossible to get wrong. The log is a ring of
-//! the last `history` events shared by `Arc`, so subscribers hold cursors into it rather than
-//! copies of it. Rooms that stay empty past `empty_room_ttl` are forgotten, lazily on access and
-//! by a sweeper task that stops when the store is dropped.
+//! never crosses an `.await`, which a std mutex makes impossible to get wrong. Rooms that stay
+//! empty past `empty_room_ttl` are forgotten, lazily on access and by a sweeper task that stops
+//! when the store is dropped.
+//!
+//! A node holds up to a million rooms, most of them quiet, so a room is kept small: its log is a
+//! ring of the last `history` events in their wire form (what a catching-up stream sends; the
+//! events of a commit reach the streams already waiting with the wake-up, decoded), its id is one
+//! allocation shared by the map, the index and its state, and its wake-up channel exists only
+//! while someone watches it.
 //!
 //! It persists what the engine decides and decides nothing itself; it knows nothing of tonic or
 //! of the service and subscriptions that call it.
@@ -18,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use prost::bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -34,15 +40,17 @@ const SHARDS: usize = 64;
 
 struct Room {
     inner: Mutex<Inner>,
-    /// The newest seq and the commit that made it; subscribers wait on it instead of polling.
-    head: watch::Sender<Head>,
 }
 
 struct Inner {
     state: RoomState,
-    log: VecDeque<Arc<LoggedEvent>>,
-    /// What the events of `log` weigh (their encoded size), held to `--history-bytes`.
+    /// The newest events, encoded, their seqs in a row up to the state's.
+    log: VecDeque<Box<[u8]>>,
+    /// What the events of `log` weigh, held to `--history-bytes`.
     log_bytes: usize,
+    /// The newest seq and the commit that made it, for subscribers to wait on instead of
+    /// polling; None while nobody waits (the first to subscribe makes it).
+    head: Option<watch::Sender<Head>>,
     empty_since: Option<Instant>,
     /// Set when the room is forgotten, so a caller that looked it up just before sees it.
     gone: bool,
@@ -76,6 +84,19 @@ impl Drop for Release {
 }
 
 impl Inner {
+    /// The seq of the oldest event the log holds (the next one's when it holds none).
+    fn oldest_seq(&self) -> u64 {
+        self.state.seq() + 1 - self.log.len() as u64
+    }
+
+    /// A receiver of the room's head, making its channel if nobody watched it.
+    fn watch(&mut self) -> watch::Receiver<Head> {
+        let seq = self.state.seq();
+        self.head
+            .get_or_insert_with(|| watch::Sender::new(Head { seq, commit: None }))
+            .subscribe()
+    }
+
     /// Whether the room has been empty for `ttl`, and has had no ban in force for as long, at
     /// `now` (on the monotonic clock) and `wall` (the same instant on the wall clock).
     fn expired(&self, ttl: Duration, now: Instant, wall: SystemTime) -> bool {
@@ -87,12 +108,12 @@ impl Inner {
     }
 }
 
-type Shard = RwLock<HashMap<String, Arc<Room>>>;
+type Shard = RwLock<HashMap<Arc<str>, Arc<Room>>>;
 
 struct Rooms {
     shards: Vec<Shard>,
     /// Every room id, in order, for `ListRooms` (lock order: shard, then index).
-    index: Mutex<BTreeSet<String>>,
+    index: Mutex<BTreeSet<Arc<str>>>,
     hasher: RandomState,
     config: RoomSettings,
     telemetry: Telemetry,
@@ -127,7 +148,7 @@ impl Rooms {
         shard.get(room_id).cloned()
     }
 
-    fn index(&self) -> MutexGuard<'_, BTreeSet<String>> {
+    fn index(&self) -> MutexGuard<'_, BTreeSet<Arc<str>>> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -140,11 +161,11 @@ impl Rooms {
     ) -> (Vec<String>, Vec<pb::RoomSummary>) {
         let ids: Vec<String> = {
             let index = self.index();
-            let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
             index
-                .range((from, Bound::Unbounded))
+                .range::<str, _>((from, Bound::Unbounded))
                 .take(want)
-                .cloned()
+                .map(|id| id.to_string())
                 .collect()
         };
         let rooms = ids
@@ -168,26 +189,25 @@ impl Rooms {
             .shard(room_id)
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        if !shard.contains_key(room_id) {
-            self.index().insert(room_id.to_owned());
+        if let Some(room) = shard.get(room_id) {
+            return room.clone();
         }
-        shard
-            .entry(room_id.to_owned())
-            .or_insert_with(|| {
-                let epoch = uuid::Uuid::new_v4().simple().to_string();
-                Arc::new(Room {
-                    inner: Mutex::new(Inner {
-                        state: RoomState::new(room_id, epoch).with_limits(self.config.limits),
-                        log: VecDeque::new(),
-                        log_bytes: 0,
-                        empty_since: Some(Instant::now()),
-                        gone: false,
-                        presence: HashMap::new(),
-                    }),
-                    head: watch::Sender::new(Head::default()),
-                })
-            })
-            .clone()
+        let room_id: Arc<str> = room_id.into();
+        self.index().insert(room_id.clone());
+        let epoch = uuid::Uuid::new_v4().simple().to_string();
+        let room = Arc::new(Room {
+            inner: Mutex::new(Inner {
+                state: RoomState::new(room_id.clone(), epoch).with_limits(self.config.limits),
+                log: VecDeque::new(),
+                log_bytes: 0,
+                head: None,
+                empty_since: Some(Instant::now()),
+                gone: false,
+                presence: HashMap::new(),
+            }),
+        });
+        shard.insert(room_id, room.clone());
+        room
     }
 
     /// Forgets `room_id` if it is still expired (lock order: shard, then room).
@@ -202,8 +222,9 @@ impl Rooms {
         let mut inner = lock(room);
         if inner.expired(self.config.empty_room_ttl, Instant::now(), self.clock.now()) {
             inner.gone = true;
+            // Closing its wake-ups ends the subscribers waiting on it: the room is gone.
+            inner.head = None;
             drop(inner);
-            // Dropping the room drops its watch sender, which ends waiting subscribers.
             shard.remove(room_id);
             self.index().remove(room_id);
         }
@@ -243,7 +264,7 @@ impl Rooms {
     fn sweep(&self) {
         let (now, wall) = (Instant::now(), self.clock.now());
         for shard in &self.shards {
-            let rooms: Vec<(String, Arc<Room>)> = shard
+            let rooms: Vec<(Arc<str>, Arc<Room>)> = shard
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
@@ -252,7 +273,7 @@ impl Rooms {
             for (room_id, room) in rooms {
                 let mut inner = lock(&room);
                 if self.config.presence_timeout.is_some() {
-                    self.expire_absent_clients(&mut inner, &room.head, now);
+                    self.expire_absent_clients(&mut inner, now);
                 }
                 let expired = inner.expired(self.config.empty_room_ttl, now, wall);
                 drop(inner);
@@ -265,7 +286,7 @@ impl Rooms {
 
     /// Removes (with `user_disconnected{TIMED_OUT}`) the clients of a room that have had no
     /// open stream since their grace ended.
-    fn expire_absent_clients(&self, inner: &mut Inner, head: &watch::Sender<Head>, now: Instant) {
+    fn expire_absent_clients(&self, inner: &mut Inner, now: Instant) {
         let expired: Vec<String> = inner
             .presence
             .iter()
@@ -283,7 +304,7 @@ impl Rooms {
                 if let Reply::TimedOut(removed) = &applied.reply {
                     tracing::info!(room_id = %inner.state.room_id(), clients = ?removed, "presence timed out");
                 }
-                self.record(inner, head, &applied);
+                self.record(inner, &applied);
             }
             Err(err) => tracing::error!(%err, "timing out clients failed"),
         }
@@ -291,29 +312,36 @@ impl Rooms {
 
     /// Keeps what a command changed: its events in the log (trimmed to the history), the
     /// presence of clients that joined or went, the room's emptiness; then wakes subscribers.
-    fn record(&self, inner: &mut Inner, head: &watch::Sender<Head>, applied: &Applied) {
+    fn record(&self, inner: &mut Inner, applied: &Applied) {
         if applied.events.is_empty() {
             return;
         }
-        let appended = inner.log.len();
+        // The commit travels with the wake-up only when someone is woken (checked under the
+        // room's lock, as subscribing is): a subscriber that comes later starts from the log.
+        // Nobody waiting, nobody to wake: the channel goes until someone subscribes again.
+        inner.head.take_if(|head| head.receiver_count() == 0);
+        let watched = inner.head.is_some();
+        let mut commit = Vec::with_capacity(if watched { applied.events.len() } else { 0 });
         for event in &applied.events {
-            let event = Arc::new(LoggedEvent::new(event.clone()));
-            inner.log_bytes += event.size();
-            inner.log.push_back(event);
+            let encoded = prost::Message::encode_to_vec(event).into_boxed_slice();
+            inner.log_bytes += encoded.len();
+            if watched {
+                commit.push(Arc::new(LoggedEvent::with_encoding(
+                    event.clone(),
+                    &encoded,
+                )));
+            }
+            inner.log.push_back(encoded);
         }
-        // The commit travels with the wake-up only when someone is woken: a subscriber that
-        // comes later starts from the log. Checked under the room's lock, as subscribing is.
-        let commit = (head.receiver_count() > 0)
-            .then(|| inner.log.range(appended..).cloned().collect::<Arc<[_]>>());
         // Trimmed to both bounds, the newest event always kept.
         while inner.log.len() > self.config.history
             || (inner.log_bytes > self.config.history_bytes && inner.log.len() > 1)
         {
             if let Some(gone) = inner.log.pop_front() {
-                inner.log_bytes -= gone.size();
+                inner.log_bytes -= gone.len();
             }
         }
-        let oldest = inner.log.front().map_or(inner.state.seq() + 1, |e| e.seq);
+        let oldest = inner.oldest_seq();
         inner.state.forget_departed_before(oldest);
         if let Some(timeout) = self.config.presence_timeout {
             for change in &applied.changes {
@@ -338,11 +366,9 @@ impl Rooms {
             (true, None) => Some(Instant::now()),
             (false, _) => None,
         };
-        let seq = inner.state.seq();
-        head.send_replace(match commit {
-            Some(events) => Head::committed(seq, events),
-            None => Head { seq, commit: None },
-        });
+        if let Some(head) = &inner.head {
+            head.send_replace(Head::committed(inner.state.seq(), commit.into()));
+        }
         self.telemetry.events_appended(applied.events.len());
     }
 
@@ -363,7 +389,7 @@ impl Rooms {
         let newest_seq = inner.state.seq();
         LogWindow {
             epoch: inner.state.epoch().to_owned(),
-            oldest_seq: inner.log.front().map_or(newest_seq + 1, |event| event.seq),
+            oldest_seq: inner.oldest_seq(),
             newest_seq,
         }
     }
@@ -438,9 +464,9 @@ impl RoomStore for MemoryStore {
         cmd: Command,
     ) -> Result<Applied, Error> {
         self.rooms
-            .with_room(room_id, cmd.creates_room(), |inner, room| {
+            .with_room(room_id, cmd.creates_room(), |inner, _| {
                 let applied = engine::apply(&mut inner.state, caller, cmd, self.rooms.clock.now())?;
-                self.rooms.record(inner, &room.head, &applied);
+                self.rooms.record(inner, &applied);
                 Ok(applied)
             })?
     }
@@ -499,7 +525,7 @@ impl RoomStore for MemoryStore {
             Opening {
                 window: self.rooms.window(inner),
                 client,
-                head: room.head.subscribe(),
+                head: inner.watch(),
                 lease,
             }
         })
@@ -511,20 +537,34 @@ impl RoomStore for MemoryStore {
         epoch: &str,
         after: u64,
     ) -> Result<Vec<Arc<LoggedEvent>>, Error> {
-        self.rooms.with_room(room_id, false, |inner, _| {
+        let batch = self.rooms.with_room(room_id, false, |inner, _| {
             let window = self.rooms.window(inner);
             if window.epoch != epoch {
                 return Err(window.out_of_range());
             }
             window.check_readable(after)?;
             let skip = after.saturating_add(1).saturating_sub(window.oldest_seq) as usize;
-            Ok(batch_of(inner.log.iter().skip(skip).cloned()))
-        })?
+            // Copied under the room's lock, decoded after it: decoding takes longer.
+            let batch = batch_of(inner.log.iter().skip(skip), |bytes| bytes.len());
+            Ok(batch
+                .into_iter()
+                .map(|b| Bytes::copy_from_slice(b))
+                .collect::<Vec<_>>())
+        })??;
+        batch
+            .into_iter()
+            .map(|bytes| {
+                // The store encoded it: failing to decode it is a bug, not the caller's fault.
+                let event = LoggedEvent::decode(bytes)
+                    .map_err(|err| Error::Internal(format!("a logged event: {err}")))?;
+                Ok(Arc::new(event))
+            })
+            .collect()
     }
 
     async fn rewatch(&self, room_id: &str) -> Result<watch::Receiver<Head>, Error> {
         self.rooms
-            .with_room(room_id, false, |_, room| room.head.subscribe())
+            .with_room(room_id, false, |inner, _| inner.watch())
     }
 
     fn health(&self) -> watch::Receiver<bool> {

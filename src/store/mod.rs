@@ -21,6 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use prost::bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
@@ -201,13 +202,23 @@ impl LoggedEvent {
         }
     }
 
+    /// `event`, whose encoding is `encoded`: streams send a copy of those bytes.
+    pub fn with_encoding(event: pb::Event, encoded: &[u8]) -> Self {
+        Self {
+            event,
+            encoded: OnceLock::from(EncodedEvent::copy_from(encoded)),
+            size: encoded.len(),
+        }
+    }
+
     /// An event read in its wire form: streams send those bytes, never encoding it again.
-    pub fn decode(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+    pub fn decode(bytes: Bytes) -> Result<Self, prost::DecodeError> {
+        let size = bytes.len();
         let (event, encoded) = EncodedEvent::decode_event(bytes)?;
         Ok(Self {
             event,
             encoded: OnceLock::from(encoded),
-            size: bytes.len(),
+            size,
         })
     }
 
@@ -281,15 +292,16 @@ pub const READ_BATCH: usize = 64;
 pub const READ_BATCH_BYTES: usize = 256 * 1024;
 
 /// A reader's batch of `events`, oldest first: at most [`READ_BATCH`] of them, ending once it
-/// reaches [`READ_BATCH_BYTES`] (always at least one event, however large).
-pub fn batch_of(events: impl IntoIterator<Item = Arc<LoggedEvent>>) -> Vec<Arc<LoggedEvent>> {
+/// reaches [`READ_BATCH_BYTES`] of their encoding, which `size` tells (always at least one
+/// event, however large).
+pub fn batch_of<T>(events: impl IntoIterator<Item = T>, size: impl Fn(&T) -> usize) -> Vec<T> {
     let mut bytes = 0;
     events
         .into_iter()
         .take(READ_BATCH)
         .take_while(|event| {
             let under = bytes < READ_BATCH_BYTES;
-            bytes += event.size();
+            bytes += size(event);
             under
         })
         .collect()

@@ -248,6 +248,6 @@ impl Feed {
             return None;
         }
         let skip = (after - oldest_cursor) as usize;
-        Some(batch_of(cache.iter().skip(skip).cloned()))
+        Some(batch_of(cache.iter().skip(skip).cloned(), |e| e.size()))
     }
 }

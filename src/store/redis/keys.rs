@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prost::bytes::Bytes;
 use prost::Message;
 use redis::Value;
 
@@ -304,7 +305,7 @@ pub(super) fn entries(value: Value) -> Result<Vec<Arc<LoggedEvent>>, Error> {
                 .get(1)
                 .and_then(bytes)
                 .ok_or_else(|| corrupt("log entry"))?;
-            LoggedEvent::decode(raw)
+            LoggedEvent::decode(Bytes::copy_from_slice(raw))
                 .map(Arc::new)
                 .map_err(|_| corrupt("log entry"))
         })

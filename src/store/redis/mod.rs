@@ -414,7 +414,7 @@ impl RoomStore for RedisStore {
         let visible = window.newest_seq;
         let mut events = entries(range)?;
         events.retain(|event| event.seq <= visible);
-        let events = batch_of(events);
+        let events = batch_of(events, |event| event.size());
         // The log may hold less than this node's history says (a tail lost by Redis, a log
         // trimmed by hand): a read that does not start right after the cursor is a gap, never
         // passed off as complete.
