@@ -7,7 +7,9 @@
 //! profile the fan-out alone, `-- --presence-only` for the cost of presence alone,
 //! `-- --redis-only` for the Redis store against the memory store, `-- --cluster-only` for a
 //! Redis Cluster beside one Redis, `-- --durability-only` for what `--redis-wait-replicas 1`
-//! costs, `-- --pinned-only` for the pinned h2load measurement alone).
+//! costs, `-- --redis-cpu-only` for redis-server's CPU per change, `-- --rooms-memory-only`
+//! for what a million rooms cost a node, `-- --pinned-only` for the pinned h2load measurement
+//! alone).
 //! The Redis figures need
 //! `redis-server` (and `redis-cli` for the cluster) on PATH; without it the run stops there, or
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
@@ -492,6 +494,8 @@ struct PresenceCost {
     /// Redis commands per second while they idle, and how many of each.
     per_second: f64,
     by_command: Vec<(String, u64)>,
+    /// redis-server's CPU over the window.
+    redis_cpu: Duration,
     /// The nodes' memory per client stream, in bytes.
     per_stream: u64,
 }
@@ -548,22 +552,18 @@ async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> Prese
     let per_stream = rss_after.saturating_sub(rss_before) * 1024 / streams.len() as u64;
 
     let mut redis_conn = redis.connection().await;
-    let before = command_counts(&mut redis_conn).await;
+    let before = CommandStats::read(&mut redis_conn).await;
+    let redis_pid = redis.pid().unwrap();
+    let cpu_before = cpu_of(redis_pid);
     tokio::time::sleep(window).await;
-    let after = command_counts(&mut redis_conn).await;
-    let mut by_command: Vec<(String, u64)> = after
+    let redis_cpu = cpu_of(redis_pid) - cpu_before;
+    let by_command: Vec<(String, u64)> = CommandStats::read(&mut redis_conn)
+        .await
+        .since(&before)
         .into_iter()
-        .filter(|(name, _)| name != "info")
-        .map(|(name, calls)| {
-            let earlier = before
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0, |(_, c)| *c);
-            (name, calls - earlier)
-        })
-        .filter(|(_, calls)| *calls > 0)
+        .filter(|stat| stat.name != "info")
+        .map(|stat| (stat.name, stat.calls))
         .collect();
-    by_command.sort_by_key(|(_, calls)| std::cmp::Reverse(*calls));
     let total: u64 = by_command.iter().map(|(_, calls)| calls).sum();
 
     // The streams kept every client present.
@@ -583,6 +583,7 @@ async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> Prese
     PresenceCost {
         per_second: total as f64 / window.as_secs_f64(),
         by_command,
+        redis_cpu,
         per_stream,
     }
 }
@@ -622,35 +623,70 @@ where
     out
 }
 
-/// Calls per command so far, from `INFO commandstats`.
-async fn command_counts(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, u64)> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    info.lines()
-        .filter_map(|line| {
+/// Per command, its calls and the microseconds Redis spent in them so far, from `INFO
+/// commandstats` (a command a script runs is counted on its own, and within the script's).
+struct CommandStats(Vec<CommandStat>);
+
+struct CommandStat {
+    name: String,
+    calls: u64,
+    usec: u64,
+}
+
+impl CommandStats {
+    async fn read(conn: &mut redis::aio::MultiplexedConnection) -> Self {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let field = |stats: &str, name: &str| -> Option<u64> {
+            let at = stats.find(name)? + name.len();
+            stats[at..].split(',').next()?.parse().ok()
+        };
+        let stats = info.lines().filter_map(|line| {
             let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats
-                .strip_prefix("calls=")?
-                .split(',')
-                .next()?
-                .parse()
-                .ok()?;
-            Some((name.to_owned(), calls))
-        })
-        .collect()
+            Some(CommandStat {
+                name: name.to_owned(),
+                calls: field(stats, "calls=")?,
+                usec: field(stats, "usec=")?,
+            })
+        });
+        Self(stats.collect())
+    }
+
+    /// What ran since `earlier`, most called first (with the `INFO` that read them).
+    fn since(self, earlier: &CommandStats) -> Vec<CommandStat> {
+        let mut ran: Vec<CommandStat> = self
+            .0
+            .into_iter()
+            .map(|stat| {
+                let before = earlier.0.iter().find(|e| e.name == stat.name);
+                CommandStat {
+                    calls: stat.calls - before.map_or(0, |b| b.calls),
+                    usec: stat.usec - before.map_or(0, |b| b.usec),
+                    name: stat.name,
+                }
+            })
+            .filter(|stat| stat.calls > 0)
+            .collect();
+        ran.sort_by_key(|stat| std::cmp::Reverse(stat.calls));
+        ran
+    }
+
+    /// Calls of the commit script.
+    fn commits(&self) -> u64 {
+        let scripts = self
+            .0
+            .iter()
+            .filter(|s| s.name == "evalsha" || s.name == "eval");
+        scripts.map(|stat| stat.calls).sum()
+    }
 }
 
 /// Commits made so far: calls of the commit script, from `INFO commandstats`.
 async fn commits(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    command_counts(conn)
-        .await
-        .into_iter()
-        .filter(|(name, _)| name == "evalsha" || name == "eval")
-        .map(|(_, calls)| calls)
-        .sum()
+    CommandStats::read(conn).await.commits()
 }
 
 /// Rounds of each throughput measurement.
@@ -753,6 +789,9 @@ async fn bench() {
     if std::env::args().any(|a| a == "--fanout-only") {
         return fanout_pinned(size).await;
     }
+    if std::env::args().any(|a| a == "--redis-cpu-only") {
+        return redis_cpu(size).await;
+    }
     if std::env::args().any(|a| a == "--rooms-memory-only") {
         return rooms_memory(size).await;
     }
@@ -848,6 +887,7 @@ async fn bench() {
         return;
     }
     redis_store(&memory, duration, samples, same_node.percentile(0.5)).await;
+    redis_cpu(size).await;
     presence(size).await;
     cluster(duration).await;
     durability(duration).await;
@@ -924,6 +964,159 @@ async fn rooms_memory(size: Size) {
         per(crowded, filled, tenth * 9),
         per(longer, crowded, tenth * 10)
     );
+}
+
+/// Redis's CPU since a point, for a number of changes.
+struct RedisMeter {
+    pid: u32,
+    cpu: Duration,
+    stats: CommandStats,
+}
+
+impl RedisMeter {
+    async fn start(conn: &mut redis::aio::MultiplexedConnection, pid: u32) -> Self {
+        let stats = CommandStats::read(conn).await;
+        Self {
+            pid,
+            cpu: cpu_of(pid),
+            stats,
+        }
+    }
+
+    /// Prints what `changes` cost redis-server since the start: its process CPU, the commit
+    /// script's share and each command's, all per change.
+    async fn report(
+        self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        what: &str,
+        changes: usize,
+    ) {
+        let cpu = cpu_of(self.pid) - self.cpu;
+        let ran = CommandStats::read(conn).await.since(&self.stats);
+        let per = |usec: f64| usec / changes as f64;
+        let commits: u64 = ran
+            .iter()
+            .filter(|stat| stat.name == "evalsha" || stat.name == "eval")
+            .map(|stat| stat.calls)
+            .sum();
+        let scripts: u64 = ran
+            .iter()
+            .filter(|stat| stat.name == "evalsha" || stat.name == "eval")
+            .map(|stat| stat.usec)
+            .sum();
+        println!(
+            "  {what}: redis-server {:.1} us of CPU per change (process), the commit script {:.1} us; \
+             {:.1} changes per commit",
+            per(cpu.as_secs_f64() * 1e6),
+            per(scripts as f64),
+            changes as f64 / commits.max(1) as f64
+        );
+        let commands: Vec<String> = ran
+            .iter()
+            .map(|stat| {
+                let calls = stat.calls as f64 / changes as f64;
+                format!("{} {calls:.2} ({:.1} us)", stat.name, per(stat.usec as f64))
+            })
+            .collect();
+        println!("    per change: {}", commands.join(", "));
+    }
+}
+
+/// What a change costs Redis: redis-server's CPU per `Join` and per `DropUser` (of a member),
+/// made one at a time into rooms of their own (low load: a commit per change), then by 64
+/// callers at once into 8 rooms (full batching: many changes a commit). One node, presence off.
+async fn redis_cpu(size: Size) {
+    let changes = match size {
+        Size::Smoke => 200,
+        Size::Quick => 2_000,
+        Size::Full => 10_000,
+    };
+    let redis = RedisServer::start().await;
+    let pid = redis.pid().unwrap();
+    let node = Node::start_with(&redis.url(), &["--presence-timeout", "0"]).await;
+    let mut conn = redis.connection().await;
+    let mut gateway = node.client("gw", "*", "service").await;
+    println!("\nRedis CPU per change (one node, presence off, {changes} changes each)");
+
+    let meter = RedisMeter::start(&mut conn, pid).await;
+    let mut joined = Vec::with_capacity(changes);
+    for i in 0..changes {
+        let room = format!("low-{i}");
+        let reply = gateway
+            .join(join_request(&room))
+            .await
+            .unwrap()
+            .into_inner();
+        joined.push((room, reply.client_id));
+    }
+    meter
+        .report(&mut conn, "Join, one at a time", changes)
+        .await;
+    let meter = RedisMeter::start(&mut conn, pid).await;
+    for (room, client_id) in joined {
+        let request = pb::DropUserRequest {
+            room_id: room,
+            client_ids: vec![client_id],
+            ..Default::default()
+        };
+        gateway.drop_user(request).await.unwrap();
+    }
+    meter
+        .report(&mut conn, "DropUser, one at a time", changes)
+        .await;
+
+    // Full batching: 64 callers on 8 connections, each in one of 8 rooms.
+    let callers = 64;
+    let mut gateways = Vec::new();
+    for _ in 0..8 {
+        gateways.push(node.client("gw", "*", "service").await);
+    }
+    let each = changes / callers;
+    let meter = RedisMeter::start(&mut conn, pid).await;
+    let joins = (0..callers).map(|caller| {
+        let mut gateway = gateways[caller % 8].clone();
+        tokio::spawn(async move {
+            let room = format!("busy-{}", caller % 8);
+            let mut ids = Vec::with_capacity(each);
+            for _ in 0..each {
+                let reply = gateway
+                    .join(join_request(&room))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                ids.push(reply.client_id);
+            }
+            (room, ids)
+        })
+    });
+    let joined: Vec<(String, Vec<String>)> = futures_util::future::join_all(joins)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    meter
+        .report(&mut conn, "Join, 64 callers in 8 rooms", each * callers)
+        .await;
+    let meter = RedisMeter::start(&mut conn, pid).await;
+    let drops = joined.into_iter().enumerate().map(|(caller, (room, ids))| {
+        let mut gateway = gateways[caller % 8].clone();
+        tokio::spawn(async move {
+            for client_id in ids {
+                let request = pb::DropUserRequest {
+                    room_id: room.clone(),
+                    client_ids: vec![client_id],
+                    ..Default::default()
+                };
+                gateway.drop_user(request).await.unwrap();
+            }
+        })
+    });
+    for drop in futures_util::future::join_all(drops).await {
+        drop.unwrap();
+    }
+    meter
+        .report(&mut conn, "DropUser, 64 callers in 8 rooms", each * callers)
+        .await;
 }
 
 /// The Redis store against the memory node `memory`: DropUser throughput on a node of two
@@ -1502,6 +1695,19 @@ async fn presence(size: Size) {
             cost.per_second,
             if calls.is_empty() { "none".into() } else { calls.join(", ") },
             cost.per_stream
+        );
+        let cpu = cost.redis_cpu.as_secs_f64();
+        // Each streaming client's lease is renewed every third of the timeout.
+        let seconds: f64 = timeout.trim_end_matches('s').parse().unwrap();
+        let renewals = clients as f64 * window.as_secs_f64() * 3.0 / seconds;
+        let per_renewal = if seconds > 0.0 {
+            format!(", {:.2} us per client renewal", cpu * 1e6 / renewals)
+        } else {
+            String::new()
+        };
+        println!(
+            "    redis-server CPU {:.1} ms per second{per_renewal}",
+            cpu * 1e3 / window.as_secs_f64()
         );
     }
 }
