@@ -1037,6 +1037,18 @@ async fn redis_cpu(size: Size) {
     let mut conn = redis.connection().await;
     let mut gateway = node.client("gw", "*", "service").await;
     println!("\nRedis CPU per change (one node, presence off, {changes} changes each)");
+    // The floor: what one request costs redis-server when requests come one at a time.
+    let cpu = cpu_of(pid);
+    for _ in 0..changes {
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    println!(
+        "  the floor, a PING at a time: redis-server {:.1} us of CPU per request",
+        (cpu_of(pid) - cpu).as_secs_f64() * 1e6 / changes as f64
+    );
 
     let meter = RedisMeter::start(&mut conn, pid).await;
     let mut joined = Vec::with_capacity(changes);

@@ -222,9 +222,10 @@ impl Rooms {
         let mut inner = lock(room);
         if inner.expired(self.config.empty_room_ttl, Instant::now(), self.clock.now()) {
             inner.gone = true;
-            // Closing its wake-ups ends the subscribers waiting on it: the room is gone.
-            inner.head = None;
             drop(inner);
+            // Its wake-up channel closes with the room's last reference: a client's stream
+            // holding a presence lease keeps it, and takes its own departure from the last
+            // commit; observers' streams end as the room goes.
             shard.remove(room_id);
             self.index().remove(room_id);
         }
@@ -272,6 +273,8 @@ impl Rooms {
                 .collect();
             for (room_id, room) in rooms {
                 let mut inner = lock(&room);
+                // A quiet room whose watchers have gone keeps no channel until one comes back.
+                inner.head.take_if(|head| head.receiver_count() == 0);
                 if self.config.presence_timeout.is_some() {
                     self.expire_absent_clients(&mut inner, now);
                 }

@@ -398,4 +398,60 @@ mod tests {
         let status = end.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     }
+
+    /// A client's stream waiting when its client leaves gets that departure, its last event,
+    /// even when the room is forgotten before the stream is polled again: its presence lease
+    /// keeps the room's wake-up channel, and the commit on it.
+    #[tokio::test]
+    async fn a_client_gets_its_departure_from_a_room_forgotten_meanwhile() {
+        let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(RoomSettings {
+            empty_room_ttl: Duration::ZERO,
+            ..RoomSettings::default()
+        }));
+        let caller = Caller::system();
+        let join = Command::Join {
+            client_id: "c".into(),
+            cmd: JoinCmd {
+                name: "c".into(),
+                role: pb::Role::Unspecified,
+                identity: String::new(),
+                request_id: None,
+            },
+        };
+        store.execute("r", &caller, join).await.unwrap();
+        let budget = StreamBudget::new(10, 10, Telemetry::off());
+        let context = StreamContext {
+            slot: budget.reserve(StreamKind::Client, None).unwrap(),
+            shutdown: CancellationToken::new(),
+            grant: None,
+            telemetry: Telemetry::off(),
+        };
+        let request = pb::EventsRequest {
+            room_id: "r".into(),
+            client_id: "c".into(),
+            after_seq: Some(1),
+            ..Default::default()
+        };
+        let mut events = subscribe(store.clone(), &caller, request, context)
+            .await
+            .unwrap();
+        // Caught up, the stream waits on the room's wake-up.
+        assert!(futures_util::FutureExt::now_or_never(events.next()).is_none());
+        let leave = Command::Leave {
+            client_id: "c".into(),
+        };
+        store.execute("r", &caller, leave).await.unwrap();
+        assert!(store.snapshot("r").await.is_err(), "the room is forgotten");
+        // Streams yield events encoded: decoded here to look at.
+        let encoded = prost::Message::encode_to_vec(&events.next().await.unwrap().unwrap());
+        let event = <pb::Event as prost::Message>::decode(encoded.as_slice()).unwrap();
+        assert!(
+            matches!(event.payload, Some(pb::event::Payload::UserDisconnected(_))),
+            "{event:?}"
+        );
+        assert!(
+            events.next().await.is_none(),
+            "the departure ends the stream"
+        );
+    }
 }
