@@ -254,6 +254,18 @@ pub(super) struct Commit<'a> {
     pub(super) now: SystemTime,
     pub(super) assumed: Assumed<'a>,
     pub(super) changes: Changes<'a>,
+    /// On one Redis, the fleet's room list for the commit to keep; None on a cluster, where the
+    /// writer keeps it around the commit.
+    pub(super) listing: Option<Listing<'a>>,
+}
+
+/// What a commit needs to keep the fleet's room list itself: the room's id, the list's key and
+/// the key of the schedule of rooms left empty.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Listing<'a> {
+    pub(super) room_id: &'a str,
+    pub(super) rooms: &'a str,
+    pub(super) expiring: &'a str,
 }
 
 /// A batch's changes, sorted by what the commit script does with them.
@@ -326,6 +338,9 @@ impl Commit<'_> {
         for key in keys.room() {
             call.key(key);
         }
+        if let Some(listing) = &self.listing {
+            call.key(listing.rooms).key(listing.expiring);
+        }
         let (publish, notice) = match &self.publish {
             Some((command, notice)) => (*command, notice.as_slice()),
             None => ("", &[][..]),
@@ -347,7 +362,8 @@ impl Commit<'_> {
             .arg(publish)
             .arg(&self.fresh_epoch)
             .arg(self.bounds.wait_replicas)
-            .arg(self.bounds.history_bytes);
+            .arg(self.bounds.history_bytes)
+            .arg(self.listing.map_or("", |listing| listing.room_id));
         for list in [
             &self.assumed.ids,
             &self.assumed.answers,

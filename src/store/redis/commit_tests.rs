@@ -71,6 +71,7 @@ fn commit(expected: Option<u64>, changes: Changes<'_>) -> Commit<'_> {
         now: SystemTime::now(),
         assumed: Assumed::default(),
         changes,
+        listing: None,
     }
 }
 
@@ -246,6 +247,80 @@ async fn a_commit_that_empties_the_room_answers_when_its_keys_expire() {
     );
     let owner: Option<String> = conn.hget(&keys.owners, "c1").await.unwrap();
     assert_eq!(owner.as_deref(), Some("id-c1"));
+}
+
+/// With a listing (one Redis), the commit that creates a room lists it, and the one that leaves
+/// it empty schedules it at its keys' expiry; without one (a cluster) it touches neither key,
+/// and a refused commit lists nothing.
+#[tokio::test]
+async fn on_one_redis_a_commit_keeps_the_room_list() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let (rooms, expiring) = ("test:rooms", "test:expiring");
+    let listing = Some(Listing {
+        room_id: ROOM,
+        rooms,
+        expiring,
+    });
+    let created = [event(1, 10)];
+    let joined = participant("c1");
+    let mut creating = commit(
+        None,
+        Changes {
+            events: created.iter().collect(),
+            joins: vec![(&joined, 1)],
+            ..Changes::default()
+        },
+    );
+    creating.listing = listing;
+    assert_eq!(
+        run(&mut conn, &creating).await,
+        Committed::Applied { empty_until: None }
+    );
+    let listed: Option<f64> = conn.zscore(rooms, ROOM).await.unwrap();
+    assert_eq!(listed, Some(0.0));
+    // The room exists now: creating it again is refused, and lists nothing more.
+    let _: () = conn.zrem(rooms, ROOM).await.unwrap();
+    assert_eq!(run(&mut conn, &creating).await, Committed::Conflict);
+    let listed: Option<f64> = conn.zscore(rooms, ROOM).await.unwrap();
+    assert_eq!(listed, None);
+
+    let left = [event(2, 10)];
+    let leaving = Changes {
+        events: left.iter().collect(),
+        departures: vec![("c1", "id-c1", 2)],
+        ..Changes::default()
+    };
+    let mut emptying = commit(Some(1), leaving);
+    emptying.listing = listing;
+    let Committed::Applied {
+        empty_until: Some(at),
+    } = run(&mut conn, &emptying).await
+    else {
+        panic!("an emptied room answers its keys' expiry");
+    };
+    let scheduled: Option<f64> = conn.zscore(expiring, ROOM).await.unwrap();
+    assert_eq!(scheduled, Some(at as f64));
+
+    // Without a listing, neither key is touched.
+    let _: () = conn.del(&[rooms, expiring]).await.unwrap();
+    let joined_again = participant("c2");
+    let rejoined = [event(3, 10)];
+    let rejoining = commit(
+        Some(2),
+        Changes {
+            events: rejoined.iter().collect(),
+            joins: vec![(&joined_again, 3)],
+            ..Changes::default()
+        },
+    );
+    assert_eq!(
+        run(&mut conn, &rejoining).await,
+        Committed::Applied { empty_until: None }
+    );
+    let exists: bool = conn.exists(&[rooms, expiring]).await.unwrap();
+    assert!(!exists);
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 //! a page is one `ZRANGE ... BYLEX` after the previous page's last id: a room that exists from
 //! the first page to the last is listed exactly once. A writer adds a room before the commit
 //! that creates it (so a crash cannot leave a room unlisted) and again after (in case a sweep
-//! removed the entry in between). Rooms are forgotten by their keys expiring, which nobody is
+//! removed the entry in between); on one Redis, where the list shares the rooms' node, the
+//! commit itself lists the room it creates and schedules the room it leaves empty, atomically
+//! and with no request of its own. Rooms are forgotten by their keys expiring, which nobody is
 //! told of, so the commit that leaves a room empty puts it on `roomctl:rooms:expiring` at the
 //! time its keys expire; every node works that schedule off, dropping the rooms that are gone
 //! from the list and rescheduling the others. Removal re-checks the room afterwards and puts
@@ -17,6 +19,8 @@ use std::time::Duration;
 
 use redis::Value;
 
+use super::commit::Listing;
+use super::connection::Conn;
 use super::keys::{meta, number, text, Keys};
 use super::schedule::{Due, Schedule};
 use super::Shared;
@@ -36,6 +40,19 @@ const SWEEP_BATCH: usize = 100;
 const BATCHES_PER_SWEEP: usize = 32;
 
 impl Shared {
+    /// On one Redis, what a commit of `room_id` needs to keep the list itself; None on a
+    /// cluster, where the list lives in other slots than the room and its writer keeps it.
+    pub(super) fn listing<'a>(&self, room_id: &'a str) -> Option<Listing<'a>> {
+        match self.conn {
+            Conn::Single(_) => Some(Listing {
+                room_id,
+                rooms: ROOMS,
+                expiring: EXPIRING.key,
+            }),
+            Conn::Cluster(_) => None,
+        }
+    }
+
     /// Lists `room_id`.
     pub(super) async fn index_room(&self, room_id: &str) -> Result<(), Error> {
         self.timed(

@@ -535,7 +535,8 @@ impl Shared {
             // The room's first lease: its time-out must be checked from now on.
             self.watch_presence(room_id, now).await?;
         }
-        if expected.is_none() {
+        let listing = self.listing(room_id);
+        if expected.is_none() && listing.is_none() {
             // Listed before it exists, so that a crash cannot leave it unlisted.
             self.index_room(room_id).await?;
         }
@@ -552,6 +553,7 @@ impl Shared {
             now,
             assumed,
             changes,
+            listing,
         };
         let committing = self.committer.commit(keys, room_id, &commit);
         let Committed::Applied { empty_until } = committing.await? else {
@@ -563,11 +565,13 @@ impl Shared {
                 .confirm(keys, room_id, newest, notice)
                 .await?;
         }
-        if expected.is_none() {
-            self.index_room(room_id).await?;
-        }
-        if let Some(at) = empty_until {
-            self.room_emptied(room_id, at).await;
+        if listing.is_none() {
+            if expected.is_none() {
+                self.index_room(room_id).await?;
+            }
+            if let Some(at) = empty_until {
+                self.room_emptied(room_id, at).await;
+            }
         }
         // Everything the batch looked at, joined or banned is known now (the answers it
         // remembered are among the keys it looked at).
