@@ -966,6 +966,47 @@ async fn rooms_memory(size: Size) {
     );
 }
 
+/// Bytes Redis holds for data (`used_memory` of `INFO memory`).
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .unwrap()
+}
+
+/// Prints what a room of one participant costs Redis: `per_room` bytes of `used_memory` (the
+/// index's entry included), and its keys' own by `MEMORY USAGE` (room `low-0`'s).
+async fn room_bytes(conn: &mut redis::aio::MultiplexedConnection, per_room: u64) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("roomctl:{low-0}:*")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut usage = Vec::new();
+    for key in keys {
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let name = key.rsplit(':').next().unwrap_or_default().to_owned();
+        usage.push(format!("{name} {bytes}"));
+    }
+    println!(
+        "  Redis memory per room of one participant (its join): {per_room} bytes of \
+         used_memory; its keys by MEMORY USAGE: {}",
+        usage.join(", ")
+    );
+}
+
 /// Redis's CPU since a point, for a number of changes.
 struct RedisMeter {
     pid: u32,
@@ -1051,6 +1092,7 @@ async fn redis_cpu(size: Size) {
     );
 
     let meter = RedisMeter::start(&mut conn, pid).await;
+    let memory_before = used_memory(&mut conn).await;
     let mut joined = Vec::with_capacity(changes);
     for i in 0..changes {
         let room = format!("low-{i}");
@@ -1061,9 +1103,11 @@ async fn redis_cpu(size: Size) {
             .into_inner();
         joined.push((room, reply.client_id));
     }
+    let memory_after = used_memory(&mut conn).await;
     meter
         .report(&mut conn, "Join, one at a time", changes)
         .await;
+    room_bytes(&mut conn, (memory_after - memory_before) / changes as u64).await;
     let meter = RedisMeter::start(&mut conn, pid).await;
     for (room, client_id) in joined {
         let request = pb::DropUserRequest {
