@@ -15,10 +15,14 @@
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
 
 // The tests' helper; the benchmark uses only part of it.
+#[path = "support/curves.rs"]
+mod curves;
 #[path = "support/h2_client.rs"]
 mod h2_client;
 #[path = "support/minimal_server.rs"]
 mod minimal_server;
+#[path = "support/plot.rs"]
+mod plot;
 #[path = "../tests/common/proc.rs"]
 mod proc;
 #[allow(dead_code)]
@@ -517,7 +521,7 @@ async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> Prese
     // Every client joins, then opens its stream (well within its grace), so that the nodes'
     // memory before and after the streams differs by the streams alone.
     let rooms = clients.div_ceil(PRESENCE_ROOM);
-    let joined = for_each_gateway(&gateways, rooms, |mut gateway, room_id| async move {
+    let joined = for_each_gateway(&gateways, 0..rooms, |mut gateway, room_id| async move {
         let mut ids = Vec::new();
         for _ in 0..PRESENCE_ROOM {
             let joined = gateway.join(join_request(&room_id)).await.unwrap();
@@ -530,7 +534,7 @@ async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> Prese
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before: u64 = nodes.iter().map(Node::rss_kib).sum();
     let joined = Arc::new(joined);
-    let streams = for_each_gateway(&gateways, rooms, move |mut gateway, room_id| {
+    let streams = for_each_gateway(&gateways, 0..rooms, move |mut gateway, room_id| {
         let joined = joined.clone();
         async move {
             let mut streams = Vec::new();
@@ -588,11 +592,11 @@ async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> Prese
     }
 }
 
-/// Runs `each` for rooms `p0..p{rooms}`, sixteen at a time, each with a gateway client of its
+/// Runs `each` for rooms `p{rooms.start}..p{rooms.end}`, sixteen at a time, each with a gateway client of its
 /// own (taken from `gateways` and given back); returns everything they return.
 async fn for_each_gateway<T, F, Fut>(
     gateways: &Arc<tokio::sync::Mutex<Vec<Client>>>,
-    rooms: usize,
+    rooms: std::ops::Range<usize>,
     each: F,
 ) -> Vec<T>
 where
@@ -607,7 +611,7 @@ where
         tasks.push(tokio::spawn(async move {
             let mut gateway = gateways.lock().await.pop().unwrap();
             let mut out = Vec::new();
-            for room in (task..rooms).step_by(count) {
+            for room in (rooms.start + task..rooms.end).step_by(count) {
                 let (back, done) = each(gateway, format!("p{room}")).await;
                 gateway = back;
                 out.extend(done);
@@ -789,6 +793,9 @@ async fn bench() {
     if std::env::args().any(|a| a == "--fanout-only") {
         return fanout_pinned(size).await;
     }
+    if std::env::args().any(|a| a == "--curves-only") {
+        return curves::curves(size).await;
+    }
     if std::env::args().any(|a| a == "--redis-cpu-only") {
         return redis_cpu(size).await;
     }
@@ -923,10 +930,10 @@ async fn rooms_memory(size: Size) {
     let rooms = size.rooms();
     let tenth = rooms / 10;
     let empty = node.rss_kib();
-    for_each_gateway(&gateways, rooms, join("u0".into())).await;
+    for_each_gateway(&gateways, 0..rooms, join("u0".into())).await;
     let filled = node.rss_kib();
     for n in 1..10 {
-        for_each_gateway(&gateways, tenth, join(format!("u{n}"))).await;
+        for_each_gateway(&gateways, 0..tenth, join(format!("u{n}"))).await;
     }
     let crowded = node.rss_kib();
     let lock_unlock = |mut gateway: Client, room_id: String| async move {
@@ -944,7 +951,7 @@ async fn rooms_memory(size: Size) {
         }
         (gateway, Vec::<()>::new())
     };
-    for_each_gateway(&gateways, tenth, lock_unlock).await;
+    for_each_gateway(&gateways, 0..tenth, lock_unlock).await;
     let longer = node.rss_kib();
     let per =
         |grown: u64, from: u64, count: usize| grown.saturating_sub(from) * 1024 / count as u64;
