@@ -8,8 +8,9 @@
 //! `-- --redis-only` for the Redis store against the memory store, `-- --cluster-only` for a
 //! Redis Cluster beside one Redis, `-- --durability-only` for what `--redis-wait-replicas 1`
 //! costs, `-- --redis-cpu-only` for redis-server's CPU per change, `-- --rooms-memory-only`
-//! for what a million rooms cost a node, `-- --pinned-only` for the pinned h2load measurement
-//! alone).
+//! for what a million rooms cost a node, `-- --curves-only` for the curves alone (drawn into
+//! docs/curves/ by a full run, under target/curves/ by a quick or smoke one), `-- --pinned-only`
+//! for the pinned h2load measurement alone).
 //! The Redis figures need
 //! `redis-server` (and `redis-cli` for the cluster) on PATH; without it the run stops there, or
 //! skips them when `ROOMCTL_SKIP_REDIS=1` is set.
@@ -900,6 +901,7 @@ async fn bench() {
     durability(duration).await;
     fanout_pinned(size).await;
     pinned(size).await;
+    curves::curves(size).await;
 }
 
 /// What rooms cost a node on the memory store: its RSS before and after it holds
@@ -1014,6 +1016,15 @@ async fn room_bytes(conn: &mut redis::aio::MultiplexedConnection, per_room: u64)
     );
 }
 
+/// CPU time process `pid`'s main thread has used so far, to the nanosecond (`/proc`'s
+/// schedstat; its stat counts in ticks of 10 ms, too coarse for a few microseconds a request).
+/// Redis serves commands on its main thread.
+fn main_thread_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+    let nanos = stat.split_whitespace().next().unwrap().parse().unwrap();
+    Duration::from_nanos(nanos)
+}
+
 /// Redis's CPU since a point, for a number of changes.
 struct RedisMeter {
     pid: u32,
@@ -1026,20 +1037,20 @@ impl RedisMeter {
         let stats = CommandStats::read(conn).await;
         Self {
             pid,
-            cpu: cpu_of(pid),
+            cpu: main_thread_cpu(pid),
             stats,
         }
     }
 
-    /// Prints what `changes` cost redis-server since the start: its process CPU, the commit
-    /// script's share and each command's, all per change.
+    /// Prints what `changes` cost redis-server since the start: its main thread's CPU, the
+    /// commit script's share and each command's, all per change.
     async fn report(
         self,
         conn: &mut redis::aio::MultiplexedConnection,
         what: &str,
         changes: usize,
     ) {
-        let cpu = cpu_of(self.pid) - self.cpu;
+        let cpu = main_thread_cpu(self.pid) - self.cpu;
         let ran = CommandStats::read(conn).await.since(&self.stats);
         let per = |usec: f64| usec / changes as f64;
         let commits: u64 = ran
@@ -1053,8 +1064,8 @@ impl RedisMeter {
             .map(|stat| stat.usec)
             .sum();
         println!(
-            "  {what}: redis-server {:.1} us of CPU per change (process), the commit script {:.1} us; \
-             {:.1} changes per commit",
+            "  {what}: redis-server {:.1} us of CPU per change (main thread), the commit script \
+             {:.1} us; {:.1} changes per commit",
             per(cpu.as_secs_f64() * 1e6),
             per(scripts as f64),
             changes as f64 / commits.max(1) as f64
@@ -1066,7 +1077,10 @@ impl RedisMeter {
                 format!("{} {calls:.2} ({:.1} us)", stat.name, per(stat.usec as f64))
             })
             .collect();
-        println!("    per change: {}", commands.join(", "));
+        println!(
+            "    per change, command: calls (its us): {}",
+            commands.join(", ")
+        );
     }
 }
 
@@ -1086,7 +1100,7 @@ async fn redis_cpu(size: Size) {
     let mut gateway = node.client("gw", "*", "service").await;
     println!("\nRedis CPU per change (one node, presence off, {changes} changes each)");
     // The floor: what one request costs redis-server when requests come one at a time.
-    let cpu = cpu_of(pid);
+    let cpu = main_thread_cpu(pid);
     for _ in 0..changes {
         redis::cmd("PING")
             .query_async::<()>(&mut conn)
@@ -1094,8 +1108,8 @@ async fn redis_cpu(size: Size) {
             .unwrap();
     }
     println!(
-        "  the floor, a PING at a time: redis-server {:.1} us of CPU per request",
-        (cpu_of(pid) - cpu).as_secs_f64() * 1e6 / changes as f64
+        "  the floor, a PING at a time: redis-server {:.1} us of CPU per request (main thread)",
+        (main_thread_cpu(pid) - cpu).as_secs_f64() * 1e6 / changes as f64
     );
 
     let meter = RedisMeter::start(&mut conn, pid).await;

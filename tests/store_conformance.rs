@@ -1038,3 +1038,38 @@ conformance! {
     memory_presence, redis_presence, stores_with_presence:
     presence_times_out_only_clients_without_a_stream,
 }
+
+/// One cluster-mode Redis holding every slot, reached as `redis://`: a script of one room may
+/// not touch the fleet's room list there (another slot), so the node keeps the list around its
+/// commits, as on a cluster, and rooms are created, listed and emptied as anywhere.
+#[tokio::test]
+async fn a_cluster_mode_redis_reached_as_one_serves() {
+    if !redis_available() {
+        return;
+    }
+    let redis = RedisServer::start_cluster_of_one().await;
+    let config = RedisConfig {
+        url: roomctl::store::redis::RedisUrl::new(redis.url()),
+        ca_file: None,
+        wait_replicas: 0,
+        rooms: RoomSettings {
+            presence_timeout: None,
+            ..RoomSettings::default()
+        },
+    };
+    let store: Arc<dyn RoomStore> = Arc::new(RedisStore::connect(config).await.unwrap());
+    join(&store, "r", "c1").await;
+    let listed = store.list_rooms(None, 10).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|r| r.room_id.as_str())
+            .collect::<Vec<_>>(),
+        ["r"]
+    );
+    store
+        .execute("r", &service(), drop_cmd(&["c1"], "d1"))
+        .await
+        .unwrap();
+    assert!(store.snapshot("r").await.unwrap().participants.is_empty());
+}

@@ -10,16 +10,19 @@ use futures_util::StreamExt;
 use super::*;
 use plot::{Panel, Series};
 
-/// Where a curve is drawn.
-fn curve_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("docs/curves")
-        .join(format!("{name}.svg"))
+/// Where the curves of a run of `size` are drawn: the docs' for a full run, else under
+/// `target/` (a smoke or quick run must not overwrite them).
+fn curve_dir(size: Size) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match size {
+        Size::Full => root.join("docs/curves"),
+        Size::Smoke | Size::Quick => root.join("target/curves").join(size.name()),
+    }
 }
 
-/// Draws `panels` against `x_desc` into docs/curves/`name`.svg, saying where.
-fn draw(name: &str, title: &str, x_desc: &str, panels: &[Panel]) {
-    let path = curve_path(name);
+/// Draws `panels` against `x_desc` into `name`.svg in the run's directory, saying where.
+fn draw(size: Size, name: &str, title: &str, x_desc: &str, panels: &[Panel]) {
+    let path = curve_dir(size).join(format!("{name}.svg"));
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     plot::draw(&path, title, x_desc, panels).unwrap();
     println!("  drawn: {}", path.display());
@@ -227,6 +230,7 @@ async fn rooms_curve(size: Size, duration: Duration, samples: usize) {
         sweep.add(rooms, vec![drops, checks]);
     }
     draw(
+        size,
         "rooms",
         "One memory node: calls as rooms grow",
         "rooms on the node",
@@ -299,6 +303,7 @@ async fn participants_curve(size: Size, duration: Duration, samples: usize) {
         .series
         .retain(|s| !s.name.ends_with("ListParticipants"));
     draw(
+        size,
         "participants",
         "Participants in one room: memory and Redis stores",
         "participants in the room",
@@ -376,6 +381,7 @@ async fn observers_curve(size: Size) {
         },
     ];
     draw(
+        size,
         "observers",
         "One event to every observer of a room",
         "observers of the room",
@@ -403,7 +409,10 @@ async fn streams_curve(size: Size, samples: usize) {
         Size::Full => &[100, 1_000, 10_000, 100_000],
     };
     println!("\ncurve: open Events streams on one node (idle observers, rooms of 1,000)");
-    let node = Node::start_with("memory", &["--presence-timeout", "0"]).await;
+    // Room beyond the last count for the delivery measurement's own stream.
+    let max_streams = (counts[counts.len() - 1] + 1_000).to_string();
+    let extra = ["--presence-timeout", "0", "--max-streams", &max_streams];
+    let node = Node::start_with("memory", &extra).await;
     let mut watcher = node.client("ops", "*", "service").await;
     let mut connections = Vec::new();
     let mut streams = Vec::new();
@@ -434,6 +443,7 @@ async fn streams_curve(size: Size, samples: usize) {
         series: vec![Series::new("roomctl", memory)],
     };
     draw(
+        size,
         "streams",
         "Open Events streams on one node",
         "open Events streams",

@@ -176,6 +176,45 @@ impl RedisServer {
         Self::start_with(None, extra, Some(dir)).await
     }
 
+    /// A fresh redis-server with cluster mode on, holding every slot itself, once its cluster
+    /// is up: a cluster of one, reached with a plain `redis://` URL.
+    pub async fn start_cluster_of_one() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "roomctl-cluster-of-one-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut extra = volatile();
+        extra.extend(["--cluster-enabled".into(), "yes".into(), "--dir".into()]);
+        extra.push(dir.to_string_lossy().into_owned());
+        let server = Self::start_with(None, extra, Some(dir)).await;
+        let mut conn = server.connection().await;
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16383)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if info.contains("cluster_state:ok") {
+                return server;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster of one never came up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// A replica of `master`, once it holds `master`'s data and follows its writes.
     pub async fn start_replica_of(master: &RedisServer) -> Self {
         let mut extra = volatile();

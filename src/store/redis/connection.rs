@@ -205,6 +205,22 @@ impl Conn {
         ))
     }
 
+    /// Whether one script may touch keys of any slot: a single Redis with cluster mode off (a
+    /// cluster-enabled server refuses a script whose keys span slots even when it holds them
+    /// all). Unknown, as from a server that does not answer `INFO cluster`, counts as no.
+    pub(super) async fn spans_slots(&mut self) -> bool {
+        if let Conn::Cluster(_) = self {
+            return false;
+        }
+        let info = timed(
+            redis::cmd("INFO")
+                .arg("cluster")
+                .query_async::<String>(self),
+        )
+        .await;
+        info.is_ok_and(|info| info.contains("cluster_enabled:0"))
+    }
+
     /// Runs `commit` (a script on the keys of one room, whose meta key is `meta`), then, if it
     /// applied (answered 1 or more), `WAIT replicas` on the same connection to the same master,
     /// so the count answered covers the commit. Answers the script's reply and how many

@@ -129,6 +129,8 @@ struct Shared {
     feeds: Feeds,
     /// This node's open client streams and their closes.
     presence: Arc<Presence>,
+    /// Whether commits keep the fleet's room list themselves: one Redis, cluster mode off.
+    commits_list_rooms: bool,
 }
 
 /// The Redis [`RoomStore`].
@@ -156,6 +158,7 @@ impl RedisStore {
         let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
         let mut conn = Conn::connect(&config).await.map_err(at)?;
         connection::agree_on_settings(&mut conn, &config).await?;
+        let commits_list_rooms = conn.spans_slots().await;
         let waiting = match config.wait_replicas {
             0 => None,
             _ => Some(Conn::connect(&config).await.map_err(at)?),
@@ -177,6 +180,7 @@ impl RedisStore {
             writers: Writers::default(),
             committer,
             feeds,
+            commits_list_rooms,
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
         let notifier = Notifier::open(&shared).await?;

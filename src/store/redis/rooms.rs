@@ -20,7 +20,6 @@ use std::time::Duration;
 use redis::Value;
 
 use super::commit::Listing;
-use super::connection::Conn;
 use super::keys::{meta, number, text, Keys};
 use super::schedule::{Due, Schedule};
 use super::Shared;
@@ -40,17 +39,15 @@ const SWEEP_BATCH: usize = 100;
 const BATCHES_PER_SWEEP: usize = 32;
 
 impl Shared {
-    /// On one Redis, what a commit of `room_id` needs to keep the list itself; None on a
-    /// cluster, where the list lives in other slots than the room and its writer keeps it.
+    /// On one Redis with cluster mode off, what a commit of `room_id` needs to keep the list
+    /// itself; None on a cluster (even one of a single node), where the list lives in other
+    /// slots than the room and its writer keeps it.
     pub(super) fn listing<'a>(&self, room_id: &'a str) -> Option<Listing<'a>> {
-        match self.conn {
-            Conn::Single(_) => Some(Listing {
-                room_id,
-                rooms: ROOMS,
-                expiring: EXPIRING.key,
-            }),
-            Conn::Cluster(_) => None,
-        }
+        self.commits_list_rooms.then_some(Listing {
+            room_id,
+            rooms: ROOMS,
+            expiring: EXPIRING.key,
+        })
     }
 
     /// Lists `room_id`.
