@@ -236,25 +236,17 @@ impl RedisCluster {
 
     /// Waits until every node says the cluster is up and knows every master.
     async fn wait_until_up(&self) {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
         for node in &self.nodes {
             let mut conn = self.master(node.port).await;
-            loop {
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                let known = format!("cluster_known_nodes:{}", self.nodes.len());
-                if info.contains("cluster_state:ok") && info.contains(&known) {
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the cluster never came up: {info}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            let up = |info: &str| info.contains("cluster_state:ok") && info.contains(&known);
+            super::redis_server::until_answer(
+                &mut conn,
+                ["CLUSTER", "INFO"],
+                "the cluster came up",
+                up,
+            )
+            .await;
         }
     }
 

@@ -116,6 +116,32 @@ pub async fn when_ready(mut child: Child) -> Option<Child> {
     ready.then_some(child)
 }
 
+/// Asks `command` of `conn` until its answer is `ready`; fails, saying it waited for `what`
+/// and the last answer, after [`PATIENCE`].
+pub async fn until_answer(
+    conn: &mut redis::aio::MultiplexedConnection,
+    command: [&str; 2],
+    what: &str,
+    ready: impl Fn(&str) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let answer: String = redis::cmd(command[0])
+            .arg(command[1])
+            .query_async(conn)
+            .await
+            .unwrap();
+        if ready(&answer) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited in vain until {what}: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 impl RedisServer {
     /// A fresh, empty redis-server on a free port.
     pub async fn start() -> Self {
@@ -197,22 +223,14 @@ impl RedisServer {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if info.contains("cluster_state:ok") {
-                return server;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the cluster of one never came up"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        until_answer(
+            &mut conn,
+            ["CLUSTER", "INFO"],
+            "the cluster of one came up",
+            |info| info.contains("cluster_state:ok"),
+        )
+        .await;
+        server
     }
 
     /// A replica of `master`, once it holds `master`'s data and follows its writes.
@@ -225,22 +243,14 @@ impl RedisServer {
         ]);
         let replica = Self::start_with(None, extra, None).await;
         let mut conn = replica.connection().await;
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if info.contains("master_link_status:up") {
-                return replica;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the replica never synced: {info}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        until_answer(
+            &mut conn,
+            ["INFO", "replication"],
+            "the replica synced",
+            |info| info.contains("master_link_status:up"),
+        )
+        .await;
+        replica
     }
 
     /// Copies the append-only file as it is now, for [`Self::restart_from_copy`].
