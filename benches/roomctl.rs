@@ -9,7 +9,8 @@
 //! Redis Cluster beside one Redis, `-- --durability-only` for what `--redis-wait-replicas 1`
 //! costs, `-- --redis-cpu-only` for redis-server's CPU per change, `-- --rooms-memory-only`
 //! for what a million rooms cost a node, `-- --curves-only` for the curves alone (drawn into
-//! docs/curves/ by a full run, under target/curves/ by a quick or smoke one), `-- --pinned-only`
+//! docs/curves/ by a full run, under target/curves/ by a quick or smoke one; `--curve=NAME`
+//! for one of rooms, participants, observers, streams, nodes), `-- --pinned-only`
 //! for the pinned h2load measurement alone).
 //! The Redis figures need
 //! `redis-server` (and `redis-cli` for the cluster) on PATH; without it the run stops there, or

@@ -150,37 +150,51 @@ fn drop_nobody(room_id: String) -> pb::DropUserRequest {
     }
 }
 
-/// DropUser of nobody on `node` into the rooms `room(i)` names: throughput from 4 connections
-/// with 32 calls in flight, latency of `samples` calls one at a time.
-async fn drop_measure(
+/// DropUser of nobody on `node` into the rooms `room(i)` names, from 4 connections with 32
+/// calls in flight: calls per second.
+async fn drop_rate(
     node: &Node,
     duration: Duration,
-    samples: usize,
-    room: impl Fn(usize) -> String + Clone + Send + Sync + 'static,
-) -> Measure {
+    room: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> f64 {
     let bearer = token("mod", "*", "service");
-    let pick = room.clone();
     let setup = move |channel, worker: usize| {
         (client::with_token(channel, &bearer).unwrap(), worker * 7919)
     };
-    let rate = throughput(node, 4, 32, duration, setup, move |(mut client, i)| {
-        let request = drop_nobody(pick(i));
+    throughput(node, 4, 32, duration, setup, move |(mut client, i)| {
+        let request = drop_nobody(room(i));
         async move {
             client.drop_user(request).await.unwrap();
             (client, i + 1)
         }
     })
-    .await;
+    .await
+}
+
+/// Latency of `samples` DropUser calls of nobody on `node`, one at a time, into the rooms
+/// `room(i)` names.
+async fn drop_latency(node: &Node, samples: usize, room: impl Fn(usize) -> String) -> Samples {
     let client = node.client("mod", "*", "service").await;
-    let latency = sequential(samples, (client, 0), |(mut client, i)| {
+    sequential(samples, (client, 0), |(mut client, i)| {
         let request = drop_nobody(room(i * 104_729));
         async move {
             client.drop_user(request).await.unwrap();
             (client, i + 1)
         }
     })
-    .await;
-    Measure::of(rate, latency)
+    .await
+}
+
+/// DropUser of nobody on `node` into the rooms `room(i)` names: throughput ([`drop_rate`]) and
+/// latency ([`drop_latency`]).
+async fn drop_measure(
+    node: &Node,
+    duration: Duration,
+    samples: usize,
+    room: impl Fn(usize) -> String + Clone + Send + Sync + 'static,
+) -> Measure {
+    let rate = drop_rate(node, duration, room.clone()).await;
+    Measure::of(rate, drop_latency(node, samples, room).await)
 }
 
 /// Every curve.
@@ -190,10 +204,24 @@ pub(super) async fn curves(size: Size) {
         Size::Quick => (Duration::from_millis(500), 200),
         Size::Full => (Duration::from_secs(1), 1000),
     };
-    rooms_curve(size, duration, samples).await;
-    participants_curve(size, duration, samples).await;
-    observers_curve(size).await;
-    streams_curve(size, samples).await;
+    // `--curve=NAME` draws that curve alone.
+    let only = std::env::args().find_map(|a| a.strip_prefix("--curve=").map(str::to_owned));
+    let wanted = |name: &str| only.as_deref().is_none_or(|only| only == name);
+    if wanted("rooms") {
+        rooms_curve(size, duration, samples).await;
+    }
+    if wanted("participants") {
+        participants_curve(size, duration, samples).await;
+    }
+    if wanted("observers") {
+        observers_curve(size).await;
+    }
+    if wanted("streams") {
+        streams_curve(size, samples).await;
+    }
+    if wanted("nodes") {
+        nodes_curve(size, duration, samples).await;
+    }
 }
 
 /// (a) Rooms on one memory node, 1 to a million: DropUser into rooms picked across all of them,
@@ -448,5 +476,56 @@ async fn streams_curve(size: Size, samples: usize) {
         "Open Events streams on one node",
         "open Events streams",
         &panels,
+    );
+}
+
+/// (d) Nodes, 1 to 3, on a Redis Cluster of three masters, against as many nodes on one Redis:
+/// DropUser (of nobody) into 64 rooms, the load split evenly over the nodes (throughput summed),
+/// latency one call at a time through the first node while the others idle.
+async fn nodes_curve(size: Size, duration: Duration, samples: usize) {
+    if !redis_server::redis_available() {
+        println!("\ncurve: nodes on Redis Cluster needs redis-server; skipped");
+        return;
+    }
+    println!(
+        "\ncurve: nodes on a Redis Cluster of 3 masters, and on one Redis (DropUser, 64 rooms)"
+    );
+    let single = RedisServer::start().await;
+    let cluster = redis_cluster::RedisCluster::start(3).await;
+    let stores = [
+        ("one Redis", single.url()),
+        ("Redis Cluster", cluster.url()),
+    ];
+    let mut sweep = Sweep::new(&["one Redis", "Redis Cluster"]);
+    let mut nodes: [Vec<Node>; 2] = Default::default();
+    let rooms = |i: usize| format!("n{}", i % 64);
+    for count in 1..=3 {
+        let mut measures = Vec::new();
+        for ((_, url), nodes) in stores.iter().zip(nodes.iter_mut()) {
+            nodes.push(Node::start_with(url, &["--presence-timeout", "0"]).await);
+            if count == 1 {
+                let mut gateway = nodes[0].client("gw", "*", "service").await;
+                for i in 0..64 {
+                    gateway.join(join_request(&rooms(i))).await.unwrap();
+                }
+            }
+            let rates = nodes.iter().map(|node| drop_rate(node, duration, rooms));
+            let rate = futures_util::future::join_all(rates)
+                .await
+                .into_iter()
+                .sum();
+            measures.push(Measure::of(
+                rate,
+                drop_latency(&nodes[0], samples, rooms).await,
+            ));
+        }
+        sweep.add(count, measures);
+    }
+    draw(
+        size,
+        "nodes",
+        "Nodes sharing one Redis, and a Redis Cluster of three masters",
+        "roomctl nodes",
+        &sweep.panels("DropUser calls/s (all nodes)"),
     );
 }
