@@ -566,6 +566,7 @@ async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> Prese
     let by_command: Vec<(String, u64)> = CommandStats::read(&mut redis_conn)
         .await
         .since(&before)
+        .0
         .into_iter()
         .filter(|stat| stat.name != "info")
         .map(|stat| (stat.name, stat.calls))
@@ -641,11 +642,7 @@ struct CommandStat {
 
 impl CommandStats {
     async fn read(conn: &mut redis::aio::MultiplexedConnection) -> Self {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(conn)
-            .await
-            .unwrap();
+        let info = info(conn, "commandstats").await;
         let field = |stats: &str, name: &str| -> Option<u64> {
             let at = stats.find(name)? + name.len();
             stats[at..].split(',').next()?.parse().ok()
@@ -662,7 +659,7 @@ impl CommandStats {
     }
 
     /// What ran since `earlier`, most called first (with the `INFO` that read them).
-    fn since(self, earlier: &CommandStats) -> Vec<CommandStat> {
+    fn since(self, earlier: &CommandStats) -> CommandStats {
         let mut ran: Vec<CommandStat> = self
             .0
             .into_iter()
@@ -677,17 +674,31 @@ impl CommandStats {
             .filter(|stat| stat.calls > 0)
             .collect();
         ran.sort_by_key(|stat| std::cmp::Reverse(stat.calls));
-        ran
+        CommandStats(ran)
     }
 
-    /// Calls of the commit script.
-    fn commits(&self) -> u64 {
+    /// Calls of the commit script, and the microseconds spent in them.
+    fn scripts(&self) -> (u64, u64) {
         let scripts = self
             .0
             .iter()
             .filter(|s| s.name == "evalsha" || s.name == "eval");
-        scripts.map(|stat| stat.calls).sum()
+        scripts.fold((0, 0), |(calls, usec), s| (calls + s.calls, usec + s.usec))
     }
+
+    /// Calls of the commit script.
+    fn commits(&self) -> u64 {
+        self.scripts().0
+    }
+}
+
+/// A section of `INFO`.
+async fn info(conn: &mut redis::aio::MultiplexedConnection, section: &str) -> String {
+    redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .unwrap()
 }
 
 /// Commits made so far: calls of the commit script, from `INFO commandstats`.
@@ -978,12 +989,9 @@ async fn rooms_memory(size: Size) {
 
 /// Bytes Redis holds for data (`used_memory` of `INFO memory`).
 async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(conn)
+    info(conn, "memory")
         .await
-        .unwrap();
-    info.lines()
+        .lines()
         .find_map(|line| line.strip_prefix("used_memory:"))
         .and_then(|bytes| bytes.trim().parse().ok())
         .unwrap()
@@ -1054,16 +1062,7 @@ impl RedisMeter {
         let cpu = main_thread_cpu(self.pid) - self.cpu;
         let ran = CommandStats::read(conn).await.since(&self.stats);
         let per = |usec: f64| usec / changes as f64;
-        let commits: u64 = ran
-            .iter()
-            .filter(|stat| stat.name == "evalsha" || stat.name == "eval")
-            .map(|stat| stat.calls)
-            .sum();
-        let scripts: u64 = ran
-            .iter()
-            .filter(|stat| stat.name == "evalsha" || stat.name == "eval")
-            .map(|stat| stat.usec)
-            .sum();
+        let (commits, scripts) = ran.scripts();
         println!(
             "  {what}: redis-server {:.1} us of CPU per change (main thread), the commit script \
              {:.1} us; {:.1} changes per commit",
@@ -1072,6 +1071,7 @@ impl RedisMeter {
             changes as f64 / commits.max(1) as f64
         );
         let commands: Vec<String> = ran
+            .0
             .iter()
             .map(|stat| {
                 let calls = stat.calls as f64 / changes as f64;

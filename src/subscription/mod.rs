@@ -344,14 +344,14 @@ mod tests {
     /// A stream polled again after its room was forgotten (its wake-up channel closed while it
     /// was not waiting on it) ends ROOM_NOT_FOUND: the closed channel's last commit, which
     /// holds everything up to the stream's cursor, is not taken for all there is to read.
-    #[tokio::test]
-    async fn a_stream_polled_after_its_room_is_forgotten_ends() {
+    /// A memory store whose empty rooms go at once, with `presence_timeout`, holding room `r`
+    /// of one client `c`.
+    async fn room_of_one(presence_timeout: Option<Duration>) -> Arc<dyn RoomStore> {
         let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(RoomSettings {
             empty_room_ttl: Duration::ZERO,
-            presence_timeout: None,
+            presence_timeout,
             ..RoomSettings::default()
         }));
-        let caller = Caller::system();
         let join = Command::Join {
             client_id: "c".into(),
             cmd: JoinCmd {
@@ -361,26 +361,47 @@ mod tests {
                 request_id: None,
             },
         };
-        store.execute("r", &caller, join).await.unwrap();
+        store.execute("r", &Caller::system(), join).await.unwrap();
+        store
+    }
+
+    /// A stream of room `r` after its first event, as `client_id` ("": an observer).
+    async fn stream_of_r(store: &Arc<dyn RoomStore>, client_id: &str) -> EventStream {
         let budget = StreamBudget::new(10, 10, Telemetry::off());
+        let kind = match client_id {
+            "" => StreamKind::Observer,
+            _ => StreamKind::Client,
+        };
         let context = StreamContext {
-            slot: budget.reserve(StreamKind::Observer, None).unwrap(),
+            slot: budget.reserve(kind, None).unwrap(),
             shutdown: CancellationToken::new(),
             grant: None,
             telemetry: Telemetry::off(),
         };
         let request = pb::EventsRequest {
             room_id: "r".into(),
+            client_id: client_id.into(),
             after_seq: Some(1),
             ..Default::default()
         };
-        let mut events = subscribe(store.clone(), &caller, request, context)
+        subscribe(store.clone(), &Caller::system(), request, context)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `c` leaves room `r`.
+    async fn leave_r(store: &Arc<dyn RoomStore>) {
         let leave = Command::Leave {
             client_id: "c".into(),
         };
-        store.execute("r", &caller, leave).await.unwrap();
+        store.execute("r", &Caller::system(), leave).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_polled_after_its_room_is_forgotten_ends() {
+        let store = room_of_one(None).await;
+        let mut events = stream_of_r(&store, "").await;
+        leave_r(&store).await;
         assert!(events.next().await.unwrap().is_ok());
         // The room is empty past its TTL: the next look at it forgets it.
         assert!(store.snapshot("r").await.is_err());
@@ -404,43 +425,11 @@ mod tests {
     /// keeps the room's wake-up channel, and the commit on it.
     #[tokio::test]
     async fn a_client_gets_its_departure_from_a_room_forgotten_meanwhile() {
-        let store: Arc<dyn RoomStore> = Arc::new(MemoryStore::new(RoomSettings {
-            empty_room_ttl: Duration::ZERO,
-            ..RoomSettings::default()
-        }));
-        let caller = Caller::system();
-        let join = Command::Join {
-            client_id: "c".into(),
-            cmd: JoinCmd {
-                name: "c".into(),
-                role: pb::Role::Unspecified,
-                identity: String::new(),
-                request_id: None,
-            },
-        };
-        store.execute("r", &caller, join).await.unwrap();
-        let budget = StreamBudget::new(10, 10, Telemetry::off());
-        let context = StreamContext {
-            slot: budget.reserve(StreamKind::Client, None).unwrap(),
-            shutdown: CancellationToken::new(),
-            grant: None,
-            telemetry: Telemetry::off(),
-        };
-        let request = pb::EventsRequest {
-            room_id: "r".into(),
-            client_id: "c".into(),
-            after_seq: Some(1),
-            ..Default::default()
-        };
-        let mut events = subscribe(store.clone(), &caller, request, context)
-            .await
-            .unwrap();
+        let store = room_of_one(Some(Duration::from_secs(20))).await;
+        let mut events = stream_of_r(&store, "c").await;
         // Caught up, the stream waits on the room's wake-up.
         assert!(futures_util::FutureExt::now_or_never(events.next()).is_none());
-        let leave = Command::Leave {
-            client_id: "c".into(),
-        };
-        store.execute("r", &caller, leave).await.unwrap();
+        leave_r(&store).await;
         assert!(store.snapshot("r").await.is_err(), "the room is forgotten");
         // Streams yield events encoded: decoded here to look at.
         let encoded = prost::Message::encode_to_vec(&events.next().await.unwrap().unwrap());
