@@ -16,14 +16,19 @@
 //! An event a room's log holds is sent to every stream that follows the room: [`EncodedEvent`]
 //! carries it encoded, so it is encoded once for all of them and each stream copies its bytes.
 //!
+//! [`json`] writes a message as proto3 JSON (from the descriptors reflection serves), for the
+//! CLI's `--json` output and webhook bodies, so both speak one schema.
+//!
 //! It knows messages as bytes: no room state, no rule, no store. It depends on the generated types
 //! and the errors only.
 
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use prost::bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{DecodeContext, WireType};
 use prost::{DecodeError, Message};
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstEncoder};
@@ -136,6 +141,33 @@ impl Message for EncodedEvent {
     fn clear(&mut self) {
         self.0.clear();
     }
+}
+
+/// The descriptors of roomcontrol.v1, for proto3 JSON.
+pub fn descriptors() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET)
+            .expect("the built-in descriptor set decodes")
+    })
+}
+
+/// `message` as one line of proto3 JSON (camelCase names, 64-bit integers as strings).
+pub fn json<M: Message + Default>(message: &M) -> String {
+    let name = std::any::type_name::<M>()
+        .rsplit("::")
+        .next()
+        .unwrap_or_default();
+    let descriptor = descriptors()
+        .get_message_by_name(&format!("roomcontrol.v1.{name}"))
+        .expect("every message written is a roomcontrol.v1 message");
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .expect("a message decodes as itself");
+    let mut out = serde_json::Serializer::new(Vec::new());
+    dynamic
+        .serialize_with_options(&mut out, &SerializeOptions::new())
+        .expect("JSON of a message");
+    String::from_utf8(out.into_inner()).expect("JSON is UTF-8")
 }
 
 #[cfg(test)]

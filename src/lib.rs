@@ -24,6 +24,8 @@
 //! - [`accept`]: the TCP accept loop: backoff when out of file descriptors, a deadline for
 //!   the TLS handshake and the HTTP/2 preface, per-connection info.
 //! - [`tls`]: TLS and mTLS on the listener, reloadable on SIGHUP.
+//! - [`webhooks`]: room events pushed to HTTP endpoints (Standard Webhooks), a delivery
+//!   cursor per endpoint on each room's log.
 //! - [`telemetry`]: Prometheus metrics and the one-line-per-RPC access log.
 //! - [`cli`]: the `roomctl` command line (`serve`, `token`, `config check`, and the client
 //!   commands that call a running server).
@@ -55,3 +57,4 @@ pub mod subscription;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;
+pub mod webhooks;

@@ -27,9 +27,10 @@ use crate::page_token::PageTokens;
 use crate::pb::{self, room_control_server::RoomControlServer};
 use crate::service::RoomControlService;
 pub use crate::store::StoreConfig;
-use crate::store::{self, RoomSettings, RoomStore};
+use crate::store::{self, Outbox, RoomSettings, RoomStore};
 use crate::telemetry::Telemetry;
 use crate::tls::{TlsAcceptor, TlsFiles};
+use crate::webhooks::Endpoint;
 
 /// Default `--grace`: how long draining may take on shutdown.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -72,6 +73,8 @@ pub struct ServerConfig {
     /// What rooms, presence and tokens read the time from: the system's, except in tests that
     /// run on tokio's paused time.
     pub clock: Clock,
+    /// Where room events are pushed (`[[webhooks]]`, `--webhook-url`); none: webhooks are off.
+    pub webhooks: Vec<Endpoint>,
 }
 
 impl ServerConfig {
@@ -88,6 +91,7 @@ impl ServerConfig {
             metrics_listen: None,
             tls: None,
             clock: Clock::system(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -122,6 +126,7 @@ pub struct Server {
     telemetry: Telemetry,
     metrics: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
+    outbox: Option<Arc<dyn Outbox>>,
 }
 
 /// Changes a running server takes without dropping a connection (on SIGHUP).
@@ -169,6 +174,16 @@ impl Server {
         let store = store::open(&config.store, config.rooms, telemetry.clone(), config.clock)
             .await
             .map_err(ServeError::Store)?;
+        let outbox = match config.webhooks.len() {
+            0 => None,
+            endpoints => Some(store.outbox(endpoints).ok_or_else(|| {
+                ServeError::Config(
+                    "webhooks need the memory store for now: the Redis store does not keep \
+                     delivery cursors yet"
+                        .into(),
+                )
+            })?),
+        };
         let streams = StreamBudget::new(
             config.limits.max_streams,
             config.limits.max_streams_per_connection,
@@ -194,6 +209,7 @@ impl Server {
             telemetry,
             metrics,
             tls,
+            outbox,
         })
     }
 
@@ -236,6 +252,7 @@ impl Server {
             telemetry,
             metrics,
             tls,
+            outbox,
         } = self;
         let metrics_end = CancellationToken::new();
         if let Some(listener) = metrics {
@@ -255,6 +272,20 @@ impl Server {
             store.health(),
             streams_end.clone(),
         ));
+
+        let webhooks_end = CancellationToken::new();
+        if let Some(outbox) = outbox {
+            crate::webhooks::start(
+                store.clone(),
+                outbox,
+                config.webhooks.clone(),
+                &telemetry,
+                config.clock,
+                webhooks_end.clone(),
+            );
+        }
+        // Deliveries stop with the server; what was in flight is sent again by the next one.
+        let _webhooks_end = webhooks_end.drop_guard();
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;

@@ -104,6 +104,17 @@ struct StoreOpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    endpoint: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -131,6 +142,11 @@ struct Metrics {
     listener_reconnects: Counter,
     notices_received: Counter,
     log_lines_dropped: Counter,
+    webhook_deliveries: Family<DeliveryLabels, Counter>,
+    webhook_retries: Family<EndpointLabels, Counter>,
+    webhook_lost: Family<EndpointLabels, Counter>,
+    webhook_behind: Family<EndpointLabels, Gauge>,
+    webhook_oldest: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     /// The total of dropped log lines last reported, so the counter grows by the difference.
     dropped_seen: AtomicU64,
     /// Called before each scrape, for values read rather than counted (a census of rooms).
@@ -243,6 +259,39 @@ impl Metrics {
             "Log lines dropped because the log writer was behind (requests never wait for it)",
             log_lines_dropped.clone(),
         );
+        let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook requests, by endpoint and outcome (delivered, refused: a non-2xx answer, \
+             timed_out, unreachable)",
+            webhook_deliveries.clone(),
+        );
+        let webhook_retries = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "webhook_retries",
+            "Times a room's webhook delivery failed and was scheduled again, by endpoint",
+            webhook_retries.clone(),
+        );
+        let webhook_lost = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "webhook_events_lost_notices",
+            "events_lost notices sent, by endpoint: the history moved past its cursor, or a log \
+             was replaced",
+            webhook_lost.clone(),
+        );
+        let webhook_behind = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "webhook_events_behind",
+            "Events logged and not yet delivered, by endpoint (as of each room's last attempt)",
+            webhook_behind.clone(),
+        );
+        let webhook_oldest = Family::<EndpointLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "webhook_oldest_undelivered_age",
+            "Age of the oldest event an endpoint failed to receive (0: none)",
+            Unit::Seconds,
+            webhook_oldest.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -272,6 +321,11 @@ impl Metrics {
             listener_reconnects,
             notices_received,
             log_lines_dropped,
+            webhook_deliveries,
+            webhook_retries,
+            webhook_lost,
+            webhook_behind,
+            webhook_oldest,
             dropped_seen: AtomicU64::new(0),
             scrape_hooks: Mutex::new(Vec::new()),
         }
@@ -289,6 +343,70 @@ impl std::fmt::Debug for Telemetry {
         } else {
             "Telemetry(off)"
         })
+    }
+}
+
+/// How a webhook request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Answered 2xx.
+    Delivered,
+    /// Answered, but not 2xx.
+    Refused,
+    /// Not answered in time.
+    TimedOut,
+    /// The endpoint could not be reached (connection refused, TLS, DNS...).
+    Unreachable,
+}
+
+/// One webhook endpoint's series, looked up once (labels are not hashed per delivery).
+#[derive(Clone, Default)]
+pub struct WebhookMetrics(Option<Arc<WebhookSeries>>);
+
+struct WebhookSeries {
+    delivered: Counter,
+    refused: Counter,
+    timed_out: Counter,
+    unreachable: Counter,
+    retries: Counter,
+    lost: Counter,
+    behind: Gauge,
+    oldest: Gauge<f64, AtomicU64>,
+}
+
+impl WebhookMetrics {
+    /// Counts one request by how it ended.
+    pub fn delivery(&self, delivery: Delivery) {
+        if let Some(m) = &self.0 {
+            match delivery {
+                Delivery::Delivered => m.delivered.inc(),
+                Delivery::Refused => m.refused.inc(),
+                Delivery::TimedOut => m.timed_out.inc(),
+                Delivery::Unreachable => m.unreachable.inc(),
+            };
+        }
+    }
+
+    /// Counts one room's delivery scheduled again after a failure.
+    pub fn retry(&self) {
+        if let Some(m) = &self.0 {
+            m.retries.inc();
+        }
+    }
+
+    /// Counts one `events_lost` notice sent.
+    pub fn lost(&self) {
+        if let Some(m) = &self.0 {
+            m.lost.inc();
+        }
+    }
+
+    /// Sets how many events the endpoint lacks, and the age of the oldest it failed to get.
+    pub fn behind(&self, events: u64, oldest: Duration) {
+        if let Some(m) = &self.0 {
+            m.behind.set(i64::try_from(events).unwrap_or(i64::MAX));
+            m.oldest.set(oldest.as_secs_f64());
+        }
     }
 }
 
@@ -438,6 +556,35 @@ impl Telemetry {
         if let Some(m) = &self.0 {
             m.listener_reconnects.inc();
         }
+    }
+
+    /// The metrics of webhook endpoint `endpoint` (its series made now, so they show from the
+    /// start).
+    pub fn webhook(&self, endpoint: &str) -> WebhookMetrics {
+        let Some(m) = &self.0 else {
+            return WebhookMetrics(None);
+        };
+        let label = EndpointLabels {
+            endpoint: endpoint.to_owned(),
+        };
+        let outcome = |outcome| {
+            m.webhook_deliveries
+                .get_or_create(&DeliveryLabels {
+                    endpoint: endpoint.to_owned(),
+                    outcome,
+                })
+                .clone()
+        };
+        WebhookMetrics(Some(Arc::new(WebhookSeries {
+            delivered: outcome("delivered"),
+            refused: outcome("refused"),
+            timed_out: outcome("timed_out"),
+            unreachable: outcome("unreachable"),
+            retries: m.webhook_retries.get_or_create(&label).clone(),
+            lost: m.webhook_lost.get_or_create(&label).clone(),
+            behind: m.webhook_behind.get_or_create(&label).clone(),
+            oldest: m.webhook_oldest.get_or_create(&label).clone(),
+        })))
     }
 
     /// Counts one notice of committed events received from Redis.

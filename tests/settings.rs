@@ -62,6 +62,11 @@ fn settings() -> Vec<Setting> {
         .collect()
 }
 
+/// A webhook endpoint for settings that need one (nothing listens there).
+const WEBHOOK_URL: &str = "http://127.0.0.1:9/hook";
+/// A webhook signing secret, as Standard Webhooks writes it.
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
 /// What the test runs against: files and a TLS-only Redis that settings name.
 struct World {
     dir: Dir,
@@ -69,6 +74,7 @@ struct World {
     key: String,
     ca: String,
     secret_file: String,
+    webhook_secret_file: String,
     rediss: String,
     _redis: RedisServer,
 }
@@ -85,6 +91,7 @@ impl World {
             path("ca.crt", &ca.pem()),
         );
         let secret_file = path("jwt-secret", SECRET_TEXT);
+        let webhook_secret_file = path("webhook-secret", WEBHOOK_SECRET);
         let redis = RedisServer::start_tls(cert.clone(), key.clone(), ca.clone()).await;
         let rediss = redis.url();
         Self {
@@ -93,6 +100,7 @@ impl World {
             key,
             ca,
             secret_file,
+            webhook_secret_file,
             rediss,
             _redis: redis,
         }
@@ -119,6 +127,15 @@ impl World {
             "jwt-issuer" => vec![("jwt-issuer", "issuer")],
             "jwt-audience" => vec![("jwt-audience", "audience")],
             "service-rate" => vec![("service-rate", "10")],
+            // Nothing is logged while the test runs: the endpoint is never called.
+            "webhook-url" => vec![
+                ("webhook-url", WEBHOOK_URL),
+                ("webhook-secret-file", &self.webhook_secret_file),
+            ],
+            "webhook-secret-file" => vec![
+                ("webhook-secret-file", &self.webhook_secret_file),
+                ("webhook-url", WEBHOOK_URL),
+            ],
             "service-burst" => vec![("service-burst", "30"), ("service-rate", "10")],
             "dev" => vec![("dev", "")],
             long => {
@@ -465,4 +482,77 @@ fn the_operations_doc_names_every_setting() {
             assert!(section.contains(&key), "the Settings section lacks {key}");
         }
     }
+}
+
+/// `[[webhooks]]` tables: a good one is shown by `config check` (its secret hidden), and each
+/// mistake is refused (exit 2) naming the table and what is wrong; webhooks on a Redis store
+/// are refused saying why.
+#[tokio::test]
+async fn webhook_tables_are_checked_and_named() {
+    let dir = Dir::new("settings-webhooks");
+    let secret_file = dir.write("hook-secrets", &format!("{WEBHOOK_SECRET}\n"));
+    // Top-level keys come before the tables.
+    let jwt = format!(
+        "jwt_secret_file = {:?}\n",
+        dir.write("jwt", SECRET_TEXT).display()
+    );
+    let good = format!(
+        "{jwt}[[webhooks]]\nurl = \"https://hooks.example.com/roomctl\"\nsecret = \"{WEBHOOK_SECRET}\"\n\
+         events = [\"user_disconnected\", \"ack_drop_user\"]\ntimeout = \"5s\"\n\n\
+         [[webhooks]]\nurl = \"http://127.0.0.1:9/audit\"\nsecret_file = {:?}\n",
+        secret_file.display()
+    );
+    let output = config_check(&dir.write("good.toml", &good)).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout.contains("[[webhooks]] url = \"https://hooks.example.com/roomctl\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(WEBHOOK_SECRET), "{stdout}");
+    let table = |body: &str| format!("[[webhooks]]\nurl = \"http://127.0.0.1:9/hook\"\n{body}\n");
+    let file = |name: &str, text: &str| dir.write(name, &format!("{jwt}{text}"));
+    let secret = format!("secret = \"{WEBHOOK_SECRET}\"");
+    for (body, said) in [
+        (
+            "".to_owned(),
+            "give its secret as `secret` or `secret_file`",
+        ),
+        (
+            "secret = \"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"".to_owned(),
+            "`whsec_` followed by base64",
+        ),
+        (
+            format!("{secret}\nevents = [\"nope\"]"),
+            "unknown webhook event `nope`",
+        ),
+        (
+            format!("{secret}\ncolour = \"red\""),
+            "unknown field `colour`",
+        ),
+        (
+            format!("{secret}\ntimeout = \"soon\""),
+            "`timeout` = \"soon\"",
+        ),
+        (
+            format!("{secret}\n\n{}", table(&secret)),
+            "configured twice",
+        ),
+    ] {
+        let output = config_check(&file("bad.toml", &table(&body))).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{body}: {stderr}");
+        assert!(stderr.contains(said), "{body}: {said:?} not in {stderr}");
+    }
+    let bad_url = format!("[[webhooks]]\nurl = \"ftp://x/y\"\n{secret}\n");
+    let output = config_check(&file("url.toml", &bad_url)).await;
+    assert!(String::from_utf8_lossy(&output.stderr).contains("http:// or https://"));
+    let on_redis = format!("store = \"redis://127.0.0.1:9\"\n{}", table(&secret));
+    let output = config_check(&file("redis.toml", &on_redis)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("webhooks need the memory store for now"),
+        "{stderr}"
+    );
 }

@@ -23,12 +23,10 @@
 //! server's own code it borrows only the error domain and the names of gRPC codes.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
@@ -36,6 +34,7 @@ use tonic_types::StatusExt;
 use super::{diagnose, say, Failure};
 use crate::backoff::Backoff;
 use crate::client::{self, Client};
+use crate::codec::json;
 use crate::error::DOMAIN;
 use crate::pb::{self, event::Payload};
 
@@ -173,33 +172,6 @@ fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
         cause = inner.source();
     }
     text
-}
-
-/// The descriptors of roomcontrol.v1, for proto3 JSON.
-fn descriptors() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET)
-            .expect("the built-in descriptor set decodes")
-    })
-}
-
-/// `message` as one line of proto3 JSON (camelCase names, 64-bit integers as strings).
-fn json<M: Message + Default>(message: &M) -> String {
-    let name = std::any::type_name::<M>()
-        .rsplit("::")
-        .next()
-        .unwrap_or_default();
-    let descriptor = descriptors()
-        .get_message_by_name(&format!("roomcontrol.v1.{name}"))
-        .expect("every printed message is a roomcontrol.v1 message");
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
-        .expect("a message decodes as itself");
-    let mut out = serde_json::Serializer::new(Vec::new());
-    dynamic
-        .serialize_with_options(&mut out, &SerializeOptions::new())
-        .expect("JSON of a message");
-    String::from_utf8(out.into_inner()).expect("JSON is UTF-8")
 }
 
 /// A failed call as the operator sees it: code, message, and the ErrorInfo with its metadata.

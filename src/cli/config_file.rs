@@ -20,7 +20,7 @@ use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Command as ClapCommand, CommandFactory, FromArgMatches};
 
-use super::settings::ServeArgs;
+use super::settings::{ServeArgs, WebhookTable};
 use super::{say, Cli, Command, Failure};
 
 /// Flags of `serve` that have no place in a file: secrets stay out of configuration files (a
@@ -51,13 +51,26 @@ fn serve_command() -> ClapCommand {
         .clone()
 }
 
+/// What a file holds: its flag settings, and its `[[webhooks]]` tables.
+struct FileSettings {
+    flags: Vec<Setting>,
+    webhooks: Vec<WebhookTable>,
+}
+
 /// The settings of the file at `path`, each key known and each value valid on its own.
-fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
+fn settings(path: &Path) -> Result<FileSettings, Failure> {
     let shown = path.display();
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Other(format!("cannot read the config file {shown}: {e}")))?;
-    let table: BTreeMap<String, toml::Value> =
+    let mut table: BTreeMap<String, toml::Value> =
         toml::from_str(&text).map_err(|e| Failure::Usage(format!("{shown}: {e}")))?;
+    // The one setting that is not a flag: a list of tables, one per endpoint.
+    let webhooks = match table.remove("webhooks") {
+        None => Vec::new(),
+        Some(value) => value
+            .try_into()
+            .map_err(|e| Failure::Usage(format!("{shown}: [[webhooks]]: {e}")))?,
+    };
     let serve = serve_command();
     let in_files = || {
         serve
@@ -81,7 +94,7 @@ fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
                 String::new()
             };
             return Err(Failure::Usage(format!(
-                "{shown}: unknown key `{key}`{hint}; the keys are {}",
+                "{shown}: unknown key `{key}`{hint}; the keys are {}, and [[webhooks]] tables",
                 known.join(", ")
             )));
         };
@@ -107,7 +120,10 @@ fn settings(path: &Path) -> Result<Vec<Setting>, Failure> {
             value,
         });
     }
-    Ok(settings)
+    Ok(FileSettings {
+        flags: settings,
+        webhooks,
+    })
 }
 
 /// A clap error as one line, without the usage and help hints meant for a command line, and
@@ -190,9 +206,10 @@ pub fn with_file(path: &Path, argv: &[OsString]) -> Result<ServeArgs, Failure> {
         .skip_while(|arg| arg.to_str() != Some("serve"))
         .skip(1)
         .cloned();
-    parse(as_arguments(&settings).chain(given))
-        .map(|(args, _)| args)
-        .map_err(|failure| in_file(path, failure))
+    let (mut args, _) = parse(as_arguments(&settings.flags).chain(given))
+        .map_err(|failure| in_file(path, failure))?;
+    args.webhook_tables = settings.webhooks;
+    Ok(args)
 }
 
 /// A failure of the whole command line, said to concern the file too.
@@ -210,12 +227,17 @@ fn in_file(path: &Path, failure: Failure) -> Failure {
 pub fn check(path: Option<&Path>) -> Result<(), Failure> {
     let settings = match path {
         Some(path) => settings(path)?,
-        None => Vec::new(),
+        None => FileSettings {
+            flags: Vec::new(),
+            webhooks: Vec::new(),
+        },
     };
-    let (args, matches) = parse(as_arguments(&settings)).map_err(|failure| match path {
-        Some(path) => in_file(path, failure),
-        None => failure,
-    })?;
+    let (mut args, matches) =
+        parse(as_arguments(&settings.flags)).map_err(|failure| match path {
+            Some(path) => in_file(path, failure),
+            None => failure,
+        })?;
+    args.webhook_tables = settings.webhooks;
     args.check_without_serving()?;
     for arg in serve_command().get_arguments() {
         let id = arg.get_id().as_str();
@@ -247,6 +269,9 @@ pub fn check(path: Option<&Path>) -> Result<(), Failure> {
             "{} = {value}   # {from}",
             long.replace('-', "_")
         ));
+    }
+    for table in &args.webhook_tables {
+        say(format_args!("[[webhooks]] {}   # file", table.describe()));
     }
     let shown = path.map_or_else(|| "the environment".to_owned(), |p| p.display().to_string());
     say(format_args!("{shown}: ok"));

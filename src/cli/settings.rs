@@ -4,10 +4,11 @@
 //! channels are one model. It builds the server's configuration; it starts nothing.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use serde::Deserialize;
 
 use super::{Failure, SecretArgs};
 use crate::auth::TokenRules;
@@ -17,6 +18,8 @@ use crate::limits::Limits;
 use crate::server::{ServerConfig, StoreConfig, DEFAULT_GRACE, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::store::RoomSettings;
 use crate::tls::{TlsError, TlsFiles};
+use crate::webhooks::sign::Secret;
+use crate::webhooks::{Endpoint, DEFAULT_MAX_RETRY_DELAY, DEFAULT_TIMEOUT};
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
 pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
@@ -140,8 +143,78 @@ pub struct ServeArgs {
     /// 100ms.
     #[arg(long, env = "ROOMCTL_HTTP2_KEEPALIVE_TIMEOUT", default_value_t = Limits::default().keepalive_timeout.into(), value_parser = at_least_ms::<100>)]
     http2_keepalive_timeout: humantime::Duration,
+    /// Push every room event to this URL (Standard Webhooks 1.0, signed with
+    /// --webhook-secret-file); more endpoints, or a choice of events, as `[[webhooks]]` tables
+    /// in the --config file. Needs the memory store for now.
+    #[arg(long, env = "ROOMCTL_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// A file of --webhook-url's signing secrets (`whsec_` and base64), one per line: the
+    /// first is current, the others sign too while receivers move to it.
+    #[arg(long, env = "ROOMCTL_WEBHOOK_SECRET_FILE")]
+    webhook_secret_file: Option<PathBuf>,
+    /// The config file's `[[webhooks]]` tables (a file alone can hold several).
+    #[arg(skip)]
+    pub(super) webhook_tables: Vec<WebhookTable>,
     #[command(flatten)]
     pub(super) secret: SecretArgs,
+}
+
+/// A `[[webhooks]]` table of the config file: one endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTable {
+    /// Where events are POSTed.
+    url: String,
+    /// The signing secret, or several while a secret rotates (the first is current).
+    secret: Option<OneOrMany>,
+    /// A file of secrets, one per line, instead of `secret`.
+    secret_file: Option<PathBuf>,
+    /// The events sent, by their name in `Event.payload`; absent: all.
+    events: Option<Vec<String>>,
+    /// The longest a request may take (default 10s).
+    timeout: Option<String>,
+    /// The cap of the doubling delay between retries (default 60s).
+    max_retry_delay: Option<String>,
+}
+
+impl WebhookTable {
+    /// The table as `config check` shows it: its URL and events, secrets hidden.
+    pub(super) fn describe(&self) -> String {
+        let events = self
+            .events
+            .as_ref()
+            .map_or_else(|| "all".to_owned(), |events| events.join(","));
+        format!("url = {:?}, events = {events}, secret hidden", self.url)
+    }
+}
+
+/// A string, or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The secrets of the file at `path`, one per line (blank lines skipped); `what` names the
+/// setting that names the file.
+fn read_secrets(path: &Path, what: &str) -> Result<Vec<Secret>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Other(format!("cannot read {what} {}: {e}", path.display())))?;
+    let secrets = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(Secret::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure::Usage(format!("{what} {}: {e}", path.display())))?;
+    if secrets.is_empty() {
+        return Err(Failure::Usage(format!(
+            "{what} {} holds no secret",
+            path.display()
+        )));
+    }
+    Ok(secrets)
 }
 
 impl ServeArgs {
@@ -167,6 +240,7 @@ impl ServeArgs {
     pub(super) fn check_without_serving(&self) -> Result<(), Failure> {
         self.store_config()?;
         self.secret.load()?;
+        self.webhooks()?;
         self.check_tls()
     }
 
@@ -202,6 +276,11 @@ impl ServeArgs {
         if self.service_burst.is_some() && self.service_rate.is_none() {
             return needs("service_burst", "service_rate");
         }
+        match (&self.webhook_url, &self.webhook_secret_file) {
+            (Some(_), None) => return needs("webhook_url", "webhook_secret_file"),
+            (None, Some(_)) => return needs("webhook_secret_file", "webhook_url"),
+            _ => {}
+        }
         if self
             .metrics_listen
             .is_some_and(|metrics| metrics == self.listen && metrics.port() != 0)
@@ -235,6 +314,82 @@ impl ServeArgs {
             }
             StoreConfig::Memory => StoreConfig::Memory,
         })
+    }
+
+    /// The webhook endpoints: --webhook-url's, then the file's tables, each checked and its
+    /// secrets read.
+    fn webhooks(&self) -> Result<Vec<Endpoint>, Failure> {
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        if let (Some(url), Some(path)) = (&self.webhook_url, &self.webhook_secret_file) {
+            let secrets = read_secrets(path, "--webhook-secret-file")?;
+            endpoints.push(Endpoint::new(url, secrets, None).map_err(Failure::Usage)?);
+        }
+        for (n, table) in self.webhook_tables.iter().enumerate() {
+            let which = format!("[[webhooks]] #{} ({})", n + 1, table.url);
+            let secrets = match (&table.secret, &table.secret_file) {
+                (Some(OneOrMany::One(secret)), None) => vec![secret.clone()],
+                (Some(OneOrMany::Many(secrets)), None) => secrets.clone(),
+                (None, Some(path)) => {
+                    endpoints.push(Self::endpoint_of(
+                        table,
+                        read_secrets(path, &which)?,
+                        &which,
+                    )?);
+                    continue;
+                }
+                _ => {
+                    return Err(Failure::Usage(format!(
+                        "{which}: give its secret as `secret` or `secret_file`, one of them"
+                    )))
+                }
+            };
+            let secrets = secrets
+                .iter()
+                .map(|secret| Secret::parse(secret))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Failure::Usage(format!("{which}: {e}")))?;
+            endpoints.push(Self::endpoint_of(table, secrets, &which)?);
+        }
+        for (n, endpoint) in endpoints.iter().enumerate() {
+            if endpoints[..n].iter().any(|e| e.name() == endpoint.name()) {
+                return Err(Failure::Usage(format!(
+                    "webhook endpoint {} is configured twice",
+                    endpoint.name()
+                )));
+            }
+        }
+        if !endpoints.is_empty() && self.store != StoreConfig::Memory {
+            return Err(Failure::Usage(
+                "webhooks need the memory store for now: the Redis store does not keep \
+                 delivery cursors yet"
+                    .into(),
+            ));
+        }
+        Ok(endpoints)
+    }
+
+    fn endpoint_of(
+        table: &WebhookTable,
+        secrets: Vec<Secret>,
+        which: &str,
+    ) -> Result<Endpoint, Failure> {
+        let duration = |key: &str, value: &Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => {
+                humantime::parse_duration(text).map_err(|e| format!("`{key}` = {text:?}: {e}"))
+            }
+        };
+        duration("timeout", &table.timeout, DEFAULT_TIMEOUT)
+            .and_then(|timeout| {
+                let retry = duration(
+                    "max_retry_delay",
+                    &table.max_retry_delay,
+                    DEFAULT_MAX_RETRY_DELAY,
+                )?;
+                Endpoint::new(&table.url, secrets, table.events.as_deref())?
+                    .with_timing(timeout, retry)
+            })
+            .map_err(|e| Failure::Usage(format!("{which}: {e}")))
     }
 
     /// TLS on the listener, when both halves are set.
@@ -277,6 +432,7 @@ impl ServeArgs {
             metrics_listen: self.metrics_listen,
             tls: self.tls_files(),
             clock: Clock::system(),
+            webhooks: self.webhooks()?,
         })
     }
 }

@@ -19,7 +19,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::ops::Bound;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -28,7 +28,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    batch_of, Head, Lease, LogWindow, LoggedEvent, Opening, RoomSettings, RoomStore, Snapshot,
+    batch_of, Changed, Cursor, Head, Lease, LogWindow, LoggedEvent, Opening, Outbox, Position,
+    RoomSettings, RoomStore, Snapshot,
 };
 use crate::clock::Clock;
 use crate::engine::{self, Applied, Ban, Caller, Change, ClientStatus, Command, Reply, RoomState};
@@ -56,6 +57,8 @@ struct Inner {
     gone: bool,
     /// Each present client's open streams and, when it has none, until when it may stay.
     presence: HashMap<String, Presence>,
+    /// With webhooks: the last seq each endpoint received (the room's epoch never changes).
+    delivered: Option<Box<[u64]>>,
 }
 
 /// A client's liveness: its open streams, and the end of its grace when it has none.
@@ -97,10 +100,20 @@ impl Inner {
             .subscribe()
     }
 
+    /// Whether every webhook endpoint has received every event: a room is not forgotten
+    /// before (its history bounds what that holds).
+    fn delivered_all(&self) -> bool {
+        let seq = self.state.seq();
+        self.delivered
+            .as_ref()
+            .is_none_or(|delivered| delivered.iter().all(|&at| at >= seq))
+    }
+
     /// Whether the room has been empty for `ttl`, and has had no ban in force for as long, at
     /// `now` (on the monotonic clock) and `wall` (the same instant on the wall clock).
     fn expired(&self, ttl: Duration, now: Instant, wall: SystemTime) -> bool {
         self.state.is_empty()
+            && self.delivered_all()
             && self
                 .empty_since
                 .is_some_and(|t| now.duration_since(t) >= ttl)
@@ -118,6 +131,8 @@ struct Rooms {
     config: RoomSettings,
     telemetry: Telemetry,
     clock: Clock,
+    /// With webhooks: per endpoint, the rooms that logged events since its deliverer looked.
+    changed: OnceLock<Box<[Changed]>>,
 }
 
 /// The in-memory [`RoomStore`].
@@ -204,6 +219,10 @@ impl Rooms {
                 empty_since: Some(Instant::now()),
                 gone: false,
                 presence: HashMap::new(),
+                delivered: self
+                    .changed
+                    .get()
+                    .map(|endpoints| vec![0; endpoints.len()].into_boxed_slice()),
             }),
         });
         shard.insert(room_id, room.clone());
@@ -372,6 +391,9 @@ impl Rooms {
         if let Some(head) = &inner.head {
             head.send_replace(Head::committed(inner.state.seq(), commit.into()));
         }
+        for endpoint in self.changed.get().into_iter().flatten() {
+            endpoint.mark(inner.state.room_id());
+        }
         self.telemetry.events_appended(applied.events.len());
     }
 
@@ -415,6 +437,7 @@ impl MemoryStore {
             config,
             telemetry: telemetry.clone(),
             clock,
+            changed: OnceLock::new(),
         });
         let census = Arc::downgrade(&rooms);
         telemetry.on_scrape(move |telemetry| {
@@ -572,5 +595,64 @@ impl RoomStore for MemoryStore {
 
     fn health(&self) -> watch::Receiver<bool> {
         self.healthy.subscribe()
+    }
+
+    fn outbox(&self, endpoints: usize) -> Option<Arc<dyn Outbox>> {
+        let changed = (0..endpoints).map(|_| Changed::default()).collect();
+        // Set before any room exists (serve calls this first), so every room tracks its
+        // deliveries; a second call keeps the first's endpoints.
+        let _ = self.rooms.changed.set(changed);
+        Some(Arc::new(MemoryOutbox(self.rooms.clone())))
+    }
+}
+
+/// The memory store's delivery positions: in each room's state, under its lock.
+struct MemoryOutbox(Arc<Rooms>);
+
+#[async_trait]
+impl Outbox for MemoryOutbox {
+    async fn changed(&self, endpoint: usize) -> Vec<Arc<str>> {
+        match self.0.changed.get().and_then(|all| all.get(endpoint)) {
+            Some(changed) => changed.take().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn position(&self, endpoint: usize, room_id: &str) -> Result<Option<Position>, Error> {
+        let found = self.0.with_room(room_id, false, |inner, _| Position {
+            delivered: Cursor {
+                epoch: inner.state.epoch().to_owned(),
+                seq: inner
+                    .delivered
+                    .as_ref()
+                    .and_then(|delivered| delivered.get(endpoint).copied())
+                    .unwrap_or_else(|| inner.state.seq()),
+            },
+            newest_seq: inner.state.seq(),
+        });
+        match found {
+            Ok(position) => Ok(Some(position)),
+            Err(Error::RoomNotFound { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn advance(&self, endpoint: usize, room_id: &str, to: &Cursor) -> Result<(), Error> {
+        let found = self.0.with_room(room_id, false, |inner, _| {
+            if inner.state.epoch() != to.epoch {
+                return;
+            }
+            let at = inner
+                .delivered
+                .as_mut()
+                .and_then(|delivered| delivered.get_mut(endpoint));
+            if let Some(at) = at {
+                *at = (*at).max(to.seq);
+            }
+        });
+        match found {
+            Ok(()) | Err(Error::RoomNotFound { .. }) => Ok(()),
+            Err(err) => Err(err),
+        }
     }
 }

@@ -11,9 +11,11 @@
 //! the service, subscriptions, auth or limits.
 
 pub mod memory;
+mod outbox;
 pub mod redis;
 mod window;
 
+pub use outbox::{Changed, Cursor, Outbox, Position};
 pub use window::LogWindow;
 
 use std::ops::Deref;
@@ -381,6 +383,10 @@ pub trait RoomStore: Send + Sync + 'static {
 
     /// Whether the store can serve now; health reports it.
     fn health(&self) -> watch::Receiver<bool>;
+
+    /// Starts keeping delivery positions for `endpoints` webhook endpoints (called once, before
+    /// serving); None when this store cannot keep them.
+    fn outbox(&self, endpoints: usize) -> Option<Arc<dyn Outbox>>;
 }
 
 #[cfg(test)]

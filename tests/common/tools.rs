@@ -1,4 +1,5 @@
-//! What a test does when an outside tool it needs (`redis-server`, grpcurl) is missing.
+//! What a test does when an outside tool it needs (`redis-server`, grpcurl, Python's
+//! standardwebhooks) is missing, and how the Python ones are installed for the tests alone.
 //!
 //! A missing tool fails the test, with the way to get it: a test that passes without running
 //! proves nothing, and a skip hidden in captured output is easy to miss. Skipping is an explicit
@@ -18,4 +19,23 @@ pub fn missing(tool: &str, what: &str, how_to_get_it: &str) {
         );
     }
     eprintln!("\n!!! SKIPPED ({skip} is set): {what} not found !!!\n");
+}
+
+/// Installs the PyPI `package` into `dir` (pip's `--target`), quietly; whether it worked.
+// The Redis store's unit tests include this file for `missing` alone.
+#[allow(dead_code)]
+pub fn pip_install_into(dir: &std::path::Path, package: &str) -> bool {
+    std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--target")
+        .arg(dir)
+        .arg(package)
+        .status()
+        .is_ok_and(|s| s.success())
 }

@@ -453,4 +453,9 @@ impl RoomStore for RedisStore {
     fn health(&self) -> watch::Receiver<bool> {
         self.shared.healthy.subscribe()
     }
+
+    fn outbox(&self, _endpoints: usize) -> Option<Arc<dyn super::Outbox>> {
+        // Delivery cursors in Redis (beside each room, under a lease) are not built yet.
+        None
+    }
 }

@@ -1,0 +1,421 @@
+//! The deliverer of one endpoint: a task that follows the rooms with events it has not
+//! received, sends each room's events in order (the next once the previous got a 2xx), and
+//! moves the room's cursor in the store after each.
+//!
+//! Rooms are worked on [`IN_FLIGHT`] at a time, each for one read batch before the next room's
+//! turn, so a busy room never starves a quiet one. A room whose delivery fails waits out its own
+//! backoff (capped, jittered) off the working set, so a room the receiver refuses, or a store
+//! that fails for a room, holds back no other room. A room is followed only while it has events
+//! to deliver: the store says which rooms logged events ([`Outbox::changed`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prost::bytes::Bytes;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+
+use super::{sign, Endpoint, MIN_RETRY_DELAY};
+use crate::backoff::Backoff;
+use crate::clock::Clock;
+use crate::codec::json;
+use crate::error::Error;
+use crate::pb;
+use crate::store::{is_whole, Cursor, Outbox, RoomStore};
+use crate::telemetry::{Delivery, Telemetry, WebhookMetrics};
+
+/// Rooms one endpoint's deliverer works on at once (each has at most one request in flight).
+const IN_FLIGHT: usize = 64;
+/// Of a response's body, at most this much is read (and thrown away) so its connection can be
+/// used again; a longer one closes it.
+const RESPONSE_BODY_BYTES: usize = 64 * 1024;
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Starts a deliverer for each of `endpoints` (numbered as `outbox` was opened), reading events
+/// from `store`, until `end` is cancelled.
+pub fn start(
+    store: Arc<dyn RoomStore>,
+    outbox: Arc<dyn Outbox>,
+    endpoints: Vec<Endpoint>,
+    telemetry: &Telemetry,
+    clock: Clock,
+    end: CancellationToken,
+) {
+    let client = http_client();
+    for (index, endpoint) in endpoints.into_iter().enumerate() {
+        let metrics = telemetry.webhook(endpoint.name());
+        let context = Arc::new(Context {
+            index,
+            endpoint,
+            store: store.clone(),
+            outbox: outbox.clone(),
+            client: client.clone(),
+            clock,
+            metrics,
+        });
+        let end = end.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = Deliverer::new(context).run() => {}
+                () = end.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// HTTP/1.1 with keep-alive, https through rustls and the Mozilla roots.
+fn http_client() -> HttpsClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
+        .expect("the ring provider supports the default protocol versions")
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// What every delivery of one endpoint shares.
+struct Context {
+    index: usize,
+    endpoint: Endpoint,
+    store: Arc<dyn RoomStore>,
+    outbox: Arc<dyn Outbox>,
+    client: HttpsClient,
+    clock: Clock,
+    metrics: WebhookMetrics,
+}
+
+/// A room the deliverer follows: it has, or may have, events to deliver.
+struct Track {
+    /// Events were logged since its current turn began.
+    dirty: bool,
+    /// Its turn is running.
+    running: bool,
+    /// Its retries' delays, while it fails.
+    backoff: Option<Backoff>,
+    /// Events not yet delivered, as of its last turn.
+    behind: u64,
+    /// When the oldest of them was logged, if it was read.
+    oldest: Option<SystemTime>,
+}
+
+/// How a room's turn ended.
+enum Turn {
+    /// Every event logged when it read was delivered.
+    CaughtUp,
+    /// Some were delivered; there are more.
+    More,
+    /// The room is gone (forgotten once delivered).
+    Gone,
+}
+
+/// What a turn reports: how it ended, or why it failed, and how far behind the room is.
+struct Report {
+    outcome: Result<Turn, String>,
+    behind: u64,
+    oldest: Option<SystemTime>,
+}
+
+struct Deliverer {
+    context: Arc<Context>,
+    rooms: HashMap<Arc<str>, Track>,
+    ready: VecDeque<Arc<str>>,
+    waiting: DelayQueue<Arc<str>>,
+    running: JoinSet<(Arc<str>, Report)>,
+    /// Whether the last delivery succeeded: a change is logged, never each failure.
+    healthy: bool,
+}
+
+impl Deliverer {
+    fn new(context: Arc<Context>) -> Self {
+        Self {
+            context,
+            rooms: HashMap::new(),
+            ready: VecDeque::new(),
+            waiting: DelayQueue::new(),
+            running: JoinSet::new(),
+            healthy: true,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut census = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            while self.running.len() < IN_FLIGHT {
+                let Some(room) = self.ready.pop_front() else {
+                    break;
+                };
+                if let Some(track) = self.rooms.get_mut(&room) {
+                    track.running = true;
+                    track.dirty = false;
+                    let context = self.context.clone();
+                    self.running.spawn(async move {
+                        let report = context.turn(&room).await;
+                        (room, report)
+                    });
+                }
+            }
+            tokio::select! {
+                changed = self.context.outbox.changed(self.context.index) => {
+                    for room in changed {
+                        self.follow(room);
+                    }
+                }
+                Some(done) = self.running.join_next() => match done {
+                    Ok((room, report)) => self.finish(room, report),
+                    Err(err) => tracing::error!(%err, "a webhook delivery task failed"),
+                },
+                Some(expired) = self.waiting.next() => self.ready.push_back(expired.into_inner()),
+                _ = census.tick() => self.census(),
+            }
+        }
+    }
+
+    /// Follows `room`, which logged events: at once if it was quiet; after its turn if it is
+    /// running; after its backoff if it is failing.
+    fn follow(&mut self, room: Arc<str>) {
+        match self.rooms.get_mut(&room) {
+            Some(track) => track.dirty = true,
+            None => {
+                self.rooms.insert(
+                    room.clone(),
+                    Track {
+                        dirty: false,
+                        running: false,
+                        backoff: None,
+                        behind: 0,
+                        oldest: None,
+                    },
+                );
+                self.ready.push_back(room);
+            }
+        }
+    }
+
+    fn finish(&mut self, room: Arc<str>, report: Report) {
+        let Some(track) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        track.running = false;
+        track.behind = report.behind;
+        track.oldest = report.oldest;
+        match report.outcome {
+            Ok(turn) => {
+                track.backoff = None;
+                if !self.healthy {
+                    self.healthy = true;
+                    tracing::info!(endpoint = %self.context.endpoint.name(), "webhook endpoint delivering again");
+                }
+                match turn {
+                    Turn::More => self.ready.push_back(room),
+                    Turn::CaughtUp if track.dirty => self.ready.push_back(room),
+                    Turn::CaughtUp | Turn::Gone => {
+                        self.rooms.remove(&room);
+                    }
+                }
+            }
+            Err(reason) => {
+                if self.healthy {
+                    self.healthy = false;
+                    tracing::warn!(endpoint = %self.context.endpoint.name(), %reason, "webhook endpoint failing; retrying with backoff");
+                }
+                self.context.metrics.retry();
+                let delay = track
+                    .backoff
+                    .get_or_insert_with(|| {
+                        Backoff::new(MIN_RETRY_DELAY, self.context.endpoint.max_retry_delay)
+                    })
+                    .next_delay();
+                self.waiting.insert(room, delay);
+            }
+        }
+    }
+
+    /// Tells the metrics how far behind the endpoint is.
+    fn census(&self) {
+        let behind = self.rooms.values().map(|track| track.behind).sum();
+        let oldest = self.rooms.values().filter_map(|track| track.oldest).min();
+        let age = oldest
+            .and_then(|at| self.context.clock.now().duration_since(at).ok())
+            .unwrap_or_default();
+        self.context.metrics.behind(behind, age);
+    }
+}
+
+impl Context {
+    /// One turn of `room`: reads a batch after the endpoint's cursor and delivers it in order,
+    /// moving the cursor after each event.
+    async fn turn(&self, room: &str) -> Report {
+        let mut report = Report {
+            outcome: Ok(Turn::Gone),
+            behind: 0,
+            oldest: None,
+        };
+        let position = match self.outbox.position(self.index, room).await {
+            Ok(Some(position)) => position,
+            Ok(None) => return report,
+            Err(err) => return failed(report, format!("store: {}", err.detail())),
+        };
+        let mut cursor = position.delivered;
+        report.behind = position.newest_seq.saturating_sub(cursor.seq);
+        let batch = match self.store.read(room, &cursor.epoch, cursor.seq).await {
+            Ok(batch) => batch,
+            Err(Error::CursorOutOfRange {
+                oldest_seq, epoch, ..
+            }) => {
+                return match self.lost(room, &cursor, &epoch, oldest_seq).await {
+                    Ok(()) => Report {
+                        outcome: Ok(Turn::More),
+                        ..report
+                    },
+                    Err(reason) => failed(report, reason),
+                }
+            }
+            Err(Error::RoomNotFound { .. }) => return report,
+            Err(err) => return failed(report, format!("store: {}", err.detail())),
+        };
+        let whole = is_whole(&batch);
+        let mut unsaved = false;
+        for event in &batch {
+            if self.endpoint.wants(event) {
+                report.oldest = event.time.and_then(|time| SystemTime::try_from(time).ok());
+                let id = format!("{room}:{}:{}", event.epoch, event.seq);
+                if let Err(reason) = self.post(&id, json(&***event)).await {
+                    return failed(report, reason);
+                }
+            }
+            cursor.seq = event.seq;
+            report.behind = position.newest_seq.saturating_sub(cursor.seq);
+            unsaved = !self.endpoint.wants(event);
+            if !unsaved {
+                // Saved after each delivered event: a deliverer that dies resends one at most.
+                if let Err(reason) = self.advance(room, &cursor).await {
+                    return failed(report, reason);
+                }
+            }
+        }
+        if unsaved {
+            if let Err(reason) = self.advance(room, &cursor).await {
+                return failed(report, reason);
+            }
+        }
+        report.oldest = None;
+        report.outcome = Ok(if !whole || cursor.seq < position.newest_seq {
+            Turn::More
+        } else {
+            Turn::CaughtUp
+        });
+        report
+    }
+
+    /// Tells the endpoint that the events after `cursor` up to the log's oldest (or, when the
+    /// log is another epoch, every event of the old one after the cursor) will never come, and
+    /// moves the cursor to where delivery goes on.
+    async fn lost(
+        &self,
+        room: &str,
+        cursor: &Cursor,
+        epoch: &str,
+        oldest_seq: u64,
+    ) -> Result<(), String> {
+        let same_log = epoch == cursor.epoch;
+        let lost = pb::EventsLost {
+            room_id: room.to_owned(),
+            epoch: cursor.epoch.clone(),
+            from_seq: cursor.seq + 1,
+            to_seq: if same_log { oldest_seq - 1 } else { 0 },
+            next_epoch: epoch.to_owned(),
+            next_seq: oldest_seq,
+        };
+        let id = format!(
+            "{room}:{}:lost:{}-{}",
+            lost.epoch, lost.from_seq, lost.to_seq
+        );
+        let notice = pb::WebhookNotice {
+            notice: Some(pb::webhook_notice::Notice::EventsLost(lost)),
+        };
+        self.post(&id, json(&notice)).await?;
+        self.metrics.lost();
+        let next = Cursor {
+            epoch: epoch.to_owned(),
+            seq: oldest_seq - 1,
+        };
+        self.advance(room, &next).await
+    }
+
+    async fn advance(&self, room: &str, cursor: &Cursor) -> Result<(), String> {
+        self.outbox
+            .advance(self.index, room, cursor)
+            .await
+            .map_err(|err| format!("store: {}", err.detail()))
+    }
+
+    /// POSTs `body` as message `id`, signed now; Ok on a 2xx answer.
+    async fn post(&self, id: &str, body: String) -> Result<(), String> {
+        let timestamp = self
+            .clock
+            .now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let signature = sign::signature(&self.endpoint.secrets, id, timestamp, body.as_bytes());
+        let request = http::Request::post(&self.endpoint.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("roomctl/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-signature", signature)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|err| format!("request: {err}"))?;
+        let sent = tokio::time::timeout(self.endpoint.timeout, async {
+            let response = self.client.request(request).await?;
+            let status = response.status();
+            // Read so the connection can carry the next request; its content is not used.
+            let _ = Limited::new(response.into_body(), RESPONSE_BODY_BYTES)
+                .collect()
+                .await;
+            Ok::<_, hyper_util::client::legacy::Error>(status)
+        })
+        .await;
+        let (delivery, result) = match sent {
+            Ok(Ok(status)) if status.is_success() => (Delivery::Delivered, Ok(())),
+            Ok(Ok(status)) => (Delivery::Refused, Err(format!("answered {status}"))),
+            Ok(Err(err)) => (Delivery::Unreachable, Err(with_causes(&err))),
+            Err(_) => (
+                Delivery::TimedOut,
+                Err(format!("no answer within {:?}", self.endpoint.timeout)),
+            ),
+        };
+        self.metrics.delivery(delivery);
+        result
+    }
+}
+
+fn failed(report: Report, reason: String) -> Report {
+    Report {
+        outcome: Err(reason),
+        ..report
+    }
+}
+
+/// An error and its causes on one line (hyper's own says little: "client error (Connect)").
+fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
+}

@@ -1,0 +1,448 @@
+//! Webhooks as a receiver sees them: a real HTTP server started by the test, a real node, and
+//! the Python `standardwebhooks` package as the independent verifier of every signature.
+//!
+//! Every event of every room arrives, per room in `seq` order and each id once, with the body
+//! the `Events` stream's event has in proto3 JSON; a receiver that fails, goes down and comes
+//! back slow loses nothing, and a failing room holds back no other; one away past the history
+//! is told exactly what it lost; a rotating endpoint signs with both secrets; the example
+//! receiver of the README verifies and prints what it gets.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use common::webhook_receiver::{Received, Receiver};
+use common::*;
+use roomctl::codec::json;
+use roomctl::pb;
+use roomctl::webhooks::sign::Secret;
+use roomctl::webhooks::Endpoint;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// How long a test waits for deliveries that retries may delay.
+const DELIVERY_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A new signing secret, as Standard Webhooks writes it.
+fn new_secret() -> String {
+    let bytes: Vec<u8> = (0..2)
+        .flat_map(|_| uuid::Uuid::new_v4().into_bytes())
+        .collect();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// An endpoint at `url` signing with `secrets`, quick to time out and to retry (a test's
+/// receiver is local).
+fn endpoint(url: &str, secrets: &[&str]) -> Endpoint {
+    let secrets = secrets.iter().map(|s| Secret::parse(s).unwrap()).collect();
+    Endpoint::new(url, secrets, None)
+        .unwrap()
+        .with_timing(Duration::from_secs(2), Duration::from_millis(300))
+        .unwrap()
+}
+
+/// A memory node delivering to `endpoints`, with metrics on.
+async fn node(endpoints: Vec<Endpoint>, history: usize) -> TestServer {
+    TestServer::start_with(Backend::Memory, move |config| {
+        config.webhooks = endpoints.clone();
+        config.rooms.history = history;
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.clock = roomctl::clock::Clock::system();
+    })
+    .await
+}
+
+/// Some activity in `room`: `joins` participants join, every other one is dropped, the room is
+/// locked and unlocked. Returns the room's last seq.
+async fn activity(server: &TestServer, room: &str, joins: usize) -> u64 {
+    let mut moderator = server.client("mod", room, "moderator").await;
+    let mut seq = 0;
+    let mut joined = Vec::new();
+    for n in 0..joins {
+        let mut client = server
+            .client(&format!("user-{n}"), room, "participant")
+            .await;
+        let response = join(&mut client, room, "someone").await;
+        seq = seq.max(response.seq);
+        joined.push(response.client_id);
+    }
+    let dropped: Vec<&str> = joined.iter().step_by(2).map(String::as_str).collect();
+    moderator
+        .drop_user(drop_request(room, &dropped, "webhook test"))
+        .await
+        .unwrap();
+    // The unlock is the room's last event.
+    for locked in [true, false] {
+        let response = if locked {
+            let request = pb::LockRoomRequest {
+                room_id: room.into(),
+                ..Default::default()
+            };
+            moderator.lock_room(request).await.unwrap().into_inner().seq
+        } else {
+            let request = pb::UnlockRoomRequest {
+                room_id: room.into(),
+                ..Default::default()
+            };
+            moderator
+                .unlock_room(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .seq
+        };
+        seq = seq.max(response);
+    }
+    seq
+}
+
+/// The events of `room`'s log after `after` up to `last`, read from an `Events` stream.
+async fn log_after(server: &TestServer, room: &str, after: u64, last: u64) -> Vec<pb::Event> {
+    let mut observer = server.client("ops", "*", "service").await;
+    let mut stream = subscribe(&mut observer, room, "", Some(after))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while events.last().is_none_or(|e: &pb::Event| e.seq < last) {
+        events.push(next_event(&mut stream).await);
+    }
+    events
+}
+
+/// Every event of `room`'s log up to `last`.
+async fn log_of(server: &TestServer, room: &str, last: u64) -> Vec<pb::Event> {
+    log_after(server, room, 0, last).await
+}
+
+/// The room of a delivery, from its id (`room:epoch:seq`, or `room:epoch:lost:from-to`).
+fn room_of(received: &Received) -> String {
+    let json = received.json();
+    let room = json["roomId"]
+        .as_str()
+        .or_else(|| json["eventsLost"]["roomId"].as_str())
+        .expect("a body names its room");
+    room.to_owned()
+}
+
+/// The deliveries answered 2xx, per room, in the order they were answered.
+fn delivered_per_room(received: &[Received]) -> BTreeMap<String, Vec<Received>> {
+    let mut rooms: BTreeMap<String, Vec<Received>> = BTreeMap::new();
+    for r in received.iter().filter(|r| r.delivered()) {
+        rooms.entry(room_of(r)).or_default().push(r.clone());
+    }
+    rooms
+}
+
+/// Whether `room`'s deliveries reached seq `last`.
+fn reached(received: &[Received], room: &str, last: u64) -> bool {
+    received.iter().any(|r| {
+        r.delivered()
+            && r.id.starts_with(&format!("{room}:"))
+            && r.id.ends_with(&format!(":{last}"))
+    })
+}
+
+/// Asserts that `room` got exactly its log, in order, each id once, each body the event's
+/// proto3 JSON (the `Events` stream's event, so one schema serves both).
+fn assert_whole_log(delivered: &[Received], log: &[pb::Event]) {
+    let ids: Vec<&str> = delivered.iter().map(|r| r.id.as_str()).collect();
+    let expected: Vec<String> = log
+        .iter()
+        .map(|e| format!("{}:{}:{}", e.room_id, e.epoch, e.seq))
+        .collect();
+    assert_eq!(ids, expected, "a room's deliveries, in order, each once");
+    for (received, event) in delivered.iter().zip(log) {
+        assert_eq!(received.body, json(event));
+        assert_eq!(received.content_type, "application/json");
+    }
+}
+
+#[tokio::test]
+async fn every_event_of_busy_rooms_arrives_in_order_once_and_verifies() {
+    let receiver = Receiver::start().await;
+    let secret = new_secret();
+    let server = node(vec![endpoint(&receiver.url(), &[&secret])], 10_000).await;
+    let rooms: Vec<String> = (0..6).map(|n| format!("busy-{n}")).collect();
+    let server = Arc::new(server);
+    let mut busy = tokio::task::JoinSet::new();
+    for room in rooms.clone() {
+        let server = server.clone();
+        busy.spawn(async move { (room.clone(), activity(&server, &room, 8).await) });
+    }
+    let mut last = BTreeMap::new();
+    while let Some(done) = busy.join_next().await {
+        let (room, seq) = done.unwrap();
+        last.insert(room, seq);
+    }
+    let received = receiver
+        .until("every room's last event", DELIVERY_PATIENCE, |received| {
+            last.iter().all(|(room, &seq)| reached(received, room, seq))
+        })
+        .await;
+    let per_room = delivered_per_room(&received);
+    for (room, &seq) in &last {
+        assert_whole_log(&per_room[room], &log_of(&server, room, seq).await);
+    }
+    assert!(received.iter().all(Received::delivered));
+    common::standard_webhooks::verify_all(&received, &secret);
+    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
+    let delivered = format!(
+        "roomctl_webhook_deliveries_total{{endpoint=\"{}\",outcome=\"delivered\"}}",
+        receiver.url()
+    );
+    assert_eq!(metric(&metrics, &delivered), received.len() as f64);
+}
+
+#[tokio::test]
+async fn a_failing_then_down_then_slow_receiver_loses_nothing_and_no_room_waits_for_another() {
+    let mut receiver = Receiver::start().await;
+    let secret = new_secret();
+    let server = node(vec![endpoint(&receiver.url(), &[&secret])], 10_000).await;
+
+    // One room the receiver refuses: the other's events arrive all the same.
+    receiver.answer_with(|r| {
+        let status = if r.body.contains("\"flaky\"") {
+            500
+        } else {
+            204
+        };
+        (status, Duration::ZERO)
+    });
+    let flaky_first = activity(&server, "flaky", 3).await;
+    let steady_first = activity(&server, "steady", 3).await;
+    receiver
+        .until(
+            "the steady room's events while the flaky room is refused",
+            DELIVERY_PATIENCE,
+            |received| {
+                reached(received, "steady", steady_first)
+                    && received.iter().filter(|r| r.status == 500).count() >= 3
+            },
+        )
+        .await;
+
+    // Then: everything refused for the first requests, then down for a while, then slow.
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = refused.clone();
+    receiver.answer_with(move |_| {
+        if counted.fetch_add(1, Ordering::Relaxed) < 5 {
+            (500, Duration::ZERO)
+        } else {
+            (204, Duration::from_millis(50))
+        }
+    });
+    let more = activity(&server, "steady", 2).await;
+    receiver.stop();
+    let flaky_last = activity(&server, "flaky", 2).await;
+    let steady_last = activity(&server, "steady", 2).await;
+    assert!(flaky_last > flaky_first && steady_last > more);
+    // Down for longer than several retries of the capped backoff.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
+    let series = |outcome: &str| {
+        format!(
+            "roomctl_webhook_deliveries_total{{endpoint=\"{}\",outcome=\"{outcome}\"}}",
+            receiver.url()
+        )
+    };
+    assert!(metric(&metrics, &series("unreachable")) > 0.0, "{metrics}");
+    assert!(metric(&metrics, &series("refused")) >= 3.0, "{metrics}");
+    receiver.resume().await;
+
+    let received = receiver
+        .until("both rooms' last events", DELIVERY_PATIENCE, |received| {
+            reached(received, "flaky", flaky_last) && reached(received, "steady", steady_last)
+        })
+        .await;
+    let per_room = delivered_per_room(&received);
+    assert_whole_log(
+        &per_room["flaky"],
+        &log_of(&server, "flaky", flaky_last).await,
+    );
+    assert_whole_log(
+        &per_room["steady"],
+        &log_of(&server, "steady", steady_last).await,
+    );
+    common::standard_webhooks::verify_all(&received, &secret);
+    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
+    let retries = format!(
+        "roomctl_webhook_retries_total{{endpoint=\"{}\"}}",
+        receiver.url()
+    );
+    assert!(metric(&metrics, &retries) >= 5.0, "{metrics}");
+}
+
+#[tokio::test]
+async fn a_receiver_away_past_the_history_is_told_exactly_what_it_lost() {
+    let mut receiver = Receiver::start().await;
+    receiver.stop();
+    let secret = new_secret();
+    let server = node(vec![endpoint(&receiver.url(), &[&secret])], 5).await;
+    // 10 joins, 5 drops (each drop commit logs 2 events per client and an ack), a lock, an
+    // unlock: far more than the 5 events the history keeps.
+    let last = activity(&server, "away", 10).await;
+    let oldest = last - 4;
+    receiver.resume().await;
+    let received = receiver
+        .until("the room's last event", DELIVERY_PATIENCE, |received| {
+            reached(received, "away", last)
+        })
+        .await;
+    let delivered = &delivered_per_room(&received)["away"];
+    let notice = delivered[0].json();
+    let log = log_after(&server, "away", oldest - 1, last).await;
+    let epoch = &log[0].epoch;
+    assert_eq!(
+        notice,
+        serde_json::json!({"eventsLost": {
+            "roomId": "away", "epoch": epoch, "fromSeq": "1", "toSeq": (oldest - 1).to_string(),
+            "nextEpoch": epoch, "nextSeq": oldest.to_string(),
+        }}),
+    );
+    assert_eq!(
+        delivered[0].id,
+        format!("away:{epoch}:lost:1-{}", oldest - 1)
+    );
+    assert_whole_log(&delivered[1..], &log);
+    common::standard_webhooks::verify_all(&received, &secret);
+    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
+    let lost = format!(
+        "roomctl_webhook_events_lost_notices_total{{endpoint=\"{}\"}}",
+        receiver.url()
+    );
+    assert_eq!(metric(&metrics, &lost), 1.0);
+}
+
+#[tokio::test]
+async fn a_rotating_endpoint_signs_with_both_secrets() {
+    let receiver = Receiver::start().await;
+    let (new, old) = (new_secret(), new_secret());
+    let server = node(vec![endpoint(&receiver.url(), &[&new, &old])], 10_000).await;
+    let last = activity(&server, "rotating", 2).await;
+    let received = receiver
+        .until("the room's last event", DELIVERY_PATIENCE, |received| {
+            reached(received, "rotating", last)
+        })
+        .await;
+    for r in &received {
+        assert_eq!(r.signature.split(' ').count(), 2, "{}", r.signature);
+    }
+    // A receiver that still has the old secret, and one that has the new: both verify.
+    common::standard_webhooks::verify_all(&received, &old);
+    common::standard_webhooks::verify_all(&received, &new);
+}
+
+#[tokio::test]
+async fn an_endpoint_gets_only_the_events_it_chose() {
+    let receiver = Receiver::start().await;
+    let secret = Secret::parse(&new_secret()).unwrap();
+    let chosen = ["ack_drop_user".to_owned()];
+    let only_acks = Endpoint::new(&receiver.url(), vec![secret], Some(&chosen)).unwrap();
+    let server = node(vec![only_acks], 10_000).await;
+    let last = activity(&server, "acks", 4).await;
+    let mut moderator = server.client("mod", "acks", "moderator").await;
+    // One more drop, then a lock: the filter skips what follows the ack.
+    moderator
+        .drop_user(drop_request("acks", &["nobody"], "again"))
+        .await
+        .unwrap();
+    let lock = pb::LockRoomRequest {
+        room_id: "acks".into(),
+        ..Default::default()
+    };
+    let locked = moderator.lock_room(lock).await.unwrap().into_inner().seq;
+    assert!(locked > last);
+    let received = receiver
+        .until("the second ack", DELIVERY_PATIENCE, |received| {
+            received.len() >= 2
+        })
+        .await;
+    let acks: Vec<u64> = log_of(&server, "acks", locked)
+        .await
+        .into_iter()
+        .filter(|e| kind(e) == "ack_drop_user")
+        .map(|e| e.seq)
+        .collect();
+    let got: Vec<u64> = received
+        .iter()
+        .map(|r| r.json()["seq"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(got, acks);
+}
+
+/// The README's receiver (examples/webhook_receiver.py), run as a user would: it verifies and
+/// prints every event, and refuses a forged one.
+#[tokio::test]
+async fn the_readme_receiver_verifies_and_prints_every_event() {
+    let Some(python) = common::standard_webhooks::python() else {
+        return;
+    };
+    let secret = new_secret();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/webhook_receiver.py");
+    let mut python = tokio::process::Command::from(python);
+    let mut receiver = python
+        .arg(script)
+        .arg("0")
+        .env("WEBHOOK_SECRET", &secret)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(receiver.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(PATIENCE, said.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the receiver says where it listens");
+    let port = line.strip_prefix("listening on ").expect(&line);
+    let url = format!("http://127.0.0.1:{port}/hook");
+
+    // A forged delivery is refused.
+    let forged = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            &url,
+        ])
+        .args([
+            "-H",
+            "webhook-id: x",
+            "-H",
+            "webhook-timestamp: 1",
+            "-H",
+            "webhook-signature: v1,AAAA",
+        ])
+        .args(["-d", "{}"])
+        .output();
+    if let Ok(out) = forged {
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
+    }
+
+    let server = node(vec![endpoint(&url, &[&secret])], 10_000).await;
+    let last = activity(&server, "readme", 2).await;
+    let log = log_of(&server, "readme", last).await;
+    let mut printed = BufReader::new(receiver.stdout.take().unwrap()).lines();
+    for event in &log {
+        let line = tokio::time::timeout(DELIVERY_PATIENCE, printed.next_line())
+            .await
+            .expect("the receiver prints each event")
+            .unwrap()
+            .unwrap();
+        let got: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let want: serde_json::Value = serde_json::from_str(&json(event)).unwrap();
+        assert_eq!(got, want);
+    }
+}
