@@ -8,7 +8,8 @@
 //! `-- --redis-only` for the Redis store against the memory store, `-- --cluster-only` for a
 //! Redis Cluster beside one Redis, `-- --durability-only` for what `--redis-wait-replicas 1`
 //! costs, `-- --redis-cpu-only` for redis-server's CPU per change, `-- --rooms-memory-only`
-//! for what a million rooms cost a node, `-- --curves-only` for the curves alone (drawn into
+//! for what a million rooms cost a node, `-- --webhooks-only` for what webhooks cost a node,
+//! `-- --curves-only` for the curves alone (drawn into
 //! docs/curves/ by a full run, under target/curves/ by a quick or smoke one; `--curve=NAME`
 //! for one of rooms, participants, observers, streams, nodes), `-- --pinned-only`
 //! for the pinned h2load measurement alone).
@@ -35,6 +36,8 @@ mod redis_cluster;
 mod redis_server;
 #[path = "../tests/common/tools.rs"]
 mod tools;
+#[path = "support/webhooks.rs"]
+mod webhooks;
 
 /// How long the cluster helper waits for a cluster to form.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -815,6 +818,9 @@ async fn bench() {
     if std::env::args().any(|a| a == "--rooms-memory-only") {
         return rooms_memory(size).await;
     }
+    if std::env::args().any(|a| a == "--webhooks-only") {
+        return webhooks::webhooks(size).await;
+    }
     if std::env::args().any(|a| a == "--pinned-only") {
         fanout_pinned(size).await;
         return pinned(size).await;
@@ -901,6 +907,7 @@ async fn bench() {
         same_node.percentile(0.99)
     );
     rooms_memory(size).await;
+    webhooks::webhooks(size).await;
 
     if !redis_server::redis_available() {
         println!("\nredis-server not found: Redis figures skipped");

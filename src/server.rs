@@ -174,16 +174,10 @@ impl Server {
         let store = store::open(&config.store, config.rooms, telemetry.clone(), config.clock)
             .await
             .map_err(ServeError::Store)?;
-        let outbox = match config.webhooks.len() {
-            0 => None,
-            endpoints => Some(store.outbox(endpoints).ok_or_else(|| {
-                ServeError::Config(
-                    "webhooks need the memory store for now: the Redis store does not keep \
-                     delivery cursors yet"
-                        .into(),
-                )
-            })?),
-        };
+        let outbox = (!config.webhooks.is_empty()).then(|| {
+            let endpoints: Vec<_> = config.webhooks.iter().map(Endpoint::in_store).collect();
+            store.outbox(&endpoints)
+        });
         let streams = StreamBudget::new(
             config.limits.max_streams,
             config.limits.max_streams_per_connection,

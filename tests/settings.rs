@@ -485,8 +485,7 @@ fn the_operations_doc_names_every_setting() {
 }
 
 /// `[[webhooks]]` tables: a good one is shown by `config check` (its secret hidden), and each
-/// mistake is refused (exit 2) naming the table and what is wrong; webhooks on a Redis store
-/// are refused saying why.
+/// mistake is refused (exit 2) naming the table and what is wrong.
 #[tokio::test]
 async fn webhook_tables_are_checked_and_named() {
     let dir = Dir::new("settings-webhooks");
@@ -547,12 +546,4 @@ async fn webhook_tables_are_checked_and_named() {
     let bad_url = format!("[[webhooks]]\nurl = \"ftp://x/y\"\n{secret}\n");
     let output = config_check(&file("url.toml", &bad_url)).await;
     assert!(String::from_utf8_lossy(&output.stderr).contains("http:// or https://"));
-    let on_redis = format!("store = \"redis://127.0.0.1:9\"\n{}", table(&secret));
-    let output = config_check(&file("redis.toml", &on_redis)).await;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("webhooks need the memory store for now"),
-        "{stderr}"
-    );
 }

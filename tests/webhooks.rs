@@ -7,6 +7,7 @@
 //! is told exactly what it lost; a rotating endpoint signs with both secrets; the example
 //! receiver of the README verifies and prints what it gets.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -48,15 +49,36 @@ fn endpoint(url: &str, secrets: &[&str]) -> Endpoint {
         .unwrap()
 }
 
-/// A memory node delivering to `endpoints`, with metrics on.
-async fn node(endpoints: Vec<Endpoint>, history: usize) -> TestServer {
-    TestServer::start_with(Backend::Memory, move |config| {
+/// Nodes of `backend` delivering to `endpoints`, with metrics on.
+async fn nodes(backend: Backend, endpoints: Vec<Endpoint>, history: usize) -> TestServer {
+    TestServer::start_with(backend, move |config| {
         config.webhooks = endpoints.clone();
         config.rooms.history = history;
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         config.clock = roomctl::clock::Clock::system();
     })
     .await
+}
+
+/// One memory node delivering to `endpoints`.
+async fn node(endpoints: Vec<Endpoint>, history: usize) -> TestServer {
+    nodes(Backend::Memory, endpoints, history).await
+}
+
+/// `series` summed over every node of `server`.
+async fn metric_of(server: &TestServer, series: &str) -> f64 {
+    let mut sum = 0.0;
+    for node in &server.nodes {
+        sum += metric(&scrape(node.metrics.unwrap()).await, series);
+    }
+    sum
+}
+
+acceptance! {
+    every_event_of_busy_rooms_arrives_in_order_once_and_verifies,
+    a_failing_then_down_then_slow_receiver_loses_nothing_and_no_room_waits_for_another,
+    a_receiver_away_past_the_history_is_told_exactly_what_it_lost,
+    a_rotating_endpoint_signs_with_both_secrets,
 }
 
 /// Some activity in `room`: `joins` participants join, every other one is dropped, the room is
@@ -164,11 +186,10 @@ fn assert_whole_log(delivered: &[Received], log: &[pb::Event]) {
     }
 }
 
-#[tokio::test]
-async fn every_event_of_busy_rooms_arrives_in_order_once_and_verifies() {
+async fn every_event_of_busy_rooms_arrives_in_order_once_and_verifies(backend: Backend) {
     let receiver = Receiver::start().await;
     let secret = new_secret();
-    let server = node(vec![endpoint(&receiver.url(), &[&secret])], 10_000).await;
+    let server = nodes(backend, vec![endpoint(&receiver.url(), &[&secret])], 10_000).await;
     let rooms: Vec<String> = (0..6).map(|n| format!("busy-{n}")).collect();
     let server = Arc::new(server);
     let mut busy = tokio::task::JoinSet::new();
@@ -192,19 +213,19 @@ async fn every_event_of_busy_rooms_arrives_in_order_once_and_verifies() {
     }
     assert!(received.iter().all(Received::delivered));
     common::standard_webhooks::verify_all(&received, &secret);
-    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
     let delivered = format!(
         "roomctl_webhook_deliveries_total{{endpoint=\"{}\",outcome=\"delivered\"}}",
         receiver.url()
     );
-    assert_eq!(metric(&metrics, &delivered), received.len() as f64);
+    assert_eq!(metric_of(&server, &delivered).await, received.len() as f64);
 }
 
-#[tokio::test]
-async fn a_failing_then_down_then_slow_receiver_loses_nothing_and_no_room_waits_for_another() {
+async fn a_failing_then_down_then_slow_receiver_loses_nothing_and_no_room_waits_for_another(
+    backend: Backend,
+) {
     let mut receiver = Receiver::start().await;
     let secret = new_secret();
-    let server = node(vec![endpoint(&receiver.url(), &[&secret])], 10_000).await;
+    let server = nodes(backend, vec![endpoint(&receiver.url(), &[&secret])], 10_000).await;
 
     // One room the receiver refuses: the other's events arrive all the same.
     receiver.answer_with(|r| {
@@ -245,15 +266,14 @@ async fn a_failing_then_down_then_slow_receiver_loses_nothing_and_no_room_waits_
     assert!(flaky_last > flaky_first && steady_last > more);
     // Down for longer than several retries of the capped backoff.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
     let series = |outcome: &str| {
         format!(
             "roomctl_webhook_deliveries_total{{endpoint=\"{}\",outcome=\"{outcome}\"}}",
             receiver.url()
         )
     };
-    assert!(metric(&metrics, &series("unreachable")) > 0.0, "{metrics}");
-    assert!(metric(&metrics, &series("refused")) >= 3.0, "{metrics}");
+    assert!(metric_of(&server, &series("unreachable")).await > 0.0);
+    assert!(metric_of(&server, &series("refused")).await >= 3.0);
     receiver.resume().await;
 
     let received = receiver
@@ -271,20 +291,18 @@ async fn a_failing_then_down_then_slow_receiver_loses_nothing_and_no_room_waits_
         &log_of(&server, "steady", steady_last).await,
     );
     common::standard_webhooks::verify_all(&received, &secret);
-    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
     let retries = format!(
         "roomctl_webhook_retries_total{{endpoint=\"{}\"}}",
         receiver.url()
     );
-    assert!(metric(&metrics, &retries) >= 5.0, "{metrics}");
+    assert!(metric_of(&server, &retries).await >= 5.0);
 }
 
-#[tokio::test]
-async fn a_receiver_away_past_the_history_is_told_exactly_what_it_lost() {
+async fn a_receiver_away_past_the_history_is_told_exactly_what_it_lost(backend: Backend) {
     let mut receiver = Receiver::start().await;
     receiver.stop();
     let secret = new_secret();
-    let server = node(vec![endpoint(&receiver.url(), &[&secret])], 5).await;
+    let server = nodes(backend, vec![endpoint(&receiver.url(), &[&secret])], 5).await;
     // 10 joins, 5 drops (each drop commit logs 2 events per client and an ack), a lock, an
     // unlock: far more than the 5 events the history keeps.
     let last = activity(&server, "away", 10).await;
@@ -312,19 +330,22 @@ async fn a_receiver_away_past_the_history_is_told_exactly_what_it_lost() {
     );
     assert_whole_log(&delivered[1..], &log);
     common::standard_webhooks::verify_all(&received, &secret);
-    let metrics = scrape(server.nodes[0].metrics.unwrap()).await;
     let lost = format!(
         "roomctl_webhook_events_lost_notices_total{{endpoint=\"{}\"}}",
         receiver.url()
     );
-    assert_eq!(metric(&metrics, &lost), 1.0);
+    assert_eq!(metric_of(&server, &lost).await, 1.0);
 }
 
-#[tokio::test]
-async fn a_rotating_endpoint_signs_with_both_secrets() {
+async fn a_rotating_endpoint_signs_with_both_secrets(backend: Backend) {
     let receiver = Receiver::start().await;
     let (new, old) = (new_secret(), new_secret());
-    let server = node(vec![endpoint(&receiver.url(), &[&new, &old])], 10_000).await;
+    let server = nodes(
+        backend,
+        vec![endpoint(&receiver.url(), &[&new, &old])],
+        10_000,
+    )
+    .await;
     let last = activity(&server, "rotating", 2).await;
     let received = receiver
         .until("the room's last event", DELIVERY_PATIENCE, |received| {
@@ -445,4 +466,106 @@ async fn the_readme_receiver_verifies_and_prints_every_event() {
         let want: serde_json::Value = serde_json::from_str(&json(event)).unwrap();
         assert_eq!(got, want);
     }
+}
+
+/// Two node processes on one Redis (or a Redis Cluster) deliver; one is SIGKILLed while it
+/// holds rooms' turns mid-stream. The other takes those rooms once their turns run out and
+/// goes on from their cursors: every event arrives, in order per room; an event sent twice (the
+/// one in flight when the node died) has the same id and body both times.
+async fn a_node_killed_mid_delivery_is_taken_over(store_url: String) {
+    let receiver = Receiver::start().await;
+    // Slow, so the node dies with deliveries in flight.
+    receiver.answer_with(|_| (204, Duration::from_millis(150)));
+    let secret = new_secret();
+    let dir = common::certs::Dir::new("webhooks-kill");
+    let config = dir.write(
+        "roomctl.toml",
+        &format!(
+            "store = {store_url:?}\n[[webhooks]]\nurl = {:?}\nsecret = {secret:?}\ntimeout = \"1s\"\nmax_retry_delay = \"300ms\"\n",
+            receiver.url()
+        ),
+    );
+    let config = config.to_string_lossy().into_owned();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--config",
+        &config,
+    ];
+    let mut doomed =
+        common::node_process::LoggedNode::start(common::node_process::serve(&args)).await;
+    let survivor =
+        common::node_process::LoggedNode::start(common::node_process::serve(&args)).await;
+    let rooms: Vec<String> = (0..8).map(|n| format!("kill-{n}")).collect();
+    let mut last = BTreeMap::new();
+    for room in &rooms {
+        let mut client = client_with_token(survivor.addr, &token("mod", room, "moderator")).await;
+        let mut seq = 0;
+        for n in 0..6 {
+            seq = join(&mut client, room, &format!("p{n}")).await.seq;
+        }
+        last.insert(room.clone(), seq);
+    }
+    // Once the doomed node has delivered something, it holds turns: kill it.
+    let delivered = format!(
+        "roomctl_webhook_deliveries_total{{endpoint=\"{}\",outcome=\"delivered\"}}",
+        receiver.url()
+    );
+    let metrics = doomed.metrics.unwrap();
+    let started = tokio::time::Instant::now();
+    while metric(&scrape(metrics).await, &delivered) < 1.0 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the doomed node never delivered"
+        );
+        tokio::task::yield_now().await;
+    }
+    doomed.child.start_kill().unwrap();
+    doomed.child.wait().await.unwrap();
+    let received = receiver
+        .until("every room's last event", DELIVERY_PATIENCE, |received| {
+            last.iter().all(|(room, &seq)| reached(received, room, seq))
+        })
+        .await;
+    let server_logs = survivor.stop().await;
+    let mut first: BTreeMap<String, Received> = BTreeMap::new();
+    let mut per_room: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in received.iter().filter(|r| r.delivered()) {
+        match first.get(&r.id) {
+            Some(earlier) => assert_eq!(earlier.body, r.body, "a redelivery of {}", r.id),
+            None => {
+                first.insert(r.id.clone(), r.clone());
+                let seq = r.json()["seq"].as_str().unwrap().parse().unwrap();
+                per_room.entry(room_of(r)).or_default().push(seq);
+            }
+        }
+    }
+    for (room, &seq) in &last {
+        assert_eq!(
+            per_room[room],
+            (1..=seq).collect::<Vec<_>>(),
+            "{room}: {server_logs:?}"
+        );
+    }
+    common::standard_webhooks::verify_all(&received, &secret);
+}
+
+#[tokio::test]
+async fn redis_a_node_killed_mid_delivery_is_taken_over() {
+    if !common::redis_server::redis_available() {
+        return;
+    }
+    let redis = common::redis_server::RedisServer::start().await;
+    a_node_killed_mid_delivery_is_taken_over(redis.url()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_a_node_killed_mid_delivery_is_taken_over() {
+    if !common::redis_server::redis_available() {
+        return;
+    }
+    let cluster = common::redis_cluster::RedisCluster::start(3).await;
+    a_node_killed_mid_delivery_is_taken_over(cluster.url()).await;
 }

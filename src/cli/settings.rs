@@ -145,7 +145,7 @@ pub struct ServeArgs {
     http2_keepalive_timeout: humantime::Duration,
     /// Push every room event to this URL (Standard Webhooks 1.0, signed with
     /// --webhook-secret-file); more endpoints, or a choice of events, as `[[webhooks]]` tables
-    /// in the --config file. Needs the memory store for now.
+    /// in the --config file (every node sharing a Redis must configure the same).
     #[arg(long, env = "ROOMCTL_WEBHOOK_URL")]
     webhook_url: Option<String>,
     /// A file of --webhook-url's signing secrets (`whsec_` and base64), one per line: the
@@ -357,13 +357,6 @@ impl ServeArgs {
                     endpoint.name()
                 )));
             }
-        }
-        if !endpoints.is_empty() && self.store != StoreConfig::Memory {
-            return Err(Failure::Usage(
-                "webhooks need the memory store for now: the Redis store does not keep \
-                 delivery cursors yet"
-                    .into(),
-            ));
         }
         Ok(endpoints)
     }

@@ -28,8 +28,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    batch_of, Changed, Cursor, Head, Lease, LogWindow, LoggedEvent, Opening, Outbox, Position,
-    RoomSettings, RoomStore, Snapshot,
+    batch_of, Cursor, DueRooms, Head, Lease, LogWindow, LoggedEvent, Opening, Outbox,
+    OutboxEndpoint, Position, RoomSettings, RoomStore, Snapshot,
 };
 use crate::clock::Clock;
 use crate::engine::{self, Applied, Ban, Caller, Change, ClientStatus, Command, Reply, RoomState};
@@ -131,8 +131,8 @@ struct Rooms {
     config: RoomSettings,
     telemetry: Telemetry,
     clock: Clock,
-    /// With webhooks: per endpoint, the rooms that logged events since its deliverer looked.
-    changed: OnceLock<Box<[Changed]>>,
+    /// With webhooks: per endpoint, the rooms due for delivery.
+    due: OnceLock<Box<[DueRooms]>>,
 }
 
 /// The in-memory [`RoomStore`].
@@ -220,7 +220,7 @@ impl Rooms {
                 gone: false,
                 presence: HashMap::new(),
                 delivered: self
-                    .changed
+                    .due
                     .get()
                     .map(|endpoints| vec![0; endpoints.len()].into_boxed_slice()),
             }),
@@ -391,7 +391,7 @@ impl Rooms {
         if let Some(head) = &inner.head {
             head.send_replace(Head::committed(inner.state.seq(), commit.into()));
         }
-        for endpoint in self.changed.get().into_iter().flatten() {
+        for endpoint in self.due.get().into_iter().flatten() {
             endpoint.mark(inner.state.room_id());
         }
         self.telemetry.events_appended(applied.events.len());
@@ -437,7 +437,7 @@ impl MemoryStore {
             config,
             telemetry: telemetry.clone(),
             clock,
-            changed: OnceLock::new(),
+            due: OnceLock::new(),
         });
         let census = Arc::downgrade(&rooms);
         telemetry.on_scrape(move |telemetry| {
@@ -597,12 +597,12 @@ impl RoomStore for MemoryStore {
         self.healthy.subscribe()
     }
 
-    fn outbox(&self, endpoints: usize) -> Option<Arc<dyn Outbox>> {
-        let changed = (0..endpoints).map(|_| Changed::default()).collect();
+    fn outbox(&self, endpoints: &[OutboxEndpoint]) -> Arc<dyn Outbox> {
+        let due = endpoints.iter().map(|_| DueRooms::default()).collect();
         // Set before any room exists (serve calls this first), so every room tracks its
         // deliveries; a second call keeps the first's endpoints.
-        let _ = self.rooms.changed.set(changed);
-        Some(Arc::new(MemoryOutbox(self.rooms.clone())))
+        let _ = self.rooms.due.set(due);
+        Arc::new(MemoryOutbox(self.rooms.clone()))
     }
 }
 
@@ -611,9 +611,9 @@ struct MemoryOutbox(Arc<Rooms>);
 
 #[async_trait]
 impl Outbox for MemoryOutbox {
-    async fn changed(&self, endpoint: usize) -> Vec<Arc<str>> {
-        match self.0.changed.get().and_then(|all| all.get(endpoint)) {
-            Some(changed) => changed.take().await,
+    async fn due(&self, endpoint: usize, _want: usize) -> Result<Vec<Arc<str>>, Error> {
+        match self.endpoint(endpoint) {
+            Some(due) => Ok(due.take().await),
             None => std::future::pending().await,
         }
     }
@@ -654,5 +654,23 @@ impl Outbox for MemoryOutbox {
             Ok(()) | Err(Error::RoomNotFound { .. }) => Ok(()),
             Err(err) => Err(err),
         }
+    }
+
+    async fn settle(&self, _endpoint: usize, _room_id: &str) -> Result<(), Error> {
+        // Marks made during the turn made the room due again already.
+        Ok(())
+    }
+
+    async fn retry(&self, endpoint: usize, room_id: &str, delay: Duration) -> Result<(), Error> {
+        if let Some(due) = self.endpoint(endpoint) {
+            due.retry(room_id, delay);
+        }
+        Ok(())
+    }
+}
+
+impl MemoryOutbox {
+    fn endpoint(&self, endpoint: usize) -> Option<&DueRooms> {
+        self.0.due.get().and_then(|all| all.get(endpoint))
     }
 }

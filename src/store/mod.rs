@@ -15,7 +15,7 @@ mod outbox;
 pub mod redis;
 mod window;
 
-pub use outbox::{Changed, Cursor, Outbox, Position};
+pub use outbox::{Cursor, DueRooms, Outbox, OutboxEndpoint, Position};
 pub use window::LogWindow;
 
 use std::ops::Deref;
@@ -384,9 +384,9 @@ pub trait RoomStore: Send + Sync + 'static {
     /// Whether the store can serve now; health reports it.
     fn health(&self) -> watch::Receiver<bool>;
 
-    /// Starts keeping delivery positions for `endpoints` webhook endpoints (called once, before
-    /// serving); None when this store cannot keep them.
-    fn outbox(&self, endpoints: usize) -> Option<Arc<dyn Outbox>>;
+    /// Starts keeping delivery positions for webhook `endpoints` (called once, before serving;
+    /// on a shared store every node must give the same).
+    fn outbox(&self, endpoints: &[OutboxEndpoint]) -> Arc<dyn Outbox>;
 }
 
 #[cfg(test)]

@@ -6,13 +6,13 @@
 //! turn, so a busy room never starves a quiet one. A room whose delivery fails waits out its own
 //! backoff (capped, jittered) off the working set, so a room the receiver refuses, or a store
 //! that fails for a room, holds back no other room. A room is followed only while it has events
-//! to deliver: the store says which rooms logged events ([`Outbox::changed`]).
+//! to deliver: the store says which rooms are due ([`Outbox::due`]), and keeps their retry
+//! times, so on a shared store any node may take a room's next turn.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use prost::bytes::Bytes;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::DelayQueue;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{sign, Endpoint, MIN_RETRY_DELAY};
 use crate::backoff::Backoff;
@@ -99,6 +99,8 @@ struct Track {
     dirty: bool,
     /// Its turn is running.
     running: bool,
+    /// It failed and waits for the store to hand it out again.
+    waiting: bool,
     /// Its retries' delays, while it fails.
     backoff: Option<Backoff>,
     /// Events not yet delivered, as of its last turn.
@@ -109,11 +111,11 @@ struct Track {
 
 /// How a room's turn ended.
 enum Turn {
-    /// Every event logged when it read was delivered.
+    /// Every event logged when it read was delivered, and the turn settled.
     CaughtUp,
     /// Some were delivered; there are more.
     More,
-    /// The room is gone (forgotten once delivered).
+    /// The room is gone (forgotten once delivered), or its turn went to another node.
     Gone,
 }
 
@@ -128,8 +130,9 @@ struct Deliverer {
     context: Arc<Context>,
     rooms: HashMap<Arc<str>, Track>,
     ready: VecDeque<Arc<str>>,
-    waiting: DelayQueue<Arc<str>>,
     running: JoinSet<(Arc<str>, Report)>,
+    /// Retries being scheduled in the store.
+    retries: JoinSet<()>,
     /// Whether the last delivery succeeded: a change is logged, never each failure.
     healthy: bool,
 }
@@ -140,14 +143,18 @@ impl Deliverer {
             context,
             rooms: HashMap::new(),
             ready: VecDeque::new(),
-            waiting: DelayQueue::new(),
             running: JoinSet::new(),
+            retries: JoinSet::new(),
             healthy: true,
         }
     }
 
     async fn run(mut self) {
         let mut census = tokio::time::interval(Duration::from_secs(1));
+        // Asked apart, so that taking rooms (on a shared store, their turns) is never cut off
+        // halfway by another branch of the loop; it ends with the deliverer.
+        let (rooms, mut due) = tokio::sync::mpsc::channel(1);
+        let _asking = AbortOnDropHandle::new(tokio::spawn(ask_due(self.context.clone(), rooms)));
         loop {
             while self.running.len() < IN_FLIGHT {
                 let Some(room) = self.ready.pop_front() else {
@@ -164,32 +171,37 @@ impl Deliverer {
                 }
             }
             tokio::select! {
-                changed = self.context.outbox.changed(self.context.index) => {
-                    for room in changed {
-                        self.follow(room);
-                    }
+                Some(rooms) = due.recv(), if self.running.len() + self.ready.len() < IN_FLIGHT => {
+                    rooms.into_iter().for_each(|room| self.follow(room));
                 }
                 Some(done) = self.running.join_next() => match done {
                     Ok((room, report)) => self.finish(room, report),
                     Err(err) => tracing::error!(%err, "a webhook delivery task failed"),
                 },
-                Some(expired) = self.waiting.next() => self.ready.push_back(expired.into_inner()),
+                Some(_) = self.retries.join_next() => {}
                 _ = census.tick() => self.census(),
             }
         }
     }
 
-    /// Follows `room`, which logged events: at once if it was quiet; after its turn if it is
-    /// running; after its backoff if it is failing.
+    /// Follows `room`, which the store says is due: at once if it was quiet or waiting for
+    /// its retry; after its turn if one is running.
     fn follow(&mut self, room: Arc<str>) {
         match self.rooms.get_mut(&room) {
-            Some(track) => track.dirty = true,
+            Some(track) if track.running => track.dirty = true,
+            Some(track) if track.waiting => {
+                track.waiting = false;
+                self.ready.push_back(room);
+            }
+            // Already queued for a turn.
+            Some(_) => {}
             None => {
                 self.rooms.insert(
                     room.clone(),
                     Track {
                         dirty: false,
                         running: false,
+                        waiting: false,
                         backoff: None,
                         behind: 0,
                         oldest: None,
@@ -234,7 +246,15 @@ impl Deliverer {
                         Backoff::new(MIN_RETRY_DELAY, self.context.endpoint.max_retry_delay)
                     })
                     .next_delay();
-                self.waiting.insert(room, delay);
+                track.waiting = true;
+                let context = self.context.clone();
+                // Short, and bounded by the store's deadline; if it fails, the room's turn
+                // runs out on a shared store and another attempt follows.
+                self.retries.spawn(async move {
+                    if let Err(err) = context.outbox.retry(context.index, &room, delay).await {
+                        tracing::debug!(err = %err.detail(), "webhooks: could not schedule a retry");
+                    }
+                });
             }
         }
     }
@@ -247,6 +267,23 @@ impl Deliverer {
             .and_then(|at| self.context.clock.now().duration_since(at).ok())
             .unwrap_or_default();
         self.context.metrics.behind(behind, age);
+    }
+}
+
+/// Hands the deliverer the rooms the store says are due, as it has room for them.
+async fn ask_due(context: Arc<Context>, rooms: tokio::sync::mpsc::Sender<Vec<Arc<str>>>) {
+    loop {
+        match context.outbox.due(context.index, IN_FLIGHT).await {
+            Ok(due) => {
+                if rooms.send(due).await.is_err() {
+                    return;
+                }
+            }
+            Err(err) => {
+                tracing::debug!(err = %err.detail(), "webhooks: the store cannot say which rooms are due");
+                tokio::time::sleep(MIN_RETRY_DELAY).await;
+            }
+        }
     }
 }
 
@@ -308,11 +345,14 @@ impl Context {
             }
         }
         report.oldest = None;
-        report.outcome = Ok(if !whole || cursor.seq < position.newest_seq {
-            Turn::More
-        } else {
-            Turn::CaughtUp
-        });
+        if !whole || cursor.seq < position.newest_seq {
+            report.outcome = Ok(Turn::More);
+            return report;
+        }
+        report.outcome = match self.outbox.settle(self.index, room).await {
+            Ok(()) => Ok(Turn::CaughtUp),
+            Err(err) => Err(format!("store: {}", err.detail())),
+        };
         report
     }
 

@@ -22,6 +22,7 @@ use std::time::Duration;
 use crate::codec::descriptors;
 use crate::pb;
 use crate::pb::event::Payload;
+use crate::store::OutboxEndpoint;
 use sign::Secret;
 
 /// What a webhook endpoint gets, and how it is reached.
@@ -100,6 +101,16 @@ impl Endpoint {
     /// How logs and metrics name the endpoint.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The endpoint as the store keeps it: its name, and how long a room's turn may go without
+    /// news (a request's timeout, twice, and 5 s for the store): past it another node may take
+    /// the room.
+    pub fn in_store(&self) -> OutboxEndpoint {
+        OutboxEndpoint {
+            name: self.name.clone(),
+            turn: self.timeout * 2 + Duration::from_secs(5),
+        }
     }
 
     /// Whether the endpoint wants `event`.

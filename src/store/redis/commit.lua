@@ -24,10 +24,12 @@
 --
 -- On one Redis (not a cluster, where they live in other slots) the commit also keeps the fleet's
 -- room list: it lists a room it creates and schedules the look at a room it leaves empty, in the
--- same atomic step, saving the writer a request before and after.
+-- same atomic step, saving the writer a request before and after; and, with webhooks, makes the
+-- room due for each endpoint (unless already due, retrying or in a node's turn).
 --
--- KEYS (10, or 12 on one Redis): meta, members, departed, owners, log, answers, answered,
--- leases, bans, banned; then the room list and the schedule of rooms left empty.
+-- KEYS (11, or 13 and more on one Redis): meta, members, departed, owners, log, answers,
+-- answered, leases, bans, banned, hooks (webhook cursors); then the room list, the schedule of
+-- rooms left empty, and each webhook endpoint's due rooms.
 -- ARGV: 1 expected seq ('' : the room must not exist), 2 epoch, 3 history (events), 4 empty-room
 -- TTL (ms), 5 channel, 6 notice, 7 now (ms), 8 answers' budget (bytes), 9 presence timeout (ms,
 -- 0: off), 10 lock ('' unchanged, '1', '0'), 11 publish command (PUBLISH, SPUBLISH, or '': do not
@@ -36,14 +38,15 @@
 -- assumed-absent answer keys; clients timed out; assumed-unbanned identities; events (seq,
 -- bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes, expiry
 -- ms); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
-local meta, members, departed, owners, log, answers, answered, leases, bans, banned =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local meta, members, departed, owners, log, answers, answered, leases, bans, banned, hooks =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
+  KEYS[11]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, answer_budget, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local lock, publish, fresh, needed = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
 local waiting = needed > 0
 local history_bytes = tonumber(ARGV[14])
-local rooms, expiring, room_id = KEYS[11], KEYS[12], ARGV[15]
+local rooms, expiring, room_id = KEYS[12], KEYS[13], ARGV[15]
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
 -- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
 -- the commit. Run and replication ids are 40 hex characters.
@@ -113,7 +116,7 @@ if not (assumed_absent(in_hash(members)) and assumed_absent(in_hash(answers))
     and assumed_absent(in_force(leases)) and assumed_absent(in_force(banned))) then
   return 0
 end
-local room = {meta, members, departed, owners, log, answers, answered, leases, bans, banned}
+local room = {meta, members, departed, owners, log, answers, answered, leases, bans, banned, hooks}
 if expected == '' then
   redis.call('DEL', unpack(room))
   redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
@@ -253,4 +256,5 @@ elseif redis.call('PTTL', meta) ~= -1 then
   for _, key in ipairs(room) do redis.call('PERSIST', key) end
 end
 if publish ~= '' then redis.call(publish, ARGV[5], ARGV[6]) end
+for k = 14, #KEYS do redis.call('ZADD', KEYS[k], 'NX', 0, room_id) end
 return result

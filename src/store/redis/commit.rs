@@ -260,12 +260,14 @@ pub(super) struct Commit<'a> {
 }
 
 /// What a commit needs to keep the fleet's room list itself: the room's id, the list's key and
-/// the key of the schedule of rooms left empty.
+/// the key of the schedule of rooms left empty; and the webhook endpoints' sets of due rooms to
+/// make the room due in (none when the writer does it, after replicas confirmed the commit).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Listing<'a> {
     pub(super) room_id: &'a str,
     pub(super) rooms: &'a str,
     pub(super) expiring: &'a str,
+    pub(super) due: &'a [String],
 }
 
 /// A batch's changes, sorted by what the commit script does with them.
@@ -340,6 +342,9 @@ impl Commit<'_> {
         }
         if let Some(listing) = &self.listing {
             call.key(listing.rooms).key(listing.expiring);
+            for due in listing.due {
+                call.key(due);
+            }
         }
         let (publish, notice) = match &self.publish {
             Some((command, notice)) => (*command, notice.as_slice()),

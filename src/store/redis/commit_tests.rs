@@ -262,6 +262,7 @@ async fn on_one_redis_a_commit_keeps_the_room_list() {
         room_id: ROOM,
         rooms,
         expiring,
+        due: &[],
     });
     let created = [event(1, 10)];
     let joined = participant("c1");

@@ -133,6 +133,8 @@ pub(super) struct Keys {
     pub(super) leases: String,
     pub(super) bans: String,
     pub(super) banned: String,
+    /// Webhook cursors (`c:ENDPOINT` to `EPOCH:SEQ`).
+    pub(super) hooks: String,
 }
 
 impl Keys {
@@ -149,11 +151,12 @@ impl Keys {
             leases: format!("{tag}:leases"),
             bans: format!("{tag}:bans"),
             banned: format!("{tag}:banned"),
+            hooks: format!("{tag}:hooks"),
         }
     }
 
     /// Every key of the room, in the order the commit script takes them.
-    pub(super) fn room(&self) -> [&String; 10] {
+    pub(super) fn room(&self) -> [&String; 11] {
         [
             &self.meta,
             &self.members,
@@ -165,6 +168,7 @@ impl Keys {
             &self.leases,
             &self.bans,
             &self.banned,
+            &self.hooks,
         ]
     }
 

@@ -11,12 +11,13 @@
 //! `meta` as `answers_bytes`),
 //! the presence `leases` (sorted set of client id by lease end), and the bans: `bans` (hash:
 //! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
-//! ended bans are purged by the next commit). An empty room's keys expire together after
+//! ended bans are purged by the next commit), and the webhook cursors: `hooks` (hash: endpoint
+//! to `EPOCH:SEQ`, `hooks`). An empty room's keys expire together after
 //! `--empty-room-ttl` counted from when it emptied or from its longest ban's end, whichever is
 //! later; a room created anew deletes what an old one of the same id left. Five keys span the
 //! fleet: `roomctl:history` and `roomctl:wait-replicas` (`connection`), `roomctl:presence`
 //! (`presence`), and `roomctl:rooms` with `roomctl:rooms:expiring` (`rooms`, the index behind
-//! `ListRooms`).
+//! `ListRooms`); with webhooks, each endpoint's `roomctl:webhooks:ID:due` (`hooks`).
 //!
 //! **Atomicity** (`writer`, `commit`). Commands for a room queue to that room's writer on the
 //! node, which takes them in batches: it reads what the batch needs (one MULTI), runs the room
@@ -58,11 +59,13 @@
 //! room writers of this node), `Committer` (the scripts and the connection that waits for
 //! replicas), `Feeds` (the rooms this node has subscribers in), `Presence` (this node's open
 //! streams). `rooms` keeps the index behind `ListRooms` and `schedule` the due-time sets that
-//! presence and the index share; neither holds state of its own.
+//! presence and the index share; neither holds state of its own. `hooks` is the store's side of
+//! webhooks (`RedisOutbox`).
 
 mod commit;
 mod connection;
 mod feeds;
+mod hooks;
 mod keys;
 mod presence;
 mod pubsub;
@@ -131,6 +134,8 @@ struct Shared {
     presence: Arc<Presence>,
     /// Whether commits keep the fleet's room list themselves: one Redis, cluster mode off.
     commits_list_rooms: bool,
+    /// With webhooks, each endpoint's set of due rooms, which commits make their room due in.
+    webhook_due: hooks::DueKeys,
 }
 
 /// The Redis [`RoomStore`].
@@ -181,6 +186,7 @@ impl RedisStore {
             committer,
             feeds,
             commits_list_rooms,
+            webhook_due: hooks::DueKeys::new(),
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
         let notifier = Notifier::open(&shared).await?;
@@ -454,8 +460,7 @@ impl RoomStore for RedisStore {
         self.shared.healthy.subscribe()
     }
 
-    fn outbox(&self, _endpoints: usize) -> Option<Arc<dyn super::Outbox>> {
-        // Delivery cursors in Redis (beside each room, under a lease) are not built yet.
-        None
+    fn outbox(&self, endpoints: &[super::OutboxEndpoint]) -> Arc<dyn super::Outbox> {
+        Arc::new(hooks::RedisOutbox::new(self.shared.clone(), endpoints))
     }
 }

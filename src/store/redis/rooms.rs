@@ -42,11 +42,12 @@ impl Shared {
     /// On one Redis with cluster mode off, what a commit of `room_id` needs to keep the list
     /// itself; None on a cluster (even one of a single node), where the list lives in other
     /// slots than the room and its writer keeps it.
-    pub(super) fn listing<'a>(&self, room_id: &'a str) -> Option<Listing<'a>> {
+    pub(super) fn listing<'a>(&'a self, room_id: &'a str) -> Option<Listing<'a>> {
         self.commits_list_rooms.then_some(Listing {
             room_id,
             rooms: ROOMS,
             expiring: EXPIRING.key,
+            due: self.due_in_commit(),
         })
     }
 

@@ -573,6 +573,9 @@ impl Shared {
                 self.room_emptied(room_id, at).await;
             }
         }
+        if listing.is_none_or(|listing| listing.due.is_empty()) {
+            self.make_due(room_id).await;
+        }
         // Everything the batch looked at, joined or banned is known now (the answers it
         // remembered are among the keys it looked at).
         seen.ids.extend(wanted.ids.iter().map(|id| id.to_string()));
