@@ -269,6 +269,8 @@ impl Server {
 
         let webhooks_end = CancellationToken::new();
         if let Some(outbox) = outbox {
+            let names: Vec<&str> = config.webhooks.iter().map(Endpoint::name).collect();
+            tracing::info!(endpoints = ?names, "webhooks on");
             crate::webhooks::start(
                 store.clone(),
                 outbox,

@@ -495,20 +495,24 @@ async fn webhook_tables_are_checked_and_named() {
         "jwt_secret_file = {:?}\n",
         dir.write("jwt", SECRET_TEXT).display()
     );
+    // Two endpoints whose URLs differ in their query alone, told apart by their names.
     let good = format!(
-        "{jwt}[[webhooks]]\nurl = \"https://hooks.example.com/roomctl\"\nsecret = \"{WEBHOOK_SECRET}\"\n\
+        "{jwt}[[webhooks]]\nurl = \"https://hooks.example.com/roomctl?token=s3cret\"\n\
+         name = \"billing\"\nsecret = \"{WEBHOOK_SECRET}\"\n\
          events = [\"user_disconnected\", \"ack_drop_user\"]\ntimeout = \"5s\"\n\n\
-         [[webhooks]]\nurl = \"http://127.0.0.1:9/audit\"\nsecret_file = {:?}\n",
+         [[webhooks]]\nurl = \"https://hooks.example.com/roomctl?token=other\"\nsecret_file = {:?}\n",
         secret_file.display()
     );
     let output = config_check(&dir.write("good.toml", &good)).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{output:?}");
-    assert!(
-        stdout.contains("[[webhooks]] url = \"https://hooks.example.com/roomctl\""),
-        "{stdout}"
-    );
-    assert!(!stdout.contains(WEBHOOK_SECRET), "{stdout}");
+    let shown = "[[webhooks]]   # file\nurl = \"https://hooks.example.com/roomctl\"\n\
+                 name = \"billing\"\nsecret = \"(hidden)\"\n\
+                 events = [\"user_disconnected\", \"ack_drop_user\"]\ntimeout = \"5s\"\n";
+    assert!(stdout.contains(shown), "{stdout}");
+    for hidden in [WEBHOOK_SECRET, "s3cret"] {
+        assert!(!stdout.contains(hidden), "{stdout}");
+    }
     let table = |body: &str| format!("[[webhooks]]\nurl = \"http://127.0.0.1:9/hook\"\n{body}\n");
     let file = |name: &str, text: &str| dir.write(name, &format!("{jwt}{text}"));
     let secret = format!("secret = \"{WEBHOOK_SECRET}\"");
@@ -537,13 +541,20 @@ async fn webhook_tables_are_checked_and_named() {
             format!("{secret}\n\n{}", table(&secret)),
             "configured twice",
         ),
+        (format!("{secret}\nevents = []"), "lists no events"),
     ] {
         let output = config_check(&file("bad.toml", &table(&body))).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{body}: {stderr}");
         assert!(stderr.contains(said), "{body}: {said:?} not in {stderr}");
     }
-    let bad_url = format!("[[webhooks]]\nurl = \"ftp://x/y\"\n{secret}\n");
-    let output = config_check(&file("url.toml", &bad_url)).await;
-    assert!(String::from_utf8_lossy(&output.stderr).contains("http:// or https://"));
+    for (url, said) in [
+        ("ftp://x/y", "http:// or https://"),
+        ("https://user:pw@x/y", "carries a user or password"),
+    ] {
+        let bad_url = format!("[[webhooks]]\nurl = {url:?}\n{secret}\n");
+        let output = config_check(&file("url.toml", &bad_url)).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(said) && !stderr.contains("pw@"), "{stderr}");
+    }
 }

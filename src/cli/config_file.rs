@@ -271,7 +271,10 @@ pub fn check(path: Option<&Path>) -> Result<(), Failure> {
         ));
     }
     for table in &args.webhook_tables {
-        say(format_args!("[[webhooks]] {}   # file", table.describe()));
+        say(format_args!("[[webhooks]]   # file"));
+        for line in table.describe() {
+            say(format_args!("{line}"));
+        }
     }
     let shown = path.map_or_else(|| "the environment".to_owned(), |p| p.display().to_string());
     say(format_args!("{shown}: ok"));

@@ -19,7 +19,7 @@ use crate::server::{ServerConfig, StoreConfig, DEFAULT_GRACE, DEFAULT_MAX_MESSAG
 use crate::store::RoomSettings;
 use crate::tls::{TlsError, TlsFiles};
 use crate::webhooks::sign::Secret;
-use crate::webhooks::{Endpoint, DEFAULT_MAX_RETRY_DELAY, DEFAULT_TIMEOUT};
+use crate::webhooks::{self, Endpoint, DEFAULT_MAX_RETRY_DELAY, DEFAULT_TIMEOUT};
 
 /// The fixed secret of `--dev`: public, so tokens made with it prove nothing.
 pub const DEV_SECRET: &str = "roomctl-development-secret-never-use-in-production";
@@ -165,6 +165,8 @@ pub struct ServeArgs {
 pub struct WebhookTable {
     /// Where events are POSTed.
     url: String,
+    /// How logs, metrics and the store know it (default: its URL without the query).
+    name: Option<String>,
     /// The signing secret, or several while a secret rotates (the first is current).
     secret: Option<OneOrMany>,
     /// A file of secrets, one per line, instead of `secret`.
@@ -178,13 +180,31 @@ pub struct WebhookTable {
 }
 
 impl WebhookTable {
-    /// The table as `config check` shows it: its URL and events, secrets hidden.
-    pub(super) fn describe(&self) -> String {
-        let events = self
-            .events
-            .as_ref()
-            .map_or_else(|| "all".to_owned(), |events| events.join(","));
-        format!("url = {:?}, events = {events}, secret hidden", self.url)
+    /// The table as `config check` shows it, as a file would hold it: its secrets, and its
+    /// URL's query (which may hold one), hidden.
+    pub(super) fn describe(&self) -> Vec<String> {
+        let quoted = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
+        let mut lines = vec![format!("url = {}", quoted(&webhooks::shown(&self.url)))];
+        if let Some(name) = &self.name {
+            lines.push(format!("name = {}", quoted(name)));
+        }
+        lines.push(match &self.secret_file {
+            Some(path) => format!("secret_file = {}", quoted(&path.to_string_lossy())),
+            None => "secret = \"(hidden)\"".to_owned(),
+        });
+        if let Some(events) = &self.events {
+            let names: Vec<String> = events.iter().map(|e| quoted(e)).collect();
+            lines.push(format!("events = [{}]", names.join(", ")));
+        }
+        for (key, value) in [
+            ("timeout", &self.timeout),
+            ("max_retry_delay", &self.max_retry_delay),
+        ] {
+            if let Some(value) = value {
+                lines.push(format!("{key} = {}", quoted(value)));
+            }
+        }
+        lines
     }
 }
 
@@ -196,18 +216,21 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-/// The secrets of the file at `path`, one per line (blank lines skipped); `what` names the
-/// setting that names the file.
+/// The secrets of the file at `path`, one per line (blank lines and `#` comments skipped);
+/// `what` names the setting that names the file.
 fn read_secrets(path: &Path, what: &str) -> Result<Vec<Secret>, Failure> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Failure::Other(format!("cannot read {what} {}: {e}", path.display())))?;
     let secrets = text
         .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .map(Secret::parse)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::Usage(format!("{what} {}: {e}", path.display())))?;
+        .enumerate()
+        .map(|(n, line)| (n + 1, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(n, line)| {
+            Secret::parse(line)
+                .map_err(|e| Failure::Usage(format!("{what} {} line {n}: {e}", path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if secrets.is_empty() {
         return Err(Failure::Usage(format!(
             "{what} {} holds no secret",
@@ -325,7 +348,7 @@ impl ServeArgs {
             endpoints.push(Endpoint::new(url, secrets, None).map_err(Failure::Usage)?);
         }
         for (n, table) in self.webhook_tables.iter().enumerate() {
-            let which = format!("[[webhooks]] #{} ({})", n + 1, table.url);
+            let which = format!("[[webhooks]] #{} ({})", n + 1, webhooks::shown(&table.url));
             let secrets = match (&table.secret, &table.secret_file) {
                 (Some(OneOrMany::One(secret)), None) => vec![secret.clone()],
                 (Some(OneOrMany::Many(secrets)), None) => secrets.clone(),
@@ -353,7 +376,8 @@ impl ServeArgs {
         for (n, endpoint) in endpoints.iter().enumerate() {
             if endpoints[..n].iter().any(|e| e.name() == endpoint.name()) {
                 return Err(Failure::Usage(format!(
-                    "webhook endpoint {} is configured twice",
+                    "webhook endpoint {} is configured twice (endpoints whose URLs differ in \
+                     their query alone need a `name` each)",
                     endpoint.name()
                 )));
             }
@@ -379,8 +403,12 @@ impl ServeArgs {
                     &table.max_retry_delay,
                     DEFAULT_MAX_RETRY_DELAY,
                 )?;
-                Endpoint::new(&table.url, secrets, table.events.as_deref())?
-                    .with_timing(timeout, retry)
+                let endpoint = Endpoint::new(&table.url, secrets, table.events.as_deref())?
+                    .with_timing(timeout, retry)?;
+                match &table.name {
+                    Some(name) => endpoint.named(name),
+                    None => Ok(endpoint),
+                }
             })
             .map_err(|e| Failure::Usage(format!("{which}: {e}")))
     }

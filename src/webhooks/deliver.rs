@@ -218,7 +218,15 @@ impl Deliverer {
         };
         track.running = false;
         track.behind = report.behind;
-        track.oldest = report.oldest;
+        track.oldest = match &report.outcome {
+            Ok(_) => report.oldest,
+            // A failure whose event was not read (the store failed, or the notice of a loss
+            // was refused) is as old as the room's first failure.
+            Err(_) => report
+                .oldest
+                .or(track.oldest)
+                .or_else(|| Some(self.context.clock.now())),
+        };
         match report.outcome {
             Ok(turn) => {
                 track.backoff = None;
@@ -243,7 +251,10 @@ impl Deliverer {
                 let delay = track
                     .backoff
                     .get_or_insert_with(|| {
-                        Backoff::new(MIN_RETRY_DELAY, self.context.endpoint.max_retry_delay)
+                        // Jitter adds up to the delay itself: doubling to half the cap keeps
+                        // every delay under it.
+                        let cap = self.context.endpoint.max_retry_delay / 2;
+                        Backoff::new(MIN_RETRY_DELAY.min(cap), cap)
                     })
                     .next_delay();
                 track.waiting = true;

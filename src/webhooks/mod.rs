@@ -28,7 +28,8 @@ use sign::Secret;
 /// What a webhook endpoint gets, and how it is reached.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// How logs and metrics name it: its URL without query or credentials.
+    /// How logs, metrics and the store know it: its URL without query or credentials, or the
+    /// name it was given.
     name: String,
     url: http::Uri,
     /// The current secret first; the others sign too while receivers move to it.
@@ -53,35 +54,54 @@ impl Endpoint {
     /// first is the current one), receiving the events named in `events` (as in
     /// `Event.payload`: `user_disconnected`, `ack_drop_user`...; None: all).
     pub fn new(url: &str, secrets: Vec<Secret>, events: Option<&[String]>) -> Result<Self, String> {
-        let parsed =
-            url::Url::parse(url).map_err(|err| format!("webhook url `{url}` is invalid: {err}"))?;
+        let shown = shown(url);
+        let parsed = url::Url::parse(url)
+            .map_err(|err| format!("webhook url `{shown}` is invalid: {err}"))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
             return Err(format!(
-                "webhook url `{url}` must be an http:// or https:// URL with a host"
+                "webhook url `{shown}` must be an http:// or https:// URL with a host"
+            ));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(format!(
+                "webhook url `{shown}` carries a user or password, which would not be sent: \
+                 receivers authenticate roomctl by the signature"
             ));
         }
         if secrets.is_empty() {
-            return Err(format!("webhook `{url}` needs a secret"));
+            return Err(format!("webhook `{shown}` needs a secret"));
         }
         let events = match events {
             None => None,
+            Some([]) => {
+                return Err(format!(
+                    "webhook `{shown}` lists no events: leave `events` out to send them all"
+                ))
+            }
             Some(names) => Some(payload_numbers(names)?),
         };
-        let mut name = parsed.clone();
-        name.set_query(None);
-        name.set_fragment(None);
-        // Credentials in a URL stay out of logs and metrics.
-        let _ = name.set_username("");
-        let _ = name.set_password(None);
+        let url = url
+            .parse()
+            .map_err(|err| format!("webhook url `{shown}` is invalid: {err}"))?;
         Ok(Self {
-            name: name.to_string(),
-            url: url
-                .parse()
-                .map_err(|err| format!("webhook url `{url}` is invalid: {err}"))?,
+            name: shown,
+            url,
             secrets,
             events,
             timeout: DEFAULT_TIMEOUT,
             max_retry_delay: DEFAULT_MAX_RETRY_DELAY,
+        })
+    }
+
+    /// The endpoint known as `name` (in logs, metrics and the store) rather than by its URL: a
+    /// name kept when the URL changes keeps the endpoint's cursors.
+    pub fn named(self, name: &str) -> Result<Self, String> {
+        if name.trim().is_empty() {
+            return Err("a webhook's name may not be empty".into());
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            ..self
         })
     }
 
@@ -120,6 +140,21 @@ impl Endpoint {
             (Some(numbers), Some(payload)) => numbers.contains(&payload_number(payload)),
             (Some(_), None) => false,
         }
+    }
+}
+
+/// `url` as logs, metrics and messages show it: without its query, fragment or credentials,
+/// which may hold secrets (as it was written when it does not parse).
+pub fn shown(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => url.to_owned(),
     }
 }
 
@@ -222,9 +257,24 @@ mod tests {
     }
 
     #[test]
-    fn an_endpoint_is_named_without_its_credentials_or_query() {
-        let endpoint =
-            Endpoint::new("https://user:pw@example.com/hook?token=x", secret(), None).unwrap();
+    fn an_endpoint_is_named_without_its_query() {
+        let endpoint = Endpoint::new("https://example.com/hook?token=x", secret(), None).unwrap();
         assert_eq!(endpoint.name(), "https://example.com/hook");
+        assert_eq!(endpoint.named("billing").unwrap().name(), "billing");
+        assert_eq!(
+            shown("https://u:p@example.com/h?t=1#f"),
+            "https://example.com/h"
+        );
+    }
+
+    #[test]
+    fn credentials_in_a_url_and_an_empty_choice_of_events_are_refused() {
+        let err = Endpoint::new("https://user:pw@example.com/hook", secret(), None).unwrap_err();
+        assert!(
+            err.contains("user or password") && !err.contains("pw"),
+            "{err}"
+        );
+        let err = Endpoint::new("http://h/x", secret(), Some(&[])).unwrap_err();
+        assert!(err.contains("lists no events"), "{err}");
     }
 }
