@@ -569,3 +569,96 @@ async fn redis_cluster_a_node_killed_mid_delivery_is_taken_over() {
     let cluster = common::redis_cluster::RedisCluster::start(3).await;
     a_node_killed_mid_delivery_is_taken_over(cluster.url()).await;
 }
+
+/// A Redis that comes back without the log's tail (restarted from an older append-only file)
+/// starts the room's log anew under a new epoch: the endpoint, whose cursor Redis rolled back
+/// with the log, is told that everything of the old epoch after its cursor is lost, and where
+/// delivery goes on, then gets the new epoch's events.
+#[tokio::test]
+async fn a_redis_rollback_is_announced_as_the_end_of_the_old_epoch() {
+    if !common::redis_server::redis_available() {
+        return;
+    }
+    let receiver = Receiver::start().await;
+    let secret = new_secret();
+    let mut redis = common::redis_server::RedisServer::start_persistent().await;
+    let mut config = roomctl::server::ServerConfig::new(SECRET);
+    config.store = roomctl::server::StoreConfig::redis(redis.url());
+    config.webhooks = vec![endpoint(&receiver.url(), &[&secret])];
+    let node = Node::start(config).await;
+    let mut ops = node.client("ops", "*", "service").await;
+    let first = join(&mut ops, "rolled", "a").await;
+    receiver
+        .until("the first join", DELIVERY_PATIENCE, |r| {
+            reached(r, "rolled", 1)
+        })
+        .await;
+    // The cursor moves once the receiver has answered: copy once it has.
+    let mut conn = redis.connection().await;
+    let recorded = format!("{}:1", first.epoch);
+    let started = tokio::time::Instant::now();
+    loop {
+        let cursors: Vec<String> = redis::cmd("HVALS")
+            .arg("roomctl:{rolled}:hooks")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if cursors.contains(&recorded) {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the cursor never moved: {cursors:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    redis.copy_data();
+    join(&mut ops, "rolled", "b").await;
+    receiver
+        .until("the second join", DELIVERY_PATIENCE, |r| {
+            reached(r, "rolled", 2)
+        })
+        .await;
+    redis.restart_from_copy().await;
+    let after = loop {
+        let request = pb::JoinRequest {
+            room_id: "rolled".into(),
+            name: "c".into(),
+            ..Default::default()
+        };
+        if let Ok(joined) = ops.join(request).await {
+            break joined.into_inner();
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_ne!(after.epoch, first.epoch);
+    let received = receiver
+        .until("the new epoch's event", DELIVERY_PATIENCE, |received| {
+            received
+                .iter()
+                .any(|r| r.id == format!("rolled:{}:{}", after.epoch, after.seq))
+        })
+        .await;
+    let bodies: Vec<serde_json::Value> = received
+        .iter()
+        .filter(|r| r.delivered())
+        .map(Received::json)
+        .collect();
+    let notice = bodies
+        .iter()
+        .find(|b| b.get("eventsLost").is_some())
+        .expect("a notice of the old epoch's end");
+    // `toSeq` is 0, which proto3 JSON leaves out.
+    assert_eq!(
+        notice,
+        &serde_json::json!({"eventsLost": {
+            "roomId": "rolled", "epoch": first.epoch, "fromSeq": "2",
+            "nextEpoch": after.epoch, "nextSeq": after.seq.to_string(),
+        }})
+    );
+    assert_eq!(
+        bodies.last().unwrap()["epoch"].as_str(),
+        Some(after.epoch.as_str())
+    );
+    common::standard_webhooks::verify_all(&received, &secret);
+}
