@@ -79,6 +79,7 @@ acceptance! {
     a_failing_then_down_then_slow_receiver_loses_nothing_and_no_room_waits_for_another,
     a_receiver_away_past_the_history_is_told_exactly_what_it_lost,
     a_rotating_endpoint_signs_with_both_secrets,
+    an_endpoint_that_is_down_holds_back_no_other,
 }
 
 /// Some activity in `room`: `joins` participants join, every other one is dropped, the room is
@@ -661,4 +662,38 @@ async fn a_redis_rollback_is_announced_as_the_end_of_the_old_epoch() {
         Some(after.epoch.as_str())
     );
     common::standard_webhooks::verify_all(&received, &secret);
+}
+
+/// Two endpoints: one down, one up. The one that is up gets every event at once; the other
+/// gets them all once it comes back.
+async fn an_endpoint_that_is_down_holds_back_no_other(backend: Backend) {
+    let up = Receiver::start().await;
+    let mut down = Receiver::start().await;
+    down.stop();
+    let secret = new_secret();
+    let endpoints = vec![
+        endpoint(&down.url(), &[&secret]),
+        endpoint(&up.url(), &[&secret]),
+    ];
+    let server = nodes(backend, endpoints, 10_000).await;
+    let last = activity(&server, "two-ways", 4).await;
+    let log = log_of(&server, "two-ways", last).await;
+    let received = up
+        .until(
+            "every event at the endpoint that is up",
+            DELIVERY_PATIENCE,
+            |r| reached(r, "two-ways", last),
+        )
+        .await;
+    assert_whole_log(&delivered_per_room(&received)["two-ways"], &log);
+    assert!(down.received().is_empty());
+    down.resume().await;
+    let received = down
+        .until(
+            "every event at the endpoint that came back",
+            DELIVERY_PATIENCE,
+            |r| reached(r, "two-ways", last),
+        )
+        .await;
+    assert_whole_log(&delivered_per_room(&received)["two-ways"], &log);
 }
