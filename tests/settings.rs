@@ -260,7 +260,7 @@ impl Run {
                 Channel::Flag => unreachable!("config check takes no flags"),
             };
             // As a file would hold it: whole numbers bare, the rest quoted.
-            let shown = if setting.long == "jwt-secret" {
+            let shown = if ["jwt-secret", "webhook-url"].contains(&setting.long.as_str()) {
                 "\"(hidden)\"".to_owned()
             } else if value.parse::<i64>().is_ok() {
                 value.clone()

@@ -697,3 +697,46 @@ async fn an_endpoint_that_is_down_holds_back_no_other(backend: Backend) {
         .await;
     assert_whole_log(&delivered_per_room(&received)["two-ways"], &log);
 }
+
+/// An https endpoint whose certificate a private CA signed: refused until the endpoint trusts
+/// that CA (`ca_file`), then delivered to.
+#[tokio::test]
+async fn an_https_endpoint_of_a_private_ca_is_trusted_through_its_ca_file() {
+    let ca = common::certs::Ca::new();
+    let (cert, key) = ca.issue(&["127.0.0.1"]);
+    let receiver = Receiver::start_https(&cert, &key).await;
+    let dir = common::certs::Dir::new("webhooks-https");
+    let ca_file = dir.write("ca.pem", &ca.pem());
+    let secret = new_secret();
+    let untrusted = endpoint(&receiver.url(), &[&secret])
+        .named("untrusted")
+        .unwrap();
+    let trusted = endpoint(&receiver.url(), &[&secret])
+        .trusting(&ca_file)
+        .unwrap();
+    let server = node(vec![untrusted, trusted], 10_000).await;
+    let last = activity(&server, "private", 2).await;
+    let received = receiver
+        .until("the room's last event over https", DELIVERY_PATIENCE, |r| {
+            reached(r, "private", last)
+        })
+        .await;
+    assert_whole_log(
+        &delivered_per_room(&received)["private"],
+        &log_of(&server, "private", last).await,
+    );
+    // The endpoint that does not trust the CA never got through.
+    let unreachable =
+        "roomctl_webhook_deliveries_total{endpoint=\"untrusted\",outcome=\"unreachable\"}";
+    let started = tokio::time::Instant::now();
+    while metric_of(&server, unreachable).await == 0.0 {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the untrusted endpoint was never tried"
+        );
+        tokio::task::yield_now().await;
+    }
+    let delivered =
+        "roomctl_webhook_deliveries_total{endpoint=\"untrusted\",outcome=\"delivered\"}";
+    assert_eq!(metric_of(&server, delivered).await, 0.0);
+}

@@ -146,7 +146,8 @@ pub struct ServeArgs {
     /// Push every room event to this URL (Standard Webhooks 1.0, signed with
     /// --webhook-secret-file); more endpoints, or a choice of events, as `[[webhooks]]` tables
     /// in the --config file (every node sharing a Redis must configure the same).
-    #[arg(long, env = "ROOMCTL_WEBHOOK_URL")]
+    // Its value is hidden where settings are shown: its query may hold a token.
+    #[arg(long, env = "ROOMCTL_WEBHOOK_URL", hide_env_values = true)]
     webhook_url: Option<String>,
     /// A file of --webhook-url's signing secrets (`whsec_` and base64), one per line: the
     /// first is current, the others sign too while receivers move to it.
@@ -171,6 +172,8 @@ pub struct WebhookTable {
     secret: Option<OneOrMany>,
     /// A file of secrets, one per line, instead of `secret`.
     secret_file: Option<PathBuf>,
+    /// A PEM file of certificate authorities trusted for https besides the Mozilla roots.
+    ca_file: Option<PathBuf>,
     /// The events sent, by their name in `Event.payload`; absent: all.
     events: Option<Vec<String>>,
     /// The longest a request may take (default 10s).
@@ -192,6 +195,9 @@ impl WebhookTable {
             Some(path) => format!("secret_file = {}", quoted(&path.to_string_lossy())),
             None => "secret = \"(hidden)\"".to_owned(),
         });
+        if let Some(path) = &self.ca_file {
+            lines.push(format!("ca_file = {}", quoted(&path.to_string_lossy())));
+        }
         if let Some(events) = &self.events {
             let names: Vec<String> = events.iter().map(|e| quoted(e)).collect();
             lines.push(format!("events = [{}]", names.join(", ")));
@@ -403,8 +409,11 @@ impl ServeArgs {
                     &table.max_retry_delay,
                     DEFAULT_MAX_RETRY_DELAY,
                 )?;
-                let endpoint = Endpoint::new(&table.url, secrets, table.events.as_deref())?
+                let mut endpoint = Endpoint::new(&table.url, secrets, table.events.as_deref())?
                     .with_timing(timeout, retry)?;
+                if let Some(path) = &table.ca_file {
+                    endpoint = endpoint.trusting(path)?;
+                }
                 match &table.name {
                     Some(name) => endpoint.named(name),
                     None => Ok(endpoint),

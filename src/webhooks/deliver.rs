@@ -4,8 +4,9 @@
 //!
 //! Rooms are worked on [`IN_FLIGHT`] at a time, each for one read batch before the next room's
 //! turn, so a busy room never starves a quiet one. A room whose delivery fails waits out its own
-//! backoff (capped, jittered) off the working set, so a room the receiver refuses, or a store
-//! that fails for a room, holds back no other room. A room is followed only while it has events
+//! backoff (capped, jittered) off the working set, then retries in a lane of its own
+//! ([`RETRYING_IN_FLIGHT`] at a time), so rooms whose requests hang until their timeout never
+//! take the places of rooms that deliver: a failing room holds back no other room. A room is followed only while it has events
 //! to deliver: the store says which rooms are due ([`Outbox::due`]), and keeps their retry
 //! times, so on a shared store any node may take a room's next turn.
 
@@ -31,8 +32,11 @@ use crate::pb;
 use crate::store::{is_whole, Cursor, Outbox, RoomStore};
 use crate::telemetry::{Delivery, Telemetry, WebhookMetrics};
 
-/// Rooms one endpoint's deliverer works on at once (each has at most one request in flight).
+/// Rooms one endpoint's deliverer works on at once (each has at most one request in flight),
+/// besides those retrying.
 const IN_FLIGHT: usize = 64;
+/// Rooms retrying after a failure that it works on at once.
+const RETRYING_IN_FLIGHT: usize = 16;
 /// Of a response's body, at most this much is read (and thrown away) so its connection can be
 /// used again; a longer one closes it.
 const RESPONSE_BODY_BYTES: usize = 64 * 1024;
@@ -49,15 +53,15 @@ pub fn start(
     clock: Clock,
     end: CancellationToken,
 ) {
-    let client = http_client();
     for (index, endpoint) in endpoints.into_iter().enumerate() {
         let metrics = telemetry.webhook(endpoint.name());
+        let client = http_client(&endpoint.ca);
         let context = Arc::new(Context {
             index,
             endpoint,
             store: store.clone(),
             outbox: outbox.clone(),
-            client: client.clone(),
+            client,
             clock,
             metrics,
         });
@@ -71,11 +75,21 @@ pub fn start(
     }
 }
 
-/// HTTP/1.1 with keep-alive, https through rustls and the Mozilla roots.
-fn http_client() -> HttpsClient {
+/// HTTP/1.1 with keep-alive, https through rustls trusting the Mozilla roots and `ca`.
+fn http_client(ca: &[rustls::pki_types::CertificateDer<'static>]) -> HttpsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // Each was read from a PEM file and checked when the settings were.
+    let _ = roots.add_parsable_certificates(ca.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("the ring provider supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))
-        .expect("the ring provider supports the default protocol versions")
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .build();
@@ -101,8 +115,10 @@ struct Track {
     running: bool,
     /// It failed and waits for the store to hand it out again.
     waiting: bool,
-    /// Its retries' delays, while it fails.
+    /// Its retries' delays, while it fails (its turns then run in the retrying lane).
     backoff: Option<Backoff>,
+    /// The lane its running turn holds a place in.
+    lane: usize,
     /// Events not yet delivered, as of its last turn.
     behind: u64,
     /// When the oldest of them was logged, if it was read.
@@ -126,15 +142,27 @@ struct Report {
     oldest: Option<SystemTime>,
 }
 
+/// Rooms waiting for a turn, and turns running, of one kind.
+struct Lane {
+    ready: VecDeque<Arc<str>>,
+    running: usize,
+    limit: usize,
+}
+
+/// The lane of rooms that deliver, and the lane of rooms retrying after a failure.
+const DELIVERING: usize = 0;
+const RETRYING: usize = 1;
+
 struct Deliverer {
     context: Arc<Context>,
     rooms: HashMap<Arc<str>, Track>,
-    ready: VecDeque<Arc<str>>,
+    lanes: [Lane; 2],
     running: JoinSet<(Arc<str>, Report)>,
     /// Retries being scheduled in the store.
     retries: JoinSet<()>,
-    /// Whether the last delivery succeeded: a change is logged, never each failure.
-    healthy: bool,
+    /// Rooms whose last attempt failed: the endpoint is logged failing when the first one
+    /// fails and delivering again when the last one recovers, never once per event.
+    failing: usize,
 }
 
 impl Deliverer {
@@ -142,10 +170,48 @@ impl Deliverer {
         Self {
             context,
             rooms: HashMap::new(),
-            ready: VecDeque::new(),
+            lanes: [IN_FLIGHT, RETRYING_IN_FLIGHT].map(|limit| Lane {
+                ready: VecDeque::new(),
+                running: 0,
+                limit,
+            }),
             running: JoinSet::new(),
             retries: JoinSet::new(),
-            healthy: true,
+            failing: 0,
+        }
+    }
+
+    /// Queues `room` for a turn in its lane.
+    fn ready(&mut self, room: Arc<str>) {
+        let retrying = self
+            .rooms
+            .get(&room)
+            .is_some_and(|track| track.backoff.is_some());
+        self.lanes[if retrying { RETRYING } else { DELIVERING }]
+            .ready
+            .push_back(room);
+    }
+
+    /// Starts the turns each lane has places for.
+    fn start_turns(&mut self) {
+        for (index, lane) in self.lanes.iter_mut().enumerate() {
+            while lane.running < lane.limit {
+                let Some(room) = lane.ready.pop_front() else {
+                    break;
+                };
+                let Some(track) = self.rooms.get_mut(&room) else {
+                    continue;
+                };
+                track.running = true;
+                track.dirty = false;
+                track.lane = index;
+                lane.running += 1;
+                let context = self.context.clone();
+                self.running.spawn(async move {
+                    let report = context.turn(&room).await;
+                    (room, report)
+                });
+            }
         }
     }
 
@@ -156,22 +222,11 @@ impl Deliverer {
         let (rooms, mut due) = tokio::sync::mpsc::channel(1);
         let _asking = AbortOnDropHandle::new(tokio::spawn(ask_due(self.context.clone(), rooms)));
         loop {
-            while self.running.len() < IN_FLIGHT {
-                let Some(room) = self.ready.pop_front() else {
-                    break;
-                };
-                if let Some(track) = self.rooms.get_mut(&room) {
-                    track.running = true;
-                    track.dirty = false;
-                    let context = self.context.clone();
-                    self.running.spawn(async move {
-                        let report = context.turn(&room).await;
-                        (room, report)
-                    });
-                }
-            }
+            self.start_turns();
+            let delivering = &self.lanes[DELIVERING];
+            let room_for_more = delivering.running + delivering.ready.len() < IN_FLIGHT;
             tokio::select! {
-                Some(rooms) = due.recv(), if self.running.len() + self.ready.len() < IN_FLIGHT => {
+                Some(rooms) = due.recv(), if room_for_more => {
                     rooms.into_iter().for_each(|room| self.follow(room));
                 }
                 Some(done) = self.running.join_next() => match done {
@@ -191,7 +246,7 @@ impl Deliverer {
             Some(track) if track.running => track.dirty = true,
             Some(track) if track.waiting => {
                 track.waiting = false;
-                self.ready.push_back(room);
+                self.ready(room);
             }
             // Already queued for a turn.
             Some(_) => {}
@@ -203,11 +258,12 @@ impl Deliverer {
                         running: false,
                         waiting: false,
                         backoff: None,
+                        lane: DELIVERING,
                         behind: 0,
                         oldest: None,
                     },
                 );
-                self.ready.push_back(room);
+                self.ready(room);
             }
         }
     }
@@ -217,6 +273,7 @@ impl Deliverer {
             return;
         };
         track.running = false;
+        self.lanes[track.lane].running -= 1;
         track.behind = report.behind;
         track.oldest = match &report.outcome {
             Ok(_) => report.oldest,
@@ -229,23 +286,26 @@ impl Deliverer {
         };
         match report.outcome {
             Ok(turn) => {
-                track.backoff = None;
-                if !self.healthy {
-                    self.healthy = true;
-                    tracing::info!(endpoint = %self.context.endpoint.name(), "webhook endpoint delivering again");
-                }
-                match turn {
-                    Turn::More => self.ready.push_back(room),
-                    Turn::CaughtUp if track.dirty => self.ready.push_back(room),
-                    Turn::CaughtUp | Turn::Gone => {
-                        self.rooms.remove(&room);
+                if track.backoff.take().is_some() {
+                    self.failing -= 1;
+                    if self.failing == 0 {
+                        tracing::info!(endpoint = %self.context.endpoint.name(), "webhook endpoint delivering again");
                     }
+                }
+                let again =
+                    matches!(turn, Turn::More) || matches!(turn, Turn::CaughtUp if track.dirty);
+                if again {
+                    self.ready(room);
+                } else {
+                    self.rooms.remove(&room);
                 }
             }
             Err(reason) => {
-                if self.healthy {
-                    self.healthy = false;
-                    tracing::warn!(endpoint = %self.context.endpoint.name(), %reason, "webhook endpoint failing; retrying with backoff");
+                if track.backoff.is_none() {
+                    self.failing += 1;
+                    if self.failing == 1 {
+                        tracing::warn!(endpoint = %self.context.endpoint.name(), %reason, "webhook endpoint failing; retrying with backoff");
+                    }
                 }
                 self.context.metrics.retry();
                 let delay = track
@@ -429,16 +489,19 @@ impl Context {
             .header("webhook-signature", signature)
             .body(Full::new(Bytes::from(body)))
             .map_err(|err| format!("request: {err}"))?;
-        let sent = tokio::time::timeout(self.endpoint.timeout, async {
-            let response = self.client.request(request).await?;
-            let status = response.status();
-            // Read so the connection can carry the next request; its content is not used.
-            let _ = Limited::new(response.into_body(), RESPONSE_BODY_BYTES)
-                .collect()
-                .await;
-            Ok::<_, hyper_util::client::legacy::Error>(status)
-        })
-        .await;
+        let timeout = self.endpoint.timeout;
+        let sent = match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => {
+                let status = response.status();
+                // The answer's head decides; its body is read (within the timeout again) only
+                // so the connection can carry the next request, and otherwise dropped with it.
+                let body = Limited::new(response.into_body(), RESPONSE_BODY_BYTES).collect();
+                let _ = tokio::time::timeout(timeout, body).await;
+                Ok(Ok(status))
+            }
+            Ok(Err(err)) => Ok(Err(err)),
+            Err(elapsed) => Err(elapsed),
+        };
         let (delivery, result) = match sent {
             Ok(Ok(status)) if status.is_success() => (Delivery::Delivered, Ok(())),
             Ok(Ok(status)) => (Delivery::Refused, Err(format!("answered {status}"))),

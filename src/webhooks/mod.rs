@@ -19,6 +19,9 @@ pub use deliver::start;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
 use crate::codec::descriptors;
 use crate::pb;
 use crate::pb::event::Payload;
@@ -40,6 +43,8 @@ pub struct Endpoint {
     timeout: Duration,
     /// The cap of the doubling delay between a room's retries.
     max_retry_delay: Duration,
+    /// Certificate authorities trusted for https besides the Mozilla roots.
+    ca: Vec<CertificateDer<'static>>,
 }
 
 /// Default of an endpoint's `timeout`.
@@ -90,7 +95,27 @@ impl Endpoint {
             events,
             timeout: DEFAULT_TIMEOUT,
             max_retry_delay: DEFAULT_MAX_RETRY_DELAY,
+            ca: Vec::new(),
         })
+    }
+
+    /// The endpoint trusting, for https, the certificate authorities of the PEM file at `path`
+    /// too (a private CA's).
+    pub fn trusting(self, path: &std::path::Path) -> Result<Self, String> {
+        let shown = path.display();
+        let ca = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|err| format!("cannot read the CA file {shown}: {err}"))?;
+        if ca.is_empty() {
+            return Err(format!("the CA file {shown} holds no certificate"));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &ca {
+            roots
+                .add(cert.clone())
+                .map_err(|err| format!("the CA file {shown}: {err}"))?;
+        }
+        Ok(Self { ca, ..self })
     }
 
     /// The endpoint known as `name` (in logs, metrics and the store) rather than by its URL: a

@@ -1,5 +1,5 @@
-//! A webhook receiver for the tests: a real HTTP/1.1 server on 127.0.0.1 that records every
-//! request it answers, answers as the test tells it (a status, after a delay), and can go down
+//! A webhook receiver for the tests: a real HTTP/1.1 server on 127.0.0.1 (or https, with a
+//! certificate of the test's own CA) that records every request it answers, answers as the test tells it (a status, after a delay), and can go down
 //! (its listener and every connection closed) and come back on the same port.
 
 use std::net::SocketAddr;
@@ -14,6 +14,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::rustls::{
+    self,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+};
+use tokio_rustls::TlsAcceptor;
 
 /// A request the receiver answered.
 #[derive(Debug, Clone)]
@@ -52,11 +57,34 @@ pub struct Receiver {
     addr: SocketAddr,
     shared: Arc<Shared>,
     server: Option<JoinHandle<()>>,
+    /// With https: the TLS it answers with.
+    tls: Option<TlsAcceptor>,
 }
 
 impl Receiver {
     /// A receiver on a free port that answers 204 at once.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A receiver over https, with the PEM certificate `cert` and its `key`.
+    pub async fn start_https(cert: &str, key: &str) -> Self {
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Self::start_with(Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
@@ -64,17 +92,19 @@ impl Receiver {
             changed: Notify::new(),
             answer: Mutex::new(Arc::new(|_: &Received| (204, Duration::ZERO))),
         });
-        let server = Some(tokio::spawn(serve(listener, shared.clone())));
+        let server = Some(tokio::spawn(serve(listener, shared.clone(), tls.clone())));
         Self {
             addr,
             shared,
             server,
+            tls,
         }
     }
 
     /// The URL to configure.
     pub fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}/hook", self.addr)
     }
 
     /// Answers from now on as `answer` says.
@@ -102,7 +132,8 @@ impl Receiver {
                 Err(_) => tokio::task::yield_now().await,
             }
         };
-        self.server = Some(tokio::spawn(serve(listener, self.shared.clone())));
+        let tls = self.tls.clone();
+        self.server = Some(tokio::spawn(serve(listener, self.shared.clone(), tls)));
     }
 
     /// Every request answered so far, in the order answered.
@@ -147,19 +178,24 @@ impl Drop for Receiver {
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     // Dropped with this task: aborting it closes every connection too.
     let mut connections = JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let shared = shared.clone();
+        let (shared, tls) = (shared.clone(), tls.clone());
         connections.spawn(async move {
             let service = service_fn(move |request| answer(request, shared.clone()));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let http = http1::Builder::new();
+            let _ = match tls {
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                    Err(_) => return,
+                },
+                None => http.serve_connection(TokioIo::new(stream), service).await,
+            };
         });
     }
 }
