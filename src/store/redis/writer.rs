@@ -540,6 +540,13 @@ impl Shared {
             // Listed before it exists, so that a crash cannot leave it unlisted.
             self.index_room(room_id).await?;
         }
+        let due_in_commit = listing.is_some_and(|listing| !listing.due.is_empty());
+        if !due_in_commit {
+            // Made due before the commit too, so that a node dying between its commit and the
+            // making due after it leaves the room due all the same (unless a turn settled in
+            // between: see docs/webhooks.md, "Many nodes").
+            self.make_due(room_id).await;
+        }
         let changes = Changes::of(&applied);
         let notice = Notice::publish(room_id, &changes.events);
         let (publish, held) = self.committer.publishing(notice);
@@ -573,7 +580,7 @@ impl Shared {
                 self.room_emptied(room_id, at).await;
             }
         }
-        if listing.is_none_or(|listing| listing.due.is_empty()) {
+        if !due_in_commit {
             self.make_due(room_id).await;
         }
         // Everything the batch looked at, joined or banned is known now (the answers it
