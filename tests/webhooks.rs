@@ -80,6 +80,7 @@ acceptance! {
     a_receiver_away_past_the_history_is_told_exactly_what_it_lost,
     a_rotating_endpoint_signs_with_both_secrets,
     an_endpoint_that_is_down_holds_back_no_other,
+    an_emptied_room_is_kept_until_its_events_are_delivered,
 }
 
 /// Some activity in `room`: `joins` participants join, every other one is dropped, the room is
@@ -739,4 +740,68 @@ async fn an_https_endpoint_of_a_private_ca_is_trusted_through_its_ca_file() {
     let delivered =
         "roomctl_webhook_deliveries_total{endpoint=\"untrusted\",outcome=\"delivered\"}";
     assert_eq!(metric_of(&server, delivered).await, 0.0);
+}
+
+/// A room left empty while its endpoint is down outlives its `--empty-room-ttl` until the
+/// endpoint has its events, and is forgotten after that.
+async fn an_emptied_room_is_kept_until_its_events_are_delivered(backend: Backend) {
+    let mut receiver = Receiver::start().await;
+    receiver.stop();
+    let secret = new_secret();
+    let endpoints = vec![endpoint(&receiver.url(), &[&secret])];
+    let server = TestServer::start_with(backend, move |config| {
+        config.webhooks = endpoints.clone();
+        config.rooms.empty_room_ttl = Duration::from_millis(300);
+        config.clock = roomctl::clock::Clock::system();
+    })
+    .await;
+    let mut client = server.client("solo", "brief", "participant").await;
+    let joined = join(&mut client, "brief", "solo").await;
+    let left = client
+        .leave(pb::LeaveRequest {
+            room_id: "brief".into(),
+            client_id: joined.client_id.clone(),
+        })
+        .await;
+    assert!(left.is_ok(), "{left:?}");
+    // Many times the TTL, with the endpoint away.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut ops = server.client("ops", "*", "service").await;
+    let kept = ops
+        .list_participants(pb::ListParticipantsRequest {
+            room_id: "brief".into(),
+        })
+        .await;
+    assert!(
+        kept.is_ok(),
+        "the room was forgotten with undelivered events: {kept:?}"
+    );
+    receiver.resume().await;
+    let received = receiver
+        .until("the join and the leave", DELIVERY_PATIENCE, |r| {
+            reached(r, "brief", 2)
+        })
+        .await;
+    let ids: Vec<&str> = received
+        .iter()
+        .filter(|r| r.delivered())
+        .map(|r| r.id.as_str())
+        .collect();
+    let epoch = &joined.epoch;
+    assert_eq!(
+        ids,
+        [format!("brief:{epoch}:1"), format!("brief:{epoch}:2")]
+    );
+    // Delivered: now it goes as any empty room does.
+    let started = tokio::time::Instant::now();
+    loop {
+        let request = pb::ListParticipantsRequest {
+            room_id: "brief".into(),
+        };
+        match ops.list_participants(request).await {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            _ => assert!(started.elapsed() < PATIENCE, "the room was never forgotten"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -637,7 +637,12 @@ impl Outbox for MemoryOutbox {
         }
     }
 
-    async fn advance(&self, endpoint: usize, room_id: &str, to: &Cursor) -> Result<(), Error> {
+    async fn keep_turn(&self, _endpoint: usize, _room_id: &str) -> Result<bool, Error> {
+        // One process: its turns are never taken over.
+        Ok(true)
+    }
+
+    async fn advance(&self, endpoint: usize, room_id: &str, to: &Cursor) -> Result<bool, Error> {
         let found = self.0.with_room(room_id, false, |inner, _| {
             if inner.state.epoch() != to.epoch {
                 return;
@@ -651,7 +656,7 @@ impl Outbox for MemoryOutbox {
             }
         });
         match found {
-            Ok(()) | Err(Error::RoomNotFound { .. }) => Ok(()),
+            Ok(()) | Err(Error::RoomNotFound { .. }) => Ok(true),
             Err(err) => Err(err),
         }
     }

@@ -60,9 +60,14 @@ pub trait Outbox: Send + Sync + 'static {
     /// longer this node's.
     async fn position(&self, endpoint: usize, room_id: &str) -> Result<Option<Position>, Error>;
 
+    /// Whether this node still holds the room's turn (renewing it when it runs low): asked
+    /// before each request, so a node that was paused past its turn sends nothing more.
+    async fn keep_turn(&self, endpoint: usize, room_id: &str) -> Result<bool, Error>;
+
     /// Records that `endpoint` has everything of `room_id` up to `to` (a cursor of another
-    /// epoch than the room's, or behind the one recorded, changes nothing).
-    async fn advance(&self, endpoint: usize, room_id: &str, to: &Cursor) -> Result<(), Error>;
+    /// epoch than the room's, or behind the one recorded, changes nothing); false, recording
+    /// nothing, when the room's turn is no longer this node's.
+    async fn advance(&self, endpoint: usize, room_id: &str, to: &Cursor) -> Result<bool, Error>;
 
     /// Ends the room's turn with every event delivered: it is due again at its next event.
     async fn settle(&self, endpoint: usize, room_id: &str) -> Result<(), Error>;

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -113,8 +113,8 @@ struct Track {
     dirty: bool,
     /// Its turn is running.
     running: bool,
-    /// It failed and waits for the store to hand it out again.
-    waiting: bool,
+    /// It failed and waits for the store to hand it out again, from then on.
+    waiting: Option<Instant>,
     /// Its retries' delays, while it fails (its turns then run in the retrying lane).
     backoff: Option<Backoff>,
     /// The lane its running turn holds a place in.
@@ -244,8 +244,8 @@ impl Deliverer {
     fn follow(&mut self, room: Arc<str>) {
         match self.rooms.get_mut(&room) {
             Some(track) if track.running => track.dirty = true,
-            Some(track) if track.waiting => {
-                track.waiting = false;
+            Some(track) if track.waiting.is_some() => {
+                track.waiting = None;
                 self.ready(room);
             }
             // Already queued for a turn.
@@ -256,7 +256,7 @@ impl Deliverer {
                     Track {
                         dirty: false,
                         running: false,
-                        waiting: false,
+                        waiting: None,
                         backoff: None,
                         lane: DELIVERING,
                         behind: 0,
@@ -317,7 +317,7 @@ impl Deliverer {
                         Backoff::new(MIN_RETRY_DELAY.min(cap), cap)
                     })
                     .next_delay();
-                track.waiting = true;
+                track.waiting = Some(Instant::now() + delay);
                 let context = self.context.clone();
                 // Short, and bounded by the store's deadline; if it fails, the room's turn
                 // runs out on a shared store and another attempt follows.
@@ -330,8 +330,16 @@ impl Deliverer {
         }
     }
 
-    /// Tells the metrics how far behind the endpoint is.
-    fn census(&self) {
+    /// Tells the metrics how far behind the endpoint is, forgetting first the rooms that
+    /// waited for their retry so long that another node must have taken them (on a shared
+    /// store).
+    fn census(&mut self) {
+        let stale = self.context.endpoint.in_store().turn + self.context.endpoint.max_retry_delay;
+        let before = self.rooms.len();
+        self.rooms
+            .retain(|_, track| track.waiting.is_none_or(|retry| retry.elapsed() < stale));
+        // Forgotten rooms were failing ones.
+        self.failing -= before - self.rooms.len();
         let behind = self.rooms.values().map(|track| track.behind).sum();
         let oldest = self.rooms.values().filter_map(|track| track.oldest).min();
         let age = oldest
@@ -395,6 +403,11 @@ impl Context {
         for event in &batch {
             if self.endpoint.wants(event) {
                 report.oldest = event.time.and_then(|time| SystemTime::try_from(time).ok());
+                match self.outbox.keep_turn(self.index, room).await {
+                    Ok(true) => {}
+                    Ok(false) => return gone(report),
+                    Err(err) => return failed(report, format!("store: {}", err.detail())),
+                }
                 let id = format!("{room}:{}:{}", event.epoch, event.seq);
                 if let Err(reason) = self.post(&id, json(&***event)).await {
                     return failed(report, reason);
@@ -405,14 +418,18 @@ impl Context {
             unsaved = !self.endpoint.wants(event);
             if !unsaved {
                 // Saved after each delivered event: a deliverer that dies resends one at most.
-                if let Err(reason) = self.advance(room, &cursor).await {
-                    return failed(report, reason);
+                match self.advance(room, &cursor).await {
+                    Ok(true) => {}
+                    Ok(false) => return gone(report),
+                    Err(reason) => return failed(report, reason),
                 }
             }
         }
         if unsaved {
-            if let Err(reason) = self.advance(room, &cursor).await {
-                return failed(report, reason);
+            match self.advance(room, &cursor).await {
+                Ok(true) => {}
+                Ok(false) => return gone(report),
+                Err(reason) => return failed(report, reason),
             }
         }
         report.oldest = None;
@@ -459,10 +476,11 @@ impl Context {
             epoch: epoch.to_owned(),
             seq: oldest_seq - 1,
         };
-        self.advance(room, &next).await
+        self.advance(room, &next).await.map(drop)
     }
 
-    async fn advance(&self, room: &str, cursor: &Cursor) -> Result<(), String> {
+    /// Moves the cursor; false when the room's turn went to another node.
+    async fn advance(&self, room: &str, cursor: &Cursor) -> Result<bool, String> {
         self.outbox
             .advance(self.index, room, cursor)
             .await
@@ -513,6 +531,14 @@ impl Context {
         };
         self.metrics.delivery(delivery);
         result
+    }
+}
+
+/// The turn ended because the room's turn went to another node.
+fn gone(report: Report) -> Report {
+    Report {
+        outcome: Ok(Turn::Gone),
+        ..report
     }
 }
 

@@ -9,7 +9,8 @@
 -- a joined client gets a lease in its grace period, a departed one loses its lease), the lock,
 -- the bans (purging ended ones), remembers the new answers (forgetting expired ones and, past
 -- the byte budget, the oldest; their weight kept in meta as `answers_bytes`), sets or clears the
--- empty-room expiry, publishes (unless told not to: with replicas to wait for, confirm.lua
+-- empty-room expiry (with webhooks, not before every endpoint has the room's events),
+-- publishes (unless told not to: with replicas to wait for, confirm.lua
 -- publishes once they hold the commit), and returns 1, or, when the room is left empty, the time
 -- (ms) its keys expire.
 --
@@ -34,7 +35,8 @@
 -- TTL (ms), 5 channel, 6 notice, 7 now (ms), 8 answers' budget (bytes), 9 presence timeout (ms,
 -- 0: off), 10 lock ('' unchanged, '1', '0'), 11 publish command (PUBLISH, SPUBLISH, or '': do not
 -- publish), 12 the epoch to start if one must be, 13 replicas to wait for (0: none), 14 history
--- (bytes), 15 the room's id (for the room list; '' without it); then counted lists, each a count followed by its items: assumed-absent member ids;
+-- (bytes), 15 the room's id (for the room list; '' without it), 16 '1' with webhooks (an
+-- emptied room then gets no expiry here); then counted lists, each a count followed by its items: assumed-absent member ids;
 -- assumed-absent answer keys; clients timed out; assumed-unbanned identities; events (seq,
 -- bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes, expiry
 -- ms); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
@@ -47,6 +49,7 @@ local lock, publish, fresh, needed = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV
 local waiting = needed > 0
 local history_bytes = tonumber(ARGV[14])
 local rooms, expiring, room_id = KEYS[12], KEYS[13], ARGV[15]
+local webhooks = ARGV[16] == '1'
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
 -- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
 -- the commit. Run and replication ids are 40 hex characters.
@@ -81,8 +84,10 @@ if current[1] and current[3] ~= run then
   local promoted = current[4] == field('master_replid2:')
   local migrated = clustered and current[6] ~= node and not promoted
   if not migrated and not (waiting and promoted) then
+    -- The log holds nothing now: its oldest is the next seq, so readers see an empty window
+    -- where the new epoch starts, not the old numbering's.
     redis.call('DEL', log)
-    redis.call('HDEL', meta, 'oldest', 'log_bytes')
+    redis.call('HSET', meta, 'oldest', tonumber(current[2]) + 1, 'log_bytes', 0)
     redis.call('HSET', meta, 'epoch', fresh, 'run', run, 'replid', replid, 'node', node)
     if waiting then redis.call('HSET', meta, 'confirmed', current[2]) end
     return -1
@@ -93,7 +98,7 @@ if expected == '' then
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 15
+local i = 16
 -- One assumption of the batch: a count, then that many names, none of which `present` finds.
 local function assumed_absent(present)
   i = i + 1
@@ -242,7 +247,13 @@ if oldest > 1 then
   redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
 end
 local result = 1
-if redis.call('HLEN', members) == 0 then
+if redis.call('HLEN', members) == 0 and webhooks then
+  -- With webhooks, an empty room stays until every endpoint has its events: the delivery of
+  -- the last one sets its keys' expiry (hooks.rs, ADVANCE).
+  if redis.call('PTTL', meta) ~= -1 then
+    for _, key in ipairs(room) do redis.call('PERSIST', key) end
+  end
+elseif redis.call('HLEN', members) == 0 then
   local at = redis.call('PEXPIRETIME', meta)
   if at < 0 then at = now + ttl end
   local longest = redis.call('ZRANGE', banned, -1, -1, 'WITHSCORES')

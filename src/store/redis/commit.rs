@@ -257,6 +257,9 @@ pub(super) struct Commit<'a> {
     /// On one Redis, the fleet's room list for the commit to keep; None on a cluster, where the
     /// writer keeps it around the commit.
     pub(super) listing: Option<Listing<'a>>,
+    /// Whether webhooks are on: a room left empty then keeps its keys until every endpoint has
+    /// its events.
+    pub(super) webhooks: bool,
 }
 
 /// What a commit needs to keep the fleet's room list itself: the room's id, the list's key and
@@ -368,7 +371,8 @@ impl Commit<'_> {
             .arg(&self.fresh_epoch)
             .arg(self.bounds.wait_replicas)
             .arg(self.bounds.history_bytes)
-            .arg(self.listing.map_or("", |listing| listing.room_id));
+            .arg(self.listing.map_or("", |listing| listing.room_id))
+            .arg(if self.webhooks { "1" } else { "" });
         for list in [
             &self.assumed.ids,
             &self.assumed.answers,

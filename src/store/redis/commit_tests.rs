@@ -72,6 +72,7 @@ fn commit(expected: Option<u64>, changes: Changes<'_>) -> Commit<'_> {
         assumed: Assumed::default(),
         changes,
         listing: None,
+        webhooks: false,
     }
 }
 

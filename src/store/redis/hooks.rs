@@ -12,10 +12,10 @@
 //! takes the room and goes on from its cursor, so only the event in flight is sent twice.
 //! Scores are Redis's own time (`TIME`), so nodes' clocks need not agree.
 //!
-//! While an endpoint's cursor is behind, each turn keeps the room's keys from expiring for a
-//! while (the turn's length, twice, or the empty-room TTL, whichever is longer): a room with
-//! undelivered events is not forgotten while any node keeps trying. Every node must configure
-//! the same endpoints.
+//! With webhooks on, a commit that leaves a room empty sets no expiry on its keys: the delivery
+//! that gives the last endpoint the room's last event sets it (`--empty-room-ttl` from then, or
+//! after its longest ban), so a room with undelivered events is not forgotten however long its
+//! endpoints are away. Every node must configure the same endpoints.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -60,43 +60,55 @@ return at
 "#;
 
 /// The room's epoch, visible seq and the endpoint's cursor (field `ARGV[1]`; absent: the
-/// room's epoch, 0), or nil when the room is gone. While the cursor is behind, the room's keys
-/// (`KEYS`, meta first, hooks last) live at least `ARGV[2]` ms more.
+/// room's epoch, 0), or nil when the room is gone (`KEYS`: meta, hooks).
 const POSITION: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'confirmed')
 if not m[1] then return false end
 local visible = tonumber(m[2])
 if m[3] then visible = math.min(visible, tonumber(m[3])) end
 local epoch, seq = m[1], 0
-local cursor = redis.call('HGET', KEYS[#KEYS], ARGV[1])
+local cursor = redis.call('HGET', KEYS[2], ARGV[1])
 if cursor then
   local e, s = string.match(cursor, '^(.*):(%d+)$')
   if e then epoch, seq = e, tonumber(s) end
-end
-if epoch ~= m[1] or seq < visible then
-  local ttl = redis.call('PTTL', KEYS[1])
-  local hold = tonumber(ARGV[2])
-  if ttl >= 0 and ttl < hold then
-    for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, hold) end
-  end
 end
 return {m[1], visible, epoch, seq}
 "#;
 
 /// Sets the endpoint's cursor (field `ARGV[1]`) to epoch `ARGV[2]`, seq `ARGV[3]`, unless the
-/// room is another epoch now or the cursor is already there; the `hooks` key (`KEYS[2]`) lives
-/// as long as the room's `meta` (`KEYS[1]`).
+/// room is another epoch now or the cursor is already there. Then, if the room is empty and
+/// kept for its webhooks (no expiry: commit.lua sets none with webhooks on) and every endpoint
+/// (fields `ARGV[5..]`) has every event, its keys (`KEYS`, the room's, in `Keys::room`'s order)
+/// expire `ARGV[4]` ms from now, or after its longest ban as commit.lua counts it; answers when
+/// (ms), or 0.
 const ADVANCE: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return 0 end
-local cursor = redis.call('HGET', KEYS[2], ARGV[1])
-if cursor then
+local meta, members, banned, hooks = KEYS[1], KEYS[2], KEYS[10], KEYS[11]
+local m = redis.call('HMGET', meta, 'epoch', 'seq', 'confirmed')
+if m[1] ~= ARGV[2] then return 0 end
+local function at(cursor)
+  if not cursor then return nil, 0 end
   local e, s = string.match(cursor, '^(.*):(%d+)$')
-  if e == ARGV[2] and tonumber(s) >= tonumber(ARGV[3]) then return 0 end
+  return e, tonumber(s or '0')
 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) else redis.call('PERSIST', KEYS[2]) end
-return 1
+local e, s = at(redis.call('HGET', hooks, ARGV[1]))
+if e ~= ARGV[2] or s < tonumber(ARGV[3]) then
+  redis.call('HSET', hooks, ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+end
+if redis.call('HLEN', members) > 0 or redis.call('PTTL', meta) ~= -1 then return 0 end
+local visible = tonumber(m[2])
+if m[3] then visible = math.min(visible, tonumber(m[3])) end
+for k = 5, #ARGV do
+  local ce, cs = at(redis.call('HGET', hooks, ARGV[k]))
+  if ce ~= m[1] or cs < visible then return 0 end
+end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[4])
+local expires = now + ttl
+local longest = redis.call('ZRANGE', banned, -1, -1, 'WITHSCORES')
+if longest[2] then expires = math.max(expires, tonumber(longest[2]) + ttl) end
+for _, key in ipairs(KEYS) do redis.call('PEXPIREAT', key, expires) end
+return expires
 "#;
 
 /// One endpoint as Redis knows it.
@@ -221,7 +233,7 @@ impl RedisOutbox {
     }
 
     /// Where `endpoint` stands in `room_id` (None: the room is gone), and whether it is
-    /// behind; keeps the room while it is.
+    /// behind.
     async fn read_position(
         &self,
         endpoint: usize,
@@ -230,11 +242,7 @@ impl RedisOutbox {
         let hook = self.hook(endpoint)?;
         let keys = Keys::new(room_id);
         let mut call = self.position.prepare_invoke();
-        for key in keys.room() {
-            call.key(key);
-        }
-        call.arg(&hook.field)
-            .arg(self.hold(hook).as_millis() as u64);
+        call.key(&keys.meta).key(&keys.hooks).arg(&hook.field);
         let reply: Value = self
             .shared
             .timed("webhooks", call.invoke_async(&mut self.shared.conn()))
@@ -254,11 +262,6 @@ impl RedisOutbox {
             newest_seq,
         };
         Ok(Some((position, behind)))
-    }
-
-    /// How long a room with undelivered events is kept at least: twice a turn, or the TTL.
-    fn hold(&self, hook: &Hook) -> Duration {
-        (hook.turn * 2).max(self.shared.config.rooms.empty_room_ttl)
     }
 }
 
@@ -284,6 +287,11 @@ impl Shared {
         let mut conn = self.conn();
         self.timed("webhooks", adding.query_async::<()>(&mut conn))
             .await
+    }
+
+    /// Whether webhooks are on (a commit then keeps a room it leaves empty).
+    pub(super) fn webhooks_on(&self) -> bool {
+        self.webhook_due.get().is_some()
     }
 
     /// The due sets a commit on one Redis makes its room due in itself (none when commits
@@ -347,27 +355,35 @@ impl Outbox for RedisOutbox {
         }
     }
 
-    async fn advance(&self, endpoint: usize, room_id: &str, to: &Cursor) -> Result<(), Error> {
+    async fn keep_turn(&self, endpoint: usize, room_id: &str) -> Result<bool, Error> {
+        self.renew(endpoint, room_id, false).await
+    }
+
+    async fn advance(&self, endpoint: usize, room_id: &str, to: &Cursor) -> Result<bool, Error> {
         if !self.renew(endpoint, room_id, false).await? {
-            return Err(Error::StoreUnavailable(
-                "this node's webhook turn of the room ran out; another node goes on".into(),
-            ));
+            return Ok(false);
         }
-        let hook = self.hook(endpoint)?;
         let keys = Keys::new(room_id);
         let mut call = self.advance.prepare_invoke();
-        call.key(&keys.meta)
-            .key(&keys.hooks)
-            .arg(&hook.field)
+        for key in keys.room() {
+            call.key(key);
+        }
+        call.arg(&self.hook(endpoint)?.field)
             .arg(&to.epoch)
-            .arg(to.seq);
-        self.shared
-            .timed(
-                "webhooks",
-                call.invoke_async::<i64>(&mut self.shared.conn()),
-            )
-            .await
-            .map(drop)
+            .arg(to.seq)
+            .arg(self.shared.config.rooms.empty_room_ttl.as_millis() as u64);
+        for hook in &self.hooks {
+            call.arg(&hook.field);
+        }
+        let expires: i64 = self
+            .shared
+            .timed("webhooks", call.invoke_async(&mut self.shared.conn()))
+            .await?;
+        if expires > 0 {
+            // Every endpoint has the empty room's events: it is forgotten as any empty room.
+            self.shared.room_emptied(room_id, expires as u64).await;
+        }
+        Ok(true)
     }
 
     async fn settle(&self, endpoint: usize, room_id: &str) -> Result<(), Error> {

@@ -561,6 +561,7 @@ impl Shared {
             assumed,
             changes,
             listing,
+            webhooks: self.webhooks_on(),
         };
         let committing = self.committer.commit(keys, room_id, &commit);
         let Committed::Applied { empty_until } = committing.await? else {
