@@ -6,9 +6,10 @@
 //! turn, so a busy room never starves a quiet one. A room whose delivery fails waits out its own
 //! backoff (capped, jittered) off the working set, then retries in a lane of its own
 //! ([`RETRYING_IN_FLIGHT`] at a time), so rooms whose requests hang until their timeout never
-//! take the places of rooms that deliver: a failing room holds back no other room. A room is followed only while it has events
-//! to deliver: the store says which rooms are due ([`Outbox::due`]), and keeps their retry
-//! times, so on a shared store any node may take a room's next turn.
+//! take the places of rooms that deliver: a failing room holds back no other room. A room is
+//! followed only while it has events to deliver: the store says which rooms are due
+//! ([`Outbox::due`]), and keeps their retry times, so on a shared store any node may take a
+//! room's next turn.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -339,7 +340,7 @@ impl Deliverer {
         self.rooms
             .retain(|_, track| track.waiting.is_none_or(|retry| retry.elapsed() < stale));
         // Forgotten rooms were failing ones.
-        self.failing -= before - self.rooms.len();
+        self.failing = self.failing.saturating_sub(before - self.rooms.len());
         let behind = self.rooms.values().map(|track| track.behind).sum();
         let oldest = self.rooms.values().filter_map(|track| track.oldest).min();
         let age = oldest
