@@ -54,6 +54,9 @@ async fn nodes(backend: Backend, endpoints: Vec<Endpoint>, history: usize) -> Te
     TestServer::start_with(backend, move |config| {
         config.webhooks = endpoints.clone();
         config.rooms.history = history;
+        // The joined clients never stream: their time-outs would log events after the ones a
+        // test counts.
+        config.rooms.presence_timeout = None;
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         config.clock = roomctl::clock::Clock::system();
     })
@@ -488,29 +491,32 @@ async fn a_node_killed_mid_delivery_is_taken_over(store_url: String) {
         ),
     );
     let config = config.to_string_lossy().into_owned();
+    // Presence off: the joined clients never stream, and their time-outs would log events
+    // after the ones the test counts.
     let args = [
         "--listen",
         "127.0.0.1:0",
         "--metrics-listen",
         "127.0.0.1:0",
+        "--presence-timeout",
+        "0",
         "--config",
         &config,
     ];
+    // The doomed node starts alone, so the rooms' turns are its own.
     let mut doomed =
-        common::node_process::LoggedNode::start(common::node_process::serve(&args)).await;
-    let survivor =
         common::node_process::LoggedNode::start(common::node_process::serve(&args)).await;
     let rooms: Vec<String> = (0..8).map(|n| format!("kill-{n}")).collect();
     let mut last = BTreeMap::new();
     for room in &rooms {
-        let mut client = client_with_token(survivor.addr, &token("mod", room, "moderator")).await;
+        let mut client = client_with_token(doomed.addr, &token("mod", room, "moderator")).await;
         let mut seq = 0;
         for n in 0..6 {
             seq = join(&mut client, room, &format!("p{n}")).await.seq;
         }
         last.insert(room.clone(), seq);
     }
-    // Once the doomed node has delivered something, it holds turns: kill it.
+    // Once it has delivered something, it holds turns mid-stream: start the other, kill it.
     let delivered = format!(
         "roomctl_webhook_deliveries_total{{endpoint=\"{}\",outcome=\"delivered\"}}",
         receiver.url()
@@ -524,6 +530,8 @@ async fn a_node_killed_mid_delivery_is_taken_over(store_url: String) {
         );
         tokio::task::yield_now().await;
     }
+    let survivor =
+        common::node_process::LoggedNode::start(common::node_process::serve(&args)).await;
     doomed.child.start_kill().unwrap();
     doomed.child.wait().await.unwrap();
     let received = receiver
@@ -752,6 +760,7 @@ async fn an_emptied_room_is_kept_until_its_events_are_delivered(backend: Backend
     let server = TestServer::start_with(backend, move |config| {
         config.webhooks = endpoints.clone();
         config.rooms.empty_room_ttl = Duration::from_millis(300);
+        config.rooms.presence_timeout = None;
         config.clock = roomctl::clock::Clock::system();
     })
     .await;
