@@ -598,6 +598,22 @@ async fn presence_cost(timeout: &str, clients: usize, window: Duration) -> Prese
     }
 }
 
+/// Locks and unlocks `room_id` `pairs` times: two events of history each.
+async fn lock_and_unlock(gateway: &mut Client, room_id: &str, pairs: usize) {
+    for _ in 0..pairs {
+        let lock = pb::LockRoomRequest {
+            room_id: room_id.to_owned(),
+            request_id: String::new(),
+        };
+        gateway.lock_room(lock).await.unwrap();
+        let unlock = pb::UnlockRoomRequest {
+            room_id: room_id.to_owned(),
+            request_id: String::new(),
+        };
+        gateway.unlock_room(unlock).await.unwrap();
+    }
+}
+
 /// Runs `each` for rooms `p{rooms.start}..p{rooms.end}`, sixteen at a time, each with a gateway client of its
 /// own (taken from `gateways` and given back); returns everything they return.
 async fn for_each_gateway<T, F, Fut>(
@@ -958,18 +974,7 @@ async fn rooms_memory(size: Size) {
     }
     let crowded = node.rss_kib();
     let lock_unlock = |mut gateway: Client, room_id: String| async move {
-        for _ in 0..5 {
-            let lock = pb::LockRoomRequest {
-                room_id: room_id.clone(),
-                request_id: String::new(),
-            };
-            gateway.lock_room(lock).await.unwrap();
-            let unlock = pb::UnlockRoomRequest {
-                room_id: room_id.clone(),
-                request_id: String::new(),
-            };
-            gateway.unlock_room(unlock).await.unwrap();
-        }
+        lock_and_unlock(&mut gateway, &room_id, 5).await;
         (gateway, Vec::<()>::new())
     };
     for_each_gateway(&gateways, 0..tenth, lock_unlock).await;

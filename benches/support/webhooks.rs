@@ -53,18 +53,7 @@ async fn load(node: &Node, rooms: usize, pairs: usize) -> u64 {
         0..rooms,
         move |mut gateway, room_id| async move {
             gateway.join(join_request(&room_id)).await.unwrap();
-            for _ in 0..pairs {
-                let lock = pb::LockRoomRequest {
-                    room_id: room_id.clone(),
-                    request_id: String::new(),
-                };
-                gateway.lock_room(lock).await.unwrap();
-                let unlock = pb::UnlockRoomRequest {
-                    room_id: room_id.clone(),
-                    request_id: String::new(),
-                };
-                gateway.unlock_room(unlock).await.unwrap();
-            }
+            lock_and_unlock(&mut gateway, &room_id, pairs).await;
             (gateway, Vec::<()>::new())
         },
     )
