@@ -814,3 +814,71 @@ async fn an_emptied_room_is_kept_until_its_events_are_delivered(backend: Backend
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An endpoint added to a fleet whose rooms already hold events is given them: no commit makes
+/// those rooms due, the walk over the list of rooms finds their cursors behind. The same walk
+/// catches any room a commit could not make due (a node dying at the wrong moment).
+async fn an_endpoint_added_later_is_given_the_rooms_already_there(backend: Backend) {
+    let before = TestServer::start_with(backend, |config| {
+        config.rooms.presence_timeout = None;
+    })
+    .await;
+    let rooms = ["there-a", "there-b", "there-c"];
+    let mut last = BTreeMap::new();
+    for room in rooms {
+        last.insert(room.to_owned(), activity(&before, room, 3).await);
+    }
+    let TestServer {
+        nodes,
+        redis,
+        cluster,
+        ..
+    } = before;
+    for node in nodes {
+        node.stop().await.unwrap();
+    }
+    let store_url = match (&redis, &cluster) {
+        (Some(redis), _) => redis.url(),
+        (_, Some(cluster)) => cluster.url(),
+        _ => unreachable!("a fleet shares a Redis"),
+    };
+    let receiver = Receiver::start().await;
+    let secret = new_secret();
+    let mut config = roomctl::server::ServerConfig::new(SECRET);
+    config.store = roomctl::server::StoreConfig::redis(store_url);
+    config.webhooks = vec![endpoint(&receiver.url(), &[&secret])];
+    config.rooms.presence_timeout = None;
+    // The walk takes a step per sweep, a quarter of this.
+    config.rooms.empty_room_ttl = Duration::from_millis(400);
+    let after = Node::start(config).await;
+    let received = receiver
+        .until("every room's last event", DELIVERY_PATIENCE, |received| {
+            last.iter().all(|(room, &seq)| reached(received, room, seq))
+        })
+        .await;
+    for (room, delivered) in delivered_per_room(&received) {
+        let seqs: Vec<u64> = delivered
+            .iter()
+            .map(|r| r.json()["seq"].as_str().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(seqs, (1..=last[&room]).collect::<Vec<_>>(), "{room}");
+    }
+    common::standard_webhooks::verify_all(&received, &secret);
+    after.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_an_endpoint_added_later_is_given_the_rooms_already_there() {
+    if !common::redis_server::redis_available() {
+        return;
+    }
+    an_endpoint_added_later_is_given_the_rooms_already_there(Backend::RedisTwoNodes).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_an_endpoint_added_later_is_given_the_rooms_already_there() {
+    if !common::redis_server::redis_available() {
+        return;
+    }
+    an_endpoint_added_later_is_given_the_rooms_already_there(Backend::RedisCluster).await;
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use sha2::{Digest, Sha256};
 
-use super::keys::{array, number, text, Keys};
+use super::keys::{array, meta, number, text, Keys};
 use super::Shared;
 use crate::error::Error;
 use crate::store::{Cursor, Outbox, OutboxEndpoint, Position};
@@ -139,8 +139,17 @@ pub(super) struct RedisOutbox {
     advance: redis::Script,
 }
 
-/// The due sets of the endpoints, for commits to make a room due in.
-pub(super) type DueKeys = OnceLock<Vec<String>>;
+/// The endpoints' keys as every part of the store needs them: commits make their room due in
+/// the due sets, and the walk over the list of rooms compares the cursors with the logs.
+pub(super) struct HookKeys {
+    /// Each endpoint's set of due rooms.
+    due: Vec<String>,
+    /// Each endpoint's cursor field in a room's `hooks` hash, in the same order.
+    fields: Vec<String>,
+}
+
+/// The endpoints' keys, set once webhooks are on.
+pub(super) type WebhookKeys = OnceLock<HookKeys>;
 
 impl RedisOutbox {
     pub(super) fn new(shared: Arc<Shared>, endpoints: &[OutboxEndpoint]) -> Self {
@@ -157,9 +166,10 @@ impl RedisOutbox {
                 }
             })
             .collect();
-        let _ = shared
-            .webhook_due
-            .set(hooks.iter().map(|hook| hook.due.clone()).collect());
+        let _ = shared.webhook_keys.set(HookKeys {
+            due: hooks.iter().map(|hook| hook.due.clone()).collect(),
+            fields: hooks.iter().map(|hook| hook.field.clone()).collect(),
+        });
         Self {
             shared,
             hooks,
@@ -268,14 +278,14 @@ impl RedisOutbox {
 impl Shared {
     /// Makes `room_id` due for every webhook endpoint (unless it is already), after a commit
     /// that did not do it itself. A failure leaves the commit's events for the room's next
-    /// commit to make due.
+    /// commit, or the walk over the list of rooms, to make due.
     pub(super) async fn make_due(&self, room_id: &str) {
-        let Some(due) = self.webhook_due.get() else {
+        let Some(keys) = self.webhook_keys.get() else {
             return;
         };
-        for key in due {
+        for key in &keys.due {
             if let Err(err) = self.make_due_in(key, room_id).await {
-                tracing::warn!(room_id, err = %err.detail(), "webhooks: a room's new events could not be made due; they go out with its next commit");
+                tracing::warn!(room_id, err = %err.detail(), "webhooks: a room's new events could not be made due; they go out with its next commit or when the walk over the rooms finds them");
             }
         }
     }
@@ -289,16 +299,71 @@ impl Shared {
             .await
     }
 
+    /// Makes due, for each endpoint, those of `room_ids` whose cursor is behind their log. This
+    /// is the walk over the list of rooms catching what the commits could not make due: a
+    /// node that died between its commit and making the room due after it while a turn settled
+    /// in between (a cluster, or commits waiting for replicas), Redis refusing the making due,
+    /// or an endpoint added to a fleet whose rooms already hold events.
+    pub(super) async fn make_behind_due(&self, room_ids: &[String]) -> Result<(), Error> {
+        let Some(hooks) = self.webhook_keys.get() else {
+            return Ok(());
+        };
+        if room_ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for room_id in room_ids {
+            let keys = Keys::new(room_id);
+            keys.add_meta(&mut pipe);
+            pipe.cmd("HMGET").arg(&keys.hooks).arg(&hooks.fields);
+        }
+        let replies: Vec<Value> = self
+            .timed("webhooks", pipe.query_async(&mut self.conn()))
+            .await?;
+        let mut making = redis::pipe();
+        for (room_id, reply) in room_ids.iter().zip(replies.chunks(2)) {
+            let Some(meta) = meta(reply[0].clone())? else {
+                continue;
+            };
+            let cursors = array(reply[1].clone());
+            for (n, due) in hooks.due.iter().enumerate() {
+                let cursor = cursors.get(n).and_then(text);
+                let at = cursor.as_deref().and_then(|c| c.rsplit_once(':'));
+                let behind = match at {
+                    Some((epoch, seq)) => {
+                        epoch != meta.epoch
+                            || seq.parse::<u64>().map_or(true, |s| s < meta.visible())
+                    }
+                    None => meta.visible() > 0,
+                };
+                if behind {
+                    making
+                        .cmd("ZADD")
+                        .arg(due)
+                        .arg("NX")
+                        .arg(0)
+                        .arg(room_id)
+                        .ignore();
+                }
+            }
+        }
+        if making.is_empty() {
+            return Ok(());
+        }
+        self.timed("webhooks", making.query_async::<()>(&mut self.conn()))
+            .await
+    }
+
     /// Whether webhooks are on (a commit then keeps a room it leaves empty).
     pub(super) fn webhooks_on(&self) -> bool {
-        self.webhook_due.get().is_some()
+        self.webhook_keys.get().is_some()
     }
 
     /// The due sets a commit on one Redis makes its room due in itself (none when commits
     /// wait for replicas: the writer does it once they confirm).
     pub(super) fn due_in_commit(&self) -> &[String] {
-        match self.webhook_due.get() {
-            Some(due) if self.config.wait_replicas == 0 => due,
+        match self.webhook_keys.get() {
+            Some(keys) if self.config.wait_replicas == 0 => &keys.due,
             _ => &[],
         }
     }

@@ -135,7 +135,7 @@ struct Shared {
     /// Whether commits keep the fleet's room list themselves: one Redis, cluster mode off.
     commits_list_rooms: bool,
     /// With webhooks, each endpoint's set of due rooms, which commits make their room due in.
-    webhook_due: hooks::DueKeys,
+    webhook_keys: hooks::WebhookKeys,
 }
 
 /// The Redis [`RoomStore`].
@@ -186,7 +186,7 @@ impl RedisStore {
             committer,
             feeds,
             commits_list_rooms,
-            webhook_due: hooks::DueKeys::new(),
+            webhook_keys: hooks::WebhookKeys::new(),
         });
         // Subscribed before the store is handed out, so it serves (and says so) from the start.
         let notifier = Notifier::open(&shared).await?;

@@ -11,8 +11,9 @@
 //! time its keys expire; every node works that schedule off, dropping the rooms that are gone
 //! from the list and rescheduling the others. Removal re-checks the room afterwards and puts
 //! it back if it was created again meanwhile. A slow walk over the whole list, a page per
-//! sweep, catches entries that lost their schedule (a node that died right after a commit).
-//! It writes only the index and its schedule, never a room's own keys.
+//! sweep, catches entries that lost their schedule (a node that died right after a commit),
+//! and, with webhooks on, rooms whose events an endpoint has not had that nothing made due.
+//! It writes only the index, its schedule and the webhooks' due sets, never a room's own keys.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -227,11 +228,13 @@ impl Shared {
     }
 
     /// One step of the walk over the whole list: the next [`SWEEP_BATCH`] entries after
-    /// `cursor`, unlisting those that are gone. Returns where the next step starts (None: over
+    /// `cursor`, unlisting those that are gone and making due for webhooks those whose events
+    /// an endpoint has not had. Returns where the next step starts (None: over
     /// from the first).
     async fn walk_step(&self, cursor: Option<&str>) -> Result<Option<String>, Error> {
         let ids = self.listed_after(cursor, SWEEP_BATCH).await?;
         self.unlist_gone(&ids).await?;
+        self.make_behind_due(&ids).await?;
         Ok(if ids.len() < SWEEP_BATCH {
             None
         } else {

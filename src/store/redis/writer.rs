@@ -544,7 +544,7 @@ impl Shared {
         if !due_in_commit {
             // Made due before the commit too, so that a node dying between its commit and the
             // making due after it leaves the room due all the same (unless a turn settled in
-            // between: see docs/webhooks.md, "Many nodes").
+            // between: then the walk over the list of rooms finds it, see `make_behind_due`).
             self.make_due(room_id).await;
         }
         let changes = Changes::of(&applied);
