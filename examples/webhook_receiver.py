@@ -11,10 +11,14 @@ import http.server
 import json
 import os
 import sys
+import threading
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 webhook = Webhook(os.environ["WEBHOOK_SECRET"])
+# roomctl delivers many rooms at once, so requests come on many threads: one at a time checks
+# the ids seen (a real receiver keeps them in its database) and writes a whole line.
+lock = threading.Lock()
 seen = set()
 
 
@@ -27,9 +31,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(400)
             self.end_headers()
             return
-        if self.headers["webhook-id"] not in seen:
-            seen.add(self.headers["webhook-id"])
-            print(json.dumps(payload), flush=True)
+        with lock:
+            if self.headers["webhook-id"] not in seen:
+                seen.add(self.headers["webhook-id"])
+                sys.stdout.write(json.dumps(payload) + "\n")
+                sys.stdout.flush()
         self.send_response(204)
         self.end_headers()
 

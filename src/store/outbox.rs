@@ -75,6 +75,14 @@ pub trait Outbox: Send + Sync + 'static {
     /// Ends the room's turn after a failure: it is due again after `delay` (its next events do
     /// not make it due sooner).
     async fn retry(&self, endpoint: usize, room_id: &str, delay: Duration) -> Result<(), Error>;
+
+    /// Which of `room_ids`, rooms this node retried whose retry time has come and gone
+    /// without the store handing them back, are another node's now: their turn is held
+    /// elsewhere, or they were delivered there. One process alone never loses a room: none.
+    async fn elsewhere(&self, endpoint: usize, room_ids: &[Arc<str>]) -> Result<Vec<bool>, Error> {
+        let _ = endpoint;
+        Ok(vec![false; room_ids.len()])
+    }
 }
 
 /// Which rooms are due for one endpoint, in one process: rooms marked by commits since they

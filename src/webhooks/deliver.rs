@@ -38,6 +38,10 @@ use crate::telemetry::{Delivery, Telemetry, WebhookMetrics};
 const IN_FLIGHT: usize = 64;
 /// Rooms retrying after a failure that it works on at once.
 const RETRYING_IN_FLIGHT: usize = 16;
+/// How long past its retry time a failed room may go without the store handing it back before
+/// the deliverer asks whether another node took it (the store's time and this node's differ a
+/// little).
+const HANDED_BACK: Duration = Duration::from_secs(1);
 /// Of a response's body, at most this much is read (and thrown away) so its connection can be
 /// used again; a longer one closes it.
 const RESPONSE_BODY_BYTES: usize = 64 * 1024;
@@ -161,6 +165,8 @@ struct Deliverer {
     running: JoinSet<(Arc<str>, Report)>,
     /// Retries being scheduled in the store.
     retries: JoinSet<()>,
+    /// The question which failed rooms went to other nodes, while it is asked.
+    asking: JoinSet<Vec<Arc<str>>>,
     /// Rooms whose last attempt failed: the endpoint is logged failing when the first one
     /// fails and delivering again when the last one recovers, never once per event.
     failing: usize,
@@ -178,6 +184,7 @@ impl Deliverer {
             }),
             running: JoinSet::new(),
             retries: JoinSet::new(),
+            asking: JoinSet::new(),
             failing: 0,
         }
     }
@@ -235,6 +242,7 @@ impl Deliverer {
                     Err(err) => tracing::error!(%err, "a webhook delivery task failed"),
                 },
                 Some(_) = self.retries.join_next() => {}
+                Some(Ok(elsewhere)) = self.asking.join_next() => self.forget_elsewhere(&elsewhere),
                 _ = census.tick() => self.census(),
             }
         }
@@ -331,22 +339,59 @@ impl Deliverer {
         }
     }
 
-    /// Tells the metrics how far behind the endpoint is, forgetting first the rooms that
-    /// waited for their retry so long that another node must have taken them (on a shared
-    /// store).
+    /// Tells the metrics how far behind the endpoint is, and asks the store whether the
+    /// failed rooms it has not handed back since their retry time went to other nodes (on a
+    /// shared store), whose metrics then count them.
     fn census(&mut self) {
-        let stale = self.context.endpoint.in_store().turn + self.context.endpoint.max_retry_delay;
-        let before = self.rooms.len();
-        self.rooms
-            .retain(|_, track| track.waiting.is_none_or(|retry| retry.elapsed() < stale));
-        // Forgotten rooms were failing ones.
-        self.failing = self.failing.saturating_sub(before - self.rooms.len());
+        let overdue: Vec<Arc<str>> = self
+            .rooms
+            .iter()
+            .filter(|(_, track)| {
+                track
+                    .waiting
+                    .is_some_and(|retry| retry.elapsed() > HANDED_BACK)
+            })
+            .map(|(room, _)| room.clone())
+            .collect();
+        if !overdue.is_empty() && self.asking.is_empty() {
+            let context = self.context.clone();
+            self.asking.spawn(async move {
+                match context.outbox.elsewhere(context.index, &overdue).await {
+                    Ok(elsewhere) => overdue
+                        .into_iter()
+                        .zip(elsewhere)
+                        .filter_map(|(room, gone)| gone.then_some(room))
+                        .collect(),
+                    // Asked again at the next census.
+                    Err(_) => Vec::new(),
+                }
+            });
+        }
         let behind = self.rooms.values().map(|track| track.behind).sum();
         let oldest = self.rooms.values().filter_map(|track| track.oldest).min();
         let age = oldest
             .and_then(|at| self.context.clock.now().duration_since(at).ok())
             .unwrap_or_default();
         self.context.metrics.behind(behind, age);
+    }
+
+    /// Forgets the failed rooms that went to other nodes and are still waiting here: this node
+    /// no longer delivers them, nor counts them.
+    fn forget_elsewhere(&mut self, elsewhere: &[Arc<str>]) {
+        for room in elsewhere {
+            if self
+                .rooms
+                .get(room)
+                .is_some_and(|track| track.waiting.is_some())
+            {
+                self.rooms.remove(room);
+                // A waiting room is a failing one.
+                self.failing -= 1;
+                if self.failing == 0 {
+                    tracing::info!(endpoint = %self.context.endpoint.name(), "webhook endpoint has no failing room on this node any more: other nodes took them");
+                }
+            }
+        }
     }
 }
 

@@ -59,6 +59,19 @@ redis.call('ZADD', KEYS[1], at, ARGV[1])
 return at
 "#;
 
+/// For each room `ARGV[i]`: 1 if it is out of the due set (delivered) or its score is ahead
+/// of Redis's time (a turn held), 0 if it is due.
+const ELSEWHERE: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local taken = {}
+for i, room in ipairs(ARGV) do
+  local score = redis.call('ZSCORE', KEYS[1], room)
+  taken[i] = (not score or tonumber(score) > now) and 1 or 0
+end
+return taken
+"#;
+
 /// The room's epoch, visible seq and the endpoint's cursor (field `ARGV[1]`; absent: the
 /// room's epoch, 0), or nil when the room is gone (`KEYS`: meta, hooks).
 const POSITION: &str = r#"
@@ -137,6 +150,7 @@ pub(super) struct RedisOutbox {
     moving: redis::Script,
     position: redis::Script,
     advance: redis::Script,
+    elsewhere: redis::Script,
 }
 
 /// The endpoints' keys as every part of the store needs them: commits make their room due in
@@ -178,6 +192,7 @@ impl RedisOutbox {
             moving: redis::Script::new(MOVE),
             position: redis::Script::new(POSITION),
             advance: redis::Script::new(ADVANCE),
+            elsewhere: redis::Script::new(ELSEWHERE),
         }
     }
 
@@ -473,5 +488,21 @@ impl Outbox for RedisOutbox {
         // The room is due for every node at its retry time, this one included.
         self.held().remove(&(endpoint, room_id.into()));
         Ok(())
+    }
+
+    async fn elsewhere(&self, endpoint: usize, room_ids: &[Arc<str>]) -> Result<Vec<bool>, Error> {
+        if room_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.elsewhere.prepare_invoke();
+        call.key(&self.hook(endpoint)?.due);
+        for room_id in room_ids {
+            call.arg(room_id.as_ref());
+        }
+        let taken: Vec<i64> = self
+            .shared
+            .timed("webhooks", call.invoke_async(&mut self.shared.conn()))
+            .await?;
+        Ok(taken.into_iter().map(|t| t == 1).collect())
     }
 }
