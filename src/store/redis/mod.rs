@@ -75,6 +75,7 @@ mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::{RedisResult, Value};
@@ -100,6 +101,10 @@ pub use keys::{StoredAnswer, StoredMember, StoredReply};
 use presence::Presence;
 use pubsub::{listen, Notifier};
 use writer::Writers;
+
+/// How long a snapshot waits for the replicas of a room's newest commit to confirm it: longer
+/// than the `WAIT` that asks them.
+const UNCONFIRMED_PATIENCE: Duration = Duration::from_millis(1500);
 
 /// Tuning of the Redis store; every node sharing a Redis must use the same values.
 #[derive(Debug, Clone)]
@@ -261,12 +266,28 @@ impl RoomStore for RedisStore {
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES");
-        let (meta_reply, members_reply, leases): (Value, Value, Value) = self
-            .shared
-            .timed("snapshot", pipe.query_async(&mut self.shared.conn()))
-            .await?;
-        let Some(meta) = meta(meta_reply)? else {
-            return Err(Error::room_not_found(room_id));
+        // A commit waiting for its replicas has changed the members already but not the seq a
+        // snapshot is labelled with (the confirmed one): such a snapshot would hold changes
+        // that `Events` from its seq delivers again, or that a failover takes back. Read again
+        // once the replicas have answered (their `WAIT` gives up within a second).
+        let started = tokio::time::Instant::now();
+        let (meta, members_reply, leases) = loop {
+            let (meta_reply, members_reply, leases): (Value, Value, Value) = self
+                .shared
+                .timed("snapshot", pipe.query_async(&mut self.shared.conn()))
+                .await?;
+            let Some(meta) = meta(meta_reply)? else {
+                return Err(Error::room_not_found(room_id));
+            };
+            if meta.visible() == meta.seq {
+                break (meta, members_reply, leases);
+            }
+            if started.elapsed() > UNCONFIRMED_PATIENCE {
+                return Err(Error::StoreUnavailable(
+                    "the room's newest change is not confirmed by its replicas yet".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let mut members = Vec::new();
         for value in array(members_reply) {
