@@ -342,6 +342,16 @@ impl Shared {
         jobs: Vec<Job>,
         known: &mut Option<Known>,
     ) -> Option<Error> {
+        // A caller that gave up (its deadline passed while the job waited behind a stall) was
+        // told the outcome is unknown, and its retry may have been answered already: running
+        // the job now would change the room after that answer. Only jobs someone waits for run.
+        let jobs: Vec<Job> = jobs
+            .into_iter()
+            .filter(|job| !job.reply.is_closed())
+            .collect();
+        if jobs.is_empty() {
+            return None;
+        }
         self.telemetry.batch(jobs.len());
         match self.settle(room_id, &jobs, known).await {
             Ok(results) => {
