@@ -21,6 +21,8 @@ pub struct RedisCluster {
     dir: PathBuf,
     /// For a TLS-only cluster: its nodes' certificate, key and CA files.
     tls: Option<[String; 3]>,
+    /// Whether it names no address to its clients (see [`RedisCluster::start_behind_proxies`]).
+    behind_proxies: bool,
 }
 
 /// A port for a cluster node: its cluster bus takes the port 10,000 above, so both must be free
@@ -41,7 +43,12 @@ fn cluster_port() -> u16 {
 /// Starts a cluster-enabled redis-server on `port` in `dir` (speaking only TLS, to clients and
 /// to its peers, when `tls` names its cert, key and CA files); None if it exited before it was
 /// ready (the port was taken meanwhile).
-async fn spawn(port: u16, dir: &std::path::Path, tls: Option<&[String; 3]>) -> Option<Child> {
+async fn spawn(
+    port: u16,
+    dir: &std::path::Path,
+    tls: Option<&[String; 3]>,
+    behind_proxies: bool,
+) -> Option<Child> {
     let mut args: Vec<String> = [
         "--cluster-enabled",
         "yes",
@@ -58,6 +65,9 @@ async fn spawn(port: u16, dir: &std::path::Path, tls: Option<&[String; 3]>) -> O
     ]
     .map(String::from)
     .into();
+    if behind_proxies {
+        args.extend(["--cluster-preferred-endpoint-type", "unknown-endpoint"].map(String::from));
+    }
     if tls.is_some() {
         // TLS, when on, covers the cluster bus and replication too.
         args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
@@ -75,16 +85,30 @@ impl RedisCluster {
     /// A fresh cluster of `masters` masters with `replicas` replicas each, once every node
     /// reports `cluster_state:ok` and every replica is in sync with its master.
     pub async fn start_with_replicas(masters: usize, replicas: usize) -> Self {
-        Self::start_on(masters, replicas, None).await
+        Self::start_on(masters, replicas, None, false).await
+    }
+
+    /// Like [`Self::start_with_replicas`], but its nodes tell clients no address of their own
+    /// (`cluster-preferred-endpoint-type unknown-endpoint`): a client goes on using the host it
+    /// reached the seed with, so one that reaches every node through proxies on an address of
+    /// its own (the same ports on 127.0.0.N) is never told of the real ones, and the proxies
+    /// can cut it off alone.
+    pub async fn start_behind_proxies(masters: usize, replicas: usize) -> Self {
+        Self::start_on(masters, replicas, None, true).await
     }
 
     /// A fresh cluster of `masters` masters that speaks only TLS, with the given cert, key and
     /// CA files (the certificate must name 127.0.0.1).
     pub async fn start_tls(masters: usize, cert: String, key: String, ca: String) -> Self {
-        Self::start_on(masters, 0, Some([cert, key, ca])).await
+        Self::start_on(masters, 0, Some([cert, key, ca]), false).await
     }
 
-    async fn start_on(masters: usize, replicas: usize, tls: Option<[String; 3]>) -> Self {
+    async fn start_on(
+        masters: usize,
+        replicas: usize,
+        tls: Option<[String; 3]>,
+        behind_proxies: bool,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "roomctl-cluster-{}-{}",
             std::process::id(),
@@ -94,14 +118,19 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         while nodes.len() < masters * (1 + replicas) {
             let port = cluster_port();
-            if let Some(child) = spawn(port, &dir, tls.as_ref()).await {
+            if let Some(child) = spawn(port, &dir, tls.as_ref(), behind_proxies).await {
                 nodes.push(ClusterNode {
                     port,
                     child: Some(child),
                 });
             }
         }
-        let cluster = Self { nodes, dir, tls };
+        let cluster = Self {
+            nodes,
+            dir,
+            tls,
+            behind_proxies,
+        };
         let addresses: Vec<String> = cluster.addresses();
         let tls_args: Vec<&str> = match &cluster.tls {
             Some([_, _, ca]) => vec!["--tls", "--cacert", ca],
@@ -167,7 +196,7 @@ impl RedisCluster {
     /// Starts the killed node on `port` again (empty, with its cluster configuration), and
     /// waits until it has rejoined as a replica in sync with the master on `master`.
     pub async fn restart_as_replica(&mut self, port: u16, master: u16) {
-        let child = spawn(port, &self.dir, self.tls.as_ref())
+        let child = spawn(port, &self.dir, self.tls.as_ref(), self.behind_proxies)
             .await
             .expect("the node restarts on its port");
         let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
@@ -188,6 +217,89 @@ impl RedisCluster {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+
+    /// The pid of the node on `port`, while it runs.
+    pub fn pid(&self, port: u16) -> Option<u32> {
+        let node = self.nodes.iter().find(|n| n.port == port)?;
+        node.child.as_ref().and_then(Child::id)
+    }
+
+    /// The ports of the running nodes that say they are masters.
+    pub async fn masters(&self) -> Vec<u16> {
+        let mut masters = Vec::new();
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let info: redis::RedisResult<String> = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut self.master(node.port).await)
+                .await;
+            if info.is_ok_and(|info| info.contains("role:master")) {
+                masters.push(node.port);
+            }
+        }
+        masters
+    }
+
+    /// Starts the killed node on `port` again (empty, with its cluster configuration) once its
+    /// replica has taken its place, and waits until it is a replica in sync with a master:
+    /// what a crashed master's host does when it comes back.
+    pub async fn restart_after_failover(&mut self, port: u16, masters: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self.masters().await.len() < masters {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no replica took the place of {port}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let child = spawn(port, &self.dir, self.tls.as_ref(), self.behind_proxies)
+            .await
+            .expect("the node restarts on its port");
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap()
+            .child = Some(child);
+        self.until_replica_in_sync(port).await;
+    }
+
+    /// Waits until `masters` running nodes are masters and every other running node is a
+    /// replica in sync.
+    pub async fn until_whole(&self, masters: usize) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let serving = loop {
+            let serving = self.masters().await;
+            if serving.len() == masters {
+                break serving;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster has masters {serving:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            if !serving.contains(&node.port) {
+                self.until_replica_in_sync(node.port).await;
+            }
+        }
+    }
+
+    /// Waits until the node on `port` is a replica whose link to its master is up and synced.
+    pub async fn until_replica_in_sync(&self, port: u16) {
+        let mut conn = self.master(port).await;
+        let synced = |info: &str| {
+            info.contains("role:slave")
+                && info.contains("master_link_status:up")
+                && info.contains("master_sync_in_progress:0")
+        };
+        super::redis_server::until_answer(
+            &mut conn,
+            ["INFO", "replication"],
+            "the node rejoined as a replica",
+            synced,
+        )
+        .await;
     }
 
     /// The port of a replica of the master on `port`.

@@ -1,0 +1,198 @@
+//! Proof under faults: many clients run random operations against real roomctl processes
+//! while a nemesis injects random faults, everything asked and seen is recorded, and a checker
+//! proves the whole history consistent (see RELIABILITY.md).
+//!
+//! `cargo test --test faults` runs the short seeded runs CI runs (the memory store, three nodes
+//! on one Redis, three nodes on a Redis Cluster of three masters with two replicas each);
+//! `cargo test --release --test faults -- --store cluster --duration 30m --seed 7` runs one as
+//! long as asked, and the seed reproduces its fault schedule.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod checker;
+mod fleet;
+mod history;
+mod nemesis;
+mod proxy;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet::{Fleet, Store};
+use history::{History, Outcome};
+use tokio::time::Instant;
+
+/// Workers calling operations at once.
+const WORKERS: u64 = 6;
+
+/// What to run, from the command line.
+struct Args {
+    stores: Vec<Store>,
+    duration: Option<Duration>,
+    seed: u64,
+}
+
+fn args() -> Option<Args> {
+    let mut stores = Vec::new();
+    let mut duration = None;
+    let mut seed = None;
+    let mut filter = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--store" => stores.push(match args.next().as_deref() {
+                Some("memory") => Store::Memory,
+                Some("redis") => Store::Redis,
+                Some("cluster") => Store::Cluster,
+                other => panic!("--store memory|redis|cluster, not {other:?}"),
+            }),
+            "--duration" => {
+                let text = args.next().expect("--duration TIME (30s, 30m...)");
+                duration = Some(
+                    *text
+                        .parse::<humantime::Duration>()
+                        .expect("--duration TIME"),
+                );
+            }
+            "--seed" => seed = Some(args.next().and_then(|s| s.parse().ok()).expect("--seed N")),
+            // What `cargo test` passes on to every test binary.
+            "--list" => {
+                println!("faults: test");
+                return None;
+            }
+            other if other.starts_with('-') => {}
+            other => filter = Some(other.to_owned()),
+        }
+    }
+    if filter.is_some_and(|f| !"faults".contains(&f) && !f.contains("faults")) {
+        return None;
+    }
+    if stores.is_empty() {
+        stores = vec![Store::Memory, Store::Redis, Store::Cluster];
+    }
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    });
+    Some(Args {
+        stores,
+        duration,
+        seed,
+    })
+}
+
+fn main() {
+    let Some(args) = args() else { return };
+    checker::self_test();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut failed = false;
+    for store in args.stores {
+        if store != Store::Memory && !common::redis_server::redis_available() {
+            continue;
+        }
+        let duration = args.duration.unwrap_or(match store {
+            Store::Memory => Duration::from_secs(10),
+            Store::Redis => Duration::from_secs(40),
+            Store::Cluster => Duration::from_secs(60),
+        });
+        failed |= !runtime.block_on(run(store, duration, args.seed));
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// One run; whether the checker found nothing.
+async fn run(store: Store, duration: Duration, seed: u64) -> bool {
+    println!("faults: {} store, {duration:?}, seed {seed}", store.name());
+    let history = Arc::new(History::new());
+    let fleet = Fleet::start(store, 1_000_000).await;
+    let shared = workload::Shared::new(fleet.addresses.clone(), history.clone());
+    let fleet = Arc::new(tokio::sync::Mutex::new(fleet));
+    let until = Instant::now() + duration;
+    let last: Arc<workload::Ends> = Arc::default();
+
+    let mut subscribers = tokio::task::JoinSet::new();
+    for (n, room) in workload::rooms().into_iter().enumerate() {
+        for copy in 0..store.nodes() {
+            subscribers.spawn(workload::subscriber(
+                shared.clone(),
+                room.clone(),
+                seed.wrapping_add(1000 + (n * 10 + copy) as u64),
+                last.clone(),
+                until,
+            ));
+        }
+    }
+    let mut workers = tokio::task::JoinSet::new();
+    for n in 0..WORKERS {
+        workers.spawn(workload::worker(
+            shared.clone(),
+            seed.wrapping_add(n),
+            until,
+        ));
+    }
+    let nemesis = tokio::spawn(nemesis::run(fleet.clone(), history.clone(), seed, until));
+    nemesis.await.unwrap();
+    while workers.join_next().await.is_some() {}
+
+    // Where every log ended, so that the subscribers know when they have seen it all.
+    let ends = workload::ends(&shared).await;
+    for room in workload::rooms() {
+        let end = ends.get(&room).cloned();
+        last.lock().unwrap().insert(room, end);
+    }
+    while subscribers.join_next().await.is_some() {}
+    fleet.lock().await.stop_all();
+
+    let report = checker::check(&history);
+    print_summary(&history, &report);
+    report.anomalies.is_empty()
+}
+
+fn print_summary(history: &History, report: &checker::Report) {
+    let invocations = history.invocations.lock().unwrap();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    for invocation in invocations.iter() {
+        let op = format!("{:?}", invocation.op);
+        let op = op.split([' ', '{']).next().unwrap_or("").to_owned();
+        let outcome = match &invocation.outcome {
+            Outcome::Ok(_) => "ok".to_owned(),
+            Outcome::Refused { reason, .. } => reason.clone(),
+            Outcome::Unknown(last) => format!("unknown ({})", last.split(':').next().unwrap_or("")),
+        };
+        *outcomes.entry(format!("{op} {outcome}")).or_default() += 1;
+    }
+    let retried = invocations.iter().filter(|i| i.attempts > 1).count();
+    let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
+    for fault in history.faults.lock().unwrap().iter() {
+        *faults.entry(fault.kind).or_default() += 1;
+    }
+    println!(
+        "  {} operations ({retried} retried): {outcomes:?}",
+        invocations.len()
+    );
+    println!(
+        "  {} deliveries checked over {} logs ({} whose state could not be replayed); faults {faults:?}",
+        report.events, report.epochs, report.unverified
+    );
+    println!(
+        "  {} changes missing or wrong, excused: a fault that can lose data struck while they ran",
+        report.rolled_back
+    );
+    for fault in history.faults.lock().unwrap().iter() {
+        println!(
+            "  fault {} of {} from {:?} to {:?}",
+            fault.kind, fault.target, fault.at, fault.healed
+        );
+    }
+    println!("  {} anomalies", report.anomalies.len());
+    for anomaly in report.anomalies.iter().take(50) {
+        println!("  ANOMALY {anomaly}");
+    }
+}
