@@ -400,6 +400,17 @@ impl Shared {
                 .await?
             {
                 Attempt::Done => return Ok(results),
+                // Refusals stand (nothing was applied either way); answers do not.
+                Attempt::Unconfirmed => {
+                    let vouched = results.into_iter().zip(jobs).map(|(result, job)| {
+                        result.and_then(|_| {
+                            Err(Error::OutcomeUnknown {
+                                request_id: job.cmd.request_id().map(str::to_owned),
+                            })
+                        })
+                    });
+                    return Ok(vouched.collect());
+                }
                 // Another node changed the room, or a guess was wrong: read again and redo.
                 Attempt::Retry => tokio::task::yield_now().await,
             }
@@ -427,7 +438,7 @@ impl Shared {
             .take()
             .filter(|k| k.usable() && !wanted.needs_fresh_read())
         {
-            return Ok(View::of(known, false, HashSet::new()));
+            return Ok(View::of(known, false, HashSet::new(), false));
         }
         // Whom a drop bans is known once its clients are: their identities' bans are read too.
         let banning: Vec<&[String]> = jobs
@@ -438,6 +449,10 @@ impl Shared {
             })
             .collect();
         let loaded = self.load(keys, wanted, &banning, now).await?;
+        let hidden = loaded
+            .meta
+            .as_ref()
+            .is_some_and(|meta| meta.visible() < meta.seq);
         let state = loaded.meta.map(|meta| {
             RoomState::restore(
                 *room_id,
@@ -460,7 +475,7 @@ impl Shared {
             bans,
             read_at: Instant::now(),
         };
-        Ok(View::of(known, true, loaded.lapsed))
+        Ok(View::of(known, true, loaded.lapsed, hidden))
     }
 
     /// Runs each job on `state` in turn, as of `now`; a time-out removes only the clients whose
@@ -512,6 +527,7 @@ impl Shared {
             known: mut seen,
             fresh,
             expected,
+            hidden,
             was_empty,
             ..
         } = view;
@@ -534,6 +550,12 @@ impl Shared {
             let refused_on_memory = !fresh && results.iter().any(Result::is_err);
             if !assumed.is_empty() || refused_on_memory {
                 return Ok(Attempt::Retry);
+            }
+            if hidden && results.iter().any(Result::is_ok) {
+                // An answer remembered by a commit its replicas never confirmed (a master that
+                // resumed after its replica took over still serves it for a moment) would
+                // acknowledge a change a failover may take back: the outcome stays unknown.
+                return Ok(Attempt::Unconfirmed);
             }
             *known = Some(seen);
             return Ok(Attempt::Done);
@@ -636,12 +658,16 @@ struct View {
     lapsed: HashSet<String>,
     /// The seq the batch runs on (None: the room does not exist).
     expected: Option<u64>,
+    /// Whether the room holds commits its replicas have not confirmed (a fresh read found its
+    /// seq past the confirmed one): their changes, and the answers they remembered, may still
+    /// vanish in a failover.
+    hidden: bool,
     /// Whether the room had no member before the batch.
     was_empty: bool,
 }
 
 impl View {
-    fn of(known: Known, fresh: bool, lapsed: HashSet<String>) -> Self {
+    fn of(known: Known, fresh: bool, lapsed: HashSet<String>, hidden: bool) -> Self {
         let expected = known.state.as_ref().map(RoomState::seq);
         let was_empty = known.state.as_ref().is_none_or(RoomState::is_empty);
         View {
@@ -649,6 +675,7 @@ impl View {
             fresh,
             lapsed,
             expected,
+            hidden,
             was_empty,
         }
     }
@@ -660,6 +687,9 @@ enum Attempt {
     Done,
     /// Nothing was committed: the batch runs again on a fresh read.
     Retry,
+    /// Nothing was committed, and the room's newest commits wait for their replicas: the
+    /// batch's answers (remembered ones included) cannot be vouched for.
+    Unconfirmed,
 }
 
 /// Applies one command to the batch's view of the room; a join may create the room.
