@@ -105,8 +105,13 @@ impl Committer {
         self.telemetry.store_op("commit", ok, started.elapsed());
         let (committed, acked) = match answer {
             Ok(Ok((reply, acked))) => (Committed::of(reply), acked),
-            // Refused before anything was sent, or refused by Redis: nothing was applied.
-            Ok(Err(err)) if err.is_connection_refusal() || !err.is_io_error() => {
+            // Refused before anything was sent, or refused by Redis: nothing was applied. Not
+            // so on a cluster, whose client resends once by itself: its refusal may follow a
+            // first send that applied (a master killed mid-commit, its replica holding the
+            // commit), which the fault harness caught answered STORE_UNAVAILABLE.
+            Ok(Err(err))
+                if !self.conn.resends() && (err.is_connection_refusal() || !err.is_io_error()) =>
+            {
                 return Err(unavailable(err))
             }
             Ok(Err(_)) | Err(_) => return Err(Error::OutcomeUnknown { request_id: None }),

@@ -307,6 +307,12 @@ impl Conn {
         })
     }
 
+    /// Whether the client resends a request on its own after an error (the cluster client
+    /// does, once): then an error does not show that nothing reached Redis.
+    pub(super) fn resends(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
     /// The command commits publish their events with: sharded on a cluster, so a room's
     /// messages travel only within its shard.
     pub(super) fn publish_command(&self) -> &'static str {
