@@ -357,6 +357,44 @@ async fn a_failover_loses_nothing_acknowledged() {
     }
 }
 
+/// Two failovers while a room is quiet: its master is killed and replaced, comes back as its
+/// successor's replica, and is promoted again when the successor dies in turn. The room's last
+/// commit is then two failovers back, yet a replica confirmed it: the room keeps its epoch, and
+/// a cursor from before both failovers still resumes. (The fault harness found a new epoch
+/// here, a spread room quiet through two failovers of its slot.)
+#[tokio::test]
+async fn a_quiet_room_keeps_its_epoch_through_two_failovers() {
+    if !redis_available() {
+        return;
+    }
+    let mut cluster = RedisCluster::start_with_replicas(3, 1).await;
+    let node = Node::start(store(cluster.url(), 1)).await;
+    let mut client = node.client("ops", "quiet", "service").await;
+    let first = join_until_ok(&mut client, join_request("quiet", 0)).await;
+    let slot = cluster.slot_of("roomctl:{quiet}:meta").await;
+    let (master, _) = cluster.owner_of(slot).await;
+    let replica = cluster.replica_of(master).await;
+    cluster.kill(master).await;
+    cluster.promote(replica, slot).await;
+    cluster.restart_as_replica(master, replica).await;
+    cluster.kill(replica).await;
+    cluster.promote(master, slot).await;
+    cluster.restart_as_replica(replica, master).await;
+
+    let second = join_until_ok(&mut client, join_request("quiet", 1)).await;
+    assert_eq!(
+        (second.epoch.as_str(), second.seq),
+        (first.epoch.as_str(), first.seq + 1),
+        "the room went on in its epoch"
+    );
+    let mut stream = client
+        .events(cursor("quiet", &first.epoch, first.seq))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_event(&mut stream).await.seq, second.seq);
+}
+
 /// Reopens a stream after `after_seq` of `epoch`, retrying while the store is still
 /// recovering.
 async fn resume(client: &mut Client, epoch: &str, after_seq: u64) -> tonic::Streaming<pb::Event> {

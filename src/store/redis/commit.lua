@@ -79,11 +79,18 @@ if current[1] and current[3] ~= run then
   -- Another Redis process made the room's last commit. If this one restarted (from an AOF or
   -- RDB that may lack the log's tail) or was promoted from a replica (which may lack it too),
   -- seqs clients have seen could be reused: the log starts anew under a new epoch, so their
-  -- cursors get OUT_OF_RANGE. A promoted replica keeps the epoch when every visible event was
-  -- confirmed by replicas; so does a cluster master the room's slot migrated to (whole).
-  local promoted = current[4] == field('master_replid2:')
+  -- cursors get OUT_OF_RANGE. A cluster master the room's slot migrated to (whole) keeps the
+  -- epoch. So does, when every visible event was confirmed by replicas, any master that became
+  -- one by promotion (it has a second replication id), even when the room's last commit is
+  -- more than one failover back: a master replaced, back as its successor's replica and
+  -- promoted again holds what its successor held (the fault harness began a new epoch there
+  -- while only the last committer's own successor was recognised). Only a master started from
+  -- its own files has no second id.
+  local replid2 = field('master_replid2:')
+  local promoted = current[4] == replid2
   local migrated = clustered and current[6] ~= node and not promoted
-  if not migrated and not (waiting and promoted) then
+  local replicated = waiting and replid2 ~= string.rep('0', 40)
+  if not migrated and not replicated then
     -- The log holds nothing now: its oldest is the next seq, so readers see an empty window
     -- where the new epoch starts, not the old numbering's.
     redis.call('DEL', log)
