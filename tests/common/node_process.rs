@@ -54,10 +54,11 @@ pub async fn start(mut command: Command) -> (Child, SocketAddr, Log) {
     (child, addr, log)
 }
 
-/// Spawns `command` as [`start`] does, and drains its log so the node never blocks on it.
+/// Spawns `command` as [`start`] does, and drains its log so the node never blocks on it
+/// (kept as `roomctl-PORT.log` under `ROOMCTL_TEST_LOGS`, see [`super::redis_server::drain_log`]).
 pub async fn start_quiet(command: Command) -> (Child, SocketAddr) {
-    let (child, addr, mut log) = start(command).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+    let (child, addr, log) = start(command).await;
+    super::redis_server::drain_log(log, format!("roomctl-{}.log", addr.port()));
     (child, addr)
 }
 

@@ -94,12 +94,13 @@ pub async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Op
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server starts");
-    when_ready(child).await
+    when_ready(child, port).await
 }
 
-/// `child`, a redis-server whose stdout is piped, once it accepts connections; None if it exited
-/// before (its port was taken).
-pub async fn when_ready(mut child: Child) -> Option<Child> {
+/// `child`, a redis-server on `port` whose stdout is piped, once it accepts connections; None
+/// if it exited before (its port was taken). Its log from then on is kept as `redis-PORT.log`
+/// under `ROOMCTL_TEST_LOGS` (see [`drain_log`]).
+pub async fn when_ready(mut child: Child, port: u16) -> Option<Child> {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let ready = tokio::time::timeout(PATIENCE, async {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -112,7 +113,7 @@ pub async fn when_ready(mut child: Child) -> Option<Child> {
     .await
     .unwrap_or(false);
     // Keep draining its output so a chatty server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    drain_log(lines, format!("redis-{port}.log"));
     ready.then_some(child)
 }
 
@@ -342,4 +343,30 @@ impl Drop for RedisServer {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Reads the `lines` a child process (a redis-server, a roomctl node) writes to their end, so
+/// it never blocks on a full pipe. When `ROOMCTL_TEST_LOGS` names a directory, they are kept
+/// there in `name` (appended: a process restarted on the same port goes on in the same file),
+/// so a failed run can be read afterwards.
+pub fn drain_log<R>(mut lines: tokio::io::Lines<R>, name: String)
+where
+    R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
+{
+    use std::io::Write;
+    let mut kept = std::env::var_os("ROOMCTL_TEST_LOGS").map(|dir| {
+        std::fs::create_dir_all(&dir).expect("ROOMCTL_TEST_LOGS can be made");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(std::path::Path::new(&dir).join(&name))
+            .expect("a log in ROOMCTL_TEST_LOGS can be written")
+    });
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(file) = &mut kept {
+                let _ = writeln!(file, "{line}");
+            }
+        }
+    });
 }

@@ -138,6 +138,8 @@ impl Fleet {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (child, addr) = node_process::start_quiet(node_process::serve(&args)).await;
+        // Its log, with ROOMCTL_TEST_LOGS, is named after the port.
+        println!("  node {n} listening on {addr}");
         self.nodes[n] = Some(child);
         self.addresses.lock().unwrap()[n] = Some(addr);
     }
