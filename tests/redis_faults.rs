@@ -390,6 +390,46 @@ async fn joins_during_a_redis_stall_are_never_silently_applied() {
     );
 }
 
+/// A join whose caller gives up while its room is being read (Redis paused) does not commit
+/// once Redis answers: its caller was told the outcome is unknown, and a retry elsewhere may
+/// have been refused meanwhile (the fault harness saw such a join land after its retry was
+/// refused BANNED). The next join on the same node, queued behind it, shows it never applied.
+#[tokio::test]
+async fn a_join_whose_caller_left_during_a_stall_is_not_applied() {
+    if !redis_available() {
+        return;
+    }
+    let server = TestServer::start(Backend::RedisTwoNodes).await;
+    let redis = server.redis.as_ref().unwrap();
+    let mut client = server.client("gw", "*", "service").await;
+    let join = |name: &str| pb::JoinRequest {
+        room_id: "left".into(),
+        name: name.into(),
+        request_id: name.into(),
+        ..Default::default()
+    };
+    redis.pause();
+    // The node's own deadline (grpc-timeout) answers the caller, so the node knows it left.
+    let mut gone = tonic::Request::new(join("gone"));
+    gone.set_timeout(std::time::Duration::from_millis(300));
+    let status = client.join(gone).await.unwrap_err();
+    redis.resume();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let next = client.join(join("next")).await.unwrap().into_inner();
+    assert_eq!(next.seq, 1, "the join whose caller left was not applied");
+    let members = client.list_participants(list("left")).await.unwrap();
+    let names: Vec<String> = members
+        .into_inner()
+        .participants
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["next"]);
+}
+
 /// A flushed Redis loses the log and its epoch: a live stream and old cursors get OUT_OF_RANGE
 /// once the room is created anew, never events of the new log as if they were the old one's.
 #[tokio::test]

@@ -342,18 +342,24 @@ impl Shared {
         jobs: Vec<Job>,
         known: &mut Option<Known>,
     ) -> Option<Error> {
-        // A caller that gave up (its deadline passed while the job waited behind a stall) was
-        // told the outcome is unknown, and its retry may have been answered already: running
-        // the job now would change the room after that answer. Only jobs someone waits for run.
-        let jobs: Vec<Job> = jobs
-            .into_iter()
-            .filter(|job| !job.reply.is_closed())
-            .collect();
-        if jobs.is_empty() {
-            return None;
-        }
-        self.telemetry.batch(jobs.len());
-        match self.settle(room_id, &jobs, known).await {
+        let mut jobs = jobs;
+        let results = loop {
+            // A caller that gave up (its deadline passed while the job waited behind a stall)
+            // was told the outcome is unknown, and its retry may have been answered already:
+            // running the job now would change the room after that answer. Only jobs someone
+            // waits for run; `settle` starts again without a caller that leaves meanwhile.
+            jobs.retain(|job| !job.reply.is_closed());
+            if jobs.is_empty() {
+                return None;
+            }
+            self.telemetry.batch(jobs.len());
+            match self.settle(room_id, &jobs, known).await {
+                Ok(Some(results)) => break Ok(results),
+                Ok(None) => continue,
+                Err(err) => break Err(err),
+            }
+        };
+        match results {
             Ok(results) => {
                 for (job, result) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(result);
@@ -378,13 +384,15 @@ impl Shared {
 
     /// The batch's results, once they hold in Redis: each attempt takes a view of the room
     /// (what the writer knows of it, or a fresh read), runs the jobs on it, and commits; a
-    /// conflict (another node wrote, or an assumption was wrong) starts the next attempt.
+    /// conflict (another node wrote, or an assumption was wrong) starts the next attempt. None
+    /// when a caller gave up while the room was read: nothing was committed, and the batch
+    /// must run again without that job.
     async fn settle(
         &self,
         room_id: &str,
         jobs: &[Job],
         known: &mut Option<Known>,
-    ) -> Result<Vec<Result<Applied, Error>>, Error> {
+    ) -> Result<Option<Vec<Result<Applied, Error>>>, Error> {
         let batch = Batch {
             room_id,
             keys: Keys::new(room_id),
@@ -394,12 +402,18 @@ impl Shared {
         for _ in 0..MAX_ATTEMPTS {
             let now = self.clock.now();
             let mut view = self.view(&batch, known, now).await?;
+            if jobs.iter().any(|job| job.reply.is_closed()) {
+                // The read stalled (Redis paused, a partition) past a caller's deadline: its
+                // job must not commit now, for the reason `apply_batch` gives. The fault
+                // harness saw such a join land after its retry elsewhere was refused BANNED.
+                return Ok(None);
+            }
             let results = self.run_jobs(&batch, &mut view.known.state, &view.lapsed, now);
             match self
                 .commit_or_retry(&batch, view, &results, known, now)
                 .await?
             {
-                Attempt::Done => return Ok(results),
+                Attempt::Done => return Ok(Some(results)),
                 // Refusals stand (nothing was applied either way); answers do not.
                 Attempt::Unconfirmed => {
                     let vouched = results.into_iter().zip(jobs).map(|(result, job)| {
@@ -409,7 +423,7 @@ impl Shared {
                             })
                         })
                     });
-                    return Ok(vouched.collect());
+                    return Ok(Some(vouched.collect()));
                 }
                 // Another node changed the room, or a guess was wrong: read again and redo.
                 Attempt::Retry => tokio::task::yield_now().await,
