@@ -1,7 +1,8 @@
 //! The commit of a batch as the Redis scripts see it: `commit.lua` (the compare-and-set that
 //! applies a batch atomically) and `confirm.lua` (which shows it once replicas hold it), the
 //! one typed pair that packs a commit's arguments ([`Commit::invoke`]) and reads its reply
-//! ([`Committed::of`]), and the [`Committer`] that sends them and waits for replicas. The
+//! ([`Committed::of`]), and the [`Committer`] that sends them and waits for replicas (and, with
+//! `reconfirm.lua`, confirms on demand what a commit left hidden). The
 //! scripts' argument order lives here and at the top of each script, nowhere else; what a batch
 //! commits is decided by the writer, never here.
 
@@ -11,7 +12,8 @@ use std::time::{Instant, SystemTime};
 use prost::Message;
 
 use super::connection::{recorded, unavailable, Conn, OP_TIMEOUT};
-use super::keys::{channel, millis, Keys, StoredAnswer, StoredMember};
+use super::feeds::Notice;
+use super::keys::{channel, entries, millis, Keys, StoredAnswer, StoredMember};
 use super::RedisConfig;
 use crate::engine::{Applied, Ban, Change, Reply};
 use crate::error::Error;
@@ -22,6 +24,8 @@ use crate::telemetry::Telemetry;
 pub(super) const COMMIT: &str = include_str!("commit.lua");
 /// `confirm.lua`.
 pub(super) const CONFIRM: &str = include_str!("confirm.lua");
+/// `reconfirm.lua`.
+const RECONFIRM: &str = include_str!("reconfirm.lua");
 
 /// Where commits go and what they wait for. Commits go to the room's master; with
 /// `--redis-wait-replicas` each is followed by its `WAIT` on a connection of their own.
@@ -40,6 +44,7 @@ pub(super) struct Committer {
     short_of_replicas: AtomicBool,
     commit: redis::Script,
     confirm: redis::Script,
+    reconfirm: redis::Script,
     telemetry: Telemetry,
 }
 
@@ -60,6 +65,7 @@ impl Committer {
             short_of_replicas: AtomicBool::new(true),
             commit: redis::Script::new(COMMIT),
             confirm: redis::Script::new(CONFIRM),
+            reconfirm: redis::Script::new(RECONFIRM),
             telemetry,
         }
     }
@@ -151,8 +157,9 @@ impl Committer {
                         acked,
                         replicas,
                         "a commit was not confirmed by enough replicas in time: its callers are \
-                         answered OUTCOME_UNKNOWN, and its events stay hidden until a later \
-                         commit of the room is confirmed"
+                         answered OUTCOME_UNKNOWN, and its events stay hidden until its \
+                         replicas confirm it (a later commit, or a retry or snapshot of the room \
+                         asking for it)"
                     );
                     return Err(Error::OutcomeUnknown { request_id: None });
                 }
@@ -163,7 +170,8 @@ impl Committer {
 
     /// Shows a commit its replicas hold: raises the room's confirmed seq to `newest` and
     /// publishes the commit's notice. A commit whose confirmation fails is durable but hidden
-    /// until a later one of the room is confirmed; its callers are told the outcome is unknown.
+    /// until a later one of the room is confirmed, or [`Committer::reconfirm`] confirms it; its
+    /// callers are told the outcome is unknown.
     pub(super) async fn confirm(
         &self,
         keys: &Keys,
@@ -186,6 +194,47 @@ impl Committer {
         .await
         .map(drop)
         .map_err(|_| Error::OutcomeUnknown { request_id: None })
+    }
+
+    /// Confirms on demand what the room's commits left hidden (their replicas did not confirm
+    /// them in time, and no later commit of the room has been confirmed since): a write to the
+    /// room's master and its `WAIT` (the replicas' acknowledgement of it covers every earlier
+    /// write), then the hidden events read back and confirm.lua run with them, so the room is
+    /// shown whole again without waiting for its next change. Whether it did: false when
+    /// nothing was hidden, commits do not wait for replicas, or the replicas still do not
+    /// answer.
+    pub(super) async fn reconfirm(&self, keys: &Keys, room_id: &str) -> Result<bool, Error> {
+        let Some(mut waiting) = self.waiting.clone() else {
+            return Ok(false);
+        };
+        let mut call = self.reconfirm.prepare_invoke();
+        call.key(&keys.meta);
+        let waited = waiting.commit_and_wait(&call, &keys.meta, self.wait_replicas, true);
+        let (seq, acked) = recorded(&self.telemetry, "reconfirm", waited).await?;
+        if seq < 1 || acked < self.wait_replicas as i64 {
+            return Ok(false);
+        }
+        let seq = seq as u64;
+        let mut conn = self.conn.clone();
+        let mut meta = redis::cmd("HMGET");
+        meta.arg(&keys.meta).arg(&["epoch", "confirmed"]);
+        let (epoch, confirmed): (Option<String>, Option<u64>) =
+            recorded(&self.telemetry, "reconfirm", meta.query_async(&mut conn)).await?;
+        let Some(epoch) = epoch else {
+            return Ok(false);
+        };
+        let confirmed = confirmed.unwrap_or(0);
+        let mut range = redis::cmd("XRANGE");
+        range
+            .arg(&keys.log)
+            .arg(format!("0-{}", confirmed + 1))
+            .arg(format!("0-{seq}"));
+        let range = recorded(&self.telemetry, "reconfirm", range.query_async(&mut conn)).await?;
+        let events = entries(range)?;
+        let hidden: Vec<&pb::Event> = events.iter().map(|event| &***event).collect();
+        let notice = Notice::publish(room_id, &hidden);
+        self.confirm(keys, room_id, (&epoch, seq), notice).await?;
+        Ok(true)
     }
 }
 

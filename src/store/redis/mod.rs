@@ -271,6 +271,7 @@ impl RoomStore for RedisStore {
         // that `Events` from its seq delivers again, or that a failover takes back. Read again
         // once the replicas have answered (their `WAIT` gives up within a second).
         let started = tokio::time::Instant::now();
+        let mut reconfirmed = false;
         let (meta, members_reply, leases) = loop {
             let (meta_reply, members_reply, leases): (Value, Value, Value) = self
                 .shared
@@ -281,6 +282,13 @@ impl RoomStore for RedisStore {
             };
             if meta.visible() == meta.seq {
                 break (meta, members_reply, leases);
+            }
+            if !reconfirmed {
+                // A commit its replicas did not confirm in time stays hidden until one of the
+                // room is: in a quiet room no later commit would come, so ask for it now.
+                reconfirmed = true;
+                self.shared.committer.reconfirm(&keys, room_id).await?;
+                continue;
             }
             if started.elapsed() > UNCONFIRMED_PATIENCE {
                 return Err(Error::StoreUnavailable(

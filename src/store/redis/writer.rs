@@ -399,6 +399,7 @@ impl Shared {
             jobs,
             wanted: wanted(jobs),
         };
+        let mut reconfirmed = false;
         for _ in 0..MAX_ATTEMPTS {
             let now = self.clock.now();
             let mut view = self.view(&batch, known, now).await?;
@@ -414,8 +415,16 @@ impl Shared {
                 .await?
             {
                 Attempt::Done => return Ok(Some(results)),
-                // Refusals stand (nothing was applied either way); answers do not.
                 Attempt::Unconfirmed => {
+                    // Confirmed now, the hidden commits' remembered answers stand: read the
+                    // room again (once: the replicas may still be away).
+                    if !reconfirmed {
+                        reconfirmed = true;
+                        if self.committer.reconfirm(&batch.keys, room_id).await? {
+                            continue;
+                        }
+                    }
+                    // Refusals stand (nothing was applied either way); answers do not.
                     let vouched = results.into_iter().zip(jobs).map(|(result, job)| {
                         result.and_then(|_| {
                             Err(Error::OutcomeUnknown {

@@ -1,0 +1,15 @@
+-- reconfirm.lua: the first half of confirming on demand what a room's commits left hidden (with
+-- --redis-wait-replicas, a commit its replicas did not confirm in time, and no later commit of
+-- the room confirmed since). When the room's seq is past its confirmed one, writes the seq again
+-- and returns it: a write of the caller's own, which its `WAIT` then covers, and replication is
+-- ordered, so replicas holding this write hold the hidden commits too, whoever made them.
+-- Returns 0 when nothing is hidden. Sent by `Committer::reconfirm` (commit.rs), which then
+-- waits for the replicas and runs confirm.lua.
+--
+-- KEYS (1): meta.
+local current = redis.call('HMGET', KEYS[1], 'seq', 'confirmed')
+if not current[1] or not current[2] or tonumber(current[2]) >= tonumber(current[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'seq', current[1])
+return tonumber(current[1])
