@@ -55,10 +55,11 @@ pub async fn start(mut command: Command) -> (Child, SocketAddr, Log) {
 }
 
 /// Spawns `command` as [`start`] does, and drains its log so the node never blocks on it
-/// (kept as `roomctl-PORT.log` under `ROOMCTL_TEST_LOGS`, see [`super::redis_server::drain_log`]).
+/// (kept as `roomctl-PORT.log` under `ROOMCTL_TEST_LOGS`, see [`super::redis_server::kept_log`]).
 pub async fn start_quiet(command: Command) -> (Child, SocketAddr) {
     let (child, addr, log) = start(command).await;
-    super::redis_server::drain_log(log, format!("roomctl-{}.log", addr.port()));
+    let kept = super::redis_server::kept_log(&format!("roomctl-{}.log", addr.port()));
+    super::redis_server::drain_log(log, kept);
     (child, addr)
 }
 

@@ -98,12 +98,14 @@ pub async fn spawn(port: u16, tls: Option<&[String; 3]>, extra: &[String]) -> Op
 }
 
 /// `child`, a redis-server on `port` whose stdout is piped, once it accepts connections; None
-/// if it exited before (its port was taken). Its log from then on is kept as `redis-PORT.log`
-/// under `ROOMCTL_TEST_LOGS` (see [`drain_log`]).
+/// if it exited before (its port was taken). Its log is kept as `redis-PORT.log` under
+/// `ROOMCTL_TEST_LOGS` (see [`kept_log`]).
 pub async fn when_ready(mut child: Child, port: u16) -> Option<Child> {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut kept = kept_log(&format!("redis-{port}.log"));
     let ready = tokio::time::timeout(PATIENCE, async {
         while let Ok(Some(line)) = lines.next_line().await {
+            keep(&mut kept, &line);
             if line.contains("Ready to accept connections") {
                 return true;
             }
@@ -113,7 +115,7 @@ pub async fn when_ready(mut child: Child, port: u16) -> Option<Child> {
     .await
     .unwrap_or(false);
     // Keep draining its output so a chatty server never blocks on a full pipe.
-    drain_log(lines, format!("redis-{port}.log"));
+    drain_log(lines, kept);
     ready.then_some(child)
 }
 
@@ -345,28 +347,37 @@ impl Drop for RedisServer {
     }
 }
 
-/// Reads the `lines` a child process (a redis-server, a roomctl node) writes to their end, so
-/// it never blocks on a full pipe. When `ROOMCTL_TEST_LOGS` names a directory, they are kept
-/// there in `name` (appended: a process restarted on the same port goes on in the same file),
-/// so a failed run can be read afterwards.
-pub fn drain_log<R>(mut lines: tokio::io::Lines<R>, name: String)
+/// Where a child process's log (`name`: `redis-PORT.log`, `roomctl-PORT.log`) is kept when
+/// `ROOMCTL_TEST_LOGS` names a directory (appended: a process restarted on the same port goes
+/// on in the same file), so a failed run can be read afterwards; None otherwise.
+pub fn kept_log(name: &str) -> Option<std::fs::File> {
+    let dir = std::env::var_os("ROOMCTL_TEST_LOGS")?;
+    std::fs::create_dir_all(&dir).expect("ROOMCTL_TEST_LOGS can be made");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::path::Path::new(&dir).join(name))
+        .expect("a log in ROOMCTL_TEST_LOGS can be written");
+    Some(file)
+}
+
+/// Reads the `lines` a child process writes to their end, so it never blocks on a full pipe,
+/// into `kept` if given (see [`kept_log`]).
+pub fn drain_log<R>(mut lines: tokio::io::Lines<R>, mut kept: Option<std::fs::File>)
 where
     R: tokio::io::AsyncBufRead + Unpin + Send + 'static,
 {
-    use std::io::Write;
-    let mut kept = std::env::var_os("ROOMCTL_TEST_LOGS").map(|dir| {
-        std::fs::create_dir_all(&dir).expect("ROOMCTL_TEST_LOGS can be made");
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(std::path::Path::new(&dir).join(&name))
-            .expect("a log in ROOMCTL_TEST_LOGS can be written")
-    });
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(file) = &mut kept {
-                let _ = writeln!(file, "{line}");
-            }
+            keep(&mut kept, &line);
         }
     });
+}
+
+/// Appends `line` to `kept`, if kept.
+fn keep(kept: &mut Option<std::fs::File>, line: &str) {
+    use std::io::Write;
+    if let Some(file) = kept {
+        let _ = writeln!(file, "{line}");
+    }
 }

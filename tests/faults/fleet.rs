@@ -73,6 +73,7 @@ impl Fleet {
                 // Its append-only file, synced on every write: a killed Redis loses nothing.
                 let server = RedisServer::start_persistent().await;
                 let upstream: SocketAddr = server.url()["redis://".len()..].parse().unwrap();
+                println!("  redis listening on {upstream}");
                 for _ in 0..store.nodes() {
                     proxies.push(vec![Proxy::start(upstream).await]);
                 }

@@ -76,11 +76,15 @@ fn args() -> Option<Args> {
                 println!("faults: test");
                 return None;
             }
-            other if other.starts_with('-') => {}
+            // What cargo may pass on to every test binary (`--nocapture`, `--test-threads=1`).
+            other if other.starts_with('-') => {
+                eprintln!("faults: ignoring {other}, not one of this harness's options")
+            }
             other => filter = Some(other.to_owned()),
         }
     }
-    if filter.is_some_and(|f| !"faults".contains(&f) && !f.contains("faults")) {
+    if let Some(filter) = filter.filter(|f| !"faults".contains(f) && !f.contains("faults")) {
+        println!("faults: filtered out by {filter:?} (a store is chosen with --store)");
         return None;
     }
     if stores.is_empty() {
@@ -120,8 +124,9 @@ fn main() {
 /// One run; whether the checker found nothing.
 async fn run(store: Store, duration: Duration, seed: u64, paused_masters: bool) -> bool {
     println!("faults: {} store, {duration:?}, seed {seed}", store.name());
-    let history = Arc::new(History::new());
     let fleet = Fleet::start(store, 1_000_000).await;
+    // Times count from here, when the workload and the nemesis start.
+    let history = Arc::new(History::new());
     let shared = workload::Shared::new(fleet.addresses.clone(), history.clone());
     let fleet = Arc::new(tokio::sync::Mutex::new(fleet));
     let until = Instant::now() + duration;
@@ -135,16 +140,16 @@ async fn run(store: Store, duration: Duration, seed: u64, paused_masters: bool) 
                 room.clone(),
                 seed.wrapping_add(1000 + (n * 10 + copy) as u64),
                 last.clone(),
-                until,
             ));
         }
     }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = tokio::task::JoinSet::new();
     for n in 0..WORKERS {
         workers.spawn(workload::worker(
             shared.clone(),
             seed.wrapping_add(n),
-            until,
+            done.clone(),
         ));
     }
     let nemesis = tokio::spawn(nemesis::run(
@@ -155,6 +160,7 @@ async fn run(store: Store, duration: Duration, seed: u64, paused_masters: bool) 
         paused_masters,
     ));
     nemesis.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     while workers.join_next().await.is_some() {}
 
     // Where every log ended, so that the subscribers know when they have seen it all.
@@ -198,7 +204,8 @@ fn print_summary(history: &History, report: &checker::Report) {
         report.events, report.epochs, report.unverified
     );
     println!(
-        "  {} changes missing or wrong, excused: a fault that can lose data struck while they ran",
+        "  {} operations excused: their change or snapshot is not in the log, and a fault that \
+         can lose data struck while they ran",
         report.rolled_back
     );
     for fault in history.faults.lock().unwrap().iter() {

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,11 +98,12 @@ fn definite(status: &Status) -> Option<String> {
     }
 }
 
-/// One worker: random operations until `until`.
-pub async fn worker(shared: Arc<Shared>, seed: u64, until: Instant) {
+/// One worker: random operations until the nemesis is `done` (which is at the run's duration,
+/// or later if some fault kind has not struck yet: faults never strike an idle fleet).
+pub async fn worker(shared: Arc<Shared>, seed: u64, done: Arc<AtomicBool>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let rooms = rooms();
-    while Instant::now() < until {
+    while !done.load(Ordering::Relaxed) {
         let room = if rng.gen_bool(0.6) {
             rooms[rng.gen_range(0..3)].clone()
         } else {
@@ -327,19 +329,13 @@ async fn call(
 }
 
 /// One subscriber of `room`: holds an `Events` stream on some node, resuming after what it
-/// saw on any error, until `until`, then until it has seen `last` (set at the end of the run).
-pub async fn subscriber(
-    shared: Arc<Shared>,
-    room: String,
-    seed: u64,
-    last: Arc<Ends>,
-    until: Instant,
-) {
+/// saw on any error, until it has seen `last` (set at the end of the run).
+pub async fn subscriber(shared: Arc<Shared>, room: String, seed: u64, last: Arc<Ends>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut seen = Vec::new();
     let mut at: Option<(String, u64)> = None;
-    let end = until + RETRYING * 2;
-    'run: while Instant::now() < end {
+    let mut end = None;
+    'run: while !overdue(&last, &room, &mut end) {
         if caught_up(&last, &room, &at) {
             break;
         }
@@ -386,7 +382,7 @@ pub async fn subscriber(
                 }
                 // Quiet: look whether the run is over and this subscriber has seen it all.
                 Err(_) => {
-                    if caught_up(&last, &room, &at) || Instant::now() >= end {
+                    if caught_up(&last, &room, &at) || overdue(&last, &room, &mut end) {
                         break 'run;
                     }
                 }
@@ -394,6 +390,16 @@ pub async fn subscriber(
         }
     }
     shared.history.views.lock().unwrap().push((room, seen));
+}
+
+/// Whether a subscriber of `room` should stop looking for the rest of its log: the run's ends
+/// have been known for twice [`RETRYING`] (`end`, set the first time they are), and the checker
+/// will report what it missed.
+fn overdue(last: &Ends, room: &str, end: &mut Option<Instant>) -> bool {
+    if !last.lock().unwrap().contains_key(room) {
+        return false;
+    }
+    Instant::now() >= *end.get_or_insert_with(|| Instant::now() + RETRYING * 2)
 }
 
 /// Whether the run is over and `at` is where `room`'s log ended (None: it was never created).
