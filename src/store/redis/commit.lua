@@ -84,8 +84,9 @@ if current[1] and current[3] ~= run then
   -- one by promotion (it has a second replication id), even when the room's last commit is
   -- more than one failover back: a master replaced, back as its successor's replica and
   -- promoted again holds what its successor held (the fault harness began a new epoch there
-  -- while only the last committer's own successor was recognised). Only a master started from
-  -- its own files has no second id.
+  -- while only the last committer's own successor was recognised). A master started from an
+  -- AOF, or from nothing, has no second id; Redis 7 gives one started from an RDB file that
+  -- file's id, so it passes for promoted here (RELIABILITY.md, Open: use AOF with replicas).
   local replid2 = field('master_replid2:')
   local promoted = current[4] == replid2
   local migrated = clustered and current[6] ~= node and not promoted

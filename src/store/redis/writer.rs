@@ -339,10 +339,9 @@ impl Shared {
     pub(super) async fn apply_batch(
         &self,
         room_id: &str,
-        jobs: Vec<Job>,
+        mut jobs: Vec<Job>,
         known: &mut Option<Known>,
     ) -> Option<Error> {
-        let mut jobs = jobs;
         let results = loop {
             // A caller that gave up (its deadline passed while the job waited behind a stall)
             // was told the outcome is unknown, and its retry may have been answered already:
