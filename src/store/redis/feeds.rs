@@ -209,12 +209,17 @@ impl Feed {
     }
 
     /// Appends published events; a gap or another epoch restarts the cache from them, so the
-    /// cache is always one contiguous run of one log.
-    fn append(&self, events: Vec<pb::Event>) {
-        let Some(first) = events.first() else { return };
+    /// cache is always one contiguous run of one log. Of a notice overlapping what the cache
+    /// holds (a confirmation on demand may repeat events another node's confirmation
+    /// announced), only the events past it are new.
+    fn append(&self, mut events: Vec<pb::Event>) {
         let mut cache = self.cache();
+        if let Some(last) = cache.events.back() {
+            let (epoch, held) = (last.epoch.clone(), last.seq);
+            events.retain(|event| event.epoch != epoch || event.seq > held);
+        }
+        let Some(first) = events.first() else { return };
         match cache.events.back() {
-            Some(last) if last.epoch == first.epoch && last.seq >= first.seq => return,
             Some(last)
                 if last.epoch == first.epoch && last.seq.checked_add(1) == Some(first.seq) => {}
             _ => *cache = Cache::default(),
@@ -249,5 +254,55 @@ impl Feed {
         }
         let skip = (after - oldest_cursor) as usize;
         Some(batch_of(cache.iter().skip(skip).cloned(), |e| e.size()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(epoch: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<pb::Event> {
+        seqs.map(|seq| pb::Event {
+            seq,
+            epoch: epoch.into(),
+            ..Default::default()
+        })
+        .collect()
+    }
+
+    fn cached(feed: &Feed) -> Vec<(String, u64)> {
+        let cache = feed.cache();
+        cache
+            .events
+            .iter()
+            .map(|e| (e.epoch.clone(), e.seq))
+            .collect()
+    }
+
+    #[test]
+    fn a_notice_overlapping_the_cache_adds_only_its_newer_events() {
+        let feed = Feed::new((100, 1 << 20));
+        feed.append(events("e", 1..=3));
+        let mut head = feed.head.subscribe();
+        head.mark_unchanged();
+        feed.append(events("e", 2..=5));
+        assert_eq!(
+            cached(&feed),
+            (1..=5).map(|seq| ("e".into(), seq)).collect::<Vec<_>>()
+        );
+        assert!(
+            head.has_changed().unwrap(),
+            "subscribers are woken for 4 and 5"
+        );
+        head.mark_unchanged();
+        // Nothing new, nobody woken.
+        feed.append(events("e", 1..=5));
+        assert!(!head.has_changed().unwrap());
+        assert_eq!(cached(&feed).len(), 5);
+        // A gap, or another epoch, starts the cache anew.
+        feed.append(events("e", 7..=7));
+        assert_eq!(cached(&feed), [("e".to_owned(), 7)]);
+        feed.append(events("f", 1..=2));
+        assert_eq!(cached(&feed), [("f".to_owned(), 1), ("f".to_owned(), 2)]);
     }
 }
