@@ -219,6 +219,51 @@ impl RedisCluster {
         }
     }
 
+    /// Saves the master on `port` to an RDB file, kills it and starts it again from that file
+    /// before a replica can take its place (their failover is off meanwhile), and waits until
+    /// it is a master again with its replica in sync: a master restarted from its own snapshot,
+    /// which may lack its last writes.
+    pub async fn restart_from_snapshot(&mut self, port: u16) {
+        let replica = self.replica_of(port).await;
+        let no_failover = |on: &'static str| {
+            let mut set = redis::cmd("CONFIG");
+            set.arg("SET").arg("cluster-replica-no-failover").arg(on);
+            set
+        };
+        let mut to_replica = self.master(replica).await;
+        let _: () = no_failover("yes")
+            .query_async(&mut to_replica)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SAVE")
+            .query_async(&mut self.master(port).await)
+            .await
+            .unwrap();
+        self.kill(port).await;
+        let child = spawn(port, &self.dir, self.tls.as_ref(), self.behind_proxies)
+            .await
+            .expect("the node restarts on its port");
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap()
+            .child = Some(child);
+        let synced = format!("port={replica},state=online");
+        super::redis_server::until_answer(
+            &mut self.master(port).await,
+            ["INFO", "replication"],
+            "the restarted master has its replica again",
+            |info| info.contains("role:master") && info.contains(&synced),
+        )
+        .await;
+        let _: () = no_failover("no")
+            .query_async(&mut to_replica)
+            .await
+            .unwrap();
+        // The nodes share a directory: no other node may start from this file.
+        let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
+    }
+
     /// The pid of the node on `port`, while it runs.
     pub fn pid(&self, port: u16) -> Option<u32> {
         let node = self.nodes.iter().find(|n| n.port == port)?;

@@ -85,12 +85,16 @@ if current[1] and current[3] ~= run then
   -- more than one failover back: a master replaced, back as its successor's replica and
   -- promoted again holds what its successor held (the fault harness began a new epoch there
   -- while only the last committer's own successor was recognised). A master started from an
-  -- AOF, or from nothing, has no second id; Redis 7 gives one started from an RDB file that
-  -- file's id, so it passes for promoted here (RELIABILITY.md, Open: use AOF with replicas).
+  -- AOF, or from nothing, has no second id. Redis 7 gives a master started from an RDB file
+  -- (written while it had replicas) that file's id as its second: on a cluster, where the
+  -- node id outlives restarts, the committer itself with its own last id as second id is such
+  -- a restart, and its file may lack the confirmed tail. One Redis has no such id
+  -- (RELIABILITY.md, Open: use AOF with replicas there).
   local replid2 = field('master_replid2:')
   local promoted = current[4] == replid2
+  local restarted = clustered and current[6] == node and promoted
   local migrated = clustered and current[6] ~= node and not promoted
-  local replicated = waiting and replid2 ~= string.rep('0', 40)
+  local replicated = waiting and replid2 ~= string.rep('0', 40) and not restarted
   if not migrated and not replicated then
     -- The log holds nothing now: its oldest is the next seq, so readers see an empty window
     -- where the new epoch starts, not the old numbering's.
