@@ -285,7 +285,76 @@ fn describe(violations: &[Violation]) -> String {
         .join("; ")
 }
 
+/// A refusal that a room's state decided, in the parts a store keeps when the room remembers it
+/// under the request's id (as it remembers answers): its reason as docs/api.md's table names
+/// it, what it names (a room, an identity) and a number (a ban's end in ms since 1970, a limit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// [`Error::reason`].
+    pub reason: String,
+    /// The room or identity it names ("" for a limit).
+    pub subject: String,
+    /// A ban's end in ms since 1970, or a limit's value (0 otherwise).
+    pub number: u64,
+}
+
 impl Error {
+    /// The refusal this error is, when it is one a room's state decides (a ban, the lock, a
+    /// full room, a lock already in place...) and so one a room remembers under the request's
+    /// id; None for every other error, which a retry may not meet again.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let (subject, number) = match self {
+            Error::Banned { identity, until } => {
+                let ms = until
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                (identity.clone(), ms)
+            }
+            Error::RoomLocked { room_id }
+            | Error::RoomAlreadyLocked { room_id }
+            | Error::RoomNotLocked { room_id } => (room_id.clone(), 0),
+            Error::LimitReached {
+                limit: Limit::RoomMembers | Limit::RoomBans,
+                max,
+            } => (String::new(), *max as u64),
+            _ => return None,
+        };
+        Some(Refusal {
+            reason: self.reason().to_owned(),
+            subject,
+            number,
+        })
+    }
+
+    /// The error a remembered [`Refusal`] stands for; None for one no roomctl remembers.
+    pub fn refused(refusal: Refusal) -> Option<Self> {
+        let Refusal {
+            reason,
+            subject,
+            number,
+        } = refusal;
+        let room_id = subject.clone();
+        let err = match reason.as_str() {
+            "BANNED" => Error::Banned {
+                identity: subject,
+                until: std::time::UNIX_EPOCH + Duration::from_millis(number),
+            },
+            "ROOM_LOCKED" => Error::RoomLocked { room_id },
+            "ROOM_ALREADY_LOCKED" => Error::RoomAlreadyLocked { room_id },
+            "ROOM_NOT_LOCKED" => Error::RoomNotLocked { room_id },
+            "ROOM_FULL" | "TOO_MANY_BANS" => Error::LimitReached {
+                limit: if reason == "ROOM_FULL" {
+                    Limit::RoomMembers
+                } else {
+                    Limit::RoomBans
+                },
+                max: usize::try_from(number).ok()?,
+            },
+            _ => return None,
+        };
+        Some(err)
+    }
+
     /// `ROOM_NOT_FOUND` for `room_id`.
     pub fn room_not_found(room_id: &str) -> Self {
         Error::RoomNotFound {
@@ -666,11 +735,30 @@ mod tests {
             ),
             (Error::Internal("bug".into()), Code::Internal, "INTERNAL"),
         ];
+        let mut remembered = Vec::new();
         for (err, code, reason) in rows {
+            // A refusal a room remembers comes back from its stored parts as it was.
+            if let Some(refusal) = err.refusal() {
+                assert_eq!(refusal.reason, reason);
+                assert_eq!(Error::refused(refusal), Some(err.clone()));
+                remembered.push(reason);
+            }
             let status = Status::from(err);
             assert_eq!(status.code(), code, "{status:?}");
             assert_eq!(info(&status).0, reason);
         }
+        remembered.sort_unstable();
+        assert_eq!(
+            remembered,
+            [
+                "BANNED",
+                "ROOM_ALREADY_LOCKED",
+                "ROOM_FULL",
+                "ROOM_LOCKED",
+                "ROOM_NOT_LOCKED",
+                "TOO_MANY_BANS"
+            ]
+        );
     }
 
     #[test]

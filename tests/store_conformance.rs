@@ -719,6 +719,60 @@ async fn locks_hold_across_handles(s: Stores) {
     assert_eq!(s.b.snapshot("r").await.unwrap().window.newest_seq, 5);
 }
 
+/// A refusal the room's state decided is remembered under the request's id like an answer: an
+/// attempt of the same request that reaches the store later, through the other handle and after
+/// the room changed (a node paused with it, say), gets the refusal and changes nothing, so a
+/// request refused once is never applied. A new request id is a new request; a join without one
+/// is not remembered.
+async fn refusals_are_remembered_under_their_request_id(s: Stores) {
+    let participant = |client_id: &str, request_id: Option<&str>| Command::Join {
+        client_id: client_id.into(),
+        cmd: JoinCmd {
+            name: "u1".into(),
+            role: Role::Participant,
+            identity: "u1".into(),
+            request_id: request_id.map(str::to_owned),
+        },
+    };
+    join(&s.a, "r", "c0").await;
+    s.a.execute("r", &service(), lock("l1")).await.unwrap();
+    for attempt in [participant("c1", Some("q")), participant("c2", None)] {
+        let refused = s.b.execute("r", &service(), attempt).await;
+        assert!(
+            matches!(refused, Err(Error::RoomLocked { .. })),
+            "{refused:?}"
+        );
+    }
+    let again = s.b.execute("r", &service(), lock("l2")).await;
+    assert!(
+        matches!(again, Err(Error::RoomAlreadyLocked { .. })),
+        "{again:?}"
+    );
+    s.b.execute("r", &service(), unlock("u1")).await.unwrap();
+
+    let late =
+        s.a.execute("r", &service(), participant("c3", Some("q")))
+            .await;
+    assert!(matches!(late, Err(Error::RoomLocked { .. })), "{late:?}");
+    let late_lock = s.a.execute("r", &service(), lock("l2")).await;
+    assert!(
+        matches!(late_lock, Err(Error::RoomAlreadyLocked { .. })),
+        "{late_lock:?}"
+    );
+    let snapshot = s.b.snapshot("r").await.unwrap();
+    assert!(!snapshot.locked, "the remembered refusal locked nothing");
+    assert_eq!(snapshot.participants.len(), 1, "{snapshot:?}");
+    assert_eq!(snapshot.window.newest_seq, 3, "refusals log nothing");
+
+    s.a.execute("r", &service(), participant("c4", Some("q2")))
+        .await
+        .unwrap();
+    s.a.execute("r", &service(), participant("c5", None))
+        .await
+        .unwrap();
+    assert_eq!(s.b.snapshot("r").await.unwrap().participants.len(), 3);
+}
+
 /// A ban set through one handle keeps its identity out through the other (which had seen the
 /// room before), is listed by both, and outlives the room's emptiness: the room is not forgotten
 /// while it is in force. Unbanning through one handle lets the identity in through the other,
@@ -962,6 +1016,7 @@ conformance! {
     full_rooms_refuse_joins_on_every_handle,
     concurrent_time_outs_remove_once,
     locks_hold_across_handles,
+    refusals_are_remembered_under_their_request_id,
     bans_hold_across_handles_and_keep_the_room,
     rooms_are_forgotten_after_their_last_ban,
     bans_are_bounded,

@@ -1,6 +1,6 @@
 //! What a caller asks of a room: the validated commands, the answers they get, the changes they
 //! make, and what identifies a request across retries (its key and fingerprint). Pure; may depend
-//! on the caller, the bans and the generated types only.
+//! on the caller, the bans, the errors and the generated types only.
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::bans::Ban;
 use super::caller::Caller;
+use crate::error::Error;
 use crate::pb::{self, Role};
 
 /// The key a remembered answer is filed under: request ids are one space per caller identity
@@ -203,6 +204,10 @@ pub enum Reply {
     Destroyed(pb::DestroySessionResponse),
     /// The answer to `Unban`.
     Unbanned(pb::UnbanResponse),
+    /// A refusal the room's state decided (see [`Error::refusal`]), remembered under the
+    /// request's id like an answer: whichever attempt of a request commits first decides, and
+    /// every retry gets its answer.
+    Refused(Error),
 }
 
 impl Reply {
@@ -216,6 +221,9 @@ impl Reply {
             Reply::Destroyed(reply) => reply.encoded_len(),
             Reply::Unbanned(reply) => reply.encoded_len(),
             Reply::TimedOut(ids) => ids.iter().map(String::len).sum(),
+            Reply::Refused(err) => err
+                .refusal()
+                .map_or(0, |r| r.reason.len() + r.subject.len() + 8),
             Reply::Left => 0,
         }
     }

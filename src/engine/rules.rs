@@ -27,6 +27,15 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// What the caller gets: this, or the error of a refusal the room remembered (once the
+    /// store holds what the command changed, as for any answer).
+    pub fn answer(self) -> Result<Self, Error> {
+        match self.reply {
+            Reply::Refused(err) => Err(err),
+            _ => Ok(self),
+        }
+    }
+
     /// The answer to a retry: the remembered reply, nothing logged.
     pub(super) fn retry(reply: Reply) -> Self {
         Self {
@@ -40,7 +49,9 @@ impl Applied {
 
 /// Applies `cmd` by `caller` to `state` at time `now`: checks the room-level rules, changes the
 /// state and returns the answer with the events to log. A command with a request id that was
-/// answered before gets that answer again, and changes nothing. On error the state is unchanged.
+/// answered before gets that answer again, and changes nothing. A command with a request id
+/// that the room's state refuses gets [`Reply::Refused`], remembered (and nothing else
+/// changed); on any other error the state is unchanged.
 pub fn apply(
     state: &mut RoomState,
     caller: &Caller,
@@ -63,7 +74,7 @@ pub fn apply(
             return Ok(Applied::retry(reply));
         }
     }
-    let mut applied = match cmd {
+    let outcome = match cmd {
         Command::Join { client_id, cmd } => join(state, caller, client_id, cmd, now),
         Command::Leave { client_id } => leave(state, caller, &client_id, now),
         Command::Drop(cmd) => drop_users(state, caller, cmd, now),
@@ -72,7 +83,15 @@ pub fn apply(
         Command::Unlock { request_id } => lock(state, caller, false, request_id, now),
         Command::Destroy(cmd) => destroy(state, caller, cmd, now),
         Command::Unban { identity } => unban(state, caller, identity, now),
-    }?;
+    };
+    let mut applied = match outcome {
+        Ok(applied) => applied,
+        // A refusal the room's state decided is remembered like an answer: otherwise an
+        // earlier attempt of the same request, still on its way to the store, could be applied
+        // after a retry was refused (the fault harness's "late commit").
+        Err(err) if key.is_some() && err.refusal().is_some() => Applied::retry(Reply::Refused(err)),
+        Err(err) => return Err(err),
+    };
     applied.remembered = key.map(|key| {
         state
             .answers

@@ -20,6 +20,16 @@ fn now() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
 }
 
+/// The engine's `apply` as a store's caller sees it: a remembered refusal is its error.
+fn apply(
+    state: &mut RoomState,
+    caller: &Caller,
+    cmd: Command,
+    now: SystemTime,
+) -> Result<Applied, Error> {
+    super::apply(state, caller, cmd, now).and_then(Applied::answer)
+}
+
 fn join_cmd(client_id: &str, request_id: Option<&str>) -> Command {
     Command::Join {
         client_id: client_id.into(),
@@ -288,6 +298,34 @@ fn a_full_room_refuses_joins_until_someone_leaves() {
         ..RoomLimits::default()
     });
     assert!(apply(&mut partial, &bob, join_cmd("d", None), now()).is_err());
+}
+
+#[test]
+fn refusals_the_room_decides_are_remembered_under_their_request_id() {
+    let mut state = RoomState::new("r", "ep");
+    let alice = caller("alice", TokenRole::Moderator);
+    let bob = caller("bob", TokenRole::Participant);
+    join_as(&mut state, &alice, "a1");
+    apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+    let refused = super::apply(&mut state, &bob, join_cmd("b1", Some("q")), now()).unwrap();
+    assert!(refused.events.is_empty() && refused.changes.is_empty());
+    let remembered = refused.remembered.expect("remembered under its request id");
+    assert_eq!(remembered.key, answer_key("bob", "q"));
+    let locked = Error::RoomLocked {
+        room_id: "r".into(),
+    };
+    assert_eq!(remembered.reply, Reply::Refused(locked.clone()));
+    apply(&mut state, &alice, unlock_cmd("u1"), now()).unwrap();
+    // The same request later (another attempt, delayed) gets the refusal; a new one joins.
+    assert_eq!(
+        apply(&mut state, &bob, join_cmd("b2", Some("q")), now()),
+        Err(locked)
+    );
+    assert_eq!(state.population(), 1);
+    join_as(&mut state, &bob, "b3");
+    // Who may call is checked before any answer is looked up, and its refusal not remembered.
+    let denied = super::apply(&mut state, &bob, lock_cmd("l2"), now());
+    assert!(matches!(denied, Err(Error::UnauthorizedAccess { .. })));
 }
 
 #[test]

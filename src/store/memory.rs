@@ -493,7 +493,7 @@ impl RoomStore for MemoryStore {
             .with_room(room_id, cmd.creates_room(), |inner, _| {
                 let applied = engine::apply(&mut inner.state, caller, cmd, self.rooms.clock.now())?;
                 self.rooms.record(inner, &applied);
-                Ok(applied)
+                applied.answer()
             })?
     }
 

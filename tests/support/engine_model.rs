@@ -8,8 +8,9 @@
 //! membership; a drop logs each dropped client's `room_disconnected` right before its
 //! `user_disconnected` and then one ack with the same results; a time-out logs one
 //! `user_disconnected{TIMED_OUT}` per client still present, once each, and nothing for others;
-//! participants never drop; a retried request id returns the first answer and logs nothing
-//! while it is remembered, and one reused for a different request is refused.
+//! participants never drop; a retried request id returns the first answer (a refusal the
+//! room's state decided included) and logs nothing while it is remembered, and one reused for a
+//! different request is refused.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
@@ -190,6 +191,39 @@ pub fn check(bytes: &[u8]) {
             .filter(|(expires_at, _, _)| *expires_at > now);
         let reused = fresh.is_some_and(|(_, first, _)| !same_request(caller, first, &cmd));
         let outcome = apply(&mut state, caller, cmd.clone(), now);
+        if let (Ok(applied), Some((_, _, first))) = (&outcome, fresh) {
+            assert!(
+                !reused,
+                "a request id reused for another request passed: {cmd:?}"
+            );
+            assert_eq!(
+                &applied.reply, first,
+                "a retry answers what the first call did"
+            );
+            assert!(applied.events.is_empty(), "a retry logs nothing");
+            continue;
+        }
+        // A refusal the room's state decided is remembered under the request id; any other
+        // is not.
+        let outcome = outcome.and_then(|applied| match applied.reply {
+            Reply::Refused(err) => {
+                assert!(err.refusal().is_some(), "{err:?} remembered");
+                assert!(applied.events.is_empty(), "a refusal logs nothing");
+                let key = key.clone().expect("only a request id remembers");
+                let first = (
+                    now + IDEMPOTENCY_WINDOW,
+                    cmd.clone(),
+                    Reply::Refused(err.clone()),
+                );
+                remembered.insert(key, first);
+                Err(err)
+            }
+            _ => Ok(applied),
+        });
+        if let (Err(err), Some(_)) = (&outcome, &key) {
+            let decided_before = err.refusal().is_none();
+            assert!(decided_before || remembered.contains_key(key.as_ref().unwrap()));
+        }
         let Ok(applied) = outcome else {
             check_refusal(&cmd, caller, &outcome, &rules, &before, reused, now);
             assert_eq!(state.seq(), before_seq, "a failed command logged nothing");
@@ -210,14 +244,6 @@ pub fn check(bytes: &[u8]) {
             !reused,
             "a request id reused for another request passed: {cmd:?}"
         );
-        if let Some((_, _, first)) = fresh {
-            assert_eq!(
-                &applied.reply, first,
-                "a retry answers what the first call did"
-            );
-            assert!(applied.events.is_empty(), "a retry logs nothing");
-            continue;
-        }
         for (i, event) in applied.events.iter().enumerate() {
             assert_eq!(
                 event.seq,

@@ -2,7 +2,8 @@
 -- room's hash tag). Packed and read by `commit.rs` (`Commit::invoke`, `Committed::of`) alone.
 --
 -- Changes nothing and returns 0 unless the room is still at the seq and epoch the batch ran on,
--- every member id and answer key the batch assumed absent is absent, every identity it assumed
+-- every member id the batch assumed absent is absent, no answer is in force under a key it
+-- assumed absent (among them every key it remembers an answer under), every identity it assumed
 -- unbanned has no ban in force, and every client it times out still has a lapsed lease. Then it
 -- appends the events (trimming the log to the history's count and bytes, keeping in meta its
 -- `oldest` seq and what it weighs as `log_bytes`), applies membership changes (with presence on,
@@ -12,7 +13,8 @@
 -- empty-room expiry (with webhooks, not before every endpoint has the room's events),
 -- publishes (unless told not to: with replicas to wait for, confirm.lua
 -- publishes once they hold the commit), and returns 1, or, when the room is left empty, the time
--- (ms) its keys expire.
+-- (ms) its keys expire. A commit without events (refusals the room remembers under their
+-- request ids) only remembers its answers, under the room's expiry, and returns 1.
 --
 -- Each commit records the Redis process that made it (`run`, its replication id `replid`, on a
 -- cluster its node id `node`); a commit made by another process that may lack the log's tail
@@ -129,7 +131,8 @@ local function in_force(key)
     return ends and tonumber(ends) > now
   end
 end
-if not (assumed_absent(in_hash(members)) and assumed_absent(in_hash(answers))
+-- An answer counts while in force: an expired one, not yet forgotten, is absent to the writer too.
+if not (assumed_absent(in_hash(members)) and assumed_absent(in_force(answered))
     and assumed_absent(in_force(leases)) and assumed_absent(in_force(banned))) then
   return 0
 end
@@ -161,30 +164,36 @@ i = i + 1
 -- the newest always: walk the oldest entries, weighing each, until both bounds hold. A room
 -- logged before the bounds were kept in meta learns its oldest from the stream's length.
 local oldest = tonumber(current[7] or '0')
-if oldest == 0 then oldest = tonumber(last) - redis.call('XLEN', log) + 1 end
-local length = tonumber(last) - oldest + 1
-local must = length - history
-if must > 0 or log_bytes > history_bytes then
-  local from, gone, kept = '-', 0, nil
-  repeat
-    local entries = redis.call('XRANGE', log, from, '+', 'COUNT', math.max(must - gone, 0) + 1)
-    for _, entry in ipairs(entries) do
-      if (gone >= must and log_bytes <= history_bytes) or length - gone <= 1 then
-        kept = entry[1]
-        break
+if last then
+  if oldest == 0 then oldest = tonumber(last) - redis.call('XLEN', log) + 1 end
+  local length = tonumber(last) - oldest + 1
+  local must = length - history
+  if must > 0 or log_bytes > history_bytes then
+    local from, gone, kept = '-', 0, nil
+    repeat
+      local entries = redis.call('XRANGE', log, from, '+', 'COUNT', math.max(must - gone, 0) + 1)
+      for _, entry in ipairs(entries) do
+        if (gone >= must and log_bytes <= history_bytes) or length - gone <= 1 then
+          kept = entry[1]
+          break
+        end
+        log_bytes = log_bytes - #entry[2][2]
+        gone = gone + 1
+        from = '(' .. entry[1]
       end
-      log_bytes = log_bytes - #entry[2][2]
-      gone = gone + 1
-      from = '(' .. entry[1]
+    until kept or #entries == 0
+    if gone > 0 then
+      oldest = oldest + gone
+      redis.call('XTRIM', log, 'MINID', kept or ('0-' .. oldest))
     end
-  until kept or #entries == 0
-  if gone > 0 then
-    oldest = oldest + gone
-    redis.call('XTRIM', log, 'MINID', kept or ('0-' .. oldest))
   end
+  redis.call('HSET', meta, 'seq', last, 'run', run, 'replid', replid, 'node', node,
+    'oldest', oldest, 'log_bytes', math.max(log_bytes, 0))
+else
+  -- Remembered refusals only, on a room that exists (the writer sends no other commit without
+  -- events): the log and its seq stay as they are.
+  redis.call('HSET', meta, 'run', run, 'replid', replid, 'node', node)
 end
-redis.call('HSET', meta, 'seq', last, 'run', run, 'replid', replid, 'node', node,
-  'oldest', oldest, 'log_bytes', math.max(log_bytes, 0))
 if lock == '1' then
   redis.call('HSET', meta, 'locked', '1')
 elseif lock == '0' then
@@ -259,6 +268,16 @@ if oldest > 1 then
   redis.call('ZREMRANGEBYSCORE', departed, '-inf', '(' .. oldest)
 end
 local result = 1
+if not last then
+  -- Nothing to announce, and the room's expiry (or its lack, while webhooks deliver) stays as
+  -- it was: the answers' keys, which this commit may have created, follow it.
+  local at = redis.call('PEXPIRETIME', meta)
+  if at > 0 then
+    redis.call('PEXPIREAT', answers, at)
+    redis.call('PEXPIREAT', answered, at)
+  end
+  return result
+end
 if redis.call('HLEN', members) == 0 and webhooks then
   -- With webhooks, an empty room stays until every endpoint has its events: the delivery of
   -- the last one sets its keys' expiry (hooks.rs, ADVANCE).

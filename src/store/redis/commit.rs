@@ -200,15 +200,22 @@ impl Committer {
     /// them in time, and no later commit of the room has been confirmed since): a write to the
     /// room's master and its `WAIT` (the replicas' acknowledgement of it covers every earlier
     /// write), then the hidden events read back and confirm.lua run with them, so the room is
-    /// shown whole again without waiting for its next change. Whether it did: false when
-    /// nothing was hidden, commits do not wait for replicas, or the replicas still do not
-    /// answer.
-    pub(super) async fn reconfirm(&self, keys: &Keys, room_id: &str) -> Result<bool, Error> {
+    /// shown whole again without waiting for its next change. Only in `epoch`, the one the
+    /// caller saw: every step checks the room is still in it (a room forgotten and created
+    /// anew meanwhile has its own confirmations). Whether it did: false when nothing was
+    /// hidden, commits do not wait for replicas, the room left the epoch, or the replicas still
+    /// do not answer.
+    pub(super) async fn reconfirm(
+        &self,
+        keys: &Keys,
+        room_id: &str,
+        epoch: &str,
+    ) -> Result<bool, Error> {
         let Some(mut waiting) = self.waiting.clone() else {
             return Ok(false);
         };
         let mut call = self.reconfirm.prepare_invoke();
-        call.key(&keys.meta);
+        call.key(&keys.meta).arg(epoch);
         let waited = waiting.commit_and_wait(&call, &keys.meta, self.wait_replicas, true);
         let (seq, acked) = recorded(&self.telemetry, "reconfirm", waited).await?;
         if seq < 1 || acked < self.wait_replicas as i64 {
@@ -218,11 +225,11 @@ impl Committer {
         let mut conn = self.conn.clone();
         let mut meta = redis::cmd("HMGET");
         meta.arg(&keys.meta).arg(&["epoch", "confirmed"]);
-        let (epoch, confirmed): (Option<String>, Option<u64>) =
+        let (current, confirmed): (Option<String>, Option<u64>) =
             recorded(&self.telemetry, "reconfirm", meta.query_async(&mut conn)).await?;
-        let Some(epoch) = epoch else {
+        if current.as_deref() != Some(epoch) {
             return Ok(false);
-        };
+        }
         let confirmed = confirmed.unwrap_or(0);
         let mut range = redis::cmd("XRANGE");
         range
@@ -233,7 +240,7 @@ impl Committer {
         let events = entries(range)?;
         let hidden: Vec<&pb::Event> = events.iter().map(|event| &***event).collect();
         let notice = Notice::publish(room_id, &hidden);
-        self.confirm(keys, room_id, (&epoch, seq), notice).await?;
+        self.confirm(keys, room_id, (epoch, seq), notice).await?;
         Ok(true)
     }
 }

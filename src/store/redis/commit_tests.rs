@@ -157,8 +157,9 @@ async fn a_wrong_assumption_is_a_conflict_and_a_right_one_applies() {
     let seq = create(&mut conn, &[event(1, 10)]).await;
     let now = SystemTime::now();
     let keys = Keys::new(ROOM);
-    let _: () = conn.hset(&keys.answers, "a1", "x").await.unwrap();
     let until = millis(now + Duration::from_secs(60));
+    let _: () = conn.hset(&keys.answers, "a1", "x").await.unwrap();
+    let _: () = conn.zadd(&keys.answered, "a1", until).await.unwrap();
     let _: () = conn.zadd(&keys.banned, "banned", until).await.unwrap();
     let _: () = conn.zadd(&keys.leases, "c1", until).await.unwrap();
     let next = [event(seq + 1, 10)];
@@ -248,6 +249,94 @@ async fn a_commit_that_empties_the_room_answers_when_its_keys_expire() {
     );
     let owner: Option<String> = conn.hget(&keys.owners, "c1").await.unwrap();
     assert_eq!(owner.as_deref(), Some("id-c1"));
+}
+
+/// A commit without events (refusals a room remembers) keeps the log, the seq and the room's
+/// expiry, and puts its answers' keys under that expiry; an answer in force under a key a
+/// commit remembers one under makes it a conflict, whatever the seq says (whichever attempt of
+/// a request commits first decides), and an expired one does not.
+#[tokio::test]
+async fn a_commit_of_refusals_keeps_the_log_and_the_first_answer_decides() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let left = [event(seq + 1, 10)];
+    let leaving = Changes {
+        events: left.iter().collect(),
+        departures: vec![("c1", "id-c1", seq + 1)],
+        ..Changes::default()
+    };
+    let emptied = run(&mut conn, &commit(Some(seq), leaving)).await;
+    assert!(matches!(
+        emptied,
+        Committed::Applied {
+            empty_until: Some(_)
+        }
+    ));
+    let seq = seq + 1;
+    let keys = Keys::new(ROOM);
+    let expires: i64 = redis::cmd("PEXPIRETIME")
+        .arg(&keys.meta)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let expiry = millis(SystemTime::now() + Duration::from_secs(600));
+    let answer = |key| (key, vec![7u8; 20], expiry);
+    let mut refusing = commit(
+        Some(seq),
+        Changes {
+            answers: vec![answer("q")],
+            ..Changes::default()
+        },
+    );
+    refusing.assumed.answers = vec!["q"];
+    assert_eq!(
+        run(&mut conn, &refusing).await,
+        Committed::Applied { empty_until: None }
+    );
+    assert_eq!(meta_field(&mut conn, "seq").await, Some(seq.to_string()));
+    let logged: usize = conn.xlen(&keys.log).await.unwrap();
+    assert_eq!(logged, 2);
+    for key in [&keys.meta, &keys.answers, &keys.answered] {
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(at, expires, "{key} expires with the room");
+    }
+
+    // Another attempt of the same request, accepted on the same seq, comes second.
+    let joined = participant("c2");
+    let next = [event(seq + 1, 10)];
+    let accepting = |key| {
+        let mut accepting = commit(
+            Some(seq),
+            Changes {
+                events: next.iter().collect(),
+                joins: vec![(&joined, seq + 1)],
+                answers: vec![answer(key)],
+                ..Changes::default()
+            },
+        );
+        accepting.assumed.answers = vec![key];
+        accepting
+    };
+    assert_eq!(run(&mut conn, &accepting("q")).await, Committed::Conflict);
+    // An answer past its expiry is absent, though not yet forgotten.
+    let _: () = conn.hset(&keys.answers, "old", "x").await.unwrap();
+    let past = millis(SystemTime::now()) - 1_000;
+    let _: () = conn.zadd(&keys.answered, "old", past).await.unwrap();
+    assert_eq!(
+        run(&mut conn, &accepting("old")).await,
+        Committed::Applied { empty_until: None }
+    );
+    assert_eq!(
+        meta_field(&mut conn, "seq").await,
+        Some((seq + 1).to_string())
+    );
 }
 
 /// With a listing (one Redis), the commit that creates a room lists it, and the one that leaves

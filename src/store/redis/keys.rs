@@ -9,7 +9,7 @@ use prost::Message;
 use redis::Value;
 
 use crate::engine::{Ban, Remembered, Reply};
-use crate::error::Error;
+use crate::error::{Error, Refusal};
 use crate::pb;
 use crate::store::LoggedEvent;
 
@@ -47,7 +47,7 @@ pub struct StoredAnswer {
     #[prost(uint64, tag = "1")]
     pub expires_at_ms: u64,
     /// The answer.
-    #[prost(oneof = "StoredReply", tags = "2, 3, 4, 5, 6")]
+    #[prost(oneof = "StoredReply", tags = "2, 3, 4, 5, 6, 8")]
     pub reply: Option<StoredReply>,
     /// The [`crate::engine::Command::fingerprint`] of the request it answered (0 in answers
     /// stored before fingerprints were: any retry matches those).
@@ -73,6 +73,23 @@ pub enum StoredReply {
     /// A `DestroySession`'s answer.
     #[prost(message, tag = "6")]
     Destroyed(pb::DestroySessionResponse),
+    /// A refusal the room's state decided ([`crate::error::Error::refusal`]).
+    #[prost(message, tag = "8")]
+    Refused(StoredRefusal),
+}
+
+/// A remembered refusal, as [`crate::error::Refusal`] has it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredRefusal {
+    /// Its reason, as docs/api.md's error table names it.
+    #[prost(string, tag = "1")]
+    pub reason: String,
+    /// The room or identity it names.
+    #[prost(string, tag = "2")]
+    pub subject: String,
+    /// A ban's end (ms since 1970) or a limit.
+    #[prost(uint64, tag = "3")]
+    pub number: u64,
 }
 
 pub(super) fn millis(time: SystemTime) -> u64 {
@@ -89,6 +106,18 @@ impl StoredAnswer {
             Reply::Locked(locked) => StoredReply::Locked(locked.clone()),
             Reply::Unlocked(unlocked) => StoredReply::Unlocked(unlocked.clone()),
             Reply::Destroyed(destroyed) => StoredReply::Destroyed(destroyed.clone()),
+            Reply::Refused(err) => {
+                let Refusal {
+                    reason,
+                    subject,
+                    number,
+                } = err.refusal()?;
+                StoredReply::Refused(StoredRefusal {
+                    reason,
+                    subject,
+                    number,
+                })
+            }
             Reply::Left | Reply::TimedOut(_) | Reply::Unbanned(_) => return None,
         };
         Some(Self {
@@ -107,6 +136,18 @@ impl StoredAnswer {
             StoredReply::Locked(locked) => Reply::Locked(locked),
             StoredReply::Unlocked(unlocked) => Reply::Unlocked(unlocked),
             StoredReply::Destroyed(destroyed) => Reply::Destroyed(destroyed),
+            StoredReply::Refused(StoredRefusal {
+                reason,
+                subject,
+                number,
+            }) => {
+                let refusal = Refusal {
+                    reason,
+                    subject,
+                    number,
+                };
+                Reply::Refused(Error::refused(refusal).ok_or_else(|| corrupt("answer"))?)
+            }
         };
         Ok(Remembered {
             key,

@@ -97,7 +97,7 @@ use connection::{recorded, Conn};
 use feeds::Feeds;
 pub use feeds::Notice;
 use keys::{array, ban, entries, member, meta, millis, number, text, Keys};
-pub use keys::{StoredAnswer, StoredMember, StoredReply};
+pub use keys::{StoredAnswer, StoredMember, StoredRefusal, StoredReply};
 use presence::Presence;
 use pubsub::{listen, Notifier};
 use writer::Writers;
@@ -287,7 +287,8 @@ impl RoomStore for RedisStore {
                 // A commit its replicas did not confirm in time stays hidden until one of the
                 // room is: in a quiet room no later commit would come, so ask for it now.
                 reconfirmed = true;
-                self.shared.committer.reconfirm(&keys, room_id).await?;
+                let committer = &self.shared.committer;
+                committer.reconfirm(&keys, room_id, &meta.epoch).await?;
                 continue;
             }
             if started.elapsed() > UNCONFIRMED_PATIENCE {

@@ -3,12 +3,14 @@
 -- the room confirmed since). When the room's seq is past its confirmed one, writes the seq again
 -- and returns it: a write of the caller's own, which its `WAIT` then covers, and replication is
 -- ordered, so replicas holding this write hold the hidden commits too, whoever made them.
--- Returns 0 when nothing is hidden. Sent by `Committer::reconfirm` (commit.rs), which then
+-- Returns 0 when nothing is hidden, or the room is no longer in the epoch the caller saw (so the
+-- seq returned is always that epoch's). Sent by `Committer::reconfirm` (commit.rs), which then
 -- waits for the replicas and runs confirm.lua.
 --
--- KEYS (1): meta.
-local current = redis.call('HMGET', KEYS[1], 'seq', 'confirmed')
-if not current[1] or not current[2] or tonumber(current[2]) >= tonumber(current[1]) then
+-- KEYS (1): meta. ARGV: 1 the epoch.
+local current = redis.call('HMGET', KEYS[1], 'seq', 'confirmed', 'epoch')
+if not current[1] or not current[2] or tonumber(current[2]) >= tonumber(current[1])
+    or current[3] ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'seq', current[1])

@@ -20,7 +20,7 @@ use super::keys::{
     StoredAnswer,
 };
 use super::{RedisConfig, Shared};
-use crate::engine::{self, Applied, Ban, Caller, Change, Command, Remembered, RoomState};
+use crate::engine::{self, Applied, Ban, Caller, Change, Command, Remembered, Reply, RoomState};
 use crate::error::Error;
 use crate::pb;
 
@@ -361,7 +361,7 @@ impl Shared {
         match results {
             Ok(results) => {
                 for (job, result) in jobs.into_iter().zip(results) {
-                    let _ = job.reply.send(result);
+                    let _ = job.reply.send(result.and_then(Applied::answer));
                 }
                 None
             }
@@ -384,8 +384,9 @@ impl Shared {
     /// The batch's results, once they hold in Redis: each attempt takes a view of the room
     /// (what the writer knows of it, or a fresh read), runs the jobs on it, and commits; a
     /// conflict (another node wrote, or an assumption was wrong) starts the next attempt. None
-    /// when a caller gave up while the room was read: nothing was committed, and the batch
-    /// must run again without that job.
+    /// when a caller gave up before the commit was sent (while the room was read, or other
+    /// slots' masters were): nothing was committed, and the batch must run again without that
+    /// job.
     async fn settle(
         &self,
         room_id: &str,
@@ -414,12 +415,13 @@ impl Shared {
                 .await?
             {
                 Attempt::Done => return Ok(Some(results)),
-                Attempt::Unconfirmed => {
+                Attempt::Unconfirmed { epoch } => {
                     // Confirmed now, the hidden commits' remembered answers stand: read the
                     // room again (once: the replicas may still be away).
                     if !reconfirmed {
                         reconfirmed = true;
-                        if self.committer.reconfirm(&batch.keys, room_id).await? {
+                        let keys = &batch.keys;
+                        if self.committer.reconfirm(keys, room_id, &epoch).await? {
                             continue;
                         }
                     }
@@ -435,6 +437,7 @@ impl Shared {
                 }
                 // Another node changed the room, or a guess was wrong: read again and redo.
                 Attempt::Retry => tokio::task::yield_now().await,
+                Attempt::Abandoned => return Ok(None),
             }
         }
         Err(Error::StoreUnavailable(format!(
@@ -558,10 +561,15 @@ impl Shared {
             answers: unseen(wanted.answers.iter().map(String::as_str), &seen.answers),
             bans: unseen(wanted.identities.iter().map(String::as_str), &seen.bans),
         };
+        // What the commit carries: events, and refusals the room remembers (so that an earlier
+        // attempt of the same request still on its way cannot land after this answer).
         let applied: Vec<&Applied> = results
             .iter()
             .flatten()
-            .filter(|applied| !applied.events.is_empty())
+            .filter(|applied| {
+                !applied.events.is_empty()
+                    || (applied.remembered.is_some() && matches!(applied.reply, Reply::Refused(_)))
+            })
             .collect();
         let Some(state) = seen.state.as_ref() else {
             return Ok(Attempt::Done);
@@ -577,11 +585,26 @@ impl Shared {
                 // An answer remembered by a commit its replicas never confirmed (a master that
                 // resumed after its replica took over still serves it for a moment) would
                 // acknowledge a change a failover may take back: the outcome stays unknown.
-                return Ok(Attempt::Unconfirmed);
+                return Ok(Attempt::Unconfirmed {
+                    epoch: state.epoch().to_owned(),
+                });
             }
             *known = Some(seen);
             return Ok(Attempt::Done);
         }
+        // No answer may be in force where the commit remembers one: the seq alone does not
+        // say, since another attempt of the same request may have committed a refusal, which
+        // leaves the seq as it was. Whichever attempt commits first decides.
+        let mut assumed = assumed;
+        for answer in applied
+            .iter()
+            .filter_map(|applied| applied.remembered.as_ref())
+        {
+            if !assumed.answers.contains(&answer.key.as_str()) {
+                assumed.answers.push(&answer.key);
+            }
+        }
+        let logs = applied.iter().any(|applied| !applied.events.is_empty());
         let joined = applied
             .iter()
             .any(|a| a.changes.iter().any(|c| matches!(c, Change::Joined { .. })));
@@ -595,15 +618,21 @@ impl Shared {
             self.index_room(room_id).await?;
         }
         let due_in_commit = listing.is_some_and(|listing| !listing.due.is_empty());
-        if !due_in_commit {
+        if logs && !due_in_commit {
             // Made due before the commit too, so that a node dying between its commit and the
             // making due after it leaves the room due all the same (unless a turn settled in
             // between: then the walk over the list of rooms finds it, see `make_behind_due`).
             self.make_due(room_id).await;
         }
         let changes = Changes::of(&applied);
-        let notice = Notice::publish(room_id, &changes.events);
-        let (publish, held) = self.committer.publishing(notice);
+        let (publish, held) = match logs {
+            true => self
+                .committer
+                .publishing(Notice::publish(room_id, &changes.events)),
+            // Refusals only: nothing to announce or confirm, though the commit still waits for
+            // its replicas.
+            false => (None, None),
+        };
         let commit = Commit {
             bounds: Bounds::of(&self.config),
             expected,
@@ -617,6 +646,11 @@ impl Shared {
             listing,
             webhooks: self.webhooks_on(),
         };
+        if batch.jobs.iter().any(|job| job.reply.is_closed()) {
+            // As after the read: a caller left while the batch waited on other slots' masters
+            // (the presence schedule, the room list, webhooks' due rooms).
+            return Ok(Attempt::Abandoned);
+        }
         let committing = self.committer.commit(keys, room_id, &commit);
         let Committed::Applied { empty_until } = committing.await? else {
             return Ok(Attempt::Retry);
@@ -635,7 +669,7 @@ impl Shared {
                 self.room_emptied(room_id, at).await;
             }
         }
-        if !due_in_commit {
+        if logs && !due_in_commit {
             self.make_due(room_id).await;
         }
         // Everything the batch looked at, joined or banned is known now (the answers it
@@ -711,7 +745,13 @@ enum Attempt {
     Retry,
     /// Nothing was committed, and the room's newest commits wait for their replicas: the
     /// batch's answers (remembered ones included) cannot be vouched for.
-    Unconfirmed,
+    Unconfirmed {
+        /// The epoch of the room's log the batch ran on.
+        epoch: String,
+    },
+    /// Nothing was committed: a caller gave up before the commit was sent, and the batch runs
+    /// again without its job.
+    Abandoned,
 }
 
 /// Applies one command to the batch's view of the room; a join may create the room.
@@ -729,6 +769,10 @@ pub(super) fn run(
             let epoch = uuid::Uuid::new_v4().simple().to_string();
             let mut fresh = RoomState::new(room_id, epoch).with_limits(config.rooms.limits);
             let applied = engine::apply(&mut fresh, caller, cmd, now)?;
+            if let Reply::Refused(err) = applied.reply {
+                // No room is created to remember a refusal (a new room refuses no join).
+                return Err(err);
+            }
             *state = Some(fresh);
             Ok(applied)
         }
