@@ -281,6 +281,68 @@ async fn a_commit_its_replicas_do_not_confirm_is_never_shown() {
     assert_eq!((shown.seq, kind(&shown)), (fourth.seq, "user_connected"));
 }
 
+/// With `--redis-wait-replicas 1`, a refusal remembered by a commit the replica has not
+/// confirmed is not answered again: its commit leaves the seq as it was, so nothing else marks
+/// it hidden, and a failover could lose it and let the request apply after all (an attack on
+/// remembered refusals found the retry answered `ROOM_LOCKED` from the master alone). Once the
+/// replica holds it, the retry gets the refusal, still after an unlock.
+#[tokio::test]
+async fn a_refusal_its_replicas_do_not_confirm_is_not_answered_again() {
+    if !redis_available() {
+        return;
+    }
+    let master = RedisServer::start().await;
+    let replica = RedisServer::start_replica_of(&master).await;
+    let a = Node::start(store(master.url(), 1)).await;
+    let b = Node::start(store(master.url(), 1)).await;
+    let mut first = a.client("ops", "r", "service").await;
+    let mut retry = b.client("ops", "r", "service").await;
+    join_until_ok(&mut first, join_request("r", 1)).await;
+    first
+        .lock_room(pb::LockRoomRequest {
+            room_id: "r".into(),
+            request_id: "lock".into(),
+        })
+        .await
+        .unwrap();
+    let locked_out = pb::JoinRequest {
+        role: pb::Role::Participant as i32,
+        identity: "late".into(),
+        ..join_request("r", 2)
+    };
+
+    replica.pause();
+    let status = first.join(locked_out.clone()).await.unwrap_err();
+    assert_error(&status, Code::DeadlineExceeded, "OUTCOME_UNKNOWN");
+    let status = retry.join(locked_out.clone()).await.unwrap_err();
+    assert_error(&status, Code::DeadlineExceeded, "OUTCOME_UNKNOWN");
+
+    replica.resume();
+    retry
+        .unlock_room(pb::UnlockRoomRequest {
+            room_id: "r".into(),
+            request_id: "unlock".into(),
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let refused = loop {
+        let status = retry.join(locked_out.clone()).await.unwrap_err();
+        if status.code() != Code::DeadlineExceeded {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+    };
+    assert_error(&refused, Code::FailedPrecondition, "ROOM_LOCKED");
+    let members = retry
+        .list_participants(participants_of("r"))
+        .await
+        .unwrap()
+        .into_inner()
+        .participants;
+    assert_eq!(members.len(), 1, "the refused join never applied");
+}
+
 /// Two roomctl nodes with `--redis-wait-replicas 1` on a cluster of 3 masters with a replica
 /// each. Joins flow through one node while an observer follows the room through the other; the
 /// room's master is killed and its replica promoted. Every acknowledged join is still in the

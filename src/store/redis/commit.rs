@@ -211,17 +211,9 @@ impl Committer {
         room_id: &str,
         epoch: &str,
     ) -> Result<bool, Error> {
-        let Some(mut waiting) = self.waiting.clone() else {
+        let Some(seq) = self.replicated(keys, epoch, false).await? else {
             return Ok(false);
         };
-        let mut call = self.reconfirm.prepare_invoke();
-        call.key(&keys.meta).arg(epoch);
-        let waited = waiting.commit_and_wait(&call, &keys.meta, self.wait_replicas, true);
-        let (seq, acked) = recorded(&self.telemetry, "reconfirm", waited).await?;
-        if seq < 1 || acked < self.wait_replicas as i64 {
-            return Ok(false);
-        }
-        let seq = seq as u64;
         let mut conn = self.conn.clone();
         let mut meta = redis::cmd("HMGET");
         meta.arg(&keys.meta).arg(&["epoch", "confirmed"]);
@@ -242,6 +234,45 @@ impl Committer {
         let notice = Notice::publish(room_id, &hidden);
         self.confirm(keys, room_id, (epoch, seq), notice).await?;
         Ok(true)
+    }
+
+    /// Whether the replicas hold everything the room's master holds now, in `epoch` (always
+    /// so when commits do not wait for them): what a remembered refusal needs before it is
+    /// answered again, since its commit leaves the seq as it was and so is never counted
+    /// hidden; one whose own `WAIT` failed could still be lost in a failover, and the request
+    /// then applied after all. A write and its `WAIT`, as for [`Committer::reconfirm`].
+    pub(super) async fn vouch(&self, keys: &Keys, epoch: &str) -> Result<bool, Error> {
+        if self.waiting.is_none() {
+            return Ok(true);
+        }
+        Ok(self.replicated(keys, epoch, true).await?.is_some())
+    }
+
+    /// A write of the room's seq to its master (in `epoch`; when something is hidden, or
+    /// `always`) and its `WAIT`: the seq, once enough replicas hold it and so every earlier
+    /// write; None when nothing was written or too few replicas answered.
+    async fn replicated(
+        &self,
+        keys: &Keys,
+        epoch: &str,
+        always: bool,
+    ) -> Result<Option<u64>, Error> {
+        let Some(mut waiting) = self.waiting.clone() else {
+            return Ok(None);
+        };
+        let mut call = self.reconfirm.prepare_invoke();
+        call.key(&keys.meta)
+            .arg(epoch)
+            .arg(if always { "1" } else { "" });
+        // Not pipelined: the script may be new to this master (a first use, a failover), and
+        // a `WAIT` sent with an unknown script would wait out its timeout for nothing before
+        // the one that counts, past the call's own.
+        let waited = waiting.commit_and_wait(&call, &keys.meta, self.wait_replicas, false);
+        let (seq, acked) = recorded(&self.telemetry, "reconfirm", waited).await?;
+        if seq < 1 || acked < self.wait_replicas as i64 {
+            return Ok(None);
+        }
+        Ok(Some(seq as u64))
     }
 }
 
@@ -346,8 +377,8 @@ pub(super) struct Changes<'a> {
     joins: Vec<(&'a pb::Participant, u64)>,
     /// Departed clients: id, owning identity, the seq that ends their streams.
     departures: Vec<(&'a str, &'a str, u64)>,
-    /// Remembered answers: key, encoding, expiry (ms).
-    answers: Vec<(&'a str, Vec<u8>, u64)>,
+    /// Remembered answers: key, encoding, expiry (ms), whether it is a refusal.
+    answers: Vec<(&'a str, Vec<u8>, u64, bool)>,
     /// Bans set (Some) and lifted (None), in order.
     bans: Vec<(&'a str, Option<&'a Ban>)>,
 }
@@ -366,9 +397,11 @@ impl<'a> Changes<'a> {
             if let Some(answer) = &applied.remembered {
                 if let Some(stored) = StoredAnswer::of(answer) {
                     let expires_at_ms = stored.expires_at_ms;
+                    let refusal = matches!(answer.reply, Reply::Refused(_));
+                    let value = stored.encode_to_vec();
                     changes
                         .answers
-                        .push((&answer.key, stored.encode_to_vec(), expires_at_ms));
+                        .push((&answer.key, value, expires_at_ms, refusal));
                 }
             }
             for change in &applied.changes {
@@ -466,8 +499,11 @@ impl Commit<'_> {
             call.arg(*client_id).arg(*identity).arg(*end_seq);
         }
         call.arg(changes.answers.len());
-        for (key, value, expires_at_ms) in &changes.answers {
-            call.arg(*key).arg(value).arg(*expires_at_ms);
+        for (key, value, expires_at_ms, refusal) in &changes.answers {
+            call.arg(*key)
+                .arg(value)
+                .arg(*expires_at_ms)
+                .arg(if *refusal { "1" } else { "" });
         }
         call.arg(changes.bans.len());
         for (identity, ban) in &changes.bans {

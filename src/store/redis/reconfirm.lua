@@ -5,13 +5,14 @@
 -- ordered, so replicas holding this write hold the hidden commits too, whoever made them.
 -- Returns 0 when nothing is hidden, or the room is no longer in the epoch the caller saw (so the
 -- seq returned is always that epoch's). Sent by `Committer::reconfirm` (commit.rs), which then
--- waits for the replicas and runs confirm.lua.
+-- waits for the replicas and runs confirm.lua. With ARGV[2] '1' it writes whether or not
+-- anything is hidden (`Committer::vouch`: a remembered refusal leaves the seq as it was, so the
+-- seq cannot say whether its commit reached the replicas).
 --
--- KEYS (1): meta. ARGV: 1 the epoch.
+-- KEYS (1): meta. ARGV: 1 the epoch, 2 '1' to write in any case.
 local current = redis.call('HMGET', KEYS[1], 'seq', 'confirmed', 'epoch')
-if not current[1] or not current[2] or tonumber(current[2]) >= tonumber(current[1])
-    or current[3] ~= ARGV[1] then
-  return 0
-end
+if not current[1] or current[3] ~= ARGV[1] then return 0 end
+local hidden = current[2] and tonumber(current[2]) < tonumber(current[1])
+if not hidden and ARGV[2] ~= '1' then return 0 end
 redis.call('HSET', KEYS[1], 'seq', current[1])
 return tonumber(current[1])

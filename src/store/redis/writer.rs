@@ -425,16 +425,9 @@ impl Shared {
                             continue;
                         }
                     }
-                    // Refusals stand (nothing was applied either way); answers do not.
-                    let vouched = results.into_iter().zip(jobs).map(|(result, job)| {
-                        result.and_then(|_| {
-                            Err(Error::OutcomeUnknown {
-                                request_id: job.cmd.request_id().map(str::to_owned),
-                            })
-                        })
-                    });
-                    return Ok(Some(vouched.collect()));
+                    return Ok(Some(unvouched(results, jobs)));
                 }
+                Attempt::Unvouched => return Ok(Some(unvouched(results, jobs))),
                 // Another node changed the room, or a guess was wrong: read again and redo.
                 Attempt::Retry => tokio::task::yield_now().await,
                 Attempt::Abandoned => return Ok(None),
@@ -588,6 +581,16 @@ impl Shared {
                 return Ok(Attempt::Unconfirmed {
                     epoch: state.epoch().to_owned(),
                 });
+            }
+            let recalled_refusal = results
+                .iter()
+                .flatten()
+                .any(|applied| matches!(applied.reply, Reply::Refused(_)));
+            if recalled_refusal && !self.committer.vouch(keys, state.epoch()).await? {
+                // A refusal's commit leaves the seq as it was, so `hidden` cannot say whether
+                // its replicas hold it; if they do not, a failover could lose it and the
+                // request be applied after all (found by an attack on remembered refusals).
+                return Ok(Attempt::Unvouched);
             }
             *known = Some(seen);
             return Ok(Attempt::Done);
@@ -752,6 +755,22 @@ enum Attempt {
     /// Nothing was committed: a caller gave up before the commit was sent, and the batch runs
     /// again without its job.
     Abandoned,
+    /// Nothing was committed, and the replicas did not confirm they hold the refusals the
+    /// batch recalled: those cannot be vouched for.
+    Unvouched,
+}
+
+/// The results of a batch whose view the replicas could not vouch for: refusals decided now
+/// stand (nothing was applied either way); answers, remembered refusals among them, do not.
+fn unvouched(results: Vec<Result<Applied, Error>>, jobs: &[Job]) -> Vec<Result<Applied, Error>> {
+    let unknown = |job: &Job| Error::OutcomeUnknown {
+        request_id: job.cmd.request_id().map(str::to_owned),
+    };
+    results
+        .into_iter()
+        .zip(jobs)
+        .map(|(result, job)| result.and_then(|_| Err(unknown(job))))
+        .collect()
 }
 
 /// Applies one command to the batch's view of the room; a join may create the room.
