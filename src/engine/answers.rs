@@ -56,6 +56,8 @@ struct Held {
     answers: HashMap<String, Remembered>,
     /// The same keys in expiry order, so expiring and capping walk from the front.
     order: VecDeque<(SystemTime, String)>,
+    /// The keys of the refusals among them, in expiry order: past the budget they go first.
+    refusals: VecDeque<(SystemTime, String)>,
     /// The weight of every answer held.
     bytes: usize,
 }
@@ -82,6 +84,10 @@ impl AnswerCache {
         for answer in answers {
             held.order
                 .push_back((answer.expires_at, answer.key.clone()));
+            if matches!(answer.reply, Reply::Refused(_)) {
+                held.refusals
+                    .push_back((answer.expires_at, answer.key.clone()));
+            }
             held.bytes += answer.weight();
             held.answers.insert(answer.key.clone(), answer);
         }
@@ -119,6 +125,10 @@ impl AnswerCache {
         let held = self.held.get_or_insert_default();
         held.order
             .push_back((answer.expires_at, answer.key.clone()));
+        if matches!(answer.reply, Reply::Refused(_)) {
+            held.refusals
+                .push_back((answer.expires_at, answer.key.clone()));
+        }
         held.bytes += answer.weight();
         if let Some(old) = held.answers.insert(answer.key.clone(), answer) {
             held.bytes -= old.weight();
@@ -126,12 +136,28 @@ impl AnswerCache {
         self.forget_expired(now);
     }
 
-    /// Forgets what is expired at `now` or over the budget, oldest first; the last answer gone,
-    /// the room holds nothing for them.
+    /// Forgets what is expired at `now` or over the budget, oldest first but refusals before
+    /// answers (a caller refused at will, such as a banned identity trying new request ids,
+    /// must not push out the answers of others); the last answer gone, the room holds nothing
+    /// for them.
     fn forget_expired(&mut self, now: SystemTime) {
         let Some(held) = &mut self.held else {
             return;
         };
+        while let Some((expires_at, key)) = held.refusals.front() {
+            let current = held.answers.get(key);
+            let stale = current.is_none_or(|answer| answer.expires_at != *expires_at);
+            if !stale && *expires_at > now && held.bytes <= self.budget {
+                break;
+            }
+            if let Some((_, key)) = held.refusals.pop_front() {
+                if !stale {
+                    if let Some(answer) = held.answers.remove(&key) {
+                        held.bytes -= answer.weight();
+                    }
+                }
+            }
+        }
         while let Some((expires_at, key)) = held.order.front() {
             let current = held.answers.get(key);
             // An entry of the order whose answer was replaced since says nothing.

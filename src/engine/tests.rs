@@ -397,6 +397,37 @@ fn remembered_answers_are_bounded_in_bytes_and_kept_for_their_window() {
 }
 
 #[test]
+fn past_the_budget_refusals_are_forgotten_before_answers() {
+    let budget = 4 * 1024;
+    let mut state = RoomState::new("r", "ep").with_limits(RoomLimits {
+        answer_bytes: budget,
+        ..RoomLimits::default()
+    });
+    let alice = caller("alice", TokenRole::Moderator);
+    let bob = caller("bob", TokenRole::Participant);
+    join_as(&mut state, &alice, "a1");
+    let locked = apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+    // Far more refusals than the budget holds, each under a new request id.
+    for i in 0..1_000 {
+        let refused = apply(
+            &mut state,
+            &bob,
+            join_cmd("b", Some(&format!("q{i}"))),
+            now(),
+        );
+        assert!(matches!(refused, Err(Error::RoomLocked { .. })));
+    }
+    assert!(state.answers.held().0 <= budget);
+    let retry = apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
+    assert_eq!(retry.reply, locked.reply, "the lock's answer outlived them");
+    assert!(retry.events.is_empty());
+    // The newest refusals are still remembered.
+    apply(&mut state, &alice, unlock_cmd("u1"), now()).unwrap();
+    let again = apply(&mut state, &bob, join_cmd("b", Some("q999")), now());
+    assert!(matches!(again, Err(Error::RoomLocked { .. })), "{again:?}");
+}
+
+#[test]
 fn a_request_id_reused_for_another_request_is_refused() {
     let mut state = RoomState::new("r", "ep");
     let ops = caller("ops", TokenRole::Service);

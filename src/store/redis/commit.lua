@@ -30,9 +30,9 @@
 -- same atomic step, saving the writer a request before and after; and, with webhooks, makes the
 -- room due for each endpoint (unless already due, retrying or in a node's turn).
 --
--- KEYS (11, or 13 and more on one Redis): meta, members, departed, owners, log, answers,
--- answered, leases, bans, banned, hooks (webhook cursors); then the room list, the schedule of
--- rooms left empty, and each webhook endpoint's due rooms.
+-- KEYS (12, or 14 and more on one Redis): meta, members, departed, owners, log, answers,
+-- answered, leases, bans, banned, hooks (webhook cursors), refused; then the room list, the
+-- schedule of rooms left empty, and each webhook endpoint's due rooms.
 -- ARGV: 1 expected seq ('' : the room must not exist), 2 epoch, 3 history (events), 4 empty-room
 -- TTL (ms), 5 channel, 6 notice, 7 now (ms), 8 answers' budget (bytes), 9 presence timeout (ms,
 -- 0: off), 10 lock ('' unchanged, '1', '0'), 11 publish command (PUBLISH, SPUBLISH, or '': do not
@@ -41,16 +41,16 @@
 -- emptied room then gets no expiry here); then counted lists, each a count followed by its items: assumed-absent member ids;
 -- assumed-absent answer keys; clients timed out; assumed-unbanned identities; events (seq,
 -- bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes, expiry
--- ms); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
-local meta, members, departed, owners, log, answers, answered, leases, bans, banned, hooks =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
-  KEYS[11]
+-- ms, '1' for a refusal); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
+local meta, members, departed, owners, log, answers, answered, leases, bans, banned, hooks,
+  refused = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
+  KEYS[10], KEYS[11], KEYS[12]
 local expected, epoch, history, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, answer_budget, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local lock, publish, fresh, needed = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
 local waiting = needed > 0
 local history_bytes = tonumber(ARGV[14])
-local rooms, expiring, room_id = KEYS[12], KEYS[13], ARGV[15]
+local rooms, expiring, room_id = KEYS[13], KEYS[14], ARGV[15]
 local webhooks = ARGV[16] == '1'
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
 -- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
@@ -136,7 +136,8 @@ if not (assumed_absent(in_hash(members)) and assumed_absent(in_force(answered))
     and assumed_absent(in_force(leases)) and assumed_absent(in_force(banned))) then
   return 0
 end
-local room = {meta, members, departed, owners, log, answers, answered, leases, bans, banned, hooks}
+local room = {meta, members, departed, owners, log, answers, answered, leases, bans, banned, hooks,
+  refused}
 if expected == '' then
   redis.call('DEL', unpack(room))
   redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
@@ -219,7 +220,8 @@ i = i + 1
 local added = tonumber(ARGV[i])
 if added > 0 then
   -- What the answers weigh (keys and values), kept in meta: expired ones and, past the budget,
-  -- the oldest are forgotten.
+  -- the oldest are forgotten, refusals first: a caller refused at will (a banned identity
+  -- trying new request ids) must not push out the answers of others.
   local weight = tonumber(redis.call('HGET', meta, 'answers_bytes') or '0')
   local function forget(key)
     local held = redis.call('HSTRLEN', answers, key)
@@ -230,13 +232,20 @@ if added > 0 then
     forget(ARGV[i + 1])
     redis.call('HSET', answers, ARGV[i + 1], ARGV[i + 2])
     redis.call('ZADD', answered, ARGV[i + 3], ARGV[i + 1])
+    if ARGV[i + 4] == '1' then redis.call('ZADD', refused, ARGV[i + 3], ARGV[i + 1]) end
     weight = weight + #ARGV[i + 1] + #ARGV[i + 2]
-    i = i + 3
+    i = i + 4
   end
   for _, key in ipairs(redis.call('ZRANGEBYSCORE', answered, '-inf', now)) do forget(key) end
   redis.call('ZREMRANGEBYSCORE', answered, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', refused, '-inf', now)
   while weight > answer_budget do
-    local oldest = redis.call('ZPOPMIN', answered)
+    local oldest = redis.call('ZPOPMIN', refused)
+    if oldest[1] then
+      redis.call('ZREM', answered, oldest[1])
+    else
+      oldest = redis.call('ZPOPMIN', answered)
+    end
     if not oldest[1] then break end
     forget(oldest[1])
   end
@@ -273,8 +282,7 @@ if not last then
   -- it was: the answers' keys, which this commit may have created, follow it.
   local at = redis.call('PEXPIRETIME', meta)
   if at > 0 then
-    redis.call('PEXPIREAT', answers, at)
-    redis.call('PEXPIREAT', answered, at)
+    for _, key in ipairs({answers, answered, refused}) do redis.call('PEXPIREAT', key, at) end
   end
   return result
 end
@@ -298,5 +306,5 @@ elseif redis.call('PTTL', meta) ~= -1 then
   for _, key in ipairs(room) do redis.call('PERSIST', key) end
 end
 if publish ~= '' then redis.call(publish, ARGV[5], ARGV[6]) end
-for k = 14, #KEYS do redis.call('ZADD', KEYS[k], 'NX', 0, room_id) end
+for k = 15, #KEYS do redis.call('ZADD', KEYS[k], 'NX', 0, room_id) end
 return result

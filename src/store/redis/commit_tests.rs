@@ -283,11 +283,11 @@ async fn a_commit_of_refusals_keeps_the_log_and_the_first_answer_decides() {
         .unwrap();
 
     let expiry = millis(SystemTime::now() + Duration::from_secs(600));
-    let answer = |key| (key, vec![7u8; 20], expiry);
+    let answer = |key, refusal| (key, vec![7u8; 20], expiry, refusal);
     let mut refusing = commit(
         Some(seq),
         Changes {
-            answers: vec![answer("q")],
+            answers: vec![answer("q", true)],
             ..Changes::default()
         },
     );
@@ -299,7 +299,7 @@ async fn a_commit_of_refusals_keeps_the_log_and_the_first_answer_decides() {
     assert_eq!(meta_field(&mut conn, "seq").await, Some(seq.to_string()));
     let logged: usize = conn.xlen(&keys.log).await.unwrap();
     assert_eq!(logged, 2);
-    for key in [&keys.meta, &keys.answers, &keys.answered] {
+    for key in [&keys.meta, &keys.answers, &keys.answered, &keys.refused] {
         let at: i64 = redis::cmd("PEXPIRETIME")
             .arg(key)
             .query_async(&mut conn)
@@ -317,7 +317,7 @@ async fn a_commit_of_refusals_keeps_the_log_and_the_first_answer_decides() {
             Changes {
                 events: next.iter().collect(),
                 joins: vec![(&joined, seq + 1)],
-                answers: vec![answer(key)],
+                answers: vec![answer(key, false)],
                 ..Changes::default()
             },
         );
@@ -477,7 +477,7 @@ async fn remembered_answers_keep_within_their_budget_oldest_out_first() {
             Some(seq),
             Changes {
                 events: next.iter().collect(),
-                answers: vec![(key, value.clone(), expiry + seq)],
+                answers: vec![(key, value.clone(), expiry + seq, false)],
                 ..Changes::default()
             },
         );
@@ -496,6 +496,45 @@ async fn remembered_answers_keep_within_their_budget_oldest_out_first() {
     assert_eq!(kept, ["a2", "a3"]);
     let weight = meta_field(&mut conn, "answers_bytes").await;
     assert_eq!(weight, Some((2 * (2 + value.len())).to_string()));
+}
+
+/// Past the budget, remembered refusals are forgotten before answers, whatever their age: a
+/// caller refused at will (a banned identity trying new request ids) pushes out no answer.
+#[tokio::test]
+async fn past_their_budget_refusals_go_before_answers() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let mut seq = create(&mut conn, &[event(1, 10)]).await;
+    let expiry = millis(SystemTime::now() + Duration::from_secs(600));
+    let value = vec![7u8; 100];
+    for (key, refusal) in [("a1", false), ("r1", true), ("r2", true), ("a2", false)] {
+        let next = [event(seq + 1, 10)];
+        let mut remembering = commit(
+            Some(seq),
+            Changes {
+                events: next.iter().collect(),
+                answers: vec![(key, value.clone(), expiry + seq, refusal)],
+                ..Changes::default()
+            },
+        );
+        // Room for two answers of this size.
+        remembering.bounds.answer_bytes = 2 * (2 + value.len()) + 1;
+        assert!(matches!(
+            run(&mut conn, &remembering).await,
+            Committed::Applied { .. }
+        ));
+        seq += 1;
+    }
+    let keys = Keys::new(ROOM);
+    let mut kept: Vec<String> = conn.hkeys(&keys.answers).await.unwrap();
+    kept.sort();
+    assert_eq!(kept, ["a1", "a2"]);
+    let mut ordered: Vec<String> = conn.zrange(&keys.answered, 0, -1).await.unwrap();
+    ordered.sort();
+    assert_eq!(ordered, ["a1", "a2"]);
+    let refused: Vec<String> = conn.zrange(&keys.refused, 0, -1).await.unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
 }
 
 #[tokio::test]

@@ -87,7 +87,7 @@ pub struct StoredRefusal {
     /// The room or identity it names.
     #[prost(string, tag = "2")]
     pub subject: String,
-    /// A ban's end (ms since 1970) or a limit.
+    /// A ban's end (ns since 1970) or a limit.
     #[prost(uint64, tag = "3")]
     pub number: u64,
 }
@@ -176,6 +176,8 @@ pub(super) struct Keys {
     pub(super) banned: String,
     /// Webhook cursors (`c:ENDPOINT` to `EPOCH:SEQ`).
     pub(super) hooks: String,
+    /// The remembered refusals among `answers`, by expiry: past the budget they go first.
+    pub(super) refused: String,
 }
 
 impl Keys {
@@ -193,11 +195,12 @@ impl Keys {
             bans: format!("{tag}:bans"),
             banned: format!("{tag}:banned"),
             hooks: format!("{tag}:hooks"),
+            refused: format!("{tag}:refused"),
         }
     }
 
     /// Every key of the room, in the order the commit script takes them.
-    pub(super) fn room(&self) -> [&String; 11] {
+    pub(super) fn room(&self) -> [&String; 12] {
         [
             &self.meta,
             &self.members,
@@ -210,6 +213,7 @@ impl Keys {
             &self.bans,
             &self.banned,
             &self.hooks,
+            &self.refused,
         ]
     }
 

@@ -8,7 +8,8 @@
 //! (a stream whose entry ids are `0-<seq>`, trimmed to at most `--history` entries and
 //! `--history-bytes`), the remembered answers: `answers` (hash: answer key to [`StoredAnswer`])
 //! with `answered` (sorted set of the same keys by expiry, within a budget of bytes kept in
-//! `meta` as `answers_bytes`),
+//! `meta` as `answers_bytes`) and `refused` (the refusals among them by expiry, forgotten first
+//! past the budget),
 //! the presence `leases` (sorted set of client id by lease end), and the bans: `bans` (hash:
 //! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
 //! ended bans are purged by the next commit), and the webhook cursors: `hooks` (hash: endpoint
