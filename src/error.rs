@@ -287,14 +287,15 @@ fn describe(violations: &[Violation]) -> String {
 
 /// A refusal that a room's state decided, in the parts a store keeps when the room remembers it
 /// under the request's id (as it remembers answers): its reason as docs/api.md's table names
-/// it, what it names (a room, an identity) and a number (a ban's end in ms since 1970, a limit).
+/// it, what it names (a room, an identity) and a number (a ban's end in ns since 1970, a limit):
+/// enough to give a retry the very refusal the first attempt got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     /// [`Error::reason`].
     pub reason: String,
     /// The room or identity it names ("" for a limit).
     pub subject: String,
-    /// A ban's end in ms since 1970, or a limit's value (0 otherwise).
+    /// A ban's end in ns since 1970, or a limit's value (0 otherwise).
     pub number: u64,
 }
 
@@ -305,10 +306,10 @@ impl Error {
     pub fn refusal(&self) -> Option<Refusal> {
         let (subject, number) = match self {
             Error::Banned { identity, until } => {
-                let ms = until
+                let ns = until
                     .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
-                (identity.clone(), ms)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                (identity.clone(), ns)
             }
             Error::RoomLocked { room_id }
             | Error::RoomAlreadyLocked { room_id }
@@ -337,7 +338,7 @@ impl Error {
         let err = match reason.as_str() {
             "BANNED" => Error::Banned {
                 identity: subject,
-                until: std::time::UNIX_EPOCH + Duration::from_millis(number),
+                until: std::time::UNIX_EPOCH + Duration::from_nanos(number),
             },
             "ROOM_LOCKED" => Error::RoomLocked { room_id },
             "ROOM_ALREADY_LOCKED" => Error::RoomAlreadyLocked { room_id },
@@ -598,7 +599,7 @@ mod tests {
             (
                 Error::Banned {
                     identity: "bob".into(),
-                    until: std::time::UNIX_EPOCH,
+                    until: std::time::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789),
                 },
                 Code::PermissionDenied,
                 "BANNED",
