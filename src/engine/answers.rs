@@ -119,6 +119,14 @@ impl AnswerCache {
             .map_or((0, 0), |held| (held.bytes, held.answers.len()))
     }
 
+    /// How many entries the expiry queues hold, live or not.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.held
+            .as_ref()
+            .map_or(0, |held| held.order.len() + held.refusals.len())
+    }
+
     /// Keeps `answer` (replacing one under its key), then forgets what is expired at `now` or
     /// over the budget, oldest first.
     fn keep(&mut self, answer: Remembered, now: SystemTime) {
@@ -144,33 +152,19 @@ impl AnswerCache {
         let Some(held) = &mut self.held else {
             return;
         };
-        while let Some((expires_at, key)) = held.refusals.front() {
-            let current = held.answers.get(key);
-            let stale = current.is_none_or(|answer| answer.expires_at != *expires_at);
-            if !stale && *expires_at > now && held.bytes <= self.budget {
-                break;
-            }
-            if let Some((_, key)) = held.refusals.pop_front() {
-                if !stale {
-                    if let Some(answer) = held.answers.remove(&key) {
-                        held.bytes -= answer.weight();
-                    }
-                }
-            }
-        }
-        while let Some((expires_at, key)) = held.order.front() {
-            let current = held.answers.get(key);
-            // An entry of the order whose answer was replaced since says nothing.
-            let stale = current.is_none_or(|answer| answer.expires_at != *expires_at);
-            if !stale && *expires_at > now && held.bytes <= self.budget {
-                break;
-            }
-            if let Some((_, key)) = held.order.pop_front() {
-                if !stale {
-                    if let Some(answer) = held.answers.remove(&key) {
-                        held.bytes -= answer.weight();
-                    }
-                }
+        let Held {
+            answers,
+            order,
+            refusals,
+            bytes,
+        } = &mut **held;
+        for queue in [refusals, order] {
+            forget_front(queue, answers, bytes, self.budget, now);
+            // Entries whose answer went through the other queue stay behind this one's front:
+            // past twice the answers held (and a little), drop them, so a flood of refusals
+            // that each push the one before out leaves no trail.
+            if queue.len() > 2 * answers.len() + 64 {
+                queue.retain(|(expires_at, key)| live(answers, key, *expires_at));
             }
         }
         if held.order.is_empty() {
@@ -194,6 +188,39 @@ impl AnswerCache {
             Some(_) => Err(Error::RequestIdReused {
                 request_id: request_id.to_owned(),
             }),
+        }
+    }
+}
+
+/// Whether the entry `(expires_at, key)` of a queue still names the answer held under `key`
+/// (not one replaced or forgotten since).
+fn live(answers: &HashMap<String, Remembered>, key: &str, expires_at: SystemTime) -> bool {
+    answers
+        .get(key)
+        .is_some_and(|answer| answer.expires_at == expires_at)
+}
+
+/// Forgets, from the front of `queue` (keys in expiry order), what is expired at `now` or over
+/// `budget`, keeping `bytes` the weight of what `answers` holds; stops at the first live entry
+/// that may stay.
+fn forget_front(
+    queue: &mut VecDeque<(SystemTime, String)>,
+    answers: &mut HashMap<String, Remembered>,
+    bytes: &mut usize,
+    budget: usize,
+    now: SystemTime,
+) {
+    while let Some((expires_at, key)) = queue.front() {
+        let alive = live(answers, key, *expires_at);
+        if alive && *expires_at > now && *bytes <= budget {
+            break;
+        }
+        if let Some((_, key)) = queue.pop_front() {
+            if alive {
+                if let Some(answer) = answers.remove(&key) {
+                    *bytes -= answer.weight();
+                }
+            }
         }
     }
 }

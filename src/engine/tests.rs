@@ -417,7 +417,11 @@ fn past_the_budget_refusals_are_forgotten_before_answers() {
         );
         assert!(matches!(refused, Err(Error::RoomLocked { .. })));
     }
-    assert!(state.answers.held().0 <= budget);
+    let (bytes, held) = state.answers.held();
+    assert!(bytes <= budget);
+    // Nor does their trail grow: the queues stay near what is held.
+    let queued = state.answers.queued();
+    assert!(queued <= 4 * held + 128, "{queued} queued for {held} held");
     let retry = apply(&mut state, &alice, lock_cmd("l1"), now()).unwrap();
     assert_eq!(retry.reply, locked.reply, "the lock's answer outlived them");
     assert!(retry.events.is_empty());
