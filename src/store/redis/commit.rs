@@ -211,7 +211,7 @@ impl Committer {
         room_id: &str,
         epoch: &str,
     ) -> Result<bool, Error> {
-        let Some(seq) = self.replicated(keys, epoch, false).await? else {
+        let Some(seq) = self.replicated(keys, epoch, None).await? else {
             return Ok(false);
         };
         let mut conn = self.conn.clone();
@@ -240,30 +240,44 @@ impl Committer {
     /// so when commits do not wait for them): what a remembered refusal needs before it is
     /// answered again, since its commit leaves the seq as it was and so is never counted
     /// hidden; one whose own `WAIT` failed could still be lost in a failover, and the request
-    /// then applied after all. A write and its `WAIT`, as for [`Committer::reconfirm`].
-    pub(super) async fn vouch(&self, keys: &Keys, epoch: &str) -> Result<bool, Error> {
+    /// then applied after all. A write and its `WAIT`, as for [`Committer::reconfirm`], on a
+    /// master that holds every answer key of `held` (the refusals were read on another
+    /// connection, which may still reach a master its successor replaced).
+    pub(super) async fn vouch(
+        &self,
+        keys: &Keys,
+        epoch: &str,
+        held: &[String],
+    ) -> Result<bool, Error> {
         if self.waiting.is_none() {
             return Ok(true);
         }
-        Ok(self.replicated(keys, epoch, true).await?.is_some())
+        Ok(self.replicated(keys, epoch, Some(held)).await?.is_some())
     }
 
-    /// A write of the room's seq to its master (in `epoch`; when something is hidden, or
-    /// `always`) and its `WAIT`: the seq, once enough replicas hold it and so every earlier
-    /// write; None when nothing was written or too few replicas answered.
+    /// A write of the room's seq to its master (in `epoch`; when something is hidden, or when
+    /// vouching for the answer keys of `held`, all held there) and its `WAIT`: the seq, once
+    /// enough replicas hold it and so every earlier write; None when nothing was written or too
+    /// few replicas answered.
     async fn replicated(
         &self,
         keys: &Keys,
         epoch: &str,
-        always: bool,
+        held: Option<&[String]>,
     ) -> Result<Option<u64>, Error> {
         let Some(mut waiting) = self.waiting.clone() else {
             return Ok(None);
         };
         let mut call = self.reconfirm.prepare_invoke();
-        call.key(&keys.meta)
-            .arg(epoch)
-            .arg(if always { "1" } else { "" });
+        call.key(&keys.meta).arg(epoch);
+        match held {
+            Some(held) => {
+                call.key(&keys.answers).arg("1").arg(held);
+            }
+            None => {
+                call.arg("");
+            }
+        }
         // Not pipelined: the script may be new to this master (a first use, a failover), and
         // a `WAIT` sent with an unknown script would wait out its timeout for nothing before
         // the one that counts, past the call's own.

@@ -339,6 +339,36 @@ async fn a_commit_of_refusals_keeps_the_log_and_the_first_answer_decides() {
     );
 }
 
+/// reconfirm.lua writes (and so lets its `WAIT` cover the room) only within the caller's epoch:
+/// to confirm, when something is hidden; to vouch for remembered refusals, only on a master
+/// that holds every one of them (not a successor that lacks them).
+#[tokio::test]
+async fn reconfirm_writes_only_where_it_can_vouch() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let seq = create(&mut conn, &[event(1, 10)]).await;
+    let keys = Keys::new(ROOM);
+    let script = redis::Script::new(RECONFIRM);
+    let mut scripted = conn.clone();
+    let mut run = async |epoch: &str, vouch: Option<&[&str]>| -> i64 {
+        let mut call = script.prepare_invoke();
+        call.key(&keys.meta).arg(epoch);
+        match vouch {
+            Some(held) => call.key(&keys.answers).arg("1").arg(held),
+            None => call.arg(""),
+        };
+        call.invoke_async(&mut scripted).await.unwrap()
+    };
+    assert_eq!(run(EPOCH, None).await, 0, "nothing hidden");
+    assert_eq!(run(EPOCH, Some(&["q"])).await, 0, "q is not held here");
+    let _: () = conn.hset(&keys.answers, "q", "x").await.unwrap();
+    assert_eq!(run(EPOCH, Some(&["q"])).await, seq as i64);
+    assert_eq!(run("another", Some(&["q"])).await, 0, "another epoch");
+    let _: () = conn.hset(&keys.meta, "confirmed", 0).await.unwrap();
+    assert_eq!(run(EPOCH, None).await, seq as i64, "hidden: confirm it");
+}
+
 /// With a listing (one Redis), the commit that creates a room lists it, and the one that leaves
 /// it empty schedules it at its keys' expiry; without one (a cluster) it touches neither key,
 /// and a refused commit lists nothing.

@@ -6,13 +6,22 @@
 -- Returns 0 when nothing is hidden, or the room is no longer in the epoch the caller saw (so the
 -- seq returned is always that epoch's). Sent by `Committer::reconfirm` (commit.rs), which then
 -- waits for the replicas and runs confirm.lua. With ARGV[2] '1' it writes whether or not
--- anything is hidden (`Committer::vouch`: a remembered refusal leaves the seq as it was, so the
--- seq cannot say whether its commit reached the replicas).
+-- anything is hidden, once every answer key named after it is held here (`Committer::vouch`: a
+-- remembered refusal leaves the seq as it was, so the seq cannot say whether its commit
+-- reached the replicas, and this master must be one that holds it, not a successor reached
+-- after a failover).
 --
--- KEYS (1): meta. ARGV: 1 the epoch, 2 '1' to write in any case.
+-- KEYS (1, or 2 when vouching): meta, answers. ARGV: 1 the epoch, 2 '1' to vouch, then the
+-- answer keys that must be held.
 local current = redis.call('HMGET', KEYS[1], 'seq', 'confirmed', 'epoch')
 if not current[1] or current[3] ~= ARGV[1] then return 0 end
 local hidden = current[2] and tonumber(current[2]) < tonumber(current[1])
-if not hidden and ARGV[2] ~= '1' then return 0 end
+if ARGV[2] == '1' then
+  for k = 3, #ARGV do
+    if redis.call('HEXISTS', KEYS[2], ARGV[k]) == 0 then return 0 end
+  end
+elseif not hidden then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'seq', current[1])
 return tonumber(current[1])

@@ -425,7 +425,7 @@ impl Shared {
                             continue;
                         }
                     }
-                    return Ok(Some(unvouched(results, jobs)));
+                    return Ok(Some(unconfirmed(results, jobs)));
                 }
                 Attempt::Unvouched => return Ok(Some(unvouched(results, jobs))),
                 // Another node changed the room, or a guess was wrong: read again and redo.
@@ -582,11 +582,17 @@ impl Shared {
                     epoch: state.epoch().to_owned(),
                 });
             }
-            let recalled_refusal = results
+            let recalled: Vec<String> = results
                 .iter()
-                .flatten()
-                .any(|applied| matches!(applied.reply, Reply::Refused(_)));
-            if recalled_refusal && !self.committer.vouch(keys, state.epoch()).await? {
+                .zip(batch.jobs)
+                .filter(|(result, _)| is_refusal(result))
+                .filter_map(|(_, job)| job.cmd.answer_key(&job.caller))
+                .collect();
+            let vouched = recalled.is_empty()
+                || (self.committer)
+                    .vouch(keys, state.epoch(), &recalled)
+                    .await?;
+            if !vouched {
                 // A refusal's commit leaves the seq as it was, so `hidden` cannot say whether
                 // its replicas hold it; if they do not, a failover could lose it and the
                 // request be applied after all (found by an attack on remembered refusals).
@@ -760,16 +766,44 @@ enum Attempt {
     Unvouched,
 }
 
+/// Whether `result` is a refusal the room remembered (read back, not decided now).
+fn is_refusal(result: &Result<Applied, Error>) -> bool {
+    matches!(
+        result,
+        Ok(Applied {
+            reply: Reply::Refused(_),
+            ..
+        })
+    )
+}
+
 /// The results of a batch whose view the replicas could not vouch for: refusals decided now
 /// stand (nothing was applied either way); answers, remembered refusals among them, do not.
+fn unconfirmed(results: Vec<Result<Applied, Error>>, jobs: &[Job]) -> Vec<Result<Applied, Error>> {
+    unknown_where(results, jobs, Result::is_ok)
+}
+
+/// The results of a batch whose remembered refusals the replicas could not vouch for: those are
+/// unknown; the rest stand (nothing hidden: the room's seq is confirmed).
 fn unvouched(results: Vec<Result<Applied, Error>>, jobs: &[Job]) -> Vec<Result<Applied, Error>> {
-    let unknown = |job: &Job| Error::OutcomeUnknown {
-        request_id: job.cmd.request_id().map(str::to_owned),
-    };
+    unknown_where(results, jobs, is_refusal)
+}
+
+/// `results`, with those `unknown` picks answered `OUTCOME_UNKNOWN`.
+fn unknown_where(
+    results: Vec<Result<Applied, Error>>,
+    jobs: &[Job],
+    unknown: impl Fn(&Result<Applied, Error>) -> bool,
+) -> Vec<Result<Applied, Error>> {
     results
         .into_iter()
         .zip(jobs)
-        .map(|(result, job)| result.and_then(|_| Err(unknown(job))))
+        .map(|(result, job)| match unknown(&result) {
+            true => Err(Error::OutcomeUnknown {
+                request_id: job.cmd.request_id().map(str::to_owned),
+            }),
+            false => result,
+        })
         .collect()
 }
 
