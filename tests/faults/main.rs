@@ -33,6 +33,8 @@ struct Args {
     stores: Vec<Store>,
     duration: Option<Duration>,
     seed: u64,
+    /// Whether a cluster's masters are paused too (see RELIABILITY.md, "Open").
+    paused_masters: bool,
 }
 
 fn args() -> Option<Args> {
@@ -40,6 +42,7 @@ fn args() -> Option<Args> {
     let mut duration = None;
     let mut seed = None;
     let mut filter = None;
+    let mut paused_masters = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -67,6 +70,7 @@ fn args() -> Option<Args> {
                     other => other.and_then(|s| s.parse().ok()).expect("--seed N|random"),
                 })
             }
+            "--pause-masters" => paused_masters = true,
             // What `cargo test` passes on to every test binary.
             "--list" => {
                 println!("faults: test");
@@ -92,6 +96,7 @@ fn args() -> Option<Args> {
         stores,
         duration,
         seed,
+        paused_masters,
     })
 }
 
@@ -109,7 +114,7 @@ fn main() {
             Store::Redis => Duration::from_secs(40),
             Store::Cluster => Duration::from_secs(60),
         });
-        failed |= !runtime.block_on(run(store, duration, args.seed));
+        failed |= !runtime.block_on(run(store, duration, args.seed, args.paused_masters));
     }
     if failed {
         std::process::exit(1);
@@ -117,7 +122,7 @@ fn main() {
 }
 
 /// One run; whether the checker found nothing.
-async fn run(store: Store, duration: Duration, seed: u64) -> bool {
+async fn run(store: Store, duration: Duration, seed: u64, paused_masters: bool) -> bool {
     println!("faults: {} store, {duration:?}, seed {seed}", store.name());
     let fleet = Fleet::start(store, 1_000_000).await;
     // Times count from here, when the workload and the nemesis start.
@@ -147,7 +152,13 @@ async fn run(store: Store, duration: Duration, seed: u64) -> bool {
             done.clone(),
         ));
     }
-    let nemesis = tokio::spawn(nemesis::run(fleet.clone(), history.clone(), seed, until));
+    let nemesis = tokio::spawn(nemesis::run(
+        fleet.clone(),
+        history.clone(),
+        seed,
+        until,
+        paused_masters,
+    ));
     nemesis.await.unwrap();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     while workers.join_next().await.is_some() {}

@@ -169,10 +169,13 @@ async fn run_op(shared: &Shared, rng: &mut StdRng, room: String, mut op: Op) {
         };
         match answer {
             Ok(answer) => break Outcome::Ok(answer),
-            // After an attempt that may have happened, a store that cannot be asked whether it
-            // did leaves the outcome open: a real client keeps retrying.
+            // After an attempt that may have happened, an UNAVAILABLE answer (the store could
+            // not be asked, or its master is short of replicas) says nothing of that attempt: a
+            // real client keeps retrying (docs/api.md). The harness once took a retry's
+            // NOT_ENOUGH_REPLICAS for "not applied" while its first attempt had been.
             Err(status) => {
-                match definite(&status).filter(|r| unknown.is_none() || r != "STORE_UNAVAILABLE") {
+                let open = unknown.is_some() && status.code() == Code::Unavailable;
+                match definite(&status).filter(|_| !open) {
                     // A refusal after an unknown attempt of an operation without a request id
                     // (Leave) may be the first attempt's doing.
                     Some(reason) if unknown.is_some() && matches!(op, Op::Leave { .. }) => {
