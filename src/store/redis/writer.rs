@@ -588,10 +588,9 @@ impl Shared {
                 .filter(|(result, _)| is_refusal(result))
                 .filter_map(|(_, job)| job.cmd.answer_key(&job.caller))
                 .collect();
-            let vouched = recalled.is_empty()
-                || (self.committer)
-                    .vouch(keys, state.epoch(), &recalled)
-                    .await?;
+            let committer = &self.committer;
+            let vouched =
+                recalled.is_empty() || committer.vouch(keys, state.epoch(), &recalled).await?;
             if !vouched {
                 // A refusal's commit leaves the seq as it was, so `hidden` cannot say whether
                 // its replicas hold it; if they do not, a failover could lose it and the
