@@ -12,9 +12,10 @@ use crate::error::Error;
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(600);
 
 /// What one room's remembered answers may weigh at most, in bytes of their encoding (all kinds
-/// together), unless told otherwise. Bounds memory against a caller that invents a new
-/// `request_id` per call: past it the oldest answers are forgotten before their window ends
-/// (at 200 to 300 bytes a join's answer, a room remembers some 30,000 joins). Answers belong
+/// together, each with [`ANSWER_OVERHEAD`]), unless told otherwise. Bounds memory against a
+/// caller that invents a new `request_id` per call: past it the oldest answers are forgotten
+/// before their window ends (at 200 to 300 bytes a join's answer and its overhead, a room
+/// remembers some 10,000 joins). Answers belong
 /// to the room's epoch: a room that is forgotten forgets them too.
 pub const DEFAULT_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 
@@ -31,10 +32,18 @@ pub struct Remembered {
     pub reply: Reply,
 }
 
+/// What each remembered answer weighs against its room's budget beyond its key and encoded
+/// reply: about what holding one costs a store (the map's entry, copies of its key, its places
+/// in the expiry orders; in Redis a hash field and one or two sorted-set members). Without it,
+/// many tiny answers (refusals under new request ids, a few dozen bytes each) would hold several
+/// times the budget.
+pub const ANSWER_OVERHEAD: usize = 512;
+
 impl Remembered {
-    /// What the answer weighs against the room's budget: its key and its reply, encoded.
+    /// What the answer weighs against the room's budget: its key and its reply, encoded, and
+    /// [`ANSWER_OVERHEAD`].
     pub fn weight(&self) -> usize {
-        self.key.len() + self.reply.encoded_len()
+        self.key.len() + self.reply.encoded_len() + ANSWER_OVERHEAD
     }
 }
 

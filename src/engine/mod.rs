@@ -22,7 +22,7 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-pub use answers::{Remembered, DEFAULT_ANSWER_BYTES, IDEMPOTENCY_WINDOW};
+pub use answers::{Remembered, ANSWER_OVERHEAD, DEFAULT_ANSWER_BYTES, IDEMPOTENCY_WINDOW};
 pub use bans::{Ban, MAX_BAN, MAX_BANS};
 pub use caller::{Caller, RoomScope, TokenRole};
 pub use command::{answer_key, Change, Command, DestroyCmd, DropCmd, JoinCmd, Reply};

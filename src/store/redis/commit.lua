@@ -38,7 +38,8 @@
 -- 0: off), 10 lock ('' unchanged, '1', '0'), 11 publish command (PUBLISH, SPUBLISH, or '': do not
 -- publish), 12 the epoch to start if one must be, 13 replicas to wait for (0: none), 14 history
 -- (bytes), 15 the room's id (for the room list; '' without it), 16 '1' with webhooks (an
--- emptied room then gets no expiry here); then counted lists, each a count followed by its items: assumed-absent member ids;
+-- emptied room then gets no expiry here), 17 what each answer weighs beyond its key and value
+-- (bytes); then counted lists, each a count followed by its items: assumed-absent member ids;
 -- assumed-absent answer keys; clients timed out; assumed-unbanned identities; events (seq,
 -- bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes, expiry
 -- ms, '1' for a refusal); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
@@ -52,6 +53,7 @@ local waiting = needed > 0
 local history_bytes = tonumber(ARGV[14])
 local rooms, expiring, room_id = KEYS[13], KEYS[14], ARGV[15]
 local webhooks = ARGV[16] == '1'
+local answer_overhead = tonumber(ARGV[17])
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
 -- A plain find, not a pattern: matching patterns over INFO's text cost more than the rest of
 -- the commit. Run and replication ids are 40 hex characters.
@@ -112,7 +114,7 @@ if expected == '' then
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 16
+local i = 17
 -- One assumption of the batch: a count, then that many names, none of which `present` finds.
 local function assumed_absent(present)
   i = i + 1
@@ -225,7 +227,7 @@ if added > 0 then
   local weight = tonumber(redis.call('HGET', meta, 'answers_bytes') or '0')
   local function forget(key)
     local held = redis.call('HSTRLEN', answers, key)
-    if held > 0 then weight = weight - #key - held end
+    if held > 0 then weight = weight - #key - held - answer_overhead end
     redis.call('HDEL', answers, key)
   end
   for _ = 1, added do
@@ -233,7 +235,7 @@ if added > 0 then
     redis.call('HSET', answers, ARGV[i + 1], ARGV[i + 2])
     redis.call('ZADD', answered, ARGV[i + 3], ARGV[i + 1])
     if ARGV[i + 4] == '1' then redis.call('ZADD', refused, ARGV[i + 3], ARGV[i + 1]) end
-    weight = weight + #ARGV[i + 1] + #ARGV[i + 2]
+    weight = weight + #ARGV[i + 1] + #ARGV[i + 2] + answer_overhead
     i = i + 4
   end
   for _, key in ipairs(redis.call('ZRANGEBYSCORE', answered, '-inf', now)) do forget(key) end

@@ -15,7 +15,7 @@ use super::connection::{recorded, unavailable, Conn, OP_TIMEOUT};
 use super::feeds::Notice;
 use super::keys::{channel, entries, millis, Keys, StoredAnswer, StoredMember};
 use super::RedisConfig;
-use crate::engine::{Applied, Ban, Change, Reply};
+use crate::engine::{Applied, Ban, Change, Reply, ANSWER_OVERHEAD};
 use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;
@@ -480,7 +480,8 @@ impl Commit<'_> {
             .arg(self.bounds.wait_replicas)
             .arg(self.bounds.history_bytes)
             .arg(self.listing.map_or("", |listing| listing.room_id))
-            .arg(if self.webhooks { "1" } else { "" });
+            .arg(if self.webhooks { "1" } else { "" })
+            .arg(ANSWER_OVERHEAD);
         for list in [
             &self.assumed.ids,
             &self.assumed.answers,

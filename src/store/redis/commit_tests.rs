@@ -512,7 +512,7 @@ async fn remembered_answers_keep_within_their_budget_oldest_out_first() {
             },
         );
         // Room for two answers of this size.
-        remembering.bounds.answer_bytes = 2 * (2 + value.len()) + 1;
+        remembering.bounds.answer_bytes = 2 * (2 + value.len() + ANSWER_OVERHEAD) + 1;
         assert!(matches!(
             run(&mut conn, &remembering).await,
             Committed::Applied { .. }
@@ -525,7 +525,10 @@ async fn remembered_answers_keep_within_their_budget_oldest_out_first() {
     kept.sort();
     assert_eq!(kept, ["a2", "a3"]);
     let weight = meta_field(&mut conn, "answers_bytes").await;
-    assert_eq!(weight, Some((2 * (2 + value.len())).to_string()));
+    assert_eq!(
+        weight,
+        Some((2 * (2 + value.len() + ANSWER_OVERHEAD)).to_string())
+    );
 }
 
 /// Past the budget, remembered refusals are forgotten before answers, whatever their age: a
@@ -549,7 +552,7 @@ async fn past_their_budget_refusals_go_before_answers() {
             },
         );
         // Room for two answers of this size.
-        remembering.bounds.answer_bytes = 2 * (2 + value.len()) + 1;
+        remembering.bounds.answer_bytes = 2 * (2 + value.len() + ANSWER_OVERHEAD) + 1;
         assert!(matches!(
             run(&mut conn, &remembering).await,
             Committed::Applied { .. }
