@@ -196,11 +196,7 @@ impl RedisCluster {
     /// Starts the killed node on `port` again (empty, with its cluster configuration), and
     /// waits until it has rejoined as a replica in sync with the master on `master`.
     pub async fn restart_as_replica(&mut self, port: u16, master: u16) {
-        let child = spawn(port, &self.dir, self.tls.as_ref(), self.behind_proxies)
-            .await
-            .expect("the node restarts on its port");
-        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
-        node.child = Some(child);
+        self.respawn(port).await;
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let info: String = redis::cmd("INFO")
@@ -240,14 +236,7 @@ impl RedisCluster {
             .await
             .unwrap();
         self.kill(port).await;
-        let child = spawn(port, &self.dir, self.tls.as_ref(), self.behind_proxies)
-            .await
-            .expect("the node restarts on its port");
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap()
-            .child = Some(child);
+        self.respawn(port).await;
         let synced = format!("port={replica},state=online");
         super::redis_server::until_answer(
             &mut self.master(port).await,
@@ -262,6 +251,16 @@ impl RedisCluster {
             .unwrap();
         // The nodes share a directory: no other node may start from this file.
         let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
+    }
+
+    /// Starts the node on `port` again, killed before, with its cluster configuration (and
+    /// whatever files the nodes' directory holds for it).
+    async fn respawn(&mut self, port: u16) {
+        let child = spawn(port, &self.dir, self.tls.as_ref(), self.behind_proxies)
+            .await
+            .expect("the node restarts on its port");
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        node.child = Some(child);
     }
 
     /// The pid of the node on `port`, while it runs.
@@ -297,14 +296,7 @@ impl RedisCluster {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let child = spawn(port, &self.dir, self.tls.as_ref(), self.behind_proxies)
-            .await
-            .expect("the node restarts on its port");
-        self.nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .unwrap()
-            .child = Some(child);
+        self.respawn(port).await;
         self.until_replica_in_sync(port).await;
     }
 

@@ -493,32 +493,38 @@ async fn the_log_keeps_its_history_in_events_and_in_bytes() {
     assert_eq!(weight, 2 * by_bytes[0].encoded_len());
 }
 
-#[tokio::test]
-async fn remembered_answers_keep_within_their_budget_oldest_out_first() {
-    let Some((_server, mut conn)) = redis().await else {
-        return;
-    };
-    let mut seq = create(&mut conn, &[event(1, 10)]).await;
+/// Creates the room, then commits one event per answer of `answers` (key, whether a refusal),
+/// in turn, each 100 bytes, in a budget with room for two; answers the value they hold.
+async fn remember_in_turn(conn: &mut MultiplexedConnection, answers: &[(&str, bool)]) -> Vec<u8> {
+    let mut seq = create(conn, &[event(1, 10)]).await;
     let expiry = millis(SystemTime::now() + Duration::from_secs(600));
     let value = vec![7u8; 100];
-    for key in ["a1", "a2", "a3"] {
+    for (key, refusal) in answers {
         let next = [event(seq + 1, 10)];
         let mut remembering = commit(
             Some(seq),
             Changes {
                 events: next.iter().collect(),
-                answers: vec![(key, value.clone(), expiry + seq, false)],
+                answers: vec![(key, value.clone(), expiry + seq, *refusal)],
                 ..Changes::default()
             },
         );
-        // Room for two answers of this size.
         remembering.bounds.answer_bytes = 2 * (2 + value.len() + ANSWER_OVERHEAD) + 1;
         assert!(matches!(
-            run(&mut conn, &remembering).await,
+            run(conn, &remembering).await,
             Committed::Applied { .. }
         ));
         seq += 1;
     }
+    value
+}
+
+#[tokio::test]
+async fn remembered_answers_keep_within_their_budget_oldest_out_first() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let value = remember_in_turn(&mut conn, &[("a1", false), ("a2", false), ("a3", false)]).await;
     let keys = Keys::new(ROOM);
     let kept: Vec<String> = conn.hkeys(&keys.answers).await.unwrap();
     let mut kept = kept;
@@ -538,27 +544,11 @@ async fn past_their_budget_refusals_go_before_answers() {
     let Some((_server, mut conn)) = redis().await else {
         return;
     };
-    let mut seq = create(&mut conn, &[event(1, 10)]).await;
-    let expiry = millis(SystemTime::now() + Duration::from_secs(600));
-    let value = vec![7u8; 100];
-    for (key, refusal) in [("a1", false), ("r1", true), ("r2", true), ("a2", false)] {
-        let next = [event(seq + 1, 10)];
-        let mut remembering = commit(
-            Some(seq),
-            Changes {
-                events: next.iter().collect(),
-                answers: vec![(key, value.clone(), expiry + seq, refusal)],
-                ..Changes::default()
-            },
-        );
-        // Room for two answers of this size.
-        remembering.bounds.answer_bytes = 2 * (2 + value.len() + ANSWER_OVERHEAD) + 1;
-        assert!(matches!(
-            run(&mut conn, &remembering).await,
-            Committed::Applied { .. }
-        ));
-        seq += 1;
-    }
+    remember_in_turn(
+        &mut conn,
+        &[("a1", false), ("r1", true), ("r2", true), ("a2", false)],
+    )
+    .await;
     let keys = Keys::new(ROOM);
     let mut kept: Vec<String> = conn.hkeys(&keys.answers).await.unwrap();
     kept.sort();
