@@ -80,6 +80,13 @@ pub struct ServeArgs {
     /// answers at once (see docs/redis.md, "Durability").
     #[arg(long, env = "ROOMCTL_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     redis_wait_replicas: usize,
+    /// With a Redis Cluster and --redis-wait-replicas: the cluster's `cluster-node-timeout`. A
+    /// master that has not heard from most masters within it may have been replaced by a
+    /// replica, so it is sent no commits (UNAVAILABLE, nothing applied). Set it to the
+    /// cluster's value: shorter refuses commits a healthy cluster would take, longer lets a
+    /// master back from a pause take some it will lose (at least 100ms).
+    #[arg(long, env = "ROOMCTL_REDIS_CLUSTER_NODE_TIMEOUT", default_value_t = crate::store::redis::DEFAULT_CLUSTER_NODE_TIMEOUT.into(), value_parser = at_least_ms::<100>)]
+    redis_cluster_node_timeout: humantime::Duration,
     /// Require tokens to carry this `iss` claim.
     #[arg(long, env = "ROOMCTL_JWT_ISSUER")]
     jwt_issuer: Option<String>,
@@ -330,6 +337,7 @@ impl ServeArgs {
                 url: url.clone(),
                 ca_file: self.redis_ca_file.clone(),
                 wait_replicas: self.redis_wait_replicas,
+                cluster_node_timeout: self.redis_cluster_node_timeout.into(),
             },
             StoreConfig::Memory if self.redis_ca_file.is_some() => {
                 return Err(Failure::Usage(

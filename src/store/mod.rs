@@ -86,6 +86,8 @@ pub enum StoreConfig {
         ca_file: Option<std::path::PathBuf>,
         /// Replicas that must hold each commit before it is answered or shown (0: none).
         wait_replicas: usize,
+        /// The Redis Cluster's `cluster-node-timeout` (checked only with replicas to wait for).
+        cluster_node_timeout: std::time::Duration,
     },
 }
 
@@ -96,6 +98,7 @@ impl StoreConfig {
             url: redis::RedisUrl::new(url),
             ca_file: None,
             wait_replicas: 0,
+            cluster_node_timeout: redis::DEFAULT_CLUSTER_NODE_TIMEOUT,
         }
     }
 }
@@ -115,11 +118,13 @@ pub async fn open(
             url,
             ca_file,
             wait_replicas,
+            cluster_node_timeout,
         } => {
             let config = redis::RedisConfig {
                 url: url.clone(),
                 ca_file: ca_file.clone(),
                 wait_replicas: *wait_replicas,
+                cluster_node_timeout: *cluster_node_timeout,
                 rooms,
             };
             Arc::new(redis::RedisStore::connect_with(config, telemetry, clock).await?)

@@ -273,11 +273,7 @@ impl RedisCluster {
     pub async fn masters(&self) -> Vec<u16> {
         let mut masters = Vec::new();
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let info: redis::RedisResult<String> = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut self.master(node.port).await)
-                .await;
-            if info.is_ok_and(|info| info.contains("role:master")) {
+            if self.info_replication(node.port).await.contains("role:master") {
                 masters.push(node.port);
             }
         }
@@ -301,35 +297,32 @@ impl RedisCluster {
     }
 
     /// Waits until `masters` running nodes are masters and every other running node is a
-    /// replica in sync.
+    /// replica in sync. Both are asked again on every look: a pause that ends as its failover's
+    /// election does can promote a replica after the masters were counted.
     pub async fn until_whole(&self, masters: usize) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
-        let serving = loop {
+        loop {
             let serving = self.masters().await;
-            if serving.len() == masters {
-                break serving;
+            let mut whole = serving.len() == masters;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                if whole && !serving.contains(&node.port) {
+                    whole = synced(&self.info_replication(node.port).await);
+                }
+            }
+            if whole {
+                return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the cluster has masters {serving:?}"
+                "the cluster is not whole: its masters are {serving:?}"
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
-        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            if !serving.contains(&node.port) {
-                self.until_replica_in_sync(node.port).await;
-            }
         }
     }
 
     /// Waits until the node on `port` is a replica whose link to its master is up and synced.
     pub async fn until_replica_in_sync(&self, port: u16) {
         let mut conn = self.master(port).await;
-        let synced = |info: &str| {
-            info.contains("role:slave")
-                && info.contains("master_link_status:up")
-                && info.contains("master_sync_in_progress:0")
-        };
         super::redis_server::until_answer(
             &mut conn,
             ["INFO", "replication"],
@@ -337,6 +330,15 @@ impl RedisCluster {
             synced,
         )
         .await;
+    }
+
+    /// What the node on `port` says of its replication (empty if it does not answer).
+    async fn info_replication(&self, port: u16) -> String {
+        let info: redis::RedisResult<String> = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut self.master(port).await)
+            .await;
+        info.unwrap_or_default()
     }
 
     /// The port of a replica of the master on `port`.
@@ -424,6 +426,22 @@ impl Drop for RedisCluster {
 impl RedisCluster {
     /// A plain connection to the master on `port`.
     pub async fn master(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        self.connect(port, redis::AsyncConnectionConfig::new())
+            .await
+    }
+
+    /// A plain connection to the node on `port` that waits for its answers however long they
+    /// take (redis-rs gives up after 500 ms by default): for commands sent to a paused node.
+    pub async fn patient(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        self.connect(port, config).await
+    }
+
+    async fn connect(
+        &self,
+        port: u16,
+        config: redis::AsyncConnectionConfig,
+    ) -> redis::aio::MultiplexedConnection {
         let client = match &self.tls {
             None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
             Some([_, _, ca]) => redis::Client::build_with_tls(
@@ -436,9 +454,38 @@ impl RedisCluster {
         };
         client
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap()
+    }
+
+    /// Freezes (SIGSTOP, `stop`) or lets go on (SIGCONT) the node on `port`.
+    pub fn pause(&self, port: u16, stop: bool) {
+        let pid = self.pid(port).expect("the node runs").to_string();
+        let signal = if stop { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// Waits until a master other than `from` says another master serves `slot` (as after
+    /// `from` failed over), asking only nodes other than `from`, which may be paused.
+    pub async fn until_served_elsewhere(&self, slot: u16, from: u16) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let witness = self
+            .nodes
+            .iter()
+            .find(|n| n.port != from && n.child.is_some());
+        let witness = witness.expect("another node runs").port;
+        while self.owner_seen_by(witness, slot).await == Some(from) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{from} still serves slot {slot}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// The slot of `key`.
@@ -545,4 +592,11 @@ impl RedisCluster {
                 .unwrap();
         }
     }
+}
+
+/// Whether INFO replication shows a replica whose link to its master is up and synced.
+fn synced(info: &str) -> bool {
+    info.contains("role:slave")
+        && info.contains("master_link_status:up")
+        && info.contains("master_sync_in_progress:0")
 }

@@ -19,7 +19,8 @@
 -- Each commit records the Redis process that made it (`run`, its replication id `replid`, on a
 -- cluster its node id `node`); a commit made by another process that may lack the log's tail
 -- starts a new epoch and returns -1. With replicas to wait for, a master with fewer online
--- replicas than that changes nothing and returns -2 minus how many it has.
+-- replicas than that changes nothing and returns -2 minus how many it has, and a cluster master
+-- out of touch with most masters (quorum.lua) changes nothing and returns -1000000.
 --
 -- An empty room's keys expire together once it has been empty for the TTL and no ban has been in
 -- force for as long. A room created anew first deletes whatever a forgotten one of the same id
@@ -39,7 +40,8 @@
 -- publish), 12 the epoch to start if one must be, 13 replicas to wait for (0: none), 14 history
 -- (bytes), 15 the room's id (for the room list; '' without it), 16 '1' with webhooks (an
 -- emptied room then gets no expiry here), 17 what each answer weighs beyond its key and value
--- (bytes); then counted lists, each a count followed by its items: assumed-absent member ids;
+-- (bytes), 18 the cluster's node timeout (ms; 0: not a cluster, or no replicas to wait for);
+-- then counted lists, each a count followed by its items: assumed-absent member ids;
 -- assumed-absent answer keys; clients timed out; assumed-unbanned identities; events (seq,
 -- bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes, expiry
 -- ms, '1' for a refusal); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
@@ -71,6 +73,7 @@ if waiting then
     if found then online, at = online + 1, found + 12 end
   until not found
   if online < needed then return -2 - online end
+  if not in_touch(tonumber(ARGV[18])) then return -1000000 end
 end
 local run = field('run_id:')
 local replid = field('master_replid:')
@@ -114,7 +117,7 @@ if expected == '' then
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 17
+local i = 18
 -- One assumption of the batch: a count, then that many names, none of which `present` finds.
 local function assumed_absent(present)
   i = i + 1

@@ -20,12 +20,14 @@ use crate::error::Error;
 use crate::pb;
 use crate::telemetry::Telemetry;
 
-/// `commit.lua`.
-pub(super) const COMMIT: &str = include_str!("commit.lua");
+/// `commit.lua`, after the `quorum.lua` it calls.
+pub(super) const COMMIT: &str = concat!(include_str!("quorum.lua"), include_str!("commit.lua"));
 /// `confirm.lua`.
 pub(super) const CONFIRM: &str = include_str!("confirm.lua");
-/// `reconfirm.lua`.
-const RECONFIRM: &str = include_str!("reconfirm.lua");
+/// `reconfirm.lua`, after the `quorum.lua` it calls.
+const RECONFIRM: &str = concat!(include_str!("quorum.lua"), include_str!("reconfirm.lua"));
+/// What commit.lua answers when its master is out of touch with most of the cluster's masters.
+const OUT_OF_TOUCH: i64 = -1_000_000;
 
 /// Where commits go and what they wait for. Commits go to the room's master; with
 /// `--redis-wait-replicas` each is followed by its `WAIT` on a connection of their own.
@@ -37,6 +39,9 @@ pub(super) struct Committer {
     waiting: Option<Conn>,
     /// Replicas each commit waits for (`--redis-wait-replicas`).
     wait_replicas: usize,
+    /// The cluster's node timeout in ms, within which a master must have heard from most
+    /// masters to write what waits for replicas (quorum.lua; 0: no such check).
+    quorum_ms: u64,
     /// Whether the last commit found its master with fewer replicas than it waits for (or no
     /// commit has shown it yet): then commits go without their `WAIT` in the same round trip,
     /// which would wait out its timeout after a refusal (a hint: a cluster's masters may
@@ -49,17 +54,19 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    /// Commits through `conn`, or with `wait_replicas` through `waiting` with their `WAIT`s.
+    /// Commits through `conn`, or, when `config` waits for replicas, through `waiting` with
+    /// their `WAIT`s.
     pub(super) fn new(
         conn: Conn,
         waiting: Option<Conn>,
-        wait_replicas: usize,
+        config: &RedisConfig,
         telemetry: Telemetry,
     ) -> Self {
         Self {
             conn,
             waiting,
-            wait_replicas,
+            wait_replicas: config.wait_replicas,
+            quorum_ms: config.quorum_ms(),
             // Until a commit shows the replicas are there: a node started on a master without
             // them answers its very first commit at once too.
             short_of_replicas: AtomicBool::new(true),
@@ -126,6 +133,21 @@ impl Committer {
         self.short_of_replicas.store(short, Ordering::Relaxed);
         match committed {
             Committed::Conflict => self.telemetry.commit_conflict(),
+            Committed::OutOfTouch => {
+                tracing::warn!(
+                    room_id,
+                    quorum_ms = self.quorum_ms,
+                    "the Redis master of this room has not heard from most of the cluster's \
+                     masters within --redis-cluster-node-timeout, so it may have been replaced: \
+                     its commits are refused (UNAVAILABLE, not applied) until it hears from them"
+                );
+                return Err(Error::StoreUnavailable(format!(
+                    "the Redis master of room {room_id} has not heard from most of the cluster's \
+                     masters within --redis-cluster-node-timeout ({} ms), so it may have been \
+                     replaced; nothing was applied, retry later",
+                    self.quorum_ms
+                )));
+            }
             Committed::ShortOfReplicas { online } => {
                 tracing::warn!(
                     room_id,
@@ -272,10 +294,13 @@ impl Committer {
         call.key(&keys.meta).arg(epoch);
         match held {
             Some(held) => {
-                call.key(&keys.answers).arg("1").arg(held);
+                call.key(&keys.answers)
+                    .arg("1")
+                    .arg(self.quorum_ms)
+                    .arg(held);
             }
             None => {
-                call.arg("");
+                call.arg("").arg(self.quorum_ms);
             }
         }
         // Not pipelined: the script may be new to this master (a first use, a failover), and
@@ -325,6 +350,8 @@ pub(super) struct Bounds {
     pub(super) presence_ms: u64,
     /// Replicas every commit waits for (0: none).
     pub(super) wait_replicas: usize,
+    /// The cluster's node timeout in ms when commits wait for replicas (0: not checked).
+    pub(super) quorum_ms: u64,
 }
 
 impl Bounds {
@@ -338,6 +365,7 @@ impl Bounds {
             answer_bytes: rooms.limits.answer_bytes,
             presence_ms: rooms.presence_timeout.map_or(0, |t| t.as_millis() as u64),
             wait_replicas: config.wait_replicas,
+            quorum_ms: config.quorum_ms(),
         }
     }
 }
@@ -481,7 +509,8 @@ impl Commit<'_> {
             .arg(self.bounds.history_bytes)
             .arg(self.listing.map_or("", |listing| listing.room_id))
             .arg(if self.webhooks { "1" } else { "" })
-            .arg(ANSWER_OVERHEAD);
+            .arg(ANSWER_OVERHEAD)
+            .arg(self.bounds.quorum_ms);
         for list in [
             &self.assumed.ids,
             &self.assumed.answers,
@@ -562,6 +591,9 @@ pub(super) enum Committed {
     /// Nothing of the batch changed: the room's log began anew under a new epoch (the Redis
     /// holding it restarted or failed over), and the batch must run again on it.
     NewEpoch,
+    /// Nothing changed: the cluster master has not heard from most masters within the node
+    /// timeout, so a replica may have replaced it (quorum.lua).
+    OutOfTouch,
     /// Nothing changed: the master has `online` replicas, fewer than commits wait for.
     ShortOfReplicas {
         /// Its online replicas.
@@ -575,11 +607,13 @@ pub(super) enum Committed {
 }
 
 impl Committed {
-    /// The script's integer reply: 0, -1, -2 minus the online replicas, 1, or an expiry.
+    /// The script's integer reply: 0, -1, -2 minus the online replicas, [`OUT_OF_TOUCH`], 1,
+    /// or an expiry.
     pub(super) fn of(reply: i64) -> Self {
         match reply {
             0 => Committed::Conflict,
             -1 => Committed::NewEpoch,
+            OUT_OF_TOUCH => Committed::OutOfTouch,
             n if n <= -2 => Committed::ShortOfReplicas {
                 online: usize::try_from(-2 - n).unwrap_or(0),
             },

@@ -117,8 +117,25 @@ pub struct RedisConfig {
     /// Replicas that must hold a commit before it is answered and shown to anyone (`WAIT`);
     /// 0: commits are answered and shown at once.
     pub wait_replicas: usize,
+    /// The Redis Cluster's `cluster-node-timeout`: with replicas to wait for, a cluster master
+    /// that has not heard from most masters within it refuses writes (it may have been replaced).
+    pub cluster_node_timeout: Duration,
     /// What is kept of each room.
     pub rooms: RoomSettings,
+}
+
+/// Redis Cluster's default `cluster-node-timeout`.
+pub const DEFAULT_CLUSTER_NODE_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl RedisConfig {
+    /// The node timeout in ms that commits check their master against (quorum.lua): only on a
+    /// cluster, and only when they wait for replicas; 0 otherwise.
+    fn quorum_ms(&self) -> u64 {
+        match self.url.is_cluster() && self.wait_replicas > 0 {
+            true => self.cluster_node_timeout.as_millis() as u64,
+            false => 0,
+        }
+    }
 }
 
 /// What every part of the store shares: the connection, the settings, the telemetry and the
@@ -174,12 +191,7 @@ impl RedisStore {
             0 => None,
             _ => Some(Conn::connect(&config).await.map_err(at)?),
         };
-        let committer = Committer::new(
-            conn.clone(),
-            waiting,
-            config.wait_replicas,
-            telemetry.clone(),
-        );
+        let committer = Committer::new(conn.clone(), waiting, &config, telemetry.clone());
         let (feeds, requests) = Feeds::new(&config.rooms);
         let shared = Arc::new(Shared {
             conn,
