@@ -273,7 +273,11 @@ impl RedisCluster {
     pub async fn masters(&self) -> Vec<u16> {
         let mut masters = Vec::new();
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            if self.info_replication(node.port).await.contains("role:master") {
+            if self
+                .info_replication(node.port)
+                .await
+                .contains("role:master")
+            {
                 masters.push(node.port);
             }
         }

@@ -120,7 +120,9 @@ pub async fn when_ready(mut child: Child, port: u16) -> Option<Child> {
 }
 
 /// Asks `command` of `conn` until its answer is `ready`; fails, saying it waited for `what`
-/// and the last answer, after [`PATIENCE`].
+/// and the last answer, after [`PATIENCE`]. An error counts as an answer not ready: a node
+/// just restarted, loading or syncing on a busy host, may not answer within redis-rs's
+/// 500 ms.
 pub async fn until_answer(
     conn: &mut redis::aio::MultiplexedConnection,
     command: [&str; 2],
@@ -129,11 +131,11 @@ pub async fn until_answer(
 ) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let answer: String = redis::cmd(command[0])
+        let answer: redis::RedisResult<String> = redis::cmd(command[0])
             .arg(command[1])
             .query_async(conn)
-            .await
-            .unwrap();
+            .await;
+        let answer = answer.unwrap_or_else(|err| format!("(error) {err}"));
         if ready(&answer) {
             return;
         }

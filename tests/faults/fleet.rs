@@ -134,7 +134,14 @@ impl Fleet {
                 let seeds: Vec<String> =
                     self.proxies[n].iter().map(|p| p.addr.to_string()).collect();
                 args.push(format!("redis+cluster://{}", seeds.join(",")));
-                args.extend(["--redis-wait-replicas", "1"].map(String::from));
+                // The cluster's own node timeout (tests/common/redis_cluster.rs).
+                let waiting = [
+                    "--redis-wait-replicas",
+                    "1",
+                    "--redis-cluster-node-timeout",
+                    "1s",
+                ];
+                args.extend(waiting.map(String::from));
             }
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

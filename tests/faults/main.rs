@@ -33,8 +33,6 @@ struct Args {
     stores: Vec<Store>,
     duration: Option<Duration>,
     seed: u64,
-    /// Whether a cluster's masters are paused too (see RELIABILITY.md, "Open").
-    paused_masters: bool,
 }
 
 fn args() -> Option<Args> {
@@ -42,7 +40,6 @@ fn args() -> Option<Args> {
     let mut duration = None;
     let mut seed = None;
     let mut filter = None;
-    let mut paused_masters = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -70,7 +67,6 @@ fn args() -> Option<Args> {
                     other => other.and_then(|s| s.parse().ok()).expect("--seed N|random"),
                 })
             }
-            "--pause-masters" => paused_masters = true,
             // What `cargo test` passes on to every test binary.
             "--list" => {
                 println!("faults: test");
@@ -96,7 +92,6 @@ fn args() -> Option<Args> {
         stores,
         duration,
         seed,
-        paused_masters,
     })
 }
 
@@ -114,7 +109,7 @@ fn main() {
             Store::Redis => Duration::from_secs(40),
             Store::Cluster => Duration::from_secs(60),
         });
-        failed |= !runtime.block_on(run(store, duration, args.seed, args.paused_masters));
+        failed |= !runtime.block_on(run(store, duration, args.seed));
     }
     if failed {
         std::process::exit(1);
@@ -122,7 +117,7 @@ fn main() {
 }
 
 /// One run; whether the checker found nothing.
-async fn run(store: Store, duration: Duration, seed: u64, paused_masters: bool) -> bool {
+async fn run(store: Store, duration: Duration, seed: u64) -> bool {
     println!("faults: {} store, {duration:?}, seed {seed}", store.name());
     let fleet = Fleet::start(store, 1_000_000).await;
     // Times count from here, when the workload and the nemesis start.
@@ -152,13 +147,7 @@ async fn run(store: Store, duration: Duration, seed: u64, paused_masters: bool) 
             done.clone(),
         ));
     }
-    let nemesis = tokio::spawn(nemesis::run(
-        fleet.clone(),
-        history.clone(),
-        seed,
-        until,
-        paused_masters,
-    ));
+    let nemesis = tokio::spawn(nemesis::run(fleet.clone(), history.clone(), seed, until));
     nemesis.await.unwrap();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     while workers.join_next().await.is_some() {}

@@ -14,20 +14,10 @@ use crate::fleet::{signal, Fleet, Store, MASTERS};
 use crate::history::{Fault, History};
 use crate::proxy::Mode;
 
-/// The kinds of fault a store is exposed to. A cluster master paused past the node timeout can
-/// still lose an acknowledged change when it resumes (Redis's `WAIT` is not consensus:
-/// RELIABILITY.md, "Open"): that fault is left out unless asked for (`paused_masters`), so
-/// that a run passes or fails on everything else.
-fn kinds(store: Store, paused_masters: bool) -> &'static [&'static str] {
+/// The kinds of fault a store is exposed to.
+fn kinds(store: Store) -> &'static [&'static str] {
     match store {
         Store::Memory => &["pause-node"],
-        Store::Cluster if !paused_masters => &[
-            "kill-node",
-            "pause-node",
-            "kill-redis",
-            "blackhole-node",
-            "cut-node",
-        ],
         Store::Redis | Store::Cluster => &[
             "kill-node",
             "pause-node",
@@ -41,16 +31,10 @@ fn kinds(store: Store, paused_masters: bool) -> &'static [&'static str] {
 
 /// Injects faults into `fleet` until `until` (and at least one of each kind), then leaves
 /// everything healed.
-pub async fn run(
-    processes: Arc<Mutex<Fleet>>,
-    history: Arc<History>,
-    seed: u64,
-    until: Instant,
-    paused_masters: bool,
-) {
+pub async fn run(processes: Arc<Mutex<Fleet>>, history: Arc<History>, seed: u64, until: Instant) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6e656d65);
     let store = processes.lock().await.store;
-    let kinds = kinds(store, paused_masters);
+    let kinds = kinds(store);
     let mut order = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2000))).await;

@@ -15,16 +15,26 @@ local function in_touch(timeout)
   if timeout == 0 then return true end
   local clock = redis.call('TIME')
   local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  local masters, heard = 0, 0
-  -- CLUSTER NODES: id address flags master ping-sent pong-recv config-epoch link-state slots...
-  for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\n]+') do
-    local flags, pong, slots = string.match(line, '^%S+ %S+ (%S+) %S+ %d+ (%d+) %d+ %S+(.*)$')
-    if flags and string.find(flags, 'master', 1, true) and string.find(slots, '%d') then
-      masters = masters + 1
-      if string.find(flags, 'myself', 1, true) or now - tonumber(pong) < timeout then
-        heard = heard + 1
+  local nodes = redis.call('CLUSTER', 'NODES')
+  local masters, heard, at = 0, 0, 1
+  -- A line each: id address flags master ping-sent pong-recv config-epoch link-state slots...
+  -- Plain finds and one anchored match per master: patterns run over every character cost
+  -- more than CLUSTER NODES itself.
+  while at <= #nodes do
+    local stop = string.find(nodes, '\n', at, true) or #nodes + 1
+    -- A line that ends in a slot (a digit, or the `]` of one migrating) is a master owning
+    -- slots; others end in their link state.
+    local last = string.byte(nodes, stop - 1)
+    if (last >= 48 and last <= 57) or last == 93 then
+      local flags, pong = string.match(nodes, '^%S+ %S+ (%S+) %S+ %d+ (%d+)', at)
+      if flags and string.find(flags, 'master', 1, true) then
+        masters = masters + 1
+        if string.find(flags, 'myself', 1, true) or now - tonumber(pong) < timeout then
+          heard = heard + 1
+        end
       end
     end
+    at = stop + 1
   end
   return heard * 2 > masters
 end
