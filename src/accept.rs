@@ -257,8 +257,9 @@ async fn handshake(
     Ok((io, preface))
 }
 
-/// Reads until the peer has sent the HTTP/2 preface, or anything that is not one (hyper then
-/// refuses it with a proper error); returns what was read.
+/// Reads until the peer has sent the HTTP/2 preface, or anything that is not one (an HTTP/1.1
+/// request, gRPC-Web's or the start of one, which hyper then reads within its own 30 s for
+/// the whole head; or garbage, which hyper refuses with a proper error); returns what was read.
 async fn preface(io: &mut (impl AsyncRead + Unpin)) -> io::Result<Vec<u8>> {
     let mut read = Vec::with_capacity(PREFACE.len());
     let mut buf = [0u8; PREFACE.len()];

@@ -57,4 +57,5 @@ pub mod subscription;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;
+pub mod web;
 pub mod webhooks;

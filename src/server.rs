@@ -1,5 +1,5 @@
 //! Server assembly: the RoomControl service behind authentication, health, reflection, the
-//! request size limit, and graceful shutdown.
+//! request size limit, gRPC-Web for browsers, and graceful shutdown.
 //!
 //! [`Server::run`] takes an already bound listener, so tests bind port 0 and know the address
 //! before anything starts, and a shutdown future, so a signal handler or a test decides when to
@@ -30,6 +30,7 @@ pub use crate::store::StoreConfig;
 use crate::store::{self, Outbox, RoomSettings, RoomStore};
 use crate::telemetry::Telemetry;
 use crate::tls::{TlsAcceptor, TlsFiles};
+use crate::web;
 use crate::webhooks::Endpoint;
 
 /// Default `--grace`: how long draining may take on shutdown.
@@ -75,6 +76,8 @@ pub struct ServerConfig {
     pub clock: Clock,
     /// Where room events are pushed (`[[webhooks]]`, `--webhook-url`); none: webhooks are off.
     pub webhooks: Vec<Endpoint>,
+    /// Origins whose pages may call over gRPC-Web (`--cors-allow-origin`); none: no CORS.
+    pub cors_allow_origins: Vec<http::HeaderValue>,
 }
 
 impl ServerConfig {
@@ -92,6 +95,7 @@ impl ServerConfig {
             tls: None,
             clock: Clock::system(),
             webhooks: Vec::new(),
+            cors_allow_origins: Vec::new(),
         }
     }
 }
@@ -314,6 +318,8 @@ impl Server {
         let incoming = accept::incoming(listener, limits.handshake_timeout, tls);
         let streams_per_connection = limits.max_streams_per_connection + UNARY_HEADROOM;
         let serve = tonic::transport::Server::builder()
+            // gRPC-Web from browsers may come over HTTP/1.1 (hyper tells the two apart).
+            .accept_http1(true)
             // Gateways multiplex many end-users' subscriptions on one connection; an idle
             // subscription costs a few KiB, so allow far more than hyper's default of 200.
             .max_concurrent_streams(u32::try_from(streams_per_connection).ok())
@@ -321,6 +327,12 @@ impl Server {
             // Finds clients that vanished without closing, so their streams are dropped.
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            // Outermost first: a preflight is answered before anything; a gRPC-Web call is
+            // a gRPC call by the time the guard (limits, metrics, access line) sees it.
+            .layer(tower::util::option_layer(web::cors(
+                &config.cors_allow_origins,
+            )))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(GuardLayer::new(
                 limits,
                 config.max_message_bytes,

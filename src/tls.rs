@@ -90,8 +90,9 @@ impl TlsFiles {
         let mut config = builder
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Invalid(format!("TLS certificate and key do not fit: {e}")))?;
-        // gRPC is HTTP/2; clients (grpc-go in grpcurl among them) ask for it by ALPN.
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // gRPC is HTTP/2; clients (grpc-go in grpcurl among them) ask for it by ALPN. gRPC-Web
+        // may also come over HTTP/1.1, from a client that offers nothing else.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
 }

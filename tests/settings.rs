@@ -33,6 +33,8 @@ struct Setting {
     default: Option<String>,
     /// A switch (`--dev`) takes no value.
     switch: bool,
+    /// Given many times, each adds a value (a list in the file).
+    repeatable: bool,
 }
 
 impl Setting {
@@ -57,6 +59,7 @@ fn settings() -> Vec<Setting> {
                     .first()
                     .map(|v| v.to_string_lossy().into_owned()),
                 switch: matches!(arg.get_action(), ArgAction::SetTrue),
+                repeatable: matches!(arg.get_action(), ArgAction::Append),
             })
         })
         .collect()
@@ -127,6 +130,7 @@ impl World {
             "jwt-issuer" => vec![("jwt-issuer", "issuer")],
             "jwt-audience" => vec![("jwt-audience", "audience")],
             "service-rate" => vec![("service-rate", "10")],
+            "cors-allow-origin" => vec![("cors-allow-origin", "https://console.example")],
             // Nothing is logged while the test runs: the endpoint is never called.
             "webhook-url" => vec![
                 ("webhook-url", WEBHOOK_URL),
@@ -262,6 +266,8 @@ impl Run {
             // As a file would hold it: whole numbers bare, the rest quoted.
             let shown = if ["jwt-secret", "webhook-url"].contains(&setting.long.as_str()) {
                 "\"(hidden)\"".to_owned()
+            } else if setting.repeatable {
+                format!("[{value:?}]")
             } else if value.parse::<i64>().is_ok() {
                 value.clone()
             } else {

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use clap::error::{ContextKind, ContextValue};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Command as ClapCommand, CommandFactory, FromArgMatches};
+use clap::{ArgAction, ArgMatches, Command as ClapCommand, CommandFactory, FromArgMatches};
 
 use super::settings::{ServeArgs, WebhookTable};
 use super::{say, Cli, Command, Failure};
@@ -32,14 +32,29 @@ struct Setting {
     flag: String,
     env: Option<OsString>,
     value: String,
+    /// Whether its flag may be given many times, each adding a value: then a later one does
+    /// not override the file's, and the file's are left out when the flag is given.
+    repeatable: bool,
 }
 
 impl Setting {
-    /// Whether its variable is set, which then wins over the file.
-    fn overridden(&self) -> bool {
-        self.env
+    /// Whether its variable is set, which then wins over the file, or, for a repeatable flag,
+    /// the flag is among `given` (the command line's own arguments).
+    fn overridden(&self, given: &[OsString]) -> bool {
+        let variable = self
+            .env
             .as_ref()
-            .is_some_and(|env| std::env::var_os(env).is_some())
+            .is_some_and(|env| std::env::var_os(env).is_some());
+        let flag = format!("--{}", self.flag);
+        let on_command_line = || {
+            given.iter().filter_map(|arg| arg.to_str()).any(|arg| {
+                arg == flag
+                    || arg
+                        .strip_prefix(flag.as_str())
+                        .is_some_and(|r| r.starts_with('='))
+            })
+        };
+        variable || (self.repeatable && on_command_line())
     }
 }
 
@@ -98,27 +113,40 @@ fn settings(path: &Path) -> Result<FileSettings, Failure> {
                 known.join(", ")
             )));
         };
-        let value = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(n) => n.to_string(),
-            other => {
-                return Err(Failure::Usage(format!(
-                    "{shown}: key `{key}` must be a string or a whole number, not {}",
-                    other.type_str()
-                )))
-            }
+        let repeatable = matches!(arg.get_action(), ArgAction::Append);
+        let values = match value {
+            toml::Value::Array(items) if repeatable => items,
+            one => vec![one],
         };
-        // The value alone, through the flag's parser, so an error names the key.
-        let argv = ["roomctl", "serve", &format!("--{flag}"), &value];
-        if let Err(err) = alone.clone().try_get_matches_from(argv) {
-            let reason = explain(&err);
-            return Err(Failure::Usage(format!("{shown}: key `{key}`: {reason}")));
+        for value in values {
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(n) => n.to_string(),
+                other => {
+                    let what = if repeatable {
+                        ", or a list of them"
+                    } else {
+                        ""
+                    };
+                    return Err(Failure::Usage(format!(
+                        "{shown}: key `{key}` must be a string or a whole number{what}, not {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            // The value alone, through the flag's parser, so an error names the key.
+            let argv = ["roomctl", "serve", &format!("--{flag}"), &value];
+            if let Err(err) = alone.clone().try_get_matches_from(argv) {
+                let reason = explain(&err);
+                return Err(Failure::Usage(format!("{shown}: key `{key}`: {reason}")));
+            }
+            settings.push(Setting {
+                env: arg.get_env().map(OsString::from),
+                flag: flag.clone(),
+                value,
+                repeatable,
+            });
         }
-        settings.push(Setting {
-            env: arg.get_env().map(OsString::from),
-            flag,
-            value,
-        });
     }
     Ok(FileSettings {
         flags: settings,
@@ -183,11 +211,15 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<(ServeArgs, ArgMatc
     Ok((*args, serve))
 }
 
-/// The settings of the file (those whose variable is not set) as command-line arguments.
-fn as_arguments(settings: &[Setting]) -> impl Iterator<Item = OsString> + '_ {
+/// The settings of the file (those `given` or their variable does not override) as
+/// command-line arguments.
+fn as_arguments<'a>(
+    settings: &'a [Setting],
+    given: &'a [OsString],
+) -> impl Iterator<Item = OsString> + 'a {
     settings
         .iter()
-        .filter(|setting| !setting.overridden())
+        .filter(|setting| !setting.overridden(given))
         .flat_map(|setting| {
             [
                 OsString::from(format!("--{}", setting.flag)),
@@ -201,12 +233,13 @@ fn as_arguments(settings: &[Setting]) -> impl Iterator<Item = OsString> + '_ {
 pub fn with_file(path: &Path, argv: &[OsString]) -> Result<ServeArgs, Failure> {
     let settings = settings(path)?;
     // Everything after the `serve` subcommand, as given.
-    let given = argv
+    let given: Vec<OsString> = argv
         .iter()
         .skip_while(|arg| arg.to_str() != Some("serve"))
         .skip(1)
-        .cloned();
-    let (mut args, _) = parse(as_arguments(&settings.flags).chain(given))
+        .cloned()
+        .collect();
+    let (mut args, _) = parse(as_arguments(&settings.flags, &given).chain(given.clone()))
         .map_err(|failure| in_file(path, failure))?;
     args.webhook_tables = settings.webhooks;
     Ok(args)
@@ -233,7 +266,7 @@ pub fn check(path: Option<&Path>) -> Result<(), Failure> {
         },
     };
     let (mut args, matches) =
-        parse(as_arguments(&settings.flags)).map_err(|failure| match path {
+        parse(as_arguments(&settings.flags, &[])).map_err(|failure| match path {
             Some(path) => in_file(path, failure),
             None => failure,
         })?;
@@ -253,6 +286,9 @@ pub fn check(path: Option<&Path>) -> Result<(), Failure> {
         };
         let value = if arg.is_hide_env_values_set() {
             "\"(hidden)\"".to_owned()
+        } else if matches!(arg.get_action(), ArgAction::Append) {
+            let listed: Vec<String> = values.map(|v| v.to_string_lossy().into_owned()).collect();
+            serde_json::Value::from(listed).to_string()
         } else {
             let text = values
                 .map(|v| v.to_string_lossy().into_owned())

@@ -108,8 +108,8 @@ pub struct ServeArgs {
     /// How log lines are written (`ROOMCTL_LOG` sets which are).
     #[arg(long, env = "ROOMCTL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub(super) log_format: LogFormat,
-    /// How long a new connection may take to send the HTTP/2 preface before it is closed (at
-    /// least 100ms).
+    /// How long a new connection may take to send the HTTP/2 preface (or, over HTTP/1.1, the
+    /// start of its first request) before it is closed (at least 100ms).
     #[arg(long, env = "ROOMCTL_HANDSHAKE_TIMEOUT", default_value_t = Limits::default().handshake_timeout.into(), value_parser = at_least_ms::<100>)]
     handshake_timeout: humantime::Duration,
     /// The longest a unary call (or opening a stream) may take; a shorter client
@@ -160,6 +160,11 @@ pub struct ServeArgs {
     /// first is current, the others sign too while receivers move to it.
     #[arg(long, env = "ROOMCTL_WEBHOOK_SECRET_FILE")]
     webhook_secret_file: Option<PathBuf>,
+    /// An origin (`https://console.example.com`) whose pages may call this node over gRPC-Web
+    /// from a browser (CORS); repeat it for more (a comma-separated list in the variable, an
+    /// array in the file). None: no CORS headers, and browsers refuse pages of other origins.
+    #[arg(long, env = "ROOMCTL_CORS_ALLOW_ORIGIN", value_delimiter = ',', action = clap::ArgAction::Append, value_parser = crate::web::parse_origin)]
+    cors_allow_origin: Vec<http::HeaderValue>,
     /// The config file's `[[webhooks]]` tables (a file alone can hold several).
     #[arg(skip)]
     pub(super) webhook_tables: Vec<WebhookTable>,
@@ -471,6 +476,7 @@ impl ServeArgs {
             tls: self.tls_files(),
             clock: Clock::system(),
             webhooks: self.webhooks()?,
+            cors_allow_origins: self.cors_allow_origin.clone(),
         })
     }
 }

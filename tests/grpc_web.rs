@@ -1,0 +1,311 @@
+//! gRPC-Web, as browsers speak it, on the gRPC port: every RoomControl method (walked from the
+//! service descriptor, so a method added to the proto is covered without anyone adding it here)
+//! answers over HTTP/1.1 gRPC-Web exactly what it answers over native gRPC, authenticated,
+//! counted and logged the same; the mission's drop works end to end over it, its `Events`
+//! stream included; and CORS answers only the origins it is given.
+
+mod common;
+
+use bytes::{Buf, Bytes, BytesMut};
+use common::node_process::LoggedNode;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost_reflect::DescriptorPool;
+use roomctl::pb::room_control_client::RoomControlClient;
+use roomctl::pb::{self, event::Payload};
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Code, Status};
+
+/// Every method of `roomcontrol.v1.RoomControl`, read from the descriptor set the server serves
+/// to reflection.
+fn methods() -> Vec<String> {
+    let pool = DescriptorPool::decode(roomctl::pb::FILE_DESCRIPTOR_SET).unwrap();
+    let service = pool
+        .get_service_by_name("roomcontrol.v1.RoomControl")
+        .expect("the service is in the descriptor set");
+    service.methods().map(|m| m.name().to_owned()).collect()
+}
+
+/// A gRPC-Web call over HTTP/1.1, framed as a browser's gRPC-Web client frames it.
+async fn web_call(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    message: &[u8],
+) -> http::Response<Incoming> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    let request = request.body(Full::new(Bytes::from(framed))).unwrap();
+    send.send_request(request).await.unwrap()
+}
+
+/// How a gRPC-Web call ended: the status in the response's headers (a trailers-only answer) or
+/// in the trailer frame that ends its body.
+async fn web_status(response: http::Response<Incoming>) -> Status {
+    assert_eq!(response.status(), 200, "{response:?}");
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = BytesMut::from(&response.into_body().collect().await.unwrap().to_bytes()[..]);
+    while body.len() >= 5 {
+        let flag = body.get_u8();
+        let len = body.get_u32() as usize;
+        let frame = body.split_to(len);
+        if flag & 0x80 != 0 {
+            let mut trailers = http::HeaderMap::new();
+            for line in std::str::from_utf8(&frame).unwrap().split("\r\n") {
+                if let Some((name, value)) = line.split_once(':') {
+                    trailers.insert(
+                        http::HeaderName::from_bytes(name.trim().as_bytes()).unwrap(),
+                        value.trim().parse().unwrap(),
+                    );
+                }
+            }
+            return Status::from_header_map(&trailers).expect("grpc-status in the trailers");
+        }
+    }
+    panic!("a gRPC-Web body without its trailer frame")
+}
+
+/// The access lines (`roomctl::access`) of `method` in `lines`, by their gRPC code.
+fn access_codes(lines: &[String], method: &str) -> Vec<String> {
+    let field = format!("method=\"{method}\"");
+    lines
+        .iter()
+        .filter(|line| line.contains("roomctl::access") && line.contains(&field))
+        .map(|line| {
+            let code = line.split("code=\"").nth(1).expect("the line has a code");
+            code.split('"').next().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Every method, called with an empty message over native gRPC and over gRPC-Web with the same
+/// token, answers both the same (code, message and details), and without a token over gRPC-Web
+/// `UNAUTHENTICATED`; each call is counted in `roomctl_rpcs_total` and leaves its access line.
+#[tokio::test]
+async fn every_method_answers_over_grpc_web_as_over_grpc() {
+    let node = LoggedNode::start(node_process::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]))
+    .await;
+    let bearer = format!("Bearer {}", token("ops", "*", "service"));
+    let authorized = [("authorization", bearer.as_str())];
+    let mut h2 = bare::connect(node.addr).await;
+    let methods = methods();
+    let mut answered = Vec::new();
+    for method in &methods {
+        let path = format!("/roomcontrol.v1.RoomControl/{method}");
+        let native = bare::call(&mut h2, bare::request(&path, &authorized, &())).await;
+        let web = web_status(web_call(node.addr, &path, &authorized, &[]).await).await;
+        assert_eq!(
+            (web.code(), web.message(), web.details()),
+            (native.code(), native.message(), native.details()),
+            "{method}"
+        );
+        let anonymous = web_status(web_call(node.addr, &path, &[], &[]).await).await;
+        assert_error(&anonymous, Code::Unauthenticated, "UNAUTHENTICATED");
+        answered.push(native.code());
+    }
+    assert!(
+        answered.contains(&Code::Ok) && answered.contains(&Code::InvalidArgument),
+        "some calls succeed, some are refused: {answered:?}"
+    );
+
+    let text = scrape(node.metrics.unwrap()).await;
+    let names: Vec<&str> = answered
+        .iter()
+        .map(|c| roomctl::telemetry::code_name(*c))
+        .collect();
+    for (method, code) in methods.iter().zip(&names) {
+        let series = format!("roomctl_rpcs_total{{method=\"{method}\",code=\"{code}\"}}");
+        assert_eq!(metric(&text, &series), 2.0, "{series} in\n{text}");
+    }
+    let lines = node.stop().await;
+    for (method, code) in methods.iter().zip(&names) {
+        let mut codes = access_codes(&lines, method);
+        codes.sort();
+        let mut expected = vec![*code, *code, "UNAUTHENTICATED"];
+        expected.sort();
+        assert_eq!(codes, expected, "{method}");
+    }
+}
+
+/// The typed client [`web_client`] makes.
+type WebClient = RoomControlClient<
+    InterceptedService<
+        tonic_web::GrpcWebClientService<
+            hyper_util::client::legacy::Client<
+                hyper_util::client::legacy::connect::HttpConnector,
+                tonic_web::GrpcWebCall<tonic::body::Body>,
+            >,
+        >,
+        roomctl::client::Bearer,
+    >,
+>;
+
+/// A typed RoomControl client that speaks gRPC-Web over HTTP/1.1 (tonic-web's client layer, as
+/// a browser's client would), with `token`.
+fn web_client(addr: std::net::SocketAddr, token: &str) -> WebClient {
+    let http1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let web = tonic_web::GrpcWebClientService::new(http1);
+    let bearer = roomctl::client::Bearer::new(token).unwrap();
+    let origin = format!("http://{addr}").parse().unwrap();
+    RoomControlClient::with_origin(InterceptedService::new(web, bearer), origin)
+}
+
+/// The mission over gRPC-Web alone: a participant joins and follows its `Events` stream over
+/// HTTP/1.1, a moderator drops it; the participant is told why and its stream ends, the
+/// moderator's own stream sees `user_disconnected` then the ack, and a participant pressing drop
+/// gets 5116.
+#[tokio::test]
+async fn the_mission_works_over_grpc_web() {
+    let server = TestServer::start(Backend::Memory).await;
+    let mut bob = web_client(server.addr, &token("bob", "standup", "participant"));
+    let mut alice = web_client(server.addr, &token("alice", "standup", "moderator"));
+    let joined = bob
+        .join(pb::JoinRequest {
+            room_id: "standup".into(),
+            name: "Bob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let events = |client_id: &str, after_seq| pb::EventsRequest {
+        room_id: "standup".into(),
+        client_id: client_id.into(),
+        after_seq,
+        epoch: String::new(),
+    };
+    let mut bob_events = bob
+        .events(events(&joined.client_id, Some(joined.seq)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut alice_events = alice
+        .events(events("", Some(joined.seq)))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let refused = bob
+        .drop_user(drop_request("standup", &[&joined.client_id], "me"))
+        .await
+        .unwrap_err();
+    let info = assert_error(&refused, Code::PermissionDenied, "UNAUTHORIZED_ACCESS");
+    assert_eq!(info["code"], "5116");
+
+    alice
+        .drop_user(drop_request("standup", &[&joined.client_id], "off-topic"))
+        .await
+        .unwrap();
+    let told = next_event(&mut bob_events).await;
+    let Some(Payload::RoomDisconnected(disconnected)) = &told.payload else {
+        panic!("expected room_disconnected, got {told:?}")
+    };
+    assert_eq!(
+        disconnected.reason(),
+        pb::DisconnectReason::DroppedByModerator
+    );
+    assert_eq!(disconnected.message, "off-topic");
+    assert!(stream_end(&mut bob_events).await.is_ok());
+    let seen = [
+        kind(&next_event(&mut alice_events).await),
+        kind(&next_event(&mut alice_events).await),
+    ];
+    assert_eq!(seen, ["user_disconnected", "ack_drop_user"]);
+}
+
+/// The answer to a preflight from `origin`: its status and headers.
+async fn preflight(addr: std::net::SocketAddr, origin: &str) -> http::Response<Incoming> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request =
+        http::Request::options(format!("http://{addr}/roomcontrol.v1.RoomControl/DropUser"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type,x-grpc-web,x-user-agent,grpc-timeout",
+            )
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+    send.send_request(request).await.unwrap()
+}
+
+fn header<'a>(response: &'a http::Response<Incoming>, name: &str) -> Option<&'a str> {
+    response.headers().get(name).map(|v| v.to_str().unwrap())
+}
+
+/// With origins listed, a preflight of a listed origin allows what a gRPC-Web client sends and a
+/// call exposes gRPC's status headers; an unlisted origin gets no CORS header, so a browser
+/// refuses its page's call; with none listed, no origin gets one.
+#[tokio::test]
+async fn cors_answers_only_the_listed_origins() {
+    let node = LoggedNode::start(node_process::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--cors-allow-origin",
+        "https://console.example",
+        "--cors-allow-origin",
+        "http://localhost:8080",
+    ]))
+    .await;
+    for origin in ["https://console.example", "http://localhost:8080"] {
+        let allowed = preflight(node.addr, origin).await;
+        assert_eq!(allowed.status(), 200);
+        assert_eq!(
+            header(&allowed, "access-control-allow-origin"),
+            Some(origin)
+        );
+        let headers = header(&allowed, "access-control-allow-headers").unwrap();
+        for needed in [
+            "authorization",
+            "content-type",
+            "x-grpc-web",
+            "grpc-timeout",
+        ] {
+            assert!(headers.contains(needed), "{needed} in {headers}");
+        }
+    }
+    let call = web_call(
+        node.addr,
+        "/roomcontrol.v1.RoomControl/ListRooms",
+        &[("origin", "https://console.example")],
+        &[],
+    )
+    .await;
+    let exposed = header(&call, "access-control-expose-headers").unwrap();
+    for needed in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        assert!(exposed.contains(needed), "{needed} in {exposed}");
+    }
+    let refused = preflight(node.addr, "https://evil.example").await;
+    assert_eq!(header(&refused, "access-control-allow-origin"), None);
+    node.stop().await;
+
+    let without = LoggedNode::start(node_process::serve(&["--listen", "127.0.0.1:0"])).await;
+    let answer = preflight(without.addr, "https://console.example").await;
+    assert_eq!(header(&answer, "access-control-allow-origin"), None);
+    without.stop().await;
+}
