@@ -20,8 +20,8 @@ fn store(url: String, wait_replicas: usize) -> ServerConfig {
         url: RedisUrl::new(url),
         ca_file: None,
         wait_replicas,
-        // The test clusters' own (tests/common/redis_cluster.rs).
-        cluster_node_timeout: std::time::Duration::from_secs(1),
+        // Read from the cluster.
+        cluster_node_timeout: None,
     };
     config
 }

@@ -585,7 +585,7 @@ async fn nodes_must_agree_on_the_history() {
         url: roomctl::store::redis::RedisUrl::new(redis.url()),
         ca_file: None,
         wait_replicas: 0,
-        cluster_node_timeout: roomctl::store::redis::DEFAULT_CLUSTER_NODE_TIMEOUT,
+        cluster_node_timeout: None,
         rooms: roomctl::store::RoomSettings {
             history,
             presence_timeout: None,

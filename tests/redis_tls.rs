@@ -66,7 +66,7 @@ async fn drops_across_nodes(url: &str, ca: String, rooms: &[&str]) {
         url: RedisUrl::new(url),
         ca_file: Some(ca.into()),
         wait_replicas: 0,
-        cluster_node_timeout: roomctl::store::redis::DEFAULT_CLUSTER_NODE_TIMEOUT,
+        cluster_node_timeout: None,
     };
     let a = Node::start(config.clone()).await;
     let b = Node::start(config).await;

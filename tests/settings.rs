@@ -131,6 +131,7 @@ impl World {
             "jwt-audience" => vec![("jwt-audience", "audience")],
             "service-rate" => vec![("service-rate", "10")],
             "cors-allow-origin" => vec![("cors-allow-origin", "https://console.example")],
+            "redis-cluster-node-timeout" => vec![("redis-cluster-node-timeout", "1s")],
             // Nothing is logged while the test runs: the endpoint is never called.
             "webhook-url" => vec![
                 ("webhook-url", WEBHOOK_URL),

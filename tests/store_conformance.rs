@@ -87,7 +87,7 @@ async fn stores_of(kind: Kind, presence_timeout: Option<Duration>) -> Stores {
                 url: roomctl::store::redis::RedisUrl::new(redis.url()),
                 ca_file: None,
                 wait_replicas: 0,
-                cluster_node_timeout: roomctl::store::redis::DEFAULT_CLUSTER_NODE_TIMEOUT,
+                cluster_node_timeout: None,
                 rooms,
             };
             let a = RedisStore::connect(config.clone()).await.unwrap();
@@ -1111,7 +1111,7 @@ async fn a_cluster_mode_redis_reached_as_one_serves() {
         url: roomctl::store::redis::RedisUrl::new(redis.url()),
         ca_file: None,
         wait_replicas: 0,
-        cluster_node_timeout: roomctl::store::redis::DEFAULT_CLUSTER_NODE_TIMEOUT,
+        cluster_node_timeout: None,
         rooms: RoomSettings {
             presence_timeout: None,
             ..RoomSettings::default()

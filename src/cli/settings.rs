@@ -80,13 +80,12 @@ pub struct ServeArgs {
     /// answers at once (see docs/redis.md, "Durability").
     #[arg(long, env = "ROOMCTL_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     redis_wait_replicas: usize,
-    /// With a Redis Cluster and --redis-wait-replicas: the cluster's `cluster-node-timeout`. A
-    /// master that has not heard from most masters within it may have been replaced by a
-    /// replica, so it is sent no commits (UNAVAILABLE, nothing applied). Set it to the
-    /// cluster's value: shorter refuses commits a healthy cluster would take, longer lets a
-    /// master back from a pause take some it will lose (at least 100ms).
-    #[arg(long, env = "ROOMCTL_REDIS_CLUSTER_NODE_TIMEOUT", default_value_t = crate::store::redis::DEFAULT_CLUSTER_NODE_TIMEOUT.into(), value_parser = at_least_ms::<100>)]
-    redis_cluster_node_timeout: humantime::Duration,
+    /// With a Redis Cluster and --redis-wait-replicas: the cluster's `cluster-node-timeout`,
+    /// for when the cluster does not answer `CONFIG GET` (default: what it answers). A master
+    /// that has not heard from most masters within it may have been replaced by a replica, so
+    /// it is sent no commits (UNAVAILABLE, nothing applied). From 100ms to 1h.
+    #[arg(long, env = "ROOMCTL_REDIS_CLUSTER_NODE_TIMEOUT", value_parser = node_timeout)]
+    redis_cluster_node_timeout: Option<humantime::Duration>,
     /// Require tokens to carry this `iss` claim.
     #[arg(long, env = "ROOMCTL_JWT_ISSUER")]
     jwt_issuer: Option<String>,
@@ -342,7 +341,7 @@ impl ServeArgs {
                 url: url.clone(),
                 ca_file: self.redis_ca_file.clone(),
                 wait_replicas: self.redis_wait_replicas,
-                cluster_node_timeout: self.redis_cluster_node_timeout.into(),
+                cluster_node_timeout: self.redis_cluster_node_timeout.map(Into::into),
             },
             StoreConfig::Memory if self.redis_ca_file.is_some() => {
                 return Err(Failure::Usage(
@@ -488,6 +487,16 @@ fn at_least_ms<const MIN: u64>(value: &str) -> Result<humantime::Duration, Strin
     let min = Duration::from_millis(MIN);
     if *duration < min {
         return Err(format!("at least {}", humantime::format_duration(min)));
+    }
+    Ok(duration)
+}
+
+/// A Redis Cluster's node timeout: at least 100ms, as `at_least_ms`, and at most an hour (Redis
+/// takes it in ms; far more would overflow on its way to the commit script).
+fn node_timeout(value: &str) -> Result<humantime::Duration, String> {
+    let duration = at_least_ms::<100>(value)?;
+    if *duration > Duration::from_secs(3600) {
+        return Err("at most 1h".into());
     }
     Ok(duration)
 }

@@ -86,8 +86,9 @@ pub enum StoreConfig {
         ca_file: Option<std::path::PathBuf>,
         /// Replicas that must hold each commit before it is answered or shown (0: none).
         wait_replicas: usize,
-        /// The Redis Cluster's `cluster-node-timeout` (checked only with replicas to wait for).
-        cluster_node_timeout: std::time::Duration,
+        /// The Redis Cluster's `cluster-node-timeout`, when it cannot be read from the cluster
+        /// (used only with replicas to wait for; None: `CONFIG GET` it).
+        cluster_node_timeout: Option<std::time::Duration>,
     },
 }
 
@@ -98,7 +99,7 @@ impl StoreConfig {
             url: redis::RedisUrl::new(url),
             ca_file: None,
             wait_replicas: 0,
-            cluster_node_timeout: redis::DEFAULT_CLUSTER_NODE_TIMEOUT,
+            cluster_node_timeout: None,
         }
     }
 }

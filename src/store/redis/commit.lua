@@ -19,8 +19,9 @@
 -- Each commit records the Redis process that made it (`run`, its replication id `replid`, on a
 -- cluster its node id `node`); a commit made by another process that may lack the log's tail
 -- starts a new epoch and returns -1. With replicas to wait for, a master with fewer online
--- replicas than that changes nothing and returns -2 minus how many it has, and a cluster master
--- out of touch with most masters (quorum.lua) changes nothing and returns -1000000.
+-- replicas than that changes nothing and returns -2 minus how many it has; a cluster master
+-- out of touch with most masters (quorum.lua) changes nothing and returns -1000000, and one
+-- that sees an election under way returns -1000000000000 minus the cluster's current epoch.
 --
 -- An empty room's keys expire together once it has been empty for the TTL and no ban has been in
 -- force for as long. A room created anew first deletes whatever a forgotten one of the same id
@@ -40,8 +41,9 @@
 -- publish), 12 the epoch to start if one must be, 13 replicas to wait for (0: none), 14 history
 -- (bytes), 15 the room's id (for the room list; '' without it), 16 '1' with webhooks (an
 -- emptied room then gets no expiry here), 17 what each answer weighs beyond its key and value
--- (bytes), 18 the cluster's node timeout (ms; 0: not a cluster, or no replicas to wait for);
--- then counted lists, each a count followed by its items: assumed-absent member ids;
+-- (bytes), 18 the cluster's node timeout (ms; 0: not a cluster, or no replicas to wait for),
+-- 19 the newest cluster epoch the caller knows to be settled; then counted lists, each a
+-- count followed by its items: assumed-absent member ids;
 -- assumed-absent answer keys; clients timed out; assumed-unbanned identities; events (seq,
 -- bytes); joins (id, member); departures (id, identity, end seq); answers (key, bytes, expiry
 -- ms, '1' for a refusal); bans set and lifted, in order (identity, end ms, bytes; end 0 lifts the ban).
@@ -73,7 +75,9 @@ if waiting then
     if found then online, at = online + 1, found + 12 end
   until not found
   if online < needed then return -2 - online end
-  if not in_touch(tonumber(ARGV[18])) then return -1000000 end
+  local touch = in_touch(tonumber(ARGV[18]), tonumber(ARGV[19]))
+  if touch == -1 then return -1000000 end
+  if touch > 0 then return -1000000000000 - touch end
 end
 local run = field('run_id:')
 local replid = field('master_replid:')
@@ -117,7 +121,7 @@ if expected == '' then
 elseif current[1] ~= epoch or current[2] ~= expected then
   return 0
 end
-local i = 18
+local i = 19
 -- One assumption of the batch: a count, then that many names, none of which `present` finds.
 local function assumed_absent(present)
   i = i + 1

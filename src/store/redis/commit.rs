@@ -28,6 +28,8 @@ pub(super) const CONFIRM: &str = include_str!("confirm.lua");
 const RECONFIRM: &str = concat!(include_str!("quorum.lua"), include_str!("reconfirm.lua"));
 /// What commit.lua answers when its master is out of touch with most of the cluster's masters.
 const OUT_OF_TOUCH: i64 = -1_000_000;
+/// What commit.lua answers, minus the cluster's current epoch, when an election is under way.
+const ELECTING: i64 = -1_000_000_000_000;
 
 /// Where commits go and what they wait for. Commits go to the room's master; with
 /// `--redis-wait-replicas` each is followed by its `WAIT` on a connection of their own.
@@ -42,6 +44,11 @@ pub(super) struct Committer {
     /// The cluster's node timeout in ms, within which a master must have heard from most
     /// masters to write what waits for replicas (quorum.lua; 0: no such check).
     quorum_ms: u64,
+    /// The cluster epochs quorum.lua takes for no election under way.
+    epochs: std::sync::Mutex<Epochs>,
+    /// Whether the last commit was refused by quorum.lua: its warning is written once per
+    /// such spell, not once per refused commit.
+    fenced: AtomicBool,
     /// Whether the last commit found its master with fewer replicas than it waits for (or no
     /// commit has shown it yet): then commits go without their `WAIT` in the same round trip,
     /// which would wait out its timeout after a refusal (a hint: a cluster's masters may
@@ -67,6 +74,8 @@ impl Committer {
             waiting,
             wait_replicas: config.wait_replicas,
             quorum_ms: config.quorum_ms(),
+            epochs: std::sync::Mutex::new(Epochs::default()),
+            fenced: AtomicBool::new(false),
             // Until a commit shows the replicas are there: a node started on a master without
             // them answers its very first commit at once too.
             short_of_replicas: AtomicBool::new(true),
@@ -75,6 +84,48 @@ impl Committer {
             reconfirm: redis::Script::new(RECONFIRM),
             telemetry,
         }
+    }
+
+    /// The refusal of a commit quorum.lua fenced off, `why`; the first of a `spell` of them
+    /// is logged.
+    fn fence(&self, spell: bool, why: String) -> Error {
+        if spell {
+            tracing::warn!(
+                "{why}: commits are refused (UNAVAILABLE, nothing applied) until it is safe \
+                 to write there again"
+            );
+        }
+        Error::StoreUnavailable(format!("{why}; nothing was applied, retry later"))
+    }
+
+    /// Takes `epoch`, the cluster's current epoch when the node connected, for settled: no
+    /// election can be told from the cluster's state alone then.
+    pub(super) fn settle(&self, epoch: u64) {
+        let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        epochs.settled = epochs.settled.max(epoch);
+    }
+
+    /// Notes that commits found an election under way at `epoch`.
+    fn saw_election(&self, epoch: u64) {
+        let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        if epochs.electing.is_none_or(|(known, _)| known != epoch) {
+            epochs.electing = Some((epoch, Instant::now()));
+        }
+    }
+
+    /// The newest cluster epoch known to be settled, for quorum.lua: the one the node started
+    /// from, or one seen for longer than an election can last (Redis gives up on one after
+    /// twice the node timeout, at least 2 s), which therefore failed.
+    fn settled_epoch(&self) -> u64 {
+        let longest = 2 * self.quorum_ms.max(1000) + 1000;
+        let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((epoch, since)) = epochs.electing {
+            if since.elapsed().as_millis() as u64 > longest {
+                epochs.settled = epochs.settled.max(epoch);
+                epochs.electing = None;
+            }
+        }
+        epochs.settled
     }
 
     /// How a commit's `notice` goes out: with the commit (the publish command and the notice),
@@ -97,7 +148,7 @@ impl Committer {
         room_id: &str,
         commit: &Commit<'_>,
     ) -> Result<Committed, Error> {
-        let call = commit.invoke(&self.commit, keys);
+        let call = commit.invoke(&self.commit, keys, self.settled_epoch());
         let started = Instant::now();
         let replicas = self.wait_replicas;
         let committing = async {
@@ -131,22 +182,32 @@ impl Committer {
         };
         let short = matches!(committed, Committed::ShortOfReplicas { .. });
         self.short_of_replicas.store(short, Ordering::Relaxed);
+        let fenced = matches!(
+            committed,
+            Committed::OutOfTouch | Committed::Electing { .. }
+        );
+        let spell = fenced && !self.fenced.swap(fenced, Ordering::Relaxed);
+        if !fenced {
+            self.fenced.store(false, Ordering::Relaxed);
+        }
         match committed {
             Committed::Conflict => self.telemetry.commit_conflict(),
             Committed::OutOfTouch => {
-                tracing::warn!(
-                    room_id,
-                    quorum_ms = self.quorum_ms,
-                    "the Redis master of this room has not heard from most of the cluster's \
-                     masters within --redis-cluster-node-timeout, so it may have been replaced: \
-                     its commits are refused (UNAVAILABLE, not applied) until it hears from them"
-                );
-                return Err(Error::StoreUnavailable(format!(
+                let why = format!(
                     "the Redis master of room {room_id} has not heard from most of the cluster's \
                      masters within --redis-cluster-node-timeout ({} ms), so it may have been \
-                     replaced; nothing was applied, retry later",
+                     replaced",
                     self.quorum_ms
-                )));
+                );
+                return Err(self.fence(spell, why));
+            }
+            Committed::Electing { epoch } => {
+                self.saw_election(epoch);
+                let why = format!(
+                    "the Redis master of room {room_id} sees an election under way in the \
+                     cluster (epoch {epoch}), whose winner may lack what it takes now"
+                );
+                return Err(self.fence(spell, why));
             }
             Committed::ShortOfReplicas { online } => {
                 tracing::warn!(
@@ -297,10 +358,11 @@ impl Committer {
                 call.key(&keys.answers)
                     .arg("1")
                     .arg(self.quorum_ms)
+                    .arg(self.settled_epoch())
                     .arg(held);
             }
             None => {
-                call.arg("").arg(self.quorum_ms);
+                call.arg("").arg(self.quorum_ms).arg(self.settled_epoch());
             }
         }
         // Not pipelined: the script may be new to this master (a first use, a failover), and
@@ -470,10 +532,12 @@ impl<'a> Changes<'a> {
 impl Commit<'_> {
     /// The invocation of `script` (commit.lua) on the room's `keys` with this commit's
     /// arguments, in the order the script reads them.
+    /// `settled`: the newest cluster epoch known to be settled (quorum.lua).
     pub(super) fn invoke<'s>(
         &self,
         script: &'s redis::Script,
         keys: &Keys,
+        settled: u64,
     ) -> redis::ScriptInvocation<'s> {
         let mut call = script.prepare_invoke();
         for key in keys.room() {
@@ -510,7 +574,8 @@ impl Commit<'_> {
             .arg(self.listing.map_or("", |listing| listing.room_id))
             .arg(if self.webhooks { "1" } else { "" })
             .arg(ANSWER_OVERHEAD)
-            .arg(self.bounds.quorum_ms);
+            .arg(self.bounds.quorum_ms)
+            .arg(settled);
         for list in [
             &self.assumed.ids,
             &self.assumed.answers,
@@ -583,6 +648,15 @@ pub(super) fn confirm<'s>(
     call
 }
 
+/// The cluster epochs a [`Committer`] knows of (see quorum.lua).
+#[derive(Debug, Default)]
+struct Epochs {
+    /// The newest known to be settled: no election under way at it.
+    settled: u64,
+    /// One commits found an election under way at, and since when.
+    electing: Option<(u64, Instant)>,
+}
+
 /// What the commit script answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Committed {
@@ -594,6 +668,12 @@ pub(super) enum Committed {
     /// Nothing changed: the cluster master has not heard from most masters within the node
     /// timeout, so a replica may have replaced it (quorum.lua).
     OutOfTouch,
+    /// Nothing changed: the cluster master sees an election under way, at the cluster's
+    /// current `epoch`, whose winner may lack what it would take now (quorum.lua).
+    Electing {
+        /// The cluster's current epoch.
+        epoch: u64,
+    },
     /// Nothing changed: the master has `online` replicas, fewer than commits wait for.
     ShortOfReplicas {
         /// Its online replicas.
@@ -607,13 +687,16 @@ pub(super) enum Committed {
 }
 
 impl Committed {
-    /// The script's integer reply: 0, -1, -2 minus the online replicas, [`OUT_OF_TOUCH`], 1,
-    /// or an expiry.
+    /// The script's integer reply: 0, -1, -2 minus the online replicas, [`OUT_OF_TOUCH`],
+    /// [`ELECTING`] minus an epoch, 1, or an expiry.
     pub(super) fn of(reply: i64) -> Self {
         match reply {
             0 => Committed::Conflict,
             -1 => Committed::NewEpoch,
             OUT_OF_TOUCH => Committed::OutOfTouch,
+            n if n <= ELECTING => Committed::Electing {
+                epoch: (ELECTING - n) as u64,
+            },
             n if n <= -2 => Committed::ShortOfReplicas {
                 online: usize::try_from(-2 - n).unwrap_or(0),
             },

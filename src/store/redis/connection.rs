@@ -71,6 +71,48 @@ async fn agree(conn: &mut Conn, key: &str, flag: &str, ours: usize) -> Result<()
     }
 }
 
+/// With a Redis Cluster and replicas to wait for, what quorum.lua needs of the cluster when the
+/// store connects: its node timeout, read with `CONFIG GET` into `config` unless
+/// `--redis-cluster-node-timeout` gave it (a managed cluster may refuse CONFIG; a given one the
+/// cluster contradicts is warned of), and its current epoch, which the node takes as settled.
+/// None otherwise.
+pub(super) async fn cluster_view(
+    conn: &mut Conn,
+    config: &mut RedisConfig,
+) -> Result<Option<u64>, Error> {
+    if !config.url.is_cluster() || config.wait_replicas == 0 {
+        return Ok(None);
+    }
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET").arg("cluster-node-timeout");
+    let read: Result<Vec<String>, Error> = timed(get.query_async(conn)).await;
+    let read = read.ok().and_then(|pair| pair.get(1)?.parse::<u64>().ok());
+    match (read, config.cluster_node_timeout) {
+        (Some(ms), None) => config.cluster_node_timeout = Some(Duration::from_millis(ms)),
+        (Some(ms), Some(given)) if given.as_millis() != u128::from(ms) => tracing::warn!(
+            cluster_ms = ms,
+            given_ms = given.as_millis() as u64,
+            "the Redis Cluster's cluster-node-timeout is not --redis-cluster-node-timeout: \
+             shorter, commits a healthy cluster would take are refused; longer, a master back \
+             from a pause may take commits it then loses"
+        ),
+        (_, Some(_)) => {}
+        (None, None) => {
+            return Err(Error::StoreUnavailable(
+                "the Redis Cluster does not answer CONFIG GET cluster-node-timeout: give it \
+                 with --redis-cluster-node-timeout (needed with --redis-wait-replicas)"
+                    .into(),
+            ))
+        }
+    }
+    let info: String = timed(redis::cmd("CLUSTER").arg("INFO").query_async(conn)).await?;
+    let epoch = info
+        .lines()
+        .find_map(|line| line.strip_prefix("cluster_current_epoch:"))
+        .and_then(|epoch| epoch.trim().parse().ok());
+    Ok(Some(epoch.unwrap_or(0)))
+}
+
 /// A Redis URL whose password never reaches an error or a log: `Display` and `Debug` show it
 /// as `***` (an unreadable URL is not shown at all, since its password cannot be found).
 #[derive(Clone, PartialEq, Eq)]

@@ -118,21 +118,21 @@ pub struct RedisConfig {
     /// 0: commits are answered and shown at once.
     pub wait_replicas: usize,
     /// The Redis Cluster's `cluster-node-timeout`: with replicas to wait for, a cluster master
-    /// that has not heard from most masters within it refuses writes (it may have been replaced).
-    pub cluster_node_timeout: Duration,
+    /// that has not heard from most masters within it refuses writes (it may have been
+    /// replaced). None: read from the cluster when the store connects.
+    pub cluster_node_timeout: Option<Duration>,
     /// What is kept of each room.
     pub rooms: RoomSettings,
 }
-
-/// Redis Cluster's default `cluster-node-timeout`.
-pub const DEFAULT_CLUSTER_NODE_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl RedisConfig {
     /// The node timeout in ms that commits check their master against (quorum.lua): only on a
     /// cluster, and only when they wait for replicas; 0 otherwise.
     fn quorum_ms(&self) -> u64 {
         match self.url.is_cluster() && self.wait_replicas > 0 {
-            true => self.cluster_node_timeout.as_millis() as u64,
+            true => self
+                .cluster_node_timeout
+                .map_or(0, |t| t.as_millis() as u64),
             false => 0,
         }
     }
@@ -179,19 +179,24 @@ impl RedisStore {
     /// `clock` telling the time (leases, bans, remembered answers; Redis's own clock expires
     /// keys).
     pub async fn connect_with(
-        config: RedisConfig,
+        mut config: RedisConfig,
         telemetry: Telemetry,
         clock: Clock,
     ) -> Result<Self, Error> {
-        let at = |err: Error| Error::StoreUnavailable(format!("{}: {}", config.url, err.detail()));
+        let url = config.url.clone();
+        let at = |err: Error| Error::StoreUnavailable(format!("{url}: {}", err.detail()));
         let mut conn = Conn::connect(&config).await.map_err(at)?;
         connection::agree_on_settings(&mut conn, &config).await?;
+        let settled = connection::cluster_view(&mut conn, &mut config).await?;
         let commits_list_rooms = conn.spans_slots().await;
         let waiting = match config.wait_replicas {
             0 => None,
             _ => Some(Conn::connect(&config).await.map_err(at)?),
         };
         let committer = Committer::new(conn.clone(), waiting, &config, telemetry.clone());
+        if let Some(epoch) = settled {
+            committer.settle(epoch);
+        }
         let (feeds, requests) = Feeds::new(&config.rooms);
         let shared = Arc::new(Shared {
             conn,
