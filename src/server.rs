@@ -315,6 +315,9 @@ impl Server {
             let _ = draining_tx.send(());
         };
 
+        if !config.cors_allow_origins.is_empty() {
+            tracing::info!(origins = ?config.cors_allow_origins, "pages of these origins may call over gRPC-Web (CORS)");
+        }
         let incoming = accept::incoming(listener, limits.handshake_timeout, tls);
         let streams_per_connection = limits.max_streams_per_connection + UNARY_HEADROOM;
         let serve = tonic::transport::Server::builder()

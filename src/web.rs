@@ -32,8 +32,15 @@ const CLIENT_HEADERS: [&str; 4] = [
 const STATUS_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
 
 /// An origin pages may call from, as a browser sends it: `scheme://host[:port]`, `http` or
-/// `https`, no path, no `*` (every origin must be named). The value of `--cors-allow-origin`.
+/// `https`, no path, no `*` (every origin must be named), in lower case and without the
+/// scheme's default port, which browsers leave out. The value of `--cors-allow-origin`.
 pub fn parse_origin(text: &str) -> Result<HeaderValue, String> {
+    let text = text.trim().to_ascii_lowercase();
+    let text = text
+        .strip_suffix(":443")
+        .filter(|_| text.starts_with("https://"))
+        .or_else(|| text.strip_suffix(":80").filter(|_| text.starts_with("http://")))
+        .unwrap_or(&text);
     let bad = |why: &str| {
         Err(format!(
             "{why}: expected an origin such as https://console.example.com or http://localhost:8080"
@@ -62,7 +69,7 @@ pub fn parse_origin(text: &str) -> Result<HeaderValue, String> {
     if !host_ok || rest.contains('/') {
         return bad("an origin is a scheme and a host (and a port), with no path");
     }
-    HeaderValue::from_str(&text.to_ascii_lowercase()).or_else(|_| bad("not a header value"))
+    HeaderValue::from_str(text).or_else(|_| bad("not a header value"))
 }
 
 /// The CORS layer for `origins`; None when none is listed, so no CORS header is sent.
@@ -111,10 +118,15 @@ mod tests {
         ] {
             assert!(parse_origin(bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            parse_origin("HTTPS://Console.Example.com").unwrap(),
-            "https://console.example.com",
-            "browsers send origins in lower case"
-        );
+        // As browsers send them: lower case, no default port.
+        for (given, sent) in [
+            ("HTTPS://Console.Example.com", "https://console.example.com"),
+            ("https://console.example.com:443", "https://console.example.com"),
+            ("http://localhost:80", "http://localhost"),
+            ("http://localhost:443", "http://localhost:443"),
+            (" http://localhost:8080", "http://localhost:8080"),
+        ] {
+            assert_eq!(parse_origin(given).unwrap(), sent, "{given}");
+        }
     }
 }
