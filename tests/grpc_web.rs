@@ -56,11 +56,20 @@ async fn web_call(
 /// How a gRPC-Web call ended: the status in the response's headers (a trailers-only answer) or
 /// in the trailer frame that ends its body.
 async fn web_status(response: http::Response<Incoming>) -> Status {
-    assert_eq!(response.status(), 200, "{response:?}");
-    if let Some(status) = Status::from_header_map(response.headers()) {
+    let (head, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    status_of(head, body)
+}
+
+/// The same, for a response read whole: its head and its body.
+fn status_of(head: http::response::Parts, body: Bytes) -> Status {
+    assert_eq!(head.status, 200, "{head:?}");
+    let content_type = head.headers.get("content-type").unwrap();
+    assert_eq!(content_type, "application/grpc-web+proto");
+    if let Some(status) = Status::from_header_map(&head.headers) {
         return status;
     }
-    let mut body = BytesMut::from(&response.into_body().collect().await.unwrap().to_bytes()[..]);
+    let mut body = BytesMut::from(&body[..]);
     while body.len() >= 5 {
         let flag = body.get_u8();
         let len = body.get_u32() as usize;
@@ -81,6 +90,31 @@ async fn web_status(response: http::Response<Incoming>) -> Status {
     panic!("a gRPC-Web body without its trailer frame")
 }
 
+/// A gRPC-Web call over HTTP/2 (as a browser makes it over TLS), on `h2`: how it ended.
+async fn web_call_h2(
+    h2: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Status {
+    let mut request = http::Request::post(format!("http://roomctl{path}"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (response, mut send) = h2.send_request(request.body(()).unwrap(), false).unwrap();
+    send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let (head, mut body) = response.await.unwrap().into_parts();
+    let mut read = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        read.extend_from_slice(&chunk);
+    }
+    status_of(head, read.freeze())
+}
+
 /// The access lines (`roomctl::access`) of `method` in `lines`, by their gRPC code.
 fn access_codes(lines: &[String], method: &str) -> Vec<String> {
     let field = format!("method=\"{method}\"");
@@ -94,8 +128,8 @@ fn access_codes(lines: &[String], method: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every method, called with an empty message over native gRPC and over gRPC-Web with the same
-/// token, answers both the same (code, message and details), and without a token over gRPC-Web
+/// Every method, called with an empty message over native gRPC and over gRPC-Web (HTTP/1.1 and
+/// HTTP/2) with the same token, answers all three the same (code, message and details), and without a token over gRPC-Web
 /// `UNAUTHENTICATED`; each call is counted in `roomctl_rpcs_total` and leaves its access line.
 #[tokio::test]
 async fn every_method_answers_over_grpc_web_as_over_grpc() {
@@ -115,11 +149,14 @@ async fn every_method_answers_over_grpc_web_as_over_grpc() {
         let path = format!("/roomcontrol.v1.RoomControl/{method}");
         let native = bare::call(&mut h2, bare::request(&path, &authorized, &())).await;
         let web = web_status(web_call(node.addr, &path, &authorized, &[]).await).await;
-        assert_eq!(
-            (web.code(), web.message(), web.details()),
-            (native.code(), native.message(), native.details()),
-            "{method}"
-        );
+        let web_h2 = web_call_h2(&mut h2, &path, &authorized).await;
+        for web in [web, web_h2] {
+            assert_eq!(
+                (web.code(), web.message(), web.details()),
+                (native.code(), native.message(), native.details()),
+                "{method}"
+            );
+        }
         let anonymous = web_status(web_call(node.addr, &path, &[], &[]).await).await;
         assert_error(&anonymous, Code::Unauthenticated, "UNAUTHENTICATED");
         answered.push(native.code());
@@ -136,13 +173,13 @@ async fn every_method_answers_over_grpc_web_as_over_grpc() {
         .collect();
     for (method, code) in methods.iter().zip(&names) {
         let series = format!("roomctl_rpcs_total{{method=\"{method}\",code=\"{code}\"}}");
-        assert_eq!(metric(&text, &series), 2.0, "{series} in\n{text}");
+        assert_eq!(metric(&text, &series), 3.0, "{series} in\n{text}");
     }
     let lines = node.stop().await;
     for (method, code) in methods.iter().zip(&names) {
         let mut codes = access_codes(&lines, method);
         codes.sort();
-        let mut expected = vec![*code, *code, "UNAUTHENTICATED"];
+        let mut expected = vec![*code, *code, *code, "UNAUTHENTICATED"];
         expected.sort();
         assert_eq!(codes, expected, "{method}");
     }
