@@ -23,7 +23,7 @@ pub enum Store {
     /// Three nodes sharing one `redis-server`.
     Redis,
     /// Three nodes on a Redis Cluster of three masters with two replicas each, every commit
-    /// confirmed by a replica (`--redis-wait-replicas 1`).
+    /// confirmed by replicas (`--redis-wait-replicas`, 1 unless the run says otherwise).
     Cluster,
 }
 
@@ -61,10 +61,12 @@ pub struct Fleet {
     pub addresses: Addresses,
     /// Events each room keeps: more than a run writes, so the checker sees every log whole.
     history: String,
+    /// Replicas each commit waits for, on the cluster.
+    wait_replicas: String,
 }
 
 impl Fleet {
-    pub async fn start(store: Store, history: usize) -> Self {
+    pub async fn start(store: Store, history: usize, wait_replicas: usize) -> Self {
         let (mut redis, mut cluster) = (None, None);
         let mut proxies = Vec::new();
         match store {
@@ -101,6 +103,7 @@ impl Fleet {
             nodes: (0..store.nodes()).map(|_| None).collect(),
             addresses: Arc::new(Mutex::new(vec![None; store.nodes()])),
             history: history.to_string(),
+            wait_replicas: wait_replicas.to_string(),
         };
         for node in 0..store.nodes() {
             fleet.start_node(node).await;
@@ -137,7 +140,7 @@ impl Fleet {
                 // The cluster's own node timeout (tests/common/redis_cluster.rs).
                 let waiting = [
                     "--redis-wait-replicas",
-                    "1",
+                    &self.wait_replicas,
                     "--redis-cluster-node-timeout",
                     "1s",
                 ];

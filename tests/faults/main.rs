@@ -33,12 +33,16 @@ struct Args {
     stores: Vec<Store>,
     duration: Option<Duration>,
     seed: u64,
+    /// Replicas each commit waits for on the cluster (`--wait-replicas`; 1, as the issue's
+    /// fault model says; 2, every replica, closes the window RELIABILITY.md's Open describes).
+    wait_replicas: usize,
 }
 
 fn args() -> Option<Args> {
     let mut stores = Vec::new();
     let mut duration = None;
     let mut seed = None;
+    let mut wait_replicas = 1;
     let mut filter = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -67,6 +71,13 @@ fn args() -> Option<Args> {
                     other => other.and_then(|s| s.parse().ok()).expect("--seed N|random"),
                 })
             }
+            "--wait-replicas" => {
+                wait_replicas = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| (1..=2).contains(n))
+                    .expect("--wait-replicas 1|2 (the cluster has two replicas a master)")
+            }
             // What `cargo test` passes on to every test binary.
             "--list" => {
                 println!("faults: test");
@@ -92,6 +103,7 @@ fn args() -> Option<Args> {
         stores,
         duration,
         seed,
+        wait_replicas,
     })
 }
 
@@ -109,7 +121,7 @@ fn main() {
             Store::Redis => Duration::from_secs(40),
             Store::Cluster => Duration::from_secs(60),
         });
-        failed |= !runtime.block_on(run(store, duration, args.seed));
+        failed |= !runtime.block_on(run(store, duration, args.seed, args.wait_replicas));
     }
     if failed {
         std::process::exit(1);
@@ -117,9 +129,12 @@ fn main() {
 }
 
 /// One run; whether the checker found nothing.
-async fn run(store: Store, duration: Duration, seed: u64) -> bool {
+async fn run(store: Store, duration: Duration, seed: u64, wait_replicas: usize) -> bool {
     println!("faults: {} store, {duration:?}, seed {seed}", store.name());
-    let fleet = Fleet::start(store, 1_000_000).await;
+    if store == Store::Cluster {
+        println!("  commits wait for {wait_replicas} replica(s) of 2");
+    }
+    let fleet = Fleet::start(store, 1_000_000, wait_replicas).await;
     // Times count from here, when the workload and the nemesis start.
     let history = Arc::new(History::new());
     let shared = workload::Shared::new(fleet.addresses.clone(), history.clone());
