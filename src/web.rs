@@ -39,7 +39,10 @@ pub fn parse_origin(text: &str) -> Result<HeaderValue, String> {
     let text = text
         .strip_suffix(":443")
         .filter(|_| text.starts_with("https://"))
-        .or_else(|| text.strip_suffix(":80").filter(|_| text.starts_with("http://")))
+        .or_else(|| {
+            text.strip_suffix(":80")
+                .filter(|_| text.starts_with("http://"))
+        })
         .unwrap_or(&text);
     let bad = |why: &str| {
         Err(format!(
@@ -121,7 +124,10 @@ mod tests {
         // As browsers send them: lower case, no default port.
         for (given, sent) in [
             ("HTTPS://Console.Example.com", "https://console.example.com"),
-            ("https://console.example.com:443", "https://console.example.com"),
+            (
+                "https://console.example.com:443",
+                "https://console.example.com",
+            ),
             ("http://localhost:80", "http://localhost"),
             ("http://localhost:443", "http://localhost:443"),
             (" http://localhost:8080", "http://localhost:8080"),

@@ -5,31 +5,7 @@ mod common;
 
 use common::node_process::LoggedNode;
 use common::*;
-use prost_reflect::DescriptorPool;
 use tonic::{Code, Status};
-
-/// Every method of `roomcontrol.v1.RoomControl`, read from the descriptor set the server serves
-/// to reflection.
-fn methods() -> Vec<String> {
-    let pool = DescriptorPool::decode(roomctl::pb::FILE_DESCRIPTOR_SET).unwrap();
-    let service = pool
-        .get_service_by_name("roomcontrol.v1.RoomControl")
-        .expect("the service is in the descriptor set");
-    service.methods().map(|m| m.name().to_owned()).collect()
-}
-
-/// The access lines (`roomctl::access`) of `method` in `lines`, by their gRPC code.
-fn access_codes(lines: &[String], method: &str) -> Vec<String> {
-    let field = format!("method=\"{method}\"");
-    lines
-        .iter()
-        .filter(|line| line.contains("roomctl::access") && line.contains(&field))
-        .map(|line| {
-            let code = line.split("code=\"").nth(1).expect("the line has a code");
-            code.split('"').next().unwrap().to_owned()
-        })
-        .collect()
-}
 
 /// Waits until the node says `calls` calls hold a slot (each stream of a connection is served by
 /// its own task, so the order they take slots in is not the order they were sent in).
@@ -61,7 +37,7 @@ async fn every_method_is_shed_timed_counted_and_audited() {
         "300ms",
     ]))
     .await;
-    let methods = methods();
+    let methods = room_control_methods();
     assert!(methods.len() >= 11, "{methods:?}");
     let bearer = format!("Bearer {}", token("ops", "*", "service"));
     let mut h2 = bare::connect(node.addr).await;
@@ -119,7 +95,7 @@ async fn calls_their_clients_break_off_are_cancelled() {
     .await;
     let metrics = node.metrics.unwrap();
     let bearer = format!("Bearer {}", token("ops", "*", "service"));
-    let methods = methods();
+    let methods = room_control_methods();
     for method in &methods {
         let path = format!("/roomcontrol.v1.RoomControl/{method}");
         for close_connection in [false, true] {

@@ -12,21 +12,10 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prost_reflect::DescriptorPool;
 use roomctl::pb::room_control_client::RoomControlClient;
 use roomctl::pb::{self, event::Payload};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Status};
-
-/// Every method of `roomcontrol.v1.RoomControl`, read from the descriptor set the server serves
-/// to reflection.
-fn methods() -> Vec<String> {
-    let pool = DescriptorPool::decode(roomctl::pb::FILE_DESCRIPTOR_SET).unwrap();
-    let service = pool
-        .get_service_by_name("roomcontrol.v1.RoomControl")
-        .expect("the service is in the descriptor set");
-    service.methods().map(|m| m.name().to_owned()).collect()
-}
 
 /// A gRPC-Web call over HTTP/1.1, framed as a browser's gRPC-Web client frames it.
 async fn web_call(
@@ -115,19 +104,6 @@ async fn web_call_h2(
     status_of(head, read.freeze())
 }
 
-/// The access lines (`roomctl::access`) of `method` in `lines`, by their gRPC code.
-fn access_codes(lines: &[String], method: &str) -> Vec<String> {
-    let field = format!("method=\"{method}\"");
-    lines
-        .iter()
-        .filter(|line| line.contains("roomctl::access") && line.contains(&field))
-        .map(|line| {
-            let code = line.split("code=\"").nth(1).expect("the line has a code");
-            code.split('"').next().unwrap().to_owned()
-        })
-        .collect()
-}
-
 /// Every method, called with an empty message over native gRPC and over gRPC-Web (HTTP/1.1 and
 /// HTTP/2) with the same token, answers all three the same (code, message and details), and without a token over gRPC-Web
 /// `UNAUTHENTICATED`; each call is counted in `roomctl_rpcs_total` and leaves its access line.
@@ -143,7 +119,7 @@ async fn every_method_answers_over_grpc_web_as_over_grpc() {
     let bearer = format!("Bearer {}", token("ops", "*", "service"));
     let authorized = [("authorization", bearer.as_str())];
     let mut h2 = bare::connect(node.addr).await;
-    let methods = methods();
+    let methods = room_control_methods();
     let mut answered = Vec::new();
     for method in &methods {
         let path = format!("/roomcontrol.v1.RoomControl/{method}");

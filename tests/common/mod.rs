@@ -432,6 +432,29 @@ pub mod raw {
     }
 }
 
+/// Every method of `roomcontrol.v1.RoomControl`, read from the descriptor set the server serves
+/// to reflection: tests that walk them cover a method added to the proto without a list to keep.
+pub fn room_control_methods() -> Vec<String> {
+    let pool = prost_reflect::DescriptorPool::decode(roomctl::pb::FILE_DESCRIPTOR_SET).unwrap();
+    let service = pool
+        .get_service_by_name("roomcontrol.v1.RoomControl")
+        .expect("the service is in the descriptor set");
+    service.methods().map(|m| m.name().to_owned()).collect()
+}
+
+/// The access lines (`roomctl::access`) of `method` in a node's log `lines`, by their gRPC code.
+pub fn access_codes(lines: &[String], method: &str) -> Vec<String> {
+    let field = format!("method=\"{method}\"");
+    lines
+        .iter()
+        .filter(|line| line.contains("roomctl::access") && line.contains(&field))
+        .map(|line| {
+            let code = line.split("code=\"").nth(1).expect("the line has a code");
+            code.split('"').next().unwrap().to_owned()
+        })
+        .collect()
+}
+
 /// A bare HTTP/2 client (the `h2` crate): for what a tonic client does not let a test do, such
 /// as sending `grpc-timeout` without also timing the call out itself, or misbehaving.
 pub mod bare {

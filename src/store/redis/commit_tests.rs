@@ -101,6 +101,19 @@ async fn run_settled(
     Committed::of(reply)
 }
 
+/// A commit of `events` on a room expected at `expected`, waiting for a replica on a cluster of
+/// the test helper's node timeout (1 s), so quorum.lua checks its master.
+fn waiting_on_cluster(expected: Option<u64>, events: &[pb::Event]) -> Commit<'_> {
+    let changes = Changes {
+        events: events.iter().collect(),
+        ..Changes::default()
+    };
+    let mut waiting = commit(expected, changes);
+    waiting.bounds.wait_replicas = 1;
+    waiting.bounds.quorum_ms = 1000;
+    waiting
+}
+
 /// A cluster node's `field` of CLUSTER INFO, a number (`cluster_current_epoch`...).
 async fn cluster_info(conn: &mut MultiplexedConnection, field: &str) -> u64 {
     let info: String = redis::cmd("CLUSTER")
@@ -696,16 +709,7 @@ async fn a_master_back_from_a_pause_past_its_failover_takes_no_commit() {
     let (master, _) = cluster.owner_of(slot).await;
     let mut conn = cluster.patient(master).await;
     let first = [event(1, 10)];
-    let mut creating = commit(
-        None,
-        Changes {
-            events: first.iter().collect(),
-            ..Changes::default()
-        },
-    );
-    creating.bounds.wait_replicas = 1;
-    // The helper's cluster-node-timeout.
-    creating.bounds.quorum_ms = 1000;
+    let creating = waiting_on_cluster(None, &first);
     let settled = cluster_info(&mut conn, "cluster_current_epoch").await;
     let in_touch = run_settled(&mut conn, &creating, settled).await;
     assert!(
@@ -714,14 +718,7 @@ async fn a_master_back_from_a_pause_past_its_failover_takes_no_commit() {
     );
 
     let next = [event(2, 10)];
-    let mut late = commit(
-        Some(1),
-        Changes {
-            events: next.iter().collect(),
-            ..Changes::default()
-        },
-    );
-    late.bounds = creating.bounds;
+    let late = waiting_on_cluster(Some(1), &next);
     cluster.pause(master, true);
     // Sent while the master is paused, so that it is the first thing it reads when it runs
     // again (the script is loaded already: no NOSCRIPT round trip).
@@ -778,15 +775,7 @@ async fn a_master_that_sees_an_election_under_way_takes_no_commit_until_it_is_se
     let current = cluster_info(&mut conn, "cluster_current_epoch").await;
 
     let first = [event(1, 10)];
-    let mut creating = commit(
-        None,
-        Changes {
-            events: first.iter().collect(),
-            ..Changes::default()
-        },
-    );
-    creating.bounds.wait_replicas = 1;
-    creating.bounds.quorum_ms = 1000;
+    let creating = waiting_on_cluster(None, &first);
     let electing = run_settled(&mut conn, &creating, current - 1).await;
     assert_eq!(electing, Committed::Electing { epoch: current });
     assert_eq!(meta_field(&mut conn, "epoch").await, None);
