@@ -9,8 +9,14 @@
 //!   closed, so idle sockets cannot pile up until the limit. Waiting for them happens beside the
 //!   accept loop, never in its way.
 //!
+//! - **HTTP/1.1 peers that hang up unseen.** While hyper streams a response on an HTTP/1.1
+//!   connection (gRPC-Web's `Events`) and holds bytes of a next request, it stops reading the
+//!   socket, so it never sees the peer close it: in a quiet room the stream, its slot and the
+//!   socket would live on. A copy of the socket's descriptor is watched for the hang-up
+//!   instead, and the connection's streams are ended when it comes.
+//!
 //! Each accepted connection carries a [`ConnInfo`] that tonic puts in every request's
-//! extensions: the per-connection stream count lives there.
+//! extensions: the per-connection stream count and what ends its streams live there.
 //!
 //! It deals in sockets and bytes only: it reads no request and knows nothing of the service; of
 //! roomctl it uses only [`crate::tls`]'s acceptor.
@@ -23,11 +29,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::server::Connected;
 
 use crate::backoff::Backoff;
@@ -50,6 +60,8 @@ pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     /// `Events` streams open on this connection now.
     pub streams: Arc<AtomicUsize>,
+    /// Cancelled when the server shuts down, or when the connection is gone: ends its streams.
+    pub ends: CancellationToken,
 }
 
 /// The transport of a connection: plain TCP, or TLS over it.
@@ -65,6 +77,8 @@ pub struct Accepted {
     preface: Vec<u8>,
     replayed: usize,
     info: ConnInfo,
+    /// Cancels `info.ends` when hyper drops the connection (which stops the hang-up watch).
+    _gone: DropGuard,
 }
 
 impl Connected for Accepted {
@@ -142,15 +156,23 @@ impl AsyncWrite for Accepted {
 }
 
 /// The connections of `listener` that complete their handshake (TLS with `tls`, then the
-/// HTTP/2 preface) within `handshake_timeout`, as tonic's incoming stream. Dropping the stream
-/// (on shutdown) stops accepting and closes the listening socket.
+/// HTTP/2 preface) within `handshake_timeout`, as tonic's incoming stream; each one's streams
+/// end with `shutdown`, or when it is gone. Dropping the stream (on shutdown) stops accepting
+/// and closes the listening socket.
 pub fn incoming(
     listener: TcpListener,
     handshake_timeout: Duration,
     tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<Accepted>> {
     let (admitted, incoming) = mpsc::channel(ADMITTED);
-    tokio::spawn(accept_loop(listener, handshake_timeout, tls, admitted));
+    tokio::spawn(accept_loop(
+        listener,
+        handshake_timeout,
+        tls,
+        shutdown,
+        admitted,
+    ));
     ReceiverStream::new(incoming)
 }
 
@@ -158,6 +180,7 @@ async fn accept_loop(
     listener: TcpListener,
     handshake_timeout: Duration,
     tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
     admitted: mpsc::Sender<io::Result<Accepted>>,
 ) {
     let mut backoff = starved_backoff();
@@ -179,6 +202,7 @@ async fn accept_loop(
                     handshake,
                     remote,
                     handshake_timeout,
+                    shutdown.child_token(),
                     admitted.clone(),
                 ));
             }
@@ -216,6 +240,7 @@ async fn admit(
     handshake: impl std::future::Future<Output = io::Result<(Io, Vec<u8>)>>,
     remote: SocketAddr,
     handshake_timeout: Duration,
+    ends: CancellationToken,
     admitted: mpsc::Sender<io::Result<Accepted>>,
 ) {
     let (io, preface) = match tokio::time::timeout(handshake_timeout, handshake).await {
@@ -225,6 +250,16 @@ async fn admit(
             return tracing::debug!(%remote, ?handshake_timeout, "no handshake in time; closing")
         }
     };
+    if preface != PREFACE {
+        // HTTP/1.1 (or garbage hyper refuses): watched for a hang-up hyper may not see.
+        let fd = match &io {
+            Io::Plain(tcp) => tcp.as_raw_fd(),
+            Io::Tls(tls) => tls.get_ref().0.as_raw_fd(),
+        };
+        if let Some(copy) = duplicate(fd) {
+            tokio::spawn(watch_hang_up(copy, ends.clone()));
+        }
+    }
     let accepted = Accepted {
         io,
         preface,
@@ -232,10 +267,46 @@ async fn admit(
         info: ConnInfo {
             remote: Some(remote),
             streams: Arc::default(),
+            ends: ends.clone(),
         },
+        _gone: ends.drop_guard(),
     };
     // Fails only when the server is shutting down; the connection is then dropped.
     let _ = admitted.send(Ok(accepted)).await;
+}
+
+/// A second descriptor of the socket `fd`, to watch beside its owner; None when the process is
+/// out of descriptors (the connection is then served unwatched).
+fn duplicate(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: `fd` is an open socket, owned by the connection, for the length of this call.
+    let copy = unsafe { libc::dup(fd) };
+    // SAFETY: a descriptor `dup` just made is owned by nobody else.
+    (copy >= 0).then(|| unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
+/// Cancels `ends` when the peer of the socket `copy` is a copy of hangs up (or the socket
+/// fails); returns when `ends` is cancelled otherwise, closing the copy so that the socket
+/// closes with its connection. Only readiness is watched, never a byte read: the bytes are
+/// hyper's.
+async fn watch_hang_up(copy: OwnedFd, ends: CancellationToken) {
+    // SAFETY: the OwnedFd, moved in, stays open and the same until the AsyncFd drops it.
+    let Ok(watched) = (unsafe { AsyncFd::register_with_interest(copy, Interest::READABLE) })
+    else {
+        return;
+    };
+    loop {
+        let ready = tokio::select! {
+            ready = watched.readable() => ready,
+            _ = ends.cancelled() => return,
+        };
+        match ready {
+            Ok(guard) if guard.ready().is_read_closed() || guard.ready().is_error() => break,
+            // Bytes hyper will read when it reads: wait for the next change.
+            Ok(mut guard) => guard.clear_ready(),
+            Err(_) => break,
+        }
+    }
+    ends.cancel();
 }
 
 /// TLS (when `tls`), then the HTTP/2 preface: the transport, and the bytes read to check the

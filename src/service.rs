@@ -341,7 +341,8 @@ impl RoomControl for RoomControlService {
         };
         let context = StreamContext {
             slot: self.streams.reserve(kind, connection.map(|c| &c.streams))?,
-            shutdown: self.shutdown.clone(),
+            // The connection's own ends, which also come when it is gone.
+            shutdown: connection.map_or_else(|| self.shutdown.clone(), |c| c.ends.clone()),
             grant: request.extensions().get::<TokenGrant>().cloned(),
             telemetry: self.telemetry.clone(),
         };

@@ -322,3 +322,61 @@ async fn cors_answers_only_the_listed_origins() {
     assert_eq!(header(&answer, "access-control-allow-origin"), None);
     without.stop().await;
 }
+
+/// Waits until the node's metrics say `streams` observer streams are open.
+async fn observers_open(metrics: std::net::SocketAddr, streams: usize) {
+    let series = "roomctl_events_streams_open{kind=\"observer\"}";
+    let open = async {
+        while metric(&scrape(metrics).await, series) != streams as f64 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, open)
+        .await
+        .unwrap_or_else(|_| panic!("{series} never became {streams}"));
+}
+
+/// An `Events` stream over HTTP/1.1 whose client sent more bytes after its request (hyper then
+/// holds them and stops reading the socket) and hung up is ended, its slot given back, though
+/// its quiet room has nothing to send that would find the socket closed: an attack held every
+/// stream slot of a node that way with one token.
+#[tokio::test]
+async fn an_http1_stream_whose_client_hung_up_is_ended() {
+    use prost::Message;
+    use tokio::io::AsyncWriteExt;
+    let node = LoggedNode::start(node_process::serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]))
+    .await;
+    let metrics = node.metrics.unwrap();
+    let moderator = token("alice", "quiet", "moderator");
+    let mut alice = client_with_token(node.addr, &moderator).await;
+    join(&mut alice, "quiet", "Alice").await;
+    let request = pb::EventsRequest {
+        room_id: "quiet".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(request.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&request);
+    let head = format!(
+        "POST /roomcontrol.v1.RoomControl/Events HTTP/1.1\r\nhost: roomctl\r\n\
+         content-type: application/grpc-web+proto\r\nx-grpc-web: 1\r\n\
+         authorization: Bearer {moderator}\r\ncontent-length: {}\r\n\r\n",
+        framed.len()
+    );
+    let mut tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&framed).await.unwrap();
+    observers_open(metrics, 1).await;
+    // The start of a next request, pipelined: hyper holds it and reads no further.
+    tcp.write_all(b"POST /").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    drop(tcp);
+    observers_open(metrics, 0).await;
+    node.stop().await;
+}

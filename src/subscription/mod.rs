@@ -47,7 +47,8 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<EncodedEvent, Status>> +
 pub struct StreamContext {
     /// The stream's slot.
     pub slot: StreamSlot,
-    /// Ends the stream with `UNAVAILABLE` / `SHUTTING_DOWN`.
+    /// Ends the stream with `UNAVAILABLE` / `SHUTTING_DOWN`: the server's shutdown, or the end
+    /// of the stream's connection (whose client no longer reads it).
     pub shutdown: CancellationToken,
     /// When the caller's token stops being valid, and what retires its key.
     pub grant: Option<TokenGrant>,
