@@ -290,8 +290,7 @@ fn duplicate(fd: RawFd) -> Option<OwnedFd> {
 /// hyper's.
 async fn watch_hang_up(copy: OwnedFd, ends: CancellationToken) {
     // SAFETY: the OwnedFd, moved in, stays open and the same until the AsyncFd drops it.
-    let Ok(watched) = (unsafe { AsyncFd::register_with_interest(copy, Interest::READABLE) })
-    else {
+    let Ok(watched) = (unsafe { AsyncFd::register_with_interest(copy, Interest::READABLE) }) else {
         return;
     };
     loop {

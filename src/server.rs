@@ -319,12 +319,7 @@ impl Server {
         if !config.cors_allow_origins.is_empty() {
             tracing::info!(origins = ?config.cors_allow_origins, "pages of these origins may call over gRPC-Web (CORS)");
         }
-        let incoming = accept::incoming(
-            listener,
-            limits.handshake_timeout,
-            tls,
-            connections_end,
-        );
+        let incoming = accept::incoming(listener, limits.handshake_timeout, tls, connections_end);
         let streams_per_connection = limits.max_streams_per_connection + UNARY_HEADROOM;
         let serve = tonic::transport::Server::builder()
             // gRPC-Web from browsers may come over HTTP/1.1 (hyper tells the two apart).
