@@ -10,12 +10,7 @@ use tonic::{Code, Status};
 /// Waits until the node says `calls` calls hold a slot (each stream of a connection is served by
 /// its own task, so the order they take slots in is not the order they were sent in).
 async fn calls_in_progress(metrics: std::net::SocketAddr, calls: usize) {
-    let held = async {
-        while metric(&scrape(metrics).await, "roomctl_calls_in_progress") != calls as f64 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, held).await.unwrap();
+    until_metric(metrics, "roomctl_calls_in_progress", calls as f64).await;
 }
 
 /// Every method of the descriptor, called while a call of its own holds the node's only call
@@ -86,13 +81,7 @@ async fn every_method_is_shed_timed_counted_and_audited() {
 /// alert on.
 #[tokio::test]
 async fn calls_their_clients_break_off_are_cancelled() {
-    let node = LoggedNode::start(node_process::serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]))
-    .await;
+    let node = LoggedNode::with_metrics().await;
     let metrics = node.metrics.unwrap();
     let bearer = format!("Bearer {}", token("ops", "*", "service"));
     let methods = room_control_methods();

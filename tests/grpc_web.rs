@@ -105,17 +105,11 @@ async fn web_call_h2(
 }
 
 /// Every method, called with an empty message over native gRPC and over gRPC-Web (HTTP/1.1 and
-/// HTTP/2) with the same token, answers all three the same (code, message and details), and without a token over gRPC-Web
-/// `UNAUTHENTICATED`; each call is counted in `roomctl_rpcs_total` and leaves its access line.
+/// HTTP/2) with the same token, answers all three the same (code, message and details), and
+/// without a token over gRPC-Web `UNAUTHENTICATED`; each call is counted in `roomctl_rpcs_total` and leaves its access line.
 #[tokio::test]
 async fn every_method_answers_over_grpc_web_as_over_grpc() {
-    let node = LoggedNode::start(node_process::serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]))
-    .await;
+    let node = LoggedNode::with_metrics().await;
     let bearer = format!("Bearer {}", token("ops", "*", "service"));
     let authorized = [("authorization", bearer.as_str())];
     let mut h2 = bare::connect(node.addr).await;
@@ -323,18 +317,8 @@ async fn cors_answers_only_the_listed_origins() {
     without.stop().await;
 }
 
-/// Waits until the node's metrics say `streams` observer streams are open.
-async fn observers_open(metrics: std::net::SocketAddr, streams: usize) {
-    let series = "roomctl_events_streams_open{kind=\"observer\"}";
-    let open = async {
-        while metric(&scrape(metrics).await, series) != streams as f64 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, open)
-        .await
-        .unwrap_or_else(|_| panic!("{series} never became {streams}"));
-}
+/// Observer streams open, as a node's metrics count them.
+const OBSERVERS_OPEN: &str = "roomctl_events_streams_open{kind=\"observer\"}";
 
 /// An `Events` stream over HTTP/1.1 whose client sent more bytes after its request (hyper then
 /// holds them and stops reading the socket) and hung up is ended, its slot given back, though
@@ -344,13 +328,7 @@ async fn observers_open(metrics: std::net::SocketAddr, streams: usize) {
 async fn an_http1_stream_whose_client_hung_up_is_ended() {
     use prost::Message;
     use tokio::io::AsyncWriteExt;
-    let node = LoggedNode::start(node_process::serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ]))
-    .await;
+    let node = LoggedNode::with_metrics().await;
     let metrics = node.metrics.unwrap();
     let moderator = token("alice", "quiet", "moderator");
     let mut alice = client_with_token(node.addr, &moderator).await;
@@ -372,11 +350,11 @@ async fn an_http1_stream_whose_client_hung_up_is_ended() {
     let mut tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
     tcp.write_all(head.as_bytes()).await.unwrap();
     tcp.write_all(&framed).await.unwrap();
-    observers_open(metrics, 1).await;
+    until_metric(metrics, OBSERVERS_OPEN, 1.0).await;
     // The start of a next request, pipelined: hyper holds it and reads no further.
     tcp.write_all(b"POST /").await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     drop(tcp);
-    observers_open(metrics, 0).await;
+    until_metric(metrics, OBSERVERS_OPEN, 0.0).await;
     node.stop().await;
 }

@@ -534,6 +534,18 @@ pub async fn metrics_request(addr: SocketAddr, method: &str) -> String {
     body.to_owned()
 }
 
+/// Waits until the node serving metrics at `metrics` shows `value` for `series`.
+pub async fn until_metric(metrics: SocketAddr, series: &str, value: f64) {
+    let reached = async {
+        while metric(&scrape(metrics).await, series) != value {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, reached)
+        .await
+        .unwrap_or_else(|_| panic!("{series} never became {value}"));
+}
+
 /// The value of `series` (name and labels, exactly as exposed) in a scrape; 0 when absent.
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()

@@ -74,6 +74,12 @@ pub struct LoggedNode {
 }
 
 impl LoggedNode {
+    /// A node on 127.0.0.1:0 serving metrics on another port 0, settings otherwise default.
+    pub async fn with_metrics() -> Self {
+        let on_port_0 = ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"];
+        Self::start(serve(&on_port_0)).await
+    }
+
     /// Spawns `command` (made with [`serve`]) and waits until it listens (and serves metrics,
     /// when asked to).
     pub async fn start(mut command: Command) -> Self {

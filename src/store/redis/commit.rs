@@ -117,6 +117,9 @@ impl Committer {
     /// from, or one seen for longer than an election can last (Redis gives up on one after
     /// twice the node timeout, at least 2 s), which therefore failed.
     fn settled_epoch(&self) -> u64 {
+        if self.quorum_ms == 0 {
+            return 0;
+        }
         let longest = 2 * self.quorum_ms.max(1000) + 1000;
         let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((epoch, since)) = epochs.electing {
