@@ -24,6 +24,8 @@
 //! - [`accept`]: the TCP accept loop: backoff when out of file descriptors, a deadline for
 //!   the TLS handshake and the HTTP/2 preface, per-connection info.
 //! - [`tls`]: TLS and mTLS on the listener, reloadable on SIGHUP.
+//! - [`web`]: gRPC-Web's CORS rules, for pages of other origins.
+//! - [`console`]: the moderator console's files (plain ES modules), served on the gRPC port.
 //! - [`webhooks`]: room events pushed to HTTP endpoints (Standard Webhooks), a delivery
 //!   cursor per endpoint on each room's log.
 //! - [`telemetry`]: Prometheus metrics and the one-line-per-RPC access log.
@@ -44,6 +46,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod codec;
+pub mod console;
 pub mod engine;
 pub mod error;
 pub mod ids;

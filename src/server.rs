@@ -1,5 +1,5 @@
 //! Server assembly: the RoomControl service behind authentication, health, reflection, the
-//! request size limit, gRPC-Web for browsers, and graceful shutdown.
+//! request size limit, gRPC-Web for browsers, the moderator console, and graceful shutdown.
 //!
 //! [`Server::run`] takes an already bound listener, so tests bind port 0 and know the address
 //! before anything starts, and a shutdown future, so a signal handler or a test decides when to
@@ -21,6 +21,7 @@ use tonic_health::ServingStatus;
 use crate::accept;
 use crate::auth::{Authenticator, KeySet, TokenRules};
 use crate::clock::Clock;
+use crate::console::{Console, ConsoleLayer};
 use crate::error::Error;
 use crate::limits::{GuardLayer, Limits, StreamBudget};
 use crate::page_token::PageTokens;
@@ -78,6 +79,9 @@ pub struct ServerConfig {
     pub webhooks: Vec<Endpoint>,
     /// Origins whose pages may call over gRPC-Web (`--cors-allow-origin`); none: no CORS.
     pub cors_allow_origins: Vec<http::HeaderValue>,
+    /// Where the moderator console is served on the gRPC listener (`--console-path`, as
+    /// [`crate::console::parse_path`] returns it); None: no console.
+    pub console_path: Option<String>,
 }
 
 impl ServerConfig {
@@ -96,6 +100,7 @@ impl ServerConfig {
             clock: Clock::system(),
             webhooks: Vec::new(),
             cors_allow_origins: Vec::new(),
+            console_path: None,
         }
     }
 }
@@ -316,6 +321,10 @@ impl Server {
             let _ = draining_tx.send(());
         };
 
+        if let Some(path) = &config.console_path {
+            tracing::info!(path, "moderator console served on the gRPC listener");
+        }
+        let console = config.console_path.as_deref().map(Console::new);
         if !config.cors_allow_origins.is_empty() {
             tracing::info!(origins = ?config.cors_allow_origins, "pages of these origins may call over gRPC-Web (CORS)");
         }
@@ -331,8 +340,10 @@ impl Server {
             // Finds clients that vanished without closing, so their streams are dropped.
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            // Outermost first: a preflight is answered before anything; a gRPC-Web call is
-            // a gRPC call by the time the guard (limits, metrics, access line) sees it.
+            // Outermost first: the console's files are no call; a preflight is answered
+            // before anything; a gRPC-Web call is a gRPC call by the time the guard (limits,
+            // metrics, access line) sees it.
+            .layer(tower::util::option_layer(console.map(ConsoleLayer::new)))
             .layer(tower::util::option_layer(web::cors(
                 &config.cors_allow_origins,
             )))

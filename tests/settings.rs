@@ -132,6 +132,7 @@ impl World {
             "service-rate" => vec![("service-rate", "10")],
             "cors-allow-origin" => vec![("cors-allow-origin", "https://console.example")],
             "redis-cluster-node-timeout" => vec![("redis-cluster-node-timeout", "1s")],
+            "console-path" => vec![("console-path", "/console/")],
             // Nothing is logged while the test runs: the endpoint is never called.
             "webhook-url" => vec![
                 ("webhook-url", WEBHOOK_URL),

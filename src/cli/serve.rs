@@ -53,6 +53,7 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
         let (rooms, tls) = (config.rooms, config.tls.clone());
+        let console = config.console_path.clone();
         // Opened before the node says it listens: a start refused by the store never says so.
         let server = Server::new(config).await.map_err(|e| e.to_string())?;
         server
@@ -84,7 +85,12 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
                  never use --dev in production"
             );
             // Like the logs, a closed stdout must not stop the server.
-            let banner = dev_banner(addr, rooms.presence_timeout, tls.as_ref());
+            let banner = dev_banner(
+                addr,
+                rooms.presence_timeout,
+                tls.as_ref(),
+                console.as_deref(),
+            );
             let _ = writeln!(std::io::stdout(), "{banner}");
         }
         let reloads = tokio::spawn(reload_on_sighup(args.secret, server.reloader()));
@@ -181,11 +187,12 @@ async fn shutdown_signal() {
 }
 
 /// Ready-made tokens and grpcurl commands for trying the server by hand, at the address it
-/// listens on, over TLS when it speaks TLS.
+/// listens on, over TLS when it speaks TLS, and the console's address when it serves one.
 fn dev_banner(
     addr: SocketAddr,
     presence_timeout: Option<Duration>,
     tls: Option<&TlsFiles>,
+    console: Option<&str>,
 ) -> String {
     let in_time = presence_timeout.map_or(String::new(), |t| {
         format!(
@@ -225,6 +232,13 @@ fn dev_banner(
                 .to_owned(),
         ),
     };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let console = console.map_or(String::new(), |path| {
+        format!(
+            "# 6. or watch and act in a browser: open {scheme}://{reach}{path} and paste $MOD \
+             (the moderator console)\n"
+        )
+    });
     let call = |var: &str, body: &str, rpc: &str| {
         format!("grpcurl {transport} -H \"authorization: Bearer ${var}\" -d '{body}' $A $R/{rpc}")
     };
@@ -246,6 +260,7 @@ fn dev_banner(
          {bob_drops}\n\
          # 5. alice drops bob; terminal 2 gets roomDisconnected, terminal 3 the ack\n\
          {mod_drops}\n\
+         {console}\
          ==========================================================================================\n",
         join = call("BOB", r#"{"room_id":"demo","name":"Bob"}"#, "Join"),
         watch_bob = call("BOB", r#"{"room_id":"demo","client_id":"CLIENT_ID"}"#, "Events"),

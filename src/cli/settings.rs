@@ -164,6 +164,11 @@ pub struct ServeArgs {
     /// array in the file). None: no CORS headers, and browsers refuse pages of other origins.
     #[arg(long, env = "ROOMCTL_CORS_ALLOW_ORIGIN", value_delimiter = ',', action = clap::ArgAction::Append, value_parser = crate::web::parse_origin)]
     cors_allow_origin: Vec<http::HeaderValue>,
+    /// Serve the moderator console (a web page that calls this node over gRPC-Web with the
+    /// token its user pastes) at this path of the gRPC listener, such as /console/. Unset: no
+    /// console.
+    #[arg(long, env = "ROOMCTL_CONSOLE_PATH", value_parser = crate::console::parse_path)]
+    console_path: Option<String>,
     /// The config file's `[[webhooks]]` tables (a file alone can hold several).
     #[arg(skip)]
     pub(super) webhook_tables: Vec<WebhookTable>,
@@ -476,6 +481,7 @@ impl ServeArgs {
             clock: Clock::system(),
             webhooks: self.webhooks()?,
             cors_allow_origins: self.cors_allow_origin.clone(),
+            console_path: self.console_path.clone(),
         })
     }
 }

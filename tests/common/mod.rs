@@ -2,6 +2,7 @@
 //! helpers to read events and error details. Each test binary uses a different part of it.
 #![allow(dead_code, unused_macros)]
 
+pub mod browser;
 pub mod certs;
 pub mod grpcurl;
 pub mod node_process;
@@ -108,7 +109,13 @@ pub struct Node {
 impl Node {
     /// Starts a node with `config`.
     pub async fn start(config: ServerConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a node with `config` listening on `addr`: a port a node before it used, for a
+    /// restart that clients must find where they left it.
+    pub async fn start_on(config: ServerConfig, addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Server::new(config).await.unwrap();
         let streams = server.streams();
