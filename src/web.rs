@@ -32,47 +32,38 @@ const CLIENT_HEADERS: [&str; 4] = [
 const STATUS_HEADERS: [&str; 3] = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
 
 /// An origin pages may call from, as a browser sends it: `scheme://host[:port]`, `http` or
-/// `https`, no path, no `*` (every origin must be named), in lower case and without the
-/// scheme's default port, which browsers leave out. The value of `--cors-allow-origin`.
+/// `https`, no path, no `*` (every origin must be named). It is written back as browsers
+/// serialise origins (the `url` crate's, the WHATWG URL standard's): host in lower case, an
+/// international name in punycode, without the scheme's default port. The value of
+/// `--cors-allow-origin`.
 pub fn parse_origin(text: &str) -> Result<HeaderValue, String> {
-    let text = text.trim().to_ascii_lowercase();
-    let text = text
-        .strip_suffix(":443")
-        .filter(|_| text.starts_with("https://"))
-        .or_else(|| {
-            text.strip_suffix(":80")
-                .filter(|_| text.starts_with("http://"))
-        })
-        .unwrap_or(&text);
+    let text = text.trim();
     let bad = |why: &str| {
         Err(format!(
             "{why}: expected an origin such as https://console.example.com or http://localhost:8080"
         ))
     };
-    if text == "*" || text == "null" {
+    if text == "*" || text.eq_ignore_ascii_case("null") {
         return bad("every origin must be named, not `*` or `null`");
     }
-    let Some((scheme, rest)) = text.split_once("://") else {
-        return bad("no scheme");
+    let url = match url::Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => return bad(&format!("not an origin ({e})")),
     };
-    if scheme != "http" && scheme != "https" {
+    if url.scheme() != "http" && url.scheme() != "https" {
         return bad("the scheme must be http or https");
     }
-    let host = rest.rsplit_once(':').map_or(rest, |(host, port)| {
-        if port.parse::<u16>().is_ok() {
-            host
-        } else {
-            rest
-        }
-    });
-    let host_ok = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
-    if !host_ok || rest.contains('/') {
+    let bare = url.path() == "/"
+        && !text.ends_with('/')
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if !bare {
         return bad("an origin is a scheme and a host (and a port), with no path");
     }
-    HeaderValue::from_str(text).or_else(|_| bad("not a header value"))
+    HeaderValue::from_str(&url.origin().ascii_serialization())
+        .or_else(|_| bad("not a header value"))
 }
 
 /// The CORS layer for `origins`; None when none is listed, so no CORS header is sent.
@@ -118,6 +109,9 @@ mod tests {
             "https://example.com/console",
             "https://",
             "https://exa mple.com",
+            "http://a:99999",
+            "https://user@example.com",
+            "https://example.com?x",
         ] {
             assert!(parse_origin(bad).is_err(), "{bad}");
         }
@@ -131,6 +125,7 @@ mod tests {
             ("http://localhost:80", "http://localhost"),
             ("http://localhost:443", "http://localhost:443"),
             (" http://localhost:8080", "http://localhost:8080"),
+            ("https://bücher.example", "https://xn--bcher-kva.example"),
         ] {
             assert_eq!(parse_origin(given).unwrap(), sent, "{given}");
         }
