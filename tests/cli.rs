@@ -421,6 +421,26 @@ async fn logs_never_hold_tokens_or_secrets() {
     }
 }
 
+/// A signal sent the moment `serve` says it listens is handled, not fatal: SIGHUP reloads and
+/// SIGTERM drains, so the process exits 0 rather than dying of the signal's default action
+/// (it once did, the handlers being installed only once the server ran).
+#[tokio::test]
+async fn signals_sent_as_soon_as_serve_listens_are_handled() {
+    for _ in 0..5 {
+        let mut child = roomctl(&["serve", "--dev", "--listen", "127.0.0.1:0"])
+            .spawn()
+            .unwrap();
+        listening_addr(&mut child).await;
+        sighup(&child);
+        sigterm(&child);
+        let exit = tokio::time::timeout(PATIENCE, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(exit.success(), "{exit:?}");
+    }
+}
+
 fn sighup(child: &Child) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")

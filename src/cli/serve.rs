@@ -8,6 +8,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
 use super::settings::{LogFormat, ServeArgs, DEV_SECRET};
 use super::{config_file, log_format, log_writer, Failure, SecretArgs};
 use crate::auth::{mint, Claims};
@@ -52,6 +54,7 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
         let addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the bound address: {e}"))?;
+        let signals = Signals::watch().map_err(|e| format!("cannot watch signals: {e}"))?;
         let (rooms, tls) = (config.rooms, config.tls.clone());
         let console = config.console_path.clone();
         // Opened before the node says it listens: a start refused by the store never says so.
@@ -93,8 +96,13 @@ pub fn serve(args: ServeArgs, argv: &[std::ffi::OsString]) -> Result<(), Failure
             );
             let _ = writeln!(std::io::stdout(), "{banner}");
         }
-        let reloads = tokio::spawn(reload_on_sighup(args.secret, server.reloader()));
-        let served = server.run(listener, shutdown_signal()).await;
+        let Signals {
+            terminate,
+            interrupt,
+            hangup,
+        } = signals;
+        let reloads = tokio::spawn(reload_on_sighup(args.secret, server.reloader(), hangup));
+        let served = server.run(listener, shutdown(terminate, interrupt)).await;
         reloads.abort();
         served.map_err(|e| Failure::Other(e.to_string()))
     })
@@ -131,59 +139,53 @@ fn init_tracing(format: LogFormat) -> Result<(log_writer::Flush, log_writer::Log
     Ok((flush, writer))
 }
 
+/// The signals `serve` answers, watched from before it says it listens: one sent as soon as it
+/// does is handled (a drain, a reload) instead of taking its default action, which kills the
+/// process.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn watch() -> std::io::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Re-reads the JWT secret file and the TLS files on every SIGHUP (a key or certificate
 /// rotation). What no longer reads is logged, and what is in use is kept.
-async fn reload_on_sighup(secret: SecretArgs, reloader: Reloader) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot watch SIGHUP; a restart is needed to reload secrets");
-            return;
-        };
-        while hangups.recv().await.is_some() {
-            if secret.jwt_secret_file.is_some() {
-                let reloaded = secret
-                    .load()
-                    .map_err(|f| f.message().to_owned())
-                    .and_then(|keys| reloader.keys(&keys).map(|()| keys));
-                match reloaded {
-                    Ok(keys) => tracing::info!(kids = ?keys.kids(), "SIGHUP: JWT keys reloaded"),
-                    Err(err) => tracing::error!(%err, "SIGHUP: keeping the JWT keys in use"),
-                }
-            }
-            match reloader.tls() {
-                Ok(true) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-                Ok(false) => {}
-                Err(err) => tracing::error!(%err, "SIGHUP: keeping the TLS certificates in use"),
+async fn reload_on_sighup(secret: SecretArgs, reloader: Reloader, mut hangups: Signal) {
+    while hangups.recv().await.is_some() {
+        if secret.jwt_secret_file.is_some() {
+            let reloaded = secret
+                .load()
+                .map_err(|f| f.message().to_owned())
+                .and_then(|keys| reloader.keys(&keys).map(|()| keys));
+            match reloaded {
+                Ok(keys) => tracing::info!(kids = ?keys.kids(), "SIGHUP: JWT keys reloaded"),
+                Err(err) => tracing::error!(%err, "SIGHUP: keeping the JWT keys in use"),
             }
         }
+        match reloader.tls() {
+            Ok(true) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+            Ok(false) => {}
+            Err(err) => tracing::error!(%err, "SIGHUP: keeping the TLS certificates in use"),
+        }
     }
-    #[cfg(not(unix))]
-    let _ = (secret, reloader);
 }
 
 /// Completes on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {},
-                    _ = terminate.recv() => {},
-                }
-            }
-            Err(err) => {
-                tracing::warn!(%err, "cannot watch SIGTERM; only SIGINT stops the server");
-                let _ = interrupt.await;
-            }
-        }
+async fn shutdown(mut terminate: Signal, mut interrupt: Signal) {
+    tokio::select! {
+        _ = terminate.recv() => {},
+        _ = interrupt.recv() => {},
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }
 
 /// Ready-made tokens and grpcurl commands for trying the server by hand, at the address it
