@@ -40,6 +40,7 @@ function showError(e) {
 }
 
 function call(method, request) {
+  if (!token) return Promise.reject(new Error("paste a token first"));
   return unary(method, request, { token });
 }
 
@@ -85,7 +86,8 @@ function useToken(given) {
   else sessionStorage.removeItem(TOKEN_KEY);
   const c = token ? claims(token) : null;
   $("who").textContent = !token ? "no token" :
-    c ? `${c.sub} · ${c.role} · room ${c.room} (as the token says; the node checks it)` : "token set";
+    c ? `${c.sub} · ${c.role} · room ${c.room} (as the token says; the node checks it)` :
+      "not a JWT: the node will refuse it";
   closeRoom();
   $("rooms").tBodies[0].replaceChildren();
   $("more-rooms").hidden = true;
@@ -147,11 +149,13 @@ function closeRoom() {
   $("room-pane").hidden = true;
 }
 
-async function openRoom(id) {
+function openRoom(id) {
   closeRoom();
   const current = {
     id,
     participants: new Map(),
+    // Names of every client seen, departed ones included, for the log's lines.
+    names: new Map(),
     locked: false,
     seq: 0n,
     epoch: "",
@@ -162,14 +166,8 @@ async function openRoom(id) {
   $("events").replaceChildren();
   $("bans").tBodies[0].replaceChildren();
   $("room-pane").hidden = false;
+  render();
   setStream("opening");
-  try {
-    await resync(current, "opened");
-  } catch (e) {
-    setStream("closed", true);
-    showError(e);
-    return;
-  }
   follow(current);
   refreshConnected(current);
   if (claims(token)?.role !== "participant") listBans();
@@ -180,10 +178,20 @@ async function resync(current, why) {
   const snapshot = await call("ListParticipants", { room_id: current.id });
   if (room !== current) return;
   current.participants = new Map(snapshot.participants.map((p) => [p.client_id, p]));
+  for (const p of snapshot.participants) current.names.set(p.client_id, p.name || p.identity);
   current.locked = snapshot.locked;
   current.seq = snapshot.seq;
   current.epoch = snapshot.epoch;
   note(`${why}: snapshot at seq ${snapshot.seq} of epoch ${snapshot.epoch}`);
+  render();
+}
+
+// Forgets what the page showed of the room: it is not known (gone, or not this token's).
+function forget(current) {
+  current.participants.clear();
+  current.locked = false;
+  current.seq = 0n;
+  current.epoch = "";
   render();
 }
 
@@ -194,13 +202,55 @@ function setStream(state, down = false) {
   el.classList.toggle("down", down);
 }
 
-// Follows the room's log from its cursor until the room is closed: resumes after any break,
-// resyncs when the cursor is out of the log's window, stops on a refusal a retry cannot cure.
+// Follows the room until it is closed: a snapshot, then the log from the snapshot's cursor,
+// resumed from the cursor after any break; a new snapshot when the log no longer holds the
+// cursor (and the user is told); waits for a room that does not exist (yet, or again); stops
+// on a refusal a retry cannot cure.
 async function follow(current) {
   const { signal } = current.abort;
   let failures = 0;
+  // The seq the stream broke at, until it is resumed.
   let lost = null;
+  // Why a snapshot must be taken before the next stream, or null.
+  let snapshot = "opened";
+  // Whether the user was told the room does not exist.
+  let missing = false;
+  const pause = async (state) => {
+    setStream(state, true);
+    await sleep(RETRY_MS[Math.min(failures, RETRY_MS.length - 1)], signal);
+    failures += 1;
+  };
   while (!signal.aborted) {
+    if (snapshot) {
+      try {
+        const why = snapshot;
+        await resync(current, why);
+        snapshot = null;
+        lost = null;
+        missing = false;
+        show(why === "opened" ? `room ${current.id} opened` : `room ${current.id}: ${why}`, why !== "opened");
+      } catch (e) {
+        if (signal.aborted) return;
+        if (e.code === NOT_FOUND) {
+          if (!missing) {
+            forget(current);
+            note(`${e.describe()}; waiting for it (a room exists from its first join)`);
+            showError(e);
+            missing = true;
+          }
+          await pause("waiting for the room");
+        } else if (FINAL.has(e.code)) {
+          forget(current);
+          setStream("refused", true);
+          note(`refused: ${e.describe()}`);
+          showError(e);
+          return;
+        } else {
+          await pause("reconnecting");
+        }
+        continue;
+      }
+    }
     try {
       await invoke("Events", { room_id: current.id, after_seq: current.seq, epoch: current.epoch }, {
         token,
@@ -209,6 +259,7 @@ async function follow(current) {
           setStream("live");
           if (lost !== null) {
             note(`resumed after seq ${lost} of epoch ${current.epoch}: nothing missed`);
+            show(`room ${current.id}: live again, nothing missed`);
             lost = null;
           }
           failures = 0;
@@ -219,48 +270,45 @@ async function follow(current) {
     } catch (e) {
       if (signal.aborted) return;
       if (e.code === OUT_OF_RANGE) {
-        const missed = `seq ${current.seq} of epoch ${current.epoch}`;
-        try {
-          await resync(current, `resynced: the room's log no longer holds ${missed}; events were missed`);
-          setStream("resynced");
-          show(`resynced from a snapshot: the log no longer held ${missed}`, true);
-        } catch (again) {
-          showError(again);
-          await sleep(RETRY_MS.at(-1), signal);
-        }
-        continue;
-      }
-      if (FINAL.has(e.code)) {
-        setStream(e.code === NOT_FOUND ? "room gone" : "refused", true);
-        note(`stream refused: ${e.describe()}`);
+        snapshot = `resynced: the room's log no longer holds seq ${current.seq} of epoch ${current.epoch}; events were missed`;
+      } else if (e.code === NOT_FOUND) {
+        snapshot = `resynced: the room was forgotten and began again; events were missed`;
+      } else if (FINAL.has(e.code)) {
+        setStream("refused", true);
+        note(`stream refused: ${e.describe()}; what is shown is a snapshot and will not change`);
         showError(e);
         return;
+      } else {
+        if (lost === null) {
+          lost = current.seq;
+          note(`stream lost (${e.describe()}); resuming after seq ${current.seq}`);
+        }
+        await pause("reconnecting");
       }
-      if (lost === null) {
-        lost = current.seq;
-        note(`stream lost (${e.describe()}); resuming after seq ${current.seq}`);
-      }
-      setStream("reconnecting", true);
-      await sleep(RETRY_MS[Math.min(failures, RETRY_MS.length - 1)], signal);
-      failures += 1;
     }
   }
 }
 
+// A client as the log names it: its name, if the page saw it, and the start of its id.
+function who(current, clientId) {
+  const name = current.names.get(clientId);
+  return name ? `${name} (${clientId.slice(0, 8)})` : clientId;
+}
+
+function outcomes(current, results) {
+  return results.map((r) => `${who(current, r.client_id)} ${shortEnum(r.outcome, "DROP_OUTCOME_")}`).join(", ");
+}
+
 const DESCRIBE = {
-  user_connected: (e) => {
-    const p = e.participant;
-    return `${p.name || p.identity} (${p.client_id}) joined as ${shortEnum(p.role, "ROLE_")}`;
-  },
-  user_disconnected: (e) => `${e.client_id} left: ${shortEnum(e.reason, "DISCONNECT_REASON_")}`,
-  room_disconnected: (e) =>
-    `${e.client_id} was told: ${shortEnum(e.reason, "DISCONNECT_REASON_")} "${e.message}"`,
-  ack_drop_user: (e) => `drop ${e.request_id} by ${e.moderator} acknowledged: ` +
-    e.results.map((r) => `${r.client_id} ${shortEnum(r.outcome, "DROP_OUTCOME_")}`).join(", "),
+  user_connected: (e, c) => `${who(c, e.participant.client_id)} joined as ${shortEnum(e.participant.role, "ROLE_")}`,
+  user_disconnected: (e, c) => `${who(c, e.client_id)} left: ${shortEnum(e.reason, "DISCONNECT_REASON_")}`,
+  room_disconnected: (e, c) =>
+    `${who(c, e.client_id)} was told: ${shortEnum(e.reason, "DISCONNECT_REASON_")} "${e.message}"`,
+  ack_drop_user: (e, c) => `drop ${e.request_id} by ${e.moderator} acknowledged: ${outcomes(c, e.results)}`,
   room_locked: (e) => `locked by ${e.moderator}`,
   room_unlocked: (e) => `unlocked by ${e.moderator}`,
   session_destroyed: (e) => `session ended by ${e.moderator}: "${e.message}"`,
-  user_banned: (e) => `${e.identity} banned until ${when(e.until)} by ${e.moderator}`,
+  user_banned: (e) => `${e.identity} banned until ${when(e.until)} UTC by ${e.moderator}`,
   user_unbanned: (e) => `${e.identity} unbanned by ${e.moderator}`,
 };
 
@@ -276,7 +324,12 @@ function apply(current, event) {
   const kind = event.payload;
   const body = event[kind];
   switch (kind) {
-    case "user_connected": current.participants.set(body.participant.client_id, body.participant); break;
+    case "user_connected": {
+      const p = body.participant;
+      current.participants.set(p.client_id, p);
+      current.names.set(p.client_id, p.name || p.identity);
+      break;
+    }
     case "user_disconnected": current.participants.delete(body.client_id); break;
     case "room_locked": current.locked = true; break;
     case "room_unlocked": current.locked = false; break;
@@ -292,7 +345,8 @@ function apply(current, event) {
   const describe = DESCRIBE[kind] ?? (() => "an event this console does not know");
   li.dataset.epoch = event.epoch;
   li.title = `seq ${event.seq} of epoch ${event.epoch}`;
-  li.textContent = `#${event.seq} ${event.epoch.slice(0, 8)} ${when(event.time)} ${kind}: ${describe(body)}`;
+  const time = event.time ? `${event.time.toISOString().slice(11, 19)}Z` : "";
+  li.textContent = `#${event.seq} ${event.epoch.slice(0, 8)} ${time} ${kind}: ${describe(body, current)}`;
   $("events").append(li);
   li.scrollIntoView({ block: "nearest" });
   render();
@@ -307,9 +361,10 @@ function note(text) {
 
 function render() {
   if (!room) return;
-  $("lock-state").textContent = room.locked ? "locked" : "open";
-  $("cursor-seq").textContent = String(room.seq);
-  $("cursor-epoch").textContent = room.epoch;
+  const known = room.epoch !== "";
+  $("lock-state").textContent = !known ? "unknown" : room.locked ? "locked" : "open";
+  $("cursor-seq").textContent = known ? String(room.seq) : "-";
+  $("cursor-epoch").textContent = known ? room.epoch : "-";
   const body = $("participants").tBodies[0];
   body.replaceChildren();
   for (const p of room.participants.values()) {
@@ -353,8 +408,17 @@ async function act(label, method, request, summary) {
   }
 }
 
-function drop(clientId) {
-  const ban = Number($("ban-seconds").value) || 0;
+const MAX_BAN_SECONDS = 2592000;
+
+async function drop(clientId) {
+  const text = $("ban-seconds").value.trim();
+  const ban = text === "" ? 0 : Number(text);
+  if (!Number.isInteger(ban) || ban < 0 || ban > MAX_BAN_SECONDS) {
+    show(`Ban for: a whole number of seconds, 0 (no ban) to ${MAX_BAN_SECONDS} (30 days)`, true);
+    return;
+  }
+  const name = who(room, clientId);
+  if (ban > 0 && !window.confirm(`Drop ${name} and ban them from ${room.id} for ${ban} s?`)) return;
   const request = {
     room_id: room.id,
     client_ids: [clientId],
@@ -362,9 +426,10 @@ function drop(clientId) {
     request_id: requestId(),
     ban_seconds: ban,
   };
-  return act("DropUser", "DropUser", request, (a) =>
-    `${a.request_id}: ` +
-    a.results.map((r) => `${r.client_id} ${shortEnum(r.outcome, "DROP_OUTCOME_")}`).join(", "));
+  const current = room;
+  await act("DropUser", "DropUser", request, (a) => `${a.request_id}: ${outcomes(current, a.results)}`);
+  // A ban is for this drop: the next one bans only if asked again.
+  $("ban-seconds").value = "0";
 }
 
 $("lock").addEventListener("click", () =>

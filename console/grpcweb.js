@@ -52,7 +52,15 @@ class Writer {
   finish() { return Uint8Array.from(this.bytes); }
 }
 
-function scalarVarint(kind, value, enumType) {
+const UNSIGNED = new Set(["uint32", "uint64", "fixed32", "fixed64"]);
+
+function scalarVarint(field, value) {
+  const { kind, type: enumType } = field;
+  if (!["bool", "enum"].includes(kind)) {
+    const whole = typeof value === "bigint" || Number.isInteger(value);
+    if (!whole) throw new Error(`${field.name}: ${value} is not a whole number`);
+    if (UNSIGNED.has(kind) && value < 0) throw new Error(`${field.name}: ${value} is below 0`);
+  }
   switch (kind) {
     case "bool": return value ? 1 : 0;
     case "enum": {
@@ -83,7 +91,7 @@ function encodeValue(w, field, value) {
     case "message": w.tag(field.number, 2); w.chunk(encode(field.type, value)); break;
     case "double": case "float": case "fixed32": case "fixed64": case "sfixed32": case "sfixed64":
       throw new Error(`the console does not send ${field.kind} fields`);
-    default: w.tag(field.number, 0); w.varint(scalarVarint(field.kind, value, field.type));
+    default: w.tag(field.number, 0); w.varint(scalarVarint(field, value));
   }
 }
 
@@ -273,6 +281,8 @@ function trailerFields(bytes) {
 export async function invoke(method, request, { token, signal, onOpen, onMessage }) {
   const m = schema.methods[method];
   if (!m) throw new Error(`unknown method ${method}`);
+  // A request the page cannot encode is the page's error, not the network's.
+  const body = frame(encode(m.input, request));
   let response;
   try {
     response = await fetch(m.path, {
@@ -282,7 +292,7 @@ export async function invoke(method, request, { token, signal, onOpen, onMessage
         "x-grpc-web": "1",
         authorization: `Bearer ${token}`,
       },
-      body: frame(encode(m.input, request)),
+      body,
       signal,
       cache: "no-store",
     });
