@@ -13,10 +13,15 @@ const NOT_FOUND = 5;
 const FINAL = new Set([3, 5, 7, 16]);
 const RETRY_MS = [250, 500, 1000, 2000, 4000];
 const CONNECTED_REFRESH_MS = 5000;
+// The event log keeps this many lines, the oldest dropped first: a busy room must not grow the
+// page without bound.
+const MAX_LOG_LINES = 1000;
 
 let token = sessionStorage.getItem(TOKEN_KEY) ?? "";
 let room = null;
 let roomsPage = "";
+let listingRooms = false;
+let bansAsked = 0;
 
 // ---- small helpers ----
 
@@ -54,7 +59,8 @@ function shortEnum(value, prefix) {
 }
 
 function when(date) {
-  return date ? date.toISOString().replace("T", " ").slice(0, 19) : "";
+  if (!date) return "";
+  return Number.isNaN(date.getTime()) ? "(out of range)" : date.toISOString().replace("T", " ").slice(0, 19);
 }
 
 function cell(row, text, className) {
@@ -88,6 +94,11 @@ function useToken(given) {
   $("who").textContent = !token ? "no token" :
     c ? `${c.sub} · ${c.role} · room ${c.room} (as the token says; the node checks it)` :
       "not a JWT: the node will refuse it";
+  // A new token for the room on show (the old one expired): go on from the page's cursor.
+  if (room && c && (c.room === room.id || c.room === "*") && room.epoch !== "") {
+    follow(room, { resumeWith: "a new token" });
+    return;
+  }
   closeRoom();
   $("rooms").tBodies[0].replaceChildren();
   $("more-rooms").hidden = true;
@@ -110,6 +121,8 @@ $("forget-token").addEventListener("click", () => useToken(""));
 // ---- rooms ----
 
 async function listRooms(fresh) {
+  if (listingRooms) return;
+  listingRooms = true;
   if (fresh) {
     roomsPage = "";
     $("rooms").tBodies[0].replaceChildren();
@@ -130,6 +143,8 @@ async function listRooms(fresh) {
     show(`${body.rows.length} room(s)`);
   } catch (e) {
     showError(e);
+  } finally {
+    listingRooms = false;
   }
 }
 
@@ -144,7 +159,7 @@ $("open-form").addEventListener("submit", (e) => {
 // ---- one room ----
 
 function closeRoom() {
-  room?.abort.abort();
+  room?.following?.abort();
   room = null;
   $("room-pane").hidden = true;
 }
@@ -159,7 +174,10 @@ function openRoom(id) {
     locked: false,
     seq: 0n,
     epoch: "",
-    abort: new AbortController(),
+    // Ends the room's stream and refresh: on close, or when a new token takes over.
+    following: null,
+    // Ends the current stream attempt alone, to resume from the cursor.
+    attempt: null,
   };
   room = current;
   $("room-id").textContent = id;
@@ -168,8 +186,7 @@ function openRoom(id) {
   $("room-pane").hidden = false;
   render();
   setStream("opening");
-  follow(current);
-  refreshConnected(current);
+  follow(current, { snapshot: "opened" });
   if (claims(token)?.role !== "participant") listBans();
 }
 
@@ -206,13 +223,20 @@ function setStream(state, down = false) {
 // resumed from the cursor after any break; a new snapshot when the log no longer holds the
 // cursor (and the user is told); waits for a room that does not exist (yet, or again); stops
 // on a refusal a retry cannot cure.
-async function follow(current) {
-  const { signal } = current.abort;
+function follow(current, { snapshot = null, resumeWith = null }) {
+  current.following?.abort();
+  current.following = new AbortController();
+  const { signal } = current.following;
+  refreshConnected(current, signal);
+  return stream(current, signal, snapshot, resumeWith);
+}
+
+async function stream(current, signal, firstSnapshot, resumeWith) {
   let failures = 0;
   // The seq the stream broke at, until it is resumed.
-  let lost = null;
+  let lost = resumeWith ? current.seq : null;
   // Why a snapshot must be taken before the next stream, or null.
-  let snapshot = "opened";
+  let snapshot = firstSnapshot;
   // Whether the user was told the room does not exist.
   let missing = false;
   const pause = async (state) => {
@@ -251,16 +275,20 @@ async function follow(current) {
         continue;
       }
     }
+    current.attempt = new AbortController();
+    const attempt = current.attempt.signal;
     try {
       await invoke("Events", { room_id: current.id, after_seq: current.seq, epoch: current.epoch }, {
         token,
-        signal,
+        signal: AbortSignal.any([signal, attempt]),
         onOpen: () => {
           setStream("live");
           if (lost !== null) {
-            note(`resumed after seq ${lost} of epoch ${current.epoch}: nothing missed`);
+            const how = resumeWith ? ` with ${resumeWith}` : "";
+            note(`resumed${how} after seq ${lost} of epoch ${current.epoch}: nothing missed`);
             show(`room ${current.id}: live again, nothing missed`);
             lost = null;
+            resumeWith = null;
           }
           failures = 0;
         },
@@ -269,6 +297,8 @@ async function follow(current) {
       // Ended OK (the session ended, or the node let it go): go on from the cursor.
     } catch (e) {
       if (signal.aborted) return;
+      // Restarted on purpose (a stream fallen silent): resume from the cursor at once.
+      if (attempt.aborted) continue;
       if (e.code === OUT_OF_RANGE) {
         snapshot = `resynced: the room's log no longer holds seq ${current.seq} of epoch ${current.epoch}; events were missed`;
       } else if (e.code === NOT_FOUND) {
@@ -347,8 +377,7 @@ function apply(current, event) {
   li.title = `seq ${event.seq} of epoch ${event.epoch}`;
   const time = event.time ? `${event.time.toISOString().slice(11, 19)}Z` : "";
   li.textContent = `#${event.seq} ${event.epoch.slice(0, 8)} ${time} ${kind}: ${describe(body, current)}`;
-  $("events").append(li);
-  li.scrollIntoView({ block: "nearest" });
+  log(li);
   render();
 }
 
@@ -356,11 +385,38 @@ function note(text) {
   const li = document.createElement("li");
   li.className = "note";
   li.textContent = text;
-  $("events").append(li);
+  log(li);
+  render();
 }
 
+// Adds a line to the event log, dropping the oldest past MAX_LOG_LINES.
+function log(li) {
+  const lines = $("events");
+  lines.append(li);
+  while (lines.childElementCount > MAX_LOG_LINES) lines.firstElementChild.remove();
+}
+
+// Whether the log follows its newest line: not while the user scrolls back through it.
+let logFollows = true;
+$("events").addEventListener("scroll", () => {
+  const lines = $("events");
+  logFollows = lines.scrollHeight - lines.scrollTop - lines.clientHeight < 40;
+});
+
+// Redraws at most once a frame, however many events arrive: a burst of joins costs one redraw.
+let drawing = false;
 function render() {
+  if (drawing) return;
+  drawing = true;
+  requestAnimationFrame(() => {
+    drawing = false;
+    draw();
+  });
+}
+
+function draw() {
   if (!room) return;
+  if (logFollows) $("events").scrollTop = $("events").scrollHeight;
   const known = room.epoch !== "";
   $("lock-state").textContent = !known ? "unknown" : room.locked ? "locked" : "open";
   $("cursor-seq").textContent = known ? String(room.seq) : "-";
@@ -381,14 +437,28 @@ function render() {
 }
 
 // `connected` changes with streams, not events: re-read it from snapshots that match the cursor.
-async function refreshConnected(current) {
-  const { signal } = current.abort;
+// A snapshot ahead of the cursor twice running, with no event in between, means the stream may
+// have fallen silent (a connection dead without a word): it is restarted from the cursor, which
+// costs nothing if it was only that the newest events are not this token's to see.
+async function refreshConnected(current, signal) {
+  let behindAt = null;
   while (!signal.aborted) {
     await sleep(CONNECTED_REFRESH_MS, signal);
     if (signal.aborted || $("stream-state").textContent !== "live") continue;
     try {
       const snapshot = await call("ListParticipants", { room_id: current.id });
-      if (room !== current || snapshot.seq !== current.seq || snapshot.epoch !== current.epoch) continue;
+      if (room !== current || snapshot.epoch !== current.epoch) continue;
+      if (snapshot.seq > current.seq) {
+        if (behindAt === current.seq) {
+          current.attempt?.abort();
+          behindAt = null;
+        } else {
+          behindAt = current.seq;
+        }
+        continue;
+      }
+      behindAt = null;
+      if (snapshot.seq !== current.seq) continue;
       for (const p of snapshot.participants) current.participants.set(p.client_id, p);
       render();
     } catch {
@@ -446,9 +516,11 @@ $("end-session").addEventListener("click", () => {
 async function listBans() {
   if (!room) return;
   const current = room;
+  // Only the newest request's answer is shown: answers may come back out of order.
+  const asked = ++bansAsked;
   try {
     const answer = await call("ListBans", { room_id: current.id });
-    if (room !== current) return;
+    if (room !== current || asked !== bansAsked) return;
     const body = $("bans").tBodies[0];
     body.replaceChildren();
     for (const ban of answer.bans) {

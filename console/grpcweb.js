@@ -52,14 +52,26 @@ class Writer {
   finish() { return Uint8Array.from(this.bytes); }
 }
 
-const UNSIGNED = new Set(["uint32", "uint64", "fixed32", "fixed64"]);
+// The range of each integer kind, so a value out of it is refused here instead of being cut
+// to its low bits by the node's decoder.
+const RANGE = {
+  int32: [-(2n ** 31n), 2n ** 31n - 1n],
+  sint32: [-(2n ** 31n), 2n ** 31n - 1n],
+  uint32: [0n, 2n ** 32n - 1n],
+  int64: [-(2n ** 63n), 2n ** 63n - 1n],
+  sint64: [-(2n ** 63n), 2n ** 63n - 1n],
+  uint64: [0n, 2n ** 64n - 1n],
+};
 
 function scalarVarint(field, value) {
   const { kind, type: enumType } = field;
   if (!["bool", "enum"].includes(kind)) {
     const whole = typeof value === "bigint" || Number.isInteger(value);
     if (!whole) throw new Error(`${field.name}: ${value} is not a whole number`);
-    if (UNSIGNED.has(kind) && value < 0) throw new Error(`${field.name}: ${value} is below 0`);
+    const [low, high] = RANGE[kind];
+    if (BigInt(value) < low || BigInt(value) > high) {
+      throw new Error(`${field.name}: ${value} is out of the range of a ${kind}`);
+    }
   }
   switch (kind) {
     case "bool": return value ? 1 : 0;
@@ -152,7 +164,8 @@ class Reader {
 }
 
 function defaultOf(field) {
-  if (field.map) return {};
+  // A map has no prototype: a key such as `__proto__` is a key like any other.
+  if (field.map) return Object.create(null);
   if (field.repeated) return [];
   if (field.oneof || field.kind === "message") return undefined;
   switch (field.kind) {
@@ -278,27 +291,37 @@ function trailerFields(bytes) {
 // Calls `method` with `request`, tells `onOpen` once the node has taken the call, and hands
 // each answer to `onMessage`; resolves when the call ends OK, rejects with a GrpcError otherwise (a network failure is UNAVAILABLE, as a native
 // client would say). `signal` cancels it.
-export async function invoke(method, request, { token, signal, onOpen, onMessage }) {
+export async function invoke(method, request, { token, signal, timeoutMs, onOpen, onMessage }) {
   const m = schema.methods[method];
   if (!m) throw new Error(`unknown method ${method}`);
   // A request the page cannot encode is the page's error, not the network's.
   const body = frame(encode(m.input, request));
+  const headers = {
+    "content-type": "application/grpc-web+proto",
+    "x-grpc-web": "1",
+    authorization: `Bearer ${token}`,
+  };
+  // A deadline, for the node (grpc-timeout) and for the page, which may otherwise wait
+  // forever on a connection that died without a word.
+  const deadline = timeoutMs ? AbortSignal.timeout(timeoutMs) : null;
+  if (timeoutMs) headers["grpc-timeout"] = `${timeoutMs}m`;
+  const signals = [signal, deadline].filter(Boolean);
+  const ended = (e, what) => {
+    if (deadline?.aborted) return new GrpcError(4, `no answer within ${timeoutMs / 1000} s`);
+    if (signal?.aborted) return new GrpcError(1, "cancelled");
+    return new GrpcError(14, `${what}: ${e.message}`);
+  };
   let response;
   try {
     response = await fetch(m.path, {
       method: "POST",
-      headers: {
-        "content-type": "application/grpc-web+proto",
-        "x-grpc-web": "1",
-        authorization: `Bearer ${token}`,
-      },
+      headers,
       body,
-      signal,
+      signal: signals.length ? AbortSignal.any(signals) : undefined,
       cache: "no-store",
     });
   } catch (e) {
-    if (signal?.aborted) throw new GrpcError(1, "cancelled");
-    throw new GrpcError(14, `cannot reach the node: ${e.message}`);
+    throw ended(e, "cannot reach the node");
   }
   const early = statusOf((name) => response.headers.get(name));
   if (early && early.code !== 0) throw new GrpcError(early.code, early.message, early.info);
@@ -325,22 +348,32 @@ export async function invoke(method, request, { token, signal, onOpen, onMessage
           const fields = trailerFields(body);
           status = statusOf((name) => fields.get(name));
         } else {
-          onMessage(decode(m.output, body));
+          let message;
+          try {
+            message = decode(m.output, body);
+          } catch (e) {
+            throw new GrpcError(13, `the page could not read an answer: ${e.message}`);
+          }
+          onMessage(message);
         }
       }
     }
   } catch (e) {
-    if (signal?.aborted) throw new GrpcError(1, "cancelled");
-    throw new GrpcError(14, `the connection to the node was lost: ${e.message}`);
+    if (e instanceof GrpcError) throw e;
+    throw ended(e, "the connection to the node was lost");
   }
   if (!status) throw new GrpcError(14, "the node closed the call without a status");
   if (status.code !== 0) throw new GrpcError(status.code, status.message, status.info);
 }
 
+// How long a unary call may take before the page gives up on it (DEADLINE_EXCEEDED).
+const UNARY_TIMEOUT_MS = 15000;
+
 // A unary call: its one answer.
 export async function unary(method, request, options) {
   let answer;
-  await invoke(method, request, { ...options, onMessage: (m) => { answer = m; } });
+  const timeoutMs = options.timeoutMs ?? UNARY_TIMEOUT_MS;
+  await invoke(method, request, { ...options, timeoutMs, onMessage: (m) => { answer = m; } });
   if (answer === undefined) throw new GrpcError(13, "the node sent no answer");
   return answer;
 }

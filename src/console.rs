@@ -125,7 +125,11 @@ impl Console {
         let mut response = if request.method() == Method::GET {
             Response::new(Body::new(Full::new(body)))
         } else if request.method() == Method::HEAD {
-            Response::new(Body::empty())
+            let mut response = Response::new(Body::empty());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            response
         } else {
             let mut response = Response::new(Body::new(Full::new(Bytes::from_static(
                 b"method not allowed\n",

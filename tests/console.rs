@@ -9,6 +9,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::browser::Browser;
 use common::redis_server::{redis_available, RedisServer};
@@ -16,6 +17,7 @@ use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use prost::bytes::Bytes;
+use roomctl::auth::{mint, Claims};
 use roomctl::pb::{self, event::Payload};
 use roomctl::server::{ServerConfig, StoreConfig};
 use tonic::Code;
@@ -280,6 +282,60 @@ async fn a_room_opened_before_it_exists_appears_once_joined_and_a_forbidden_one_
 }
 
 #[tokio::test]
+async fn a_burst_of_joins_is_shown_whole_and_the_log_stays_bounded() {
+    let Some((mut browser, node, _)) = demo_with_bob().await else {
+        return;
+    };
+    sign_in(&mut browser, node.addr, "alice", "moderator").await;
+    browser.wait_text("#stream-state", "live").await;
+    // More events than the page's log keeps (1,000 lines), as fast as one client sends them.
+    let mut service = node.client("ops", "*", "service").await;
+    let mut last = 0;
+    for n in 0..1100 {
+        let request = pb::JoinRequest {
+            room_id: "demo".into(),
+            name: format!("guest-{n}"),
+            identity: format!("guest-{n}"),
+            ..Default::default()
+        };
+        last = service.join(request).await.unwrap().into_inner().seq;
+    }
+    browser.wait_text("#cursor-seq", &last.to_string()).await;
+    browser.wait_text("#participants", "guest-1099").await;
+    assert_eq!(browser.texts("#participants tbody tr").await.len(), 1101);
+    assert_eq!(browser.texts("#events li").await.len(), 1000);
+    assert_eq!(logged_seqs(&mut browser).await.last(), Some(&last));
+    assert_clean(&mut browser, &[]).await;
+}
+
+#[tokio::test]
+async fn a_new_token_for_the_room_resumes_where_the_expired_one_stopped() {
+    let Some((mut browser, node, _)) = demo_with_bob().await else {
+        return;
+    };
+    assert_eq!(browser.goto(&console_url(node.addr)).await, 200);
+    let soon = Claims::new("alice", "demo", "moderator", Duration::from_secs(3));
+    browser.fill("#token", &mint(SECRET, &soon)).await;
+    browser.click("#use-token").await;
+    browser.wait_text("#stream-state", "live").await;
+    // The stream ends UNAUTHENTICATED with the token; the room goes on meanwhile.
+    browser.wait_text("#stream-state", "refused").await;
+    browser.wait_text("#result", "UNAUTHENTICATED").await;
+    let (_, carol) = native_join(node.addr, "demo", "carol").await;
+    browser
+        .fill("#token", &token("alice", "demo", "moderator"))
+        .await;
+    browser.click("#use-token").await;
+    browser.wait_text(&row(&carol.client_id), "carol").await;
+    browser
+        .wait_text("#events li", "resumed with a new token")
+        .await;
+    let seqs = logged_seqs(&mut browser).await;
+    assert_eq!(seqs.last(), Some(&carol.seq));
+    assert_clean(&mut browser, &[]).await;
+}
+
+#[tokio::test]
 async fn a_service_token_lists_rooms_page_by_page() {
     let Some(mut browser) = Browser::start().await else {
         return;
@@ -379,6 +435,12 @@ async fn the_page_resyncs_and_says_so_when_the_log_moved_past_it() {
     );
     let seqs = logged_seqs(&mut browser).await;
     assert_eq!(seqs.last(), Some(&last));
+    let log = browser.texts("#events li").await;
+    let resynced = log.iter().position(|l| l.contains("resynced")).unwrap();
+    assert!(
+        !log[resynced..].iter().any(|l| l.contains("nothing missed")),
+        "a resync is no resume: {log:#?}"
+    );
     assert_clean(&mut browser, &["ERR_CONNECTION_REFUSED"]).await;
 }
 
@@ -536,6 +598,8 @@ async fn the_console_is_served_only_when_asked_with_its_security_headers() {
         (status, &headers["allow"]),
         (405, &"GET, HEAD".parse().unwrap())
     );
-    let (status, _, body) = http(node.addr, "HEAD", CONSOLE).await;
+    let (_, _, page) = http(node.addr, "GET", CONSOLE).await;
+    let (status, headers, body) = http(node.addr, "HEAD", CONSOLE).await;
     assert_eq!((status, body.len()), (200, 0));
+    assert_eq!(headers["content-length"], page.len().to_string().as_str());
 }
