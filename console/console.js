@@ -441,16 +441,24 @@ function draw() {
 // have fallen silent (a connection dead without a word): it is restarted from the cursor, which
 // costs nothing if it was only that the newest events are not this token's to see.
 async function refreshConnected(current, signal) {
+  // The cursor when the room was first seen ahead of it.
   let behindAt = null;
+  // A restart made at `cursor` for a room at `target`: if it brings nothing, the events up to
+  // `target` are not this token's to see (another moderator's ack), and no restart is due.
+  let restarted = null;
+  let unseenUpTo = 0n;
   while (!signal.aborted) {
     await sleep(CONNECTED_REFRESH_MS, signal);
     if (signal.aborted || $("stream-state").textContent !== "live") continue;
     try {
       const snapshot = await call("ListParticipants", { room_id: current.id });
       if (room !== current || snapshot.epoch !== current.epoch) continue;
-      if (snapshot.seq > current.seq) {
+      if (restarted && current.seq === restarted.cursor) unseenUpTo = restarted.target;
+      restarted = null;
+      if (snapshot.seq > current.seq && snapshot.seq > unseenUpTo) {
         if (behindAt === current.seq) {
           current.attempt?.abort();
+          restarted = { cursor: current.seq, target: snapshot.seq };
           behindAt = null;
         } else {
           behindAt = current.seq;

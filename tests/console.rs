@@ -152,7 +152,7 @@ async fn a_moderator_watches_a_room_and_drops_a_participant() {
     let gone = kinds.iter().position(|k| k == "user_disconnected");
     let ack = kinds.iter().position(|k| k == "ack_drop_user");
     assert!(gone.is_some() && gone < ack, "{kinds:?}");
-    assert!(browser.texts(&row(&joined.client_id)).await.is_empty());
+    browser.wait_count(&row(&joined.client_id), 0).await;
     // docs/console.png is this page: `ROOMCTL_CONSOLE_SCREENSHOT=docs/console.png cargo test
     // --test console a_moderator` takes it again.
     if let Some(path) = std::env::var_os("ROOMCTL_CONSOLE_SCREENSHOT") {
@@ -224,10 +224,7 @@ async fn a_participant_is_refused_5116_and_a_moderator_locks_bans_and_ends_the_s
     browser.click("#end-session").await;
     browser.wait_text("#events li", "session_destroyed").await;
     browser.wait_text("#result", "ended at seq").await;
-    let emptied = browser
-        .eval("document.querySelectorAll('#participants tbody tr').length")
-        .await;
-    assert_eq!(emptied, 0);
+    browser.wait_count("#participants tbody tr", 0).await;
     let mut service = node.client("ops", "*", "service").await;
     let left = service
         .list_participants(pb::ListParticipantsRequest {
@@ -260,9 +257,9 @@ async fn a_room_opened_before_it_exists_appears_once_joined_and_a_forbidden_one_
     browser.click("#open-form button").await;
     browser.wait_text("#stream-state", "refused").await;
     browser.wait_text("#result", "PERMISSION_DENIED").await;
-    assert_eq!(browser.texts("#participants tbody tr").await.len(), 0);
-    assert_eq!(browser.texts("#lock-state").await, ["unknown"]);
-    assert_eq!(browser.texts("#cursor-seq").await, ["-"]);
+    browser.wait_count("#participants tbody tr", 0).await;
+    browser.wait_text("#lock-state", "unknown").await;
+    browser.wait_text("#cursor-seq", "-").await;
 
     // A ban the page cannot send is refused by the page, before any call.
     browser.fill("#open-room", "demo").await;
@@ -302,7 +299,7 @@ async fn a_burst_of_joins_is_shown_whole_and_the_log_stays_bounded() {
     }
     browser.wait_text("#cursor-seq", &last.to_string()).await;
     browser.wait_text("#participants", "guest-1099").await;
-    assert_eq!(browser.texts("#participants tbody tr").await.len(), 1101);
+    browser.wait_count("#participants tbody tr", 1101).await;
     assert_eq!(browser.texts("#events li").await.len(), 1000);
     assert_eq!(logged_seqs(&mut browser).await.last(), Some(&last));
     assert_clean(&mut browser, &[]).await;
@@ -429,10 +426,9 @@ async fn the_page_resyncs_and_says_so_when_the_log_moved_past_it() {
     };
     browser.wait_text("#events li", "resynced").await;
     browser.wait_text("#result", "events were missed").await;
-    assert_eq!(
-        browser.texts("#participants tbody tr").await.len(),
-        2 + 5 + 1
-    );
+    browser
+        .wait_count("#participants tbody tr", 2 + 5 + 1)
+        .await;
     let seqs = logged_seqs(&mut browser).await;
     assert_eq!(seqs.last(), Some(&last));
     let log = browser.texts("#events li").await;

@@ -45,6 +45,13 @@ const commands = {
       [selector, text],
       { timeout },
     ).then(() => null),
+  // Waits until `selector` matches exactly `count` elements.
+  waitCount: ({ selector, count, timeout }) =>
+    page.waitForFunction(
+      ([s, n]) => document.querySelectorAll(s).length === n,
+      [selector, count],
+      { timeout },
+    ).then(() => null),
   // An expression evaluated in the page (an async one is awaited).
   eval: ({ expression }) => page.evaluate(expression),
   sessionStorage: () => page.evaluate(() => JSON.stringify(sessionStorage)),

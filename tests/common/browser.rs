@@ -147,6 +147,18 @@ impl Browser {
         }
     }
 
+    /// Waits until `selector` matches exactly `count` elements; fails the test, with how many
+    /// it matches, if it does not within the patience.
+    pub async fn wait_count(&mut self, selector: &str, count: usize) {
+        let timeout = PATIENCE.as_millis() as u64;
+        let command =
+            json!({"op": "waitCount", "selector": selector, "count": count, "timeout": timeout});
+        if let Err(e) = self.try_run(command).await {
+            let found = self.texts(selector).await.len();
+            panic!("{selector} matches {found}, not {count} ({e})");
+        }
+    }
+
     /// The text of every element `selector` matches.
     pub async fn texts(&mut self, selector: &str) -> Vec<String> {
         let value = self.run(json!({"op": "texts", "selector": selector})).await;
