@@ -182,6 +182,8 @@ function openRoom(id) {
   room = current;
   $("room-id").textContent = id;
   $("events").replaceChildren();
+  logFollows = true;
+  logTop = 0;
   $("bans").tBodies[0].replaceChildren();
   $("room-pane").hidden = false;
   render();
@@ -396,11 +398,15 @@ function log(li) {
   while (lines.childElementCount > MAX_LOG_LINES) lines.firstElementChild.remove();
 }
 
-// Whether the log follows its newest line: not while the user scrolls back through it.
+// Whether the log follows its newest line: not while the user scrolls back through it. Lines
+// added since the page last scrolled it are no sign of that, only a move up from where the
+// page put it is; a move back to the bottom follows again.
 let logFollows = true;
+let logTop = 0;
 $("events").addEventListener("scroll", () => {
   const lines = $("events");
-  logFollows = lines.scrollHeight - lines.scrollTop - lines.clientHeight < 40;
+  if (lines.scrollHeight - lines.scrollTop - lines.clientHeight < 40) logFollows = true;
+  else if (lines.scrollTop < logTop - 2) logFollows = false;
 });
 
 // Redraws at most once a frame, however many events arrive: a burst of joins costs one redraw.
@@ -416,7 +422,11 @@ function render() {
 
 function draw() {
   if (!room) return;
-  if (logFollows) $("events").scrollTop = $("events").scrollHeight;
+  if (logFollows) {
+    const lines = $("events");
+    lines.scrollTop = lines.scrollHeight;
+    logTop = lines.scrollTop;
+  }
   const known = room.epoch !== "";
   $("lock-state").textContent = !known ? "unknown" : room.locked ? "locked" : "open";
   $("cursor-seq").textContent = known ? String(room.seq) : "-";
@@ -467,8 +477,13 @@ async function refreshConnected(current, signal) {
       }
       behindAt = null;
       if (snapshot.seq !== current.seq) continue;
-      for (const p of snapshot.participants) current.participants.set(p.client_id, p);
-      render();
+      // Redrawn only when a flag changed: a redraw of a big room costs, and eats clicks.
+      let changed = false;
+      for (const p of snapshot.participants) {
+        changed ||= current.participants.get(p.client_id)?.connected !== p.connected;
+        current.participants.set(p.client_id, p);
+      }
+      if (changed) render();
     } catch {
       // The stream reports the node's troubles; this refresh stays quiet.
     }
@@ -477,21 +492,26 @@ async function refreshConnected(current, signal) {
 
 // ---- actions ----
 
+// Calls `method` and shows its answer or error; whether it succeeded.
 async function act(label, method, request, summary) {
   try {
     const answer = await call(method, request);
     show(`${label}: ${summary(answer)}`);
+    return true;
   } catch (e) {
     showError(e);
+    return false;
   }
 }
 
 const MAX_BAN_SECONDS = 2592000;
 
 async function drop(clientId) {
-  const text = $("ban-seconds").value.trim();
+  const field = $("ban-seconds");
+  const text = field.value.trim();
   const ban = text === "" ? 0 : Number(text);
-  if (!Number.isInteger(ban) || ban < 0 || ban > MAX_BAN_SECONDS) {
+  // A number field reads "" for what is not a number: that is no "0".
+  if (field.validity.badInput || !Number.isInteger(ban) || ban < 0 || ban > MAX_BAN_SECONDS) {
     show(`Ban for: a whole number of seconds, 0 (no ban) to ${MAX_BAN_SECONDS} (30 days)`, true);
     return;
   }
@@ -505,9 +525,9 @@ async function drop(clientId) {
     ban_seconds: ban,
   };
   const current = room;
-  await act("DropUser", "DropUser", request, (a) => `${a.request_id}: ${outcomes(current, a.results)}`);
+  const done = await act("DropUser", "DropUser", request, (a) => `${a.request_id}: ${outcomes(current, a.results)}`);
   // A ban is for this drop: the next one bans only if asked again.
-  $("ban-seconds").value = "0";
+  if (done) field.value = "0";
 }
 
 $("lock").addEventListener("click", () =>

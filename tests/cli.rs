@@ -197,11 +197,7 @@ async fn dev_server_prints_tokens_and_drains_on_sigterm() {
     sigterm(&child);
     let status = stream_end(&mut stream).await.unwrap_err();
     assert_error(&status, Code::Unavailable, "SHUTTING_DOWN");
-    let exit = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    exits_cleanly(&mut child).await;
 }
 
 /// A production server reads its secret from the environment; tokens signed otherwise fail.
@@ -235,11 +231,7 @@ async fn serve_uses_the_configured_secret() {
         .unwrap_err();
     assert_error(&status, Code::Unauthenticated, "UNAUTHENTICATED");
     sigterm(&child);
-    let exit = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    exits_cleanly(&mut child).await;
 }
 
 /// A Redis password never reaches the operator's terminal or logs: serve against an unreachable
@@ -433,12 +425,17 @@ async fn signals_sent_as_soon_as_serve_listens_are_handled() {
         listening_addr(&mut child).await;
         sighup(&child);
         sigterm(&child);
-        let exit = tokio::time::timeout(PATIENCE, child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(exit.success(), "{exit:?}");
+        exits_cleanly(&mut child).await;
     }
+}
+
+/// Waits for the child to exit, which it must do with status 0.
+async fn exits_cleanly(child: &mut Child) {
+    let exit = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
 }
 
 fn sighup(child: &Child) {

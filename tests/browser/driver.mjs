@@ -45,6 +45,9 @@ const commands = {
       [selector, text],
       { timeout },
     ).then(() => null),
+  // Waits until `expression` (a function's source) is true in the page.
+  waitFor: ({ expression, timeout }) =>
+    page.waitForFunction(expression, null, { timeout }).then(() => null),
   // Waits until `selector` matches exactly `count` elements.
   waitCount: ({ selector, count, timeout }) =>
     page.waitForFunction(

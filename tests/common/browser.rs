@@ -159,6 +159,16 @@ impl Browser {
         }
     }
 
+    /// Waits until `expression`, a JavaScript function's source, returns true in the page;
+    /// fails the test if it does not within the patience.
+    pub async fn wait_for(&mut self, expression: &str) {
+        let timeout = PATIENCE.as_millis() as u64;
+        let command = json!({"op": "waitFor", "expression": expression, "timeout": timeout});
+        if let Err(e) = self.try_run(command).await {
+            panic!("never true: {expression} ({e})");
+        }
+    }
+
     /// The text of every element `selector` matches.
     pub async fn texts(&mut self, selector: &str) -> Vec<String> {
         let value = self.run(json!({"op": "texts", "selector": selector})).await;
