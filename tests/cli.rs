@@ -429,6 +429,32 @@ async fn signals_sent_as_soon_as_serve_listens_are_handled() {
     }
 }
 
+/// A setting that cannot act where it is given is said so at startup, not silently taken.
+#[tokio::test]
+async fn a_cluster_node_timeout_without_a_checked_cluster_is_warned_of() {
+    let mut child = roomctl(&[
+        "serve",
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--redis-cluster-node-timeout",
+        "1s",
+    ])
+    .spawn()
+    .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut warned = false;
+    while let Some(line) = log.next_line().await.unwrap() {
+        warned |= line.contains("--redis-cluster-node-timeout has no effect here");
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    assert!(warned);
+    sigterm(&child);
+    exits_cleanly(&mut child).await;
+}
+
 /// Waits for the child to exit, which it must do with status 0.
 async fn exits_cleanly(child: &mut Child) {
     let exit = tokio::time::timeout(PATIENCE, child.wait())

@@ -454,6 +454,15 @@ impl ServeArgs {
     /// The server configuration these settings make, with its secrets loaded.
     pub(super) fn server_config(&self) -> Result<ServerConfig, Failure> {
         let store = self.store_config()?;
+        let checked = matches!(&store, StoreConfig::Redis { url, wait_replicas, .. }
+            if url.is_cluster() && *wait_replicas > 0);
+        if self.redis_cluster_node_timeout.is_some() && !checked {
+            tracing::warn!(
+                "--redis-cluster-node-timeout has no effect here: it is for commits to a Redis \
+                 Cluster that wait for replicas (--store redis+cluster://... with \
+                 --redis-wait-replicas)"
+            );
+        }
         self.check_tls()?;
         Ok(ServerConfig {
             jwt_keys: self.secret.load()?,
@@ -489,7 +498,9 @@ impl ServeArgs {
 /// A duration of at least `MIN` milliseconds: a timeout of 0 would refuse everything, and a
 /// keepalive interval of 0 would ping without pause.
 fn at_least_ms<const MIN: u64>(value: &str) -> Result<humantime::Duration, String> {
-    let duration: humantime::Duration = value.parse().map_err(|e| format!("{e}"))?;
+    let duration: humantime::Duration = value
+        .parse()
+        .map_err(|e| format!("not a duration such as 500ms, 2s or 1m ({e})"))?;
     let min = Duration::from_millis(MIN);
     if *duration < min {
         return Err(format!("at least {}", humantime::format_duration(min)));
