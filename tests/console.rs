@@ -94,6 +94,11 @@ async fn assert_clean(browser: &mut Browser, expected: &[&str]) {
     assert!(!log.iter().any(|l| l.contains("out of order")), "{log:#?}");
 }
 
+/// The selector of the Drop button in a participant's row.
+fn drop_button(client_id: &str) -> String {
+    format!("{} button.drop", row(client_id))
+}
+
 /// The selector of a participant's row.
 fn row(client_id: &str) -> String {
     format!("#participants tr[data-client-id=\"{client_id}\"]")
@@ -130,9 +135,7 @@ async fn a_moderator_watches_a_room_and_drops_a_participant() {
     }
 
     browser.fill("#reason", "off topic").await;
-    browser
-        .click(&format!("{} button.drop", row(&joined.client_id)))
-        .await;
+    browser.click(&drop_button(&joined.client_id)).await;
     // Carol's own native stream is told why, then ends.
     let told = loop {
         let event = next_event(&mut carol_events).await;
@@ -178,9 +181,7 @@ async fn a_participant_is_refused_5116_and_a_moderator_locks_bans_and_ends_the_s
     // A participant's token: the room opens (any token may list it), dropping is refused.
     sign_in(&mut browser, node.addr, "dave", "participant").await;
     browser.wait_text(&row(&bob.client_id), "bob").await;
-    browser
-        .click(&format!("{} button.drop", row(&bob.client_id)))
-        .await;
+    browser.click(&drop_button(&bob.client_id)).await;
     browser
         .wait_text("#result", "5116: Unauthorized Access")
         .await;
@@ -206,9 +207,7 @@ async fn a_participant_is_refused_5116_and_a_moderator_locks_bans_and_ends_the_s
 
     // A drop with a ban lists the ban; unbanning lifts it.
     browser.fill("#ban-seconds", "600").await;
-    browser
-        .click(&format!("{} button.drop", row(&erin_joined.client_id)))
-        .await;
+    browser.click(&drop_button(&erin_joined.client_id)).await;
     browser.wait_text("#bans", "erin").await;
     browser.wait_text("#events li", "user_banned").await;
     let banned = refused_join(&mut erin, "erin").await;
@@ -267,9 +266,7 @@ async fn a_room_opened_before_it_exists_appears_once_joined_and_a_forbidden_one_
     browser.wait_text(&row(&bob.client_id), "bob").await;
     for bad in ["1.5", "-5", "2592001"] {
         browser.fill("#ban-seconds", bad).await;
-        browser
-            .click(&format!("{} button.drop", row(&bob.client_id)))
-            .await;
+        browser.click(&drop_button(&bob.client_id)).await;
         browser
             .wait_text("#result", "Ban for: a whole number")
             .await;
@@ -527,17 +524,12 @@ async fn only_pages_of_listed_origins_may_call_a_node() {
 
 /// An HTTP/1.1 request to `addr`: its status, headers and body.
 async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, http::HeaderMap, Bytes) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
     let request = http::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let response = send.send_request(request).await.unwrap();
+    let response = http1(addr, request).await;
     let (head, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     (head.status.as_u16(), head.headers, body)

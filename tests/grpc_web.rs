@@ -11,7 +11,7 @@ use common::node_process::LoggedNode;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use roomctl::pb::room_control_client::RoomControlClient;
 use roomctl::pb::{self, event::Payload};
 use tonic::service::interceptor::InterceptedService;
@@ -24,11 +24,6 @@ async fn web_call(
     headers: &[(&str, &str)],
     message: &[u8],
 ) -> http::Response<Incoming> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
     let mut request = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc-web+proto")
         .header("x-grpc-web", "1");
@@ -38,8 +33,7 @@ async fn web_call(
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(message);
-    let request = request.body(Full::new(Bytes::from(framed))).unwrap();
-    send.send_request(request).await.unwrap()
+    http1(addr, request.body(Full::new(Bytes::from(framed))).unwrap()).await
 }
 
 /// How a gRPC-Web call ended: the status in the response's headers (a trailers-only answer) or
@@ -243,11 +237,6 @@ async fn the_mission_works_over_grpc_web() {
 
 /// The answer to a preflight from `origin`: its status and headers.
 async fn preflight(addr: std::net::SocketAddr, origin: &str) -> http::Response<Incoming> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
     let request =
         http::Request::options(format!("http://{addr}/roomcontrol.v1.RoomControl/DropUser"))
             .header("origin", origin)
@@ -258,7 +247,7 @@ async fn preflight(addr: std::net::SocketAddr, origin: &str) -> http::Response<I
             )
             .body(Full::new(Bytes::new()))
             .unwrap();
-    send.send_request(request).await.unwrap()
+    http1(addr, request).await
 }
 
 fn header<'a>(response: &'a http::Response<Incoming>, name: &str) -> Option<&'a str> {

@@ -522,6 +522,26 @@ pub mod bare {
 
 /// The metrics text a node serves at `GET /metrics` (a plain HTTP/1.1 request, as Prometheus
 /// makes).
+/// Sends `request` to `addr` over a new HTTP/1.1 connection (gRPC-Web, CORS preflights, the
+/// console's files) and returns the response as it arrives.
+pub async fn http1<B>(
+    addr: SocketAddr,
+    request: http::Request<B>,
+) -> http::Response<hyper::body::Incoming>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    send.send_request(request).await.unwrap()
+}
+
 pub async fn scrape(addr: SocketAddr) -> String {
     metrics_request(addr, "GET").await
 }
