@@ -32,9 +32,16 @@
 -- same atomic step, saving the writer a request before and after; and, with webhooks, makes the
 -- room due for each endpoint (unless already due, retrying or in a node's turn).
 --
--- KEYS (12, or 14 and more on one Redis): meta, members, departed, owners, log, answers,
--- answered, leases, bans, banned, hooks (webhook cursors), refused; then the room list, the
--- schedule of rooms left empty, and each webhook endpoint's due rooms.
+-- A log begun by this commit (a new room, or a new epoch) is copied and the copy put in its
+-- place: Redis 7 gives a stream's first block room for `stream-node-max-bytes` (4 KiB by
+-- default) at once, and a copy holds only what is used, so a quiet room's log takes hundreds of
+-- bytes instead of about 4.7 KiB. Later events grow the block as they come; the copy is made
+-- once, while the log is a batch's events.
+--
+-- KEYS (13, or 15 and more on one Redis): meta, members, departed, owners, log, answers,
+-- answered, leases, bans, banned, hooks (webhook cursors), refused, the log's copy (a scratch
+-- key of the room's slot, never left behind); then the room list, the schedule of rooms left
+-- empty, and each webhook endpoint's due rooms.
 -- ARGV: 1 expected seq ('' : the room must not exist), 2 epoch, 3 history (events), 4 empty-room
 -- TTL (ms), 5 channel, 6 notice, 7 now (ms), 8 answers' budget (bytes), 9 presence timeout (ms,
 -- 0: off), 10 lock ('' unchanged, '1', '0'), 11 publish command (PUBLISH, SPUBLISH, or '': do not
@@ -55,7 +62,8 @@ local now, answer_budget, presence = tonumber(ARGV[7]), tonumber(ARGV[8]), tonum
 local lock, publish, fresh, needed = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
 local waiting = needed > 0
 local history_bytes = tonumber(ARGV[14])
-local rooms, expiring, room_id = KEYS[13], KEYS[14], ARGV[15]
+local log_copy = KEYS[13]
+local rooms, expiring, room_id = KEYS[14], KEYS[15], ARGV[15]
 local webhooks = ARGV[16] == '1'
 local answer_overhead = tonumber(ARGV[17])
 local info = redis.call('INFO', 'server', 'replication', 'cluster')
@@ -160,6 +168,9 @@ elseif not current[5] then
   -- Newly created, or first written since waiting was turned on.
   redis.call('HSET', meta, 'confirmed', expected == '' and '0' or expected)
 end
+-- Whether the log is empty before this commit: a new room, or a new epoch's first commit (whose
+-- log was deleted, its oldest seq set past the newest).
+local begun = expected == '' or (current[7] and tonumber(current[7]) > tonumber(current[2]))
 i = i + 1
 local last = nil
 local log_bytes = tonumber(current[8] or '0')
@@ -196,6 +207,10 @@ if last then
       oldest = oldest + gone
       redis.call('XTRIM', log, 'MINID', kept or ('0-' .. oldest))
     end
+  end
+  if begun then
+    redis.call('COPY', log, log_copy, 'REPLACE')
+    redis.call('RENAME', log_copy, log)
   end
   redis.call('HSET', meta, 'seq', last, 'run', run, 'replid', replid, 'node', node,
     'oldest', oldest, 'log_bytes', math.max(log_bytes, 0))
@@ -315,5 +330,5 @@ elseif redis.call('PTTL', meta) ~= -1 then
   for _, key in ipairs(room) do redis.call('PERSIST', key) end
 end
 if publish ~= '' then redis.call(publish, ARGV[5], ARGV[6]) end
-for k = 15, #KEYS do redis.call('ZADD', KEYS[k], 'NX', 0, room_id) end
+for k = 16, #KEYS do redis.call('ZADD', KEYS[k], 'NX', 0, room_id) end
 return result

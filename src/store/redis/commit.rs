@@ -546,6 +546,7 @@ impl Commit<'_> {
         for key in keys.room() {
             call.key(key);
         }
+        call.key(&keys.log_copy);
         if let Some(listing) = &self.listing {
             call.key(listing.rooms).key(listing.expiring);
             for due in listing.due {

@@ -833,3 +833,72 @@ async fn a_confirmation_raises_the_confirmed_seq_and_publishes_within_its_epoch(
         Some(seq.to_string())
     );
 }
+
+/// What Redis holds for `key`, by `MEMORY USAGE` (every sample of it).
+async fn memory_usage(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+    redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(key)
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_log_begun_by_a_commit_holds_only_its_events_bytes() {
+    let Some((_server, mut conn)) = redis().await else {
+        return;
+    };
+    let keys = Keys::new(ROOM);
+    // Redis 7 would give this one event's stream a block of 4 KiB (about 4.7 KiB in all).
+    let seq = create(&mut conn, &[event(1, 100)]).await;
+    let begun = memory_usage(&mut conn, &keys.log).await;
+    assert!(begun < 1_500, "a one-event log takes {begun} bytes");
+    let exists: bool = conn.exists(&keys.log_copy).await.unwrap();
+    assert!(!exists, "the copy is not left behind");
+
+    // Later events grow it as they come, in order.
+    let next = [event(seq + 1, 100)];
+    let appended = Changes {
+        events: next.iter().collect(),
+        ..Changes::default()
+    };
+    let applied = run(&mut conn, &commit(Some(seq), appended)).await;
+    assert_eq!(applied, Committed::Applied { empty_until: None });
+    let ids: Vec<String> = redis::cmd("XRANGE")
+        .arg(&keys.log)
+        .arg("-")
+        .arg("+")
+        .query_async::<Vec<(String, Vec<(String, Vec<u8>)>)>>(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, ["0-1", "0-2"]);
+    let grown = memory_usage(&mut conn, &keys.log).await;
+    assert!(grown < begun + 500, "two events take {grown} bytes");
+
+    // So is the log a new epoch begins.
+    let _: () = conn.hset(&keys.meta, "run", "0".repeat(40)).await.unwrap();
+    let after = [event(seq + 2, 100)];
+    let restarted = || Changes {
+        events: after.iter().collect(),
+        ..Changes::default()
+    };
+    let renewed = run(&mut conn, &commit(Some(seq + 1), restarted())).await;
+    assert_eq!(renewed, Committed::NewEpoch);
+    let mut anew = commit(Some(seq + 1), restarted());
+    anew.epoch = "e2";
+    let applied = run(&mut conn, &anew).await;
+    assert_eq!(applied, Committed::Applied { empty_until: None });
+    let logged: usize = conn.xlen(&keys.log).await.unwrap();
+    assert_eq!(logged, 1);
+    let renewed = memory_usage(&mut conn, &keys.log).await;
+    assert!(
+        renewed < 1_500,
+        "a new epoch's one-event log takes {renewed} bytes"
+    );
+}

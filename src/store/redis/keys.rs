@@ -178,6 +178,9 @@ pub(super) struct Keys {
     pub(super) hooks: String,
     /// The remembered refusals among `answers`, by expiry: past the budget they go first.
     pub(super) refused: String,
+    /// Where the commit script copies a log it has just begun, to store it compactly (see
+    /// commit.lua); it exists only while the script runs.
+    pub(super) log_copy: String,
 }
 
 impl Keys {
@@ -196,6 +199,7 @@ impl Keys {
             banned: format!("{tag}:banned"),
             hooks: format!("{tag}:hooks"),
             refused: format!("{tag}:refused"),
+            log_copy: format!("{tag}:log-copy"),
         }
     }
 

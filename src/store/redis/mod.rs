@@ -6,7 +6,8 @@
 //! `confirmed` seq), `members` (hash: client id to [`StoredMember`]), `departed` (sorted set of
 //! departed client ids by the seq that ended them) with `owners` (hash: their identities), `log`
 //! (a stream whose entry ids are `0-<seq>`, trimmed to at most `--history` entries and
-//! `--history-bytes`), the remembered answers: `answers` (hash: answer key to [`StoredAnswer`])
+//! `--history-bytes`; the commit that begins it copies it into place through `log-copy`, so its
+//! first block holds only its events' bytes), the remembered answers: `answers` (hash: answer key to [`StoredAnswer`])
 //! with `answered` (sorted set of the same keys by expiry, within a budget of bytes kept in
 //! `meta` as `answers_bytes`) and `refused` (the refusals among them by expiry, forgotten first
 //! past the budget),
