@@ -8,7 +8,8 @@
 //! `-- --redis-only` for the Redis store against the memory store, `-- --cluster-only` for a
 //! Redis Cluster beside one Redis, `-- --durability-only` for what `--redis-wait-replicas 1`
 //! costs, `-- --redis-cpu-only` for redis-server's CPU per change, `-- --rooms-memory-only`
-//! for what a million rooms cost a node, `-- --webhooks-only` for what webhooks cost a node,
+//! for what a million rooms cost a node (`-- --redis-rooms-memory-only`: a node and its Redis),
+//! `-- --webhooks-only` for what webhooks cost a node,
 //! `-- --curves-only` for the curves alone (drawn into
 //! docs/curves/ by a full run, under target/curves/ by a quick or smoke one; `--curve=NAME`
 //! for one of rooms, participants, observers, streams, nodes), `-- --pinned-only`
@@ -832,7 +833,10 @@ async fn bench() {
         return redis_cpu(size).await;
     }
     if std::env::args().any(|a| a == "--rooms-memory-only") {
-        return rooms_memory(size).await;
+        return rooms_memory(size, false).await;
+    }
+    if std::env::args().any(|a| a == "--redis-rooms-memory-only") {
+        return rooms_memory(size, true).await;
     }
     if std::env::args().any(|a| a == "--webhooks-only") {
         return webhooks::webhooks(size).await;
@@ -922,7 +926,7 @@ async fn bench() {
         same_node.percentile(0.5),
         same_node.percentile(0.99)
     );
-    rooms_memory(size).await;
+    rooms_memory(size, false).await;
     webhooks::webhooks(size).await;
 
     if !redis_server::redis_available() {
@@ -931,6 +935,7 @@ async fn bench() {
     }
     redis_store(&memory, duration, samples, same_node.percentile(0.5)).await;
     redis_cpu(size).await;
+    rooms_memory(size, true).await;
     presence(size).await;
     cluster(duration).await;
     durability(duration).await;
@@ -939,12 +944,24 @@ async fn bench() {
     curves::curves(size).await;
 }
 
-/// What rooms cost a node on the memory store: its RSS before and after it holds
-/// `size.rooms()` rooms of one participant each (with the one event of that join), then what
-/// nine more participants, and then ten more events of history, add to a tenth of them.
-/// Presence is off, so clients without a stream stay.
-async fn rooms_memory(size: Size) {
-    let node = Node::start_with("memory", &["--presence-timeout", "0"]).await;
+/// What rooms cost a node and, `on_redis`, its Redis (a fresh redis-server): the node's RSS and
+/// Redis's `used_memory` before and after it holds `size.rooms()` rooms of one participant each
+/// (with the one event of that join), then what nine more participants, and then ten more events
+/// of history, add to a sample of them: a tenth on the memory store, a hundredth on Redis, where
+/// each change is a commit at Redis's pace. Presence is off, so clients without a stream stay.
+async fn rooms_memory(size: Size, on_redis: bool) {
+    let redis = match on_redis {
+        true => Some(RedisServer::start().await),
+        false => None,
+    };
+    let store = redis
+        .as_ref()
+        .map_or_else(|| "memory".to_owned(), RedisServer::url);
+    let node = Node::start_with(&store, &["--presence-timeout", "0"]).await;
+    let mut conn = match &redis {
+        Some(redis) => Some(redis.connection().await),
+        None => None,
+    };
     let mut gateways = Vec::new();
     for _ in 0..16 {
         gateways.push(node.client("gw", "*", "service").await);
@@ -965,38 +982,69 @@ async fn rooms_memory(size: Size) {
         }
     };
     let rooms = size.rooms();
-    let tenth = rooms / 10;
-    let empty = node.rss_kib();
+    let sample = if on_redis { rooms / 100 } else { rooms / 10 };
+    let empty = footprint(&node, conn.as_mut()).await;
     for_each_gateway(&gateways, 0..rooms, join("u0".into())).await;
-    let filled = node.rss_kib();
+    let filled = footprint(&node, conn.as_mut()).await;
     for n in 1..10 {
-        for_each_gateway(&gateways, 0..tenth, join(format!("u{n}"))).await;
+        for_each_gateway(&gateways, 0..sample, join(format!("u{n}"))).await;
     }
-    let crowded = node.rss_kib();
+    let crowded = footprint(&node, conn.as_mut()).await;
     let lock_unlock = |mut gateway: Client, room_id: String| async move {
         lock_and_unlock(&mut gateway, &room_id, 5).await;
         (gateway, Vec::<()>::new())
     };
-    for_each_gateway(&gateways, 0..tenth, lock_unlock).await;
-    let longer = node.rss_kib();
-    let per =
-        |grown: u64, from: u64, count: usize| grown.saturating_sub(from) * 1024 / count as u64;
+    for_each_gateway(&gateways, 0..sample, lock_unlock).await;
+    let longer = footprint(&node, conn.as_mut()).await;
+    let per = |grown: u64, from: u64, count: usize| grown.saturating_sub(from) / count as u64;
+    let mib = |bytes: u64| bytes >> 20;
     println!(
-        "\nmemory per room, memory store (RSS of the node, {rooms} rooms of one participant, \
-         presence off)"
+        "\nmemory per room, {} store ({rooms} rooms of one participant, presence off)",
+        if on_redis { "Redis" } else { "memory" }
     );
     println!(
-        "  node RSS {} MiB empty, {} MiB with the rooms: {} bytes per room (target <= 1024)",
-        empty / 1024,
-        filled / 1024,
-        per(filled, empty, rooms)
+        "  node RSS {} MiB empty, {} MiB with the rooms: {} bytes per room{}",
+        mib(empty.0),
+        mib(filled.0),
+        per(filled.0, empty.0, rooms),
+        if on_redis { "" } else { " (target <= 1024)" }
     );
+    let further = |of: fn((u64, u64)) -> u64| {
+        (
+            per(of(crowded), of(filled), sample * 9),
+            per(of(longer), of(crowded), sample * 10),
+        )
+    };
+    let (participant, event) = further(|(rss, _)| rss);
     println!(
-        "  each further participant: {} bytes; each further event of history (lock/unlock): {} \
-         bytes",
-        per(crowded, filled, tenth * 9),
-        per(longer, crowded, tenth * 10)
+        "  each further participant: {participant} bytes; each further event of history \
+         (lock/unlock): {event} bytes"
     );
+    if on_redis {
+        println!(
+            "  Redis used_memory {} MiB empty, {} MiB with the rooms: {} bytes per room",
+            mib(empty.1),
+            mib(filled.1),
+            per(filled.1, empty.1, rooms)
+        );
+        let (participant, event) = further(|(_, redis)| redis);
+        println!(
+            "  Redis, each further participant: {participant} bytes; each further event of \
+             history (lock/unlock): {event} bytes"
+        );
+    }
+}
+
+/// `node`'s RSS and, with a connection to its Redis, Redis's `used_memory`, in bytes.
+async fn footprint(
+    node: &Node,
+    redis: Option<&mut redis::aio::MultiplexedConnection>,
+) -> (u64, u64) {
+    let rss = node.rss_kib() * 1024;
+    match redis {
+        Some(conn) => (rss, used_memory(conn).await),
+        None => (rss, 0),
+    }
 }
 
 /// Bytes Redis holds for data (`used_memory` of `INFO memory`).
