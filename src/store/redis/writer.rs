@@ -62,6 +62,11 @@ fn unseen<'a>(wanted: impl Iterator<Item = &'a str>, seen: &HashSet<String>) -> 
     wanted.filter(|key| !seen.contains(*key)).collect()
 }
 
+/// A job as it waits in its writer's queue: boxed, since a queue allocates room for 32 of them
+/// with its first, and an idle writer keeps its queue (a node making rooms fast has tens of
+/// thousands of idle writers).
+type Queued = Box<Job>;
+
 /// One command waiting for its room's writer on this node.
 pub(super) struct Job {
     pub(super) caller: Caller,
@@ -152,12 +157,12 @@ impl Wanted<'_> {
 /// was replaced.
 #[derive(Default)]
 pub(super) struct Writers {
-    queues: Mutex<HashMap<String, (u64, mpsc::Sender<Job>)>>,
+    queues: Mutex<HashMap<String, (u64, mpsc::Sender<Queued>)>>,
     next: AtomicU64,
 }
 
 impl Writers {
-    fn queues(&self) -> MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<Job>)>> {
+    fn queues(&self) -> MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<Queued>)>> {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -166,8 +171,8 @@ impl Writers {
     fn queue(
         &self,
         room_id: &str,
-        start: impl FnOnce(u64, mpsc::Receiver<Job>),
-    ) -> mpsc::Sender<Job> {
+        start: impl FnOnce(u64, mpsc::Receiver<Queued>),
+    ) -> mpsc::Sender<Queued> {
         let mut queues = self.queues();
         if let Some((_, queue)) = queues.get(room_id).filter(|(_, q)| !q.is_closed()) {
             return queue.clone();
@@ -200,11 +205,11 @@ impl Shared {
         cmd: Command,
     ) -> Result<Applied, Error> {
         let (reply, answer) = oneshot::channel();
-        let mut job = Job {
+        let mut job = Box::new(Job {
             caller: caller.clone(),
             cmd,
             reply,
-        };
+        });
         loop {
             let start = |id, jobs| {
                 let shared = Arc::downgrade(self);
@@ -839,12 +844,12 @@ pub(super) async fn write_room(
     shared: Weak<Shared>,
     room_id: String,
     id: u64,
-    mut jobs: mpsc::Receiver<Job>,
+    mut jobs: mpsc::Receiver<Queued>,
 ) {
     let mut known = None;
     loop {
         let first = match tokio::time::timeout(WRITER_IDLE, jobs.recv()).await {
-            Ok(Some(job)) => job,
+            Ok(Some(job)) => *job,
             Ok(None) => return,
             Err(_idle) => {
                 if let Some(shared) = shared.upgrade() {
@@ -854,7 +859,7 @@ pub(super) async fn write_room(
                 // Whatever was queued before the close is still done.
                 let mut rest = Vec::new();
                 while let Some(job) = jobs.recv().await {
-                    rest.push(job);
+                    rest.push(*job);
                     if rest.len() == MAX_BATCH {
                         apply(&shared, &room_id, std::mem::take(&mut rest), &mut known).await;
                     }
@@ -866,7 +871,7 @@ pub(super) async fn write_room(
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => batch.push(*job),
                 Err(_) => break,
             }
         }
@@ -893,7 +898,11 @@ pub(super) async fn apply(
 ) -> Option<Error> {
     // With the store gone the jobs are dropped, and their callers learn it from the reply.
     match (shared.upgrade(), batch.is_empty()) {
-        (Some(shared), false) => shared.apply_batch(room_id, batch, known).await,
+        // Boxed: a batch's future (its read, commit and confirmation) is several KiB, and held
+        // inline it would size every writer's task so, idle ones included, which a node
+        // creating rooms fast has by the ten thousand (each outlives its last command by
+        // WRITER_IDLE).
+        (Some(shared), false) => Box::pin(shared.apply_batch(room_id, batch, known)).await,
         _ => None,
     }
 }
