@@ -7,8 +7,8 @@
 //! departed client ids by the seq that ended them) with `owners` (hash: their identities), `log`
 //! (a stream whose entry ids are `0-<seq>`, trimmed to at most `--history` entries and
 //! `--history-bytes`; the commit that begins it copies it into place through `log-copy`, so its
-//! first block holds only its events' bytes), the remembered answers: `answers` (hash: answer key to [`StoredAnswer`])
-//! with `answered` (sorted set of the same keys by expiry, within a budget of bytes kept in
+//! first block holds only its events' bytes), the remembered answers: `answers` (hash: answer
+//! key to [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, within a budget of bytes kept in
 //! `meta` as `answers_bytes`) and `refused` (the refusals among them by expiry, forgotten first
 //! past the budget),
 //! the presence `leases` (sorted set of client id by lease end), and the bans: `bans` (hash:

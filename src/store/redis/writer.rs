@@ -62,9 +62,9 @@ fn unseen<'a>(wanted: impl Iterator<Item = &'a str>, seen: &HashSet<String>) -> 
     wanted.filter(|key| !seen.contains(*key)).collect()
 }
 
-/// A job as it waits in its writer's queue: boxed, since a queue allocates room for 32 of them
-/// with its first, and an idle writer keeps its queue (a node making rooms fast has tens of
-/// thousands of idle writers).
+/// A job as it waits in its writer's queue: boxed, since a queue holds room for 32 of them from
+/// the start (tokio allocates a channel's first block when it is made), and an idle writer
+/// keeps its queue (a node making rooms fast has tens of thousands of idle writers).
 type Queued = Box<Job>;
 
 /// One command waiting for its room's writer on this node.
