@@ -8,15 +8,15 @@
 //! (a stream whose entry ids are `0-<seq>`, trimmed to at most `--history` entries and
 //! `--history-bytes`; the commit that begins it copies it into place through `log-copy`, so its
 //! first block holds only its events' bytes), the remembered answers: `answers` (hash: answer
-//! key to [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, within a budget of bytes kept in
-//! `meta` as `answers_bytes`) and `refused` (the refusals among them by expiry, forgotten first
-//! past the budget),
-//! the presence `leases` (sorted set of client id by lease end), and the bans: `bans` (hash:
-//! identity to an encoded `Ban`) with `banned` (sorted set of the same identities by ban end;
-//! ended bans are purged by the next commit), and the webhook cursors: `hooks` (hash: endpoint
-//! to `EPOCH:SEQ`, `hooks`). An empty room's keys expire together after
-//! `--empty-room-ttl` counted from when it emptied or from its longest ban's end, whichever is
-//! later; a room created anew deletes what an old one of the same id left. Five keys span the
+//! key to [`StoredAnswer`]) with `answered` (sorted set of the same keys by expiry, within a
+//! budget of bytes kept in `meta` as `answers_bytes`) and `refused` (the refusals among them by
+//! expiry, forgotten first past the budget), the presence `leases` (sorted set of client id by
+//! lease end), and the bans: `bans` (hash: identity to an encoded `Ban`) with `banned` (sorted
+//! set of the same identities by ban end; ended bans are purged by the next commit), and the
+//! webhook cursors: `hooks` (hash: endpoint to `EPOCH:SEQ`, `hooks`). An empty room's keys
+//! expire together after `--empty-room-ttl` counted from when it emptied or from its longest
+//! ban's end, whichever is later; a room created anew deletes what an old one of the same id
+//! left. Five keys span the
 //! fleet: `roomctl:history` and `roomctl:wait-replicas` (`connection`), `roomctl:presence`
 //! (`presence`), and `roomctl:rooms` with `roomctl:rooms:expiring` (`rooms`, the index behind
 //! `ListRooms`); with webhooks, each endpoint's `roomctl:webhooks:ID:due` (`hooks`).
