@@ -7,7 +7,8 @@
 //! commits is decided by the writer, never here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
 
@@ -45,10 +46,10 @@ pub(super) struct Committer {
     /// masters to write what waits for replicas (quorum.lua; 0: no such check).
     quorum_ms: u64,
     /// The cluster epochs quorum.lua takes for no election under way.
-    epochs: std::sync::Mutex<Epochs>,
-    /// Whether the last commit was refused by quorum.lua: its warning is written once per
-    /// such spell, not once per refused commit.
-    fenced: AtomicBool,
+    epochs: Mutex<Epochs>,
+    /// The warnings about commits refused or left unconfirmed, one of each kind per
+    /// [`WARN_EVERY`].
+    warnings: Warnings,
     /// Whether the last commit found its master with fewer replicas than it waits for (or no
     /// commit has shown it yet): then commits go without their `WAIT` in the same round trip,
     /// which would wait out its timeout after a refusal (a hint: a cluster's masters may
@@ -74,8 +75,8 @@ impl Committer {
             waiting,
             wait_replicas: config.wait_replicas,
             quorum_ms: config.quorum_ms(),
-            epochs: std::sync::Mutex::new(Epochs::default()),
-            fenced: AtomicBool::new(false),
+            epochs: Mutex::new(Epochs::default()),
+            warnings: Warnings::default(),
             // Until a commit shows the replicas are there: a node started on a master without
             // them answers its very first commit at once too.
             short_of_replicas: AtomicBool::new(true),
@@ -86,11 +87,11 @@ impl Committer {
         }
     }
 
-    /// The refusal of a commit quorum.lua fenced off, `why`; the first of a `spell` of them
-    /// is logged.
-    fn fence(&self, spell: bool, why: String) -> Error {
-        if spell {
+    /// The refusal of a commit quorum.lua fenced off, `why`, warned of under `warning`.
+    fn fence(warning: &Warning, why: String) -> Error {
+        if let Some(refused) = warning.due(WARN_EVERY) {
             tracing::warn!(
+                refused,
                 "{why}: commits are refused (UNAVAILABLE, nothing applied) until it is safe \
                  to write there again"
             );
@@ -185,14 +186,7 @@ impl Committer {
         };
         let short = matches!(committed, Committed::ShortOfReplicas { .. });
         self.short_of_replicas.store(short, Ordering::Relaxed);
-        let fenced = matches!(
-            committed,
-            Committed::OutOfTouch | Committed::Electing { .. }
-        );
-        let spell = fenced && !self.fenced.swap(fenced, Ordering::Relaxed);
-        if !fenced {
-            self.fenced.store(false, Ordering::Relaxed);
-        }
+        let warnings = &self.warnings;
         match committed {
             Committed::Conflict => self.telemetry.commit_conflict(),
             Committed::OutOfTouch => {
@@ -202,7 +196,7 @@ impl Committer {
                      replaced",
                     self.quorum_ms
                 );
-                return Err(self.fence(spell, why));
+                return Err(Self::fence(&warnings.out_of_touch, why));
             }
             Committed::Electing { epoch } => {
                 self.saw_election(epoch);
@@ -210,17 +204,20 @@ impl Committer {
                     "the Redis master of room {room_id} sees an election under way in the \
                      cluster (epoch {epoch}), whose winner may lack what it takes now"
                 );
-                return Err(self.fence(spell, why));
+                return Err(Self::fence(&warnings.electing, why));
             }
             Committed::ShortOfReplicas { online } => {
-                tracing::warn!(
-                    room_id,
-                    online,
-                    replicas,
-                    "the Redis master of this room has fewer online replicas than \
-                     --redis-wait-replicas: its commits are refused (UNAVAILABLE, not applied) \
-                     until it has them"
-                );
+                if let Some(refused) = warnings.short_of_replicas.due(WARN_EVERY) {
+                    tracing::warn!(
+                        room_id,
+                        online,
+                        replicas,
+                        refused,
+                        "the Redis master of this room has fewer online replicas than \
+                         --redis-wait-replicas: its commits are refused (UNAVAILABLE, not \
+                         applied) until it has them"
+                    );
+                }
                 return Err(Error::NotEnoughReplicas {
                     online,
                     needed: replicas,
@@ -238,15 +235,18 @@ impl Committer {
             Committed::Applied { .. } => {
                 self.telemetry.events_appended(commit.changes.events.len());
                 if self.waiting.is_some() && acked < replicas as i64 {
-                    tracing::warn!(
-                        room_id,
-                        acked,
-                        replicas,
-                        "a commit was not confirmed by enough replicas in time: its callers are \
-                         answered OUTCOME_UNKNOWN, and its events stay hidden until its \
-                         replicas confirm it (a later commit, or a retry or snapshot of the room \
-                         asking for it)"
-                    );
+                    if let Some(unconfirmed) = warnings.unconfirmed.due(WARN_EVERY) {
+                        tracing::warn!(
+                            room_id,
+                            acked,
+                            replicas,
+                            unconfirmed,
+                            "a commit was not confirmed by enough replicas in time: its callers \
+                             are answered OUTCOME_UNKNOWN, and its events stay hidden until its \
+                             replicas confirm it (a later commit, or a retry or snapshot of the \
+                             room asking for it)"
+                        );
+                    }
                     return Err(Error::OutcomeUnknown { request_id: None });
                 }
             }
@@ -650,6 +650,48 @@ pub(super) fn confirm<'s>(
         .arg(channel)
         .arg(notice);
     call
+}
+
+/// How often each kind of warning about commits is written while it recurs.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The warnings a [`Committer`] writes about commits refused or left unconfirmed, each at most
+/// once per [`WARN_EVERY`], counting the commits it stands for. A node's commits go to every
+/// master, so one master's refusals interleave with the others' successes: a line per spell of
+/// refusals (between two successes) was still thousands in a 25-minute fault run.
+#[derive(Default)]
+struct Warnings {
+    /// The master has not heard from most masters (quorum.lua).
+    out_of_touch: Warning,
+    /// The master sees an election under way (quorum.lua).
+    electing: Warning,
+    /// The master has fewer online replicas than commits wait for.
+    short_of_replicas: Warning,
+    /// A commit's replicas did not confirm it in time.
+    unconfirmed: Warning,
+}
+
+/// One kind of warning: when its last line was written, and how often it recurred since.
+#[derive(Default)]
+struct Warning(Mutex<Option<(Instant, u64)>>);
+
+impl Warning {
+    /// Counts one more occurrence. Answers, when a line is due (the first, or one `every`
+    /// after the last), how many occurrences it stands for: this one and those since the last.
+    fn due(&self, every: Duration) -> Option<u64> {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *last {
+            Some((at, since)) if at.elapsed() < every => {
+                *since += 1;
+                None
+            }
+            _ => {
+                let count = last.map_or(0, |(_, since)| since) + 1;
+                *last = Some((Instant::now(), 0));
+                Some(count)
+            }
+        }
+    }
 }
 
 /// The cluster epochs a [`Committer`] knows of (see quorum.lua).

@@ -142,6 +142,18 @@ async fn create(conn: &mut MultiplexedConnection, events: &[pb::Event]) -> u64 {
     events.len() as u64
 }
 
+#[test]
+fn a_warning_is_written_once_per_period_with_the_occurrences_it_stands_for() {
+    let warning = Warning::default();
+    assert_eq!(warning.due(WARN_EVERY), Some(1), "the first is written");
+    assert_eq!(warning.due(WARN_EVERY), None);
+    assert_eq!(warning.due(WARN_EVERY), None);
+    // The period over (here at once): the line stands for the two held back and itself.
+    assert_eq!(warning.due(Duration::ZERO), Some(3));
+    assert_eq!(warning.due(WARN_EVERY), None);
+    assert_eq!(warning.due(Duration::ZERO), Some(2));
+}
+
 #[tokio::test]
 async fn a_new_room_is_created_with_its_events_and_members() {
     let Some((_server, mut conn)) = redis().await else {
