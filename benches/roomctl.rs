@@ -1150,6 +1150,59 @@ impl RedisMeter {
     }
 }
 
+/// What any store must do atomically in Redis when a `Join` makes a room, in one request with
+/// no read before it: check the room is absent, append its one event to a stream, add its
+/// member, write its seq and epoch.
+const LEAST_CHANGE: &str = "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+    redis.call('XADD', KEYS[2], '0-1', 'e', ARGV[1])
+    redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+    redis.call('HSET', KEYS[1], 'seq', 1, 'epoch', ARGV[4])
+    return 1";
+
+/// A request the Redis CPU section sends one at a time, for a floor of what a change can cost.
+enum Floor {
+    /// A `PING`: what a request costs before any command runs.
+    Ping,
+    /// An `HSET` creating its hash: the least write.
+    NewHash,
+    /// [`LEAST_CHANGE`], by its SHA1, into keys of their own under a hash tag, as a room's;
+    /// its event and member weigh what roomctl's join event and member do.
+    LeastChange(String),
+}
+
+impl Floor {
+    fn what(&self) -> &'static str {
+        match self {
+            Floor::Ping => "a PING at a time",
+            Floor::NewHash => "an HSET at a time, each making its hash",
+            Floor::LeastChange(_) => "the least change that makes a room, a script at a time",
+        }
+    }
+
+    /// Its `i`th request.
+    fn request(&self, i: usize) -> redis::Cmd {
+        match self {
+            Floor::Ping => redis::cmd("PING"),
+            Floor::NewHash => redis::cmd("HSET")
+                .arg(format!("floor:{{h-{i}}}"))
+                .arg("seq")
+                .arg(1)
+                .clone(),
+            Floor::LeastChange(sha) => redis::cmd("EVALSHA")
+                .arg(sha)
+                .arg(3)
+                .arg(format!("floor:{{r-{i}}}:meta"))
+                .arg(format!("floor:{{r-{i}}}:log"))
+                .arg(format!("floor:{{r-{i}}}:members"))
+                .arg("e".repeat(115))
+                .arg(format!("client-{i:020}"))
+                .arg("m".repeat(60))
+                .arg("epoch-0123456789")
+                .clone(),
+        }
+    }
+}
+
 /// What a change costs Redis: redis-server's CPU per `Join` and per `DropUser` (of a member),
 /// made one at a time into rooms of their own (low load: a commit per change), then by 64
 /// callers at once into 8 rooms (full batching: many changes a commit). One node, presence off.
@@ -1165,18 +1218,25 @@ async fn redis_cpu(size: Size) {
     let mut conn = redis.connection().await;
     let mut gateway = node.client("gw", "*", "service").await;
     println!("\nRedis CPU per change (one node, presence off, {changes} changes each)");
-    // The floor: what one request costs redis-server when requests come one at a time.
-    let cpu = main_thread_cpu(pid);
-    for _ in 0..changes {
-        redis::cmd("PING")
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
+    // The floors: what one request costs redis-server when requests come one at a time, and
+    // the least a change that makes a room could cost it, whatever the store did.
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(LEAST_CHANGE)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for floor in [Floor::Ping, Floor::NewHash, Floor::LeastChange(sha)] {
+        let cpu = main_thread_cpu(pid);
+        for i in 0..changes {
+            floor.request(i).query_async::<()>(&mut conn).await.unwrap();
+        }
+        println!(
+            "  the floor, {}: redis-server {:.1} us of CPU per request (main thread)",
+            floor.what(),
+            (main_thread_cpu(pid) - cpu).as_secs_f64() * 1e6 / changes as f64
+        );
     }
-    println!(
-        "  the floor, a PING at a time: redis-server {:.1} us of CPU per request (main thread)",
-        (main_thread_cpu(pid) - cpu).as_secs_f64() * 1e6 / changes as f64
-    );
 
     let meter = RedisMeter::start(&mut conn, pid).await;
     let memory_before = used_memory(&mut conn).await;
