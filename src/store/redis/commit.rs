@@ -89,9 +89,9 @@ impl Committer {
 
     /// The refusal of a commit quorum.lua fenced off, `why`, warned of under `warning`.
     fn fence(warning: &Warning, why: String) -> Error {
-        if let Some(refused) = warning.due(WARN_EVERY) {
+        if let Some(refused_since_last_line) = warning.due(Instant::now()) {
             tracing::warn!(
-                refused,
+                refused_since_last_line,
                 "{why}: commits are refused (UNAVAILABLE, nothing applied) until it is safe \
                  to write there again"
             );
@@ -207,12 +207,14 @@ impl Committer {
                 return Err(Self::fence(&warnings.electing, why));
             }
             Committed::ShortOfReplicas { online } => {
-                if let Some(refused) = warnings.short_of_replicas.due(WARN_EVERY) {
+                if let Some(refused_since_last_line) =
+                    warnings.short_of_replicas.due(Instant::now())
+                {
                     tracing::warn!(
                         room_id,
                         online,
                         replicas,
-                        refused,
+                        refused_since_last_line,
                         "the Redis master of this room has fewer online replicas than \
                          --redis-wait-replicas: its commits are refused (UNAVAILABLE, not \
                          applied) until it has them"
@@ -235,12 +237,14 @@ impl Committer {
             Committed::Applied { .. } => {
                 self.telemetry.events_appended(commit.changes.events.len());
                 if self.waiting.is_some() && acked < replicas as i64 {
-                    if let Some(unconfirmed) = warnings.unconfirmed.due(WARN_EVERY) {
+                    if let Some(unconfirmed_since_last_line) =
+                        warnings.unconfirmed.due(Instant::now())
+                    {
                         tracing::warn!(
                             room_id,
                             acked,
                             replicas,
-                            unconfirmed,
+                            unconfirmed_since_last_line,
                             "a commit was not confirmed by enough replicas in time: its callers \
                              are answered OUTCOME_UNKNOWN, and its events stay hidden until its \
                              replicas confirm it (a later commit, or a retry or snapshot of the \
@@ -676,18 +680,19 @@ struct Warnings {
 struct Warning(Mutex<Option<(Instant, u64)>>);
 
 impl Warning {
-    /// Counts one more occurrence. Answers, when a line is due (the first, or one `every`
-    /// after the last), how many occurrences it stands for: this one and those since the last.
-    fn due(&self, every: Duration) -> Option<u64> {
+    /// Counts one more occurrence, at `now`. Answers, when a line is due (the first, or one
+    /// [`WARN_EVERY`] or more after the last line), how many occurrences it stands for: this
+    /// one and those held back since the last line, however long ago that was.
+    fn due(&self, now: Instant) -> Option<u64> {
         let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match &mut *last {
-            Some((at, since)) if at.elapsed() < every => {
+            Some((at, since)) if now.saturating_duration_since(*at) < WARN_EVERY => {
                 *since += 1;
                 None
             }
             _ => {
                 let count = last.map_or(0, |(_, since)| since) + 1;
-                *last = Some((Instant::now(), 0));
+                *last = Some((now, 0));
                 Some(count)
             }
         }

@@ -11,7 +11,7 @@ mod redis_server;
 #[path = "../../../tests/common/tools.rs"]
 mod tools;
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
 use redis::aio::MultiplexedConnection;
@@ -144,14 +144,22 @@ async fn create(conn: &mut MultiplexedConnection, events: &[pb::Event]) -> u64 {
 
 #[test]
 fn a_warning_is_written_once_per_period_with_the_occurrences_it_stands_for() {
+    let start = Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
     let warning = Warning::default();
-    assert_eq!(warning.due(WARN_EVERY), Some(1), "the first is written");
-    assert_eq!(warning.due(WARN_EVERY), None);
-    assert_eq!(warning.due(WARN_EVERY), None);
-    // The period over (here at once): the line stands for the two held back and itself.
-    assert_eq!(warning.due(Duration::ZERO), Some(3));
-    assert_eq!(warning.due(WARN_EVERY), None);
-    assert_eq!(warning.due(Duration::ZERO), Some(2));
+    assert_eq!(warning.due(at(0)), Some(1), "the first is written");
+    assert_eq!(warning.due(at(5)), None);
+    // A period after the last line: it stands for the one held back and itself.
+    assert_eq!(warning.due(at(11)), Some(2));
+    // The period counts from that line, not from the first.
+    assert_eq!(warning.due(at(15)), None);
+    assert_eq!(warning.due(at(22)), Some(2));
+    // Occurrences that keep coming do not hold the lines back: one a second for 30 s is
+    // written three times, standing for all 30.
+    let warning = Warning::default();
+    let written: Vec<u64> = (0..30).filter_map(|s| warning.due(at(s))).collect();
+    assert_eq!(written, [1, 10, 10]);
+    assert_eq!(warning.due(at(30)), Some(10));
 }
 
 #[tokio::test]
